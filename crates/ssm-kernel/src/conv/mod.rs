@@ -1,0 +1,1 @@
+//! Causal depthwise 1-D convolution.

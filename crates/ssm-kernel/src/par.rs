@@ -1,0 +1,43 @@
+//! Threading helpers.
+//!
+//! Kernels split work into independent tasks (a batch row and a block of channels or heads) and
+//! run them on the current rayon pool, so the caller chooses the thread count with
+//! `rayon::ThreadPool::install`. Tasks write disjoint parts of shared output buffers through
+//! [`SharedMut`].
+
+/// A raw view of a mutable slice that several tasks write **disjoint** elements of.
+///
+/// Soundness rests on the caller: no two tasks may touch the same element, and the slice must
+/// outlive every task (which holds, because rayon's scoped iterators join before returning).
+#[derive(Clone, Copy)]
+pub struct SharedMut<T> {
+    ptr: *mut T,
+    len: usize,
+}
+
+// SAFETY: tasks only write disjoint elements (see the type's documentation).
+unsafe impl<T: Send> Send for SharedMut<T> {}
+// SAFETY: as above.
+unsafe impl<T: Send> Sync for SharedMut<T> {}
+
+impl<T> SharedMut<T> {
+    /// Wraps `s`; the borrow must outlive every use of the returned view.
+    pub fn new(s: &mut [T]) -> Self {
+        Self {
+            ptr: s.as_mut_ptr(),
+            len: s.len(),
+        }
+    }
+
+    /// The sub-slice `[start, start + len)`.
+    ///
+    /// # Safety
+    /// No other live reference (from any task) may overlap that range.
+    #[inline(always)]
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice(&self, start: usize, len: usize) -> &mut [T] {
+        assert!(start + len <= self.len, "SharedMut::slice out of bounds");
+        // SAFETY: in bounds (checked); exclusivity is the caller's contract.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
+    }
+}

@@ -1,0 +1,1 @@
+//! Reference Mamba-2 scan.

@@ -1,0 +1,142 @@
+//! Test helpers shared by the kernel tests (public so integration tests and benches can use them;
+//! not part of the stable API).
+
+/// Helpers that do not depend on proptest (so this module compiles without dev-dependencies).
+mod proptest_free {
+    /// A small deterministic generator (SplitMix64) for filling test tensors.
+    #[derive(Clone, Debug)]
+    pub struct Rng(pub u64);
+
+    impl Rng {
+        /// Next raw 64-bit value.
+        pub fn next_u64(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+
+        /// Uniform in [lo, hi).
+        pub fn uniform(&mut self, lo: f64, hi: f64) -> f64 {
+            let u = (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+            lo + (hi - lo) * u
+        }
+
+        /// `n` values uniform in [lo, hi).
+        pub fn vec(&mut self, n: usize, lo: f64, hi: f64) -> Vec<f64> {
+            (0..n).map(|_| self.uniform(lo, hi)).collect()
+        }
+    }
+}
+
+pub use proptest_free::Rng;
+
+/// Converts an `f64` vector to `f32`.
+pub fn to_f32(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+
+/// Converts an `f32` vector to `f64`.
+pub fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// Asserts `|got − want| ≤ atol + rtol·|want|` element-wise, naming the tensor and the worst index.
+#[track_caller]
+pub fn assert_close<A: Copy + Into<f64>, B: Copy + Into<f64>>(
+    name: &str,
+    got: &[A],
+    want: &[B],
+    rtol: f64,
+    atol: f64,
+) {
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{name}: length {} vs {}",
+        got.len(),
+        want.len()
+    );
+    let mut worst: Option<(usize, f64, f64, f64)> = None;
+    for (i, (&g, &w)) in got.iter().zip(want.iter()).enumerate() {
+        let (g, w): (f64, f64) = (g.into(), w.into());
+        let excess = (g - w).abs() - (atol + rtol * w.abs());
+        if !(excess <= 0.0) && worst.is_none_or(|(_, e, _, _)| excess > e || excess.is_nan()) {
+            worst = Some((i, excess, g, w));
+        }
+    }
+    if let Some((i, _, g, w)) = worst {
+        panic!(
+            "{name}: element {i}: got {g}, want {w} (|diff| {:.3e}, rtol {rtol:e}, atol {atol:e})",
+            (g - w).abs()
+        );
+    }
+}
+
+/// Asserts `max|got − want| ≤ tol · max(max|want|, floor)`: a per-tensor relative error, the
+/// measure used for gradients whose entries span orders of magnitude.
+#[track_caller]
+pub fn assert_rel_max<A: Copy + Into<f64>, B: Copy + Into<f64>>(
+    name: &str,
+    got: &[A],
+    want: &[B],
+    tol: f64,
+    floor: f64,
+) {
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{name}: length {} vs {}",
+        got.len(),
+        want.len()
+    );
+    let scale = want
+        .iter()
+        .map(|&w| Into::<f64>::into(w).abs())
+        .fold(floor, f64::max);
+    let (mut worst, mut at) = (0.0f64, 0usize);
+    for (i, (&g, &w)) in got.iter().zip(want.iter()).enumerate() {
+        let d = (Into::<f64>::into(g) - Into::<f64>::into(w)).abs();
+        if !(d <= worst) {
+            worst = d;
+            at = i;
+        }
+    }
+    assert!(
+        worst <= tol * scale,
+        "{name}: max|diff| {worst:.3e} at element {at} exceeds {tol:e} × max|want| {scale:.3e} (got {}, want {})",
+        Into::<f64>::into(got[at]),
+        Into::<f64>::into(want[at])
+    );
+}
+
+/// Central-difference gradient of a scalar function `f` with respect to `x[i]` for every `i`.
+pub fn numeric_grad(x: &[f64], eps: f64, mut f: impl FnMut(&[f64]) -> f64) -> Vec<f64> {
+    let mut xs = x.to_vec();
+    (0..x.len())
+        .map(|i| {
+            let x0 = xs[i];
+            xs[i] = x0 + eps;
+            let fp = f(&xs);
+            xs[i] = x0 - eps;
+            let fm = f(&xs);
+            xs[i] = x0;
+            (fp - fm) / (2.0 * eps)
+        })
+        .collect()
+}
+
+/// `Σ w·y`: contracts an output with fixed random weights to make a scalar loss for
+/// finite-difference checks (then `dy = w`).
+pub fn dot(w: &[f64], y: &[f64]) -> f64 {
+    w.iter().zip(y).map(|(a, b)| a * b).sum()
+}
+
+/// Proptest case count: `PROPTEST_CASES` when set, else `default` (kept small for 2-core CI).
+pub fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
