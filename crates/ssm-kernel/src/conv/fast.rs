@@ -1,0 +1,377 @@
+//! The fast `f32` conv kernels: SIMD over channels, rayon over (batch row, time block) tasks.
+//!
+//! Every time step of a task reads whole contiguous `(C)` rows of `x`/`dy`, so the `K` rows a
+//! step needs stay in L1. The weight is transposed once per call to `(K, Cp)` (`Cp` = `C`
+//! rounded up to a multiple of 8, zero-padded) so each tap is one aligned-length vector load.
+//! The backward keeps the last `K` rows of the pre-SiLU gradient in a small ring buffer and
+//! reduces `dweight`/`dbias` through one partial buffer per task, summed in task order.
+
+use rayon::prelude::*;
+use wide::f32x8;
+
+use super::types::{ConvArgs, ConvDims, ConvGrads, ConvOut, check_step, check_upstream};
+use crate::par::SharedMut;
+use crate::simd::{self, W};
+
+/// Minimum rows per (batch, time block) task: the backward recomputes `K − 1` halo rows per
+/// block, which stays cheap at this size.
+const MIN_BLOCK: usize = 64;
+
+/// Steps with fewer than this many `B·C·K` multiply-adds run on the calling thread.
+const STEP_PAR_MIN: usize = 1 << 15;
+
+/// Rows per task. Depends only on the dims (not the thread count), so results are reproducible
+/// across pools: at least [`MIN_BLOCK`], more for long problems so there are at most ~64 tasks.
+pub(crate) fn time_block(dims: &ConvDims) -> usize {
+    MIN_BLOCK.max((dims.batch * dims.seqlen).div_ceil(64))
+}
+
+/// The weight as (K, Cp) and the bias as (Cp), channels zero-padded to a multiple of 8.
+struct Packed {
+    wt: Vec<f32>,
+    bias: Vec<f32>,
+    cp: usize,
+}
+
+impl Packed {
+    fn new(dims: &ConvDims, args: &ConvArgs<f32>) -> Self {
+        let (c, k) = (dims.channels, dims.width);
+        let cp = c.div_ceil(W) * W;
+        let mut wt = vec![0.0; k * cp];
+        for ch in 0..c {
+            for kk in 0..k {
+                wt[kk * cp + ch] = args.weight[ch * k + kk];
+            }
+        }
+        let mut bias = vec![0.0; cp];
+        if let Some(b) = args.bias {
+            bias[..c].copy_from_slice(b);
+        }
+        Self { wt, bias, cp }
+    }
+
+    /// Tap `kk` of channels `j..j+8`.
+    #[inline(always)]
+    fn w(&self, kk: usize, j: usize) -> f32x8 {
+        let o = kk * self.cp + j;
+        simd::load(&self.wt[o..o + W])
+    }
+
+    /// Bias of channels `j..j+8`.
+    #[inline(always)]
+    fn b(&self, j: usize) -> f32x8 {
+        simd::load(&self.bias[j..j + W])
+    }
+}
+
+/// SiLU derivative per lane: `σ(v) · (1 + v · (1 − σ(v)))`.
+#[inline(always)]
+fn silu_grad(v: f32x8) -> f32x8 {
+    let s = simd::sigmoid(v);
+    let one = f32x8::splat(1.0);
+    s * v.mul_add(one - s, one)
+}
+
+/// Calls `$f::<K>` with `K` a constant for the common widths 1–4 (so the tap loops unroll), and
+/// `$f::<0>` (width read at run time) otherwise.
+macro_rules! dispatch_width {
+    ($k:expr, $f:ident($($arg:expr),* $(,)?)) => {
+        match $k {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            _ => $f::<0>($($arg),*),
+        }
+    };
+}
+
+/// Pre-activation of channels `j..j+8` at time `t` of one batch row `xb` (L, C), taps `kmin..k`
+/// (the earlier taps fall before the sequence start).
+#[inline(always)]
+fn pre_act(p: &Packed, xb: &[f32], c: usize, k: usize, kmin: usize, t: usize, j: usize) -> f32x8 {
+    let mut acc = p.b(j);
+    for kk in kmin..k {
+        let s = (t + kk + 1 - k) * c;
+        acc = p.w(kk, j).mul_add(simd::load(&xb[s + j..s + c]), acc);
+    }
+    acc
+}
+
+/// Forward of rows `t0..t1` of one batch row: `xb` (L, C) → `yb` (t1 − t0, C).
+#[inline(always)]
+fn fwd_rows<const KS: usize>(
+    k: usize,
+    c: usize,
+    p: &Packed,
+    silu: bool,
+    xb: &[f32],
+    t0: usize,
+    t1: usize,
+    yb: &mut [f32],
+) {
+    let k = if KS == 0 { k } else { KS };
+    for t in t0..t1 {
+        let kmin = (k - 1).saturating_sub(t);
+        let yrow = &mut yb[(t - t0) * c..(t - t0 + 1) * c];
+        for j in (0..c).step_by(W) {
+            let mut acc = if kmin == 0 {
+                pre_act(p, xb, c, k, 0, t, j)
+            } else {
+                pre_act(p, xb, c, k, kmin, t, j)
+            };
+            if silu {
+                acc = simd::silu(acc);
+            }
+            simd::store(&mut yrow[j..], acc);
+        }
+    }
+}
+
+/// Backward of rows `t0..t1` of one batch row. Adds into `dxb` (t1 − t0, C) and writes this
+/// task's partial sums into `part`: `dweight` as (K, Cp), then `dbias` as (Cp).
+/// `ring` (K, Cp) holds the pre-SiLU gradient `g` of the last `K` rows (row `t` in slot `t % K`).
+#[inline(always)]
+fn bwd_rows<const KS: usize>(
+    k: usize,
+    c: usize,
+    l: usize,
+    p: &Packed,
+    silu: bool,
+    (xb, dyb): (&[f32], &[f32]),
+    (t0, t1): (usize, usize),
+    dxb: &mut [f32],
+    ring: &mut [f32],
+    part: &mut [f32],
+) {
+    let k = if KS == 0 { k } else { KS };
+    let cp = p.cp;
+    part.fill(0.0);
+    // dx[s] = Σ_kk g[s + K − 1 − kk] · w[kk] needs g up to row s + K − 1, so the loop runs K − 1
+    // rows past the block (recomputing them; rows ≥ L have g = 0).
+    for t in t0..t1 + k - 1 {
+        let slot = t % k;
+        let kmin = (k - 1).saturating_sub(t);
+        let dx_row = (t + 1 >= k + t0).then(|| t + 1 - k);
+        for j in (0..c).step_by(W) {
+            let g = if t < l {
+                let dyv = simd::load(&dyb[t * c + j..(t + 1) * c]);
+                let g = if silu {
+                    dyv * silu_grad(pre_act(p, xb, c, k, kmin, t, j))
+                } else {
+                    dyv
+                };
+                if t < t1 {
+                    let o = k * cp + j;
+                    let db = &mut part[o..o + W];
+                    simd::store(db, simd::load(db) + g);
+                    for kk in kmin..k {
+                        let s = (t + kk + 1 - k) * c;
+                        let xv = simd::load(&xb[s + j..s + c]);
+                        let o = kk * cp + j;
+                        let dw = &mut part[o..o + W];
+                        simd::store(dw, g.mul_add(xv, simd::load(dw)));
+                    }
+                }
+                g
+            } else {
+                f32x8::ZERO
+            };
+            simd::store(&mut ring[slot * cp + j..slot * cp + j + W], g);
+            if let Some(s) = dx_row {
+                let mut acc = f32x8::ZERO;
+                for kk in 0..k {
+                    // row t − kk sits in slot (slot − kk) mod K
+                    let r = if slot >= kk { slot - kk } else { slot + k - kk };
+                    let o = r * cp + j;
+                    acc = simd::load(&ring[o..o + W]).mul_add(p.w(kk, j), acc);
+                }
+                simd::add_store(&mut dxb[(s - t0) * c + j..(s - t0 + 1) * c], acc);
+            }
+        }
+    }
+}
+
+/// Writes the conv state after the sequence: `st[b, c, kk] = x[b, L − K + kk, c]` (zero before
+/// the start).
+fn write_state_out(dims: &ConvDims, x: &[f32], st: &mut [f32]) {
+    let ConvDims {
+        batch,
+        seqlen: l,
+        channels: ch,
+        width: k,
+    } = *dims;
+    for b in 0..batch {
+        for c in 0..ch {
+            for kk in 0..k {
+                st[(b * ch + c) * k + kk] = if l + kk >= k {
+                    x[(b * l + l + kk - k) * ch + c]
+                } else {
+                    0.0
+                };
+            }
+        }
+    }
+}
+
+/// Forward conv. Layouts: see [`ConvArgs`] and [`ConvOut`]; `y` is overwritten.
+#[track_caller]
+pub fn conv1d_fwd(dims: &ConvDims, args: &ConvArgs<f32>, out: ConvOut<f32>) {
+    conv1d_fwd_tb(dims, args, out, time_block(dims));
+}
+
+/// [`conv1d_fwd`] with an explicit rows-per-task `tb` (tests use small blocks).
+#[track_caller]
+pub(crate) fn conv1d_fwd_tb(dims: &ConvDims, args: &ConvArgs<f32>, out: ConvOut<f32>, tb: usize) {
+    const K: &str = "conv::conv1d_fwd";
+    args.check(K, dims);
+    out.check(K, dims);
+    let ConvOut { y, state_out } = out;
+    if let Some(st) = state_out {
+        write_state_out(dims, args.x, st);
+    }
+    if dims.n_blc() == 0 {
+        return;
+    }
+    let ConvDims {
+        seqlen: l,
+        channels: c,
+        width: k,
+        ..
+    } = *dims;
+    let p = Packed::new(dims, args);
+    let tb = tb.clamp(1, l);
+    let nblk = l.div_ceil(tb);
+    let ys = SharedMut::new(y);
+    (0..dims.batch * nblk).into_par_iter().for_each(|task| {
+        let (b, blk) = (task / nblk, task % nblk);
+        let (t0, t1) = (blk * tb, ((blk + 1) * tb).min(l));
+        let xb = &args.x[b * l * c..(b + 1) * l * c];
+        // SAFETY: rows t0..t1 of batch row b belong to this task alone.
+        let yb = unsafe { ys.slice((b * l + t0) * c, (t1 - t0) * c) };
+        dispatch_width!(k, fwd_rows(k, c, &p, args.silu, xb, t0, t1, yb));
+    });
+}
+
+/// Backward conv: adds the gradients of `Σ dy·y` into `grads`. `dy` is (B, L, C); the
+/// pre-activation is recomputed for the SiLU derivative.
+#[track_caller]
+pub fn conv1d_bwd(dims: &ConvDims, args: &ConvArgs<f32>, dy: &[f32], grads: ConvGrads<f32>) {
+    conv1d_bwd_tb(dims, args, dy, grads, time_block(dims));
+}
+
+/// [`conv1d_bwd`] with an explicit rows-per-task `tb` (tests use small blocks).
+#[track_caller]
+pub(crate) fn conv1d_bwd_tb(
+    dims: &ConvDims,
+    args: &ConvArgs<f32>,
+    dy: &[f32],
+    grads: ConvGrads<f32>,
+    tb: usize,
+) {
+    const K: &str = "conv::conv1d_bwd";
+    args.check(K, dims);
+    check_upstream(K, dims, dy);
+    grads.check(K, dims);
+    if dims.n_blc() == 0 {
+        return;
+    }
+    let ConvDims {
+        seqlen: l,
+        channels: c,
+        width: k,
+        ..
+    } = *dims;
+    let ConvGrads {
+        dx,
+        dweight,
+        mut dbias,
+    } = grads;
+    let p = Packed::new(dims, args);
+    let cp = p.cp;
+    let tb = tb.clamp(1, l);
+    let nblk = l.div_ceil(tb);
+    let ntask = dims.batch * nblk;
+    let plen = (k + 1) * cp;
+    let mut parts = vec![0.0f32; ntask * plen];
+    let dxs = SharedMut::new(dx);
+    parts.par_chunks_mut(plen).enumerate().for_each_init(
+        || vec![0.0f32; k * cp],
+        |ring, (task, part)| {
+            let (b, blk) = (task / nblk, task % nblk);
+            let (t0, t1) = (blk * tb, ((blk + 1) * tb).min(l));
+            let xb = &args.x[b * l * c..(b + 1) * l * c];
+            let dyb = &dy[b * l * c..(b + 1) * l * c];
+            // SAFETY: rows t0..t1 of batch row b belong to this task alone.
+            let dxb = unsafe { dxs.slice((b * l + t0) * c, (t1 - t0) * c) };
+            dispatch_width!(
+                k,
+                bwd_rows(k, c, l, &p, args.silu, (xb, dyb), (t0, t1), dxb, ring, part)
+            );
+        },
+    );
+    for part in parts.chunks_exact(plen) {
+        for ch in 0..c {
+            for kk in 0..k {
+                dweight[ch * k + kk] += part[kk * cp + ch];
+            }
+        }
+        if let Some(db) = dbias.as_deref_mut() {
+            for ch in 0..c {
+                db[ch] += part[k * cp + ch];
+            }
+        }
+    }
+}
+
+/// One recurrent step of one batch row: `st` (C, K), `xb` and `yb` (C).
+fn step_row(args: &ConvArgs<f32>, c: usize, k: usize, b: usize, st: &mut [f32], yb: &mut [f32]) {
+    let xb = &args.x[b * c..(b + 1) * c];
+    for j in (0..c).step_by(W) {
+        let n = (c - j).min(W);
+        let mut pre = [0.0f32; W];
+        for (jj, pre) in pre.iter_mut().enumerate().take(n) {
+            let ch = j + jj;
+            let s = &mut st[ch * k..(ch + 1) * k];
+            s.copy_within(1.., 0);
+            s[k - 1] = xb[ch];
+            let w = &args.weight[ch * k..(ch + 1) * k];
+            let mut acc = args.bias.map_or(0.0, |bias| bias[ch]);
+            for (sv, wv) in s.iter().zip(w) {
+                acc = sv.mul_add(*wv, acc);
+            }
+            *pre = acc;
+        }
+        let mut v = f32x8::from(pre);
+        if args.silu {
+            v = simd::silu(v);
+        }
+        simd::store(&mut yb[j..j + n], v);
+    }
+}
+
+/// One recurrent step for every batch row. `dims.seqlen` must be 1, so `args.x` is (B, C);
+/// `state` (B, C, K) holds the last `K` inputs of every channel, oldest first, and is updated in
+/// place (shifted left by one, `x` appended); `y` (B, C) is overwritten with
+/// `bias + Σ_k state[k] · w[k]` (then SiLU when `args.silu`).
+#[track_caller]
+pub fn conv1d_step(dims: &ConvDims, args: &ConvArgs<f32>, state: &mut [f32], y: &mut [f32]) {
+    const K: &str = "conv::conv1d_step";
+    check_step(K, dims, args, state, y);
+    let (c, k) = (dims.channels, dims.width);
+    if dims.batch == 0 || c == 0 {
+        return;
+    }
+    if dims.n_bck() >= STEP_PAR_MIN && dims.batch > 1 {
+        state
+            .par_chunks_exact_mut(c * k)
+            .zip(y.par_chunks_exact_mut(c))
+            .enumerate()
+            .for_each(|(b, (st, yb))| step_row(args, c, k, b, st, yb));
+    } else {
+        let rows = state.chunks_exact_mut(c * k).zip(y.chunks_exact_mut(c));
+        for (b, (st, yb)) in rows.enumerate() {
+            step_row(args, c, k, b, st, yb);
+        }
+    }
+}

@@ -1,0 +1,489 @@
+//! Fast conv kernels against the reference: forward, backward, step, finite differences.
+
+use proptest::prelude::*;
+
+use super::fast::{conv1d_bwd_tb, conv1d_fwd_tb};
+use super::*;
+use crate::reference::conv as reference;
+use crate::testing::{Rng, assert_close, assert_rel_max, cases, dot, numeric_grad, to_f32, to_f64};
+
+/// One random problem: dims, options, rows per task, data seed.
+#[derive(Clone, Debug)]
+struct Case {
+    dims: ConvDims,
+    bias: bool,
+    silu: bool,
+    tb: usize,
+    seed: u64,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    (
+        1usize..=3,
+        prop_oneof![Just(1usize), 1usize..=5, 1usize..=33],
+        prop_oneof![
+            1usize..=7,
+            9usize..=15,
+            17usize..=27,
+            Just(8usize),
+            Just(16usize)
+        ],
+        1usize..=5,
+        any::<bool>(),
+        any::<bool>(),
+        prop_oneof![1usize..=9, Just(usize::MAX)],
+        any::<u64>(),
+    )
+        .prop_map(|(b, l, c, k, bias, silu, tb, seed)| Case {
+            dims: ConvDims::new(b, l, c, k),
+            bias,
+            silu,
+            tb,
+            seed,
+        })
+}
+
+/// Random data, already rounded to f32 (so f32 and f64 runs see the same inputs).
+struct Data {
+    x: Vec<f32>,
+    w: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+impl Data {
+    fn new(dims: &ConvDims, seed: u64) -> Self {
+        let mut r = Rng(seed);
+        Self {
+            x: to_f32(&r.vec(dims.n_blc(), -2.0, 2.0)),
+            w: to_f32(&r.vec(dims.n_ck(), -1.0, 1.0)),
+            bias: to_f32(&r.vec(dims.channels, -0.5, 0.5)),
+        }
+    }
+
+    fn args(&self, bias: bool, silu: bool) -> ConvArgs<'_, f32> {
+        ConvArgs {
+            x: &self.x,
+            weight: &self.w,
+            bias: bias.then_some(&self.bias[..]),
+            silu,
+        }
+    }
+}
+
+/// The same args in f64 (owned copies).
+struct Args64 {
+    x: Vec<f64>,
+    w: Vec<f64>,
+    bias: Option<Vec<f64>>,
+    silu: bool,
+}
+
+impl Args64 {
+    fn new(a: &ConvArgs<f32>) -> Self {
+        Self {
+            x: to_f64(a.x),
+            w: to_f64(a.weight),
+            bias: a.bias.map(to_f64),
+            silu: a.silu,
+        }
+    }
+
+    fn args(&self) -> ConvArgs<'_, f64> {
+        ConvArgs {
+            x: &self.x,
+            weight: &self.w,
+            bias: self.bias.as_deref(),
+            silu: self.silu,
+        }
+    }
+}
+
+fn ref_fwd(dims: &ConvDims, a: &ConvArgs<f64>) -> (Vec<f64>, Vec<f64>) {
+    let mut y = vec![0.0; dims.n_blc()];
+    let mut st = vec![0.0; dims.n_bck()];
+    reference::conv1d_fwd(
+        dims,
+        a,
+        ConvOut {
+            y: &mut y,
+            state_out: Some(&mut st),
+        },
+    );
+    (y, st)
+}
+
+fn check_fwd(cs: &Case) {
+    let d = Data::new(&cs.dims, cs.seed);
+    let args = d.args(cs.bias, cs.silu);
+    let mut y = vec![f32::NAN; cs.dims.n_blc()];
+    let mut st = vec![f32::NAN; cs.dims.n_bck()];
+    conv1d_fwd_tb(
+        &cs.dims,
+        &args,
+        ConvOut {
+            y: &mut y,
+            state_out: Some(&mut st),
+        },
+        cs.tb,
+    );
+    let (want_y, want_st) = ref_fwd(&cs.dims, &Args64::new(&args).args());
+    assert_close("y", &y, &want_y, 1e-5, 1e-5);
+    assert_close("state_out", &st, &want_st, 0.0, 0.0);
+}
+
+fn check_bwd(cs: &Case) {
+    let dims = &cs.dims;
+    let d = Data::new(dims, cs.seed);
+    let args = d.args(cs.bias, cs.silu);
+    let mut r = Rng(cs.seed ^ 0x5eed);
+    let dy = to_f32(&r.vec(dims.n_blc(), -1.0, 1.0));
+    // Start from non-zero gradients: the backward must add into them.
+    let dx0 = to_f32(&r.vec(dims.n_blc(), -1.0, 1.0));
+    let dw0 = to_f32(&r.vec(dims.n_ck(), -1.0, 1.0));
+    let db0 = to_f32(&r.vec(dims.channels, -1.0, 1.0));
+    let (mut dx, mut dw, mut db) = (dx0.clone(), dw0.clone(), db0.clone());
+    conv1d_bwd_tb(
+        dims,
+        &args,
+        &dy,
+        ConvGrads {
+            dx: &mut dx,
+            dweight: &mut dw,
+            dbias: Some(&mut db),
+        },
+        cs.tb,
+    );
+    let a64 = Args64::new(&args);
+    let (mut rdx, mut rdw, mut rdb) = (to_f64(&dx0), to_f64(&dw0), to_f64(&db0));
+    reference::conv1d_bwd(
+        dims,
+        &a64.args(),
+        &to_f64(&dy),
+        ConvGrads {
+            dx: &mut rdx,
+            dweight: &mut rdw,
+            dbias: Some(&mut rdb),
+        },
+    );
+    assert_close("dx", &dx, &rdx, 1e-5, 1e-5);
+    assert_rel_max("dweight", &dw, &rdw, 2e-6, 1.0);
+    assert_rel_max("dbias", &db, &rdb, 2e-6, 1.0);
+}
+
+fn check_step_matches_forward(cs: &Case) {
+    let dims = &cs.dims;
+    let (b, l, c, k) = (dims.batch, dims.seqlen, dims.channels, dims.width);
+    let d = Data::new(dims, cs.seed);
+    let args = d.args(cs.bias, cs.silu);
+    let mut y = vec![0.0f32; dims.n_blc()];
+    let mut st_full = vec![0.0f32; dims.n_bck()];
+    conv1d_fwd(
+        dims,
+        &args,
+        ConvOut {
+            y: &mut y,
+            state_out: Some(&mut st_full),
+        },
+    );
+    let d1 = ConvDims::new(b, 1, c, k);
+    let a64 = Args64::new(&args);
+    let mut st = vec![0.0f32; dims.n_bck()];
+    let mut st64 = vec![0.0f64; dims.n_bck()];
+    let (mut xt, mut yt) = (vec![0.0f32; b * c], vec![0.0f32; b * c]);
+    let (mut xt64, mut yt64) = (vec![0.0f64; b * c], vec![0.0f64; b * c]);
+    for t in 0..l {
+        for bb in 0..b {
+            let src = (bb * l + t) * c;
+            xt[bb * c..(bb + 1) * c].copy_from_slice(&d.x[src..src + c]);
+            xt64[bb * c..(bb + 1) * c].copy_from_slice(&a64.x[src..src + c]);
+        }
+        conv1d_step(&d1, &ConvArgs { x: &xt, ..args }, &mut st, &mut yt);
+        reference::conv1d_step(
+            &d1,
+            &ConvArgs {
+                x: &xt64,
+                ..a64.args()
+            },
+            &mut st64,
+            &mut yt64,
+        );
+        assert_close("step y vs reference step", &yt, &yt64, 1e-5, 1e-5);
+        for bb in 0..b {
+            let dst = (bb * l + t) * c;
+            assert_close(
+                "step y vs forward y",
+                &yt[bb * c..(bb + 1) * c],
+                &y[dst..dst + c],
+                1e-5,
+                1e-5,
+            );
+        }
+    }
+    assert_close("step state vs state_out", &st, &st_full, 0.0, 0.0);
+    assert_close("reference step state", &st64, &st_full, 0.0, 0.0);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases(16)))]
+
+    #[test]
+    fn fast_fwd_matches_reference(cs in case()) {
+        check_fwd(&cs);
+    }
+
+    #[test]
+    fn fast_bwd_matches_reference(cs in case()) {
+        check_bwd(&cs);
+    }
+
+    #[test]
+    fn step_by_step_matches_forward_and_reference(cs in case()) {
+        check_step_matches_forward(&cs);
+    }
+}
+
+#[test]
+fn default_blocking_on_a_long_sequence_matches_reference() {
+    // Several tasks per batch row with the public entry points' own block size.
+    for (i, dims) in [ConvDims::new(2, 300, 37, 4), ConvDims::new(1, 700, 8, 3)]
+        .iter()
+        .enumerate()
+    {
+        let cs = Case {
+            dims: *dims,
+            bias: true,
+            silu: true,
+            tb: super::fast::time_block(dims),
+            seed: 42 + i as u64,
+        };
+        check_fwd(&cs);
+        check_bwd(&cs);
+    }
+}
+
+#[test]
+fn fast_bwd_matches_f64_finite_differences_of_reference() {
+    for (i, &(b, l, c, k, bias, silu, tb)) in [
+        (2, 6, 11, 4, true, true, 4),
+        (1, 3, 9, 4, false, true, 2),
+        (2, 9, 5, 3, true, false, 3),
+        (1, 1, 3, 2, true, true, 1),
+        (1, 7, 17, 5, false, true, 100),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let dims = ConvDims::new(b, l, c, k);
+        let d = Data::new(&dims, 900 + i as u64);
+        let args = d.args(bias, silu);
+        let wy = to_f32(&Rng(31 + i as u64).vec(dims.n_blc(), -1.0, 1.0));
+        let mut dx = vec![0.0f32; dims.n_blc()];
+        let mut dw = vec![0.0f32; dims.n_ck()];
+        let mut db = vec![0.0f32; c];
+        conv1d_bwd_tb(
+            &dims,
+            &args,
+            &wy,
+            ConvGrads {
+                dx: &mut dx,
+                dweight: &mut dw,
+                dbias: Some(&mut db),
+            },
+            tb,
+        );
+        let a64 = Args64::new(&args);
+        let wy64 = to_f64(&wy);
+        let loss = |x: &[f64], w: &[f64], bb: Option<&[f64]>| {
+            let a = ConvArgs {
+                x,
+                weight: w,
+                bias: bb,
+                silu,
+            };
+            dot(&wy64, &ref_fwd(&dims, &a).0)
+        };
+        let bopt = a64.bias.as_deref();
+        let eps = 1e-5;
+        let ndx = numeric_grad(&a64.x, eps, |x| loss(x, &a64.w, bopt));
+        let ndw = numeric_grad(&a64.w, eps, |w| loss(&a64.x, w, bopt));
+        let b0 = a64.bias.clone().unwrap_or_else(|| vec![0.0; c]);
+        let ndb = numeric_grad(&b0, eps, |bb| loss(&a64.x, &a64.w, Some(bb)));
+        assert_rel_max("dx", &dx, &ndx, 1e-5, 1.0);
+        assert_rel_max("dweight", &dw, &ndw, 1e-5, 1.0);
+        assert_rel_max("dbias", &db, &ndb, 1e-5, 1.0);
+    }
+}
+
+#[test]
+fn gradients_accumulate_across_calls() {
+    let dims = ConvDims::new(2, 5, 10, 4);
+    let d = Data::new(&dims, 3);
+    let args = d.args(true, true);
+    let dy = to_f32(&Rng(4).vec(dims.n_blc(), -1.0, 1.0));
+    let run = |times: usize| {
+        let mut dx = vec![0.0f32; dims.n_blc()];
+        let mut dw = vec![0.0f32; dims.n_ck()];
+        for _ in 0..times {
+            conv1d_bwd(
+                &dims,
+                &args,
+                &dy,
+                ConvGrads {
+                    dx: &mut dx,
+                    dweight: &mut dw,
+                    dbias: None,
+                },
+            );
+        }
+        (dx, dw)
+    };
+    let (dx1, dw1) = run(1);
+    let (dx2, dw2) = run(2);
+    let twice = |v: &[f32]| v.iter().map(|x| 2.0 * x).collect::<Vec<_>>();
+    assert_close("dx", &dx2, &twice(&dx1), 1e-6, 1e-6);
+    assert_close("dweight", &dw2, &twice(&dw1), 1e-6, 1e-6);
+}
+
+#[test]
+fn results_do_not_depend_on_the_thread_count() {
+    let dims = ConvDims::new(3, 200, 20, 4);
+    let d = Data::new(&dims, 8);
+    let args = d.args(true, true);
+    let dy = to_f32(&Rng(9).vec(dims.n_blc(), -1.0, 1.0));
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut y = vec![0.0f32; dims.n_blc()];
+            conv1d_fwd(
+                &dims,
+                &args,
+                ConvOut {
+                    y: &mut y,
+                    state_out: None,
+                },
+            );
+            let mut dx = vec![0.0f32; dims.n_blc()];
+            let mut dw = vec![0.0f32; dims.n_ck()];
+            conv1d_bwd(
+                &dims,
+                &args,
+                &dy,
+                ConvGrads {
+                    dx: &mut dx,
+                    dweight: &mut dw,
+                    dbias: None,
+                },
+            );
+            (y, dx, dw)
+        })
+    };
+    assert_eq!(run(1), run(2));
+}
+
+#[test]
+fn empty_problems_are_no_ops() {
+    for dims in [
+        ConvDims::new(0, 4, 3, 2),
+        ConvDims::new(2, 0, 3, 2),
+        ConvDims::new(2, 4, 0, 2),
+    ] {
+        let x = vec![1.0f32; dims.n_blc()];
+        let w = vec![1.0f32; dims.n_ck()];
+        let mut y = vec![0.0f32; dims.n_blc()];
+        let mut st = vec![7.0f32; dims.n_bck()];
+        conv1d_fwd(
+            &dims,
+            &ConvArgs::new(&x, &w),
+            ConvOut {
+                y: &mut y,
+                state_out: Some(&mut st),
+            },
+        );
+        assert!(st.iter().all(|&v| v == 0.0));
+        let mut dx = vec![0.0f32; dims.n_blc()];
+        let mut dw = vec![0.0f32; dims.n_ck()];
+        conv1d_bwd(
+            &dims,
+            &ConvArgs::new(&x, &w),
+            &y,
+            ConvGrads {
+                dx: &mut dx,
+                dweight: &mut dw,
+                dbias: None,
+            },
+        );
+        assert!(dw.iter().all(|&v| v == 0.0));
+    }
+}
+
+#[test]
+#[should_panic(
+    expected = "conv::conv1d_fwd: `weight` has 7 elements, but its layout (C, K) = (2, 4) needs 8"
+)]
+fn fwd_wrong_weight_length_panics_naming_it() {
+    let dims = ConvDims::new(1, 3, 2, 4);
+    let mut y = vec![0.0f32; 6];
+    conv1d_fwd(
+        &dims,
+        &ConvArgs::new(&[0.0; 6], &[0.0; 7]),
+        ConvOut {
+            y: &mut y,
+            state_out: None,
+        },
+    );
+}
+
+#[test]
+#[should_panic(expected = "conv::conv1d_bwd: `dy` has 5 elements")]
+fn bwd_wrong_dy_length_panics_naming_it() {
+    let dims = ConvDims::new(1, 3, 2, 4);
+    let (mut dx, mut dw) = (vec![0.0f32; 6], vec![0.0f32; 8]);
+    conv1d_bwd(
+        &dims,
+        &ConvArgs::new(&[0.0; 6], &[0.0; 8]),
+        &[0.0; 5],
+        ConvGrads {
+            dx: &mut dx,
+            dweight: &mut dw,
+            dbias: None,
+        },
+    );
+}
+
+#[test]
+#[should_panic(expected = "conv::conv1d_bwd: `dbias` has 3 elements")]
+fn bwd_wrong_dbias_length_panics_naming_it() {
+    let dims = ConvDims::new(1, 3, 2, 4);
+    let (mut dx, mut dw, mut db) = (vec![0.0f32; 6], vec![0.0f32; 8], vec![0.0f32; 3]);
+    conv1d_bwd(
+        &dims,
+        &ConvArgs::new(&[0.0; 6], &[0.0; 8]),
+        &[0.0; 6],
+        ConvGrads {
+            dx: &mut dx,
+            dweight: &mut dw,
+            dbias: Some(&mut db),
+        },
+    );
+}
+
+#[test]
+#[should_panic(
+    expected = "conv::conv1d_step: `state` has 6 elements, but its layout (B, C, K) = (1, 2, 4) needs 8"
+)]
+fn step_wrong_state_length_panics_naming_it() {
+    let dims = ConvDims::new(1, 1, 2, 4);
+    let (mut st, mut y) = (vec![0.0f32; 6], vec![0.0f32; 2]);
+    conv1d_step(&dims, &ConvArgs::new(&[0.0; 2], &[0.0; 8]), &mut st, &mut y);
+}
+
+#[test]
+#[should_panic(expected = "conv::conv1d_step: invalid dims: a step takes seqlen 1")]
+fn step_rejects_seqlen_above_one() {
+    let dims = ConvDims::new(1, 2, 2, 4);
+    let (mut st, mut y) = (vec![0.0f32; 8], vec![0.0f32; 2]);
+    conv1d_step(&dims, &ConvArgs::new(&[0.0; 4], &[0.0; 8]), &mut st, &mut y);
+}
