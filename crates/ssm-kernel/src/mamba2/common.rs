@@ -1,0 +1,139 @@
+//! Pieces shared by the sequential and chunked kernels.
+
+use rayon::prelude::*;
+use wide::f32x8;
+
+use super::{Scan2Args, Scan2Dims};
+use crate::Real;
+use crate::simd::W;
+
+/// Effective Δ of flat (B, L, H) element `ih` of head `h` and `∂Δ_eff/∂Δ_raw`.
+#[inline(always)]
+pub(crate) fn dt_eff(args: &Scan2Args<f32>, ih: usize, h: usize) -> (f32, f32) {
+    let mut v = args.delta[ih];
+    if let Some(bias) = args.delta_bias {
+        v += bias[h];
+    }
+    if args.delta_softplus {
+        (v.softplus(), v.softplus_grad())
+    } else {
+        (v, 1.0)
+    }
+}
+
+/// Splits `pv` vectors into blocks of 8, then 4, then 1, calling `f(start, len)`.
+#[inline(always)]
+pub(crate) fn blocks(pv: usize, mut f: impl FnMut(usize, usize)) {
+    let mut j = 0;
+    while pv - j >= 8 {
+        f(j, 8);
+        j += 8;
+    }
+    if pv - j >= 4 {
+        f(j, 4);
+        j += 4;
+    }
+    while j < pv {
+        f(j, 1);
+        j += 1;
+    }
+}
+
+/// Copies a (P, N) state into the transposed, zero-padded (N, pv·8) vector layout.
+pub(crate) fn state_in(src: &[f32], pd: usize, n: usize, pv: usize, dst: &mut [f32x8]) {
+    let f: &mut [f32] = wide::bytemuck::cast_slice_mut(dst);
+    f.fill(0.0);
+    for p in 0..pd {
+        for k in 0..n {
+            f[k * pv * W + p] = src[p * n + k];
+        }
+    }
+}
+
+/// Writes (or adds, when `add`) the (N, pv·8) vector state into a (P, N) slice.
+pub(crate) fn state_out(src: &[f32x8], pd: usize, n: usize, pv: usize, dst: &mut [f32], add: bool) {
+    let f: &[f32] = wide::bytemuck::cast_slice(src);
+    for p in 0..pd {
+        for k in 0..n {
+            let v = f[k * pv * W + p];
+            if add {
+                dst[p * n + k] += v;
+            } else {
+                dst[p * n + k] = v;
+            }
+        }
+    }
+}
+
+/// Per-(b, h) task sums of the per-head gradients.
+#[derive(Clone, Copy, Default, Debug)]
+pub(crate) struct TaskScalars {
+    pub da: f64,
+    pub dd: f64,
+    pub dbias: f64,
+}
+
+impl TaskScalars {
+    /// Adds the task sums (tasks in (b, h) order) into the per-head gradient buffers; the bias
+    /// gradient only when the args carry a bias (as the reference does).
+    pub(crate) fn scatter(
+        tasks: &[TaskScalars],
+        dims: &Scan2Dims,
+        args: &Scan2Args<f32>,
+        da: &mut [f32],
+        dd: Option<&mut [f32]>,
+        dbias: Option<&mut [f32]>,
+    ) {
+        let h = dims.nheads;
+        let mut sum = vec![TaskScalars::default(); h];
+        for (i, s) in tasks.iter().enumerate() {
+            let e = &mut sum[i % h];
+            e.da += s.da;
+            e.dd += s.dd;
+            e.dbias += s.dbias;
+        }
+        for (i, e) in sum.iter().enumerate() {
+            da[i] += e.da as f32;
+        }
+        if let Some(dd) = dd {
+            for (i, e) in sum.iter().enumerate() {
+                dd[i] += e.dd as f32;
+            }
+        }
+        if let (Some(db), Some(_)) = (dbias, args.delta_bias) {
+            for (i, e) in sum.iter().enumerate() {
+                db[i] += e.dbias as f32;
+            }
+        }
+    }
+}
+
+/// Adds per-head partials `part` (B, H, L, N) into the per-group gradient `out` (B, L, G, N).
+pub(crate) fn reduce_group_partials(dims: &Scan2Dims, part: &[f32], out: &mut [f32]) {
+    let Scan2Dims {
+        seqlen,
+        nheads,
+        dstate: n,
+        ngroups,
+        ..
+    } = *dims;
+    if out.is_empty() {
+        return;
+    }
+    let hpg = dims.group_size();
+    out.par_chunks_mut(ngroups * n)
+        .enumerate()
+        .with_min_len(16)
+        .for_each(|(bt, row)| {
+            let (b, t) = (bt / seqlen, bt % seqlen);
+            for g in 0..ngroups {
+                let o = &mut row[g * n..(g + 1) * n];
+                for h in g * hpg..(g + 1) * hpg {
+                    let src = &part[((b * nheads + h) * seqlen + t) * n..][..n];
+                    for (o, s) in o.iter_mut().zip(src) {
+                        *o += s;
+                    }
+                }
+            }
+        });
+}
