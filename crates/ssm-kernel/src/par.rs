@@ -40,4 +40,43 @@ impl<T> SharedMut<T> {
         // SAFETY: in bounds (checked); exclusivity is the caller's contract.
         unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), len) }
     }
+
+    /// Hints the CPU to fetch the cache line of element `i` (see [`crate::simd::prefetch`]).
+    #[inline(always)]
+    pub fn prefetch(&self, i: usize) {
+        if i < self.len {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `i` is in bounds, and a prefetch never faults or changes memory.
+            unsafe {
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                    self.ptr.add(i).cast(),
+                );
+            }
+        }
+    }
+
+    /// Writes element `i`.
+    ///
+    /// # Safety
+    /// No other task may access element `i` concurrently.
+    #[inline(always)]
+    pub unsafe fn write(&self, i: usize, v: T) {
+        assert!(i < self.len, "SharedMut::write out of bounds");
+        // SAFETY: in bounds (checked); exclusivity is the caller's contract.
+        unsafe { *self.ptr.add(i) = v }
+    }
+
+    /// Adds `v` to element `i`.
+    ///
+    /// # Safety
+    /// No other task may access element `i` concurrently.
+    #[inline(always)]
+    pub unsafe fn add(&self, i: usize, v: T)
+    where
+        T: std::ops::AddAssign,
+    {
+        assert!(i < self.len, "SharedMut::add out of bounds");
+        // SAFETY: in bounds (checked); exclusivity is the caller's contract.
+        unsafe { *self.ptr.add(i) += v }
+    }
 }

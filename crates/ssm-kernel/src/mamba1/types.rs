@@ -204,7 +204,9 @@ impl<T> Scan1Out<'_, T> {
 }
 
 /// Gradient buffers of a Mamba-1 scan. The backward **adds** into every buffer (`+=`), so the
-/// caller zeroes them or accumulates across calls. An absent optional buffer skips that gradient.
+/// caller zeroes them or accumulates across calls. An absent optional buffer skips that gradient,
+/// and so does an absent optional input (no `d` in the args: `dd` is left untouched; likewise
+/// `z`/`dz`, `delta_bias`/`ddelta_bias`, `h0`/`dh0`).
 ///
 /// Layouts are those of the matching input in [`Scan1Args`]; `ddelta` is the gradient of the raw
 /// Δ (before bias and softplus).

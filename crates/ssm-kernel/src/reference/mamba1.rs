@@ -144,7 +144,7 @@ pub fn scan_bwd<T: Real>(
                     }
                     None => dy[i],
                 };
-                if let Some(ddv) = dd.as_deref_mut() {
+                if let (Some(ddv), Some(_)) = (dd.as_deref_mut(), args.d) {
                     ddv[d] += dyy * x;
                 }
                 du[i] += dmul * dyy;
@@ -168,7 +168,7 @@ pub fn scan_bwd<T: Real>(
                     }
                 }
             }
-            if let Some(dh0) = dh0.as_deref_mut() {
+            if let (Some(dh0), Some(_)) = (dh0.as_deref_mut(), args.h0) {
                 for k in 0..n {
                     dh0[s0 + k] += g[k];
                 }

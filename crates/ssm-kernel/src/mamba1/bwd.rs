@@ -1,0 +1,507 @@
+//! Fast Mamba-1 backward scan (reverse scan with chunked recomputation).
+//!
+//! # Memory policy: checkpoint and recompute
+//! No (B, L, D, N) tensor is ever stored. A task (one batch row, one block of up to 64 channels)
+//!
+//! 1. runs the forward recurrence once, keeping only each tile's state at the start of every
+//!    chunk of [`CHUNK`] time steps: `⌈L / CHUNK⌉ · N` vectors of 8 lanes per tile;
+//! 2. walks the chunks last to first; for each chunk and tile it recomputes the chunk's
+//!    `CHUNK · N` states and decay factors `exp(Δ·A)` from the checkpoint, then runs the reverse
+//!    (adjoint) recurrence over the chunk.
+//!
+//! Scratch per task: `(8 · ⌈L/CHUNK⌉ + 2 · CHUNK + 16) · N · 32` bytes (L = 256, N = 16: 64 KiB)
+//! plus, when a batch row is split over several tasks, a (L, G, N) partial of `dB` and of `dC`.
+//! Total extra memory is therefore O(B · D · N · L / CHUNK), never O(B · L · D · N). The price is
+//! one extra forward pass (two `exp` per state update in all).
+//!
+//! # The adjoint recurrence
+//! With `ā_t = exp(Δ_t A)` and `G_t = ∂loss/∂h_t` (all contributions):
+//! `G_t = C_t · dy_t + ā_{t+1} ⊙ G_{t+1}`, started from `dh_last`. Then per time step
+//! `dC_t += h_t · dy_t`, `dB_t += G_t · Δ_t u_t`, `du_t += Σ_n G_t Δ_t B_t + D · dy_t`,
+//! `dΔ_t += Σ_n G_t (u_t B_t + h_{t−1} A ā_t)`, `dA += G_t h_{t−1} Δ_t ā_t`, and finally
+//! `dh0 = ā_0 ⊙ G_0`. `dy_t` is the gradient after the gate (`dy · silu(z)`), and dΔ is chained
+//! through softplus (`σ(v)`, or 1 above 20) into the raw Δ and the Δ bias.
+
+use rayon::prelude::*;
+use wide::f32x8;
+
+use super::fwd::{
+    Prefetch, TILES_PER_BLOCK, TIME_BLOCK, advance, block_tiles, prefetch_rows, run_steps,
+};
+use super::tile::{Bc, Groups, MixedBc, StateBuf, Tile, UniformBc, dispatch_n, mixed_offsets};
+use super::{Scan1Args, Scan1Dims, Scan1Grads, check_upstream};
+use crate::par::SharedMut;
+use crate::simd::{self, W};
+
+/// Time steps per recomputation chunk (a multiple of the forward's time block).
+pub const CHUNK: usize = 32;
+const _: () = assert!(CHUNK % TIME_BLOCK == 0);
+
+/// Per-task gradient partials that are reduced after the parallel section.
+struct TaskOut {
+    b: usize,
+    /// First channel of the task's block.
+    ch0: usize,
+    /// dA for channels `ch0..`, (channels, N).
+    da: Vec<f32>,
+    dd: Vec<f32>,
+    dbias: Vec<f32>,
+    /// Partial dB / dC of batch row `b`, (L, G, N), when the row is split over several tasks.
+    dbc: Option<(Vec<f32>, Vec<f32>)>,
+}
+
+/// Per-tile accumulators of a task, `ntl` tiles.
+struct TileAcc {
+    /// State at each chunk start, (tiles, chunks, N).
+    ckpt: Vec<f32x8>,
+    /// Adjoint `G`, (tiles, N).
+    g: Vec<f32x8>,
+    /// dA, (tiles, N).
+    da: Vec<f32x8>,
+    /// dD and dΔ-bias, (tiles).
+    dd: Vec<f32x8>,
+    dbias: Vec<f32x8>,
+}
+
+/// Scratch of one chunk of one tile.
+struct ChunkBuf {
+    states: Vec<f32x8>,
+    abar: Vec<f32x8>,
+    dts: Vec<f32x8>,
+    dsp: Vec<f32x8>,
+}
+
+/// Shared views of the per-element outputs (written disjointly by the tasks).
+struct Outs {
+    du: SharedMut<f32>,
+    ddelta: SharedMut<f32>,
+    dz: Option<SharedMut<f32>>,
+    dh0: Option<SharedMut<f32>>,
+}
+
+/// Backward of [`scan_fwd`](super::scan_fwd): adds the gradients of
+/// `Σ dy·y + Σ dh_last·h_last` into `grads`.
+///
+/// `dy` is (B, L, D); `dh_last` (B, D, N) is the gradient of the final state (zero when absent).
+/// Every buffer in [`Scan1Grads`] is accumulated into (`+=`). See the module docs for the memory
+/// policy. Work is split into (batch row, 64-channel block) tasks on the current rayon pool.
+///
+/// # Panics
+/// If a slice length does not match `dims` (the message names the argument).
+#[track_caller]
+pub fn scan_bwd(
+    dims: &Scan1Dims,
+    args: &Scan1Args<f32>,
+    dy: &[f32],
+    dh_last: Option<&[f32]>,
+    grads: Scan1Grads<f32>,
+) {
+    const K: &str = "mamba1::scan_bwd";
+    args.check(K, dims);
+    check_upstream(K, dims, dy, dh_last);
+    grads.check(K, dims);
+    let Scan1Dims {
+        batch,
+        seqlen,
+        dim,
+        dstate: n,
+        ngroups,
+    } = *dims;
+    if batch == 0 || dim == 0 {
+        return;
+    }
+    let Scan1Grads {
+        du,
+        ddelta,
+        da,
+        db,
+        dc,
+        dd,
+        dz,
+        ddelta_bias,
+        dh0,
+    } = grads;
+    let nblk = dim.div_ceil(W).div_ceil(TILES_PER_BLOCK);
+    let lgn = seqlen * ngroups * n;
+    let outs = Outs {
+        du: SharedMut::new(du),
+        ddelta: SharedMut::new(ddelta),
+        dz: if args.z.is_some() {
+            dz.map(SharedMut::new)
+        } else {
+            None
+        },
+        dh0: if args.h0.is_some() {
+            dh0.map(SharedMut::new)
+        } else {
+            None
+        },
+    };
+    let db_sh = SharedMut::new(db);
+    let dc_sh = SharedMut::new(dc);
+
+    let parts: Vec<TaskOut> = (0..batch * nblk)
+        .into_par_iter()
+        .map(|task| {
+            let (b, blk) = (task / nblk, task % nblk);
+            let tiles = block_tiles(args, dims, blk, TILES_PER_BLOCK);
+            let mut dbc = (nblk > 1).then(|| (vec![0.0; lgn], vec![0.0; lgn]));
+            let (db_row, dc_row): (&mut [f32], &mut [f32]) = match dbc.as_mut() {
+                Some((pb, pc)) => (pb, pc),
+                // SAFETY: with one block per row, this task is the only one touching row b.
+                None => unsafe { (db_sh.slice(b * lgn, lgn), dc_sh.slice(b * lgn, lgn)) },
+            };
+            let acc = dispatch_n!(
+                n,
+                bwd_task(dims, args, &tiles, b, dy, dh_last, &outs, db_row, dc_row)
+            );
+            let ch0 = tiles[0].d0;
+            let nch = tiles.iter().map(|t| t.w).sum::<usize>();
+            let mut part = TaskOut {
+                b,
+                ch0,
+                da: vec![0.0; nch * n],
+                dd: vec![0.0; nch],
+                dbias: vec![0.0; nch],
+                dbc,
+            };
+            for (ti, tile) in tiles.iter().enumerate() {
+                let off = tile.d0 - ch0;
+                let (ddv, dbv) = (acc.dd[ti].to_array(), acc.dbias[ti].to_array());
+                for l in 0..tile.w {
+                    part.dd[off + l] = ddv[l];
+                    part.dbias[off + l] = dbv[l];
+                    for k in 0..n {
+                        part.da[(off + l) * n + k] = acc.da[ti * n + k].to_array()[l];
+                    }
+                }
+            }
+            part
+        })
+        .collect();
+
+    let (mut dd, mut ddelta_bias) = (dd, ddelta_bias);
+    for p in parts {
+        let nch = p.dd.len();
+        for (dst, src) in da[p.ch0 * n..(p.ch0 + nch) * n].iter_mut().zip(&p.da) {
+            *dst += src;
+        }
+        if let (Some(dd), Some(_)) = (dd.as_deref_mut(), args.d) {
+            for (dst, src) in dd[p.ch0..p.ch0 + nch].iter_mut().zip(&p.dd) {
+                *dst += src;
+            }
+        }
+        if let (Some(bias), Some(_)) = (ddelta_bias.as_deref_mut(), args.delta_bias) {
+            for (dst, src) in bias[p.ch0..p.ch0 + nch].iter_mut().zip(&p.dbias) {
+                *dst += src;
+            }
+        }
+        if let Some((pb, pc)) = p.dbc {
+            // SAFETY: the parallel section has finished; this is the only access.
+            let (db_row, dc_row) =
+                unsafe { (db_sh.slice(p.b * lgn, lgn), dc_sh.slice(p.b * lgn, lgn)) };
+            for (dst, src) in db_row.iter_mut().zip(&pb) {
+                *dst += src;
+            }
+            for (dst, src) in dc_row.iter_mut().zip(&pc) {
+                *dst += src;
+            }
+        }
+    }
+}
+
+/// One task: batch row `b`, the block `tiles`. Adds into the per-element outputs and the row's
+/// `db_row`/`dc_row` ((L, G, N)); returns the per-tile dA, dD and dΔ-bias sums.
+fn bwd_task<const NN: usize>(
+    dims: &Scan1Dims,
+    args: &Scan1Args<f32>,
+    tiles: &[Tile],
+    b: usize,
+    dy: &[f32],
+    dh_last: Option<&[f32]>,
+    outs: &Outs,
+    db_row: &mut [f32],
+    dc_row: &mut [f32],
+) -> TileAcc {
+    let Scan1Dims {
+        seqlen,
+        dim,
+        dstate,
+        ..
+    } = *dims;
+    let n = if NN > 0 { NN } else { dstate };
+    let ntl = tiles.len();
+    let nchunks = seqlen.div_ceil(CHUNK);
+    let (ch0, ch1) = (tiles[0].d0, tiles[ntl - 1].d0 + tiles[ntl - 1].w);
+    let z = f32x8::ZERO;
+    let mut acc = TileAcc {
+        ckpt: vec![z; ntl * nchunks.max(1) * n],
+        g: vec![z; ntl * n],
+        da: vec![z; ntl * n],
+        dd: vec![z; ntl],
+        dbias: vec![z; ntl],
+    };
+    let mut hb = StateBuf::<NN>::new(n);
+    let h = hb.get();
+
+    // Pass 1: chunk-start checkpoints, walking time blocks over all tiles of the block.
+    let mut cur = vec![z; ntl * n];
+    let row_b = b * dim * n..(b + 1) * dim * n;
+    for (ti, tile) in tiles.iter().enumerate() {
+        if let Some(h0) = args.h0 {
+            tile.load_state(&h0[row_b.clone()], n, &mut cur[ti * n..(ti + 1) * n]);
+        }
+        if let Some(dl) = dh_last {
+            tile.load_state(&dl[row_b.clone()], n, &mut acc.g[ti * n..(ti + 1) * n]);
+        }
+    }
+    let mut reads: Vec<&[f32]> = vec![args.u, args.delta];
+    reads.extend(args.z);
+    prefetch_rows(&reads, dims, b, 0, TIME_BLOCK, ch0, ch1);
+    let pf = Prefetch {
+        arrays: &reads,
+        ahead: TIME_BLOCK,
+        ch0,
+        ch1,
+    };
+    for t0 in (0..seqlen).step_by(TIME_BLOCK) {
+        let t1 = (t0 + TIME_BLOCK).min(seqlen);
+        for ti in 0..ntl {
+            let hs = &mut cur[ti * n..(ti + 1) * n];
+            if t0 % CHUNK == 0 {
+                let c = t0 / CHUNK;
+                acc.ckpt[(ti * nchunks + c) * n..(ti * nchunks + c + 1) * n].copy_from_slice(hs);
+            }
+            h.copy_from_slice(hs);
+            run_steps::<NN, false>(
+                dims,
+                args,
+                &tiles[ti],
+                b,
+                t0,
+                t1,
+                h,
+                None,
+                (ti == 0).then_some(&pf),
+            );
+            hs.copy_from_slice(h);
+        }
+    }
+
+    // Pass 2: chunks last to first; every tile of the block per chunk.
+    let mut buf = ChunkBuf {
+        states: vec![z; CHUNK * n],
+        abar: vec![z; CHUNK * n],
+        dts: vec![z; CHUNK],
+        dsp: vec![z; CHUNK],
+    };
+    reads.push(dy);
+    for c in (0..nchunks).rev() {
+        let t0 = c * CHUNK;
+        let t1 = (t0 + CHUNK).min(seqlen);
+        prefetch_rows(&reads, dims, b, t0, t1, ch0, ch1);
+        for (ti, tile) in tiles.iter().enumerate() {
+            h.copy_from_slice(&acc.ckpt[(ti * nchunks + c) * n..(ti * nchunks + c + 1) * n]);
+            let (g, da) = (
+                &mut acc.g[ti * n..(ti + 1) * n],
+                &mut acc.da[ti * n..(ti + 1) * n],
+            );
+            let mut gb = StateBuf::<NN>::new(n);
+            let gl = gb.get();
+            gl.copy_from_slice(g);
+            let mut dab = StateBuf::<NN>::new(n);
+            let dal = dab.get();
+            dal.copy_from_slice(da);
+            let (dd, dbias) = chunk_bwd::<NN>(
+                dims, args, tile, b, t0, t1, h, gl, dal, &mut buf, dy, outs, db_row, dc_row,
+            );
+            g.copy_from_slice(gl);
+            da.copy_from_slice(dal);
+            acc.dd[ti] += dd;
+            acc.dbias[ti] += dbias;
+        }
+    }
+    if let Some(dh0) = &outs.dh0 {
+        for (ti, tile) in tiles.iter().enumerate() {
+            // SAFETY: this task is the only one touching channels d0..d0+w of batch row b.
+            unsafe { tile.store_state(dh0, b * dim * n, n, &acc.g[ti * n..(ti + 1) * n], true) };
+        }
+    }
+    acc
+}
+
+/// Backward of one tile over the chunk `t0..t1` (monomorphised on its group layout). `h` holds
+/// the chunk's start state, `g` the adjoint after the chunk (updated to the adjoint before it),
+/// `da` the running dA. Returns this chunk's (dD, dΔ-bias) lane sums.
+#[inline(always)]
+fn chunk_bwd<const NN: usize>(
+    dims: &Scan1Dims,
+    args: &Scan1Args<f32>,
+    tile: &Tile,
+    b: usize,
+    t0: usize,
+    t1: usize,
+    h: &mut [f32x8],
+    g: &mut [f32x8],
+    da: &mut [f32x8],
+    buf: &mut ChunkBuf,
+    dy: &[f32],
+    outs: &Outs,
+    db_row: &mut [f32],
+    dc_row: &mut [f32],
+) -> (f32x8, f32x8) {
+    let Scan1Dims {
+        seqlen,
+        ngroups,
+        dstate,
+        ..
+    } = *dims;
+    let n = if NN > 0 { NN } else { dstate };
+    let gn = ngroups * n;
+    match tile.groups {
+        Groups::Uniform(gi) => {
+            let bc_at = |t: usize| {
+                let row = (b * seqlen + t) * gn + gi * n;
+                UniformBc {
+                    b: &args.b[row..row + n],
+                    c: &args.c[row..row + n],
+                    goff: gi * n,
+                }
+            };
+            chunk_bwd_impl::<NN, _, _>(
+                dims, args, tile, b, t0, t1, h, g, da, buf, dy, outs, db_row, dc_row, bc_at,
+            )
+        }
+        Groups::Mixed(gs) => {
+            let off = mixed_offsets(&gs, n);
+            let bc_at = |t: usize| {
+                let row = (b * seqlen + t) * gn;
+                MixedBc {
+                    b: &args.b[row..row + gn],
+                    c: &args.c[row..row + gn],
+                    off,
+                }
+            };
+            chunk_bwd_impl::<NN, _, _>(
+                dims, args, tile, b, t0, t1, h, g, da, buf, dy, outs, db_row, dc_row, bc_at,
+            )
+        }
+    }
+}
+
+#[inline(always)]
+fn chunk_bwd_impl<const NN: usize, S: Bc, F: Fn(usize) -> S>(
+    dims: &Scan1Dims,
+    args: &Scan1Args<f32>,
+    tile: &Tile,
+    b: usize,
+    t0: usize,
+    t1: usize,
+    h: &mut [f32x8],
+    g: &mut [f32x8],
+    da_acc: &mut [f32x8],
+    buf: &mut ChunkBuf,
+    dy: &[f32],
+    outs: &Outs,
+    db_row: &mut [f32],
+    dc_row: &mut [f32],
+    bc_at: F,
+) -> (f32x8, f32x8) {
+    let Scan1Dims {
+        seqlen,
+        dim,
+        dstate,
+        ngroups,
+        ..
+    } = *dims;
+    let n = if NN > 0 { NN } else { dstate };
+    let (d0, w) = (tile.d0, tile.w);
+    let gn = ngroups * n;
+    let sp = args.delta_softplus;
+    let a = &tile.a[..n];
+    let (h, g, da_acc) = (&mut h[..n], &mut g[..n], &mut da_acc[..n]);
+    let h_start = {
+        let mut s = StateBuf::<NN>::new(n);
+        s.get().copy_from_slice(h);
+        s
+    };
+
+    // Recompute the chunk's states and decay factors.
+    for t in t0..t1 {
+        let j = t - t0;
+        let i = (b * seqlen + t) * dim + d0;
+        let x = simd::load(&args.u[i..i + w]);
+        let (dt, dsp) = tile.delta(simd::load(&args.delta[i..i + w]), sp, true);
+        buf.dts[j] = dt;
+        buf.dsp[j] = dsp;
+        advance::<_, false>(
+            a,
+            h,
+            dt,
+            x,
+            &bc_at(t),
+            Some(&mut buf.abar[j * n..(j + 1) * n]),
+        );
+        buf.states[j * n..(j + 1) * n].copy_from_slice(h);
+    }
+
+    // Reverse over the chunk.
+    let (mut dd_acc, mut dbias_acc) = (f32x8::ZERO, f32x8::ZERO);
+    for t in (t0..t1).rev() {
+        let j = t - t0;
+        let i = (b * seqlen + t) * dim + d0;
+        let bc = bc_at(t);
+        let db_t = &mut db_row[t * gn..(t + 1) * gn];
+        let dc_t = &mut dc_row[t * gn..(t + 1) * gn];
+        let x = simd::load(&args.u[i..i + w]);
+        let dt = buf.dts[j];
+        let dout = simd::load(&dy[i..i + w]);
+        let hs = &buf.states[j * n..(j + 1) * n];
+        let hprev: &[f32x8] = if j > 0 {
+            &buf.states[(j - 1) * n..j * n]
+        } else {
+            // The chunk's start state was overwritten by the recompute; it is `h_start`.
+            &h_start.arr_or_vec()[..n]
+        };
+        let abar = &buf.abar[j * n..(j + 1) * n];
+        let dyy = match args.z {
+            Some(z) => {
+                let zv = simd::load(&z[i..i + w]);
+                let s = simd::sigmoid(zv);
+                if let Some(dz) = &outs.dz {
+                    let mut ypre = tile.dskip * x;
+                    for k in 0..n {
+                        ypre = hs[k].mul_add(bc.c(k), ypre);
+                    }
+                    let sg = s * (f32x8::splat(1.0) + zv * (f32x8::splat(1.0) - s));
+                    // SAFETY: (b, t, tile) owns these elements.
+                    simd::add_store(unsafe { dz.slice(i, w) }, dout * ypre * sg);
+                }
+                dout * zv * s
+            }
+            None => dout,
+        };
+        dd_acc = dyy.mul_add(x, dd_acc);
+        let dx = dt * x;
+        let (mut gb, mut sa) = (f32x8::ZERO, f32x8::ZERO);
+        for k in 0..n {
+            let gk = bc.c(k).mul_add(dyy, g[k]);
+            bc.accum(dc_t, k, w, hs[k] * dyy);
+            bc.accum(db_t, k, w, gk * dx);
+            gb = gk.mul_add(bc.b(k), gb);
+            let s = gk * hprev[k] * abar[k];
+            sa = s.mul_add(a[k], sa);
+            da_acc[k] = s.mul_add(dt, da_acc[k]);
+            g[k] = gk * abar[k];
+        }
+        let du = tile.dskip.mul_add(dyy, gb * dt);
+        let ddt = gb.mul_add(x, sa) * buf.dsp[j];
+        dbias_acc += ddt;
+        // SAFETY: (b, t, tile) owns these elements.
+        unsafe {
+            simd::add_store(outs.du.slice(i, w), du);
+            simd::add_store(outs.ddelta.slice(i, w), ddt);
+        }
+    }
+    (dd_acc, dbias_acc)
+}

@@ -1,0 +1,313 @@
+//! Fast Mamba-1 forward scan.
+//!
+//! # Work layout
+//! A task is one batch row and a block of [`TILES_PER_BLOCK`] 8-channel tiles (64 channels). It
+//! walks time in blocks of [`TIME_BLOCK`] steps and, inside each, advances every tile of the
+//! block in turn. Rows of `u`, Δ, `z`, `y` are D floats apart, so a tile-at-a-time walk would
+//! touch a new cache line (and every other step a new page) per step; visiting the block's tiles
+//! together reuses each line while it is hot, and the next time block is prefetched.
+
+use rayon::prelude::*;
+use wide::f32x8;
+
+use super::tile::{Bc, Groups, MixedBc, StateBuf, Tile, UniformBc, dispatch_n, mixed_offsets};
+use super::{Scan1Args, Scan1Dims, Scan1Out};
+use crate::par::SharedMut;
+use crate::simd::{self, W};
+
+/// Time steps per block.
+pub(crate) const TIME_BLOCK: usize = 16;
+/// 8-channel tiles per task.
+pub(crate) const TILES_PER_BLOCK: usize = 8;
+
+/// Prefetches rows `t0..t1` of batch row `b`, channels `ch0..ch1`, of each array in `arrays`
+/// ((B, L, D) layout), one hint per cache line.
+#[inline(always)]
+pub(crate) fn prefetch_rows(
+    arrays: &[&[f32]],
+    dims: &Scan1Dims,
+    b: usize,
+    t0: usize,
+    t1: usize,
+    ch0: usize,
+    ch1: usize,
+) {
+    let (seqlen, dim) = (dims.seqlen, dims.dim);
+    for t in t0..t1.min(seqlen) {
+        let row = (b * seqlen + t) * dim;
+        for a in arrays {
+            let mut c = ch0;
+            while c < ch1 {
+                simd::prefetch(a, row + c);
+                c += 16;
+            }
+        }
+    }
+}
+
+/// Advances a tile's state by one time step and returns `⟨h_t, C_t⟩` per lane (zero unless
+/// `WITH_C`). `a` holds `A[·, n]` per lane, `dt` is the effective Δ and `x` the input. When
+/// `abar_out` is given, `exp(Δ·A[n])` is written to it for every `n`.
+#[inline(always)]
+pub(crate) fn advance<S: Bc, const WITH_C: bool>(
+    a: &[f32x8],
+    h: &mut [f32x8],
+    dt: f32x8,
+    x: f32x8,
+    bc: &S,
+    mut abar_out: Option<&mut [f32x8]>,
+) -> f32x8 {
+    let n = h.len();
+    let a = &a[..n];
+    let dx = dt * x;
+    let mut acc = f32x8::ZERO;
+    for k in 0..n {
+        let abar = simd::exp(dt * a[k]);
+        if let Some(o) = abar_out.as_deref_mut() {
+            o[k] = abar;
+        }
+        h[k] = abar.mul_add(h[k], dx * bc.b(k));
+        if WITH_C {
+            acc = h[k].mul_add(bc.c(k), acc);
+        }
+    }
+    acc
+}
+
+/// What a tile's walk prefetches at each step `t`: row `t + ahead` of every array, channels
+/// `ch0..ch1` (the whole block, so one tile's walk warms the rows for the others).
+pub(crate) struct Prefetch<'a> {
+    pub arrays: &'a [&'a [f32]],
+    pub ahead: usize,
+    pub ch0: usize,
+    pub ch1: usize,
+}
+
+impl Prefetch<'_> {
+    /// Issues the hints for step `t` of batch row `b`.
+    #[inline(always)]
+    pub fn at(&self, dims: &Scan1Dims, b: usize, t: usize) {
+        let t = t + self.ahead;
+        if t < dims.seqlen {
+            prefetch_rows(self.arrays, dims, b, t, t + 1, self.ch0, self.ch1);
+        }
+    }
+}
+
+/// Advances one tile of batch row `b` over steps `t0..t1` from state `h`, writing `y` when
+/// `y_out` is given and issuing `pf`'s hints at each step; `h` ends as the state after step
+/// `t1 − 1`.
+pub(crate) fn run_steps<const NN: usize, const WITH_Y: bool>(
+    dims: &Scan1Dims,
+    args: &Scan1Args<f32>,
+    tile: &Tile,
+    b: usize,
+    t0: usize,
+    t1: usize,
+    h: &mut [f32x8],
+    y_out: Option<&SharedMut<f32>>,
+    pf: Option<&Prefetch>,
+) {
+    let Scan1Dims {
+        seqlen,
+        dstate,
+        ngroups,
+        ..
+    } = *dims;
+    let n = if NN > 0 { NN } else { dstate };
+    let gn = ngroups * n;
+    match tile.groups {
+        Groups::Uniform(g) => {
+            let bc_at = |t: usize| {
+                let row = (b * seqlen + t) * gn + g * n;
+                UniformBc {
+                    b: &args.b[row..row + n],
+                    c: &args.c[row..row + n],
+                    goff: g * n,
+                }
+            };
+            run_steps_impl::<NN, WITH_Y, _, _>(dims, args, tile, b, t0, t1, h, y_out, pf, bc_at);
+        }
+        Groups::Mixed(gs) => {
+            let off = mixed_offsets(&gs, n);
+            let bc_at = |t: usize| {
+                let row = (b * seqlen + t) * gn;
+                MixedBc {
+                    b: &args.b[row..row + gn],
+                    c: &args.c[row..row + gn],
+                    off,
+                }
+            };
+            run_steps_impl::<NN, WITH_Y, _, _>(dims, args, tile, b, t0, t1, h, y_out, pf, bc_at);
+        }
+    }
+}
+
+#[inline(always)]
+fn run_steps_impl<const NN: usize, const WITH_Y: bool, S: Bc, F: Fn(usize) -> S>(
+    dims: &Scan1Dims,
+    args: &Scan1Args<f32>,
+    tile: &Tile,
+    b: usize,
+    t0: usize,
+    t1: usize,
+    h: &mut [f32x8],
+    y_out: Option<&SharedMut<f32>>,
+    pf: Option<&Prefetch>,
+    bc_at: F,
+) {
+    let Scan1Dims {
+        seqlen,
+        dim,
+        dstate,
+        ..
+    } = *dims;
+    let n = if NN > 0 { NN } else { dstate };
+    let (d0, w) = (tile.d0, tile.w);
+    let a = &tile.a[..n];
+    let h = &mut h[..n];
+    for t in t0..t1 {
+        if let Some(pf) = pf {
+            pf.at(dims, b, t);
+        }
+        let i = (b * seqlen + t) * dim + d0;
+        let x = simd::load(&args.u[i..i + w]);
+        let (dt, _) = tile.delta(
+            simd::load(&args.delta[i..i + w]),
+            args.delta_softplus,
+            false,
+        );
+        let mut y = advance::<S, WITH_Y>(a, h, dt, x, &bc_at(t), None);
+        if WITH_Y {
+            y = tile.dskip.mul_add(x, y);
+            if let Some(z) = args.z {
+                y *= simd::silu(simd::load(&z[i..i + w]));
+            }
+            if let Some(yo) = y_out {
+                // SAFETY: (b, t, tile) owns y[i .. i + w]; tasks own disjoint (b, tiles).
+                simd::store(unsafe { yo.slice(i, w) }, y);
+            }
+        }
+    }
+}
+
+/// One task: batch row `b`, tiles `tiles`.
+fn fwd_task<const NN: usize>(
+    dims: &Scan1Dims,
+    args: &Scan1Args<f32>,
+    tiles: &[Tile],
+    b: usize,
+    y: &SharedMut<f32>,
+    h_last: Option<&SharedMut<f32>>,
+) {
+    let Scan1Dims {
+        seqlen,
+        dim,
+        dstate,
+        ..
+    } = *dims;
+    let n = if NN > 0 { NN } else { dstate };
+    let (ch0, ch1) = (
+        tiles[0].d0,
+        tiles[tiles.len() - 1].d0 + tiles[tiles.len() - 1].w,
+    );
+    // Every tile's state, (tiles, N) vectors.
+    let mut states = vec![f32x8::ZERO; tiles.len() * n];
+    if let Some(h0) = args.h0 {
+        for (ti, tile) in tiles.iter().enumerate() {
+            tile.load_state(
+                &h0[b * dim * n..(b + 1) * dim * n],
+                n,
+                &mut states[ti * n..(ti + 1) * n],
+            );
+        }
+    }
+    let mut hb = StateBuf::<NN>::new(n);
+    let h = hb.get();
+    let mut arrays: Vec<&[f32]> = vec![args.u, args.delta];
+    arrays.extend(args.z);
+    prefetch_rows(&arrays, dims, b, 0, TIME_BLOCK, ch0, ch1);
+    let pf = Prefetch {
+        arrays: &arrays,
+        ahead: TIME_BLOCK,
+        ch0,
+        ch1,
+    };
+    for t0 in (0..seqlen).step_by(TIME_BLOCK) {
+        let t1 = (t0 + TIME_BLOCK).min(seqlen);
+        for (ti, tile) in tiles.iter().enumerate() {
+            h.copy_from_slice(&states[ti * n..(ti + 1) * n]);
+            if ti == 0 {
+                // Warm this block's y rows for the stores, and the next block's input rows.
+                for t in t0..t1 {
+                    let row = (b * seqlen + t) * dim;
+                    for c in (ch0..ch1).step_by(16) {
+                        y.prefetch(row + c);
+                    }
+                }
+            }
+            run_steps::<NN, true>(
+                dims,
+                args,
+                tile,
+                b,
+                t0,
+                t1,
+                h,
+                Some(y),
+                (ti == 0).then_some(&pf),
+            );
+            states[ti * n..(ti + 1) * n].copy_from_slice(h);
+        }
+    }
+    if let Some(hl) = h_last {
+        for (ti, tile) in tiles.iter().enumerate() {
+            // SAFETY: this task is the only one writing channels d0..d0+w of batch row b.
+            unsafe { tile.store_state(hl, b * dim * n, n, &states[ti * n..(ti + 1) * n], false) };
+        }
+    }
+}
+
+/// The tiles of channel block `blk`.
+pub(crate) fn block_tiles(
+    args: &Scan1Args<f32>,
+    dims: &Scan1Dims,
+    blk: usize,
+    tiles_per_blk: usize,
+) -> Vec<Tile> {
+    let ntiles = dims.dim.div_ceil(W);
+    let gs = dims.group_size();
+    (blk * tiles_per_blk..((blk + 1) * tiles_per_blk).min(ntiles))
+        .map(|ti| Tile::new(args, dims.dim, dims.dstate, gs, ti * W))
+        .collect()
+}
+
+/// Forward selective scan (see the [module docs](super) for the recurrence).
+///
+/// Layouts: [`Scan1Args`] (inputs) and [`Scan1Out`] (`y` (B, L, D), optional final state
+/// (B, D, N)). Work is split into (batch row, 64-channel block) tasks on the current rayon pool
+/// (see the file's work-layout notes); state vectors stay in registers or L1, and nothing is
+/// allocated per time step.
+///
+/// # Panics
+/// If a slice length does not match `dims` (the message names the argument).
+#[track_caller]
+pub fn scan_fwd(dims: &Scan1Dims, args: &Scan1Args<f32>, out: Scan1Out<f32>) {
+    const K: &str = "mamba1::scan_fwd";
+    args.check(K, dims);
+    out.check(K, dims);
+    let Scan1Dims {
+        batch,
+        dim,
+        dstate: n,
+        ..
+    } = *dims;
+    let nblk = dim.div_ceil(W).div_ceil(TILES_PER_BLOCK);
+    let y = SharedMut::new(out.y);
+    let h_last = out.h_last.map(SharedMut::new);
+    (0..batch * nblk).into_par_iter().for_each(|task| {
+        let (b, blk) = (task / nblk, task % nblk);
+        let tiles = block_tiles(args, dims, blk, TILES_PER_BLOCK);
+        dispatch_n!(n, fwd_task(dims, args, &tiles, b, &y, h_last.as_ref()));
+    });
+}

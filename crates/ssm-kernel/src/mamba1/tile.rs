@@ -1,0 +1,258 @@
+//! A tile of up to 8 consecutive channels of one batch row: the unit of SIMD work of the fast
+//! Mamba-1 kernels. Lane `l` of every vector is channel `d0 + l`; lanes past the last channel
+//! are zero-filled and never stored.
+
+use wide::f32x8;
+
+use super::Scan1Args;
+use crate::par::SharedMut;
+use crate::simd::{self, W};
+
+/// How the lanes of a tile map to groups of `B`/`C`.
+#[derive(Clone, Copy)]
+pub(crate) enum Groups {
+    /// Every lane uses group `g`: `B`/`C` values are broadcast.
+    Uniform(usize),
+    /// Lanes straddle groups (`D / G` is not a multiple of 8): lane `l` uses `g[l]`.
+    Mixed([usize; W]),
+}
+
+/// Per-tile constants.
+pub(crate) struct Tile {
+    /// First channel.
+    pub d0: usize,
+    /// Channels in the tile (1..=8).
+    pub w: usize,
+    /// `A[d0 + l, n]` in lane `l` of `a[n]`.
+    pub a: Vec<f32x8>,
+    /// `D[d0 + l]` (zero when absent).
+    pub dskip: f32x8,
+    /// Δ bias (zero when absent).
+    pub bias: f32x8,
+    pub groups: Groups,
+}
+
+impl Tile {
+    pub fn new(args: &Scan1Args<f32>, dim: usize, n: usize, group_size: usize, d0: usize) -> Self {
+        let w = (dim - d0).min(W);
+        let a = (0..n)
+            .map(|k| {
+                let mut v = [0.0f32; W];
+                for l in 0..w {
+                    v[l] = args.a[(d0 + l) * n + k];
+                }
+                f32x8::from(v)
+            })
+            .collect();
+        let dskip = args.d.map_or(f32x8::ZERO, |d| simd::load(&d[d0..d0 + w]));
+        let bias = args
+            .delta_bias
+            .map_or(f32x8::ZERO, |b| simd::load(&b[d0..d0 + w]));
+        let g0 = d0 / group_size;
+        let glast = (d0 + w - 1) / group_size;
+        let groups = if g0 == glast {
+            Groups::Uniform(g0)
+        } else {
+            let mut g = [g0; W];
+            for l in 0..w {
+                g[l] = (d0 + l) / group_size;
+            }
+            Groups::Mixed(g)
+        };
+        Self {
+            d0,
+            w,
+            a,
+            dskip,
+            bias,
+            groups,
+        }
+    }
+
+    /// Δ after bias and softplus, and d(Δ)/d(raw Δ), from the raw Δ vector.
+    #[inline(always)]
+    pub fn delta(&self, raw: f32x8, softplus: bool, want_grad: bool) -> (f32x8, f32x8) {
+        let v = raw + self.bias;
+        if softplus {
+            let dt = simd::softplus(v);
+            let g = if want_grad {
+                let big = v.simd_gt(f32x8::splat(20.0));
+                big.select(f32x8::splat(1.0), simd::sigmoid(v))
+            } else {
+                f32x8::ZERO
+            };
+            (dt, g)
+        } else {
+            (v, f32x8::splat(1.0))
+        }
+    }
+
+    /// Reads the tile's lanes of a (…, D, N) state: `h[k]` lane `l` = `s[(d0 + l) * n + k]`
+    /// where `s` starts at the batch row.
+    pub fn load_state(&self, s: &[f32], n: usize, h: &mut [f32x8]) {
+        for (k, hk) in h.iter_mut().enumerate() {
+            let mut v = [0.0f32; W];
+            for l in 0..self.w {
+                v[l] = s[(self.d0 + l) * n + k];
+            }
+            *hk = f32x8::from(v);
+        }
+    }
+
+    /// Writes (or adds, with `add`) the tile's lanes into a (…, D, N) state whose batch row
+    /// starts at `base`: element `base + (d0 + l) * n + k` gets lane `l` of `h[k]`.
+    ///
+    /// # Safety
+    /// No other task may touch this tile's channels of that batch row concurrently.
+    pub unsafe fn store_state(
+        &self,
+        s: &SharedMut<f32>,
+        base: usize,
+        n: usize,
+        h: &[f32x8],
+        add: bool,
+    ) {
+        for (k, hk) in h.iter().enumerate() {
+            let v = hk.to_array();
+            for l in 0..self.w {
+                let i = base + (self.d0 + l) * n + k;
+                // SAFETY: the caller owns these channels of the batch row.
+                unsafe {
+                    if add {
+                        s.add(i, v[l])
+                    } else {
+                        s.write(i, v[l])
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// `B`/`C` values of one time step as seen by the lanes of a tile.
+pub(crate) trait Bc {
+    /// `B[·, k]` per lane.
+    fn b(&self, k: usize) -> f32x8;
+    /// `C[·, k]` per lane.
+    fn c(&self, k: usize) -> f32x8;
+    /// Adds the lanes of `v` (first `w` of them) into column `k` of a (G, N) gradient row, each
+    /// into the group its lane reads.
+    fn accum(&self, dst: &mut [f32], k: usize, w: usize, v: f32x8);
+}
+
+/// Every lane reads the same group: values are broadcast from one row of `N`.
+pub(crate) struct UniformBc<'a> {
+    /// The group's `N` values of `B` at this step.
+    pub b: &'a [f32],
+    /// The group's `N` values of `C` at this step.
+    pub c: &'a [f32],
+    /// `g · N`: the group's offset within a (G, N) row.
+    pub goff: usize,
+}
+
+impl Bc for UniformBc<'_> {
+    #[inline(always)]
+    fn b(&self, k: usize) -> f32x8 {
+        f32x8::splat(self.b[k])
+    }
+    #[inline(always)]
+    fn c(&self, k: usize) -> f32x8 {
+        f32x8::splat(self.c[k])
+    }
+    #[inline(always)]
+    fn accum(&self, dst: &mut [f32], k: usize, _w: usize, v: f32x8) {
+        dst[self.goff + k] += v.reduce_add();
+    }
+}
+
+/// Lanes straddle groups: lane `l` reads `row[off[l] + k]` (gathered).
+pub(crate) struct MixedBc<'a> {
+    pub b: &'a [f32],
+    pub c: &'a [f32],
+    pub off: [usize; W],
+}
+
+impl Bc for MixedBc<'_> {
+    #[inline(always)]
+    fn b(&self, k: usize) -> f32x8 {
+        f32x8::from(std::array::from_fn::<f32, W, _>(|l| {
+            self.b[self.off[l] + k]
+        }))
+    }
+    #[inline(always)]
+    fn c(&self, k: usize) -> f32x8 {
+        f32x8::from(std::array::from_fn::<f32, W, _>(|l| {
+            self.c[self.off[l] + k]
+        }))
+    }
+    #[inline(always)]
+    fn accum(&self, dst: &mut [f32], k: usize, w: usize, v: f32x8) {
+        let a = v.to_array();
+        for l in 0..w {
+            dst[self.off[l] + k] += a[l];
+        }
+    }
+}
+
+/// Lane offsets of a mixed tile within a (G, N) row: `g[l] · n`.
+#[inline(always)]
+pub(crate) fn mixed_offsets(gs: &[usize; W], n: usize) -> [usize; W] {
+    std::array::from_fn(|l| gs[l] * n)
+}
+
+/// A small state buffer: a stack array when `NN > 0` (the compile-time state size, so loops over
+/// `N` unroll and the state can live in registers), else a heap vector of the runtime size.
+pub(crate) struct StateBuf<const NN: usize> {
+    arr: [f32x8; NN],
+    vec: Vec<f32x8>,
+}
+
+impl<const NN: usize> StateBuf<NN> {
+    /// A zeroed buffer of `n` vectors (`n == NN` when `NN > 0`).
+    #[inline(always)]
+    pub fn new(n: usize) -> Self {
+        debug_assert!(NN == 0 || NN == n);
+        Self {
+            arr: [f32x8::ZERO; NN],
+            vec: if NN == 0 {
+                vec![f32x8::ZERO; n]
+            } else {
+                Vec::new()
+            },
+        }
+    }
+
+    /// The buffer as a slice.
+    #[inline(always)]
+    pub fn get(&mut self) -> &mut [f32x8] {
+        if NN > 0 {
+            &mut self.arr[..]
+        } else {
+            &mut self.vec[..]
+        }
+    }
+
+    /// The buffer as a shared slice.
+    #[inline(always)]
+    pub fn arr_or_vec(&self) -> &[f32x8] {
+        if NN > 0 { &self.arr[..] } else { &self.vec[..] }
+    }
+}
+
+/// Calls `f::<NN>()` with `NN` the compile-time state size for the common sizes (1, 2, 4, 8, 16,
+/// 32, 64) and `NN = 0` (runtime size) otherwise.
+macro_rules! dispatch_n {
+    ($n:expr, $f:ident ( $($arg:expr),* $(,)? )) => {
+        match $n {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            8 => $f::<8>($($arg),*),
+            16 => $f::<16>($($arg),*),
+            32 => $f::<32>($($arg),*),
+            64 => $f::<64>($($arg),*),
+            _ => $f::<0>($($arg),*),
+        }
+    };
+}
+pub(crate) use dispatch_n;
