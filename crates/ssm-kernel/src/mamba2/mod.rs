@@ -30,7 +30,8 @@
 //! - [`ssd_fwd`], [`ssd_bwd`]: the chunked "state-space dual" form of the Mamba-2 paper, where
 //!   the work inside a chunk is matrix products (see [`ssd_fwd`] for the algorithm and
 //!   [`ssd_bwd`] for the hand-derived backward).
-//! - [`scan_fwd_auto`], [`scan_bwd_auto`]: pick one of the two by the rule documented on them.
+//! - [`scan_fwd_auto`], [`scan_bwd_auto`]: pick one of the two by the rule documented on
+//!   [`use_ssd`] (sequential forward; SSD backward for large `N·P`).
 //!
 //! All fast kernels are `f32`; [`crate::reference::mamba2`] holds the generic naive loops they are
 //! tested against.
@@ -44,6 +45,6 @@ mod types;
 mod tests;
 
 pub use seq::{scan_bwd, scan_fwd, scan_step};
-pub use ssd::{scan_bwd_auto, scan_fwd_auto, ssd_bwd, ssd_fwd};
+pub use ssd::{AUTO_CHUNK, scan_bwd_auto, scan_fwd_auto, ssd_bwd, ssd_fwd, use_ssd};
 pub(crate) use types::check_step;
 pub use types::{Scan2Args, Scan2Dims, Scan2Grads, Scan2Out, check_upstream};

@@ -36,7 +36,7 @@ fn update<const M: usize, const Y: bool>(
     let mut acc = [f32x8::ZERO; M];
     for (k, (&bk, &ck)) in brow.iter().zip(crow).enumerate() {
         let (bk, ck) = (f32x8::splat(bk), f32x8::splat(ck));
-        let row = &mut st[k * pv + j0..k * pv + j0 + M];
+        let row: &mut [f32x8; M] = (&mut st[k * pv + j0..k * pv + j0 + M]).try_into().unwrap();
         for i in 0..M {
             let v = row[i].mul_add(av, bk * dxl[i]);
             row[i] = v;
@@ -78,6 +78,11 @@ fn load_x(xrow: &[f32], dt: f32, xv: &mut [f32x8], dxv: &mut [f32x8]) {
 }
 
 /// Forward scan. Layouts: see [`Scan2Args`] and [`Scan2Out`]; math: the [module docs](super).
+///
+/// Each (b, h) task keeps its state transposed to (N, P) in 8-lane vectors (P padded to a
+/// multiple of 8), so a step is `h[n][p..p+8] = ā·h[n][p..p+8] + B[n]·(Δx)[p..p+8]` and
+/// `y[p..p+8] += h[n][p..p+8]·C[n]` with `y` in registers: no horizontal sums, one `exp` per
+/// (t, h), the state in L1 for N·P ≤ 4096.
 ///
 /// Runs `B·H` independent tasks on the current rayon pool. Allocates `(N + 3)·⌈P/8⌉` vectors per
 /// task, nothing inside the time loop.
@@ -167,14 +172,17 @@ fn back<const M: usize>(
     for k in 0..brow.len() {
         let (bk, ck) = (f32x8::splat(brow[k]), f32x8::splat(crow[k]));
         let off = k * pv + j0;
+        let gr: &mut [f32x8; M] = (&mut gs[off..off + M]).try_into().unwrap();
+        let hc: &[f32x8; M] = hcur[off..off + M].try_into().unwrap();
+        let hp: &[f32x8; M] = hprev[off..off + M].try_into().unwrap();
         let (mut dca, mut sa) = (f32x8::ZERO, f32x8::ZERO);
         for i in 0..M {
-            let gv = ck.mul_add(dy[i], gs[off + i]);
-            dca = hcur[off + i].mul_add(dy[i], dca);
+            let gv = ck.mul_add(dy[i], gr[i]);
+            dca = hc[i].mul_add(dy[i], dca);
             sa = gv.mul_add(x[i], sa);
             dxa[i] = gv.mul_add(bk, dxa[i]);
-            q[i] = gv.mul_add(hprev[off + i], q[i]);
-            gs[off + i] = gv * av;
+            q[i] = gv.mul_add(hp[i], q[i]);
+            gr[i] = gv * av;
         }
         dcn[k] += dca.reduce_add();
         sn[k] += sa.reduce_add();

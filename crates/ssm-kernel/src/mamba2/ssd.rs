@@ -734,17 +734,26 @@ pub fn ssd_bwd(
     reduce_group_partials(dims, &dc_part, dc);
 }
 
-/// Default SSD chunk size used by the `*_auto` kernels.
-pub const AUTO_CHUNK: usize = 64;
+/// SSD chunk size used by the `*_auto` kernels.
+pub const AUTO_CHUNK: usize = 32;
 
-/// Whether the `*_auto` kernels use SSD for these dims (see [`scan_fwd_auto`]).
+/// Whether the `*_auto` kernels use SSD (`true`) or the sequential kernel for these dims.
+///
+/// Rule, from rough timings on the target machine (2-core Zen4, 2 threads, B8-L256-H8-P64):
+///
+/// - **forward: always sequential.** The SIMD recurrence runs at ≈ 23 G state-updates/s
+///   (2.9 ms for N = 64), while SSD needs ≈ 2× the FLOPs in small GEMMs and took 4.7 ms (Q = 32);
+///   at N = 128 it was 5.0 ms vs 7.8 ms.
+/// - **backward: SSD when `N·P ≥ 4096` and `L ≥ 64`.** The sequential backward streams three
+///   `N·P` state tiles per step (out of L1 beyond 16 KB), so it slows down faster with the
+///   state size than SSD's GEMMs: N = 64, P = 64: 19 ms vs 16 ms (Q = 32); N = 128: 40 ms vs
+///   32 ms; N = 16: 6 ms vs 10 ms (sequential wins).
 pub fn use_ssd(dims: &Scan2Dims, backward: bool) -> bool {
-    let _ = backward;
-    dims.seqlen >= 2 * AUTO_CHUNK && dims.headdim >= 32 && dims.dstate >= 32
+    backward && dims.dstate * dims.headdim >= 4096 && dims.seqlen >= 64
 }
 
 /// Forward scan by whichever of [`super::scan_fwd`] and [`ssd_fwd`] (chunk [`AUTO_CHUNK`]) is
-/// expected to be faster, by [`use_ssd`].
+/// expected to be faster, by [`use_ssd`] (currently always the sequential kernel).
 #[track_caller]
 pub fn scan_fwd_auto(dims: &Scan2Dims, args: &Scan2Args<f32>, out: Scan2Out<f32>) {
     if use_ssd(dims, false) {
@@ -754,8 +763,8 @@ pub fn scan_fwd_auto(dims: &Scan2Dims, args: &Scan2Args<f32>, out: Scan2Out<f32>
     }
 }
 
-/// Backward scan by whichever of [`super::scan_bwd`] and [`ssd_bwd`] is expected to be faster,
-/// by [`use_ssd`].
+/// Backward scan by whichever of [`super::scan_bwd`] and [`ssd_bwd`] (chunk [`AUTO_CHUNK`]) is
+/// expected to be faster, by [`use_ssd`].
 #[track_caller]
 pub fn scan_bwd_auto(
     dims: &Scan2Dims,

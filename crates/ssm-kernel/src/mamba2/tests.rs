@@ -557,3 +557,36 @@ fn groups_must_divide_heads() {
     let dims = Scan2Dims::new(1, 2, 3, 4, 2).with_groups(2);
     Scan2Dims::validate(&dims, "mamba2::scan_fwd");
 }
+
+#[test]
+fn auto_kernels_match_reference() {
+    // N·P = 4096 and L ≥ 64: the backward takes the SSD path, the forward the sequential one.
+    let dims = Scan2Dims::new(1, 70, 2, 64, 64);
+    assert!(use_ssd(&dims, true) && !use_ssd(&dims, false));
+    let d = Data::random(&dims, 21, ALL);
+    let (y, hl) = ref_fwd(&dims, &d);
+    let d32 = d.f32();
+    let mut yf = vec![0.0f32; dims.n_blhp()];
+    let mut hlf = vec![0.0f32; dims.n_bhpn()];
+    let out = Scan2Out {
+        y: &mut yf,
+        h_last: Some(&mut hlf),
+    };
+    scan_fwd_auto(&dims, &d32.args(), out);
+    assert_rel_max("auto y", &yf, &y, 1e-4, 1.0);
+    assert_rel_max("auto h_last", &hlf, &hl, 1e-4, 1.0);
+    let (w, w2) = loss_weights(&dims, 21);
+    let want = ref_bwd(&dims, &d, &w, &w2);
+    let mut g = zero_grads(&dims);
+    let (w, w2) = (to_f32(&w), to_f32(&w2));
+    scan_bwd_auto(&dims, &d32.args(), &w, Some(&w2), grads_view(&mut g));
+    for i in 0..9 {
+        assert_rel_max(
+            &format!("auto {}", GRAD_NAMES[i]),
+            &g[i],
+            &want[i],
+            3e-4,
+            1e-2,
+        );
+    }
+}
