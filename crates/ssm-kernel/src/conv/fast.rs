@@ -54,13 +54,46 @@ impl Packed {
     #[inline(always)]
     fn w(&self, kk: usize, j: usize) -> f32x8 {
         let o = kk * self.cp + j;
-        simd::load(&self.wt[o..o + W])
+        ld8(&self.wt[o..o + W])
     }
 
     /// Bias of channels `j..j+8`.
     #[inline(always)]
     fn b(&self, j: usize) -> f32x8 {
-        simd::load(&self.bias[j..j + W])
+        ld8(&self.bias[j..j + W])
+    }
+}
+
+/// Loads 8 lanes from `s` (at least 8 long): one unaligned vector load.
+#[inline(always)]
+fn ld8(s: &[f32]) -> f32x8 {
+    f32x8::from(*<&[f32; W]>::try_from(&s[..W]).unwrap())
+}
+
+/// Loads `s[..min(len, 8)]`, zero-filling missing lanes; a plain vector load when 8 are there.
+#[inline(always)]
+fn ld(s: &[f32]) -> f32x8 {
+    if s.len() >= W { ld8(s) } else { simd::load(s) }
+}
+
+/// Stores the first `min(len, 8)` lanes of `v` into `d`; a plain vector store when 8 fit.
+#[inline(always)]
+fn st(d: &mut [f32], v: f32x8) {
+    if d.len() >= W {
+        *<&mut [f32; W]>::try_from(&mut d[..W]).unwrap() = v.to_array();
+    } else {
+        simd::store(d, v)
+    }
+}
+
+/// Adds the first `min(len, 8)` lanes of `v` into `d`.
+#[inline(always)]
+fn add_st(d: &mut [f32], v: f32x8) {
+    if d.len() >= W {
+        let a = <&mut [f32; W]>::try_from(&mut d[..W]).unwrap();
+        *a = (f32x8::from(*a) + v).to_array();
+    } else {
+        simd::add_store(d, v)
     }
 }
 
@@ -93,9 +126,63 @@ fn pre_act(p: &Packed, xb: &[f32], c: usize, k: usize, kmin: usize, t: usize, j:
     let mut acc = p.b(j);
     for kk in kmin..k {
         let s = (t + kk + 1 - k) * c;
-        acc = p.w(kk, j).mul_add(simd::load(&xb[s + j..s + c]), acc);
+        acc = p.w(kk, j).mul_add(ld(&xb[s + j..s + c]), acc);
     }
     acc
+}
+
+/// Rows per register tile of the forward (independent SiLU chains that overlap in the core).
+const R: usize = 4;
+
+/// Forward of one row `t` of one batch row: `xb` (L, C) → `yrow` (C).
+#[inline(always)]
+fn fwd_row(k: usize, c: usize, p: &Packed, silu: bool, xb: &[f32], t: usize, yrow: &mut [f32]) {
+    let kmin = (k - 1).saturating_sub(t);
+    for j in (0..c).step_by(W) {
+        let mut acc = if kmin == 0 {
+            pre_act(p, xb, c, k, 0, t, j)
+        } else {
+            pre_act(p, xb, c, k, kmin, t, j)
+        };
+        if silu {
+            acc = simd::silu(acc);
+        }
+        st(&mut yrow[j..], acc);
+    }
+}
+
+/// Forward of the `R` rows `t..t + R` (all taps inside the sequence, `t + 1 ≥ KS`, `KS ≤ 4`):
+/// per channel block the `KS + R − 1` input rows are loaded once and the weights stay in
+/// registers. `y4` is (R, C).
+#[inline(always)]
+fn fwd_tile<const KS: usize>(
+    c: usize,
+    p: &Packed,
+    silu: bool,
+    xb: &[f32],
+    t: usize,
+    y4: &mut [f32],
+) {
+    let base = t + 1 - KS;
+    for j in (0..c).step_by(W) {
+        // xs[i] = x row base + i
+        let mut xs = [f32x8::ZERO; 4 + R - 1];
+        for (i, xv) in xs.iter_mut().enumerate().take(KS + R - 1) {
+            let s = (base + i) * c;
+            *xv = ld(&xb[s + j..s + c]);
+        }
+        let mut acc = [p.b(j); R];
+        for kk in 0..KS {
+            let w = p.w(kk, j);
+            for r in 0..R {
+                acc[r] = w.mul_add(xs[r + kk], acc[r]);
+            }
+        }
+        for (r, &a) in acc.iter().enumerate() {
+            let v = if silu { simd::silu(a) } else { a };
+            st(&mut y4[r * c + j..(r + 1) * c], v);
+        }
+    }
 }
 
 /// Forward of rows `t0..t1` of one batch row: `xb` (L, C) → `yb` (t1 − t0, C).
@@ -111,19 +198,170 @@ fn fwd_rows<const KS: usize>(
     yb: &mut [f32],
 ) {
     let k = if KS == 0 { k } else { KS };
-    for t in t0..t1 {
-        let kmin = (k - 1).saturating_sub(t);
-        let yrow = &mut yb[(t - t0) * c..(t - t0 + 1) * c];
-        for j in (0..c).step_by(W) {
-            let mut acc = if kmin == 0 {
-                pre_act(p, xb, c, k, 0, t, j)
+    let mut t = t0;
+    if KS > 0 {
+        while t + R <= t1 {
+            let y = &mut yb[(t - t0) * c..(t - t0 + R) * c];
+            if t + 1 >= k {
+                fwd_tile::<KS>(c, p, silu, xb, t, y);
+                t += R;
             } else {
-                pre_act(p, xb, c, k, kmin, t, j)
-            };
-            if silu {
-                acc = simd::silu(acc);
+                fwd_row(k, c, p, silu, xb, t, y);
+                t += 1;
             }
-            simd::store(&mut yrow[j..], acc);
+        }
+    }
+    while t < t1 {
+        fwd_row(
+            k,
+            c,
+            p,
+            silu,
+            xb,
+            t,
+            &mut yb[(t - t0) * c..(t - t0 + 1) * c],
+        );
+        t += 1;
+    }
+}
+
+/// Backward of the single row `t` (any `t` in `t0..t1 + K − 1`): see [`bwd_rows`].
+#[inline(always)]
+fn bwd_row(
+    k: usize,
+    (c, l): (usize, usize),
+    p: &Packed,
+    silu: bool,
+    (xb, dyb): (&[f32], &[f32]),
+    (t, t0, t1): (usize, usize, usize),
+    dxb: &mut [f32],
+    ring: &mut [f32],
+    part: &mut [f32],
+) {
+    let cp = p.cp;
+    let slot = t % k;
+    let kmin = (k - 1).saturating_sub(t);
+    let dx_row = (t + 1 >= k + t0).then(|| t + 1 - k);
+    for j in (0..c).step_by(W) {
+        let g = if t < l {
+            let dyv = ld(&dyb[t * c + j..(t + 1) * c]);
+            let g = if silu {
+                dyv * silu_grad(pre_act(p, xb, c, k, kmin, t, j))
+            } else {
+                dyv
+            };
+            if t < t1 {
+                let o = k * cp + j;
+                let db = &mut part[o..o + W];
+                st(db, ld8(db) + g);
+                for kk in kmin..k {
+                    let s = (t + kk + 1 - k) * c;
+                    let xv = ld(&xb[s + j..s + c]);
+                    let o = kk * cp + j;
+                    let dw = &mut part[o..o + W];
+                    st(dw, g.mul_add(xv, ld8(dw)));
+                }
+            }
+            g
+        } else {
+            f32x8::ZERO
+        };
+        st(&mut ring[slot * cp + j..slot * cp + j + W], g);
+        if let Some(s) = dx_row {
+            let mut acc = f32x8::ZERO;
+            for kk in 0..k {
+                // row t − kk sits in slot (slot − kk) mod K
+                let r = if slot >= kk { slot - kk } else { slot + k - kk };
+                let o = r * cp + j;
+                acc = ld8(&ring[o..o + W]).mul_add(p.w(kk, j), acc);
+            }
+            add_st(&mut dxb[(s - t0) * c + j..(s - t0 + 1) * c], acc);
+        }
+    }
+}
+
+/// Backward of the `R` rows `t..t + R` (inside the block and the sequence, all taps inside the
+/// sequence: `t + 1 ≥ KS`, `t + R ≤ t1`, `1 ≤ KS ≤ 4`): per channel block the input rows, the
+/// weights, the `R` new gradients and the `KS − 1` previous ones stay in registers. Same ring
+/// and outputs as [`bwd_row`].
+#[inline(always)]
+fn bwd_tile<const KS: usize>(
+    c: usize,
+    p: &Packed,
+    silu: bool,
+    (xb, dyb): (&[f32], &[f32]),
+    (t, t0): (usize, usize),
+    dxb: &mut [f32],
+    ring: &mut [f32],
+    part: &mut [f32],
+) {
+    let cp = p.cp;
+    let h = KS.saturating_sub(1);
+    // first input row, and first g row of the window (rows base..t come from the ring)
+    let base = t + 1 - KS;
+    let mut hoff = [0usize; 4];
+    for (i, o) in hoff.iter_mut().enumerate().take(h) {
+        *o = ((base + i) % KS) * cp;
+    }
+    let mut noff = [0usize; R];
+    for (r, o) in noff.iter_mut().enumerate() {
+        *o = ((t + r) % KS) * cp;
+    }
+    // dx rows base + r, for those inside the block
+    let first_dx = t0.saturating_sub(base).min(R);
+    for j in (0..c).step_by(W) {
+        let mut w = [f32x8::ZERO; 4];
+        for (kk, wv) in w.iter_mut().enumerate().take(KS) {
+            *wv = p.w(kk, j);
+        }
+        // xs[i] = x row base + i
+        let mut xs = [f32x8::ZERO; 4 + R - 1];
+        for (i, xv) in xs.iter_mut().enumerate().take(KS + R - 1) {
+            let s = (base + i) * c;
+            *xv = ld(&xb[s + j..s + c]);
+        }
+        let mut g = [f32x8::ZERO; R];
+        for (r, gr) in g.iter_mut().enumerate() {
+            let dyv = ld(&dyb[(t + r) * c + j..(t + r + 1) * c]);
+            *gr = if silu {
+                let mut pre = p.b(j);
+                for kk in 0..KS {
+                    pre = w[kk].mul_add(xs[r + kk], pre);
+                }
+                dyv * silu_grad(pre)
+            } else {
+                dyv
+            };
+        }
+        let o = KS * cp + j;
+        let db = &mut part[o..o + W];
+        st(db, ld8(db) + ((g[0] + g[1]) + (g[2] + g[3])));
+        for kk in 0..KS {
+            let o = kk * cp + j;
+            let dw = &mut part[o..o + W];
+            let mut a = ld8(dw);
+            for r in 0..R {
+                a = g[r].mul_add(xs[r + kk], a);
+            }
+            st(dw, a);
+        }
+        // gw[i] = g row base + i: KS − 1 from the ring, then the R new ones
+        let mut gw = [f32x8::ZERO; 3 + R];
+        for i in 0..h {
+            gw[i] = ld8(&ring[hoff[i] + j..hoff[i] + j + W]);
+        }
+        gw[h..h + R].copy_from_slice(&g);
+        for r in 0..R {
+            st(&mut ring[noff[r] + j..noff[r] + j + W], g[r]);
+        }
+        for r in first_dx..R {
+            // dx[base + r] = Σ_kk g[base + r + KS − 1 − kk] · w[kk]
+            let mut acc = f32x8::ZERO;
+            for kk in 0..KS {
+                acc = gw[r + h - kk].mul_add(w[kk], acc);
+            }
+            let s = base + r - t0;
+            add_st(&mut dxb[s * c + j..(s + 1) * c], acc);
         }
     }
 }
@@ -138,56 +376,25 @@ fn bwd_rows<const KS: usize>(
     l: usize,
     p: &Packed,
     silu: bool,
-    (xb, dyb): (&[f32], &[f32]),
+    xdy: (&[f32], &[f32]),
     (t0, t1): (usize, usize),
     dxb: &mut [f32],
     ring: &mut [f32],
     part: &mut [f32],
 ) {
     let k = if KS == 0 { k } else { KS };
-    let cp = p.cp;
     part.fill(0.0);
+    ring.fill(0.0);
     // dx[s] = Σ_kk g[s + K − 1 − kk] · w[kk] needs g up to row s + K − 1, so the loop runs K − 1
     // rows past the block (recomputing them; rows ≥ L have g = 0).
-    for t in t0..t1 + k - 1 {
-        let slot = t % k;
-        let kmin = (k - 1).saturating_sub(t);
-        let dx_row = (t + 1 >= k + t0).then(|| t + 1 - k);
-        for j in (0..c).step_by(W) {
-            let g = if t < l {
-                let dyv = simd::load(&dyb[t * c + j..(t + 1) * c]);
-                let g = if silu {
-                    dyv * silu_grad(pre_act(p, xb, c, k, kmin, t, j))
-                } else {
-                    dyv
-                };
-                if t < t1 {
-                    let o = k * cp + j;
-                    let db = &mut part[o..o + W];
-                    simd::store(db, simd::load(db) + g);
-                    for kk in kmin..k {
-                        let s = (t + kk + 1 - k) * c;
-                        let xv = simd::load(&xb[s + j..s + c]);
-                        let o = kk * cp + j;
-                        let dw = &mut part[o..o + W];
-                        simd::store(dw, g.mul_add(xv, simd::load(dw)));
-                    }
-                }
-                g
-            } else {
-                f32x8::ZERO
-            };
-            simd::store(&mut ring[slot * cp + j..slot * cp + j + W], g);
-            if let Some(s) = dx_row {
-                let mut acc = f32x8::ZERO;
-                for kk in 0..k {
-                    // row t − kk sits in slot (slot − kk) mod K
-                    let r = if slot >= kk { slot - kk } else { slot + k - kk };
-                    let o = r * cp + j;
-                    acc = simd::load(&ring[o..o + W]).mul_add(p.w(kk, j), acc);
-                }
-                simd::add_store(&mut dxb[(s - t0) * c + j..(s - t0 + 1) * c], acc);
-            }
+    let mut t = t0;
+    while t < t1 + k - 1 {
+        if KS > 0 && t + 1 >= k && t + R <= t1 {
+            bwd_tile::<KS>(c, p, silu, xdy, (t, t0), dxb, ring, part);
+            t += R;
+        } else {
+            bwd_row(k, (c, l), p, silu, xdy, (t, t0, t1), dxb, ring, part);
+            t += 1;
         }
     }
 }
@@ -333,7 +540,9 @@ fn step_row(args: &ConvArgs<f32>, c: usize, k: usize, b: usize, st: &mut [f32], 
         for (jj, pre) in pre.iter_mut().enumerate().take(n) {
             let ch = j + jj;
             let s = &mut st[ch * k..(ch + 1) * k];
-            s.copy_within(1.., 0);
+            for kk in 1..k {
+                s[kk - 1] = s[kk];
+            }
             s[k - 1] = xb[ch];
             let w = &args.weight[ch * k..(ch + 1) * k];
             let mut acc = args.bias.map_or(0.0, |bias| bias[ch]);
