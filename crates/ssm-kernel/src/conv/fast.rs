@@ -2,9 +2,12 @@
 //!
 //! Every time step of a task reads whole contiguous `(C)` rows of `x`/`dy`, so the `K` rows a
 //! step needs stay in L1. The weight is transposed once per call to `(K, Cp)` (`Cp` = `C`
-//! rounded up to a multiple of 8, zero-padded) so each tap is one aligned-length vector load.
-//! The backward keeps the last `K` rows of the pre-SiLU gradient in a small ring buffer and
-//! reduces `dweight`/`dbias` through one partial buffer per task, summed in task order.
+//! rounded up to a multiple of 8, zero-padded) so each tap is one full vector load. For the
+//! common widths `K ≤ 4` the loops run over register tiles of [`R`] rows × 8 channels: the inputs,
+//! the weights and `R` independent SiLU chains stay in registers. The backward keeps the last `K`
+//! rows of the pre-SiLU gradient in a small ring buffer and reduces `dweight`/`dbias` through one
+//! partial buffer per task, summed in task order (the task split depends only on the dims, so
+//! results do not depend on the thread count).
 
 use rayon::prelude::*;
 use wide::f32x8;
@@ -139,11 +142,8 @@ const R: usize = 4;
 fn fwd_row(k: usize, c: usize, p: &Packed, silu: bool, xb: &[f32], t: usize, yrow: &mut [f32]) {
     let kmin = (k - 1).saturating_sub(t);
     for j in (0..c).step_by(W) {
-        let mut acc = if kmin == 0 {
-            pre_act(p, xb, c, k, 0, t, j)
-        } else {
-            pre_act(p, xb, c, k, kmin, t, j)
-        };
+        let mut acc =
+            if kmin == 0 { pre_act(p, xb, c, k, 0, t, j) } else { pre_act(p, xb, c, k, kmin, t, j) };
         if silu {
             acc = simd::silu(acc);
         }
@@ -155,14 +155,7 @@ fn fwd_row(k: usize, c: usize, p: &Packed, silu: bool, xb: &[f32], t: usize, yro
 /// per channel block the `KS + R − 1` input rows are loaded once and the weights stay in
 /// registers. `y4` is (R, C).
 #[inline(always)]
-fn fwd_tile<const KS: usize>(
-    c: usize,
-    p: &Packed,
-    silu: bool,
-    xb: &[f32],
-    t: usize,
-    y4: &mut [f32],
-) {
+fn fwd_tile<const KS: usize>(c: usize, p: &Packed, silu: bool, xb: &[f32], t: usize, y4: &mut [f32]) {
     let base = t + 1 - KS;
     for j in (0..c).step_by(W) {
         // xs[i] = x row base + i
@@ -212,15 +205,7 @@ fn fwd_rows<const KS: usize>(
         }
     }
     while t < t1 {
-        fwd_row(
-            k,
-            c,
-            p,
-            silu,
-            xb,
-            t,
-            &mut yb[(t - t0) * c..(t - t0 + 1) * c],
-        );
+        fwd_row(k, c, p, silu, xb, t, &mut yb[(t - t0) * c..(t - t0 + 1) * c]);
         t += 1;
     }
 }
@@ -245,11 +230,7 @@ fn bwd_row(
     for j in (0..c).step_by(W) {
         let g = if t < l {
             let dyv = ld(&dyb[t * c + j..(t + 1) * c]);
-            let g = if silu {
-                dyv * silu_grad(pre_act(p, xb, c, k, kmin, t, j))
-            } else {
-                dyv
-            };
+            let g = if silu { dyv * silu_grad(pre_act(p, xb, c, k, kmin, t, j)) } else { dyv };
             if t < t1 {
                 let o = k * cp + j;
                 let db = &mut part[o..o + W];
@@ -402,20 +383,11 @@ fn bwd_rows<const KS: usize>(
 /// Writes the conv state after the sequence: `st[b, c, kk] = x[b, L − K + kk, c]` (zero before
 /// the start).
 fn write_state_out(dims: &ConvDims, x: &[f32], st: &mut [f32]) {
-    let ConvDims {
-        batch,
-        seqlen: l,
-        channels: ch,
-        width: k,
-    } = *dims;
+    let ConvDims { batch, seqlen: l, channels: ch, width: k } = *dims;
     for b in 0..batch {
         for c in 0..ch {
             for kk in 0..k {
-                st[(b * ch + c) * k + kk] = if l + kk >= k {
-                    x[(b * l + l + kk - k) * ch + c]
-                } else {
-                    0.0
-                };
+                st[(b * ch + c) * k + kk] = if l + kk >= k { x[(b * l + l + kk - k) * ch + c] } else { 0.0 };
             }
         }
     }
@@ -440,12 +412,7 @@ pub(crate) fn conv1d_fwd_tb(dims: &ConvDims, args: &ConvArgs<f32>, out: ConvOut<
     if dims.n_blc() == 0 {
         return;
     }
-    let ConvDims {
-        seqlen: l,
-        channels: c,
-        width: k,
-        ..
-    } = *dims;
+    let ConvDims { seqlen: l, channels: c, width: k, .. } = *dims;
     let p = Packed::new(dims, args);
     let tb = tb.clamp(1, l);
     let nblk = l.div_ceil(tb);
@@ -483,17 +450,8 @@ pub(crate) fn conv1d_bwd_tb(
     if dims.n_blc() == 0 {
         return;
     }
-    let ConvDims {
-        seqlen: l,
-        channels: c,
-        width: k,
-        ..
-    } = *dims;
-    let ConvGrads {
-        dx,
-        dweight,
-        mut dbias,
-    } = grads;
+    let ConvDims { seqlen: l, channels: c, width: k, .. } = *dims;
+    let ConvGrads { dx, dweight, mut dbias } = grads;
     let p = Packed::new(dims, args);
     let cp = p.cp;
     let tb = tb.clamp(1, l);
@@ -511,10 +469,7 @@ pub(crate) fn conv1d_bwd_tb(
             let dyb = &dy[b * l * c..(b + 1) * l * c];
             // SAFETY: rows t0..t1 of batch row b belong to this task alone.
             let dxb = unsafe { dxs.slice((b * l + t0) * c, (t1 - t0) * c) };
-            dispatch_width!(
-                k,
-                bwd_rows(k, c, l, &p, args.silu, (xb, dyb), (t0, t1), dxb, ring, part)
-            );
+            dispatch_width!(k, bwd_rows(k, c, l, &p, args.silu, (xb, dyb), (t0, t1), dxb, ring, part));
         },
     );
     for part in parts.chunks_exact(plen) {
