@@ -23,7 +23,7 @@
 //! let (b, c) = ([1.0f32; 3], [1.0f32; 3]);
 //! let mut y = [0.0f32; 6];
 //! mamba1::scan_fwd(&dims, &Scan1Args::new(&u, &delta, &a, &b, &c),
-//!                  Scan1Out { y: &mut y, h_last: None });
+//!                  Scan1Out::new(&mut y));
 //! // t = 0: h = Δ·u·B = 0.5 for channel 0, so y = C·h = 0.5
 //! assert!((y[0] - 0.5).abs() < 1e-6);
 //! ```

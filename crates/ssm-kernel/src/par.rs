@@ -23,10 +23,7 @@ unsafe impl<T: Send> Sync for SharedMut<T> {}
 impl<T> SharedMut<T> {
     /// Wraps `s`; the borrow must outlive every use of the returned view.
     pub fn new(s: &mut [T]) -> Self {
-        Self {
-            ptr: s.as_mut_ptr(),
-            len: s.len(),
-        }
+        Self { ptr: s.as_mut_ptr(), len: s.len() }
     }
 
     /// The sub-slice `[start, start + len)`.

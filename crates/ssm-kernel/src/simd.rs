@@ -71,9 +71,7 @@ pub fn prefetch(s: &[f32], i: usize) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `i` is in bounds, and a prefetch never faults or changes memory.
         unsafe {
-            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
-                s.as_ptr().add(i).cast(),
-            );
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(s.as_ptr().add(i).cast());
         }
     }
 }
@@ -81,11 +79,7 @@ pub fn prefetch(s: &[f32], i: usize) {
 /// Loads `src[..min(len, 8)]`, zero-filling the missing lanes.
 #[inline(always)]
 pub fn load(src: &[f32]) -> f32x8 {
-    if src.len() >= W {
-        f32x8::from(<[f32; W]>::try_from(&src[..W]).unwrap())
-    } else {
-        f32x8::from(src)
-    }
+    if src.len() >= W { f32x8::from(<[f32; W]>::try_from(&src[..W]).unwrap()) } else { f32x8::from(src) }
 }
 
 /// Stores the first `dst.len().min(8)` lanes of `v` into `dst`.
@@ -114,16 +108,7 @@ mod tests {
         let mut worst = 0.0f64;
         let mut x = -87.0f32;
         while x < 88.0 {
-            let v = f32x8::new([
-                x,
-                x + 0.01,
-                x + 0.02,
-                x + 0.03,
-                x + 0.04,
-                x + 0.05,
-                x + 0.06,
-                x + 0.07,
-            ]);
+            let v = f32x8::new([x, x + 0.01, x + 0.02, x + 0.03, x + 0.04, x + 0.05, x + 0.06, x + 0.07]);
             let got = exp(v).to_array();
             for (i, g) in got.iter().enumerate() {
                 let xi = v.to_array()[i] as f64;
@@ -138,10 +123,7 @@ mod tests {
 
     #[test]
     fn exp_clamps_instead_of_overflowing_or_nan() {
-        let got = exp(f32x8::new([
-            -1e4, -200.0, -87.3, 0.0, 1.0, 88.0, 200.0, 1e4,
-        ]))
-        .to_array();
+        let got = exp(f32x8::new([-1e4, -200.0, -87.3, 0.0, 1.0, 88.0, 200.0, 1e4])).to_array();
         assert!(got[0] >= 0.0 && got[0] < 2e-38);
         assert!(got[1] >= 0.0 && got[1] < 2e-38);
         assert_eq!(got[3], 1.0);
@@ -158,14 +140,8 @@ mod tests {
             let x = xs[i] as f64;
             let want_sp = if x > 20.0 { x } else { x.exp().ln_1p() };
             let want_si = x / (1.0 + (-x).exp());
-            assert!(
-                (sp[i] as f64 - want_sp).abs() <= 1e-6 * want_sp.abs().max(1.0),
-                "softplus({x})"
-            );
-            assert!(
-                (si[i] as f64 - want_si).abs() <= 1e-6 * want_si.abs().max(1.0),
-                "silu({x})"
-            );
+            assert!((sp[i] as f64 - want_sp).abs() <= 1e-6 * want_sp.abs().max(1.0), "softplus({x})");
+            assert!((si[i] as f64 - want_si).abs() <= 1e-6 * want_si.abs().max(1.0), "silu({x})");
         }
     }
 

@@ -25,9 +25,7 @@
 use rayon::prelude::*;
 use wide::f32x8;
 
-use super::fwd::{
-    Prefetch, TILES_PER_BLOCK, TIME_BLOCK, advance, block_tiles, prefetch_rows, run_steps,
-};
+use super::fwd::{Prefetch, TILES_PER_BLOCK, TIME_BLOCK, advance, block_tiles, prefetch_rows, run_steps};
 use super::tile::{Bc, Groups, MixedBc, StateBuf, Tile, UniformBc, dispatch_n, mixed_offsets};
 use super::{Scan1Args, Scan1Dims, Scan1Grads, check_upstream};
 use crate::par::SharedMut;
@@ -67,8 +65,38 @@ struct TileAcc {
 struct ChunkBuf {
     states: Vec<f32x8>,
     abar: Vec<f32x8>,
+    /// Lane-wise dB / dC contributions, (CHUNK, N), summed over the tiles of one group before a
+    /// single horizontal reduction per (t, n) (see [`flush_bc`]).
+    vdb: Vec<f32x8>,
+    vdc: Vec<f32x8>,
     dts: Vec<f32x8>,
     dsp: Vec<f32x8>,
+}
+
+/// Prefetching for the backward's reverse walk: while the first tile of a block walks chunk `c`
+/// backwards, it warms the matching row of chunk `c − 1` (inputs and gradient outputs) for the
+/// whole block, so the hints are spread over the walk instead of issued in one burst.
+struct BackPrefetch<'a> {
+    reads: &'a [&'a [f32]],
+    ch0: usize,
+    ch1: usize,
+}
+
+impl BackPrefetch<'_> {
+    #[inline(always)]
+    fn row(&self, dims: &Scan1Dims, b: usize, outs: &Outs, t: usize) {
+        if let Some(t) = t.checked_sub(CHUNK) {
+            prefetch_rows(self.reads, dims, b, t, t + 1, self.ch0, self.ch1);
+            let row = (b * dims.seqlen + t) * dims.dim;
+            for c in (self.ch0..self.ch1).step_by(16) {
+                outs.du.prefetch(row + c);
+                outs.ddelta.prefetch(row + c);
+                if let Some(dz) = &outs.dz {
+                    dz.prefetch(row + c);
+                }
+            }
+        }
+    }
 }
 
 /// Shared views of the per-element outputs (written disjointly by the tasks).
@@ -96,46 +124,55 @@ pub fn scan_bwd(
     dh_last: Option<&[f32]>,
     grads: Scan1Grads<f32>,
 ) {
-    const K: &str = "mamba1::scan_bwd";
-    args.check(K, dims);
-    check_upstream(K, dims, dy, dh_last);
-    grads.check(K, dims);
-    let Scan1Dims {
-        batch,
-        seqlen,
-        dim,
-        dstate: n,
-        ngroups,
-    } = *dims;
+    bwd(dims, args, None, dy, dh_last, grads, "mamba1::scan_bwd");
+}
+
+/// [`scan_bwd`] reusing the chunk checkpoints a forward wrote into
+/// [`Scan1Out::checkpoints`](super::Scan1Out) ((B, ⌈L/CHUNK⌉, D, N)), which saves the first of
+/// its passes over the sequence. The checkpoints must come from a forward with the same inputs.
+///
+/// # Panics
+/// If a slice length does not match `dims` (the message names the argument).
+#[track_caller]
+pub fn scan_bwd_with_checkpoints(
+    dims: &Scan1Dims,
+    args: &Scan1Args<f32>,
+    checkpoints: &[f32],
+    dy: &[f32],
+    dh_last: Option<&[f32]>,
+    grads: Scan1Grads<f32>,
+) {
+    const K: &str = "mamba1::scan_bwd_with_checkpoints";
+    let layout = dims.ckpt_layout();
+    crate::check::check_len(K, "checkpoints", &layout, checkpoints.len(), dims.n_checkpoints());
+    bwd(dims, args, Some(checkpoints), dy, dh_last, grads, K);
+}
+
+#[track_caller]
+fn bwd(
+    dims: &Scan1Dims,
+    args: &Scan1Args<f32>,
+    saved: Option<&[f32]>,
+    dy: &[f32],
+    dh_last: Option<&[f32]>,
+    grads: Scan1Grads<f32>,
+    kernel: &str,
+) {
+    args.check(kernel, dims);
+    check_upstream(kernel, dims, dy, dh_last);
+    grads.check(kernel, dims);
+    let Scan1Dims { batch, seqlen, dim, dstate: n, ngroups } = *dims;
     if batch == 0 || dim == 0 {
         return;
     }
-    let Scan1Grads {
-        du,
-        ddelta,
-        da,
-        db,
-        dc,
-        dd,
-        dz,
-        ddelta_bias,
-        dh0,
-    } = grads;
+    let Scan1Grads { du, ddelta, da, db, dc, dd, dz, ddelta_bias, dh0 } = grads;
     let nblk = dim.div_ceil(W).div_ceil(TILES_PER_BLOCK);
     let lgn = seqlen * ngroups * n;
     let outs = Outs {
         du: SharedMut::new(du),
         ddelta: SharedMut::new(ddelta),
-        dz: if args.z.is_some() {
-            dz.map(SharedMut::new)
-        } else {
-            None
-        },
-        dh0: if args.h0.is_some() {
-            dh0.map(SharedMut::new)
-        } else {
-            None
-        },
+        dz: if args.z.is_some() { dz.map(SharedMut::new) } else { None },
+        dh0: if args.h0.is_some() { dh0.map(SharedMut::new) } else { None },
     };
     let db_sh = SharedMut::new(db);
     let dc_sh = SharedMut::new(dc);
@@ -151,20 +188,12 @@ pub fn scan_bwd(
                 // SAFETY: with one block per row, this task is the only one touching row b.
                 None => unsafe { (db_sh.slice(b * lgn, lgn), dc_sh.slice(b * lgn, lgn)) },
             };
-            let acc = dispatch_n!(
-                n,
-                bwd_task(dims, args, &tiles, b, dy, dh_last, &outs, db_row, dc_row)
-            );
+            let acc =
+                dispatch_n!(n, bwd_task(dims, args, &tiles, b, saved, dy, dh_last, &outs, db_row, dc_row));
             let ch0 = tiles[0].d0;
             let nch = tiles.iter().map(|t| t.w).sum::<usize>();
-            let mut part = TaskOut {
-                b,
-                ch0,
-                da: vec![0.0; nch * n],
-                dd: vec![0.0; nch],
-                dbias: vec![0.0; nch],
-                dbc,
-            };
+            let mut part =
+                TaskOut { b, ch0, da: vec![0.0; nch * n], dd: vec![0.0; nch], dbias: vec![0.0; nch], dbc };
             for (ti, tile) in tiles.iter().enumerate() {
                 let off = tile.d0 - ch0;
                 let (ddv, dbv) = (acc.dd[ti].to_array(), acc.dbias[ti].to_array());
@@ -198,8 +227,7 @@ pub fn scan_bwd(
         }
         if let Some((pb, pc)) = p.dbc {
             // SAFETY: the parallel section has finished; this is the only access.
-            let (db_row, dc_row) =
-                unsafe { (db_sh.slice(p.b * lgn, lgn), dc_sh.slice(p.b * lgn, lgn)) };
+            let (db_row, dc_row) = unsafe { (db_sh.slice(p.b * lgn, lgn), dc_sh.slice(p.b * lgn, lgn)) };
             for (dst, src) in db_row.iter_mut().zip(&pb) {
                 *dst += src;
             }
@@ -217,19 +245,16 @@ fn bwd_task<const NN: usize>(
     args: &Scan1Args<f32>,
     tiles: &[Tile],
     b: usize,
+    saved: Option<&[f32]>,
     dy: &[f32],
     dh_last: Option<&[f32]>,
     outs: &Outs,
     db_row: &mut [f32],
     dc_row: &mut [f32],
 ) -> TileAcc {
-    let Scan1Dims {
-        seqlen,
-        dim,
-        dstate,
-        ..
-    } = *dims;
+    let Scan1Dims { seqlen, dim, dstate, ngroups, .. } = *dims;
     let n = if NN > 0 { NN } else { dstate };
+    let gn = ngroups * n;
     let ntl = tiles.len();
     let nchunks = seqlen.div_ceil(CHUNK);
     let (ch0, ch1) = (tiles[0].d0, tiles[ntl - 1].d0 + tiles[ntl - 1].w);
@@ -257,14 +282,25 @@ fn bwd_task<const NN: usize>(
     }
     let mut reads: Vec<&[f32]> = vec![args.u, args.delta];
     reads.extend(args.z);
-    prefetch_rows(&reads, dims, b, 0, TIME_BLOCK, ch0, ch1);
-    let pf = Prefetch {
-        arrays: &reads,
-        ahead: TIME_BLOCK,
-        ch0,
-        ch1,
+    let pf = Prefetch { arrays: &reads, ahead: TIME_BLOCK, ch0, ch1 };
+    // With the forward's checkpoints there is nothing to recompute in pass 1.
+    let pass1_steps = match saved {
+        Some(saved) => {
+            for (ti, tile) in tiles.iter().enumerate() {
+                for c in 0..nchunks {
+                    let at = (b * nchunks + c) * dim * n;
+                    let dst = &mut acc.ckpt[(ti * nchunks + c) * n..(ti * nchunks + c + 1) * n];
+                    tile.load_state(&saved[at..at + dim * n], n, dst);
+                }
+            }
+            0
+        }
+        None => {
+            prefetch_rows(&reads, dims, b, 0, TIME_BLOCK, ch0, ch1);
+            seqlen
+        }
     };
-    for t0 in (0..seqlen).step_by(TIME_BLOCK) {
+    for t0 in (0..pass1_steps).step_by(TIME_BLOCK) {
         let t1 = (t0 + TIME_BLOCK).min(seqlen);
         for ti in 0..ntl {
             let hs = &mut cur[ti * n..(ti + 1) * n];
@@ -273,17 +309,7 @@ fn bwd_task<const NN: usize>(
                 acc.ckpt[(ti * nchunks + c) * n..(ti * nchunks + c + 1) * n].copy_from_slice(hs);
             }
             h.copy_from_slice(hs);
-            run_steps::<NN, false>(
-                dims,
-                args,
-                &tiles[ti],
-                b,
-                t0,
-                t1,
-                h,
-                None,
-                (ti == 0).then_some(&pf),
-            );
+            run_steps::<NN, false>(dims, args, &tiles[ti], b, t0, t1, h, None, (ti == 0).then_some(&pf));
             hs.copy_from_slice(h);
         }
     }
@@ -292,6 +318,8 @@ fn bwd_task<const NN: usize>(
     let mut buf = ChunkBuf {
         states: vec![z; CHUNK * n],
         abar: vec![z; CHUNK * n],
+        vdb: vec![z; CHUNK * n],
+        vdc: vec![z; CHUNK * n],
         dts: vec![z; CHUNK],
         dsp: vec![z; CHUNK],
     };
@@ -299,27 +327,38 @@ fn bwd_task<const NN: usize>(
     for c in (0..nchunks).rev() {
         let t0 = c * CHUNK;
         let t1 = (t0 + CHUNK).min(seqlen);
-        prefetch_rows(&reads, dims, b, t0, t1, ch0, ch1);
+        if c + 1 == nchunks {
+            // Later chunks were warmed by the walk over the chunk after them.
+            prefetch_rows(&reads, dims, b, t0, t1, ch0, ch1);
+        }
+        let back = BackPrefetch { reads: &reads, ch0, ch1 };
+        // The group whose lane-wise dB/dC sums `buf.vdb`/`buf.vdc` hold.
+        let mut pending: Option<usize> = None;
         for (ti, tile) in tiles.iter().enumerate() {
+            if let Groups::Uniform(gi) = tile.groups {
+                if pending != Some(gi) {
+                    flush_bc(&mut buf, pending, n, gn, t0, t1, db_row, dc_row);
+                    pending = Some(gi);
+                }
+            }
             h.copy_from_slice(&acc.ckpt[(ti * nchunks + c) * n..(ti * nchunks + c + 1) * n]);
-            let (g, da) = (
-                &mut acc.g[ti * n..(ti + 1) * n],
-                &mut acc.da[ti * n..(ti + 1) * n],
-            );
+            let (g, da) = (&mut acc.g[ti * n..(ti + 1) * n], &mut acc.da[ti * n..(ti + 1) * n]);
             let mut gb = StateBuf::<NN>::new(n);
             let gl = gb.get();
             gl.copy_from_slice(g);
             let mut dab = StateBuf::<NN>::new(n);
             let dal = dab.get();
             dal.copy_from_slice(da);
+            let pf = (ti == 0).then_some(&back);
             let (dd, dbias) = chunk_bwd::<NN>(
-                dims, args, tile, b, t0, t1, h, gl, dal, &mut buf, dy, outs, db_row, dc_row,
+                dims, args, tile, b, t0, t1, h, gl, dal, &mut buf, dy, outs, db_row, dc_row, pf,
             );
             g.copy_from_slice(gl);
             da.copy_from_slice(dal);
             acc.dd[ti] += dd;
             acc.dbias[ti] += dbias;
         }
+        flush_bc(&mut buf, pending, n, gn, t0, t1, db_row, dc_row);
     }
     if let Some(dh0) = &outs.dh0 {
         for (ti, tile) in tiles.iter().enumerate() {
@@ -349,48 +388,63 @@ fn chunk_bwd<const NN: usize>(
     outs: &Outs,
     db_row: &mut [f32],
     dc_row: &mut [f32],
+    pf: Option<&BackPrefetch>,
 ) -> (f32x8, f32x8) {
-    let Scan1Dims {
-        seqlen,
-        ngroups,
-        dstate,
-        ..
-    } = *dims;
+    let Scan1Dims { seqlen, ngroups, dstate, .. } = *dims;
     let n = if NN > 0 { NN } else { dstate };
     let gn = ngroups * n;
     match tile.groups {
         Groups::Uniform(gi) => {
             let bc_at = |t: usize| {
                 let row = (b * seqlen + t) * gn + gi * n;
-                UniformBc {
-                    b: &args.b[row..row + n],
-                    c: &args.c[row..row + n],
-                    goff: gi * n,
-                }
+                UniformBc { b: &args.b[row..row + n], c: &args.c[row..row + n], goff: gi * n }
             };
-            chunk_bwd_impl::<NN, _, _>(
-                dims, args, tile, b, t0, t1, h, g, da, buf, dy, outs, db_row, dc_row, bc_at,
+            chunk_bwd_impl::<NN, true, _, _>(
+                dims, args, tile, b, t0, t1, h, g, da, buf, dy, outs, db_row, dc_row, pf, bc_at,
             )
         }
         Groups::Mixed(gs) => {
             let off = mixed_offsets(&gs, n);
             let bc_at = |t: usize| {
                 let row = (b * seqlen + t) * gn;
-                MixedBc {
-                    b: &args.b[row..row + gn],
-                    c: &args.c[row..row + gn],
-                    off,
-                }
+                MixedBc { b: &args.b[row..row + gn], c: &args.c[row..row + gn], off }
             };
-            chunk_bwd_impl::<NN, _, _>(
-                dims, args, tile, b, t0, t1, h, g, da, buf, dy, outs, db_row, dc_row, bc_at,
+            chunk_bwd_impl::<NN, false, _, _>(
+                dims, args, tile, b, t0, t1, h, g, da, buf, dy, outs, db_row, dc_row, pf, bc_at,
             )
         }
     }
 }
 
+/// Reduces the lane-wise dB/dC sums of `buf` into group `g`'s columns of `db_row`/`dc_row` for
+/// steps `t0..t1`, and clears them. Nothing to do when `g` is `None`.
+fn flush_bc(
+    buf: &mut ChunkBuf,
+    g: Option<usize>,
+    n: usize,
+    gn: usize,
+    t0: usize,
+    t1: usize,
+    db_row: &mut [f32],
+    dc_row: &mut [f32],
+) {
+    let Some(g) = g else { return };
+    for t in t0..t1 {
+        let j = t - t0;
+        let row = t * gn + g * n;
+        for k in 0..n {
+            db_row[row + k] += buf.vdb[j * n + k].reduce_add();
+            dc_row[row + k] += buf.vdc[j * n + k].reduce_add();
+        }
+    }
+    buf.vdb[..(t1 - t0) * n].fill(f32x8::ZERO);
+    buf.vdc[..(t1 - t0) * n].fill(f32x8::ZERO);
+}
+
+/// With `VEC`, dB/dC contributions go lane-wise into `buf.vdb`/`buf.vdc` (reduced later by
+/// [`flush_bc`]); otherwise they are reduced into `db_row`/`dc_row` at once per lane group.
 #[inline(always)]
-fn chunk_bwd_impl<const NN: usize, S: Bc, F: Fn(usize) -> S>(
+fn chunk_bwd_impl<const NN: usize, const VEC: bool, S: Bc, F: Fn(usize) -> S>(
     dims: &Scan1Dims,
     args: &Scan1Args<f32>,
     tile: &Tile,
@@ -405,15 +459,10 @@ fn chunk_bwd_impl<const NN: usize, S: Bc, F: Fn(usize) -> S>(
     outs: &Outs,
     db_row: &mut [f32],
     dc_row: &mut [f32],
+    pf: Option<&BackPrefetch>,
     bc_at: F,
 ) -> (f32x8, f32x8) {
-    let Scan1Dims {
-        seqlen,
-        dim,
-        dstate,
-        ngroups,
-        ..
-    } = *dims;
+    let Scan1Dims { seqlen, dim, dstate, ngroups, .. } = *dims;
     let n = if NN > 0 { NN } else { dstate };
     let (d0, w) = (tile.d0, tile.w);
     let gn = ngroups * n;
@@ -434,20 +483,16 @@ fn chunk_bwd_impl<const NN: usize, S: Bc, F: Fn(usize) -> S>(
         let (dt, dsp) = tile.delta(simd::load(&args.delta[i..i + w]), sp, true);
         buf.dts[j] = dt;
         buf.dsp[j] = dsp;
-        advance::<_, false>(
-            a,
-            h,
-            dt,
-            x,
-            &bc_at(t),
-            Some(&mut buf.abar[j * n..(j + 1) * n]),
-        );
+        advance::<_, false>(a, h, dt, x, &bc_at(t), Some(&mut buf.abar[j * n..(j + 1) * n]));
         buf.states[j * n..(j + 1) * n].copy_from_slice(h);
     }
 
     // Reverse over the chunk.
     let (mut dd_acc, mut dbias_acc) = (f32x8::ZERO, f32x8::ZERO);
     for t in (t0..t1).rev() {
+        if let Some(pf) = pf {
+            pf.row(dims, b, outs, t);
+        }
         let j = t - t0;
         let i = (b * seqlen + t) * dim + d0;
         let bc = bc_at(t);
@@ -486,8 +531,14 @@ fn chunk_bwd_impl<const NN: usize, S: Bc, F: Fn(usize) -> S>(
         let (mut gb, mut sa) = (f32x8::ZERO, f32x8::ZERO);
         for k in 0..n {
             let gk = bc.c(k).mul_add(dyy, g[k]);
-            bc.accum(dc_t, k, w, hs[k] * dyy);
-            bc.accum(db_t, k, w, gk * dx);
+            if VEC {
+                let v = j * n + k;
+                buf.vdc[v] = hs[k].mul_add(dyy, buf.vdc[v]);
+                buf.vdb[v] = gk.mul_add(dx, buf.vdb[v]);
+            } else {
+                bc.accum(dc_t, k, w, hs[k] * dyy);
+                bc.accum(db_t, k, w, gk * dx);
+            }
             gb = gk.mul_add(bc.b(k), gb);
             let s = gk * hprev[k] * abar[k];
             sa = s.mul_add(a[k], sa);

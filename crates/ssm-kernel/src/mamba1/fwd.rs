@@ -11,7 +11,7 @@ use rayon::prelude::*;
 use wide::f32x8;
 
 use super::tile::{Bc, Groups, MixedBc, StateBuf, Tile, UniformBc, dispatch_n, mixed_offsets};
-use super::{Scan1Args, Scan1Dims, Scan1Out};
+use super::{CHUNK, Scan1Args, Scan1Dims, Scan1Out};
 use crate::par::SharedMut;
 use crate::simd::{self, W};
 
@@ -108,23 +108,14 @@ pub(crate) fn run_steps<const NN: usize, const WITH_Y: bool>(
     y_out: Option<&SharedMut<f32>>,
     pf: Option<&Prefetch>,
 ) {
-    let Scan1Dims {
-        seqlen,
-        dstate,
-        ngroups,
-        ..
-    } = *dims;
+    let Scan1Dims { seqlen, dstate, ngroups, .. } = *dims;
     let n = if NN > 0 { NN } else { dstate };
     let gn = ngroups * n;
     match tile.groups {
         Groups::Uniform(g) => {
             let bc_at = |t: usize| {
                 let row = (b * seqlen + t) * gn + g * n;
-                UniformBc {
-                    b: &args.b[row..row + n],
-                    c: &args.c[row..row + n],
-                    goff: g * n,
-                }
+                UniformBc { b: &args.b[row..row + n], c: &args.c[row..row + n], goff: g * n }
             };
             run_steps_impl::<NN, WITH_Y, _, _>(dims, args, tile, b, t0, t1, h, y_out, pf, bc_at);
         }
@@ -132,11 +123,7 @@ pub(crate) fn run_steps<const NN: usize, const WITH_Y: bool>(
             let off = mixed_offsets(&gs, n);
             let bc_at = |t: usize| {
                 let row = (b * seqlen + t) * gn;
-                MixedBc {
-                    b: &args.b[row..row + gn],
-                    c: &args.c[row..row + gn],
-                    off,
-                }
+                MixedBc { b: &args.b[row..row + gn], c: &args.c[row..row + gn], off }
             };
             run_steps_impl::<NN, WITH_Y, _, _>(dims, args, tile, b, t0, t1, h, y_out, pf, bc_at);
         }
@@ -156,12 +143,7 @@ fn run_steps_impl<const NN: usize, const WITH_Y: bool, S: Bc, F: Fn(usize) -> S>
     pf: Option<&Prefetch>,
     bc_at: F,
 ) {
-    let Scan1Dims {
-        seqlen,
-        dim,
-        dstate,
-        ..
-    } = *dims;
+    let Scan1Dims { seqlen, dim, dstate, .. } = *dims;
     let n = if NN > 0 { NN } else { dstate };
     let (d0, w) = (tile.d0, tile.w);
     let a = &tile.a[..n];
@@ -172,11 +154,7 @@ fn run_steps_impl<const NN: usize, const WITH_Y: bool, S: Bc, F: Fn(usize) -> S>
         }
         let i = (b * seqlen + t) * dim + d0;
         let x = simd::load(&args.u[i..i + w]);
-        let (dt, _) = tile.delta(
-            simd::load(&args.delta[i..i + w]),
-            args.delta_softplus,
-            false,
-        );
+        let (dt, _) = tile.delta(simd::load(&args.delta[i..i + w]), args.delta_softplus, false);
         let mut y = advance::<S, WITH_Y>(a, h, dt, x, &bc_at(t), None);
         if WITH_Y {
             y = tile.dskip.mul_add(x, y);
@@ -199,27 +177,17 @@ fn fwd_task<const NN: usize>(
     b: usize,
     y: &SharedMut<f32>,
     h_last: Option<&SharedMut<f32>>,
+    ckpt: Option<&SharedMut<f32>>,
 ) {
-    let Scan1Dims {
-        seqlen,
-        dim,
-        dstate,
-        ..
-    } = *dims;
+    let Scan1Dims { seqlen, dim, dstate, .. } = *dims;
     let n = if NN > 0 { NN } else { dstate };
-    let (ch0, ch1) = (
-        tiles[0].d0,
-        tiles[tiles.len() - 1].d0 + tiles[tiles.len() - 1].w,
-    );
+    let nchunks = dims.n_chunks();
+    let (ch0, ch1) = (tiles[0].d0, tiles[tiles.len() - 1].d0 + tiles[tiles.len() - 1].w);
     // Every tile's state, (tiles, N) vectors.
     let mut states = vec![f32x8::ZERO; tiles.len() * n];
     if let Some(h0) = args.h0 {
         for (ti, tile) in tiles.iter().enumerate() {
-            tile.load_state(
-                &h0[b * dim * n..(b + 1) * dim * n],
-                n,
-                &mut states[ti * n..(ti + 1) * n],
-            );
+            tile.load_state(&h0[b * dim * n..(b + 1) * dim * n], n, &mut states[ti * n..(ti + 1) * n]);
         }
     }
     let mut hb = StateBuf::<NN>::new(n);
@@ -227,16 +195,15 @@ fn fwd_task<const NN: usize>(
     let mut arrays: Vec<&[f32]> = vec![args.u, args.delta];
     arrays.extend(args.z);
     prefetch_rows(&arrays, dims, b, 0, TIME_BLOCK, ch0, ch1);
-    let pf = Prefetch {
-        arrays: &arrays,
-        ahead: TIME_BLOCK,
-        ch0,
-        ch1,
-    };
+    let pf = Prefetch { arrays: &arrays, ahead: TIME_BLOCK, ch0, ch1 };
     for t0 in (0..seqlen).step_by(TIME_BLOCK) {
         let t1 = (t0 + TIME_BLOCK).min(seqlen);
         for (ti, tile) in tiles.iter().enumerate() {
             h.copy_from_slice(&states[ti * n..(ti + 1) * n]);
+            if let (Some(ck), true) = (ckpt, t0 % CHUNK == 0) {
+                // SAFETY: this task alone writes channels d0..d0+w of batch row b.
+                unsafe { tile.store_state(ck, (b * nchunks + t0 / CHUNK) * dim * n, n, h, false) };
+            }
             if ti == 0 {
                 // Warm this block's y rows for the stores, and the next block's input rows.
                 for t in t0..t1 {
@@ -246,17 +213,7 @@ fn fwd_task<const NN: usize>(
                     }
                 }
             }
-            run_steps::<NN, true>(
-                dims,
-                args,
-                tile,
-                b,
-                t0,
-                t1,
-                h,
-                Some(y),
-                (ti == 0).then_some(&pf),
-            );
+            run_steps::<NN, true>(dims, args, tile, b, t0, t1, h, Some(y), (ti == 0).then_some(&pf));
             states[ti * n..(ti + 1) * n].copy_from_slice(h);
         }
     }
@@ -285,7 +242,7 @@ pub(crate) fn block_tiles(
 /// Forward selective scan (see the [module docs](super) for the recurrence).
 ///
 /// Layouts: [`Scan1Args`] (inputs) and [`Scan1Out`] (`y` (B, L, D), optional final state
-/// (B, D, N)). Work is split into (batch row, 64-channel block) tasks on the current rayon pool
+/// (B, D, N) and chunk checkpoints (B, ⌈L/CHUNK⌉, D, N)). Work is split into (batch row, 64-channel block) tasks on the current rayon pool
 /// (see the file's work-layout notes); state vectors stay in registers or L1, and nothing is
 /// allocated per time step.
 ///
@@ -296,18 +253,14 @@ pub fn scan_fwd(dims: &Scan1Dims, args: &Scan1Args<f32>, out: Scan1Out<f32>) {
     const K: &str = "mamba1::scan_fwd";
     args.check(K, dims);
     out.check(K, dims);
-    let Scan1Dims {
-        batch,
-        dim,
-        dstate: n,
-        ..
-    } = *dims;
+    let Scan1Dims { batch, dim, dstate: n, .. } = *dims;
     let nblk = dim.div_ceil(W).div_ceil(TILES_PER_BLOCK);
     let y = SharedMut::new(out.y);
     let h_last = out.h_last.map(SharedMut::new);
+    let ckpt = out.checkpoints.map(SharedMut::new);
     (0..batch * nblk).into_par_iter().for_each(|task| {
         let (b, blk) = (task / nblk, task % nblk);
         let tiles = block_tiles(args, dims, blk, TILES_PER_BLOCK);
-        dispatch_n!(n, fwd_task(dims, args, &tiles, b, &y, h_last.as_ref()));
+        dispatch_n!(n, fwd_task(dims, args, &tiles, b, &y, h_last.as_ref(), ckpt.as_ref()));
     });
 }

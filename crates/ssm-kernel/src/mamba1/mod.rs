@@ -20,7 +20,7 @@ mod tests;
 mod tile;
 mod types;
 
-pub use bwd::{CHUNK, scan_bwd};
+pub use bwd::{CHUNK, scan_bwd, scan_bwd_with_checkpoints};
 pub use fwd::scan_fwd;
 pub use step::scan_step;
 pub use types::{Scan1Args, Scan1Dims, Scan1Grads, Scan1Out, check_upstream};

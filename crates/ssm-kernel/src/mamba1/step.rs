@@ -24,33 +24,11 @@ const PAR_MIN: usize = 1 << 16;
 pub fn scan_step(dims: &Scan1Dims, args: &Scan1Args<f32>, state: &mut [f32], y: &mut [f32]) {
     const K: &str = "mamba1::scan_step";
     check_dims(K, dims.seqlen == 1, "a step takes seqlen 1");
-    check_dims(
-        K,
-        args.h0.is_none(),
-        "a step takes its state in `state`, not `h0`",
-    );
+    check_dims(K, args.h0.is_none(), "a step takes its state in `state`, not `h0`");
     args.check(K, dims);
-    let Scan1Dims {
-        batch,
-        dim,
-        dstate: n,
-        ngroups,
-        ..
-    } = *dims;
-    check_len(
-        K,
-        "state",
-        &format!("(B, D, N) = ({batch}, {dim}, {n})"),
-        state.len(),
-        batch * dim * n,
-    );
-    check_len(
-        K,
-        "y",
-        &format!("(B, D) = ({batch}, {dim})"),
-        y.len(),
-        batch * dim,
-    );
+    let Scan1Dims { batch, dim, dstate: n, ngroups, .. } = *dims;
+    check_len(K, "state", &format!("(B, D, N) = ({batch}, {dim}, {n})"), state.len(), batch * dim * n);
+    check_len(K, "y", &format!("(B, D) = ({batch}, {dim})"), y.len(), batch * dim);
     let gs = dims.group_size();
     let st = SharedMut::new(state);
     let ys = SharedMut::new(y);
@@ -73,10 +51,7 @@ pub fn scan_step(dims: &Scan1Dims, args: &Scan1Args<f32>, state: &mut [f32], y: 
             let e = (k + W).min(n);
             let a = simd::load(&args.a[d * n + k..d * n + e]);
             let abar = simd::exp(dtv * a);
-            let hv = abar.mul_add(
-                simd::load(&h[k..e]),
-                dx * simd::load(&args.b[bc + k..bc + e]),
-            );
+            let hv = abar.mul_add(simd::load(&h[k..e]), dx * simd::load(&args.b[bc + k..bc + e]));
             simd::store(&mut h[k..e], hv);
             acc = hv.mul_add(simd::load(&args.c[bc + k..bc + e]), acc);
             k = e;
@@ -90,10 +65,7 @@ pub fn scan_step(dims: &Scan1Dims, args: &Scan1Args<f32>, state: &mut [f32], y: 
         unsafe { ys.write(bd, out) };
     };
     if batch * dim * n >= PAR_MIN {
-        (0..batch * dim)
-            .into_par_iter()
-            .with_min_len(64)
-            .for_each(run);
+        (0..batch * dim).into_par_iter().with_min_len(64).for_each(run);
     } else {
         (0..batch * dim).for_each(run);
     }

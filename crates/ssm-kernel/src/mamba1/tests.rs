@@ -42,14 +42,8 @@ impl Case {
             dims,
             u: r.vec(nbld, -1.0, 1.0),
             // Raw Δ: with softplus it may be negative; without, it must be a positive step.
-            delta: if softplus {
-                r.vec(nbld, -3.0, 1.0)
-            } else {
-                r.vec(nbld, 0.01, 0.6)
-            },
-            a: (0..dims.dim * dims.dstate)
-                .map(|_| -r.uniform(-1.5, 1.0).exp())
-                .collect(),
+            delta: if softplus { r.vec(nbld, -3.0, 1.0) } else { r.vec(nbld, 0.01, 0.6) },
+            a: (0..dims.dim * dims.dstate).map(|_| -r.uniform(-1.5, 1.0).exp()).collect(),
             b: r.vec(nblgn, -1.0, 1.0),
             c: r.vec(nblgn, -1.0, 1.0),
             d: o.d.then(|| r.vec(dims.dim, -1.0, 1.0)),
@@ -191,52 +185,26 @@ impl<T: crate::Real> G<T> {
 fn ref_fwd(case: &Case) -> (Vec<f64>, Vec<f64>) {
     let mut y = vec![0.0; case.dims.n_bld()];
     let mut hl = vec![0.0; case.dims.n_bdn()];
-    refk::scan_fwd(
-        &case.dims,
-        &case.args(),
-        Scan1Out {
-            y: &mut y,
-            h_last: Some(&mut hl),
-        },
-    );
+    refk::scan_fwd(&case.dims, &case.args(), Scan1Out::with_state(&mut y, &mut hl));
     (y, hl)
 }
 
 fn fast_fwd(case: &Case, c32: &Case32) -> (Vec<f32>, Vec<f32>) {
     let mut y = vec![0.0; case.dims.n_bld()];
     let mut hl = vec![0.0; case.dims.n_bdn()];
-    scan_fwd(
-        &case.dims,
-        &c32.args(case.softplus),
-        Scan1Out {
-            y: &mut y,
-            h_last: Some(&mut hl),
-        },
-    );
+    scan_fwd(&case.dims, &c32.args(case.softplus), Scan1Out::with_state(&mut y, &mut hl));
     (y, hl)
 }
 
 fn ref_bwd(case: &Case) -> G<f64> {
     let mut g = G::zeros(&case.dims);
-    refk::scan_bwd(
-        &case.dims,
-        &case.args(),
-        &case.dy,
-        case.dh_last.as_deref(),
-        g.view(),
-    );
+    refk::scan_bwd(&case.dims, &case.args(), &case.dy, case.dh_last.as_deref(), g.view());
     g
 }
 
 fn fast_bwd(case: &Case, c32: &Case32) -> G<f32> {
     let mut g = G::zeros(&case.dims);
-    scan_bwd(
-        &case.dims,
-        &c32.args(case.softplus),
-        &c32.dy,
-        c32.dh_last.as_deref(),
-        g.view(),
-    );
+    scan_bwd(&case.dims, &c32.args(case.softplus), &c32.dy, c32.dh_last.as_deref(), g.view());
     g
 }
 
@@ -294,15 +262,7 @@ fn dims_strategy() -> impl Strategy<Value = (Scan1Dims, bool, bool, bool, bool, 
         .prop_map(|(bsz, l, d, n, g, (od, oz, ob, oh, odl), seed)| {
             // Groups must divide D.
             let d = if d % g == 0 { d } else { d * g };
-            (
-                Scan1Dims::new(bsz, l, d, n).with_groups(g),
-                od,
-                oz,
-                ob,
-                oh,
-                odl,
-                seed,
-            )
+            (Scan1Dims::new(bsz, l, d, n).with_groups(g), od, oz, ob, oh, odl, seed)
         })
 }
 
@@ -366,27 +326,41 @@ proptest! {
     }
 }
 
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(cases(16)))]
+
+    #[test]
+    fn checkpoints_match_reference_and_feed_the_backward(
+        (dims, d, z, bias, h0, dl, seed) in dims_strategy(),
+    ) {
+        let case = Case::new(dims, Opts { d, z, bias, h0, dh_last: dl }, seed);
+        let c32 = case.f32();
+        let (mut y, mut y_ref) = (vec![0.0f32; dims.n_bld()], vec![0.0f64; dims.n_bld()]);
+        let mut ck = vec![f32::NAN; dims.n_checkpoints()];
+        let mut ck_ref = vec![f64::NAN; dims.n_checkpoints()];
+        let out = Scan1Out { y: &mut y, h_last: None, checkpoints: Some(&mut ck) };
+        scan_fwd(&dims, &c32.args(case.softplus), out);
+        let out_ref = Scan1Out { y: &mut y_ref, h_last: None, checkpoints: Some(&mut ck_ref) };
+        refk::scan_fwd(&dims, &case.args(), out_ref);
+        assert_close("checkpoints", &ck, &ck_ref, 1e-4, 1e-4);
+        let plain = fast_bwd(&case, &c32);
+        let mut g = G::zeros(&dims);
+        scan_bwd_with_checkpoints(&dims, &c32.args(case.softplus), &ck, &c32.dy, c32.dh_last.as_deref(), g.view());
+        for ((name, got), (_, want)) in g.named().into_iter().zip(plain.named()) {
+            assert_close(name, got, want, 1e-6, 1e-6);
+        }
+    }
+}
+
 /// Finite-difference cases: small, covering every option and groups.
 fn fd_cases() -> Vec<Case> {
-    let all = || Opts {
-        d: true,
-        z: true,
-        bias: true,
-        h0: true,
-        dh_last: true,
-    };
+    let all = || Opts { d: true, z: true, bias: true, h0: true, dh_last: true };
     vec![
         Case::new(Scan1Dims::new(2, 5, 3, 2), all(), 1),
         Case::new(Scan1Dims::new(1, 7, 4, 3).with_groups(2), all(), 2),
         Case::new(
             Scan1Dims::new(1, 4, 9, 2),
-            Opts {
-                d: false,
-                z: false,
-                bias: false,
-                h0: false,
-                dh_last: false,
-            },
+            Opts { d: false, z: false, bias: false, h0: false, dh_last: false },
             3,
         ),
         Case::new(Scan1Dims::new(1, 3, 10, 1).with_groups(5), all(), 4),
@@ -410,13 +384,7 @@ fn fast_backward_matches_finite_differences_f64() {
     let mut cases = fd_cases();
     cases.push(Case::new(
         Scan1Dims::new(1, CHUNK + 9, 9, 2),
-        Opts {
-            d: true,
-            z: true,
-            bias: true,
-            h0: true,
-            dh_last: true,
-        },
+        Opts { d: true, z: true, bias: true, h0: true, dh_last: true },
         5,
     ));
     for case in cases {
@@ -432,24 +400,12 @@ fn fast_backward_matches_finite_differences_f64() {
 fn final_state_gradient_flows_into_dh0() {
     // Only dh_last is non-zero; dh0 must be ∏_t exp(Δ_t A) ⊙ dh_last (computed here by hand).
     let dims = Scan1Dims::new(1, 5, 3, 2);
-    let mut case = Case::new(
-        dims,
-        Opts {
-            d: true,
-            z: false,
-            bias: false,
-            h0: true,
-            dh_last: true,
-        },
-        9,
-    );
+    let mut case = Case::new(dims, Opts { d: true, z: false, bias: false, h0: true, dh_last: true }, 9);
     case.dy.fill(0.0);
     let g = fast_bwd(&case, &case.f32());
     for d in 0..3 {
         for k in 0..2 {
-            let decay: f64 = (0..5)
-                .map(|t| (case.delta[t * 3 + d] * case.a[d * 2 + k]).exp())
-                .product();
+            let decay: f64 = (0..5).map(|t| (case.delta[t * 3 + d] * case.a[d * 2 + k]).exp()).product();
             let want = decay * case.dh_last.as_ref().unwrap()[d * 2 + k];
             assert!(
                 (g.dh0[d * 2 + k] as f64 - want).abs() < 1e-5,
@@ -458,42 +414,21 @@ fn final_state_gradient_flows_into_dh0() {
             );
         }
     }
-    assert!(
-        g.dh0.iter().any(|&v| v.abs() > 1e-3),
-        "dh0 must not be trivially zero"
-    );
+    assert!(g.dh0.iter().any(|&v| v.abs() > 1e-3), "dh0 must not be trivially zero");
 }
 
 #[test]
 fn backward_accumulates_into_existing_gradients() {
     let case = Case::new(
         Scan1Dims::new(1, 6, 5, 4),
-        Opts {
-            d: true,
-            z: true,
-            bias: true,
-            h0: true,
-            dh_last: true,
-        },
+        Opts { d: true, z: true, bias: true, h0: true, dh_last: true },
         11,
     );
     let c32 = case.f32();
     let once = fast_bwd(&case, &c32);
     let mut g = G::zeros(&case.dims);
-    scan_bwd(
-        &case.dims,
-        &c32.args(true),
-        &c32.dy,
-        c32.dh_last.as_deref(),
-        g.view(),
-    );
-    scan_bwd(
-        &case.dims,
-        &c32.args(true),
-        &c32.dy,
-        c32.dh_last.as_deref(),
-        g.view(),
-    );
+    scan_bwd(&case.dims, &c32.args(true), &c32.dy, c32.dh_last.as_deref(), g.view());
+    scan_bwd(&case.dims, &c32.args(true), &c32.dy, c32.dh_last.as_deref(), g.view());
     for ((name, twice), (_, one)) in g.named().into_iter().zip(once.named()) {
         let doubled: Vec<f32> = one.iter().map(|v| 2.0 * v).collect();
         assert_close(name, twice, &doubled, 1e-6, 1e-6);
@@ -505,22 +440,11 @@ fn single_thread_and_many_tasks_agree() {
     // Batch 1 splits channels over several tasks (partial dB/dC); a 1-thread pool does not.
     let case = Case::new(
         Scan1Dims::new(1, 33, 70, 4),
-        Opts {
-            d: true,
-            z: true,
-            bias: true,
-            h0: true,
-            dh_last: true,
-        },
+        Opts { d: true, z: true, bias: true, h0: true, dh_last: true },
         13,
     );
     let c32 = case.f32();
-    let pool = |t| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(t)
-            .build()
-            .unwrap()
-    };
+    let pool = |t| rayon::ThreadPoolBuilder::new().num_threads(t).build().unwrap();
     let g1 = pool(1).install(|| fast_bwd(&case, &c32));
     let g4 = pool(4).install(|| fast_bwd(&case, &c32));
     for ((name, a), (_, b)) in g1.named().into_iter().zip(g4.named()) {
@@ -534,21 +458,9 @@ fn single_thread_and_many_tasks_agree() {
 )]
 fn wrong_length_panics_naming_the_argument() {
     let dims = Scan1Dims::new(1, 2, 2, 3);
-    let (u, a, b, c) = (
-        vec![0.0f32; 4],
-        vec![0.0f32; 6],
-        vec![0.0f32; 5],
-        vec![0.0f32; 6],
-    );
+    let (u, a, b, c) = (vec![0.0f32; 4], vec![0.0f32; 6], vec![0.0f32; 5], vec![0.0f32; 6]);
     let mut y = vec![0.0f32; 4];
-    scan_fwd(
-        &dims,
-        &Scan1Args::new(&u, &u, &a, &b, &c),
-        Scan1Out {
-            y: &mut y,
-            h_last: None,
-        },
-    );
+    scan_fwd(&dims, &Scan1Args::new(&u, &u, &a, &b, &c), Scan1Out::new(&mut y));
 }
 
 #[test]
@@ -557,13 +469,7 @@ fn wrong_upstream_length_panics() {
     let dims = Scan1Dims::new(1, 2, 2, 3);
     let (u, a, bc) = (vec![0.0f32; 4], vec![0.0f32; 6], vec![0.0f32; 6]);
     let mut g = G::<f32>::zeros(&dims);
-    scan_bwd(
-        &dims,
-        &Scan1Args::new(&u, &u, &a, &bc, &bc),
-        &[0.0; 3],
-        None,
-        g.view(),
-    );
+    scan_bwd(&dims, &Scan1Args::new(&u, &u, &a, &bc, &bc), &[0.0; 3], None, g.view());
 }
 
 #[test]
@@ -572,12 +478,5 @@ fn groups_must_divide_channels() {
     let dims = Scan1Dims::new(1, 1, 4, 1).with_groups(3);
     let v = vec![0.0f32; 4];
     let mut y = vec![0.0f32; 4];
-    scan_fwd(
-        &dims,
-        &Scan1Args::new(&v, &v, &v, &v[..3], &v[..3]),
-        Scan1Out {
-            y: &mut y,
-            h_last: None,
-        },
-    );
+    scan_fwd(&dims, &Scan1Args::new(&v, &v, &v, &v[..3], &v[..3]), Scan1Out::new(&mut y));
 }

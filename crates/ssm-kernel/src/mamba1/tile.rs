@@ -45,9 +45,7 @@ impl Tile {
             })
             .collect();
         let dskip = args.d.map_or(f32x8::ZERO, |d| simd::load(&d[d0..d0 + w]));
-        let bias = args
-            .delta_bias
-            .map_or(f32x8::ZERO, |b| simd::load(&b[d0..d0 + w]));
+        let bias = args.delta_bias.map_or(f32x8::ZERO, |b| simd::load(&b[d0..d0 + w]));
         let g0 = d0 / group_size;
         let glast = (d0 + w - 1) / group_size;
         let groups = if g0 == glast {
@@ -59,14 +57,7 @@ impl Tile {
             }
             Groups::Mixed(g)
         };
-        Self {
-            d0,
-            w,
-            a,
-            dskip,
-            bias,
-            groups,
-        }
+        Self { d0, w, a, dskip, bias, groups }
     }
 
     /// Δ after bias and softplus, and d(Δ)/d(raw Δ), from the raw Δ vector.
@@ -104,26 +95,13 @@ impl Tile {
     ///
     /// # Safety
     /// No other task may touch this tile's channels of that batch row concurrently.
-    pub unsafe fn store_state(
-        &self,
-        s: &SharedMut<f32>,
-        base: usize,
-        n: usize,
-        h: &[f32x8],
-        add: bool,
-    ) {
+    pub unsafe fn store_state(&self, s: &SharedMut<f32>, base: usize, n: usize, h: &[f32x8], add: bool) {
         for (k, hk) in h.iter().enumerate() {
             let v = hk.to_array();
             for l in 0..self.w {
                 let i = base + (self.d0 + l) * n + k;
                 // SAFETY: the caller owns these channels of the batch row.
-                unsafe {
-                    if add {
-                        s.add(i, v[l])
-                    } else {
-                        s.write(i, v[l])
-                    }
-                }
+                unsafe { if add { s.add(i, v[l]) } else { s.write(i, v[l]) } }
             }
         }
     }
@@ -175,15 +153,11 @@ pub(crate) struct MixedBc<'a> {
 impl Bc for MixedBc<'_> {
     #[inline(always)]
     fn b(&self, k: usize) -> f32x8 {
-        f32x8::from(std::array::from_fn::<f32, W, _>(|l| {
-            self.b[self.off[l] + k]
-        }))
+        f32x8::from(std::array::from_fn::<f32, W, _>(|l| self.b[self.off[l] + k]))
     }
     #[inline(always)]
     fn c(&self, k: usize) -> f32x8 {
-        f32x8::from(std::array::from_fn::<f32, W, _>(|l| {
-            self.c[self.off[l] + k]
-        }))
+        f32x8::from(std::array::from_fn::<f32, W, _>(|l| self.c[self.off[l] + k]))
     }
     #[inline(always)]
     fn accum(&self, dst: &mut [f32], k: usize, w: usize, v: f32x8) {
@@ -212,24 +186,13 @@ impl<const NN: usize> StateBuf<NN> {
     #[inline(always)]
     pub fn new(n: usize) -> Self {
         debug_assert!(NN == 0 || NN == n);
-        Self {
-            arr: [f32x8::ZERO; NN],
-            vec: if NN == 0 {
-                vec![f32x8::ZERO; n]
-            } else {
-                Vec::new()
-            },
-        }
+        Self { arr: [f32x8::ZERO; NN], vec: if NN == 0 { vec![f32x8::ZERO; n] } else { Vec::new() } }
     }
 
     /// The buffer as a slice.
     #[inline(always)]
     pub fn get(&mut self) -> &mut [f32x8] {
-        if NN > 0 {
-            &mut self.arr[..]
-        } else {
-            &mut self.vec[..]
-        }
+        if NN > 0 { &mut self.arr[..] } else { &mut self.vec[..] }
     }
 
     /// The buffer as a shared slice.

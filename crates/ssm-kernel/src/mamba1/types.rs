@@ -23,13 +23,7 @@ pub struct Scan1Dims {
 impl Scan1Dims {
     /// Dims with one group (plain Mamba-1).
     pub fn new(batch: usize, seqlen: usize, dim: usize, dstate: usize) -> Self {
-        Self {
-            batch,
-            seqlen,
-            dim,
-            dstate,
-            ngroups: 1,
-        }
+        Self { batch, seqlen, dim, dstate, ngroups: 1 }
     }
 
     /// The same dims with `G` groups.
@@ -62,17 +56,11 @@ impl Scan1Dims {
     }
 
     fn bld(&self) -> String {
-        format!(
-            "(B, L, D) = ({}, {}, {})",
-            self.batch, self.seqlen, self.dim
-        )
+        format!("(B, L, D) = ({}, {}, {})", self.batch, self.seqlen, self.dim)
     }
 
     fn blgn(&self) -> String {
-        format!(
-            "(B, L, G, N) = ({}, {}, {}, {})",
-            self.batch, self.seqlen, self.ngroups, self.dstate
-        )
+        format!("(B, L, G, N) = ({}, {}, {}, {})", self.batch, self.seqlen, self.ngroups, self.dstate)
     }
 
     fn dn(&self) -> String {
@@ -80,10 +68,7 @@ impl Scan1Dims {
     }
 
     fn bdn(&self) -> String {
-        format!(
-            "(B, D, N) = ({}, {}, {})",
-            self.batch, self.dim, self.dstate
-        )
+        format!("(B, D, N) = ({}, {}, {})", self.batch, self.dim, self.dstate)
     }
 
     fn d(&self) -> String {
@@ -101,6 +86,20 @@ impl Scan1Dims {
     /// Elements of a (B, D, N) state.
     pub fn n_bdn(&self) -> usize {
         self.batch * self.dim * self.dstate
+    }
+
+    /// Recomputation chunks, `⌈L / CHUNK⌉` (see [`crate::mamba1::CHUNK`]).
+    pub fn n_chunks(&self) -> usize {
+        self.seqlen.div_ceil(crate::mamba1::CHUNK)
+    }
+
+    /// Elements of the forward's checkpoints, (B, ⌈L / CHUNK⌉, D, N).
+    pub fn n_checkpoints(&self) -> usize {
+        self.batch * self.n_chunks() * self.dim * self.dstate
+    }
+
+    pub(crate) fn ckpt_layout(&self) -> String {
+        format!("(B, ⌈L/CHUNK⌉, D, N) = ({}, {}, {}, {})", self.batch, self.n_chunks(), self.dim, self.dstate)
     }
 }
 
@@ -143,18 +142,7 @@ pub struct Scan1Args<'a, T> {
 impl<'a, T> Scan1Args<'a, T> {
     /// Required inputs only: no `D`, gate, bias, softplus or initial state.
     pub fn new(u: &'a [T], delta: &'a [T], a: &'a [T], b: &'a [T], c: &'a [T]) -> Self {
-        Self {
-            u,
-            delta,
-            a,
-            b,
-            c,
-            d: None,
-            z: None,
-            delta_bias: None,
-            delta_softplus: false,
-            h0: None,
-        }
+        Self { u, delta, a, b, c, d: None, z: None, delta_bias: None, delta_softplus: false, h0: None }
     }
 
     /// Panics with a message naming the argument unless every length matches `dims`.
@@ -163,13 +151,7 @@ impl<'a, T> Scan1Args<'a, T> {
         dims.validate(kernel);
         check_len(kernel, "u", &dims.bld(), self.u.len(), dims.n_bld());
         check_len(kernel, "delta", &dims.bld(), self.delta.len(), dims.n_bld());
-        check_len(
-            kernel,
-            "a",
-            &dims.dn(),
-            self.a.len(),
-            dims.dim * dims.dstate,
-        );
+        check_len(kernel, "a", &dims.dn(), self.a.len(), dims.dim * dims.dstate);
         check_len(kernel, "b", &dims.blgn(), self.b.len(), dims.n_blgn());
         check_len(kernel, "c", &dims.blgn(), self.c.len(), dims.n_blgn());
         check_opt_len(kernel, "d", &dims.d(), self.d, dims.dim);
@@ -186,19 +168,35 @@ pub struct Scan1Out<'a, T> {
     pub y: &'a mut [T],
     /// Final state `h_L`, (B, D, N) (overwritten), optional.
     pub h_last: Option<&'a mut [T]>,
+    /// Optional: the state at the start of every chunk of [`CHUNK`](crate::mamba1::CHUNK)
+    /// steps, (B, ⌈L / CHUNK⌉, D, N) (overwritten; chunk 0 holds `h0`). Training keeps these
+    /// for [`scan_bwd_with_checkpoints`](crate::mamba1::scan_bwd_with_checkpoints), which then
+    /// skips re-running the forward.
+    pub checkpoints: Option<&'a mut [T]>,
 }
 
-impl<T> Scan1Out<'_, T> {
+impl<'a, T> Scan1Out<'a, T> {
+    /// Only `y`.
+    pub fn new(y: &'a mut [T]) -> Self {
+        Self { y, h_last: None, checkpoints: None }
+    }
+
+    /// `y` and the final state.
+    pub fn with_state(y: &'a mut [T], h_last: &'a mut [T]) -> Self {
+        Self { y, h_last: Some(h_last), checkpoints: None }
+    }
+
     /// Panics with a message naming the argument unless every length matches `dims`.
     #[track_caller]
     pub fn check(&self, kernel: &str, dims: &Scan1Dims) {
         check_len(kernel, "y", &dims.bld(), self.y.len(), dims.n_bld());
+        check_opt_len(kernel, "h_last", &dims.bdn(), self.h_last.as_deref(), dims.n_bdn());
         check_opt_len(
             kernel,
-            "h_last",
-            &dims.bdn(),
-            self.h_last.as_deref(),
-            dims.n_bdn(),
+            "checkpoints",
+            &dims.ckpt_layout(),
+            self.checkpoints.as_deref(),
+            dims.n_checkpoints(),
         );
     }
 }
@@ -237,38 +235,14 @@ impl<T> Scan1Grads<'_, T> {
     #[track_caller]
     pub fn check(&self, kernel: &str, dims: &Scan1Dims) {
         check_len(kernel, "du", &dims.bld(), self.du.len(), dims.n_bld());
-        check_len(
-            kernel,
-            "ddelta",
-            &dims.bld(),
-            self.ddelta.len(),
-            dims.n_bld(),
-        );
-        check_len(
-            kernel,
-            "da",
-            &dims.dn(),
-            self.da.len(),
-            dims.dim * dims.dstate,
-        );
+        check_len(kernel, "ddelta", &dims.bld(), self.ddelta.len(), dims.n_bld());
+        check_len(kernel, "da", &dims.dn(), self.da.len(), dims.dim * dims.dstate);
         check_len(kernel, "db", &dims.blgn(), self.db.len(), dims.n_blgn());
         check_len(kernel, "dc", &dims.blgn(), self.dc.len(), dims.n_blgn());
         check_opt_len(kernel, "dd", &dims.d(), self.dd.as_deref(), dims.dim);
         check_opt_len(kernel, "dz", &dims.bld(), self.dz.as_deref(), dims.n_bld());
-        check_opt_len(
-            kernel,
-            "ddelta_bias",
-            &dims.d(),
-            self.ddelta_bias.as_deref(),
-            dims.dim,
-        );
-        check_opt_len(
-            kernel,
-            "dh0",
-            &dims.bdn(),
-            self.dh0.as_deref(),
-            dims.n_bdn(),
-        );
+        check_opt_len(kernel, "ddelta_bias", &dims.d(), self.ddelta_bias.as_deref(), dims.dim);
+        check_opt_len(kernel, "dh0", &dims.bdn(), self.dh0.as_deref(), dims.n_bdn());
     }
 }
 

@@ -19,20 +19,8 @@ struct Opts {
     h0: bool,
 }
 
-const ALL: Opts = Opts {
-    d: true,
-    z: true,
-    bias: true,
-    softplus: true,
-    h0: true,
-};
-const NONE: Opts = Opts {
-    d: false,
-    z: false,
-    bias: false,
-    softplus: false,
-    h0: false,
-};
+const ALL: Opts = Opts { d: true, z: true, bias: true, softplus: true, h0: true };
+const NONE: Opts = Opts { d: false, z: false, bias: false, softplus: false, h0: false };
 
 /// Owned inputs of a scan.
 #[derive(Clone, Debug)]
@@ -53,11 +41,7 @@ impl Data<f64> {
     fn random(dims: &Scan2Dims, seed: u64, o: Opts) -> Self {
         let mut r = Rng(seed);
         let h = dims.nheads;
-        let delta = if o.softplus {
-            r.vec(dims.n_blh(), -3.0, 0.5)
-        } else {
-            r.vec(dims.n_blh(), 0.02, 0.6)
-        };
+        let delta = if o.softplus { r.vec(dims.n_blh(), -3.0, 0.5) } else { r.vec(dims.n_blh(), 0.02, 0.6) };
         let a = r.vec(h, -1.0, 1.0).iter().map(|v| -v.exp()).collect();
         Self {
             x: r.vec(dims.n_blhp(), -1.0, 1.0),
@@ -67,9 +51,7 @@ impl Data<f64> {
             c: r.vec(dims.n_blgn(), -1.0, 1.0),
             d: o.d.then(|| r.vec(h, -1.0, 1.0)),
             z: o.z.then(|| r.vec(dims.n_blhp(), -2.0, 2.0)),
-            bias: o
-                .bias
-                .then(|| r.vec(h, if o.softplus { -1.0 } else { 0.0 }, 0.3)),
+            bias: o.bias.then(|| r.vec(h, if o.softplus { -1.0 } else { 0.0 }, 0.3)),
             h0: o.h0.then(|| r.vec(dims.n_bhpn(), -1.0, 1.0)),
             softplus: o.softplus,
         }
@@ -122,9 +104,7 @@ impl<T: Copy> Data<T> {
     /// The inputs of time step `t` only (seqlen 1), without `h0`.
     fn at(&self, dims: &Scan2Dims, t: usize) -> Data<T> {
         let rows = |v: &Vec<T>, w: usize| -> Vec<T> {
-            (0..dims.batch)
-                .flat_map(|b| v[(b * dims.seqlen + t) * w..][..w].to_vec())
-                .collect()
+            (0..dims.batch).flat_map(|b| v[(b * dims.seqlen + t) * w..][..w].to_vec()).collect()
         };
         let (hp, gn) = (dims.nheads * dims.headdim, dims.ngroups * dims.dstate);
         Data {
@@ -144,17 +124,7 @@ impl<T: Copy> Data<T> {
 
 /// Gradient tensors in the order of [`GRAD_NAMES`].
 type Grads<T> = [Vec<T>; 9];
-const GRAD_NAMES: [&str; 9] = [
-    "dx",
-    "ddelta",
-    "da",
-    "db",
-    "dc",
-    "dd",
-    "dz",
-    "ddelta_bias",
-    "dh0",
-];
+const GRAD_NAMES: [&str; 9] = ["dx", "ddelta", "da", "db", "dc", "dd", "dz", "ddelta_bias", "dh0"];
 
 fn zero_grads<T: Copy + Default>(dims: &Scan2Dims) -> Grads<T> {
     let z = |n: usize| vec![T::default(); n];
@@ -196,24 +166,14 @@ enum Kern {
 fn ref_fwd(dims: &Scan2Dims, d: &Data<f64>) -> (Vec<f64>, Vec<f64>) {
     let mut y = vec![0.0; dims.n_blhp()];
     let mut hl = vec![0.0; dims.n_bhpn()];
-    ref2::scan_fwd(
-        dims,
-        &d.args(),
-        Scan2Out {
-            y: &mut y,
-            h_last: Some(&mut hl),
-        },
-    );
+    ref2::scan_fwd(dims, &d.args(), Scan2Out { y: &mut y, h_last: Some(&mut hl) });
     (y, hl)
 }
 
 fn fast_fwd(k: Kern, dims: &Scan2Dims, d: &Data<f32>) -> (Vec<f32>, Vec<f32>) {
     let mut y = vec![f32::NAN; dims.n_blhp()];
     let mut hl = vec![f32::NAN; dims.n_bhpn()];
-    let out = Scan2Out {
-        y: &mut y,
-        h_last: Some(&mut hl),
-    };
+    let out = Scan2Out { y: &mut y, h_last: Some(&mut hl) };
     match k {
         Kern::Seq => scan_fwd(dims, &d.args(), out),
         Kern::Ssd(q) => ssd_fwd(dims, q, &d.args(), out),
@@ -239,10 +199,7 @@ fn fast_bwd(k: Kern, dims: &Scan2Dims, d: &Data<f32>, dy: &[f32], dhl: &[f32]) -
 /// Fixed random weights of the scalar loss `Σ w·y + Σ w2·h_last`.
 fn loss_weights(dims: &Scan2Dims, seed: u64) -> (Vec<f64>, Vec<f64>) {
     let mut r = Rng(seed ^ 0xABCD);
-    (
-        r.vec(dims.n_blhp(), -1.0, 1.0),
-        r.vec(dims.n_bhpn(), -1.0, 1.0),
-    )
+    (r.vec(dims.n_blhp(), -1.0, 1.0), r.vec(dims.n_bhpn(), -1.0, 1.0))
 }
 
 fn check_fwd(k: Kern, dims: &Scan2Dims, d: &Data<f64>) {
@@ -257,23 +214,14 @@ fn check_bwd(k: Kern, dims: &Scan2Dims, d: &Data<f64>, seed: u64) {
     let want = ref_bwd(dims, d, &w, &w2);
     let got = fast_bwd(k, dims, &d.f32(), &to_f32(&w), &to_f32(&w2));
     for i in 0..9 {
-        assert_rel_max(
-            &format!("{k:?} {}", GRAD_NAMES[i]),
-            &got[i],
-            &want[i],
-            3e-4,
-            1e-2,
-        );
+        assert_rel_max(&format!("{k:?} {}", GRAD_NAMES[i]), &got[i], &want[i], 3e-4, 1e-2);
     }
 }
 
 /// Dims and options drawn by the property tests.
 fn arb_case() -> impl Strategy<Value = (Scan2Dims, Opts, u64, usize)> {
     (
-        (
-            1usize..=2,
-            prop::sample::select(vec![1usize, 2, 3, 7, 16, 33]),
-        ),
+        (1usize..=2, prop::sample::select(vec![1usize, 2, 3, 7, 16, 33])),
         (1usize..=2, 1usize..=2),
         prop::sample::select(vec![1usize, 5, 16, 64]),
         prop::sample::select(vec![1usize, 4, 16, 64]),
@@ -283,13 +231,7 @@ fn arb_case() -> impl Strategy<Value = (Scan2Dims, Opts, u64, usize)> {
     )
         .prop_map(|((batch, l), (g, hpg), p, n, f, seed, q)| {
             let dims = Scan2Dims::new(batch, l, g * hpg, p, n).with_groups(g);
-            let o = Opts {
-                d: f[0],
-                z: f[1],
-                bias: f[2],
-                softplus: f[3],
-                h0: f[4],
-            };
+            let o = Opts { d: f[0], z: f[1], bias: f[2], softplus: f[3], h0: f[4] };
             (dims, o, seed, q)
         })
 }
@@ -365,21 +307,12 @@ fn check_numeric<T: Copy + Into<f64>>(
             let (y, hl) = ref_fwd(dims, &p);
             dot(&w, &y) + dot(&w2, &hl)
         });
-        assert_rel_max(
-            &format!("{what} {}", GRAD_NAMES[i]),
-            &got[i],
-            &num,
-            tol,
-            1e-3,
-        );
+        assert_rel_max(&format!("{what} {}", GRAD_NAMES[i]), &got[i], &num, tol, 1e-3);
     }
 }
 
 fn small_dims() -> [Scan2Dims; 2] {
-    [
-        Scan2Dims::new(2, 5, 2, 3, 2),
-        Scan2Dims::new(1, 7, 4, 9, 3).with_groups(2),
-    ]
+    [Scan2Dims::new(2, 5, 2, 3, 2), Scan2Dims::new(1, 7, 4, 9, 3).with_groups(2)]
 }
 
 #[test]
@@ -425,13 +358,7 @@ fn ssd_chunked_equals_sequential() {
         assert_rel_max(&format!("h_last q={q}"), &hls, &hl, 1e-5, 1.0);
         let g = fast_bwd(Kern::Ssd(q), &dims, &d, &dy, &dhl);
         for i in 0..9 {
-            assert_rel_max(
-                &format!("{} q={q}", GRAD_NAMES[i]),
-                &g[i],
-                &gs[i],
-                1e-4,
-                1e-2,
-            );
+            assert_rel_max(&format!("{} q={q}", GRAD_NAMES[i]), &g[i], &gs[i], 1e-4, 1e-2);
         }
     }
 }
@@ -459,14 +386,7 @@ fn mamba2_equals_mamba1_with_repeated_a_and_delta() {
     let dims1 = Scan1Dims::new(b, l, dim, n).with_groups(g);
     let mut y1 = vec![0.0; b * l * dim];
     let mut hl1 = vec![0.0; b * dim * n];
-    ref1::scan_fwd(
-        &dims1,
-        &args1,
-        Scan1Out {
-            y: &mut y1,
-            h_last: Some(&mut hl1),
-        },
-    );
+    ref1::scan_fwd(&dims1, &args1, Scan1Out::with_state(&mut y1, &mut hl1));
     assert_close("y", &y2, &y1, 1e-12, 1e-12);
     assert_close("h_last", &hl2, &hl1, 1e-12, 1e-12);
     let (yf, _) = fast_fwd(Kern::Seq, &dims, &d.f32());
@@ -486,9 +406,8 @@ fn final_state_gradient_flows_into_dh0() {
         .map(|i| {
             let bh = i / (dims.headdim * dims.dstate);
             let (bb, hh) = (bh / dims.nheads, bh % dims.nheads);
-            let lsum: f64 = (0..dims.seqlen)
-                .map(|t| d.delta[(bb * dims.seqlen + t) * dims.nheads + hh] * d.a[hh])
-                .sum();
+            let lsum: f64 =
+                (0..dims.seqlen).map(|t| d.delta[(bb * dims.seqlen + t) * dims.nheads + hh] * d.a[hh]).sum();
             lsum.exp() * dhl[i]
         })
         .collect();
@@ -504,13 +423,7 @@ fn final_state_gradient_flows_into_dh0() {
     let d0 = Data::random(&dims0, 3, o);
     for k in [Kern::Seq, Kern::Ssd(4)] {
         let (_, hl) = fast_fwd(k, &dims0, &d0.f32());
-        assert_close(
-            &format!("{k:?} L=0 h_last"),
-            &hl,
-            d0.h0.as_ref().unwrap(),
-            1e-7,
-            0.0,
-        );
+        assert_close(&format!("{k:?} L=0 h_last"), &hl, d0.h0.as_ref().unwrap(), 1e-7, 0.0);
         let g = fast_bwd(k, &dims0, &d0.f32(), &[], &to_f32(&dhl));
         assert_close(&format!("{k:?} L=0 dh0"), &g[8], &dhl, 1e-7, 0.0);
     }
@@ -532,13 +445,7 @@ fn seq_fwd_wrong_delta_length_panics() {
 fn ssd_bwd_wrong_dh_last_length_panics() {
     let dims = Scan2Dims::new(1, 2, 2, 4, 2);
     let d = Data::random(&dims, 1, NONE).f32();
-    fast_bwd(
-        Kern::Ssd(2),
-        &dims,
-        &d,
-        &vec![0.0; dims.n_blhp()],
-        &[0.0; 3],
-    );
+    fast_bwd(Kern::Ssd(2), &dims, &d, &vec![0.0; dims.n_blhp()], &[0.0; 3]);
 }
 
 #[test]
@@ -568,10 +475,7 @@ fn auto_kernels_match_reference() {
     let d32 = d.f32();
     let mut yf = vec![0.0f32; dims.n_blhp()];
     let mut hlf = vec![0.0f32; dims.n_bhpn()];
-    let out = Scan2Out {
-        y: &mut yf,
-        h_last: Some(&mut hlf),
-    };
+    let out = Scan2Out { y: &mut yf, h_last: Some(&mut hlf) };
     scan_fwd_auto(&dims, &d32.args(), out);
     assert_rel_max("auto y", &yf, &y, 1e-4, 1.0);
     assert_rel_max("auto h_last", &hlf, &hl, 1e-4, 1.0);
@@ -581,12 +485,6 @@ fn auto_kernels_match_reference() {
     let (w, w2) = (to_f32(&w), to_f32(&w2));
     scan_bwd_auto(&dims, &d32.args(), &w, Some(&w2), grads_view(&mut g));
     for i in 0..9 {
-        assert_rel_max(
-            &format!("auto {}", GRAD_NAMES[i]),
-            &g[i],
-            &want[i],
-            3e-4,
-            1e-2,
-        );
+        assert_rel_max(&format!("auto {}", GRAD_NAMES[i]), &g[i], &want[i], 3e-4, 1e-2);
     }
 }

@@ -10,11 +10,7 @@ fn delta_eff<T: Real>(args: &Scan1Args<T>, i: usize, d: usize) -> (T, T) {
     if let Some(bias) = args.delta_bias {
         v += bias[d];
     }
-    if args.delta_softplus {
-        (v.softplus(), v.softplus_grad())
-    } else {
-        (v, T::one())
-    }
+    if args.delta_softplus { (v.softplus(), v.softplus_grad()) } else { (v, T::one()) }
 }
 
 /// Forward scan. Layouts: see [`Scan1Args`] and [`Scan1Out`].
@@ -23,14 +19,9 @@ pub fn scan_fwd<T: Real>(dims: &Scan1Dims, args: &Scan1Args<T>, out: Scan1Out<T>
     const K: &str = "reference::mamba1::scan_fwd";
     args.check(K, dims);
     out.check(K, dims);
-    let Scan1Dims {
-        batch,
-        seqlen,
-        dim,
-        dstate: n,
-        ngroups,
-    } = *dims;
-    let Scan1Out { y, mut h_last } = out;
+    let Scan1Dims { batch, seqlen, dim, dstate: n, ngroups } = *dims;
+    let Scan1Out { y, mut h_last, mut checkpoints } = out;
+    let nchunks = dims.n_chunks();
     let mut h = vec![T::zero(); n];
     for b in 0..batch {
         for d in 0..dim {
@@ -41,6 +32,10 @@ pub fn scan_fwd<T: Real>(dims: &Scan1Dims, args: &Scan1Args<T>, out: Scan1Out<T>
                 None => h.fill(T::zero()),
             }
             for t in 0..seqlen {
+                if let (Some(ck), true) = (checkpoints.as_deref_mut(), t % crate::mamba1::CHUNK == 0) {
+                    let at = ((b * nchunks + t / crate::mamba1::CHUNK) * dim + d) * n;
+                    ck[at..at + n].copy_from_slice(&h);
+                }
                 let i = (b * seqlen + t) * dim + d;
                 let bc = ((b * seqlen + t) * ngroups + g) * n;
                 let (dt, _) = delta_eff(args, i, d);
@@ -81,24 +76,8 @@ pub fn scan_bwd<T: Real>(
     args.check(K, dims);
     check_upstream(K, dims, dy, dh_last);
     grads.check(K, dims);
-    let Scan1Dims {
-        batch,
-        seqlen,
-        dim,
-        dstate: n,
-        ngroups,
-    } = *dims;
-    let Scan1Grads {
-        du,
-        ddelta,
-        da,
-        db,
-        dc,
-        mut dd,
-        mut dz,
-        mut ddelta_bias,
-        mut dh0,
-    } = grads;
+    let Scan1Dims { batch, seqlen, dim, dstate: n, ngroups } = *dims;
+    let Scan1Grads { du, ddelta, da, db, dc, mut dd, mut dz, mut ddelta_bias, mut dh0 } = grads;
     // hs[(t + 1) * n + k] = h_t[k]; hs[k] = h_{-1}[k] = h0[k].
     let mut hs = vec![T::zero(); (seqlen + 1) * n];
     let mut g = vec![T::zero(); n];
@@ -184,23 +163,9 @@ pub fn scan_bwd<T: Real>(
 pub fn scan_step<T: Real>(dims: &Scan1Dims, args: &Scan1Args<T>, state: &mut [T], y: &mut [T]) {
     const K: &str = "reference::mamba1::scan_step";
     crate::check::check_dims(K, dims.seqlen == 1, "a step takes seqlen 1");
-    crate::check::check_dims(
-        K,
-        args.h0.is_none(),
-        "a step takes its state in `state`, not `h0`",
-    );
-    let args = Scan1Args {
-        h0: Some(&*state),
-        ..*args
-    };
+    crate::check::check_dims(K, args.h0.is_none(), "a step takes its state in `state`, not `h0`");
+    let args = Scan1Args { h0: Some(&*state), ..*args };
     let mut h_last = vec![T::zero(); state.len()];
-    scan_fwd(
-        dims,
-        &args,
-        Scan1Out {
-            y,
-            h_last: Some(&mut h_last),
-        },
-    );
+    scan_fwd(dims, &args, Scan1Out::with_state(y, &mut h_last));
     state.copy_from_slice(&h_last);
 }
