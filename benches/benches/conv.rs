@@ -33,12 +33,7 @@ impl Problem {
 
     /// Mamba's configuration: bias and fused SiLU.
     fn args(&self) -> ConvArgs<'_, f32> {
-        ConvArgs {
-            x: &self.x,
-            weight: &self.w,
-            bias: Some(&self.bias),
-            silu: true,
-        }
+        ConvArgs { x: &self.x, weight: &self.w, bias: Some(&self.bias), silu: true }
     }
 }
 
@@ -58,38 +53,18 @@ fn bench_conv(c: &mut Criterion) {
     for (suffix, pool) in &pools() {
         g.bench_function(format!("fwd/{shape}{suffix}"), |bn| {
             pool.install(|| {
-                bn.iter(|| {
-                    conv::conv1d_fwd(
-                        &dims,
-                        &args,
-                        ConvOut {
-                            y: black_box(&mut y),
-                            state_out: None,
-                        },
-                    )
-                })
+                bn.iter(|| conv::conv1d_fwd(&dims, &args, ConvOut { y: black_box(&mut y), state_out: None }))
             })
         });
         g.bench_function(format!("fwd_bwd/{shape}{suffix}"), |bn| {
             pool.install(|| {
                 bn.iter(|| {
-                    conv::conv1d_fwd(
-                        &dims,
-                        &args,
-                        ConvOut {
-                            y: black_box(&mut y),
-                            state_out: None,
-                        },
-                    );
+                    conv::conv1d_fwd(&dims, &args, ConvOut { y: black_box(&mut y), state_out: None });
                     conv::conv1d_bwd(
                         &dims,
                         &args,
                         &p.dy,
-                        ConvGrads {
-                            dx: black_box(&mut dx),
-                            dweight: &mut dw,
-                            dbias: Some(&mut db),
-                        },
+                        ConvGrads { dx: black_box(&mut dx), dweight: &mut dw, dbias: Some(&mut db) },
                     );
                 })
             })
@@ -105,9 +80,7 @@ fn bench_conv(c: &mut Criterion) {
     g.throughput(Throughput::Elements((b * ch * k) as u64));
     for (suffix, pool) in &pools() {
         g.bench_function(format!("step/B{b}-C{ch}-K{k}{suffix}"), |bn| {
-            pool.install(|| {
-                bn.iter(|| conv::conv1d_step(&d1, &step_args, &mut state, black_box(&mut y1)))
-            })
+            pool.install(|| bn.iter(|| conv::conv1d_step(&d1, &step_args, &mut state, black_box(&mut y1))))
         });
     }
 
@@ -115,35 +88,17 @@ fn bench_conv(c: &mut Criterion) {
     slow(&mut g);
     g.bench_function(format!("fwd_ref/{shape}"), |bn| {
         bn.iter(|| {
-            reference::conv::conv1d_fwd(
-                &dims,
-                &args,
-                ConvOut {
-                    y: black_box(&mut y),
-                    state_out: None,
-                },
-            )
+            reference::conv::conv1d_fwd(&dims, &args, ConvOut { y: black_box(&mut y), state_out: None })
         })
     });
     g.bench_function(format!("fwd_bwd_ref/{shape}"), |bn| {
         bn.iter(|| {
-            reference::conv::conv1d_fwd(
-                &dims,
-                &args,
-                ConvOut {
-                    y: black_box(&mut y),
-                    state_out: None,
-                },
-            );
+            reference::conv::conv1d_fwd(&dims, &args, ConvOut { y: black_box(&mut y), state_out: None });
             reference::conv::conv1d_bwd(
                 &dims,
                 &args,
                 &p.dy,
-                ConvGrads {
-                    dx: black_box(&mut dx),
-                    dweight: &mut dw,
-                    dbias: Some(&mut db),
-                },
+                ConvGrads { dx: black_box(&mut dx), dweight: &mut dw, dbias: Some(&mut db) },
             );
         })
     });

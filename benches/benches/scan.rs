@@ -127,29 +127,13 @@ fn bench_mamba1(cr: &mut Criterion) {
     for (suffix, pool) in &pools() {
         grp.bench_function(format!("fwd/{shape}{suffix}"), |bn| {
             pool.install(|| {
-                bn.iter(|| {
-                    mamba1::scan_fwd(
-                        &dims,
-                        &args,
-                        Scan1Out {
-                            y: black_box(&mut y),
-                            h_last: None,
-                        },
-                    )
-                })
+                bn.iter(|| mamba1::scan_fwd(&dims, &args, Scan1Out { y: black_box(&mut y), h_last: None }))
             })
         });
         grp.bench_function(format!("fwd_bwd/{shape}{suffix}"), |bn| {
             pool.install(|| {
                 bn.iter(|| {
-                    mamba1::scan_fwd(
-                        &dims,
-                        &args,
-                        Scan1Out {
-                            y: black_box(&mut y),
-                            h_last: None,
-                        },
-                    );
+                    mamba1::scan_fwd(&dims, &args, Scan1Out { y: black_box(&mut y), h_last: None });
                     mamba1::scan_bwd(&dims, &args, &p.dy, None, g.scan1());
                 })
             })
@@ -171,36 +155,18 @@ fn bench_mamba1(cr: &mut Criterion) {
     grp.throughput(Throughput::Elements((b * d * n) as u64));
     for (suffix, pool) in &pools() {
         grp.bench_function(format!("step/B{b}-D{d}-N{n}{suffix}"), |bn| {
-            pool.install(|| {
-                bn.iter(|| mamba1::scan_step(&d1, &step_args, &mut state, black_box(&mut y1)))
-            })
+            pool.install(|| bn.iter(|| mamba1::scan_step(&d1, &step_args, &mut state, black_box(&mut y1))))
         });
     }
 
     grp.throughput(Throughput::Elements((b * l * d * n) as u64));
     slow(&mut grp);
     grp.bench_function(format!("fwd_ref/{shape}"), |bn| {
-        bn.iter(|| {
-            reference::mamba1::scan_fwd(
-                &dims,
-                &args,
-                Scan1Out {
-                    y: black_box(&mut y),
-                    h_last: None,
-                },
-            )
-        })
+        bn.iter(|| reference::mamba1::scan_fwd(&dims, &args, Scan1Out { y: black_box(&mut y), h_last: None }))
     });
     grp.bench_function(format!("fwd_bwd_ref/{shape}"), |bn| {
         bn.iter(|| {
-            reference::mamba1::scan_fwd(
-                &dims,
-                &args,
-                Scan1Out {
-                    y: black_box(&mut y),
-                    h_last: None,
-                },
-            );
+            reference::mamba1::scan_fwd(&dims, &args, Scan1Out { y: black_box(&mut y), h_last: None });
             reference::mamba1::scan_bwd(&dims, &args, &p.dy, None, g.scan1());
         })
     });
@@ -274,9 +240,7 @@ fn bench_mamba2(cr: &mut Criterion) {
             pool.install(|| bn.iter(|| mamba2::scan_fwd(&dims, &args, out(black_box(&mut y)))))
         });
         grp.bench_function(format!("ssd_fwd/{shape}{suffix}"), |bn| {
-            pool.install(|| {
-                bn.iter(|| mamba2::ssd_fwd(&dims, chunk, &args, out(black_box(&mut y))))
-            })
+            pool.install(|| bn.iter(|| mamba2::ssd_fwd(&dims, chunk, &args, out(black_box(&mut y)))))
         });
         grp.bench_function(format!("fwd_bwd/{shape}{suffix}"), |bn| {
             pool.install(|| {
@@ -311,9 +275,7 @@ fn bench_mamba2(cr: &mut Criterion) {
     grp.throughput(Throughput::Elements((b * h * hp * n) as u64));
     for (suffix, pool) in &pools() {
         grp.bench_function(format!("step/B{b}-H{h}-P{hp}-N{n}{suffix}"), |bn| {
-            pool.install(|| {
-                bn.iter(|| mamba2::scan_step(&d1, &step_args, &mut state, black_box(&mut y1)))
-            })
+            pool.install(|| bn.iter(|| mamba2::scan_step(&d1, &step_args, &mut state, black_box(&mut y1))))
         });
     }
 

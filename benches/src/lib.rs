@@ -28,10 +28,7 @@ pub fn pools() -> Vec<(&'static str, ThreadPool)> {
     [(2, ""), (1, "/t1")]
         .into_iter()
         .map(|(n, suffix)| {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(n)
-                .build()
-                .expect("build rayon pool");
+            let pool = rayon::ThreadPoolBuilder::new().num_threads(n).build().expect("build rayon pool");
             (suffix, pool)
         })
         .collect()

@@ -26,19 +26,13 @@ tasks:
 ";
 
 /// Performance targets: bench id and the minimum elements/s.
-const TARGETS: &[(&str, f64)] = &[
-    ("scan/mamba1/fwd/B8-L256-D512-N16", 4.0e9),
-    ("scan/mamba1/fwd_bwd/B8-L256-D512-N16", 1.0e9),
-];
+const TARGETS: &[(&str, f64)] =
+    &[("scan/mamba1/fwd/B8-L256-D512-N16", 4.0e9), ("scan/mamba1/fwd_bwd/B8-L256-D512-N16", 1.0e9)];
 
 /// PyTorch `selective_scan_ref` on this machine kind (B8 L256 D512 N16), state updates/s.
 const TORCH: &[(&str, &str, f64)] = &[
     ("scan/mamba1/fwd/B8-L256-D512-N16", "forward", 0.107e9),
-    (
-        "scan/mamba1/fwd_bwd/B8-L256-D512-N16",
-        "forward+backward",
-        0.038e9,
-    ),
+    ("scan/mamba1/fwd_bwd/B8-L256-D512-N16", "forward+backward", 0.038e9),
 ];
 
 fn main() -> ExitCode {
@@ -69,10 +63,7 @@ fn main() -> ExitCode {
 
 /// The workspace root (this crate sits in `<root>/xtask`).
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("xtask has a parent directory")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent directory").to_path_buf()
 }
 
 /// One benchmark result of this run.
@@ -85,18 +76,15 @@ struct Row {
 
 fn bench(filter: Option<&str>) -> Result<()> {
     let root = root();
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| root.join("target"));
-    let criterion_dir = std::env::var_os("CRITERION_HOME")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| target.join("criterion"));
+    let target =
+        std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let criterion_dir =
+        std::env::var_os("CRITERION_HOME").map(PathBuf::from).unwrap_or_else(|| target.join("criterion"));
     let start = SystemTime::now();
 
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut cmd = Command::new(cargo);
-    cmd.current_dir(&root)
-        .args(["bench", "-p", "mamba-benches", "--"]);
+    cmd.current_dir(&root).args(["bench", "-p", "mamba-benches", "--"]);
     if let Some(f) = filter {
         cmd.arg(f);
     }
@@ -138,11 +126,7 @@ fn bench(filter: Option<&str>) -> Result<()> {
     let md_path = out_dir.join("report.md");
     fs::write(&md_path, &md).with_context(|| format!("writing {}", md_path.display()))?;
     println!("{md}");
-    eprintln!(
-        "xtask: wrote {} and {}",
-        json_path.display(),
-        md_path.display()
-    );
+    eprintln!("xtask: wrote {} and {}", json_path.display(), md_path.display());
     Ok(())
 }
 
@@ -180,19 +164,13 @@ fn read_json(path: &Path) -> Result<Value> {
 fn read_result(bench: &Path, est: &Path) -> Result<Row> {
     let b = read_json(bench)?;
     let e = read_json(est)?;
-    let name = b["full_id"]
-        .as_str()
-        .with_context(|| format!("{}: no `full_id`", bench.display()))?
-        .to_string();
+    let name =
+        b["full_id"].as_str().with_context(|| format!("{}: no `full_id`", bench.display()))?.to_string();
     let median_ns = e["median"]["point_estimate"]
         .as_f64()
         .with_context(|| format!("{}: no `median.point_estimate`", est.display()))?;
     let elements = b["throughput"]["Elements"].as_f64();
-    Ok(Row {
-        name,
-        median_ns,
-        elements_per_s: elements.map(|n| n / (median_ns * 1e-9)),
-    })
+    Ok(Row { name, median_ns, elements_per_s: elements.map(|n| n / (median_ns * 1e-9)) })
 }
 
 /// `a/b/op/shape[/t1]` → the reference bench of the same shape, `a/b/op_ref/shape`
@@ -257,17 +235,12 @@ fn markdown(rows: &[Row], filter: Option<&str>) -> String {
         let vs_ref = reference_candidates(&r.name)
             .iter()
             .find_map(|n| find(rows, n))
-            .map_or_else(
-                || "—".into(),
-                |f| format!("{:.1}×", f.median_ns / r.median_ns),
-            );
+            .map_or_else(|| "—".into(), |f| format!("{:.1}×", f.median_ns / r.median_ns));
         let vs_t1 = if r.name.ends_with("/t1") || r.name.contains("_ref/") {
             "—".into()
         } else {
-            find(rows, &format!("{}/t1", r.name)).map_or_else(
-                || "—".into(),
-                |t1| format!("{:.2}×", t1.median_ns / r.median_ns),
-            )
+            find(rows, &format!("{}/t1", r.name))
+                .map_or_else(|| "—".into(), |t1| format!("{:.2}×", t1.median_ns / r.median_ns))
         };
         let _ = writeln!(
             s,
@@ -289,10 +262,7 @@ fn markdown(rows: &[Row], filter: Option<&str>) -> String {
             Some(v) => (format!("{v:.3e}"), "FAIL"),
             None => ("—".into(), "not run"),
         };
-        let _ = writeln!(
-            s,
-            "| {name} | ≥ {min:.1e} elements/s | {measured} | {result} |"
-        );
+        let _ = writeln!(s, "| {name} | ≥ {min:.1e} elements/s | {measured} | {result} |");
     }
 
     let _ = writeln!(

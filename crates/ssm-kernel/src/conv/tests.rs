@@ -21,13 +21,7 @@ fn case() -> impl Strategy<Value = Case> {
     (
         1usize..=3,
         prop_oneof![Just(1usize), 1usize..=5, 1usize..=33],
-        prop_oneof![
-            1usize..=7,
-            9usize..=15,
-            17usize..=27,
-            Just(8usize),
-            Just(16usize)
-        ],
+        prop_oneof![1usize..=7, 9usize..=15, 17usize..=27, Just(8usize), Just(16usize)],
         1usize..=5,
         any::<bool>(),
         any::<bool>(),
@@ -61,12 +55,7 @@ impl Data {
     }
 
     fn args(&self, bias: bool, silu: bool) -> ConvArgs<'_, f32> {
-        ConvArgs {
-            x: &self.x,
-            weight: &self.w,
-            bias: bias.then_some(&self.bias[..]),
-            silu,
-        }
+        ConvArgs { x: &self.x, weight: &self.w, bias: bias.then_some(&self.bias[..]), silu }
     }
 }
 
@@ -80,35 +69,18 @@ struct Args64 {
 
 impl Args64 {
     fn new(a: &ConvArgs<f32>) -> Self {
-        Self {
-            x: to_f64(a.x),
-            w: to_f64(a.weight),
-            bias: a.bias.map(to_f64),
-            silu: a.silu,
-        }
+        Self { x: to_f64(a.x), w: to_f64(a.weight), bias: a.bias.map(to_f64), silu: a.silu }
     }
 
     fn args(&self) -> ConvArgs<'_, f64> {
-        ConvArgs {
-            x: &self.x,
-            weight: &self.w,
-            bias: self.bias.as_deref(),
-            silu: self.silu,
-        }
+        ConvArgs { x: &self.x, weight: &self.w, bias: self.bias.as_deref(), silu: self.silu }
     }
 }
 
 fn ref_fwd(dims: &ConvDims, a: &ConvArgs<f64>) -> (Vec<f64>, Vec<f64>) {
     let mut y = vec![0.0; dims.n_blc()];
     let mut st = vec![0.0; dims.n_bck()];
-    reference::conv1d_fwd(
-        dims,
-        a,
-        ConvOut {
-            y: &mut y,
-            state_out: Some(&mut st),
-        },
-    );
+    reference::conv1d_fwd(dims, a, ConvOut { y: &mut y, state_out: Some(&mut st) });
     (y, st)
 }
 
@@ -117,15 +89,7 @@ fn check_fwd(cs: &Case) {
     let args = d.args(cs.bias, cs.silu);
     let mut y = vec![f32::NAN; cs.dims.n_blc()];
     let mut st = vec![f32::NAN; cs.dims.n_bck()];
-    conv1d_fwd_tb(
-        &cs.dims,
-        &args,
-        ConvOut {
-            y: &mut y,
-            state_out: Some(&mut st),
-        },
-        cs.tb,
-    );
+    conv1d_fwd_tb(&cs.dims, &args, ConvOut { y: &mut y, state_out: Some(&mut st) }, cs.tb);
     let (want_y, want_st) = ref_fwd(&cs.dims, &Args64::new(&args).args());
     assert_close("y", &y, &want_y, 1e-5, 1e-5);
     assert_close("state_out", &st, &want_st, 0.0, 0.0);
@@ -142,28 +106,14 @@ fn check_bwd(cs: &Case) {
     let dw0 = to_f32(&r.vec(dims.n_ck(), -1.0, 1.0));
     let db0 = to_f32(&r.vec(dims.channels, -1.0, 1.0));
     let (mut dx, mut dw, mut db) = (dx0.clone(), dw0.clone(), db0.clone());
-    conv1d_bwd_tb(
-        dims,
-        &args,
-        &dy,
-        ConvGrads {
-            dx: &mut dx,
-            dweight: &mut dw,
-            dbias: Some(&mut db),
-        },
-        cs.tb,
-    );
+    conv1d_bwd_tb(dims, &args, &dy, ConvGrads { dx: &mut dx, dweight: &mut dw, dbias: Some(&mut db) }, cs.tb);
     let a64 = Args64::new(&args);
     let (mut rdx, mut rdw, mut rdb) = (to_f64(&dx0), to_f64(&dw0), to_f64(&db0));
     reference::conv1d_bwd(
         dims,
         &a64.args(),
         &to_f64(&dy),
-        ConvGrads {
-            dx: &mut rdx,
-            dweight: &mut rdw,
-            dbias: Some(&mut rdb),
-        },
+        ConvGrads { dx: &mut rdx, dweight: &mut rdw, dbias: Some(&mut rdb) },
     );
     assert_close("dx", &dx, &rdx, 1e-5, 1e-5);
     assert_rel_max("dweight", &dw, &rdw, 2e-6, 1.0);
@@ -177,14 +127,7 @@ fn check_step_matches_forward(cs: &Case) {
     let args = d.args(cs.bias, cs.silu);
     let mut y = vec![0.0f32; dims.n_blc()];
     let mut st_full = vec![0.0f32; dims.n_bck()];
-    conv1d_fwd(
-        dims,
-        &args,
-        ConvOut {
-            y: &mut y,
-            state_out: Some(&mut st_full),
-        },
-    );
+    conv1d_fwd(dims, &args, ConvOut { y: &mut y, state_out: Some(&mut st_full) });
     let d1 = ConvDims::new(b, 1, c, k);
     let a64 = Args64::new(&args);
     let mut st = vec![0.0f32; dims.n_bck()];
@@ -198,25 +141,11 @@ fn check_step_matches_forward(cs: &Case) {
             xt64[bb * c..(bb + 1) * c].copy_from_slice(&a64.x[src..src + c]);
         }
         conv1d_step(&d1, &ConvArgs { x: &xt, ..args }, &mut st, &mut yt);
-        reference::conv1d_step(
-            &d1,
-            &ConvArgs {
-                x: &xt64,
-                ..a64.args()
-            },
-            &mut st64,
-            &mut yt64,
-        );
+        reference::conv1d_step(&d1, &ConvArgs { x: &xt64, ..a64.args() }, &mut st64, &mut yt64);
         assert_close("step y vs reference step", &yt, &yt64, 1e-5, 1e-5);
         for bb in 0..b {
             let dst = (bb * l + t) * c;
-            assert_close(
-                "step y vs forward y",
-                &yt[bb * c..(bb + 1) * c],
-                &y[dst..dst + c],
-                1e-5,
-                1e-5,
-            );
+            assert_close("step y vs forward y", &yt[bb * c..(bb + 1) * c], &y[dst..dst + c], 1e-5, 1e-5);
         }
     }
     assert_close("step state vs state_out", &st, &st_full, 0.0, 0.0);
@@ -245,10 +174,7 @@ proptest! {
 #[test]
 fn default_blocking_on_a_long_sequence_matches_reference() {
     // Several tasks per batch row with the public entry points' own block size.
-    for (i, dims) in [ConvDims::new(2, 300, 37, 4), ConvDims::new(1, 700, 8, 3)]
-        .iter()
-        .enumerate()
-    {
+    for (i, dims) in [ConvDims::new(2, 300, 37, 4), ConvDims::new(1, 700, 8, 3)].iter().enumerate() {
         let cs = Case {
             dims: *dims,
             bias: true,
@@ -284,22 +210,13 @@ fn fast_bwd_matches_f64_finite_differences_of_reference() {
             &dims,
             &args,
             &wy,
-            ConvGrads {
-                dx: &mut dx,
-                dweight: &mut dw,
-                dbias: Some(&mut db),
-            },
+            ConvGrads { dx: &mut dx, dweight: &mut dw, dbias: Some(&mut db) },
             tb,
         );
         let a64 = Args64::new(&args);
         let wy64 = to_f64(&wy);
         let loss = |x: &[f64], w: &[f64], bb: Option<&[f64]>| {
-            let a = ConvArgs {
-                x,
-                weight: w,
-                bias: bb,
-                silu,
-            };
+            let a = ConvArgs { x, weight: w, bias: bb, silu };
             dot(&wy64, &ref_fwd(&dims, &a).0)
         };
         let bopt = a64.bias.as_deref();
@@ -324,16 +241,7 @@ fn gradients_accumulate_across_calls() {
         let mut dx = vec![0.0f32; dims.n_blc()];
         let mut dw = vec![0.0f32; dims.n_ck()];
         for _ in 0..times {
-            conv1d_bwd(
-                &dims,
-                &args,
-                &dy,
-                ConvGrads {
-                    dx: &mut dx,
-                    dweight: &mut dw,
-                    dbias: None,
-                },
-            );
+            conv1d_bwd(&dims, &args, &dy, ConvGrads { dx: &mut dx, dweight: &mut dw, dbias: None });
         }
         (dx, dw)
     };
@@ -351,32 +259,13 @@ fn results_do_not_depend_on_the_thread_count() {
     let args = d.args(true, true);
     let dy = to_f32(&Rng(9).vec(dims.n_blc(), -1.0, 1.0));
     let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
         pool.install(|| {
             let mut y = vec![0.0f32; dims.n_blc()];
-            conv1d_fwd(
-                &dims,
-                &args,
-                ConvOut {
-                    y: &mut y,
-                    state_out: None,
-                },
-            );
+            conv1d_fwd(&dims, &args, ConvOut { y: &mut y, state_out: None });
             let mut dx = vec![0.0f32; dims.n_blc()];
             let mut dw = vec![0.0f32; dims.n_ck()];
-            conv1d_bwd(
-                &dims,
-                &args,
-                &dy,
-                ConvGrads {
-                    dx: &mut dx,
-                    dweight: &mut dw,
-                    dbias: None,
-                },
-            );
+            conv1d_bwd(&dims, &args, &dy, ConvGrads { dx: &mut dx, dweight: &mut dw, dbias: None });
             (y, dx, dw)
         })
     };
@@ -385,23 +274,12 @@ fn results_do_not_depend_on_the_thread_count() {
 
 #[test]
 fn empty_problems_are_no_ops() {
-    for dims in [
-        ConvDims::new(0, 4, 3, 2),
-        ConvDims::new(2, 0, 3, 2),
-        ConvDims::new(2, 4, 0, 2),
-    ] {
+    for dims in [ConvDims::new(0, 4, 3, 2), ConvDims::new(2, 0, 3, 2), ConvDims::new(2, 4, 0, 2)] {
         let x = vec![1.0f32; dims.n_blc()];
         let w = vec![1.0f32; dims.n_ck()];
         let mut y = vec![0.0f32; dims.n_blc()];
         let mut st = vec![7.0f32; dims.n_bck()];
-        conv1d_fwd(
-            &dims,
-            &ConvArgs::new(&x, &w),
-            ConvOut {
-                y: &mut y,
-                state_out: Some(&mut st),
-            },
-        );
+        conv1d_fwd(&dims, &ConvArgs::new(&x, &w), ConvOut { y: &mut y, state_out: Some(&mut st) });
         assert!(st.iter().all(|&v| v == 0.0));
         let mut dx = vec![0.0f32; dims.n_blc()];
         let mut dw = vec![0.0f32; dims.n_ck()];
@@ -409,11 +287,7 @@ fn empty_problems_are_no_ops() {
             &dims,
             &ConvArgs::new(&x, &w),
             &y,
-            ConvGrads {
-                dx: &mut dx,
-                dweight: &mut dw,
-                dbias: None,
-            },
+            ConvGrads { dx: &mut dx, dweight: &mut dw, dbias: None },
         );
         assert!(dw.iter().all(|&v| v == 0.0));
     }
@@ -426,14 +300,7 @@ fn empty_problems_are_no_ops() {
 fn fwd_wrong_weight_length_panics_naming_it() {
     let dims = ConvDims::new(1, 3, 2, 4);
     let mut y = vec![0.0f32; 6];
-    conv1d_fwd(
-        &dims,
-        &ConvArgs::new(&[0.0; 6], &[0.0; 7]),
-        ConvOut {
-            y: &mut y,
-            state_out: None,
-        },
-    );
+    conv1d_fwd(&dims, &ConvArgs::new(&[0.0; 6], &[0.0; 7]), ConvOut { y: &mut y, state_out: None });
 }
 
 #[test]
@@ -445,11 +312,7 @@ fn bwd_wrong_dy_length_panics_naming_it() {
         &dims,
         &ConvArgs::new(&[0.0; 6], &[0.0; 8]),
         &[0.0; 5],
-        ConvGrads {
-            dx: &mut dx,
-            dweight: &mut dw,
-            dbias: None,
-        },
+        ConvGrads { dx: &mut dx, dweight: &mut dw, dbias: None },
     );
 }
 
@@ -462,11 +325,7 @@ fn bwd_wrong_dbias_length_panics_naming_it() {
         &dims,
         &ConvArgs::new(&[0.0; 6], &[0.0; 8]),
         &[0.0; 6],
-        ConvGrads {
-            dx: &mut dx,
-            dweight: &mut dw,
-            dbias: Some(&mut db),
-        },
+        ConvGrads { dx: &mut dx, dweight: &mut dw, dbias: Some(&mut db) },
     );
 }
 

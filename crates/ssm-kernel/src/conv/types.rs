@@ -20,12 +20,7 @@ pub struct ConvDims {
 impl ConvDims {
     /// Dims `(B, L, C, K)`.
     pub fn new(batch: usize, seqlen: usize, channels: usize, width: usize) -> Self {
-        Self {
-            batch,
-            seqlen,
-            channels,
-            width,
-        }
+        Self { batch, seqlen, channels, width }
     }
 
     /// Panics unless `K ≥ 1`.
@@ -35,10 +30,7 @@ impl ConvDims {
     }
 
     pub(crate) fn blc(&self) -> String {
-        format!(
-            "(B, L, C) = ({}, {}, {})",
-            self.batch, self.seqlen, self.channels
-        )
+        format!("(B, L, C) = ({}, {}, {})", self.batch, self.seqlen, self.channels)
     }
 
     pub(crate) fn ck(&self) -> String {
@@ -50,10 +42,7 @@ impl ConvDims {
     }
 
     pub(crate) fn bck(&self) -> String {
-        format!(
-            "(B, C, K) = ({}, {}, {})",
-            self.batch, self.channels, self.width
-        )
+        format!("(B, C, K) = ({}, {}, {})", self.batch, self.channels, self.width)
     }
 
     pub(crate) fn bc(&self) -> String {
@@ -101,12 +90,7 @@ pub struct ConvArgs<'a, T> {
 impl<'a, T> ConvArgs<'a, T> {
     /// Required inputs only: no bias, no SiLU.
     pub fn new(x: &'a [T], weight: &'a [T]) -> Self {
-        Self {
-            x,
-            weight,
-            bias: None,
-            silu: false,
-        }
+        Self { x, weight, bias: None, silu: false }
     }
 
     /// Panics with a message naming the argument unless every length matches `dims`.
@@ -135,13 +119,7 @@ impl<T> ConvOut<'_, T> {
     #[track_caller]
     pub fn check(&self, kernel: &str, dims: &ConvDims) {
         check_len(kernel, "y", &dims.blc(), self.y.len(), dims.n_blc());
-        check_opt_len(
-            kernel,
-            "state_out",
-            &dims.bck(),
-            self.state_out.as_deref(),
-            dims.n_bck(),
-        );
+        check_opt_len(kernel, "state_out", &dims.bck(), self.state_out.as_deref(), dims.n_bck());
     }
 }
 
@@ -163,20 +141,8 @@ impl<T> ConvGrads<'_, T> {
     #[track_caller]
     pub fn check(&self, kernel: &str, dims: &ConvDims) {
         check_len(kernel, "dx", &dims.blc(), self.dx.len(), dims.n_blc());
-        check_len(
-            kernel,
-            "dweight",
-            &dims.ck(),
-            self.dweight.len(),
-            dims.n_ck(),
-        );
-        check_opt_len(
-            kernel,
-            "dbias",
-            &dims.c(),
-            self.dbias.as_deref(),
-            dims.channels,
-        );
+        check_len(kernel, "dweight", &dims.ck(), self.dweight.len(), dims.n_ck());
+        check_opt_len(kernel, "dbias", &dims.c(), self.dbias.as_deref(), dims.channels);
     }
 }
 

@@ -6,12 +6,7 @@ use crate::conv::{check_step, check_upstream};
 
 /// Pre-activation output `bias[c] + Σ_k w[c, k] · x[b, t − (K−1) + k, c]`.
 fn pre<T: Real>(dims: &ConvDims, args: &ConvArgs<T>, b: usize, t: usize, c: usize) -> T {
-    let ConvDims {
-        seqlen: l,
-        channels: ch,
-        width: k,
-        ..
-    } = *dims;
+    let ConvDims { seqlen: l, channels: ch, width: k, .. } = *dims;
     let mut acc = args.bias.map_or(T::zero(), |bias| bias[c]);
     for kk in 0..k {
         // source time t − (K−1) + kk, skipped when negative
@@ -29,12 +24,7 @@ pub fn conv1d_fwd<T: Real>(dims: &ConvDims, args: &ConvArgs<T>, out: ConvOut<T>)
     const K: &str = "reference::conv::conv1d_fwd";
     args.check(K, dims);
     out.check(K, dims);
-    let ConvDims {
-        batch,
-        seqlen: l,
-        channels: ch,
-        width: k,
-    } = *dims;
+    let ConvDims { batch, seqlen: l, channels: ch, width: k } = *dims;
     let ConvOut { y, state_out } = out;
     for b in 0..batch {
         for t in 0..l {
@@ -49,11 +39,8 @@ pub fn conv1d_fwd<T: Real>(dims: &ConvDims, args: &ConvArgs<T>, out: ConvOut<T>)
             for c in 0..ch {
                 for kk in 0..k {
                     // position L − K + kk
-                    st[(b * ch + c) * k + kk] = if l + kk >= k {
-                        args.x[(b * l + l + kk - k) * ch + c]
-                    } else {
-                        T::zero()
-                    };
+                    st[(b * ch + c) * k + kk] =
+                        if l + kk >= k { args.x[(b * l + l + kk - k) * ch + c] } else { T::zero() };
                 }
             }
         }
@@ -68,26 +55,13 @@ pub fn conv1d_bwd<T: Real>(dims: &ConvDims, args: &ConvArgs<T>, dy: &[T], grads:
     args.check(K, dims);
     check_upstream(K, dims, dy);
     grads.check(K, dims);
-    let ConvDims {
-        batch,
-        seqlen: l,
-        channels: ch,
-        width: k,
-    } = *dims;
-    let ConvGrads {
-        dx,
-        dweight,
-        mut dbias,
-    } = grads;
+    let ConvDims { batch, seqlen: l, channels: ch, width: k } = *dims;
+    let ConvGrads { dx, dweight, mut dbias } = grads;
     for b in 0..batch {
         for t in 0..l {
             for c in 0..ch {
                 let i = (b * l + t) * ch + c;
-                let g = if args.silu {
-                    dy[i] * pre(dims, args, b, t, c).silu_grad()
-                } else {
-                    dy[i]
-                };
+                let g = if args.silu { dy[i] * pre(dims, args, b, t, c).silu_grad() } else { dy[i] };
                 if let Some(db) = dbias.as_deref_mut() {
                     db[c] += g;
                 }
@@ -111,12 +85,7 @@ pub fn conv1d_bwd<T: Real>(dims: &ConvDims, args: &ConvArgs<T>, dy: &[T], grads:
 pub fn conv1d_step<T: Real>(dims: &ConvDims, args: &ConvArgs<T>, state: &mut [T], y: &mut [T]) {
     const K: &str = "reference::conv::conv1d_step";
     check_step(K, dims, args, state, y);
-    let ConvDims {
-        batch,
-        channels: ch,
-        width: k,
-        ..
-    } = *dims;
+    let ConvDims { batch, channels: ch, width: k, .. } = *dims;
     for b in 0..batch {
         for c in 0..ch {
             let st = &mut state[(b * ch + c) * k..(b * ch + c + 1) * k];
@@ -141,29 +110,13 @@ mod tests {
     /// Random f64 problem: (x, weight, bias).
     fn problem(dims: &ConvDims, seed: u64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
         let mut r = Rng(seed);
-        (
-            r.vec(dims.n_blc(), -1.5, 1.5),
-            r.vec(dims.n_ck(), -1.0, 1.0),
-            r.vec(dims.channels, -0.5, 0.5),
-        )
+        (r.vec(dims.n_blc(), -1.5, 1.5), r.vec(dims.n_ck(), -1.0, 1.0), r.vec(dims.channels, -0.5, 0.5))
     }
 
     fn fwd(dims: &ConvDims, x: &[f64], w: &[f64], bias: Option<&[f64]>, silu: bool) -> Vec<f64> {
         let mut y = vec![0.0; dims.n_blc()];
-        let args = ConvArgs {
-            x,
-            weight: w,
-            bias,
-            silu,
-        };
-        conv1d_fwd(
-            dims,
-            &args,
-            ConvOut {
-                y: &mut y,
-                state_out: None,
-            },
-        );
+        let args = ConvArgs { x, weight: w, bias, silu };
+        conv1d_fwd(dims, &args, ConvOut { y: &mut y, state_out: None });
         y
     }
 
@@ -175,18 +128,8 @@ mod tests {
         let w = [10.0, 1.0];
         let mut y = [0.0; 3];
         let mut st = [0.0; 2];
-        let args = ConvArgs {
-            bias: Some(&[0.5][..]),
-            ..ConvArgs::new(&x[..], &w[..])
-        };
-        conv1d_fwd(
-            &dims,
-            &args,
-            ConvOut {
-                y: &mut y,
-                state_out: Some(&mut st),
-            },
-        );
+        let args = ConvArgs { bias: Some(&[0.5][..]), ..ConvArgs::new(&x[..], &w[..]) };
+        conv1d_fwd(&dims, &args, ConvOut { y: &mut y, state_out: Some(&mut st) });
         assert_eq!(y, [1.5, 12.5, 23.5]);
         assert_eq!(st, [2.0, 3.0]);
     }
@@ -210,28 +153,12 @@ mod tests {
             let mut dx = vec![0.0; dims.n_blc()];
             let mut dw = vec![0.0; dims.n_ck()];
             let mut db = vec![0.0; c];
-            let args = ConvArgs {
-                x: &x,
-                weight: &w,
-                bias: bias_opt,
-                silu,
-            };
-            conv1d_bwd(
-                &dims,
-                &args,
-                &wy,
-                ConvGrads {
-                    dx: &mut dx,
-                    dweight: &mut dw,
-                    dbias: Some(&mut db),
-                },
-            );
+            let args = ConvArgs { x: &x, weight: &w, bias: bias_opt, silu };
+            conv1d_bwd(&dims, &args, &wy, ConvGrads { dx: &mut dx, dweight: &mut dw, dbias: Some(&mut db) });
             let eps = 1e-6;
             let ndx = numeric_grad(&x, eps, |x| dot(&wy, &fwd(&dims, x, &w, bias_opt, silu)));
             let ndw = numeric_grad(&w, eps, |w| dot(&wy, &fwd(&dims, &x, w, bias_opt, silu)));
-            let ndb = numeric_grad(&bias, eps, |bb| {
-                dot(&wy, &fwd(&dims, &x, &w, Some(bb), silu))
-            });
+            let ndb = numeric_grad(&bias, eps, |bb| dot(&wy, &fwd(&dims, &x, &w, Some(bb), silu)));
             assert_close("dx", &dx, &ndx, 1e-6, 1e-7);
             assert_close("dweight", &dw, &ndw, 1e-6, 1e-7);
             if with_bias {
@@ -245,17 +172,7 @@ mod tests {
     fn wrong_bias_length_panics_naming_it() {
         let dims = ConvDims::new(1, 2, 3, 2);
         let mut y = vec![0.0f64; 6];
-        let args = ConvArgs {
-            bias: Some(&[0.0, 0.0][..]),
-            ..ConvArgs::new(&[0.0; 6][..], &[0.0; 6][..])
-        };
-        conv1d_fwd(
-            &dims,
-            &args,
-            ConvOut {
-                y: &mut y,
-                state_out: None,
-            },
-        );
+        let args = ConvArgs { bias: Some(&[0.0, 0.0][..]), ..ConvArgs::new(&[0.0; 6][..], &[0.0; 6][..]) };
+        conv1d_fwd(&dims, &args, ConvOut { y: &mut y, state_out: None });
     }
 }
