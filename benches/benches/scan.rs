@@ -121,20 +121,21 @@ fn bench_mamba1(cr: &mut Criterion) {
     let shape = format!("B{b}-L{l}-D{d}-N{n}");
     let mut y = vec![0.0f32; dims.n_bld()];
     let mut g = Grads::new(dims.n_bld(), dims.n_bld(), d * n, dims.n_blgn(), d);
+    let mut ckpt = vec![0.0f32; dims.n_checkpoints()];
 
     let mut grp = cr.benchmark_group("scan/mamba1");
     grp.throughput(Throughput::Elements((b * l * d * n) as u64));
     for (suffix, pool) in &pools() {
         grp.bench_function(format!("fwd/{shape}{suffix}"), |bn| {
-            pool.install(|| {
-                bn.iter(|| mamba1::scan_fwd(&dims, &args, Scan1Out { y: black_box(&mut y), h_last: None }))
-            })
+            pool.install(|| bn.iter(|| mamba1::scan_fwd(&dims, &args, Scan1Out::new(black_box(&mut y)))))
         });
+        // As in training: the forward keeps its chunk checkpoints and the backward reuses them.
         grp.bench_function(format!("fwd_bwd/{shape}{suffix}"), |bn| {
             pool.install(|| {
                 bn.iter(|| {
-                    mamba1::scan_fwd(&dims, &args, Scan1Out { y: black_box(&mut y), h_last: None });
-                    mamba1::scan_bwd(&dims, &args, &p.dy, None, g.scan1());
+                    let out = Scan1Out { y: black_box(&mut y), h_last: None, checkpoints: Some(&mut ckpt) };
+                    mamba1::scan_fwd(&dims, &args, out);
+                    mamba1::scan_bwd_with_checkpoints(&dims, &args, &ckpt, &p.dy, None, g.scan1());
                 })
             })
         });
@@ -162,11 +163,11 @@ fn bench_mamba1(cr: &mut Criterion) {
     grp.throughput(Throughput::Elements((b * l * d * n) as u64));
     slow(&mut grp);
     grp.bench_function(format!("fwd_ref/{shape}"), |bn| {
-        bn.iter(|| reference::mamba1::scan_fwd(&dims, &args, Scan1Out { y: black_box(&mut y), h_last: None }))
+        bn.iter(|| reference::mamba1::scan_fwd(&dims, &args, Scan1Out::new(black_box(&mut y))))
     });
     grp.bench_function(format!("fwd_bwd_ref/{shape}"), |bn| {
         bn.iter(|| {
-            reference::mamba1::scan_fwd(&dims, &args, Scan1Out { y: black_box(&mut y), h_last: None });
+            reference::mamba1::scan_fwd(&dims, &args, Scan1Out::new(black_box(&mut y)));
             reference::mamba1::scan_bwd(&dims, &args, &p.dy, None, g.scan1());
         })
     });

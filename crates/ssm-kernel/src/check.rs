@@ -38,9 +38,7 @@ mod tests {
     use super::*;
 
     #[test]
-    #[should_panic(
-        expected = "k: `u` has 3 elements, but its layout (B, L, D) = (1, 2, 2) needs 4"
-    )]
+    #[should_panic(expected = "k: `u` has 3 elements, but its layout (B, L, D) = (1, 2, 2) needs 4")]
     fn message_names_argument_and_lengths() {
         check_len("k", "u", "(B, L, D) = (1, 2, 2)", 3, 4);
     }

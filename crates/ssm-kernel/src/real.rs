@@ -38,21 +38,13 @@ pub trait Real:
     /// Softplus as the reference computes it: `x` above 20, else `ln(1 + e^x)`.
     #[inline]
     fn softplus(self) -> Self {
-        if self > Self::c(20.0) {
-            self
-        } else {
-            self.exp().ln_1p()
-        }
+        if self > Self::c(20.0) { self } else { self.exp().ln_1p() }
     }
 
     /// Derivative of [`Real::softplus`]: 1 above 20, else `σ(x)`.
     #[inline]
     fn softplus_grad(self) -> Self {
-        if self > Self::c(20.0) {
-            Self::one()
-        } else {
-            self.sigmoid()
-        }
+        if self > Self::c(20.0) { Self::one() } else { self.sigmoid() }
     }
 }
 

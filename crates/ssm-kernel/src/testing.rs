@@ -51,18 +51,13 @@ pub fn assert_close<A: Copy + Into<f64>, B: Copy + Into<f64>>(
     rtol: f64,
     atol: f64,
 ) {
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "{name}: length {} vs {}",
-        got.len(),
-        want.len()
-    );
+    assert_eq!(got.len(), want.len(), "{name}: length {} vs {}", got.len(), want.len());
     let mut worst: Option<(usize, f64, f64, f64)> = None;
     for (i, (&g, &w)) in got.iter().zip(want.iter()).enumerate() {
         let (g, w): (f64, f64) = (g.into(), w.into());
         let excess = (g - w).abs() - (atol + rtol * w.abs());
-        if !(excess <= 0.0) && worst.is_none_or(|(_, e, _, _)| excess > e || excess.is_nan()) {
+        if (excess > 0.0 || excess.is_nan()) && worst.is_none_or(|(_, e, _, _)| excess > e || excess.is_nan())
+        {
             worst = Some((i, excess, g, w));
         }
     }
@@ -84,21 +79,12 @@ pub fn assert_rel_max<A: Copy + Into<f64>, B: Copy + Into<f64>>(
     tol: f64,
     floor: f64,
 ) {
-    assert_eq!(
-        got.len(),
-        want.len(),
-        "{name}: length {} vs {}",
-        got.len(),
-        want.len()
-    );
-    let scale = want
-        .iter()
-        .map(|&w| Into::<f64>::into(w).abs())
-        .fold(floor, f64::max);
+    assert_eq!(got.len(), want.len(), "{name}: length {} vs {}", got.len(), want.len());
+    let scale = want.iter().map(|&w| Into::<f64>::into(w).abs()).fold(floor, f64::max);
     let (mut worst, mut at) = (0.0f64, 0usize);
     for (i, (&g, &w)) in got.iter().zip(want.iter()).enumerate() {
         let d = (Into::<f64>::into(g) - Into::<f64>::into(w)).abs();
-        if !(d <= worst) {
+        if d > worst || d.is_nan() {
             worst = d;
             at = i;
         }
@@ -135,8 +121,5 @@ pub fn dot(w: &[f64], y: &[f64]) -> f64 {
 
 /// Proptest case count: `PROPTEST_CASES` when set, else `default` (kept small for 2-core CI).
 pub fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }

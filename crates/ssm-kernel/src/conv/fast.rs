@@ -451,7 +451,8 @@ pub(crate) fn conv1d_bwd_tb(
         return;
     }
     let ConvDims { seqlen: l, channels: c, width: k, .. } = *dims;
-    let ConvGrads { dx, dweight, mut dbias } = grads;
+    let ConvGrads { dx, dweight, dbias } = grads;
+    let mut dbias = if args.bias.is_some() { dbias } else { None };
     let p = Packed::new(dims, args);
     let cp = p.cp;
     let tb = tb.clamp(1, l);

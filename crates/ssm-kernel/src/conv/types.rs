@@ -124,8 +124,8 @@ impl<T> ConvOut<'_, T> {
 }
 
 /// Gradient buffers of a conv. The backward **adds** into every buffer (`+=`), so the caller
-/// zeroes them or accumulates across calls. An absent `dbias` skips that gradient; when present it
-/// receives the gradient with respect to the bias even if `args.bias` is `None` (a zero bias).
+/// zeroes them or accumulates across calls. An absent `dbias` skips that gradient, and so does an
+/// absent `args.bias` (as in every kernel of this crate: no input, no gradient).
 #[derive(Debug)]
 pub struct ConvGrads<'a, T> {
     /// d`x`, (B, L, C).

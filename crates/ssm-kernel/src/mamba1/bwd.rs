@@ -33,7 +33,7 @@ use crate::simd::{self, W};
 
 /// Time steps per recomputation chunk (a multiple of the forward's time block).
 pub const CHUNK: usize = 32;
-const _: () = assert!(CHUNK % TIME_BLOCK == 0);
+const _: () = assert!(CHUNK.is_multiple_of(TIME_BLOCK));
 
 /// Per-task gradient partials that are reduced after the parallel section.
 struct TaskOut {
@@ -335,11 +335,11 @@ fn bwd_task<const NN: usize>(
         // The group whose lane-wise dB/dC sums `buf.vdb`/`buf.vdc` hold.
         let mut pending: Option<usize> = None;
         for (ti, tile) in tiles.iter().enumerate() {
-            if let Groups::Uniform(gi) = tile.groups {
-                if pending != Some(gi) {
-                    flush_bc(&mut buf, pending, n, gn, t0, t1, db_row, dc_row);
-                    pending = Some(gi);
-                }
+            if let Groups::Uniform(gi) = tile.groups
+                && pending != Some(gi)
+            {
+                flush_bc(&mut buf, pending, n, gn, t0, t1, db_row, dc_row);
+                pending = Some(gi);
             }
             h.copy_from_slice(&acc.ckpt[(ti * nchunks + c) * n..(ti * nchunks + c + 1) * n]);
             let (g, da) = (&mut acc.g[ti * n..(ti + 1) * n], &mut acc.da[ti * n..(ti + 1) * n]);

@@ -50,7 +50,7 @@ impl Scan1Dims {
         check_dims(kernel, self.dstate >= 1, "dstate must be at least 1");
         check_dims(
             kernel,
-            self.dim % self.ngroups == 0,
+            self.dim.is_multiple_of(self.ngroups),
             &format!("ngroups {} must divide dim {}", self.ngroups, self.dim),
         );
     }

@@ -14,11 +14,7 @@ pub(crate) fn dt_eff(args: &Scan2Args<f32>, ih: usize, h: usize) -> (f32, f32) {
     if let Some(bias) = args.delta_bias {
         v += bias[h];
     }
-    if args.delta_softplus {
-        (v.softplus(), v.softplus_grad())
-    } else {
-        (v, 1.0)
-    }
+    if args.delta_softplus { (v.softplus(), v.softplus_grad()) } else { (v, 1.0) }
 }
 
 /// Splits `pv` vectors into blocks of 8, then 4, then 1, calling `f(start, len)`.
@@ -110,30 +106,21 @@ impl TaskScalars {
 
 /// Adds per-head partials `part` (B, H, L, N) into the per-group gradient `out` (B, L, G, N).
 pub(crate) fn reduce_group_partials(dims: &Scan2Dims, part: &[f32], out: &mut [f32]) {
-    let Scan2Dims {
-        seqlen,
-        nheads,
-        dstate: n,
-        ngroups,
-        ..
-    } = *dims;
+    let Scan2Dims { seqlen, nheads, dstate: n, ngroups, .. } = *dims;
     if out.is_empty() {
         return;
     }
     let hpg = dims.group_size();
-    out.par_chunks_mut(ngroups * n)
-        .enumerate()
-        .with_min_len(16)
-        .for_each(|(bt, row)| {
-            let (b, t) = (bt / seqlen, bt % seqlen);
-            for g in 0..ngroups {
-                let o = &mut row[g * n..(g + 1) * n];
-                for h in g * hpg..(g + 1) * hpg {
-                    let src = &part[((b * nheads + h) * seqlen + t) * n..][..n];
-                    for (o, s) in o.iter_mut().zip(src) {
-                        *o += s;
-                    }
+    out.par_chunks_mut(ngroups * n).enumerate().with_min_len(16).for_each(|(bt, row)| {
+        let (b, t) = (bt / seqlen, bt % seqlen);
+        for g in 0..ngroups {
+            let o = &mut row[g * n..(g + 1) * n];
+            for h in g * hpg..(g + 1) * hpg {
+                let src = &part[((b * nheads + h) * seqlen + t) * n..][..n];
+                for (o, s) in o.iter_mut().zip(src) {
+                    *o += s;
                 }
             }
-        });
+        }
+    });
 }

@@ -91,14 +91,7 @@ pub fn scan_fwd(dims: &Scan2Dims, args: &Scan2Args<f32>, out: Scan2Out<f32>) {
     const K: &str = "mamba2::scan_fwd";
     args.check(K, dims);
     out.check(K, dims);
-    let Scan2Dims {
-        batch,
-        seqlen,
-        nheads,
-        headdim: pd,
-        dstate: n,
-        ngroups,
-    } = *dims;
+    let Scan2Dims { batch, seqlen, nheads, headdim: pd, dstate: n, ngroups } = *dims;
     let Scan2Out { y, h_last } = out;
     let ysh = SharedMut::new(y);
     let hlsh = h_last.map(SharedMut::new);
@@ -217,25 +210,8 @@ pub fn scan_bwd(
     args.check(K, dims);
     check_upstream(K, dims, dy, dh_last);
     grads.check(K, dims);
-    let Scan2Dims {
-        batch,
-        seqlen,
-        nheads,
-        headdim: pd,
-        dstate: n,
-        ngroups,
-    } = *dims;
-    let Scan2Grads {
-        dx,
-        ddelta,
-        da,
-        db,
-        dc,
-        dd,
-        dz,
-        ddelta_bias,
-        dh0,
-    } = grads;
+    let Scan2Dims { batch, seqlen, nheads, headdim: pd, dstate: n, ngroups } = *dims;
+    let Scan2Grads { dx, ddelta, da, db, dc, dd, dz, ddelta_bias, dh0 } = grads;
     let pv = pd.div_ceil(W);
     let ck = ckpt_len(seqlen);
     let nck = seqlen.div_ceil(ck);
@@ -347,16 +323,16 @@ pub fn scan_bwd(
                     blocks(pv, |j0, m| {
                         qv += match m {
                             8 => back::<8>(
-                                &mut gs, hcur, hprev, pv, j0, av, brow, crow, &dyy, &xv, &mut acc,
-                                &mut dcn, &mut sn,
+                                &mut gs, hcur, hprev, pv, j0, av, brow, crow, &dyy, &xv, &mut acc, &mut dcn,
+                                &mut sn,
                             ),
                             4 => back::<4>(
-                                &mut gs, hcur, hprev, pv, j0, av, brow, crow, &dyy, &xv, &mut acc,
-                                &mut dcn, &mut sn,
+                                &mut gs, hcur, hprev, pv, j0, av, brow, crow, &dyy, &xv, &mut acc, &mut dcn,
+                                &mut sn,
                             ),
                             _ => back::<1>(
-                                &mut gs, hcur, hprev, pv, j0, av, brow, crow, &dyy, &xv, &mut acc,
-                                &mut dcn, &mut sn,
+                                &mut gs, hcur, hprev, pv, j0, av, brow, crow, &dyy, &xv, &mut acc, &mut dcn,
+                                &mut sn,
                             ),
                         }
                     });
@@ -404,21 +380,11 @@ pub fn scan_bwd(
 pub fn scan_step(dims: &Scan2Dims, args: &Scan2Args<f32>, state: &mut [f32], y: &mut [f32]) {
     const K: &str = "mamba2::scan_step";
     check_step(K, dims, args, state, y);
-    let Scan2Dims {
-        nheads,
-        headdim: pd,
-        dstate: n,
-        ngroups,
-        ..
-    } = *dims;
+    let Scan2Dims { nheads, headdim: pd, dstate: n, ngroups, .. } = *dims;
     let sz = pd * n;
     let min_len = (32768 / sz.max(1)).max(1);
-    state
-        .par_chunks_mut(sz)
-        .zip(y.par_chunks_mut(pd))
-        .enumerate()
-        .with_min_len(min_len)
-        .for_each(|(task, (st, yr))| {
+    state.par_chunks_mut(sz).zip(y.par_chunks_mut(pd)).enumerate().with_min_len(min_len).for_each(
+        |(task, (st, yr))| {
             let (b, h) = (task / nheads, task % nheads);
             let bc = (b * ngroups + dims.group_of(h)) * n;
             let (brow, crow) = (&args.b[bc..bc + n], &args.c[bc..bc + n]);
@@ -441,5 +407,6 @@ pub fn scan_step(dims: &Scan2Dims, args: &Scan2Args<f32>, state: &mut [f32], y: 
                 }
                 yr[p] = v;
             }
-        });
+        },
+    );
 }

@@ -111,11 +111,7 @@ struct Chunks {
 impl Chunks {
     fn new(dims: &Scan2Dims, chunk_size: usize) -> Self {
         let q = chunk_size.max(1).min(dims.seqlen.max(1));
-        Self {
-            q,
-            nch: dims.seqlen.div_ceil(q),
-            seqlen: dims.seqlen,
-        }
+        Self { q, nch: dims.seqlen.div_ceil(q), seqlen: dims.seqlen }
     }
     /// (start, length) of chunk `c`.
     fn range(&self, c: usize) -> (usize, usize) {
@@ -126,12 +122,7 @@ impl Chunks {
 
 /// `C Bᵀ` for every (b, g, chunk): `(B, G, nch, Q, Q)`, row stride `Q`.
 fn chunk_cb(dims: &Scan2Dims, ch: Chunks, args: &Scan2Args<f32>) -> Vec<f32> {
-    let Scan2Dims {
-        seqlen,
-        dstate: n,
-        ngroups,
-        ..
-    } = *dims;
+    let Scan2Dims { seqlen, dstate: n, ngroups, .. } = *dims;
     let qq = ch.q * ch.q;
     let mut cb = vec![0.0f32; dims.batch * ngroups * ch.nch * qq];
     cb.par_chunks_mut(qq).enumerate().for_each(|(idx, blk)| {
@@ -140,17 +131,7 @@ fn chunk_cb(dims: &Scan2Dims, ch: Chunks, args: &Scan2Args<f32>) -> Vec<f32> {
         let (t0, q) = ch.range(c);
         let off = ((b * seqlen + t0) * ngroups + g) * n;
         let gn = ngroups * n;
-        gemm(
-            (q, n, q),
-            1.0,
-            &args.c[off..],
-            (gn, 1),
-            &args.b[off..],
-            (1, gn),
-            0.0,
-            blk,
-            (ch.q, 1),
-        );
+        gemm((q, n, q), 1.0, &args.c[off..], (gn, 1), &args.b[off..], (1, gn), 0.0, blk, (ch.q, 1));
     });
     cb
 }
@@ -234,14 +215,7 @@ pub fn ssd_fwd(dims: &Scan2Dims, chunk_size: usize, args: &Scan2Args<f32>, out: 
     const K: &str = "mamba2::ssd_fwd";
     args.check(K, dims);
     out.check(K, dims);
-    let Scan2Dims {
-        batch,
-        seqlen,
-        nheads,
-        headdim: pd,
-        dstate: n,
-        ngroups,
-    } = *dims;
+    let Scan2Dims { batch, seqlen, nheads, headdim: pd, dstate: n, ngroups } = *dims;
     let Scan2Out { y, h_last } = out;
     let ch = Chunks::new(dims, chunk_size);
     let cb = chunk_cb(dims, ch, args);
@@ -277,17 +251,7 @@ pub fn ssd_fwd(dims: &Scan2Dims, chunk_size: usize, args: &Scan2Args<f32>, out: 
             // Off-diagonal: Y = diag(exp(cs)) · C · S₀.
             let mut beta = 0.0;
             if !zero_state {
-                gemm(
-                    (q, n, pd),
-                    1.0,
-                    &args.c[bc..],
-                    (gn, 1),
-                    &st,
-                    (pd, 1),
-                    0.0,
-                    &mut yb,
-                    (pd, 1),
-                );
+                gemm((q, n, pd), 1.0, &args.c[bc..], (gn, 1), &st, (pd, 1), 0.0, &mut yb, (pd, 1));
                 for t in 0..q {
                     let e = cs[t].exp();
                     yb[t * pd..(t + 1) * pd].iter_mut().for_each(|v| *v *= e);
@@ -295,17 +259,7 @@ pub fn ssd_fwd(dims: &Scan2Dims, chunk_size: usize, args: &Scan2Args<f32>, out: 
                 beta = 1.0;
             }
             // Diagonal: Y += M · X.
-            gemm(
-                (q, q, pd),
-                1.0,
-                &m,
-                (qm, 1),
-                &args.x[xo..],
-                (hp, 1),
-                beta,
-                &mut yb,
-                (pd, 1),
-            );
+            gemm((q, q, pd), 1.0, &m, (qm, 1), &args.x[xo..], (hp, 1), beta, &mut yb, (pd, 1));
             for t in 0..q {
                 let ih = (b * seqlen + t0 + t) * nheads + h;
                 // SAFETY: row `ih` of y belongs to this (b, h) task only.
@@ -331,23 +285,10 @@ pub fn ssd_fwd(dims: &Scan2Dims, chunk_size: usize, args: &Scan2Args<f32>, out: 
             for s in 0..q {
                 let w = (ce - cs[s]).exp() * dt[s];
                 let br = &args.b[bc + s * gn..bc + s * gn + n];
-                bw[s * n..(s + 1) * n]
-                    .iter_mut()
-                    .zip(br)
-                    .for_each(|(o, &v)| *o = v * w);
+                bw[s * n..(s + 1) * n].iter_mut().zip(br).for_each(|(o, &v)| *o = v * w);
             }
             let beta = if zero_state { 0.0 } else { ce.exp() };
-            gemm(
-                (n, q, pd),
-                1.0,
-                &bw,
-                (1, n),
-                &args.x[xo..],
-                (hp, 1),
-                beta,
-                &mut st,
-                (pd, 1),
-            );
+            gemm((n, q, pd), 1.0, &bw, (1, n), &args.x[xo..], (hp, 1), beta, &mut st, (pd, 1));
             zero_state = false;
         }
         if let Some(hl) = hlsh {
@@ -381,25 +322,8 @@ pub fn ssd_bwd(
     args.check(K, dims);
     check_upstream(K, dims, dy, dh_last);
     grads.check(K, dims);
-    let Scan2Dims {
-        batch,
-        seqlen,
-        nheads,
-        headdim: pd,
-        dstate: n,
-        ngroups,
-    } = *dims;
-    let Scan2Grads {
-        dx,
-        ddelta,
-        da,
-        db,
-        dc,
-        dd,
-        dz,
-        ddelta_bias,
-        dh0,
-    } = grads;
+    let Scan2Dims { batch, seqlen, nheads, headdim: pd, dstate: n, ngroups } = *dims;
+    let Scan2Grads { dx, ddelta, da, db, dc, dd, dz, ddelta_bias, dh0 } = grads;
     let ch = Chunks::new(dims, chunk_size);
     let cb = chunk_cb(dims, ch, args);
     let mut db_part = vec![0.0f32; batch * nheads * seqlen * n];
@@ -453,26 +377,13 @@ pub fn ssd_bwd(
                 for s in 0..q {
                     let w = (ce - cs[s]).exp() * dt[s];
                     let br = &args.b[bc + s * gn..bc + s * gn + n];
-                    bw[s * n..(s + 1) * n]
-                        .iter_mut()
-                        .zip(br)
-                        .for_each(|(o, &v)| *o = v * w);
+                    bw[s * n..(s + 1) * n].iter_mut().zip(br).for_each(|(o, &v)| *o = v * w);
                 }
                 if c + 1 < ch.nch {
                     let (prev, next) = states.split_at_mut((c + 1) * np);
                     let next = &mut next[..np];
                     next.copy_from_slice(&prev[c * np..]);
-                    gemm(
-                        (n, q, pd),
-                        1.0,
-                        &bw,
-                        (1, n),
-                        &args.x[xo..],
-                        (hp, 1),
-                        ce.exp(),
-                        next,
-                        (pd, 1),
-                    );
+                    gemm((n, q, pd), 1.0, &bw, (1, n), &args.x[xo..], (hp, 1), ce.exp(), next, (pd, 1));
                 }
             }
             if let Some(dl) = dh_last {
@@ -486,31 +397,13 @@ pub fn ssd_bwd(
                 ddt[..q].fill(0.0);
                 let cbb = &cb[((b * ngroups + g) * ch.nch + c) * qm * qm..][..qm * qm];
                 for t in 0..q {
-                    kernel_row(
-                        t,
-                        q,
-                        &cs,
-                        &dt,
-                        &cbb[t * qm..],
-                        &mut m[t * qm..],
-                        Some(&mut lb[t * qm..]),
-                    );
+                    kernel_row(t, q, &cs, &dt, &cbb[t * qm..], &mut m[t * qm..], Some(&mut lb[t * qm..]));
                 }
                 let bc = ((b * seqlen + t0) * ngroups + g) * n;
                 let xo = ((b * seqlen + t0) * nheads + h) * pd;
                 let (xs, bs, cm) = (&args.x[xo..], &args.b[bc..], &args.c[bc..]);
                 // Y_off = diag(exp(cs)) C S₀.
-                gemm(
-                    (q, n, pd),
-                    1.0,
-                    cm,
-                    (gn, 1),
-                    s0,
-                    (pd, 1),
-                    0.0,
-                    &mut yoff,
-                    (pd, 1),
-                );
+                gemm((q, n, pd), 1.0, cm, (gn, 1), s0, (pd, 1), 0.0, &mut yoff, (pd, 1));
                 for t in 0..q {
                     let e = cs[t].exp();
                     yoff[t * pd..(t + 1) * pd].iter_mut().for_each(|v| *v *= e);
@@ -518,17 +411,7 @@ pub fn ssd_bwd(
                 // Upstream through the gate.
                 if let Some(z) = args.z {
                     ypre[..q * pd].copy_from_slice(&yoff[..q * pd]);
-                    gemm(
-                        (q, q, pd),
-                        1.0,
-                        &m,
-                        (qm, 1),
-                        xs,
-                        (hp, 1),
-                        1.0,
-                        &mut ypre,
-                        (pd, 1),
-                    );
+                    gemm((q, q, pd), 1.0, &m, (qm, 1), xs, (hp, 1), 1.0, &mut ypre, (pd, 1));
                     for t in 0..q {
                         let ih = (b * seqlen + t0 + t) * nheads + h;
                         let i0 = ih * pd;
@@ -566,28 +449,8 @@ pub fn ssd_bwd(
                 }
                 out.dd += ddacc as f64;
                 // Diagonal block.
-                gemm(
-                    (q, pd, q),
-                    1.0,
-                    &dyb,
-                    (pd, 1),
-                    xs,
-                    (1, hp),
-                    0.0,
-                    &mut dm,
-                    (qm, 1),
-                );
-                gemm(
-                    (q, q, pd),
-                    1.0,
-                    &m,
-                    (1, qm),
-                    &dyb,
-                    (pd, 1),
-                    0.0,
-                    &mut dxb,
-                    (pd, 1),
-                );
+                gemm((q, pd, q), 1.0, &dyb, (pd, 1), xs, (1, hp), 0.0, &mut dm, (qm, 1));
+                gemm((q, q, pd), 1.0, &m, (1, qm), &dyb, (pd, 1), 0.0, &mut dxb, (pd, 1));
                 for t in 0..q {
                     let row = t * qm;
                     let mut rs = 0.0f32;
@@ -602,51 +465,11 @@ pub fn ssd_bwd(
                     dcs[t] += rs;
                     dm[row + t + 1..row + q].fill(0.0);
                 }
-                gemm(
-                    (q, q, n),
-                    1.0,
-                    &dm,
-                    (qm, 1),
-                    bs,
-                    (gn, 1),
-                    0.0,
-                    &mut dcb,
-                    (n, 1),
-                );
-                gemm(
-                    (q, q, n),
-                    1.0,
-                    &dm,
-                    (1, qm),
-                    cm,
-                    (gn, 1),
-                    0.0,
-                    &mut dbb,
-                    (n, 1),
-                );
+                gemm((q, q, n), 1.0, &dm, (qm, 1), bs, (gn, 1), 0.0, &mut dcb, (n, 1));
+                gemm((q, q, n), 1.0, &dm, (1, qm), cm, (gn, 1), 0.0, &mut dbb, (n, 1));
                 // Off-diagonal block.
-                gemm(
-                    (q, pd, n),
-                    1.0,
-                    &dys,
-                    (pd, 1),
-                    s0,
-                    (1, pd),
-                    1.0,
-                    &mut dcb,
-                    (n, 1),
-                );
-                gemm(
-                    (n, q, pd),
-                    1.0,
-                    cm,
-                    (1, gn),
-                    &dys,
-                    (pd, 1),
-                    0.0,
-                    &mut dsprev,
-                    (pd, 1),
-                );
+                gemm((q, pd, n), 1.0, &dys, (pd, 1), s0, (1, pd), 1.0, &mut dcb, (n, 1));
+                gemm((n, q, pd), 1.0, cm, (1, gn), &dys, (pd, 1), 0.0, &mut dsprev, (pd, 1));
                 // Chunk-end state.
                 let ce = cs[q - 1];
                 let ece = ce.exp();
@@ -656,28 +479,8 @@ pub fn ssd_bwd(
                     sds += s0[i] * ds[i];
                 }
                 dcs[q - 1] += ece * sds;
-                gemm(
-                    (q, n, pd),
-                    1.0,
-                    bs,
-                    (gn, 1),
-                    &ds,
-                    (pd, 1),
-                    0.0,
-                    &mut ub,
-                    (pd, 1),
-                );
-                gemm(
-                    (q, pd, n),
-                    1.0,
-                    xs,
-                    (hp, 1),
-                    &ds,
-                    (1, pd),
-                    0.0,
-                    &mut tn,
-                    (n, 1),
-                );
+                gemm((q, n, pd), 1.0, bs, (gn, 1), &ds, (pd, 1), 0.0, &mut ub, (pd, 1));
+                gemm((q, pd, n), 1.0, xs, (hp, 1), &ds, (1, pd), 0.0, &mut tn, (n, 1));
                 let mut dce = 0.0f32;
                 for s in 0..q {
                     let i0 = ((b * seqlen + t0 + s) * nheads + h) * pd;
@@ -756,11 +559,7 @@ pub fn use_ssd(dims: &Scan2Dims, backward: bool) -> bool {
 /// expected to be faster, by [`use_ssd`] (currently always the sequential kernel).
 #[track_caller]
 pub fn scan_fwd_auto(dims: &Scan2Dims, args: &Scan2Args<f32>, out: Scan2Out<f32>) {
-    if use_ssd(dims, false) {
-        ssd_fwd(dims, AUTO_CHUNK, args, out)
-    } else {
-        super::scan_fwd(dims, args, out)
-    }
+    if use_ssd(dims, false) { ssd_fwd(dims, AUTO_CHUNK, args, out) } else { super::scan_fwd(dims, args, out) }
 }
 
 /// Backward scan by whichever of [`super::scan_bwd`] and [`ssd_bwd`] (chunk [`AUTO_CHUNK`]) is

@@ -26,14 +26,7 @@ pub struct Scan2Dims {
 impl Scan2Dims {
     /// Dims with one group.
     pub fn new(batch: usize, seqlen: usize, nheads: usize, headdim: usize, dstate: usize) -> Self {
-        Self {
-            batch,
-            seqlen,
-            nheads,
-            headdim,
-            dstate,
-            ngroups: 1,
-        }
+        Self { batch, seqlen, nheads, headdim, dstate, ngroups: 1 }
     }
 
     /// The same dims with `G` groups.
@@ -67,39 +60,24 @@ impl Scan2Dims {
         check_dims(
             kernel,
             self.nheads.is_multiple_of(self.ngroups),
-            &format!(
-                "ngroups {} must divide nheads {}",
-                self.ngroups, self.nheads
-            ),
+            &format!("ngroups {} must divide nheads {}", self.ngroups, self.nheads),
         );
     }
 
     fn blhp(&self) -> String {
-        format!(
-            "(B, L, H, P) = ({}, {}, {}, {})",
-            self.batch, self.seqlen, self.nheads, self.headdim
-        )
+        format!("(B, L, H, P) = ({}, {}, {}, {})", self.batch, self.seqlen, self.nheads, self.headdim)
     }
 
     fn blh(&self) -> String {
-        format!(
-            "(B, L, H) = ({}, {}, {})",
-            self.batch, self.seqlen, self.nheads
-        )
+        format!("(B, L, H) = ({}, {}, {})", self.batch, self.seqlen, self.nheads)
     }
 
     fn blgn(&self) -> String {
-        format!(
-            "(B, L, G, N) = ({}, {}, {}, {})",
-            self.batch, self.seqlen, self.ngroups, self.dstate
-        )
+        format!("(B, L, G, N) = ({}, {}, {}, {})", self.batch, self.seqlen, self.ngroups, self.dstate)
     }
 
     fn bhpn(&self) -> String {
-        format!(
-            "(B, H, P, N) = ({}, {}, {}, {})",
-            self.batch, self.nheads, self.headdim, self.dstate
-        )
+        format!("(B, H, P, N) = ({}, {}, {}, {})", self.batch, self.nheads, self.headdim, self.dstate)
     }
 
     fn h(&self) -> String {
@@ -167,18 +145,7 @@ pub struct Scan2Args<'a, T> {
 impl<'a, T> Scan2Args<'a, T> {
     /// Required inputs only: no `D`, gate, bias, softplus or initial state.
     pub fn new(x: &'a [T], delta: &'a [T], a: &'a [T], b: &'a [T], c: &'a [T]) -> Self {
-        Self {
-            x,
-            delta,
-            a,
-            b,
-            c,
-            d: None,
-            z: None,
-            delta_bias: None,
-            delta_softplus: false,
-            h0: None,
-        }
+        Self { x, delta, a, b, c, d: None, z: None, delta_bias: None, delta_softplus: false, h0: None }
     }
 
     /// Panics with a message naming the argument unless every length matches `dims`.
@@ -192,13 +159,7 @@ impl<'a, T> Scan2Args<'a, T> {
         check_len(kernel, "c", &dims.blgn(), self.c.len(), dims.n_blgn());
         check_opt_len(kernel, "d", &dims.h(), self.d, dims.nheads);
         check_opt_len(kernel, "z", &dims.blhp(), self.z, dims.n_blhp());
-        check_opt_len(
-            kernel,
-            "delta_bias",
-            &dims.h(),
-            self.delta_bias,
-            dims.nheads,
-        );
+        check_opt_len(kernel, "delta_bias", &dims.h(), self.delta_bias, dims.nheads);
         check_opt_len(kernel, "h0", &dims.bhpn(), self.h0, dims.n_bhpn());
     }
 }
@@ -217,13 +178,7 @@ impl<T> Scan2Out<'_, T> {
     #[track_caller]
     pub fn check(&self, kernel: &str, dims: &Scan2Dims) {
         check_len(kernel, "y", &dims.blhp(), self.y.len(), dims.n_blhp());
-        check_opt_len(
-            kernel,
-            "h_last",
-            &dims.bhpn(),
-            self.h_last.as_deref(),
-            dims.n_bhpn(),
-        );
+        check_opt_len(kernel, "h_last", &dims.bhpn(), self.h_last.as_deref(), dims.n_bhpn());
     }
 }
 
@@ -259,38 +214,14 @@ impl<T> Scan2Grads<'_, T> {
     #[track_caller]
     pub fn check(&self, kernel: &str, dims: &Scan2Dims) {
         check_len(kernel, "dx", &dims.blhp(), self.dx.len(), dims.n_blhp());
-        check_len(
-            kernel,
-            "ddelta",
-            &dims.blh(),
-            self.ddelta.len(),
-            dims.n_blh(),
-        );
+        check_len(kernel, "ddelta", &dims.blh(), self.ddelta.len(), dims.n_blh());
         check_len(kernel, "da", &dims.h(), self.da.len(), dims.nheads);
         check_len(kernel, "db", &dims.blgn(), self.db.len(), dims.n_blgn());
         check_len(kernel, "dc", &dims.blgn(), self.dc.len(), dims.n_blgn());
         check_opt_len(kernel, "dd", &dims.h(), self.dd.as_deref(), dims.nheads);
-        check_opt_len(
-            kernel,
-            "dz",
-            &dims.blhp(),
-            self.dz.as_deref(),
-            dims.n_blhp(),
-        );
-        check_opt_len(
-            kernel,
-            "ddelta_bias",
-            &dims.h(),
-            self.ddelta_bias.as_deref(),
-            dims.nheads,
-        );
-        check_opt_len(
-            kernel,
-            "dh0",
-            &dims.bhpn(),
-            self.dh0.as_deref(),
-            dims.n_bhpn(),
-        );
+        check_opt_len(kernel, "dz", &dims.blhp(), self.dz.as_deref(), dims.n_blhp());
+        check_opt_len(kernel, "ddelta_bias", &dims.h(), self.ddelta_bias.as_deref(), dims.nheads);
+        check_opt_len(kernel, "dh0", &dims.bhpn(), self.dh0.as_deref(), dims.n_bhpn());
     }
 }
 
@@ -304,19 +235,9 @@ pub fn check_upstream<T>(kernel: &str, dims: &Scan2Dims, dy: &[T], dh_last: Opti
 /// Checks the buffers of a single step: `dims.seqlen == 1`, no `h0` in `args` (the state is
 /// `state`), `state` (B, H, P, N) and `y` (B, H, P).
 #[track_caller]
-pub(crate) fn check_step<T>(
-    kernel: &str,
-    dims: &Scan2Dims,
-    args: &Scan2Args<T>,
-    state: &[T],
-    y: &[T],
-) {
+pub(crate) fn check_step<T>(kernel: &str, dims: &Scan2Dims, args: &Scan2Args<T>, state: &[T], y: &[T]) {
     check_dims(kernel, dims.seqlen == 1, "a step takes seqlen 1");
-    check_dims(
-        kernel,
-        args.h0.is_none(),
-        "a step takes its state in `state`, not `h0`",
-    );
+    check_dims(kernel, args.h0.is_none(), "a step takes its state in `state`, not `h0`");
     args.check(kernel, dims);
     check_len(kernel, "state", &dims.bhpn(), state.len(), dims.n_bhpn());
     check_len(kernel, "y", &dims.blhp(), y.len(), dims.n_blhp());

@@ -56,7 +56,8 @@ pub fn conv1d_bwd<T: Real>(dims: &ConvDims, args: &ConvArgs<T>, dy: &[T], grads:
     check_upstream(K, dims, dy);
     grads.check(K, dims);
     let ConvDims { batch, seqlen: l, channels: ch, width: k } = *dims;
-    let ConvGrads { dx, dweight, mut dbias } = grads;
+    let ConvGrads { dx, dweight, dbias } = grads;
+    let mut dbias = if args.bias.is_some() { dbias } else { None };
     for b in 0..batch {
         for t in 0..l {
             for c in 0..ch {

@@ -141,10 +141,8 @@ pub fn scan_bwd<T: Real>(
                 }
                 let draw = ddt * ddt_draw;
                 ddelta[i] += draw;
-                if let Some(bias) = ddelta_bias.as_deref_mut() {
-                    if args.delta_bias.is_some() {
-                        bias[d] += draw;
-                    }
+                if let (Some(bias), Some(_)) = (ddelta_bias.as_deref_mut(), args.delta_bias) {
+                    bias[d] += draw;
                 }
             }
             if let (Some(dh0), Some(_)) = (dh0.as_deref_mut(), args.h0) {

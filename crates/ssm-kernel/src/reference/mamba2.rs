@@ -11,11 +11,7 @@ fn delta_eff<T: Real>(args: &Scan2Args<T>, i: usize, h: usize) -> (T, T) {
     if let Some(bias) = args.delta_bias {
         v += bias[h];
     }
-    if args.delta_softplus {
-        (v.softplus(), v.softplus_grad())
-    } else {
-        (v, T::one())
-    }
+    if args.delta_softplus { (v.softplus(), v.softplus_grad()) } else { (v, T::one()) }
 }
 
 /// Forward scan. Layouts: see [`Scan2Args`] and [`Scan2Out`].
@@ -30,14 +26,7 @@ pub fn scan_fwd<T: Real>(dims: &Scan2Dims, args: &Scan2Args<T>, out: Scan2Out<T>
     const K: &str = "reference::mamba2::scan_fwd";
     args.check(K, dims);
     out.check(K, dims);
-    let Scan2Dims {
-        batch,
-        seqlen,
-        nheads,
-        headdim: pd,
-        dstate: n,
-        ngroups,
-    } = *dims;
+    let Scan2Dims { batch, seqlen, nheads, headdim: pd, dstate: n, ngroups } = *dims;
     let Scan2Out { y, mut h_last } = out;
     let sz = pd * n;
     let mut st = vec![T::zero(); sz];
@@ -104,25 +93,8 @@ pub fn scan_bwd<T: Real>(
     args.check(K, dims);
     check_upstream(K, dims, dy, dh_last);
     grads.check(K, dims);
-    let Scan2Dims {
-        batch,
-        seqlen,
-        nheads,
-        headdim: pd,
-        dstate: n,
-        ngroups,
-    } = *dims;
-    let Scan2Grads {
-        dx,
-        ddelta,
-        da,
-        db,
-        dc,
-        mut dd,
-        mut dz,
-        mut ddelta_bias,
-        mut dh0,
-    } = grads;
+    let Scan2Dims { batch, seqlen, nheads, headdim: pd, dstate: n, ngroups } = *dims;
+    let Scan2Grads { dx, ddelta, da, db, dc, mut dd, mut dz, mut ddelta_bias, mut dh0 } = grads;
     let sz = pd * n;
     // hs[(t + 1) * sz + ..] = h_t; hs[..sz] = h0.
     let mut hs = vec![T::zero(); (seqlen + 1) * sz];
@@ -216,18 +188,8 @@ pub fn scan_bwd<T: Real>(
 pub fn scan_step<T: Real>(dims: &Scan2Dims, args: &Scan2Args<T>, state: &mut [T], y: &mut [T]) {
     const K: &str = "reference::mamba2::scan_step";
     crate::mamba2::check_step(K, dims, args, state, y);
-    let args = Scan2Args {
-        h0: Some(&*state),
-        ..*args
-    };
+    let args = Scan2Args { h0: Some(&*state), ..*args };
     let mut h_last = vec![T::zero(); state.len()];
-    scan_fwd(
-        dims,
-        &args,
-        Scan2Out {
-            y,
-            h_last: Some(&mut h_last),
-        },
-    );
+    scan_fwd(dims, &args, Scan2Out { y, h_last: Some(&mut h_last) });
     state.copy_from_slice(&h_last);
 }
