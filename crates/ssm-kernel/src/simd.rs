@@ -1,63 +1,155 @@
-//! SIMD helpers on `wide::f32x8`: a lean vectorised `exp`, SiLU, softplus, and loads/stores of
-//! partial vectors.
+//! SIMD helpers: a lean vectorised `exp`, SiLU, softplus, and loads/stores of partial vectors,
+//! for 8-lane (`wide::f32x8`, re-exported at this level) and 16-lane (`x16`, `wide::f32x16`)
+//! vectors, generated from one definition.
 //!
 //! Build with `-C target-cpu=native` (the workspace's `.cargo/config.toml` does): without AVX2+FMA
 //! `f32x8` falls back to two SSE halves and `mul_add` is not fused.
 
-use wide::{f32x8, i32x8};
+/// Defines the lane-typed helpers for one vector width.
+macro_rules! lane_fns {
+    ($v:ident, $vi:ident, $w:expr) => {
+        use wide::{$v, $vi};
 
-/// Lanes in a vector.
-pub const W: usize = 8;
+        pub use super::prefetch;
 
-/// `e^x` per lane, for finite `x`.
-///
-/// Cody–Waite range reduction `x = k·ln2 + r` with `|r| ≤ ln2/2`, a degree-6 polynomial for
-/// `e^r`, and `2^k` built in the exponent bits. Inputs are clamped to [-87.3, 88.3], so the result
-/// never underflows to a subnormal: for `x < -87.3` it returns ≈1.2e-38 instead of the true tiny
-/// value (an absolute error below 2e-38); above 88.3 it returns e^88.3 (the largest power of two
-/// the exponent trick can build is 2^127). Relative error ≤ 2 ulp on the clamped range.
-#[inline(always)]
-pub fn exp(x: f32x8) -> f32x8 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    let x = x.fast_max(f32x8::splat(-87.3)).fast_min(f32x8::splat(88.3));
-    // Round to nearest with one convert each way (the default MXCSR mode), cheaper than `round`.
-    let ki: i32x8 = (x * f32x8::splat(LOG2E)).fast_round_int();
-    let k = f32x8::from_i32x8(ki);
-    let r = k.mul_neg_add(f32x8::splat(LN2_HI), x);
-    let r = k.mul_neg_add(f32x8::splat(LN2_LO), r);
-    // e^r ≈ 1 + r + r²/2 + … + r⁶/720 (Horner)
-    let mut p = f32x8::splat(1.0 / 720.0);
-    p = p.mul_add(r, f32x8::splat(1.0 / 120.0));
-    p = p.mul_add(r, f32x8::splat(1.0 / 24.0));
-    p = p.mul_add(r, f32x8::splat(1.0 / 6.0));
-    p = p.mul_add(r, f32x8::splat(0.5));
-    p = p.mul_add(r, f32x8::splat(1.0));
-    p = p.mul_add(r, f32x8::splat(1.0));
-    let bits: i32x8 = (ki + i32x8::splat(127)) << 23;
-    p * wide::bytemuck::cast::<i32x8, f32x8>(bits)
+        /// The vector type.
+        pub type V = $v;
+
+        /// Lanes in a vector.
+        pub const W: usize = $w;
+
+        /// `e^x` per lane, for finite `x`.
+        ///
+        /// Cody–Waite range reduction `x = k·ln2 + r` with `|r| ≤ ln2/2`, a degree-6 polynomial for
+        /// `e^r`, and `2^k` built in the exponent bits. Inputs are clamped to [-87.3, 88.3], so the result
+        /// never underflows to a subnormal: for `x < -87.3` it returns ≈1.2e-38 instead of the true tiny
+        /// value (an absolute error below 2e-38); above 88.3 it returns e^88.3 (the largest power of two
+        /// the exponent trick can build is 2^127). Relative error ≤ 2 ulp on the clamped range.
+        #[inline(always)]
+        pub fn exp(x: $v) -> $v {
+            exp_impl::<false>(x)
+        }
+
+        /// [`exp`] for inputs known to be ≤ 0 (such as `Δ·A` with `Δ ≥ 0`, `A ≤ 0`): skips the upper
+        /// clamp. A positive input gives a wrong result, so callers must guarantee the sign.
+        #[inline(always)]
+        pub fn exp_nonpos(x: $v) -> $v {
+            exp_impl::<true>(x)
+        }
+
+        /// Shared body of [`exp`] and [`exp_nonpos`].
+        #[inline(always)]
+        pub fn exp_impl<const NONPOS: bool>(x: $v) -> $v {
+            const LOG2E: f32 = std::f32::consts::LOG2_E;
+            const LN2_HI: f32 = 0.693_359_4;
+            const LN2_LO: f32 = -2.121_944_4e-4;
+            // 1.5·2²³: adding it rounds to an integer (to nearest) and leaves that integer in the low
+            // mantissa bits, so `k` and `2^k` come out of one FMA and integer ops, with no converts.
+            const MAGIC: f32 = 12_582_912.0;
+            let mut x = x.fast_max($v::splat(-87.3));
+            if !NONPOS {
+                x = x.fast_min($v::splat(88.3));
+            }
+            let t = x.mul_add($v::splat(LOG2E), $v::splat(MAGIC));
+            let k = t - $v::splat(MAGIC);
+            let r = k.mul_neg_add($v::splat(LN2_HI), x);
+            let r = k.mul_neg_add($v::splat(LN2_LO), r);
+            // e^r ≈ 1 + r + r²/2 + … + r⁶/720 (Horner)
+            let mut p = $v::splat(1.0 / 720.0);
+            p = p.mul_add(r, $v::splat(1.0 / 120.0));
+            p = p.mul_add(r, $v::splat(1.0 / 24.0));
+            p = p.mul_add(r, $v::splat(1.0 / 6.0));
+            p = p.mul_add(r, $v::splat(0.5));
+            p = p.mul_add(r, $v::splat(1.0));
+            p = p.mul_add(r, $v::splat(1.0));
+            // bits(t) = bits(MAGIC) + k, and (bits(MAGIC) << 23) wraps to −(127 << 23) + bits(1.0)… so
+            // (bits(t) << 23) + bits(1.0) = (k + 127) << 23, the bits of 2^k.
+            let tb: $vi = wide::bytemuck::cast(t);
+            let bits = (tb << 23) + $vi::splat(0x3f80_0000);
+            p * wide::bytemuck::cast::<$vi, $v>(bits)
+        }
+
+        /// Logistic sigmoid per lane.
+        #[inline(always)]
+        pub fn sigmoid(x: $v) -> $v {
+            $v::splat(1.0) / ($v::splat(1.0) + exp(-x))
+        }
+
+        /// `x · σ(x)` per lane.
+        #[inline(always)]
+        pub fn silu(x: $v) -> $v {
+            x * sigmoid(x)
+        }
+
+        /// Softplus as the reference computes it: `x` above 20, else `ln(1 + e^x)`.
+        #[inline(always)]
+        pub fn softplus(x: $v) -> $v {
+            softplus_sigmoid(x).0
+        }
+
+        /// `(softplus(x), σ(x))` from one `exp`.
+        ///
+        /// `softplus(x) = max(x, 0) + log1p(e^{−|x|})` and `log1p(e) = 2·atanh(s)` with
+        /// `s = e / (2 + e) ≤ 1/3`, summed to `s¹³` (absolute error < 1e-7). Above 20 this returns `x`
+        /// exactly, as the reference's pass-through does (the log term is below half an ulp of `x`).
+        #[inline(always)]
+        pub fn softplus_sigmoid(x: $v) -> ($v, $v) {
+            let one = $v::splat(1.0);
+            let e = exp(-x.abs());
+            let s = e / ($v::splat(2.0) + e);
+            let z = s * s;
+            let mut p = $v::splat(1.0 / 13.0);
+            p = p.mul_add(z, $v::splat(1.0 / 11.0));
+            p = p.mul_add(z, $v::splat(1.0 / 9.0));
+            p = p.mul_add(z, $v::splat(1.0 / 7.0));
+            p = p.mul_add(z, $v::splat(1.0 / 5.0));
+            p = p.mul_add(z, $v::splat(1.0 / 3.0));
+            p = p.mul_add(z, one);
+            let log1p = (s + s) * p;
+            let big = x.simd_gt($v::splat(20.0));
+            let sp = big.select(x, x.fast_max($v::ZERO) + log1p);
+            // σ(x) = 1 / (1 + e^{−x}): with e = e^{−|x|}, that is 1/(1+e) for x ≥ 0 and e/(1+e) below.
+            let r = one / (one + e);
+            let sig = x.simd_ge($v::ZERO).select(r, e * r);
+            (sp, sig)
+        }
+
+        /// Loads `src[..min(len, W)]`, zero-filling the missing lanes.
+        #[inline(always)]
+        pub fn load(src: &[f32]) -> $v {
+            if src.len() >= W { $v::from(<[f32; $w]>::try_from(&src[..W]).unwrap()) } else { $v::from(src) }
+        }
+
+        /// Stores the first `dst.len().min(W)` lanes of `v` into `dst`.
+        #[inline(always)]
+        pub fn store(dst: &mut [f32], v: $v) {
+            let a = v.to_array();
+            let n = dst.len().min(W);
+            dst[..n].copy_from_slice(&a[..n]);
+        }
+
+        /// Adds the first `dst.len().min(W)` lanes of `v` into `dst`.
+        #[inline(always)]
+        pub fn add_store(dst: &mut [f32], v: $v) {
+            let a = v.to_array();
+            for (d, x) in dst.iter_mut().zip(a.iter()) {
+                *d += *x;
+            }
+        }
+    };
 }
 
-/// Logistic sigmoid per lane.
-#[inline(always)]
-pub fn sigmoid(x: f32x8) -> f32x8 {
-    f32x8::splat(1.0) / (f32x8::splat(1.0) + exp(-x))
+/// 8-lane helpers (`wide::f32x8`, AVX2); also re-exported at the module level.
+pub mod x8 {
+    lane_fns!(f32x8, i32x8, 8);
 }
 
-/// `x · σ(x)` per lane.
-#[inline(always)]
-pub fn silu(x: f32x8) -> f32x8 {
-    x * sigmoid(x)
+/// 16-lane helpers (`wide::f32x16`: one AVX-512 register, or two AVX2 halves without it).
+pub mod x16 {
+    lane_fns!(f32x16, i32x16, 16);
 }
 
-/// Softplus as the reference computes it: `x` above 20, else `ln(1 + e^x)`.
-#[inline(always)]
-pub fn softplus(x: f32x8) -> f32x8 {
-    let big = x.simd_gt(f32x8::splat(20.0));
-    let sp = (f32x8::splat(1.0) + exp(x)).ln();
-    big.select(x, sp)
-}
+pub use x8::*;
 
 /// Hints the CPU to fetch the cache line holding `s[i]` (nothing when `i` is out of bounds or
 /// on other architectures).
@@ -76,32 +168,10 @@ pub fn prefetch(s: &[f32], i: usize) {
     }
 }
 
-/// Loads `src[..min(len, 8)]`, zero-filling the missing lanes.
-#[inline(always)]
-pub fn load(src: &[f32]) -> f32x8 {
-    if src.len() >= W { f32x8::from(<[f32; W]>::try_from(&src[..W]).unwrap()) } else { f32x8::from(src) }
-}
-
-/// Stores the first `dst.len().min(8)` lanes of `v` into `dst`.
-#[inline(always)]
-pub fn store(dst: &mut [f32], v: f32x8) {
-    let a = v.to_array();
-    let n = dst.len().min(W);
-    dst[..n].copy_from_slice(&a[..n]);
-}
-
-/// Adds the first `dst.len().min(8)` lanes of `v` into `dst`.
-#[inline(always)]
-pub fn add_store(dst: &mut [f32], v: f32x8) {
-    let a = v.to_array();
-    for (d, x) in dst.iter_mut().zip(a.iter()) {
-        *d += *x;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wide::f32x8;
 
     #[test]
     fn exp_matches_std_within_2ulp_relative() {
@@ -119,6 +189,16 @@ mod tests {
             x += 0.173;
         }
         assert!(worst < 2.5e-7, "worst relative error {worst}");
+    }
+
+    #[test]
+    fn exp_nonpos_matches_exp_on_nonpositive_inputs() {
+        let mut x = -87.0f32;
+        while x <= 0.0 {
+            let v = f32x8::new([x, x * 0.5, x * 0.25, x * 0.1, x * 0.01, -0.0, x * 0.7, x * 0.9]);
+            assert_eq!(exp(v).to_array(), exp_nonpos(v).to_array(), "x = {x}");
+            x += 0.37;
+        }
     }
 
     #[test]
@@ -143,6 +223,43 @@ mod tests {
             assert!((sp[i] as f64 - want_sp).abs() <= 1e-6 * want_sp.abs().max(1.0), "softplus({x})");
             assert!((si[i] as f64 - want_si).abs() <= 1e-6 * want_si.abs().max(1.0), "silu({x})");
         }
+    }
+
+    #[test]
+    fn softplus_sigmoid_is_accurate_everywhere() {
+        let mut x = -40.0f32;
+        let (mut worst_sp, mut worst_sig) = (0.0f64, 0.0f64);
+        while x < 40.0 {
+            let v =
+                f32x8::new([x, x + 0.011, x + 0.023, x + 0.031, x + 0.047, x + 0.053, x + 0.067, x + 0.079]);
+            let (sp, sig) = softplus_sigmoid(v);
+            for (i, xi) in v.to_array().iter().enumerate() {
+                let xi = *xi as f64;
+                let want_sp = if xi > 20.0 { xi } else { xi.exp().ln_1p() };
+                let want_sig = 1.0 / (1.0 + (-xi).exp());
+                worst_sp = worst_sp.max((sp.to_array()[i] as f64 - want_sp).abs() / want_sp);
+                worst_sig = worst_sig.max((sig.to_array()[i] as f64 - want_sig).abs() / want_sig);
+            }
+            x += 0.0917;
+        }
+        assert!(worst_sp < 4e-7, "softplus worst error {worst_sp}");
+        assert!(worst_sig < 4e-7, "sigmoid worst relative error {worst_sig}");
+    }
+
+    #[test]
+    fn sixteen_lanes_match_eight() {
+        let xs: Vec<f32> = (0..16).map(|i| -30.0 + 3.7 * i as f32).collect();
+        let v16 = x16::load(&xs);
+        let (lo, hi) = (x8::load(&xs[..8]), x8::load(&xs[8..]));
+        let cat = |a: x8::V, b: x8::V| [a.to_array(), b.to_array()].concat();
+        assert_eq!(x16::exp(v16).to_array().to_vec(), cat(x8::exp(lo), x8::exp(hi)));
+        let (sp, sg) = x16::softplus_sigmoid(v16);
+        let ((sp0, sg0), (sp1, sg1)) = (x8::softplus_sigmoid(lo), x8::softplus_sigmoid(hi));
+        assert_eq!(sp.to_array().to_vec(), cat(sp0, sp1));
+        assert_eq!(sg.to_array().to_vec(), cat(sg0, sg1));
+        let mut out = [0.0f32; 11];
+        x16::store(&mut out, v16);
+        assert_eq!(&out[..], &xs[..11]);
     }
 
     #[test]

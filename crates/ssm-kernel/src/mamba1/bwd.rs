@@ -23,13 +23,12 @@
 //! through softplus (`σ(v)`, or 1 above 20) into the raw Δ and the Δ bias.
 
 use rayon::prelude::*;
-use wide::f32x8;
 
 use super::fwd::{Prefetch, TILES_PER_BLOCK, TIME_BLOCK, advance, block_tiles, prefetch_rows, run_steps};
 use super::tile::{Bc, Groups, MixedBc, StateBuf, Tile, UniformBc, dispatch_n, mixed_offsets};
 use super::{Scan1Args, Scan1Dims, Scan1Grads, check_upstream};
 use crate::par::SharedMut;
-use crate::simd::{self, W};
+use crate::simd::x16::{self as simd, V, W};
 
 /// Time steps per recomputation chunk (a multiple of the forward's time block).
 pub const CHUNK: usize = 32;
@@ -51,26 +50,26 @@ struct TaskOut {
 /// Per-tile accumulators of a task, `ntl` tiles.
 struct TileAcc {
     /// State at each chunk start, (tiles, chunks, N).
-    ckpt: Vec<f32x8>,
+    ckpt: Vec<V>,
     /// Adjoint `G`, (tiles, N).
-    g: Vec<f32x8>,
+    g: Vec<V>,
     /// dA, (tiles, N).
-    da: Vec<f32x8>,
+    da: Vec<V>,
     /// dD and dΔ-bias, (tiles).
-    dd: Vec<f32x8>,
-    dbias: Vec<f32x8>,
+    dd: Vec<V>,
+    dbias: Vec<V>,
 }
 
 /// Scratch of one chunk of one tile.
 struct ChunkBuf {
-    states: Vec<f32x8>,
-    abar: Vec<f32x8>,
+    states: Vec<V>,
+    abar: Vec<V>,
     /// Lane-wise dB / dC contributions, (CHUNK, N), summed over the tiles of one group before a
     /// single horizontal reduction per (t, n) (see [`flush_bc`]).
-    vdb: Vec<f32x8>,
-    vdc: Vec<f32x8>,
-    dts: Vec<f32x8>,
-    dsp: Vec<f32x8>,
+    vdb: Vec<V>,
+    vdc: Vec<V>,
+    dts: Vec<V>,
+    dsp: Vec<V>,
 }
 
 /// Prefetching for the backward's reverse walk: while the first tile of a block walks chunk `c`
@@ -258,7 +257,7 @@ fn bwd_task<const NN: usize>(
     let ntl = tiles.len();
     let nchunks = seqlen.div_ceil(CHUNK);
     let (ch0, ch1) = (tiles[0].d0, tiles[ntl - 1].d0 + tiles[ntl - 1].w);
-    let z = f32x8::ZERO;
+    let z = V::ZERO;
     let mut acc = TileAcc {
         ckpt: vec![z; ntl * nchunks.max(1) * n],
         g: vec![z; ntl * n],
@@ -380,16 +379,16 @@ fn chunk_bwd<const NN: usize>(
     b: usize,
     t0: usize,
     t1: usize,
-    h: &mut [f32x8],
-    g: &mut [f32x8],
-    da: &mut [f32x8],
+    h: &mut [V],
+    g: &mut [V],
+    da: &mut [V],
     buf: &mut ChunkBuf,
     dy: &[f32],
     outs: &Outs,
     db_row: &mut [f32],
     dc_row: &mut [f32],
     pf: Option<&BackPrefetch>,
-) -> (f32x8, f32x8) {
+) -> (V, V) {
     let Scan1Dims { seqlen, ngroups, dstate, .. } = *dims;
     let n = if NN > 0 { NN } else { dstate };
     let gn = ngroups * n;
@@ -399,7 +398,7 @@ fn chunk_bwd<const NN: usize>(
                 let row = (b * seqlen + t) * gn + gi * n;
                 UniformBc { b: &args.b[row..row + n], c: &args.c[row..row + n], goff: gi * n }
             };
-            chunk_bwd_impl::<NN, true, _, _>(
+            chunk_bwd_np::<NN, true, _, _>(
                 dims, args, tile, b, t0, t1, h, g, da, buf, dy, outs, db_row, dc_row, pf, bc_at,
             )
         }
@@ -409,7 +408,7 @@ fn chunk_bwd<const NN: usize>(
                 let row = (b * seqlen + t) * gn;
                 MixedBc { b: &args.b[row..row + gn], c: &args.c[row..row + gn], off }
             };
-            chunk_bwd_impl::<NN, false, _, _>(
+            chunk_bwd_np::<NN, false, _, _>(
                 dims, args, tile, b, t0, t1, h, g, da, buf, dy, outs, db_row, dc_row, pf, bc_at,
             )
         }
@@ -437,23 +436,22 @@ fn flush_bc(
             dc_row[row + k] += buf.vdc[j * n + k].reduce_add();
         }
     }
-    buf.vdb[..(t1 - t0) * n].fill(f32x8::ZERO);
-    buf.vdc[..(t1 - t0) * n].fill(f32x8::ZERO);
+    buf.vdb[..(t1 - t0) * n].fill(V::ZERO);
+    buf.vdc[..(t1 - t0) * n].fill(V::ZERO);
 }
 
-/// With `VEC`, dB/dC contributions go lane-wise into `buf.vdb`/`buf.vdc` (reduced later by
-/// [`flush_bc`]); otherwise they are reduced into `db_row`/`dc_row` at once per lane group.
+/// Dispatches [`chunk_bwd_impl`] on the tile's `nonpos` flag (which `exp` to use).
 #[inline(always)]
-fn chunk_bwd_impl<const NN: usize, const VEC: bool, S: Bc, F: Fn(usize) -> S>(
+fn chunk_bwd_np<const NN: usize, const VEC: bool, S: Bc, F: Fn(usize) -> S>(
     dims: &Scan1Dims,
     args: &Scan1Args<f32>,
     tile: &Tile,
     b: usize,
     t0: usize,
     t1: usize,
-    h: &mut [f32x8],
-    g: &mut [f32x8],
-    da_acc: &mut [f32x8],
+    h: &mut [V],
+    g: &mut [V],
+    da_acc: &mut [V],
     buf: &mut ChunkBuf,
     dy: &[f32],
     outs: &Outs,
@@ -461,7 +459,39 @@ fn chunk_bwd_impl<const NN: usize, const VEC: bool, S: Bc, F: Fn(usize) -> S>(
     dc_row: &mut [f32],
     pf: Option<&BackPrefetch>,
     bc_at: F,
-) -> (f32x8, f32x8) {
+) -> (V, V) {
+    if tile.nonpos {
+        chunk_bwd_impl::<NN, VEC, true, S, F>(
+            dims, args, tile, b, t0, t1, h, g, da_acc, buf, dy, outs, db_row, dc_row, pf, bc_at,
+        )
+    } else {
+        chunk_bwd_impl::<NN, VEC, false, S, F>(
+            dims, args, tile, b, t0, t1, h, g, da_acc, buf, dy, outs, db_row, dc_row, pf, bc_at,
+        )
+    }
+}
+
+/// With `VEC`, dB/dC contributions go lane-wise into `buf.vdb`/`buf.vdc` (reduced later by
+/// [`flush_bc`]); otherwise they are reduced into `db_row`/`dc_row` at once per lane group.
+#[inline(always)]
+fn chunk_bwd_impl<const NN: usize, const VEC: bool, const NP: bool, S: Bc, F: Fn(usize) -> S>(
+    dims: &Scan1Dims,
+    args: &Scan1Args<f32>,
+    tile: &Tile,
+    b: usize,
+    t0: usize,
+    t1: usize,
+    h: &mut [V],
+    g: &mut [V],
+    da_acc: &mut [V],
+    buf: &mut ChunkBuf,
+    dy: &[f32],
+    outs: &Outs,
+    db_row: &mut [f32],
+    dc_row: &mut [f32],
+    pf: Option<&BackPrefetch>,
+    bc_at: F,
+) -> (V, V) {
     let Scan1Dims { seqlen, dim, dstate, ngroups, .. } = *dims;
     let n = if NN > 0 { NN } else { dstate };
     let (d0, w) = (tile.d0, tile.w);
@@ -483,12 +513,12 @@ fn chunk_bwd_impl<const NN: usize, const VEC: bool, S: Bc, F: Fn(usize) -> S>(
         let (dt, dsp) = tile.delta(simd::load(&args.delta[i..i + w]), sp, true);
         buf.dts[j] = dt;
         buf.dsp[j] = dsp;
-        advance::<_, false>(a, h, dt, x, &bc_at(t), Some(&mut buf.abar[j * n..(j + 1) * n]));
+        advance::<_, false, NP>(a, h, dt, x, &bc_at(t), Some(&mut buf.abar[j * n..(j + 1) * n]));
         buf.states[j * n..(j + 1) * n].copy_from_slice(h);
     }
 
     // Reverse over the chunk.
-    let (mut dd_acc, mut dbias_acc) = (f32x8::ZERO, f32x8::ZERO);
+    let (mut dd_acc, mut dbias_acc) = (V::ZERO, V::ZERO);
     for t in (t0..t1).rev() {
         if let Some(pf) = pf {
             pf.row(dims, b, outs, t);
@@ -502,7 +532,7 @@ fn chunk_bwd_impl<const NN: usize, const VEC: bool, S: Bc, F: Fn(usize) -> S>(
         let dt = buf.dts[j];
         let dout = simd::load(&dy[i..i + w]);
         let hs = &buf.states[j * n..(j + 1) * n];
-        let hprev: &[f32x8] = if j > 0 {
+        let hprev: &[V] = if j > 0 {
             &buf.states[(j - 1) * n..j * n]
         } else {
             // The chunk's start state was overwritten by the recompute; it is `h_start`.
@@ -518,7 +548,7 @@ fn chunk_bwd_impl<const NN: usize, const VEC: bool, S: Bc, F: Fn(usize) -> S>(
                     for k in 0..n {
                         ypre = hs[k].mul_add(bc.c(k), ypre);
                     }
-                    let sg = s * (f32x8::splat(1.0) + zv * (f32x8::splat(1.0) - s));
+                    let sg = s * (V::splat(1.0) + zv * (V::splat(1.0) - s));
                     // SAFETY: (b, t, tile) owns these elements.
                     simd::add_store(unsafe { dz.slice(i, w) }, dout * ypre * sg);
                 }
@@ -528,7 +558,7 @@ fn chunk_bwd_impl<const NN: usize, const VEC: bool, S: Bc, F: Fn(usize) -> S>(
         };
         dd_acc = dyy.mul_add(x, dd_acc);
         let dx = dt * x;
-        let (mut gb, mut sa) = (f32x8::ZERO, f32x8::ZERO);
+        let (mut gb, mut sa) = (V::ZERO, V::ZERO);
         for k in 0..n {
             let gk = bc.c(k).mul_add(dyy, g[k]);
             if VEC {

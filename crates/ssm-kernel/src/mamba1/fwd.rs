@@ -8,17 +8,18 @@
 //! together reuses each line while it is hot, and the next time block is prefetched.
 
 use rayon::prelude::*;
-use wide::f32x8;
 
 use super::tile::{Bc, Groups, MixedBc, StateBuf, Tile, UniformBc, dispatch_n, mixed_offsets};
 use super::{CHUNK, Scan1Args, Scan1Dims, Scan1Out};
 use crate::par::SharedMut;
-use crate::simd::{self, W};
+use crate::simd::x16::{self as simd, V, W};
 
 /// Time steps per block.
 pub(crate) const TIME_BLOCK: usize = 16;
-/// 8-channel tiles per task.
-pub(crate) const TILES_PER_BLOCK: usize = 8;
+/// Tiles (of [`W`] channels) per task: 64 channels.
+pub(crate) const TILES_PER_BLOCK: usize = 64 / W;
+/// State vectors kept in registers at once by the forward walk.
+const K_SLICE: usize = 8;
 
 /// Prefetches rows `t0..t1` of batch row `b`, channels `ch0..ch1`, of each array in `arrays`
 /// ((B, L, D) layout), one hint per cache line.
@@ -49,20 +50,20 @@ pub(crate) fn prefetch_rows(
 /// `WITH_C`). `a` holds `A[·, n]` per lane, `dt` is the effective Δ and `x` the input. When
 /// `abar_out` is given, `exp(Δ·A[n])` is written to it for every `n`.
 #[inline(always)]
-pub(crate) fn advance<S: Bc, const WITH_C: bool>(
-    a: &[f32x8],
-    h: &mut [f32x8],
-    dt: f32x8,
-    x: f32x8,
+pub(crate) fn advance<S: Bc, const WITH_C: bool, const NP: bool>(
+    a: &[V],
+    h: &mut [V],
+    dt: V,
+    x: V,
     bc: &S,
-    mut abar_out: Option<&mut [f32x8]>,
-) -> f32x8 {
+    mut abar_out: Option<&mut [V]>,
+) -> V {
     let n = h.len();
     let a = &a[..n];
     let dx = dt * x;
-    let mut acc = f32x8::ZERO;
+    let mut acc = V::ZERO;
     for k in 0..n {
-        let abar = simd::exp(dt * a[k]);
+        let abar = simd::exp_impl::<NP>(dt * a[k]);
         if let Some(o) = abar_out.as_deref_mut() {
             o[k] = abar;
         }
@@ -104,7 +105,7 @@ pub(crate) fn run_steps<const NN: usize, const WITH_Y: bool>(
     b: usize,
     t0: usize,
     t1: usize,
-    h: &mut [f32x8],
+    h: &mut [V],
     y_out: Option<&SharedMut<f32>>,
     pf: Option<&Prefetch>,
 ) {
@@ -117,7 +118,11 @@ pub(crate) fn run_steps<const NN: usize, const WITH_Y: bool>(
                 let row = (b * seqlen + t) * gn + g * n;
                 UniformBc { b: &args.b[row..row + n], c: &args.c[row..row + n], goff: g * n }
             };
-            run_steps_impl::<NN, WITH_Y, _, _>(dims, args, tile, b, t0, t1, h, y_out, pf, bc_at);
+            if tile.nonpos {
+                run_steps_impl::<NN, WITH_Y, true, _, _>(dims, args, tile, b, t0, t1, h, y_out, pf, bc_at);
+            } else {
+                run_steps_impl::<NN, WITH_Y, false, _, _>(dims, args, tile, b, t0, t1, h, y_out, pf, bc_at);
+            }
         }
         Groups::Mixed(gs) => {
             let off = mixed_offsets(&gs, n);
@@ -125,20 +130,24 @@ pub(crate) fn run_steps<const NN: usize, const WITH_Y: bool>(
                 let row = (b * seqlen + t) * gn;
                 MixedBc { b: &args.b[row..row + gn], c: &args.c[row..row + gn], off }
             };
-            run_steps_impl::<NN, WITH_Y, _, _>(dims, args, tile, b, t0, t1, h, y_out, pf, bc_at);
+            if tile.nonpos {
+                run_steps_impl::<NN, WITH_Y, true, _, _>(dims, args, tile, b, t0, t1, h, y_out, pf, bc_at);
+            } else {
+                run_steps_impl::<NN, WITH_Y, false, _, _>(dims, args, tile, b, t0, t1, h, y_out, pf, bc_at);
+            }
         }
     }
 }
 
 #[inline(always)]
-fn run_steps_impl<const NN: usize, const WITH_Y: bool, S: Bc, F: Fn(usize) -> S>(
+fn run_steps_impl<const NN: usize, const WITH_Y: bool, const NP: bool, S: Bc, F: Fn(usize) -> S>(
     dims: &Scan1Dims,
     args: &Scan1Args<f32>,
     tile: &Tile,
     b: usize,
     t0: usize,
     t1: usize,
-    h: &mut [f32x8],
+    h: &mut [V],
     y_out: Option<&SharedMut<f32>>,
     pf: Option<&Prefetch>,
     bc_at: F,
@@ -146,18 +155,42 @@ fn run_steps_impl<const NN: usize, const WITH_Y: bool, S: Bc, F: Fn(usize) -> S>
     let Scan1Dims { seqlen, dim, dstate, .. } = *dims;
     let n = if NN > 0 { NN } else { dstate };
     let (d0, w) = (tile.d0, tile.w);
-    let a = &tile.a[..n];
-    let h = &mut h[..n];
+    debug_assert!(t1 - t0 <= TIME_BLOCK);
+    // Per-step inputs of the block, computed once: Δ, Δ·u and u.
+    let mut dts = [V::ZERO; TIME_BLOCK];
+    let mut dxs = [V::ZERO; TIME_BLOCK];
+    let mut xs = [V::ZERO; TIME_BLOCK];
     for t in t0..t1 {
         if let Some(pf) = pf {
             pf.at(dims, b, t);
         }
-        let i = (b * seqlen + t) * dim + d0;
+        let (j, i) = (t - t0, (b * seqlen + t) * dim + d0);
         let x = simd::load(&args.u[i..i + w]);
         let (dt, _) = tile.delta(simd::load(&args.delta[i..i + w]), args.delta_softplus, false);
-        let mut y = advance::<S, WITH_Y>(a, h, dt, x, &bc_at(t), None);
-        if WITH_Y {
-            y = tile.dskip.mul_add(x, y);
+        (dts[j], dxs[j], xs[j]) = (dt, dt * x, x);
+    }
+    // ⟨h_t, C_t⟩ per step, summed over the state slices.
+    let mut ys = [V::ZERO; TIME_BLOCK];
+    // One slice of at most K_SLICE state vectors at a time, held in registers for the whole
+    // block (a full N = 16 state plus its A row and the exp constants would not fit).
+    let mut k0 = 0;
+    while k0 < n {
+        let kn = (n - k0).min(K_SLICE);
+        let (a, hs) = (&tile.a[k0..k0 + kn], &mut h[k0..k0 + kn]);
+        let y = WITH_Y.then_some(&mut ys);
+        match kn {
+            8 => walk_slice::<8, NP, S, F>(a, hs, k0, t0, t1, &dts, &dxs, y, &bc_at),
+            4 => walk_slice::<4, NP, S, F>(a, hs, k0, t0, t1, &dts, &dxs, y, &bc_at),
+            2 => walk_slice::<2, NP, S, F>(a, hs, k0, t0, t1, &dts, &dxs, y, &bc_at),
+            1 => walk_slice::<1, NP, S, F>(a, hs, k0, t0, t1, &dts, &dxs, y, &bc_at),
+            _ => walk_slice::<0, NP, S, F>(a, hs, k0, t0, t1, &dts, &dxs, y, &bc_at),
+        }
+        k0 += kn;
+    }
+    if WITH_Y {
+        for t in t0..t1 {
+            let (j, i) = (t - t0, (b * seqlen + t) * dim + d0);
+            let mut y = tile.dskip.mul_add(xs[j], ys[j]);
             if let Some(z) = args.z {
                 y *= simd::silu(simd::load(&z[i..i + w]));
             }
@@ -167,6 +200,44 @@ fn run_steps_impl<const NN: usize, const WITH_Y: bool, S: Bc, F: Fn(usize) -> S>
             }
         }
     }
+}
+
+/// Walks steps `t0..t1` for the state vectors `k0..k0 + h.len()` (at most [`K_SLICE`]),
+/// adding `⟨h_t, C_t⟩` over them into `ys` when given. With `KN > 0` (`== h.len()`) the loop over
+/// the slice is unrolled and the slice lives in registers; `KN = 0` is the runtime-length path.
+#[inline(always)]
+fn walk_slice<const KN: usize, const NP: bool, S: Bc, F: Fn(usize) -> S>(
+    a: &[V],
+    h: &mut [V],
+    k0: usize,
+    t0: usize,
+    t1: usize,
+    dts: &[V; TIME_BLOCK],
+    dxs: &[V; TIME_BLOCK],
+    mut ys: Option<&mut [V; TIME_BLOCK]>,
+    bc_at: &F,
+) {
+    let kn = if KN > 0 { KN } else { h.len() };
+    let a = &a[..kn];
+    let mut hl = [V::ZERO; K_SLICE];
+    hl[..kn].copy_from_slice(&h[..kn]);
+    for t in t0..t1 {
+        let j = t - t0;
+        let bc = bc_at(t);
+        let (dt, dx) = (dts[j], dxs[j]);
+        let mut acc = V::ZERO;
+        for k in 0..kn {
+            let abar = simd::exp_impl::<NP>(dt * a[k]);
+            hl[k] = abar.mul_add(hl[k], dx * bc.b(k0 + k));
+            if ys.is_some() {
+                acc = hl[k].mul_add(bc.c(k0 + k), acc);
+            }
+        }
+        if let Some(ys) = ys.as_deref_mut() {
+            ys[j] += acc;
+        }
+    }
+    h[..kn].copy_from_slice(&hl[..kn]);
 }
 
 /// One task: batch row `b`, tiles `tiles`.
@@ -184,7 +255,7 @@ fn fwd_task<const NN: usize>(
     let nchunks = dims.n_chunks();
     let (ch0, ch1) = (tiles[0].d0, tiles[tiles.len() - 1].d0 + tiles[tiles.len() - 1].w);
     // Every tile's state, (tiles, N) vectors.
-    let mut states = vec![f32x8::ZERO; tiles.len() * n];
+    let mut states = vec![V::ZERO; tiles.len() * n];
     if let Some(h0) = args.h0 {
         for (ti, tile) in tiles.iter().enumerate() {
             tile.load_state(&h0[b * dim * n..(b + 1) * dim * n], n, &mut states[ti * n..(ti + 1) * n]);

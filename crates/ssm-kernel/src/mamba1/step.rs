@@ -1,12 +1,11 @@
 //! Fast Mamba-1 single-token step for recurrent inference.
 
 use rayon::prelude::*;
-use wide::f32x8;
 
 use super::{Scan1Args, Scan1Dims};
 use crate::check::{check_dims, check_len};
 use crate::par::SharedMut;
-use crate::simd::{self, W};
+use crate::simd::x16::{self as simd, V, W};
 
 /// Below this many state updates a step runs on the calling thread (a rayon dispatch costs more).
 const PAR_MIN: usize = 1 << 16;
@@ -41,11 +40,11 @@ pub fn scan_step(dims: &Scan1Dims, args: &Scan1Args<f32>, state: &mut [f32], y: 
             dt = if dt > 20.0 { dt } else { dt.exp().ln_1p() };
         }
         let x = args.u[bd];
-        let dtv = f32x8::splat(dt);
-        let dx = f32x8::splat(dt * x);
+        let dtv = V::splat(dt);
+        let dx = V::splat(dt * x);
         // SAFETY: channel (b, d) owns its N state elements and its output.
         let h = unsafe { st.slice(bd * n, n) };
-        let mut acc = f32x8::ZERO;
+        let mut acc = V::ZERO;
         let mut k = 0;
         while k < n {
             let e = (k + W).min(n);

@@ -2,11 +2,9 @@
 //! Mamba-1 kernels. Lane `l` of every vector is channel `d0 + l`; lanes past the last channel
 //! are zero-filled and never stored.
 
-use wide::f32x8;
-
 use super::Scan1Args;
 use crate::par::SharedMut;
-use crate::simd::{self, W};
+use crate::simd::x16::{self as simd, V, W};
 
 /// How the lanes of a tile map to groups of `B`/`C`.
 #[derive(Clone, Copy)]
@@ -24,12 +22,15 @@ pub(crate) struct Tile {
     /// Channels in the tile (1..=8).
     pub w: usize,
     /// `A[d0 + l, n]` in lane `l` of `a[n]`.
-    pub a: Vec<f32x8>,
+    pub a: Vec<V>,
     /// `D[d0 + l]` (zero when absent).
-    pub dskip: f32x8,
+    pub dskip: V,
     /// Δ bias (zero when absent).
-    pub bias: f32x8,
+    pub bias: V,
     pub groups: Groups,
+    /// Every `Δ·A` of this tile is ≤ 0 (softplus makes Δ ≥ 0 and all its `A` are ≤ 0), so the
+    /// cheaper [`simd::exp_nonpos`] applies.
+    pub nonpos: bool,
 }
 
 impl Tile {
@@ -41,11 +42,11 @@ impl Tile {
                 for l in 0..w {
                     v[l] = args.a[(d0 + l) * n + k];
                 }
-                f32x8::from(v)
+                V::from(v)
             })
             .collect();
-        let dskip = args.d.map_or(f32x8::ZERO, |d| simd::load(&d[d0..d0 + w]));
-        let bias = args.delta_bias.map_or(f32x8::ZERO, |b| simd::load(&b[d0..d0 + w]));
+        let dskip = args.d.map_or(V::ZERO, |d| simd::load(&d[d0..d0 + w]));
+        let bias = args.delta_bias.map_or(V::ZERO, |b| simd::load(&b[d0..d0 + w]));
         let g0 = d0 / group_size;
         let glast = (d0 + w - 1) / group_size;
         let groups = if g0 == glast {
@@ -57,36 +58,38 @@ impl Tile {
             }
             Groups::Mixed(g)
         };
-        Self { d0, w, a, dskip, bias, groups }
+        let nonpos =
+            args.delta_softplus && (d0..d0 + w).all(|d| args.a[d * n..(d + 1) * n].iter().all(|&v| v <= 0.0));
+        Self { d0, w, a, dskip, bias, groups, nonpos }
     }
 
     /// Δ after bias and softplus, and d(Δ)/d(raw Δ), from the raw Δ vector.
     #[inline(always)]
-    pub fn delta(&self, raw: f32x8, softplus: bool, want_grad: bool) -> (f32x8, f32x8) {
+    pub fn delta(&self, raw: V, softplus: bool, want_grad: bool) -> (V, V) {
         let v = raw + self.bias;
         if softplus {
-            let dt = simd::softplus(v);
+            let (dt, sig) = simd::softplus_sigmoid(v);
             let g = if want_grad {
-                let big = v.simd_gt(f32x8::splat(20.0));
-                big.select(f32x8::splat(1.0), simd::sigmoid(v))
+                let big = v.simd_gt(V::splat(20.0));
+                big.select(V::splat(1.0), sig)
             } else {
-                f32x8::ZERO
+                V::ZERO
             };
             (dt, g)
         } else {
-            (v, f32x8::splat(1.0))
+            (v, V::splat(1.0))
         }
     }
 
     /// Reads the tile's lanes of a (…, D, N) state: `h[k]` lane `l` = `s[(d0 + l) * n + k]`
     /// where `s` starts at the batch row.
-    pub fn load_state(&self, s: &[f32], n: usize, h: &mut [f32x8]) {
+    pub fn load_state(&self, s: &[f32], n: usize, h: &mut [V]) {
         for (k, hk) in h.iter_mut().enumerate() {
             let mut v = [0.0f32; W];
             for l in 0..self.w {
                 v[l] = s[(self.d0 + l) * n + k];
             }
-            *hk = f32x8::from(v);
+            *hk = V::from(v);
         }
     }
 
@@ -95,7 +98,7 @@ impl Tile {
     ///
     /// # Safety
     /// No other task may touch this tile's channels of that batch row concurrently.
-    pub unsafe fn store_state(&self, s: &SharedMut<f32>, base: usize, n: usize, h: &[f32x8], add: bool) {
+    pub unsafe fn store_state(&self, s: &SharedMut<f32>, base: usize, n: usize, h: &[V], add: bool) {
         for (k, hk) in h.iter().enumerate() {
             let v = hk.to_array();
             for l in 0..self.w {
@@ -110,12 +113,12 @@ impl Tile {
 /// `B`/`C` values of one time step as seen by the lanes of a tile.
 pub(crate) trait Bc {
     /// `B[·, k]` per lane.
-    fn b(&self, k: usize) -> f32x8;
+    fn b(&self, k: usize) -> V;
     /// `C[·, k]` per lane.
-    fn c(&self, k: usize) -> f32x8;
+    fn c(&self, k: usize) -> V;
     /// Adds the lanes of `v` (first `w` of them) into column `k` of a (G, N) gradient row, each
     /// into the group its lane reads.
-    fn accum(&self, dst: &mut [f32], k: usize, w: usize, v: f32x8);
+    fn accum(&self, dst: &mut [f32], k: usize, w: usize, v: V);
 }
 
 /// Every lane reads the same group: values are broadcast from one row of `N`.
@@ -130,15 +133,15 @@ pub(crate) struct UniformBc<'a> {
 
 impl Bc for UniformBc<'_> {
     #[inline(always)]
-    fn b(&self, k: usize) -> f32x8 {
-        f32x8::splat(self.b[k])
+    fn b(&self, k: usize) -> V {
+        V::splat(self.b[k])
     }
     #[inline(always)]
-    fn c(&self, k: usize) -> f32x8 {
-        f32x8::splat(self.c[k])
+    fn c(&self, k: usize) -> V {
+        V::splat(self.c[k])
     }
     #[inline(always)]
-    fn accum(&self, dst: &mut [f32], k: usize, _w: usize, v: f32x8) {
+    fn accum(&self, dst: &mut [f32], k: usize, _w: usize, v: V) {
         dst[self.goff + k] += v.reduce_add();
     }
 }
@@ -152,15 +155,15 @@ pub(crate) struct MixedBc<'a> {
 
 impl Bc for MixedBc<'_> {
     #[inline(always)]
-    fn b(&self, k: usize) -> f32x8 {
-        f32x8::from(std::array::from_fn::<f32, W, _>(|l| self.b[self.off[l] + k]))
+    fn b(&self, k: usize) -> V {
+        V::from(std::array::from_fn::<f32, W, _>(|l| self.b[self.off[l] + k]))
     }
     #[inline(always)]
-    fn c(&self, k: usize) -> f32x8 {
-        f32x8::from(std::array::from_fn::<f32, W, _>(|l| self.c[self.off[l] + k]))
+    fn c(&self, k: usize) -> V {
+        V::from(std::array::from_fn::<f32, W, _>(|l| self.c[self.off[l] + k]))
     }
     #[inline(always)]
-    fn accum(&self, dst: &mut [f32], k: usize, w: usize, v: f32x8) {
+    fn accum(&self, dst: &mut [f32], k: usize, w: usize, v: V) {
         let a = v.to_array();
         for l in 0..w {
             dst[self.off[l] + k] += a[l];
@@ -177,8 +180,8 @@ pub(crate) fn mixed_offsets(gs: &[usize; W], n: usize) -> [usize; W] {
 /// A small state buffer: a stack array when `NN > 0` (the compile-time state size, so loops over
 /// `N` unroll and the state can live in registers), else a heap vector of the runtime size.
 pub(crate) struct StateBuf<const NN: usize> {
-    arr: [f32x8; NN],
-    vec: Vec<f32x8>,
+    arr: [V; NN],
+    vec: Vec<V>,
 }
 
 impl<const NN: usize> StateBuf<NN> {
@@ -186,18 +189,18 @@ impl<const NN: usize> StateBuf<NN> {
     #[inline(always)]
     pub fn new(n: usize) -> Self {
         debug_assert!(NN == 0 || NN == n);
-        Self { arr: [f32x8::ZERO; NN], vec: if NN == 0 { vec![f32x8::ZERO; n] } else { Vec::new() } }
+        Self { arr: [V::ZERO; NN], vec: if NN == 0 { vec![V::ZERO; n] } else { Vec::new() } }
     }
 
     /// The buffer as a slice.
     #[inline(always)]
-    pub fn get(&mut self) -> &mut [f32x8] {
+    pub fn get(&mut self) -> &mut [V] {
         if NN > 0 { &mut self.arr[..] } else { &mut self.vec[..] }
     }
 
     /// The buffer as a shared slice.
     #[inline(always)]
-    pub fn arr_or_vec(&self) -> &[f32x8] {
+    pub fn arr_or_vec(&self) -> &[V] {
         if NN > 0 { &self.arr[..] } else { &self.vec[..] }
     }
 }
