@@ -9,7 +9,7 @@
 //!   forward, backward and step.
 //! - [`conv`]: the causal depthwise 1-D convolution with optional fused SiLU.
 //!
-//! The fast kernels are SIMD (`wide::f32x8`) and run independent (batch, channel-block) tasks on
+//! The fast kernels are SIMD (`wide::f32x16` for Mamba-1, `f32x8` elsewhere) and run independent (batch, channel-block) tasks on
 //! the current rayon pool; choose the thread count with `rayon::ThreadPool::install`. The
 //! [`reference`] module holds naive loops with the same arguments, generic over `f32`/`f64`: they
 //! are the oracle the fast kernels are tested against.

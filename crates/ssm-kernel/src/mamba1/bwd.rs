@@ -4,12 +4,13 @@
 //! No (B, L, D, N) tensor is ever stored. A task (one batch row, one block of up to 64 channels)
 //!
 //! 1. runs the forward recurrence once, keeping only each tile's state at the start of every
-//!    chunk of [`CHUNK`] time steps: `⌈L / CHUNK⌉ · N` vectors of 8 lanes per tile;
+//!    chunk of [`CHUNK`] time steps: `⌈L / CHUNK⌉ · N` vectors of 16 lanes per tile;
 //! 2. walks the chunks last to first; for each chunk and tile it recomputes the chunk's
 //!    `CHUNK · N` states and decay factors `exp(Δ·A)` from the checkpoint, then runs the reverse
 //!    (adjoint) recurrence over the chunk.
 //!
-//! Scratch per task: `(8 · ⌈L/CHUNK⌉ + 2 · CHUNK + 16) · N · 32` bytes (L = 256, N = 16: 64 KiB)
+//! Scratch per task (T = 4 tiles): `(T · ⌈L/CHUNK⌉ + 4 · CHUNK + 3 · T) · N` vectors of 64 bytes
+//! (L = 256, N = 16: ≈ 170 KiB, within L2)
 //! plus, when a batch row is split over several tasks, a (L, G, N) partial of `dB` and of `dC`.
 //! Total extra memory is therefore O(B · D · N · L / CHUNK), never O(B · L · D · N). The price is
 //! one extra forward pass (two `exp` per state update in all).

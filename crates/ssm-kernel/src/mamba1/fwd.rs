@@ -1,7 +1,7 @@
 //! Fast Mamba-1 forward scan.
 //!
 //! # Work layout
-//! A task is one batch row and a block of [`TILES_PER_BLOCK`] 8-channel tiles (64 channels). It
+//! A task is one batch row and a block of [`TILES_PER_BLOCK`] 16-channel tiles (64 channels). It
 //! walks time in blocks of [`TIME_BLOCK`] steps and, inside each, advances every tile of the
 //! block in turn. Rows of `u`, Δ, `z`, `y` are D floats apart, so a tile-at-a-time walk would
 //! touch a new cache line (and every other step a new page) per step; visiting the block's tiles

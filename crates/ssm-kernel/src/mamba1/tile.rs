@@ -1,4 +1,4 @@
-//! A tile of up to 8 consecutive channels of one batch row: the unit of SIMD work of the fast
+//! A tile of up to 16 consecutive channels of one batch row: the unit of SIMD work of the fast
 //! Mamba-1 kernels. Lane `l` of every vector is channel `d0 + l`; lanes past the last channel
 //! are zero-filled and never stored.
 
