@@ -30,6 +30,7 @@
 
 pub mod check;
 pub mod conv;
+pub mod gemm;
 pub mod mamba1;
 pub mod mamba2;
 pub mod par;

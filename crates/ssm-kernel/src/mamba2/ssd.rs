@@ -43,7 +43,7 @@
 //! (`dh0` after the first). The backward first runs the state recurrence forward keeping the
 //! `⌈L/Q⌉` chunk-entry states (`⌈L/Q⌉·N·P` floats per task), then walks the chunks backwards.
 
-use matrixmultiply::sgemm;
+use crate::gemm::gemm;
 use rayon::prelude::*;
 use wide::f32x8;
 
@@ -52,53 +52,6 @@ use super::{Scan2Args, Scan2Dims, Scan2Grads, Scan2Out, check_upstream};
 use crate::Real;
 use crate::par::SharedMut;
 use crate::simd::{self, W};
-
-/// `C ← α·A·B + β·C` for an m×k `A` and k×n `B` given by (row, column) strides into slices.
-/// Bounds are checked (the furthest element of every matrix must be in its slice).
-#[allow(clippy::too_many_arguments)]
-#[inline]
-fn gemm(
-    (m, k, n): (usize, usize, usize),
-    alpha: f32,
-    a: &[f32],
-    (rsa, csa): (usize, usize),
-    b: &[f32],
-    (rsb, csb): (usize, usize),
-    beta: f32,
-    c: &mut [f32],
-    (rsc, csc): (usize, usize),
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |r: usize, cc: usize, rs: usize, cs: usize| (r - 1) * rs + (cc - 1) * cs;
-    if k > 0 {
-        assert!(last(m, k, rsa, csa) < a.len(), "gemm: A out of bounds");
-        assert!(last(k, n, rsb, csb) < b.len(), "gemm: B out of bounds");
-    }
-    assert!(last(m, n, rsc, csc) < c.len(), "gemm: C out of bounds");
-    // SAFETY: every element addressed by the strides is inside its slice (checked above), `c`
-    // is exclusively borrowed and its strides (rsc ≥ n·csc or csc ≥ m·rsc by construction in
-    // this module) do not alias.
-    unsafe {
-        sgemm(
-            m,
-            k,
-            n,
-            alpha,
-            a.as_ptr(),
-            rsa as isize,
-            csa as isize,
-            b.as_ptr(),
-            rsb as isize,
-            csb as isize,
-            beta,
-            c.as_mut_ptr(),
-            rsc as isize,
-            csc as isize,
-        );
-    }
-}
 
 /// Shape facts of a chunked run.
 #[derive(Clone, Copy)]

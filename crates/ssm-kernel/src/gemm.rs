@@ -1,0 +1,96 @@
+//! A safe, bounds-checked front end to `matrixmultiply::sgemm`.
+
+use matrixmultiply::sgemm;
+
+/// `C ← α·A·B + β·C` for an m×k matrix `A` and a k×n matrix `B`, each given as a slice plus
+/// (row stride, column stride) in elements, so a transpose is just swapped strides and `β = 1`
+/// accumulates.
+///
+/// `(m, k, n)` are the sizes; element (i, j) of `A` is `a[i·rsa + j·csa]`, and likewise for `B`
+/// and `C`. `C` must be laid out without self-overlap: one of its strides must be 1 and the other
+/// at least the extent of the first (row-major `(n, 1)` or column-major `(1, m)` or padded
+/// versions of them).
+///
+/// # Panics
+/// If any addressed element lies outside its slice, or `C`'s strides could alias.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+#[track_caller]
+pub fn gemm(
+    (m, k, n): (usize, usize, usize),
+    alpha: f32,
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    beta: f32,
+    c: &mut [f32],
+    (rsc, csc): (usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let last = |r: usize, cc: usize, rs: usize, cs: usize| (r - 1) * rs + (cc - 1) * cs;
+    if k > 0 {
+        assert!(
+            last(m, k, rsa, csa) < a.len(),
+            "gemm: A ({m}×{k}, strides ({rsa}, {csa})) exceeds its slice of {}",
+            a.len()
+        );
+        assert!(
+            last(k, n, rsb, csb) < b.len(),
+            "gemm: B ({k}×{n}, strides ({rsb}, {csb})) exceeds its slice of {}",
+            b.len()
+        );
+    }
+    assert!(
+        last(m, n, rsc, csc) < c.len(),
+        "gemm: C ({m}×{n}, strides ({rsc}, {csc})) exceeds its slice of {}",
+        c.len()
+    );
+    let distinct = m == 1 || n == 1 || (csc == 1 && rsc >= n) || (rsc == 1 && csc >= m);
+    assert!(distinct, "gemm: C strides ({rsc}, {csc}) would alias elements of a {m}×{n} matrix");
+    // SAFETY: every element addressed through the strides lies inside its slice (checked
+    // above); `c` is exclusively borrowed and its strides address distinct elements (checked).
+    unsafe {
+        sgemm(
+            m,
+            k,
+            n,
+            alpha,
+            a.as_ptr(),
+            rsa as isize,
+            csa as isize,
+            b.as_ptr(),
+            rsb as isize,
+            csb as isize,
+            beta,
+            c.as_mut_ptr(),
+            rsc as isize,
+            csc as isize,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transposes_by_strides_and_accumulates() {
+        // A = [[1, 2], [3, 4]] row-major; Bᵀ where B = [[5, 6], [7, 8]] stored row-major.
+        let a = [1.0f32, 2.0, 3.0, 4.0];
+        let b = [5.0f32, 6.0, 7.0, 8.0];
+        let mut c = [1.0f32; 4];
+        // C = A·Bᵀ + C: Bᵀ[k][j] = b[j*2 + k] → strides (1, 2).
+        gemm((2, 2, 2), 1.0, &a, (2, 1), &b, (1, 2), 1.0, &mut c, (2, 1));
+        assert_eq!(c, [1.0 + 17.0, 1.0 + 23.0, 1.0 + 39.0, 1.0 + 53.0]);
+    }
+
+    #[test]
+    #[should_panic(expected = "gemm: B (2×2, strides (2, 1)) exceeds its slice of 3")]
+    fn out_of_bounds_panics() {
+        let mut c = [0.0f32; 4];
+        gemm((2, 2, 2), 1.0, &[0.0; 4], (2, 1), &[0.0; 3], (2, 1), 0.0, &mut c, (2, 1));
+    }
+}
