@@ -1,0 +1,221 @@
+//! Reverse-mode autograd: an arena of values with `Copy` ids and one reverse loop.
+//!
+//! Every value a computation produces lives in the [`Tape`] and is named by a [`Var`]. An op
+//! computes its output eagerly and, when recording and any input needs a gradient, pushes one
+//! node holding its [`Backward`] implementation (and whatever it saved for it). Ops are coarse —
+//! a whole linear layer, RMSNorm, selective scan or cross-entropy is one node — so the tape stays
+//! short. [`Tape::backward`] walks the nodes once, last to first; parameter gradients are added
+//! straight into the caller's preallocated [`Grads`].
+
+use crate::params::{Grads, ParamId, ParamStore};
+use crate::tensor::{Tensor, zeros};
+
+/// A value on a [`Tape`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Var(usize);
+
+/// The backward of one op.
+pub trait Backward {
+    /// The op's name, for error messages.
+    fn name(&self) -> &'static str;
+
+    /// Adds `∂loss/∂input` for every input that needs a gradient.
+    ///
+    /// `inputs[i]` are the input values, `out` the output value and `dout` `∂loss/∂out` (shaped
+    /// like `out`). `dinputs[i]` is `Some` exactly for the inputs that need a gradient; it is
+    /// shaped like `inputs[i]` and must be **added** to.
+    fn backward(&self, inputs: &[&Tensor], out: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]);
+}
+
+enum Source {
+    Value(Tensor),
+    Param(ParamId),
+}
+
+struct Node {
+    inputs: Vec<Var>,
+    op: Box<dyn Backward>,
+}
+
+struct Entry {
+    src: Source,
+    needs_grad: bool,
+    node: Option<Node>,
+}
+
+/// The autograd tape of one forward pass over the parameters `params`.
+pub struct Tape<'p> {
+    params: &'p ParamStore,
+    entries: Vec<Entry>,
+    record: bool,
+    /// Gradients of non-parameter values after [`Tape::backward`] (kept for leaves).
+    grads: Vec<Option<Tensor>>,
+}
+
+impl<'p> Tape<'p> {
+    /// A recording tape: ops with a tracked input push backward nodes.
+    pub fn new(params: &'p ParamStore) -> Self {
+        Self { params, entries: Vec::new(), record: true, grads: Vec::new() }
+    }
+
+    /// A non-recording tape: values only, nothing tracked, no backward possible.
+    pub fn inference(params: &'p ParamStore) -> Self {
+        Self { record: false, ..Self::new(params) }
+    }
+
+    /// The parameters this tape reads.
+    pub fn params(&self) -> &'p ParamStore {
+        self.params
+    }
+
+    /// Whether this tape records backward nodes.
+    pub fn is_recording(&self) -> bool {
+        self.record
+    }
+
+    fn add(&mut self, src: Source, needs_grad: bool, node: Option<Node>) -> Var {
+        self.entries.push(Entry { src, needs_grad, node });
+        Var(self.entries.len() - 1)
+    }
+
+    /// A value that needs no gradient (inputs, masks, targets).
+    pub fn constant(&mut self, t: Tensor) -> Var {
+        self.add(Source::Value(t), false, None)
+    }
+
+    /// A value whose gradient is kept after [`Tape::backward`] (see [`Tape::grad`]); used by tests.
+    pub fn leaf(&mut self, t: Tensor) -> Var {
+        let rec = self.record;
+        self.add(Source::Value(t), rec, None)
+    }
+
+    /// Parameter `id`, read in place (no copy); its gradient goes to [`Grads`].
+    pub fn param(&mut self, id: ParamId) -> Var {
+        let rec = self.record;
+        self.add(Source::Param(id), rec, None)
+    }
+
+    /// Parameter `name`.
+    ///
+    /// # Panics
+    /// If there is no such parameter (a model-building bug).
+    #[track_caller]
+    pub fn param_named(&mut self, name: &str) -> Var {
+        let id = self.params.id(name).unwrap_or_else(|| panic!("no parameter named `{name}`"));
+        self.param(id)
+    }
+
+    /// The value of `v`.
+    pub fn value(&self, v: Var) -> &Tensor {
+        match &self.entries[v.0].src {
+            Source::Value(t) => t,
+            Source::Param(id) => self.params.value(*id),
+        }
+    }
+
+    /// Whether `v` needs a gradient.
+    pub fn needs_grad(&self, v: Var) -> bool {
+        self.entries[v.0].needs_grad
+    }
+
+    /// Records the output `value` of an op on `inputs` with its backward `op`. The node is kept
+    /// only when recording and some input needs a gradient.
+    pub fn push(&mut self, value: Tensor, inputs: &[Var], op: impl Backward + 'static) -> Var {
+        let tracked = self.record && inputs.iter().any(|&v| self.needs_grad(v));
+        let node = tracked.then(|| Node { inputs: inputs.to_vec(), op: Box::new(op) });
+        self.add(Source::Value(value), tracked, node)
+    }
+
+    /// Number of values on the tape.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the tape is empty.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Back-propagates from the scalar `loss` (seed 1), adding parameter gradients into `grads`.
+    ///
+    /// # Panics
+    /// If `loss` is not a single element or the tape does not record.
+    #[track_caller]
+    pub fn backward(&mut self, loss: Var, grads: &mut Grads) {
+        let n = self.value(loss).len();
+        assert_eq!(n, 1, "backward: the loss must be a single value, it has {n}");
+        let seed = Tensor::from_elem(self.value(loss).raw_dim(), 1.0);
+        self.backward_from(loss, seed, grads);
+    }
+
+    /// Back-propagates from `out` with `∂loss/∂out = seed`, adding parameter gradients into
+    /// `grads` and keeping the gradients of leaves (see [`Tape::grad`]).
+    ///
+    /// # Panics
+    /// If `seed` is not shaped like `out` or the tape does not record.
+    #[track_caller]
+    pub fn backward_from(&mut self, out: Var, seed: Tensor, grads: &mut Grads) {
+        assert!(self.record, "backward on a non-recording (inference) tape");
+        assert_eq!(
+            seed.shape(),
+            self.value(out).shape(),
+            "backward_from: seed shape differs from the output's"
+        );
+        let mut vgrads: Vec<Option<Tensor>> = (0..self.entries.len()).map(|_| None).collect();
+        vgrads[out.0] = Some(seed);
+        for idx in (0..self.entries.len()).rev() {
+            let Some(node) = &self.entries[idx].node else { continue };
+            let Some(dout) = vgrads[idx].take() else { continue };
+            // Move each needed input gradient out of its home (parameter gradients from `grads`,
+            // others from `vgrads`), let the op add into them, then put them back.
+            let mut dins: Vec<Option<Tensor>> = Vec::with_capacity(node.inputs.len());
+            for (i, &v) in node.inputs.iter().enumerate() {
+                let e = &self.entries[v.0];
+                if !e.needs_grad {
+                    dins.push(None);
+                    continue;
+                }
+                let repeated = node.inputs[..i].contains(&v);
+                let shape = match &e.src {
+                    Source::Value(t) => t.shape(),
+                    Source::Param(id) => self.params.value(*id).shape(),
+                };
+                dins.push(Some(match (&e.src, repeated) {
+                    (_, true) => zeros(shape),
+                    (Source::Param(id), false) => grads.take(*id),
+                    (Source::Value(_), false) => vgrads[v.0].take().unwrap_or_else(|| zeros(shape)),
+                }));
+            }
+            {
+                let inputs: Vec<&Tensor> = node.inputs.iter().map(|&v| self.value(v)).collect();
+                let out_val = match &self.entries[idx].src {
+                    Source::Value(t) => t,
+                    Source::Param(id) => self.params.value(*id),
+                };
+                let mut refs: Vec<Option<&mut Tensor>> = dins.iter_mut().map(|d| d.as_mut()).collect();
+                node.op.backward(&inputs, out_val, &dout, &mut refs);
+            }
+            for (i, (&v, d)) in node.inputs.iter().zip(dins).enumerate() {
+                let Some(d) = d else { continue };
+                let first = node.inputs[..i].iter().position(|&u| u == v);
+                match (first, &self.entries[v.0].src) {
+                    // A repeated input: add into the first occurrence's buffer, which is home
+                    // again only after this loop, so accumulate into where it now lives.
+                    (Some(_), Source::Param(id)) => *grads.get_mut(*id) += &d,
+                    (Some(_), Source::Value(_)) => {
+                        *vgrads[v.0].as_mut().expect("first occurrence was put back") += &d;
+                    }
+                    (None, Source::Param(id)) => grads.put(*id, d),
+                    (None, Source::Value(_)) => vgrads[v.0] = Some(d),
+                }
+            }
+        }
+        self.grads = vgrads;
+    }
+
+    /// The gradient of a leaf (or any non-parameter value that received one) after
+    /// [`Tape::backward`].
+    pub fn grad(&self, v: Var) -> Option<&Tensor> {
+        self.grads.get(v.0).and_then(|g| g.as_ref())
+    }
+}

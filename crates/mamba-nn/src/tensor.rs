@@ -1,0 +1,52 @@
+//! The tensor type: `ndarray::ArrayD<f32>`, always kept in standard (row-major, contiguous)
+//! layout so kernels can take its data as a slice.
+
+use ndarray::IxDyn;
+
+/// An n-dimensional `f32` array in row-major layout.
+pub type Tensor = ndarray::ArrayD<f32>;
+
+/// A zero tensor of `shape`.
+pub fn zeros(shape: &[usize]) -> Tensor {
+    Tensor::zeros(IxDyn(shape))
+}
+
+/// A tensor of `shape` holding `data` (row-major).
+///
+/// # Panics
+/// If `data.len()` is not the product of `shape`.
+#[track_caller]
+pub fn from_vec(shape: &[usize], data: Vec<f32>) -> Tensor {
+    let n: usize = shape.iter().product();
+    assert_eq!(data.len(), n, "from_vec: {} values do not fill shape {shape:?} ({n} elements)", data.len());
+    Tensor::from_shape_vec(IxDyn(shape), data).expect("length checked above")
+}
+
+/// The elements of `t` in row-major order.
+///
+/// # Panics
+/// If `t` is not in standard layout (every tensor this crate makes is).
+#[track_caller]
+pub fn data(t: &Tensor) -> &[f32] {
+    t.as_slice().expect("tensor is not contiguous row-major")
+}
+
+/// The elements of `t` in row-major order, mutably.
+///
+/// # Panics
+/// If `t` is not in standard layout.
+#[track_caller]
+pub fn data_mut(t: &mut Tensor) -> &mut [f32] {
+    t.as_slice_mut().expect("tensor is not contiguous row-major")
+}
+
+/// Splits a shape `(…, last)` into (rows, last): the number of rows is the product of the leading
+/// dimensions.
+///
+/// # Panics
+/// If the shape is empty.
+#[track_caller]
+pub fn rows_cols(shape: &[usize]) -> (usize, usize) {
+    let (&last, lead) = shape.split_last().expect("a tensor with at least one dimension");
+    (lead.iter().product(), last)
+}
