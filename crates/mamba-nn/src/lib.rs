@@ -23,6 +23,7 @@
 //! assert_eq!(grads.get(w).as_slice().unwrap(), &[1.0, 2.0]); // dy/dW = x
 //! ```
 
+pub mod checkpoint;
 pub mod config;
 pub mod ops;
 pub mod params;

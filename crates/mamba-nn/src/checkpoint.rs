@@ -1,0 +1,437 @@
+//! safetensors checkpoint I/O: read any file's tensors by name with shape and dtype checks, load
+//! them into a [`ParamStore`], and write parameters atomically.
+//!
+//! Every error names the file and, where there is one, the tensor with the expected and found
+//! shape or dtype. Data is decoded with `from_le_bytes` (safetensors does not promise aligned
+//! data); f32, f64, f16 and bf16 tensors load as f32.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+
+use crate::params::ParamStore;
+use crate::tensor::{Tensor, data, from_vec};
+
+/// A checkpoint that cannot be read or does not fit the model.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// The file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Not a safetensors file (truncated, corrupt, or another format).
+    #[error("{path} is not a valid safetensors file (truncated or corrupt?): {reason}")]
+    Format {
+        /// The file.
+        path: PathBuf,
+        /// The parser's explanation.
+        reason: String,
+    },
+    /// A tensor the model needs is not in the file.
+    #[error("{path}: tensor `{tensor}` is missing{hint}")]
+    Missing {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's name.
+        tensor: String,
+        /// Extra context (e.g. the names tried).
+        hint: String,
+    },
+    /// A tensor has the wrong shape.
+    #[error("{path}: tensor `{tensor}` has shape {found:?}, expected {expected:?}")]
+    Shape {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's name.
+        tensor: String,
+        /// The shape the model needs.
+        expected: Vec<usize>,
+        /// The shape in the file.
+        found: Vec<usize>,
+    },
+    /// A tensor has a dtype this crate cannot read as requested.
+    #[error("{path}: tensor `{tensor}` has dtype {found}, expected {expected}")]
+    Dtype {
+        /// The file.
+        path: PathBuf,
+        /// The tensor's name.
+        tensor: String,
+        /// What was expected.
+        expected: &'static str,
+        /// What was found.
+        found: String,
+    },
+}
+
+/// The tensors of one safetensors file, decoded.
+#[derive(Debug)]
+pub struct TensorFile {
+    path: PathBuf,
+    bytes: Vec<u8>,
+    /// name → (dtype, shape, byte range)
+    index: BTreeMap<String, (Dtype, Vec<usize>, std::ops::Range<usize>)>,
+}
+
+impl TensorFile {
+    /// Reads and indexes `path`.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self, CheckpointError> {
+        let path = path.as_ref().to_path_buf();
+        let bytes =
+            std::fs::read(&path).map_err(|source| CheckpointError::Io { path: path.clone(), source })?;
+        let index = {
+            let st = SafeTensors::deserialize(&bytes)
+                .map_err(|e| CheckpointError::Format { path: path.clone(), reason: e.to_string() })?;
+            let base = bytes.as_ptr() as usize;
+            st.iter()
+                .map(|(name, view)| {
+                    let start = view.data().as_ptr() as usize - base;
+                    (
+                        name.to_string(),
+                        (view.dtype(), view.shape().to_vec(), start..start + view.data().len()),
+                    )
+                })
+                .collect()
+        };
+        Ok(Self { path, bytes, index })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(String::as_str)
+    }
+
+    /// Whether the file holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// The shape of `name`.
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.index.get(name).map(|(_, s, _)| s.as_slice())
+    }
+
+    fn entry(&self, name: &str) -> Result<&(Dtype, Vec<usize>, std::ops::Range<usize>), CheckpointError> {
+        self.index.get(name).ok_or_else(|| CheckpointError::Missing {
+            path: self.path.clone(),
+            tensor: name.to_string(),
+            hint: String::new(),
+        })
+    }
+
+    /// Tensor `name` as f32 (from f32, f64, f16 or bf16), any shape.
+    pub fn f32(&self, name: &str) -> Result<Tensor, CheckpointError> {
+        let (dtype, shape, range) = self.entry(name)?;
+        let raw = &self.bytes[range.clone()];
+        let values: Vec<f32> = match dtype {
+            Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+            Dtype::F64 => {
+                raw.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect()
+            }
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+                .collect(),
+            Dtype::F16 => raw.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
+            other => {
+                return Err(CheckpointError::Dtype {
+                    path: self.path.clone(),
+                    tensor: name.into(),
+                    expected: "a float type (F32, F64, F16, BF16)",
+                    found: format!("{other:?}"),
+                });
+            }
+        };
+        Ok(from_vec(shape, values))
+    }
+
+    /// Tensor `name` as f32, checked to have `expected` shape.
+    pub fn f32_shaped(&self, name: &str, expected: &[usize]) -> Result<Tensor, CheckpointError> {
+        let (_, shape, _) = self.entry(name)?;
+        if shape != expected {
+            return Err(CheckpointError::Shape {
+                path: self.path.clone(),
+                tensor: name.into(),
+                expected: expected.to_vec(),
+                found: shape.clone(),
+            });
+        }
+        self.f32(name)
+    }
+
+    /// Tensor `name` as i64 values (from I64 or I32) with its shape.
+    pub fn i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>), CheckpointError> {
+        let (dtype, shape, range) = self.entry(name)?;
+        let raw = &self.bytes[range.clone()];
+        let values = match dtype {
+            Dtype::I64 => raw.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect(),
+            Dtype::I32 => {
+                raw.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as i64).collect()
+            }
+            other => {
+                return Err(CheckpointError::Dtype {
+                    path: self.path.clone(),
+                    tensor: name.into(),
+                    expected: "an integer type (I64, I32)",
+                    found: format!("{other:?}"),
+                });
+            }
+        };
+        Ok((shape.clone(), values))
+    }
+}
+
+/// IEEE half to f32.
+fn f16_to_f32(h: u16) -> f32 {
+    let sign = ((h >> 15) as u32) << 31;
+    let exp = ((h >> 10) & 0x1f) as u32;
+    let mant = (h & 0x3ff) as u32;
+    let bits = match (exp, mant) {
+        (0, 0) => sign,
+        (0, m) => {
+            // Subnormal: renormalise.
+            let shift = m.leading_zeros() - 21;
+            sign | ((127 - 15 - shift + 1) << 23) | (((m << shift) & 0x3ff) << 13)
+        }
+        (0x1f, m) => sign | 0x7f80_0000 | (m << 13),
+        (e, m) => sign | ((e + 127 - 15) << 23) | (m << 13),
+    };
+    f32::from_bits(bits)
+}
+
+/// Loads every parameter of `store` from `file`, by name. `aliases(name)` lists other names the
+/// same tensor may have in a file (e.g. `backbone.embedding.weight` for
+/// `backbone.embeddings.weight`). Returns the file's tensors that were not used.
+pub fn load_params(
+    store: &mut ParamStore,
+    file: &TensorFile,
+    aliases: impl Fn(&str) -> Vec<String>,
+) -> Result<Vec<String>, CheckpointError> {
+    let mut used = HashMap::new();
+    let ids: Vec<_> = store.iter().map(|(id, p)| (id, p.name.clone(), p.value.shape().to_vec())).collect();
+    for (id, name, shape) in ids {
+        let mut candidates = vec![name.clone()];
+        candidates.extend(aliases(&name));
+        let Some(found) = candidates.iter().find(|c| file.contains(c)) else {
+            let hint = if candidates.len() > 1 {
+                format!(
+                    " (also looked for {})",
+                    candidates[1..].iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ")
+                )
+            } else {
+                String::new()
+            };
+            return Err(CheckpointError::Missing { path: file.path.clone(), tensor: name, hint });
+        };
+        // A singleton dimension difference (e.g. conv weights (C, 1, K) vs (C, K)) is fine.
+        let fshape = file.shape(found).expect("present");
+        let squeeze = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
+        let t = if fshape == shape.as_slice() || squeeze(fshape) == squeeze(&shape) {
+            let t = file.f32(found)?;
+            from_vec(&shape, data(&t).to_vec())
+        } else {
+            return Err(CheckpointError::Shape {
+                path: file.path.clone(),
+                tensor: found.clone(),
+                expected: shape,
+                found: fshape.to_vec(),
+            });
+        };
+        *store.value_mut(id) = t;
+        used.insert(found.clone(), ());
+    }
+    Ok(file.names().filter(|n| !used.contains_key(*n)).map(String::from).collect())
+}
+
+/// Writes `tensors` (name, f32 tensor) to `path` as safetensors, atomically: the data goes to a
+/// temporary file in the same directory, is flushed to disk, and is renamed over `path`, so a
+/// crash never leaves a half-written checkpoint.
+pub fn write_tensors<'a>(
+    path: impl AsRef<Path>,
+    tensors: impl IntoIterator<Item = (String, &'a Tensor)>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<(), CheckpointError> {
+    let path = path.as_ref();
+    let owned: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .into_iter()
+        .map(|(n, t)| (n, data(t).iter().flat_map(|v| v.to_le_bytes()).collect(), t.shape().to_vec()))
+        .collect();
+    let views: Vec<(String, TensorView)> = owned
+        .iter()
+        .map(|(n, b, s)| {
+            (n.clone(), TensorView::new(Dtype::F32, s.clone(), b).expect("sizes match by construction"))
+        })
+        .collect();
+    let bytes = safetensors::serialize(views, metadata)
+        .map_err(|e| CheckpointError::Format { path: path.into(), reason: e.to_string() })?;
+    write_atomic(path, &bytes)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let io = |source| CheckpointError::Io { path: path.into(), source };
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp).map_err(io)?;
+    f.write_all(bytes).map_err(io)?;
+    f.sync_all().map_err(io)?;
+    drop(f);
+    std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Saves every parameter of `store` for which `keep(name)` holds.
+pub fn save_params(
+    store: &ParamStore,
+    path: impl AsRef<Path>,
+    keep: impl Fn(&str) -> bool,
+) -> Result<(), CheckpointError> {
+    let mut meta = HashMap::new();
+    meta.insert("format".to_string(), "pt".to_string());
+    write_tensors(
+        path,
+        store.iter().filter(|(_, p)| keep(&p.name)).map(|(_, p)| (p.name.clone(), &p.value)),
+        Some(meta),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tensor::zeros;
+
+    fn tmpdir(tag: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("mamba-nn-ckpt-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn store() -> ParamStore {
+        let mut s = ParamStore::new();
+        s.add("backbone.embeddings.weight", from_vec(&[3, 2], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]), true);
+        s.add(
+            "backbone.layers.0.mixer.conv1d.weight",
+            from_vec(&[2, 1, 2], vec![0.5, -0.5, 0.25, -0.25]),
+            true,
+        );
+        s
+    }
+
+    #[test]
+    fn round_trip_and_aliases() {
+        let d = tmpdir("rt");
+        let p = d.join("model.safetensors");
+        let src = store();
+        save_params(&src, &p, |_| true).unwrap();
+        let mut dst = store();
+        for (id, _) in dst.iter().map(|(i, p)| (i, p.name.clone())).collect::<Vec<_>>() {
+            *dst.value_mut(id) = zeros(src.value(id).shape());
+        }
+        let unused = load_params(&mut dst, &TensorFile::open(&p).unwrap(), |_| vec![]).unwrap();
+        assert!(unused.is_empty());
+        for (id, p) in src.iter() {
+            assert_eq!(dst.value(id), &p.value, "{}", p.name);
+        }
+        // The original naming of the embedding loads through an alias; conv (C, K) fits (C, 1, K).
+        let e = from_vec(&[3, 2], vec![9.0; 6]);
+        let c = from_vec(&[2, 2], vec![7.0; 4]);
+        let p2 = d.join("orig.safetensors");
+        write_tensors(
+            &p2,
+            [
+                ("backbone.embedding.weight".to_string(), &e),
+                ("backbone.layers.0.mixer.conv1d.weight".to_string(), &c),
+            ],
+            None,
+        )
+        .unwrap();
+        let alias = |n: &str| {
+            if n == "backbone.embeddings.weight" { vec!["backbone.embedding.weight".into()] } else { vec![] }
+        };
+        load_params(&mut dst, &TensorFile::open(&p2).unwrap(), alias).unwrap();
+        assert_eq!(dst.value(dst.id("backbone.embeddings.weight").unwrap()), &e);
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn errors_name_file_tensor_and_shapes() {
+        let d = tmpdir("err");
+        let p = d.join("model.safetensors");
+        let wrong = from_vec(&[4, 2], vec![0.0; 8]);
+        write_tensors(&p, [("backbone.embeddings.weight".to_string(), &wrong)], None).unwrap();
+        let mut s = store();
+        let e = load_params(&mut s, &TensorFile::open(&p).unwrap(), |_| vec![]).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!("{}: tensor `backbone.embeddings.weight` has shape [4, 2], expected [3, 2]", p.display())
+        );
+
+        let ok = from_vec(&[3, 2], vec![0.0; 6]);
+        write_tensors(&p, [("backbone.embeddings.weight".to_string(), &ok)], None).unwrap();
+        let e = load_params(&mut s, &TensorFile::open(&p).unwrap(), |_| vec!["x.alias".into()])
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: tensor `backbone.layers.0.mixer.conv1d.weight` is missing (also looked for `x.alias`)",
+                p.display()
+            )
+        );
+
+        // Truncate the file: reported as not a valid safetensors file, naming it.
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 5]).unwrap();
+        let e = TensorFile::open(&p).unwrap_err().to_string();
+        assert!(
+            e.starts_with(&format!(
+                "{} is not a valid safetensors file (truncated or corrupt?)",
+                p.display()
+            )),
+            "{e}"
+        );
+        let e = TensorFile::open(d.join("absent.safetensors")).unwrap_err().to_string();
+        assert!(e.contains("absent.safetensors"), "{e}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn half_precision_and_integer_tensors_decode() {
+        assert_eq!(f16_to_f32(0x3c00), 1.0);
+        assert_eq!(f16_to_f32(0xc000), -2.0);
+        assert_eq!(f16_to_f32(0x0001), 2f32.powi(-24));
+        assert_eq!(f16_to_f32(0x7bff), 65504.0);
+        let d = tmpdir("dt");
+        let p = d.join("ids.safetensors");
+        let ids: Vec<u8> = [3i64, -100, 7].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let bf: Vec<u8> =
+            [1.5f32, -0.25].iter().flat_map(|v| ((v.to_bits() >> 16) as u16).to_le_bytes()).collect();
+        let views = vec![
+            ("ids".to_string(), TensorView::new(Dtype::I64, vec![1, 3], &ids).unwrap()),
+            ("bf".to_string(), TensorView::new(Dtype::BF16, vec![2], &bf).unwrap()),
+        ];
+        std::fs::write(&p, safetensors::serialize(views, None).unwrap()).unwrap();
+        let f = TensorFile::open(&p).unwrap();
+        assert_eq!(f.i64("ids").unwrap(), (vec![1, 3], vec![3, -100, 7]));
+        assert_eq!(data(&f.f32("bf").unwrap()), &[1.5, -0.25]);
+        let e = f.f32("ids").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!(
+                "{}: tensor `ids` has dtype I64, expected a float type (F32, F64, F16, BF16)",
+                p.display()
+            )
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
