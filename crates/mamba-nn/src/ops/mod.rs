@@ -7,8 +7,14 @@
 //! [`Var`]: crate::tape::Var
 //! [`Backward`]: crate::tape::Backward
 
+pub mod activation;
 #[cfg(test)]
 pub(crate) mod check;
+pub mod elementwise;
 pub mod linear;
+pub mod shape;
 
+pub use activation::{exp, silu, softplus};
+pub use elementwise::{add, add_broadcast_last, mul, scale};
 pub use linear::linear;
+pub use shape::{concat_last, narrow_last, reshape};

@@ -1,0 +1,243 @@
+//! Shape ops: `reshape`, `narrow_last` (a column slice of the last dimension) and
+//! `concat_last`.
+
+use crate::tape::{Backward, Tape, Var};
+use crate::tensor::{Tensor, data, data_mut, from_vec, rows_cols, zeros};
+
+/// `y = x` viewed with shape `new_shape` (same elements, row-major order kept; the data is
+/// copied).
+///
+/// # Panics
+/// If `new_shape` does not hold exactly `x`'s number of elements (the message names both shapes).
+#[track_caller]
+pub fn reshape(tape: &mut Tape, x: Var, new_shape: &[usize]) -> Var {
+    let xv = tape.value(x);
+    let n: usize = new_shape.iter().product();
+    assert_eq!(
+        n,
+        xv.len(),
+        "reshape: x {:?} ({} elements) cannot become {new_shape:?} ({n} elements)",
+        xv.shape(),
+        xv.len()
+    );
+    let y = from_vec(new_shape, data(xv).to_vec());
+    tape.push(y, &[x], ReshapeBackward)
+}
+
+/// Nothing saved: `dx += dy` in flat order.
+struct ReshapeBackward;
+
+impl Backward for ReshapeBackward {
+    fn name(&self) -> &'static str {
+        "reshape"
+    }
+
+    fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
+        if let Some(dx) = dinputs[0].as_deref_mut() {
+            for (g, d) in data_mut(dx).iter_mut().zip(data(dout)) {
+                *g += d;
+            }
+        }
+    }
+}
+
+/// `y = x[…, start .. start + len]`: a contiguous slice of the last dimension, as a new tensor.
+///
+/// Shapes: `x` (…, d), `y` (…, len). Used to split fused projections (`in_proj` → x | z,
+/// `x_proj` → dt | B | C).
+///
+/// # Panics
+/// If `start + len > d` (the message names the range and `x`'s shape).
+#[track_caller]
+pub fn narrow_last(tape: &mut Tape, x: Var, start: usize, len: usize) -> Var {
+    let xv = tape.value(x);
+    let (rows, d) = rows_cols(xv.shape());
+    assert!(
+        start + len <= d,
+        "narrow_last: columns {start}..{} out of range for x {:?} (last dimension {d})",
+        start + len,
+        xv.shape()
+    );
+    let mut shape = xv.shape().to_vec();
+    *shape.last_mut().expect("x has a last dimension") = len;
+    let mut y = zeros(&shape);
+    if len > 0 {
+        for (dst, src) in data_mut(&mut y).chunks_exact_mut(len).zip(data(xv).chunks_exact(d)) {
+            dst.copy_from_slice(&src[start..start + len]);
+        }
+    }
+    debug_assert_eq!(y.len(), rows * len);
+    tape.push(y, &[x], NarrowLastBackward { start, len, d })
+}
+
+/// Saved: the column range and the input's last dimension.
+struct NarrowLastBackward {
+    start: usize,
+    len: usize,
+    d: usize,
+}
+
+impl Backward for NarrowLastBackward {
+    fn name(&self) -> &'static str {
+        "narrow_last"
+    }
+
+    fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
+        let NarrowLastBackward { start, len, d } = *self;
+        if let Some(dx) = dinputs[0].as_deref_mut()
+            && len > 0
+        {
+            for (dst, src) in data_mut(dx).chunks_exact_mut(d).zip(data(dout).chunks_exact(len)) {
+                for (g, s) in dst[start..start + len].iter_mut().zip(src) {
+                    *g += s;
+                }
+            }
+        }
+    }
+}
+
+/// `y = [x₀ | x₁ | …]` along the last dimension.
+///
+/// Shapes: every `xs[i]` (…, dᵢ) with the same leading dimensions; `y` (…, Σ dᵢ).
+///
+/// # Panics
+/// If `xs` is empty or the leading dimensions differ (the message names both shapes).
+#[track_caller]
+pub fn concat_last(tape: &mut Tape, xs: &[Var]) -> Var {
+    assert!(!xs.is_empty(), "concat_last: no inputs");
+    let first = tape.value(xs[0]).shape().to_vec();
+    let lead = &first[..first.len() - 1];
+    let mut widths = Vec::with_capacity(xs.len());
+    for &x in xs {
+        let s = tape.value(x).shape();
+        assert!(
+            s.len() == first.len() && &s[..s.len() - 1] == lead,
+            "concat_last: leading dimensions differ: {first:?} vs {s:?}"
+        );
+        widths.push(s[s.len() - 1]);
+    }
+    let total: usize = widths.iter().sum();
+    let rows: usize = lead.iter().product();
+    let mut shape = first.clone();
+    *shape.last_mut().expect("at least one dimension") = total;
+    let mut y = zeros(&shape);
+    let yd = data_mut(&mut y);
+    let mut off = 0;
+    for (&x, &w) in xs.iter().zip(&widths) {
+        let xd = data(tape.value(x));
+        for r in 0..rows {
+            yd[r * total + off..r * total + off + w].copy_from_slice(&xd[r * w..(r + 1) * w]);
+        }
+        off += w;
+    }
+    tape.push(y, xs, ConcatLastBackward { widths })
+}
+
+/// Saved: the inputs' last dimensions.
+struct ConcatLastBackward {
+    widths: Vec<usize>,
+}
+
+impl Backward for ConcatLastBackward {
+    fn name(&self) -> &'static str {
+        "concat_last"
+    }
+
+    fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
+        let total: usize = self.widths.iter().sum();
+        let dy = data(dout);
+        let rows = if total == 0 { 0 } else { dy.len() / total };
+        let mut off = 0;
+        for (dx, &w) in dinputs.iter_mut().zip(&self.widths) {
+            if let Some(dx) = dx.as_deref_mut() {
+                let dx = data_mut(dx);
+                for r in 0..rows {
+                    for (g, s) in dx[r * w..(r + 1) * w].iter_mut().zip(&dy[r * total + off..]) {
+                        *g += s;
+                    }
+                }
+            }
+            off += w;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::check::{check_op, random};
+    use crate::params::ParamStore;
+
+    #[test]
+    fn reshape_backward_matches_finite_differences() {
+        check_op(vec![random(&[3, 10], 1)], |t, v| reshape(t, v[0], &[2, 5, 3]), |x| x[0].clone(), 1e-5);
+    }
+
+    #[test]
+    fn narrow_last_backward_matches_finite_differences() {
+        let (rows, d, start, len) = (6, 7, 2, 3);
+        check_op(
+            vec![random(&[2, 3, d], 1)],
+            |t, v| narrow_last(t, v[0], start, len),
+            |x| (0..rows).flat_map(|r| x[0][r * d + start..r * d + start + len].to_vec()).collect(),
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn concat_last_backward_matches_finite_differences() {
+        let ws = [3usize, 1, 4];
+        check_op(
+            ws.iter().enumerate().map(|(i, &w)| random(&[5, w], i as u64)).collect(),
+            |t, v| concat_last(t, v),
+            |x| {
+                (0..5)
+                    .flat_map(|r| {
+                        ws.iter().enumerate().flat_map(move |(i, &w)| (0..w).map(move |j| (i, r * w + j)))
+                    })
+                    .map(|(i, k)| x[i][k])
+                    .collect()
+            },
+            1e-5,
+        );
+    }
+
+    #[test]
+    fn narrow_then_concat_round_trips() {
+        let store = ParamStore::new();
+        let mut tape = Tape::new(&store);
+        let x = tape.constant(random(&[3, 9], 4));
+        let a = narrow_last(&mut tape, x, 0, 2);
+        let b = narrow_last(&mut tape, x, 2, 7);
+        let y = concat_last(&mut tape, &[a, b]);
+        assert_eq!(tape.value(y), tape.value(x));
+    }
+
+    #[test]
+    #[should_panic(expected = "narrow_last: columns 5..9 out of range for x [2, 8] (last dimension 8)")]
+    fn narrow_last_out_of_range_panics() {
+        let store = ParamStore::new();
+        let mut tape = Tape::new(&store);
+        let x = tape.constant(zeros(&[2, 8]));
+        narrow_last(&mut tape, x, 5, 4);
+    }
+
+    #[test]
+    #[should_panic(expected = "reshape: x [2, 3] (6 elements) cannot become [4] (4 elements)")]
+    fn reshape_wrong_count_panics() {
+        let store = ParamStore::new();
+        let mut tape = Tape::new(&store);
+        let x = tape.constant(zeros(&[2, 3]));
+        reshape(&mut tape, x, &[4]);
+    }
+
+    #[test]
+    #[should_panic(expected = "concat_last: leading dimensions differ: [2, 3] vs [3, 3]")]
+    fn concat_last_mismatch_panics() {
+        let store = ParamStore::new();
+        let mut tape = Tape::new(&store);
+        let a = tape.constant(zeros(&[2, 3]));
+        let b = tape.constant(zeros(&[3, 3]));
+        concat_last(&mut tape, &[a, b]);
+    }
+}
