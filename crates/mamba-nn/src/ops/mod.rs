@@ -12,9 +12,12 @@ pub mod activation;
 pub(crate) mod check;
 pub mod elementwise;
 pub mod linear;
+pub mod rmsnorm;
+mod rows;
 pub mod shape;
 
 pub use activation::{exp, silu, softplus};
 pub use elementwise::{add, add_broadcast_last, mul, scale};
 pub use linear::linear;
+pub use rmsnorm::{gated_rms_norm, rms_norm};
 pub use shape::{concat_last, narrow_last, reshape};

@@ -146,7 +146,7 @@ impl Backward for ConcatLastBackward {
     fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
         let total: usize = self.widths.iter().sum();
         let dy = data(dout);
-        let rows = if total == 0 { 0 } else { dy.len() / total };
+        let rows = dy.len().checked_div(total).unwrap_or(0);
         let mut off = 0;
         for (dx, &w) in dinputs.iter_mut().zip(&self.widths) {
             if let Some(dx) = dx.as_deref_mut() {
