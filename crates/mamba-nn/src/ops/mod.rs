@@ -8,16 +8,24 @@
 //! [`Backward`]: crate::tape::Backward
 
 pub mod activation;
+pub mod conv;
+pub mod cross_entropy;
 #[cfg(test)]
 pub(crate) mod check;
 pub mod elementwise;
+pub mod embedding;
 pub mod linear;
 pub mod rmsnorm;
 mod rows;
+pub mod scan;
 pub mod shape;
 
 pub use activation::{exp, silu, softplus};
+pub use conv::conv1d;
+pub use cross_entropy::{IGNORE_INDEX, causal_lm_loss, cross_entropy};
 pub use elementwise::{add, add_broadcast_last, mul, scale};
+pub use embedding::embedding;
 pub use linear::linear;
 pub use rmsnorm::{gated_rms_norm, rms_norm};
+pub use scan::{selective_scan1, selective_scan1_with_state, selective_scan2, selective_scan2_with_state};
 pub use shape::{concat_last, narrow_last, reshape};

@@ -1,0 +1,150 @@
+//! Mamba's causal depthwise `conv1d` (+ bias, optional fused SiLU), on
+//! [`ssm_kernel::conv`].
+
+use ssm_kernel::conv::{ConvArgs, ConvDims, ConvGrads, ConvOut, conv1d_bwd, conv1d_fwd};
+
+use crate::tape::{Backward, Tape, Var};
+use crate::tensor::{Tensor, data, data_mut};
+
+/// `y[b, t, c] = bias[c] + Σ_k w[c, k] · x[b, t − (K−1) + k, c]` (x = 0 before the start), then
+/// `y ← silu(y)` when `silu` is set: PyTorch's `Conv1d(C, C, K, groups=C, padding=K−1)` cut to
+/// the first `L` outputs.
+///
+/// Shapes: `x` (B, L, C) channels-last, `w` (C, 1, K) as Hugging Face stores `conv1d.weight`, or
+/// (C, K); `bias` (C); `y` (B, L, C).
+///
+/// # Panics
+/// If the shapes disagree (the message names them).
+#[track_caller]
+pub fn conv1d(tape: &mut Tape, x: Var, w: Var, bias: Option<Var>, silu: bool) -> Var {
+    let (xv, wv) = (tape.value(x), tape.value(w));
+    assert_eq!(xv.ndim(), 3, "conv1d: x must be (B, L, C), got {:?}", xv.shape());
+    let (bsz, l, c) = (xv.shape()[0], xv.shape()[1], xv.shape()[2]);
+    let k = match *wv.shape() {
+        [wc, 1, k] | [wc, k] if wc == c => k,
+        _ => panic!(
+            "conv1d: weight must be ({c}, 1, K) or ({c}, K) for x {:?}, got {:?}",
+            xv.shape(),
+            wv.shape()
+        ),
+    };
+    let bv = bias.map(|b| tape.value(b));
+    if let Some(bv) = bv {
+        assert_eq!(
+            bv.shape(),
+            &[c],
+            "conv1d: bias must be ({c}) for x {:?}, got {:?}",
+            xv.shape(),
+            bv.shape()
+        );
+    }
+    let dims = ConvDims::new(bsz, l, c, k);
+    let args = ConvArgs { x: data(xv), weight: data(wv), bias: bv.map(data), silu };
+    let mut y = Tensor::zeros(xv.raw_dim());
+    conv1d_fwd(&dims, &args, ConvOut { y: data_mut(&mut y), state_out: None });
+    let inputs: Vec<Var> = [Some(x), Some(w), bias].into_iter().flatten().collect();
+    tape.push(y, &inputs, Conv1dBackward { dims, silu })
+}
+
+/// Saved: the dims and the SiLU flag (the kernel recomputes the pre-activation from `x`).
+struct Conv1dBackward {
+    dims: ConvDims,
+    silu: bool,
+}
+
+impl Backward for Conv1dBackward {
+    fn name(&self) -> &'static str {
+        "conv1d"
+    }
+
+    fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
+        let dims = &self.dims;
+        let args = ConvArgs {
+            x: data(inputs[0]),
+            weight: data(inputs[1]),
+            bias: inputs.get(2).map(|b| data(b)),
+            silu: self.silu,
+        };
+        let [dx, dw, rest @ ..] = dinputs else { unreachable!("conv1d has at least two inputs") };
+        // The kernel always writes dx and dweight: scratch for the ones not wanted.
+        let mut sx = Vec::new();
+        let mut sw = Vec::new();
+        let dx = match dx.as_deref_mut() {
+            Some(t) => data_mut(t),
+            None => {
+                sx.resize(dims.n_blc(), 0.0);
+                &mut sx[..]
+            }
+        };
+        let dweight = match dw.as_deref_mut() {
+            Some(t) => data_mut(t),
+            None => {
+                sw.resize(dims.n_ck(), 0.0);
+                &mut sw[..]
+            }
+        };
+        let dbias = rest.first_mut().and_then(|d| d.as_deref_mut()).map(data_mut);
+        conv1d_bwd(dims, &args, data(dout), ConvGrads { dx, dweight, dbias });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::check::{check_op, random};
+    use crate::params::ParamStore;
+    use crate::tensor::zeros;
+
+    /// f64 reference: the causal depthwise conv written out, then optional SiLU.
+    fn reference(
+        x: &[f64],
+        w: &[f64],
+        b: Option<&[f64]>,
+        (bsz, l, c, k): (usize, usize, usize, usize),
+        silu: bool,
+    ) -> Vec<f64> {
+        let mut y = vec![0.0; bsz * l * c];
+        for bi in 0..bsz {
+            for t in 0..l {
+                for ch in 0..c {
+                    let mut acc = b.map_or(0.0, |b| b[ch]);
+                    for j in 0..k {
+                        if let Some(src) = (t + j).checked_sub(k - 1) {
+                            acc += w[ch * k + j] * x[(bi * l + src) * c + ch];
+                        }
+                    }
+                    y[(bi * l + t) * c + ch] = if silu { acc / (1.0 + (-acc).exp()) } else { acc };
+                }
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let (bsz, l, c, k) = (2, 7, 5, 4);
+        for (silu, with_bias, three_d) in [(true, true, true), (false, false, false), (true, false, false)] {
+            let wshape: Vec<usize> = if three_d { vec![c, 1, k] } else { vec![c, k] };
+            let mut inputs = vec![random(&[bsz, l, c], 1), random(&wshape, 2)];
+            if with_bias {
+                inputs.push(random(&[c], 3));
+            }
+            check_op(
+                inputs,
+                |t, v| conv1d(t, v[0], v[1], v.get(2).copied(), silu),
+                |x| reference(&x[0], &x[1], x.get(2).map(|b| b.as_slice()), (bsz, l, c, k), silu),
+                1e-4,
+            );
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "conv1d: weight must be (3, 1, K) or (3, K) for x [1, 2, 3], got [4, 1, 4]")]
+    fn weight_shape_mismatch_panics() {
+        let store = ParamStore::new();
+        let mut tape = Tape::new(&store);
+        let x = tape.constant(zeros(&[1, 2, 3]));
+        let w = tape.constant(zeros(&[4, 1, 4]));
+        conv1d(&mut tape, x, w, None, false);
+    }
+}
