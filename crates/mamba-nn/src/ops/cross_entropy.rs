@@ -1,5 +1,7 @@
 //! Fused softmax cross-entropy over the last dimension, and the causal language-model loss.
 
+use ssm_kernel::simd::{self, V, W};
+
 use crate::ops::rows::for_row_blocks;
 use crate::tape::{Backward, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, from_vec, rows_cols};
@@ -44,8 +46,7 @@ pub fn cross_entropy(tape: &mut Tape, logits: Var, targets: &[i64]) -> Var {
         for r in range {
             let row = &x[r * v..(r + 1) * v];
             let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let s: f32 = row.iter().map(|&a| (a - m).exp()).sum();
-            let l = m + s.ln();
+            let l = m + sum_exp_shifted(row, m).ln();
             lse.push(l);
             if targets[r] != IGNORE_INDEX {
                 sum += (l - row[targets[r] as usize]) as f64;
@@ -64,6 +65,29 @@ pub fn cross_entropy(tape: &mut Tape, logits: Var, targets: &[i64]) -> Var {
     let loss = if count == 0 { 0.0 } else { (sum / count as f64) as f32 };
     let saved = CrossEntropyBackward { targets: targets.to_vec(), lse, count, v };
     tape.push(from_vec(&[1], vec![loss]), &[logits], saved)
+}
+
+/// `Σ_j exp(row[j] − m)`, SIMD over the row (the vectorised `exp` of [`ssm_kernel::simd`]).
+fn sum_exp_shifted(row: &[f32], m: f32) -> f32 {
+    let mv = V::splat(m);
+    let mut acc = V::ZERO;
+    let mut chunks = row.chunks_exact(W);
+    for ch in &mut chunks {
+        acc += simd::exp(simd::load(ch) - mv);
+    }
+    acc.reduce_add() + chunks.remainder().iter().map(|&a| (a - m).exp()).sum::<f32>()
+}
+
+/// `d[j] += g · exp(row[j] − l)`: adds `g · softmax(row)` when `l` is the row's log-sum-exp.
+fn add_scaled_exp_shifted(d: &mut [f32], row: &[f32], l: f32, g: f32) {
+    let (lv, gv) = (V::splat(l), V::splat(g));
+    let split = row.len() - row.len() % W;
+    for (dc, rc) in d[..split].chunks_exact_mut(W).zip(row[..split].chunks_exact(W)) {
+        simd::add_store(dc, gv * simd::exp(simd::load(rc) - lv));
+    }
+    for (dd, &a) in d[split..].iter_mut().zip(&row[split..]) {
+        *dd += g * (a - l).exp();
+    }
 }
 
 /// Saved: the targets, every row's log-sum-exp, the number of counted rows and `V`.
@@ -94,10 +118,7 @@ impl Backward for CrossEntropyBackward {
                     continue;
                 }
                 let (row, drow) = (&x[r * v..(r + 1) * v], &mut dxb[i * v..(i + 1) * v]);
-                let l = self.lse[r];
-                for (d, &a) in drow.iter_mut().zip(row) {
-                    *d += g * (a - l).exp();
-                }
+                add_scaled_exp_shifted(drow, row, self.lse[r], g);
                 drow[t as usize] -= g;
             }
         });
@@ -151,7 +172,8 @@ mod tests {
 
     #[test]
     fn backward_matches_finite_differences() {
-        let v = 7;
+        // V = 11: one SIMD chunk of 8 and a scalar tail.
+        let v = 11;
         let targets = [3i64, IGNORE_INDEX, 0, 6, 2, IGNORE_INDEX, 5, 1, 1];
         check_op(
             vec![random(&[3, 3, v], 1) * 4.0],
@@ -163,7 +185,7 @@ mod tests {
 
     #[test]
     fn causal_lm_loss_shifts_targets() {
-        let (b, l, v) = (2, 5, 7);
+        let (b, l, v) = (2, 5, 19);
         let ids = [1usize, 6, 0, 3, 3, 2, 2, 5, 0, 4];
         let mut shifted = vec![IGNORE_INDEX; b * l];
         for r in 0..b {
