@@ -8,10 +8,10 @@
 //! [`Backward`]: crate::tape::Backward
 
 pub mod activation;
-pub mod conv;
-pub mod cross_entropy;
 #[cfg(test)]
 pub(crate) mod check;
+pub mod conv;
+pub mod cross_entropy;
 pub mod elementwise;
 pub mod embedding;
 pub mod linear;
