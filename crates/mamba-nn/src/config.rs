@@ -15,6 +15,9 @@ pub enum Arch {
     Mamba1,
     /// Per-head scalar `A`, SSD (Mamba-2, Dao & Gu 2024).
     Mamba2,
+    /// The non-selective baseline: the Mamba-1 block with its selective scan replaced by the
+    /// time-invariant recurrence `h = A·h + B·x`, `y = C·h + D·x` (per-channel vectors).
+    Lti,
 }
 
 /// Hyper-parameters of a Mamba language model. Field names mirror the reference implementation.
@@ -147,7 +150,7 @@ impl MambaConfig {
     /// the concatenation `xBC`).
     pub fn conv_dim(&self) -> usize {
         match self.arch {
-            Arch::Mamba1 => self.d_inner(),
+            Arch::Mamba1 | Arch::Lti => self.d_inner(),
             Arch::Mamba2 => self.d_inner() + 2 * self.ngroups * self.d_state,
         }
     }
@@ -156,7 +159,7 @@ impl MambaConfig {
     /// `2·d_inner + 2·G·N + H` (Mamba-2: z, xBC, dt).
     pub fn in_proj_dim(&self) -> usize {
         match self.arch {
-            Arch::Mamba1 => 2 * self.d_inner(),
+            Arch::Mamba1 | Arch::Lti => 2 * self.d_inner(),
             Arch::Mamba2 => self.d_inner() + self.conv_dim() + self.nheads(),
         }
     }
@@ -191,6 +194,7 @@ impl MambaConfig {
                     return Err(bad("time_step_rank", 0, "must be at least 1"));
                 }
             }
+            Arch::Lti => {}
             Arch::Mamba2 => {
                 if self.headdim == 0 || !self.d_inner().is_multiple_of(self.headdim) {
                     let why = format!("must divide d_inner = expand · hidden_size = {}", self.d_inner());
@@ -251,19 +255,21 @@ impl MambaConfig {
         let layer = ssm.get("layer").and_then(Value::as_str).unwrap_or("");
         let arch = if model_type == "mamba2" || layer == "Mamba2" || root.contains_key("num_heads") {
             Arch::Mamba2
+        } else if model_type == "mamba-lti" {
+            Arch::Lti
         } else {
             Arch::Mamba1
         };
         let d_model = req(&["hidden_size", "d_model"])?;
         let mut vocab_size = req(&["vocab_size"])?;
         // The original configs store the unpadded vocabulary and pad it at build time.
-        if let Some(m) = usize_of(&["pad_vocab_size_multiple"])?.filter(|&m| m > 1) {
-            if root.get("hidden_size").is_none() {
-                vocab_size = vocab_size.div_ceil(m) * m;
-            }
+        if let Some(m) = usize_of(&["pad_vocab_size_multiple"])?.filter(|&m| m > 1)
+            && root.get("hidden_size").is_none()
+        {
+            vocab_size = vocab_size.div_ceil(m) * m;
         }
         let mut cfg = match arch {
-            Arch::Mamba1 => Self::mamba1(vocab_size, d_model, 1),
+            Arch::Mamba1 | Arch::Lti => Self { arch, ..Self::mamba1(vocab_size, d_model, 1) },
             Arch::Mamba2 => Self::mamba2(vocab_size, d_model, 1),
         };
         cfg.n_layer = req(&["num_hidden_layers", "n_layer"])?;
@@ -282,21 +288,20 @@ impl MambaConfig {
         cfg.dt_min = f32_of(&["time_step_min", "dt_min"], cfg.dt_min);
         cfg.dt_max = f32_of(&["time_step_max", "dt_max"], cfg.dt_max);
         cfg.dt_init_floor = f32_of(&["time_step_floor", "dt_init_floor"], cfg.dt_init_floor);
-        if arch == Arch::Mamba2 {
-            if let Some(h) = usize_of(&["num_heads", "nheads"])? {
-                if h * cfg.headdim != cfg.d_inner() {
-                    return Err(ConfigError::Invalid {
-                        path: path.into(),
-                        field: "num_heads",
-                        value: h.to_string(),
-                        reason: format!(
-                            "num_heads · head_dim = {} must equal expand · hidden_size = {}",
-                            h * cfg.headdim,
-                            cfg.d_inner()
-                        ),
-                    });
-                }
-            }
+        if arch == Arch::Mamba2
+            && let Some(h) = usize_of(&["num_heads", "nheads"])?
+            && h * cfg.headdim != cfg.d_inner()
+        {
+            return Err(ConfigError::Invalid {
+                path: path.into(),
+                field: "num_heads",
+                value: h.to_string(),
+                reason: format!(
+                    "num_heads · head_dim = {} must equal expand · hidden_size = {}",
+                    h * cfg.headdim,
+                    cfg.d_inner()
+                ),
+            });
         }
         cfg.validate_at(path)?;
         Ok(cfg)
@@ -331,6 +336,10 @@ impl MambaConfig {
                 m.insert("model_type".into(), json!("mamba"));
                 m.insert("architectures".into(), json!(["MambaForCausalLM"]));
                 m.insert("time_step_rank".into(), json!(self.dt_rank));
+            }
+            Arch::Lti => {
+                // Not a transformers architecture: only this crate reads it back.
+                m.insert("model_type".into(), json!("mamba-lti"));
             }
             Arch::Mamba2 => {
                 m.insert("model_type".into(), json!("mamba2"));

@@ -25,6 +25,7 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod model;
 pub mod ops;
 pub mod params;
 pub mod tape;

@@ -1,0 +1,109 @@
+//! The Mamba-1 and Mamba-2 mixers as tape ops.
+
+use crate::config::{Arch, MambaConfig};
+use crate::ops;
+use crate::tape::{Tape, Var};
+
+/// The mixer of block `prefix` (e.g. `backbone.layers.0.mixer`) on `x` (B, L, d_model).
+pub fn forward(tape: &mut Tape, cfg: &MambaConfig, prefix: &str, x: Var) -> Var {
+    match cfg.arch {
+        Arch::Mamba1 => mamba1(tape, cfg, prefix, x),
+        Arch::Mamba2 => mamba2(tape, cfg, prefix, x),
+        Arch::Lti => lti(tape, cfg, prefix, x),
+    }
+}
+
+fn param(tape: &mut Tape, prefix: &str, name: &str) -> Var {
+    tape.param_named(&format!("{prefix}.{name}"))
+}
+
+fn opt_param(tape: &mut Tape, prefix: &str, name: &str) -> Option<Var> {
+    let full = format!("{prefix}.{name}");
+    tape.params().id(&full).map(|id| tape.param(id))
+}
+
+/// Mamba-1: `x, z = in_proj(u)`; `x = silu(conv(x))`; `dt, B, C = x_proj(x)`;
+/// `Δ = softplus(dt_proj(dt))`; `y = scan(x, Δ, A, B, C, D) · silu(z)`; `out_proj(y)`.
+fn mamba1(tape: &mut Tape, cfg: &MambaConfig, p: &str, u: Var) -> Var {
+    let (di, n, r) = (cfg.d_inner(), cfg.d_state, cfg.dt_rank);
+    let w_in = param(tape, p, "in_proj.weight");
+    let b_in = opt_param(tape, p, "in_proj.bias");
+    let xz = ops::linear(tape, u, w_in, b_in);
+    let x = ops::narrow_last(tape, xz, 0, di);
+    let z = ops::narrow_last(tape, xz, di, di);
+    let cw = param(tape, p, "conv1d.weight");
+    let cb = opt_param(tape, p, "conv1d.bias");
+    let x = ops::conv1d(tape, x, cw, cb, true);
+    let w_x = param(tape, p, "x_proj.weight");
+    let dbc = ops::linear(tape, x, w_x, None);
+    let dt = ops::narrow_last(tape, dbc, 0, r);
+    let b = ops::narrow_last(tape, dbc, r, n);
+    let c = ops::narrow_last(tape, dbc, r + n, n);
+    let w_dt = param(tape, p, "dt_proj.weight");
+    let delta = ops::linear(tape, dt, w_dt, None);
+    let dt_bias = param(tape, p, "dt_proj.bias");
+    let a_log = param(tape, p, "A_log");
+    let d = param(tape, p, "D");
+    let y = ops::selective_scan1(tape, x, delta, a_log, b, c, Some(d), Some(z), Some(dt_bias), true);
+    let w_out = param(tape, p, "out_proj.weight");
+    let b_out = opt_param(tape, p, "out_proj.bias");
+    ops::linear(tape, y, w_out, b_out)
+}
+
+/// Mamba-2: `z, xBC, dt = in_proj(u)`; `xBC = silu(conv(xBC))`; `x, B, C = xBC`;
+/// `y = scan(x, softplus(dt + dt_bias), A, B, C, D)`; `out_proj(norm(y · silu(z)))` with the
+/// norm taken over groups of `d_inner / G` channels.
+fn mamba2(tape: &mut Tape, cfg: &MambaConfig, p: &str, u: Var) -> Var {
+    let (di, n, g, h, hd) = (cfg.d_inner(), cfg.d_state, cfg.ngroups, cfg.nheads(), cfg.headdim);
+    let cd = cfg.conv_dim();
+    let w_in = param(tape, p, "in_proj.weight");
+    let b_in = opt_param(tape, p, "in_proj.bias");
+    let proj = ops::linear(tape, u, w_in, b_in);
+    let shape = tape.value(u).shape().to_vec();
+    let (bsz, l) = (shape[0], shape[1]);
+    let z = ops::narrow_last(tape, proj, 0, di);
+    let xbc = ops::narrow_last(tape, proj, di, cd);
+    let dt = ops::narrow_last(tape, proj, di + cd, h);
+    let cw = param(tape, p, "conv1d.weight");
+    let cb = opt_param(tape, p, "conv1d.bias");
+    let xbc = ops::conv1d(tape, xbc, cw, cb, true);
+    let x = ops::narrow_last(tape, xbc, 0, di);
+    let b = ops::narrow_last(tape, xbc, di, g * n);
+    let c = ops::narrow_last(tape, xbc, di + g * n, g * n);
+    let x4 = ops::reshape(tape, x, &[bsz, l, h, hd]);
+    let b4 = ops::reshape(tape, b, &[bsz, l, g, n]);
+    let c4 = ops::reshape(tape, c, &[bsz, l, g, n]);
+    let dt_bias = param(tape, p, "dt_bias");
+    let a_log = param(tape, p, "A_log");
+    let d = param(tape, p, "D");
+    let y = ops::selective_scan2(tape, x4, dt, a_log, b4, c4, Some(d), None, Some(dt_bias), true);
+    let y = ops::reshape(tape, y, &[bsz, l, di]);
+    let nw = param(tape, p, "norm.weight");
+    let y = ops::gated_rms_norm(tape, y, z, nw, di / g, cfg.norm_eps);
+    let w_out = param(tape, p, "out_proj.weight");
+    let b_out = opt_param(tape, p, "out_proj.bias");
+    ops::linear(tape, y, w_out, b_out)
+}
+
+/// The non-selective baseline: Mamba-1's block (in_proj, conv, gate, out_proj) around the
+/// time-invariant recurrence `h = A·h + B·x`, `y = C·h + D·x` instead of the selective scan, so
+/// a comparison with Mamba-1 isolates selectivity.
+fn lti(tape: &mut Tape, cfg: &MambaConfig, p: &str, u: Var) -> Var {
+    let di = cfg.d_inner();
+    let w_in = param(tape, p, "in_proj.weight");
+    let b_in = opt_param(tape, p, "in_proj.bias");
+    let xz = ops::linear(tape, u, w_in, b_in);
+    let x = ops::narrow_last(tape, xz, 0, di);
+    let z = ops::narrow_last(tape, xz, di, di);
+    let cw = param(tape, p, "conv1d.weight");
+    let cb = opt_param(tape, p, "conv1d.bias");
+    let x = ops::conv1d(tape, x, cw, cb, true);
+    let (a, b, c, d) =
+        (param(tape, p, "lti_A"), param(tape, p, "lti_B"), param(tape, p, "lti_C"), param(tape, p, "D"));
+    let y = ops::lti_scan(tape, x, a, b, c, d);
+    let gate = ops::silu(tape, z);
+    let y = ops::mul(tape, y, gate);
+    let w_out = param(tape, p, "out_proj.weight");
+    let b_out = opt_param(tape, p, "out_proj.bias");
+    ops::linear(tape, y, w_out, b_out)
+}

@@ -1,0 +1,170 @@
+//! The models against transformers' `MambaForCausalLM` / `Mamba2ForCausalLM` (pure-torch path,
+//! float32): logits, loss and every parameter gradient on the committed fixtures made by
+//! `scripts/make_fixtures.py` (see `tests/fixtures/README.md`).
+
+use std::path::PathBuf;
+
+use mamba_nn::checkpoint::TensorFile;
+use mamba_nn::model::MambaLM;
+use mamba_nn::params::Grads;
+use mamba_nn::tape::Tape;
+use mamba_nn::tensor::data;
+
+fn fixture_dir(case: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(case)
+}
+
+/// `max|got − want| ≤ tol`.
+fn assert_abs(name: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let (i, d) = got
+        .iter()
+        .zip(want)
+        .map(|(g, w)| (g - w).abs())
+        .enumerate()
+        .fold((0, 0f32), |a, b| if b.1 > a.1 { b } else { a });
+    assert!(d <= tol, "{name}: max |diff| {d:.3e} at {i} (got {}, want {}) exceeds {tol:e}", got[i], want[i]);
+}
+
+/// `max|got − want| ≤ tol · max|want|` (per tensor).
+fn assert_rel(name: &str, got: &[f32], want: &[f32], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{name}: length");
+    let scale = want.iter().fold(0f32, |m, w| m.max(w.abs())).max(1e-12);
+    let d = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+    assert!(d <= tol * scale, "{name}: max |diff| {d:.3e} exceeds {tol:e} × max|want| {scale:.3e}");
+}
+
+struct Run {
+    ids: Vec<usize>,
+    batch: usize,
+    seqlen: usize,
+    logits: Vec<f32>,
+    loss: f32,
+}
+
+fn run(model: &MambaLM, fx: &TensorFile, grads: Option<&mut Grads>) -> Run {
+    let (shape, ids) = fx.i64("input_ids").unwrap();
+    let ids: Vec<usize> = ids.iter().map(|&v| v as usize).collect();
+    let (batch, seqlen) = (shape[0], shape[1]);
+    let mut tape = Tape::new(&model.params);
+    let (logits, loss) = model.forward_loss(&mut tape, &ids, batch, seqlen);
+    let out = Run {
+        ids: ids.clone(),
+        batch,
+        seqlen,
+        logits: data(tape.value(logits)).to_vec(),
+        loss: data(tape.value(loss))[0],
+    };
+    if let Some(g) = grads {
+        tape.backward(loss, g);
+    }
+    out
+}
+
+fn check_case(case: &str) {
+    let dir = fixture_dir(case);
+    let model = MambaLM::from_pretrained(&dir).unwrap_or_else(|e| panic!("{case}: {e}"));
+    let fx = TensorFile::open(dir.join("fixtures.safetensors")).unwrap();
+    let mut grads = Grads::new(&model.params);
+    let r = run(&model, &fx, Some(&mut grads));
+    assert_abs(&format!("{case} logits"), &r.logits, data(&fx.f32("logits").unwrap()), 1e-4);
+    let want_loss = data(&fx.f32("loss").unwrap())[0];
+    assert!((r.loss - want_loss).abs() <= 1e-5, "{case} loss {} vs transformers {want_loss}", r.loss);
+    let mut checked = 0;
+    for (id, p) in model.params.iter() {
+        let name = format!("grad.{}", p.name);
+        let want = fx.f32(&name).unwrap_or_else(|e| panic!("{case}: {e}"));
+        assert_rel(&format!("{case} {name}"), data(grads.get(id)), data(&want), 1e-3);
+        checked += 1;
+    }
+    assert_eq!(
+        checked,
+        fx.names().filter(|n| n.starts_with("grad.")).count(),
+        "{case}: every fixture gradient is checked"
+    );
+
+    // Save → load gives identical logits.
+    let tmp = std::env::temp_dir().join(format!("mamba-nn-rt-{case}-{}", std::process::id()));
+    model.save_pretrained(&tmp).unwrap();
+    let again = MambaLM::from_pretrained(&tmp).unwrap();
+    let r2 = run(&again, &fx, None);
+    assert_eq!(r2.logits, r.logits, "{case}: logits after save → load");
+    assert_eq!((r2.batch, r2.seqlen, r2.ids), (r.batch, r.seqlen, r.ids));
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+/// Recurrent inference against the fixtures: stepping through `input_ids` reproduces the full
+/// forward's logits and transformers' final states; greedy generation reproduces its tokens.
+fn check_recurrent(case: &str) {
+    let dir = fixture_dir(case);
+    let model = MambaLM::from_pretrained(&dir).unwrap();
+    let fx = TensorFile::open(dir.join("fixtures.safetensors")).unwrap();
+    let (shape, ids) = fx.i64("input_ids").unwrap();
+    let (batch, seqlen) = (shape[0], shape[1]);
+    let v = model.config.vocab_size;
+    let full = data(&fx.f32("logits").unwrap()).to_vec();
+    let mut state = model.new_state(batch);
+    let mut logits = vec![0.0f32; batch * v];
+    for t in 0..seqlen {
+        let col: Vec<usize> = (0..batch).map(|b| ids[b * seqlen + t] as usize).collect();
+        model.step(&col, &mut state, &mut logits);
+        for b in 0..batch {
+            let want = &full[(b * seqlen + t) * v..(b * seqlen + t + 1) * v];
+            assert_abs(&format!("{case} step logits t={t} b={b}"), &logits[b * v..(b + 1) * v], want, 1e-4);
+        }
+    }
+    for l in 0..model.config.n_layer {
+        assert_abs(
+            &format!("{case} ssm_state.{l}"),
+            &state.ssm[l],
+            data(&fx.f32(&format!("ssm_state.{l}")).unwrap()),
+            1e-4,
+        );
+        assert_abs(
+            &format!("{case} conv_state.{l}"),
+            &state.conv[l],
+            data(&fx.f32(&format!("conv_state.{l}")).unwrap()),
+            1e-5,
+        );
+    }
+    let (_, prompt) = fx.i64("gen_prompt").unwrap();
+    let (_, want_tokens) = fx.i64("gen_tokens").unwrap();
+    let prompt: Vec<usize> = prompt.iter().map(|&t| t as usize).collect();
+    let n_new = want_tokens.len() - prompt.len();
+    let (tokens, step_logits) = model.generate_greedy(&prompt, n_new);
+    let want_new: Vec<usize> = want_tokens[prompt.len()..].iter().map(|&t| t as usize).collect();
+    assert_eq!(tokens, want_new, "{case}: greedy tokens differ from transformers' generate()");
+    assert_abs(
+        &format!("{case} generation logits"),
+        &step_logits,
+        data(&fx.f32("gen_logits").unwrap()),
+        1e-4,
+    );
+}
+
+#[test]
+fn recurrent_inference_matches_transformers() {
+    for case in ["mamba1", "mamba1-untied", "mamba2-g1", "mamba2-g2"] {
+        check_recurrent(case);
+    }
+}
+
+#[test]
+fn mamba1_matches_transformers() {
+    check_case("mamba1");
+}
+
+#[test]
+fn mamba1_untied_matches_transformers() {
+    check_case("mamba1-untied");
+}
+
+#[test]
+fn mamba2_one_group_matches_transformers() {
+    check_case("mamba2-g1");
+}
+
+#[test]
+fn mamba2_two_groups_matches_transformers() {
+    check_case("mamba2-g2");
+}
