@@ -72,6 +72,42 @@ pub fn gemm(
     }
 }
 
+/// [`gemm`] split over the current rayon pool: `C`'s rows are divided into one contiguous block
+/// per task, each computed by a single-threaded `sgemm`. Small products (under ~1 M
+/// multiply-adds) or a 1-thread pool run [`gemm`] directly. Call it from outside parallel
+/// regions only (the workspace keeps one level of parallelism); `C` must be row-major
+/// (`csc == 1`) to be split, otherwise it runs unsplit.
+#[allow(clippy::too_many_arguments)]
+#[track_caller]
+pub fn gemm_par(
+    (m, k, n): (usize, usize, usize),
+    alpha: f32,
+    a: &[f32],
+    (rsa, csa): (usize, usize),
+    b: &[f32],
+    (rsb, csb): (usize, usize),
+    beta: f32,
+    c: &mut [f32],
+    (rsc, csc): (usize, usize),
+) {
+    use rayon::prelude::*;
+    let threads = rayon::current_num_threads();
+    if threads < 2 || m < 2 || csc != 1 || m * k * n < (1 << 20) {
+        return gemm((m, k, n), alpha, a, (rsa, csa), b, (rsb, csb), beta, c, (rsc, csc));
+    }
+    let rows = m.div_ceil(threads);
+    assert!(
+        (m - 1) * rsc + n <= c.len(),
+        "gemm_par: C ({m}×{n}, row stride {rsc}) exceeds its slice of {}",
+        c.len()
+    );
+    c.par_chunks_mut(rows * rsc).enumerate().for_each(|(j, cj)| {
+        let i0 = j * rows;
+        let mj = rows.min(m - i0);
+        gemm((mj, k, n), alpha, &a[i0 * rsa..], (rsa, csa), b, (rsb, csb), beta, cj, (rsc, 1));
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -85,6 +121,21 @@ mod tests {
         // C = A·Bᵀ + C: Bᵀ[k][j] = b[j*2 + k] → strides (1, 2).
         gemm((2, 2, 2), 1.0, &a, (2, 1), &b, (1, 2), 1.0, &mut c, (2, 1));
         assert_eq!(c, [1.0 + 17.0, 1.0 + 23.0, 1.0 + 39.0, 1.0 + 53.0]);
+    }
+
+    #[test]
+    fn parallel_split_matches_single() {
+        let (m, k, n) = (301, 67, 129);
+        let a: Vec<f32> = (0..m * k).map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| ((i * 53 % 97) as f32 - 48.0) / 48.0).collect();
+        let mut c1 = vec![0.5f32; m * n];
+        let mut c2 = c1.clone();
+        gemm((m, k, n), 1.0, &a, (k, 1), &b, (n, 1), 1.0, &mut c1, (n, 1));
+        // Transposed A read through strides, on a 3-thread pool.
+        let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        pool.install(|| gemm_par((m, k, n), 1.0, &at, (1, m), &b, (n, 1), 1.0, &mut c2, (n, 1)));
+        assert_eq!(c1, c2);
     }
 
     #[test]

@@ -15,6 +15,14 @@ pub(crate) fn silu_f(v: f32) -> f32 {
     v * sigmoid(v)
 }
 
+/// `out[j] = σ(z[j])` for a whole row, eight lanes at a time (SIMD `exp`).
+pub(crate) fn sigmoid_row(z: &[f32], out: &mut [f32]) {
+    use ssm_kernel::simd::{self, W};
+    for (zc, oc) in z.chunks(W).zip(out.chunks_mut(W)) {
+        simd::store(oc, simd::sigmoid(simd::load(zc)));
+    }
+}
+
 /// `d silu / dv = σ(v) · (1 + v · (1 − σ(v)))`.
 #[inline]
 pub(crate) fn silu_grad(v: f32) -> f32 {

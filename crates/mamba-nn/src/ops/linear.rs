@@ -1,6 +1,6 @@
 //! `y = x Wᵀ + b`: a linear layer in PyTorch's weight layout.
 
-use ssm_kernel::gemm::gemm;
+use ssm_kernel::gemm::gemm_par as gemm;
 
 use crate::tape::{Backward, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, rows_cols, zeros};
@@ -8,7 +8,8 @@ use crate::tensor::{Tensor, data, data_mut, rows_cols, zeros};
 /// `y = x Wᵀ (+ b)`.
 ///
 /// Shapes: `x` (…, in), `w` (out, in) — PyTorch's `Linear.weight` — and `b` (out); `y` (…, out).
-/// One GEMM through `matrixmultiply` (the transpose is a stride swap).
+/// One GEMM through `matrixmultiply`, rows split over the rayon pool (the transpose is a stride
+/// swap).
 ///
 /// # Panics
 /// If the shapes disagree (the message names them).

@@ -1,7 +1,7 @@
 //! RMSNorm and Mamba-2's gated, grouped RMSNorm, fused: one pass per row, the reciprocal RMS of
 //! each row (group) saved for the backward.
 
-use crate::ops::activation::{silu_f, silu_grad};
+use crate::ops::activation::sigmoid_row;
 use crate::ops::rows::for_row_blocks;
 use crate::tape::{Backward, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, rows_cols};
@@ -58,13 +58,16 @@ fn norm(tape: &mut Tape, op: &'static str, x: Var, z: Option<Var>, w: Var, gs: u
     let blocks = for_row_blocks(rows, d, [Some(data_mut(&mut y))], |range, [yb]| {
         let yb = yb.expect("y is always written");
         let mut rstd = Vec::with_capacity(range.len() * ng);
+        let mut sig = if zd.is_some() { vec![0.0f32; d] } else { Vec::new() };
         for (i, r) in range.enumerate() {
             let (xr, yr) = (&xd[r * d..(r + 1) * d], &mut yb[i * d..(i + 1) * d]);
             // v = x ⊙ silu(z) (or x), written into y, then scaled in place.
             match zd {
                 Some(zd) => {
-                    for ((o, &a), &g) in yr.iter_mut().zip(xr).zip(&zd[r * d..(r + 1) * d]) {
-                        *o = a * silu_f(g);
+                    let zr = &zd[r * d..(r + 1) * d];
+                    sigmoid_row(zr, &mut sig);
+                    for (((o, &a), &g), &sg) in yr.iter_mut().zip(xr).zip(zr).zip(&sig) {
+                        *o = a * g * sg;
                     }
                 }
                 None => yr.copy_from_slice(xr),
@@ -117,17 +120,23 @@ impl Backward for RmsNormBackward {
         let dz = dz_slot.first_mut().and_then(|s| s.as_deref_mut()).map(data_mut);
         let partials = for_row_blocks(rows, d, [dx, dz], |range, [mut dxb, mut dzb]| {
             let mut dw = if want_dw { vec![0.0f32; d] } else { Vec::new() };
-            // Scratch rows: v (normalised input before scaling) and silu(z).
+            // Scratch rows: v (normalised input before scaling), silu(z) and silu'(z), from one
+            // SIMD sigmoid per element.
             let (mut v, mut s) = (vec![0.0f32; d], vec![1.0f32; d]);
+            let mut sg = if zd.is_some() { vec![0.0f32; d] } else { Vec::new() };
             for (i, r) in range.enumerate() {
                 let (xr, gr) = (&xd[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
                 match zd {
                     Some(zd) => {
-                        for (((vi, si), &a), &g) in
-                            v.iter_mut().zip(&mut s).zip(xr).zip(&zd[r * d..(r + 1) * d])
+                        let zr = &zd[r * d..(r + 1) * d];
+                        sigmoid_row(zr, &mut sg);
+                        for ((((vi, si), gi), &a), &g) in
+                            v.iter_mut().zip(&mut s).zip(&mut sg).zip(xr).zip(zr)
                         {
-                            *si = silu_f(g);
+                            let sig = *gi;
+                            *si = g * sig;
                             *vi = a * *si;
+                            *gi = sig * (1.0 + g * (1.0 - sig));
                         }
                     }
                     None => v.copy_from_slice(xr),
@@ -135,20 +144,34 @@ impl Backward for RmsNormBackward {
                 for g in 0..ng {
                     let rs = self.rstd[r * ng + g];
                     let cols = g * gs..(g + 1) * gs;
-                    let dot: f32 = cols.clone().map(|j| gr[j] * wd[j] * v[j]).sum();
+                    // Group slices, so the loops below run over zipped slices and vectorise.
+                    let (gg, wg, vg) = (&gr[cols.clone()], &wd[cols.clone()], &v[cols.clone()]);
+                    let dot: f32 = gg.iter().zip(wg).zip(vg).map(|((a, b), c)| a * b * c).sum();
                     let k = rs * rs * rs / gs as f32 * dot;
                     if want_dw {
-                        for j in cols.clone() {
-                            dw[j] += gr[j] * v[j] * rs;
+                        for ((o, a), b) in dw[cols.clone()].iter_mut().zip(gg).zip(vg) {
+                            *o += a * b * rs;
                         }
                     }
-                    for j in cols {
-                        let dv = rs * gr[j] * wd[j] - k * v[j];
-                        if let Some(dxb) = dxb.as_deref_mut() {
-                            dxb[i * d + j] += dv * s[j];
+                    let dvs = gg.iter().zip(wg).zip(vg).map(|((a, b), c)| rs * a * b - k * c);
+                    match (dxb.as_deref_mut(), dzb.as_deref_mut(), zd) {
+                        (Some(dxb), None, _) => {
+                            let row = &mut dxb[i * d + g * gs..i * d + (g + 1) * gs];
+                            for ((o, dv), sj) in row.iter_mut().zip(dvs).zip(&s[cols]) {
+                                *o += dv * sj;
+                            }
                         }
-                        if let (Some(dzb), Some(zd)) = (dzb.as_deref_mut(), zd) {
-                            dzb[i * d + j] += dv * xr[j] * silu_grad(zd[r * d + j]);
+                        (dxb, dzb, _) => {
+                            let mut dxb = dxb;
+                            let mut dzb = dzb;
+                            for (j, dv) in cols.zip(dvs) {
+                                if let Some(dxb) = dxb.as_deref_mut() {
+                                    dxb[i * d + j] += dv * s[j];
+                                }
+                                if let Some(dzb) = dzb.as_deref_mut() {
+                                    dzb[i * d + j] += dv * xr[j] * sg[j];
+                                }
+                            }
                         }
                     }
                 }
