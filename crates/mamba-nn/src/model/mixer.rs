@@ -3,14 +3,50 @@
 use crate::config::{Arch, MambaConfig};
 use crate::ops;
 use crate::tape::{Tape, Var};
+use crate::tensor::{Tensor, data};
 
-/// The mixer of block `prefix` (e.g. `backbone.layers.0.mixer`) on `x` (B, L, d_model).
-pub fn forward(tape: &mut Tape, cfg: &MambaConfig, prefix: &str, x: Var) -> Var {
+/// A block's recurrent state at the end of a forward pass, in the layouts of
+/// [`State`](super::State): conv (B, channels, K) and SSM.
+#[derive(Clone, Debug)]
+pub struct LayerState {
+    /// The last K conv inputs per channel, oldest first (zeros before the sequence start).
+    pub conv: Vec<f32>,
+    /// The final SSM state.
+    pub ssm: Vec<f32>,
+}
+
+/// The mixer of block `prefix` (e.g. `backbone.layers.0.mixer`) on `x` (B, L, d_model). With
+/// `state`, also records the block's final recurrent state (Mamba-1 and Mamba-2; the LTI
+/// baseline has no state-returning kernel and leaves it `None`).
+pub fn forward(
+    tape: &mut Tape,
+    cfg: &MambaConfig,
+    prefix: &str,
+    x: Var,
+    state: Option<&mut Option<LayerState>>,
+) -> Var {
     match cfg.arch {
-        Arch::Mamba1 => mamba1(tape, cfg, prefix, x),
-        Arch::Mamba2 => mamba2(tape, cfg, prefix, x),
+        Arch::Mamba1 => mamba1(tape, cfg, prefix, x, state),
+        Arch::Mamba2 => mamba2(tape, cfg, prefix, x, state),
         Arch::Lti => lti(tape, cfg, prefix, x),
     }
+}
+
+/// HF's conv state from a conv input `x` (B, L, C): the last `k` time steps per channel, oldest
+/// first, as (B, C, K), zero where the sequence is shorter than `k`.
+fn conv_state(x: &Tensor, k: usize) -> Vec<f32> {
+    let (bsz, l, c) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+    let xs = data(x);
+    let mut out = vec![0.0f32; bsz * c * k];
+    for b in 0..bsz {
+        for j in 0..k {
+            let Some(t) = (l + j).checked_sub(k) else { continue };
+            for ch in 0..c {
+                out[(b * c + ch) * k + j] = xs[(b * l + t) * c + ch];
+            }
+        }
+    }
+    out
 }
 
 fn param(tape: &mut Tape, prefix: &str, name: &str) -> Var {
@@ -24,13 +60,20 @@ fn opt_param(tape: &mut Tape, prefix: &str, name: &str) -> Option<Var> {
 
 /// Mamba-1: `x, z = in_proj(u)`; `x = silu(conv(x))`; `dt, B, C = x_proj(x)`;
 /// `Δ = softplus(dt_proj(dt))`; `y = scan(x, Δ, A, B, C, D) · silu(z)`; `out_proj(y)`.
-fn mamba1(tape: &mut Tape, cfg: &MambaConfig, p: &str, u: Var) -> Var {
+fn mamba1(
+    tape: &mut Tape,
+    cfg: &MambaConfig,
+    p: &str,
+    u: Var,
+    state: Option<&mut Option<LayerState>>,
+) -> Var {
     let (di, n, r) = (cfg.d_inner(), cfg.d_state, cfg.dt_rank);
     let w_in = param(tape, p, "in_proj.weight");
     let b_in = opt_param(tape, p, "in_proj.bias");
     let xz = ops::linear(tape, u, w_in, b_in);
     let x = ops::narrow_last(tape, xz, 0, di);
     let z = ops::narrow_last(tape, xz, di, di);
+    let conv = state.is_some().then(|| conv_state(tape.value(x), cfg.d_conv));
     let cw = param(tape, p, "conv1d.weight");
     let cb = opt_param(tape, p, "conv1d.bias");
     let x = ops::conv1d(tape, x, cw, cb, true);
@@ -44,7 +87,26 @@ fn mamba1(tape: &mut Tape, cfg: &MambaConfig, p: &str, u: Var) -> Var {
     let dt_bias = param(tape, p, "dt_proj.bias");
     let a_log = param(tape, p, "A_log");
     let d = param(tape, p, "D");
-    let y = ops::selective_scan1(tape, x, delta, a_log, b, c, Some(d), Some(z), Some(dt_bias), true);
+    let y = match (state, conv) {
+        (Some(slot), Some(conv)) => {
+            let (y, h) = ops::selective_scan1_with_state(
+                tape,
+                x,
+                delta,
+                a_log,
+                b,
+                c,
+                Some(d),
+                Some(z),
+                Some(dt_bias),
+                None,
+                true,
+            );
+            *slot = Some(LayerState { conv, ssm: data(&h).to_vec() });
+            y
+        }
+        _ => ops::selective_scan1(tape, x, delta, a_log, b, c, Some(d), Some(z), Some(dt_bias), true),
+    };
     let w_out = param(tape, p, "out_proj.weight");
     let b_out = opt_param(tape, p, "out_proj.bias");
     ops::linear(tape, y, w_out, b_out)
@@ -53,7 +115,13 @@ fn mamba1(tape: &mut Tape, cfg: &MambaConfig, p: &str, u: Var) -> Var {
 /// Mamba-2: `z, xBC, dt = in_proj(u)`; `xBC = silu(conv(xBC))`; `x, B, C = xBC`;
 /// `y = scan(x, softplus(dt + dt_bias), A, B, C, D)`; `out_proj(norm(y · silu(z)))` with the
 /// norm taken over groups of `d_inner / G` channels.
-fn mamba2(tape: &mut Tape, cfg: &MambaConfig, p: &str, u: Var) -> Var {
+fn mamba2(
+    tape: &mut Tape,
+    cfg: &MambaConfig,
+    p: &str,
+    u: Var,
+    state: Option<&mut Option<LayerState>>,
+) -> Var {
     let (di, n, g, h, hd) = (cfg.d_inner(), cfg.d_state, cfg.ngroups, cfg.nheads(), cfg.headdim);
     let cd = cfg.conv_dim();
     let w_in = param(tape, p, "in_proj.weight");
@@ -64,6 +132,7 @@ fn mamba2(tape: &mut Tape, cfg: &MambaConfig, p: &str, u: Var) -> Var {
     let z = ops::narrow_last(tape, proj, 0, di);
     let xbc = ops::narrow_last(tape, proj, di, cd);
     let dt = ops::narrow_last(tape, proj, di + cd, h);
+    let conv = state.is_some().then(|| conv_state(tape.value(xbc), cfg.d_conv));
     let cw = param(tape, p, "conv1d.weight");
     let cb = opt_param(tape, p, "conv1d.bias");
     let xbc = ops::conv1d(tape, xbc, cw, cb, true);
@@ -76,7 +145,26 @@ fn mamba2(tape: &mut Tape, cfg: &MambaConfig, p: &str, u: Var) -> Var {
     let dt_bias = param(tape, p, "dt_bias");
     let a_log = param(tape, p, "A_log");
     let d = param(tape, p, "D");
-    let y = ops::selective_scan2(tape, x4, dt, a_log, b4, c4, Some(d), None, Some(dt_bias), true);
+    let y = match (state, conv) {
+        (Some(slot), Some(conv)) => {
+            let (y, h) = ops::selective_scan2_with_state(
+                tape,
+                x4,
+                dt,
+                a_log,
+                b4,
+                c4,
+                Some(d),
+                None,
+                Some(dt_bias),
+                None,
+                true,
+            );
+            *slot = Some(LayerState { conv, ssm: data(&h).to_vec() });
+            y
+        }
+        _ => ops::selective_scan2(tape, x4, dt, a_log, b4, c4, Some(d), None, Some(dt_bias), true),
+    };
     let y = ops::reshape(tape, y, &[bsz, l, di]);
     let nw = param(tape, p, "norm.weight");
     let y = ops::gated_rms_norm(tape, y, z, nw, di / g, cfg.norm_eps);

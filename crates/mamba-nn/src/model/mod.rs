@@ -46,12 +46,23 @@ pub enum ModelError {
 }
 
 /// The residual blocks and `norm_f` on `h` (B, L, d_model).
-fn backbone(tape: &mut Tape, cfg: &MambaConfig, mut h: Var) -> Var {
+fn backbone(tape: &mut Tape, cfg: &MambaConfig, h: Var) -> Var {
+    backbone_with_states(tape, cfg, h, None)
+}
+
+/// [`backbone`], recording each block's final recurrent state into `states` when given.
+fn backbone_with_states(
+    tape: &mut Tape,
+    cfg: &MambaConfig,
+    mut h: Var,
+    mut states: Option<&mut Vec<Option<mixer::LayerState>>>,
+) -> Var {
     for i in 0..cfg.n_layer {
         let p = format!("backbone.layers.{i}");
         let w = tape.param_named(&format!("{p}.norm.weight"));
         let r = ops::rms_norm(tape, h, w, cfg.norm_eps);
-        let out = mixer::forward(tape, cfg, &format!("{p}.mixer"), r);
+        let slot = states.as_deref_mut().map(|s| &mut s[i]);
+        let out = mixer::forward(tape, cfg, &format!("{p}.mixer"), r, slot);
         h = ops::add(tape, h, out);
     }
     let w = tape.param_named("backbone.norm_f.weight");
@@ -208,6 +219,54 @@ impl MambaLM {
         let hf = backbone(tape, cfg, h);
         let head = if cfg.tie_embeddings { emb } else { tape.param_named("lm_head.weight") };
         ops::linear(tape, hf, head, None)
+    }
+
+    /// Runs a prompt batch (B, L) through the full (parallel) forward with no tape recording and
+    /// returns the logits (B, L, V) and the recurrent state after the last token, ready for
+    /// [`MambaLM::step`]. The LTI baseline has no state-returning kernel and is fed token by
+    /// token instead.
+    ///
+    /// # Panics
+    /// If `ids.len() != batch · seqlen` or an id is outside the vocabulary.
+    #[track_caller]
+    pub fn prefill(&self, ids: &[usize], batch: usize, seqlen: usize) -> (crate::tensor::Tensor, State) {
+        assert_eq!(
+            ids.len(),
+            batch * seqlen,
+            "prefill: {} ids for batch {batch} × seqlen {seqlen}",
+            ids.len()
+        );
+        let cfg = &self.config;
+        let v = cfg.vocab_size;
+        let mut state = self.new_state(batch);
+        if cfg.arch == crate::config::Arch::Lti {
+            let mut logits = crate::tensor::zeros(&[batch, seqlen, v]);
+            let mut row = vec![0.0f32; batch * v];
+            let out = crate::tensor::data_mut(&mut logits);
+            for t in 0..seqlen {
+                let col: Vec<usize> = (0..batch).map(|b| ids[b * seqlen + t]).collect();
+                self.step(&col, &mut state, &mut row);
+                for b in 0..batch {
+                    out[(b * seqlen + t) * v..(b * seqlen + t + 1) * v]
+                        .copy_from_slice(&row[b * v..(b + 1) * v]);
+                }
+            }
+            return (logits, state);
+        }
+        let mut tape = Tape::inference(&self.params);
+        let emb = tape.param_named("backbone.embeddings.weight");
+        let h = ops::embedding(&mut tape, ids, &[batch, seqlen], emb);
+        let mut layer_states = vec![None; cfg.n_layer];
+        let hf = backbone_with_states(&mut tape, cfg, h, Some(&mut layer_states));
+        let head = if cfg.tie_embeddings { emb } else { tape.param_named("lm_head.weight") };
+        let logits = ops::linear(&mut tape, hf, head, None);
+        for (l, ls) in layer_states.into_iter().enumerate() {
+            let ls = ls.expect("every Mamba block records its state");
+            state.conv[l].copy_from_slice(&ls.conv);
+            state.ssm[l].copy_from_slice(&ls.ssm);
+        }
+        let logits = tape.value(logits).clone();
+        (logits, state)
     }
 
     /// Logits and the mean next-token cross-entropy exactly as transformers computes it with

@@ -309,16 +309,18 @@ impl MambaLM {
         linear_rows(&state.r, head, None, (bsz, d, v), logits);
     }
 
-    /// Greedy continuation of one prompt: feeds `prompt` token by token, then appends the
-    /// argmax token `n_new` times. Returns the new tokens and the logits of each generation step
-    /// ((n_new, V), row-major).
+    /// Greedy continuation of one prompt: prefills `prompt` through the full forward
+    /// ([`MambaLM::prefill`]), then appends the argmax token `n_new` times with [`MambaLM::step`].
+    /// Returns the new tokens and the logits of each generation step ((n_new, V), row-major).
+    ///
+    /// # Panics
+    /// If the prompt is empty or holds an id outside the vocabulary.
+    #[track_caller]
     pub fn generate_greedy(&self, prompt: &[usize], n_new: usize) -> (Vec<usize>, Vec<f32>) {
         let v = self.config.vocab_size;
-        let mut state = self.new_state(1);
-        let mut logits = vec![0.0f32; v];
-        for &t in prompt {
-            self.step(&[t], &mut state, &mut logits);
-        }
+        assert!(!prompt.is_empty(), "generate_greedy: empty prompt");
+        let (all_logits, mut state) = self.prefill(prompt, 1, prompt.len());
+        let mut logits = data(&all_logits)[(prompt.len() - 1) * v..].to_vec();
         let mut out = Vec::with_capacity(n_new);
         let mut all = Vec::with_capacity(n_new * v);
         for i in 0..n_new {
