@@ -1,10 +1,17 @@
 //! `mamba-nn`: tensors, autograd, layers and the Mamba models.
 //!
-//! **Status: in progress.** Built so far: the tensor type ([`tensor`], on `ndarray`), named
-//! parameters with preallocated gradients ([`params`]), the reverse-mode autograd tape of
-//! coarse fused ops ([`tape`]), and the ops in [`ops`]. Still to come: the remaining layers, the
-//! Mamba-1 / Mamba-2 blocks and language models, recurrent inference and safetensors checkpoint
-//! I/O in the Hugging Face layout.
+//! - [`tensor`]: the tensor type (`ndarray`, row-major) and helpers;
+//! - [`params`]: named parameters and their preallocated gradients;
+//! - [`tape`]: the reverse-mode autograd tape of coarse fused ops (`docs/autograd.md`);
+//! - [`ops`]: the differentiable ops, each with its hand-written backward and f64
+//!   finite-difference test;
+//! - [`model`]: Mamba-1 / Mamba-2 (and the LTI baseline) language models with the reference
+//!   initialisation, Hugging Face `from_pretrained` / `save_pretrained`, prefill and recurrent
+//!   [`model::MambaLM::step`]; and [`model::MambaModel`] for continuous inputs;
+//! - [`config`] and [`checkpoint`]: `config.json` (either key family) and safetensors I/O with
+//!   errors naming the file, tensor and shapes.
+//!
+//! The models are checked against transformers in `tests/against_transformers.rs`.
 //!
 //! It builds on [`ssm_kernel`], which provides every scan, convolution and GEMM kernel it calls.
 //!
