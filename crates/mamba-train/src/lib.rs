@@ -1,9 +1,11 @@
 //! `mamba-train`: everything needed to train a Mamba language model.
 //!
-//! **Status: skeleton.** This crate will own AdamW, the learning-rate schedule, gradient
-//! clipping, the fused cross-entropy loss, tokenizers (byte-level and `tokenizer.json`), data
-//! loading, the training loop, checkpoints and metrics.
+//! This crate owns the training building blocks:
+//! - [`optim`]: AdamW with decoupled weight decay and resumable state, global gradient-norm
+//!   clipping, and the warmup + cosine learning-rate schedule.
 //!
-//! It builds on [`mamba_nn`] for the models and their gradients.
+//! It builds on [`mamba_nn`] for the models, their parameters and gradients, and safetensors I/O.
+
+pub mod optim;
 
 pub use mamba_nn;
