@@ -3,9 +3,15 @@
 //! This crate owns the training building blocks:
 //! - [`optim`]: AdamW with decoupled weight decay and resumable state, global gradient-norm
 //!   clipping, and the warmup + cosine learning-rate schedule.
+//! - [`tokenizer`]: the [`tokenizer::Tokenizer`] trait, a lossless byte-level tokenizer, and
+//!   Hugging Face `tokenizer.json` files (pure Rust, nothing downloaded).
+//! - [`data`]: text files tokenized into a deterministic train/validation split, seeded random
+//!   training windows, deterministic validation batches, and the small resumable [`data::Rng`].
 //!
 //! It builds on [`mamba_nn`] for the models, their parameters and gradients, and safetensors I/O.
 
+pub mod data;
 pub mod optim;
+pub mod tokenizer;
 
 pub use mamba_nn;
