@@ -7,11 +7,14 @@
 //!   Hugging Face `tokenizer.json` files (pure Rust, nothing downloaded).
 //! - [`data`]: text files tokenized into a deterministic train/validation split, seeded random
 //!   training windows, deterministic validation batches, and the small resumable [`data::Rng`].
+//! - [`tasks`]: the Mamba paper's synthetic tasks (selective copying, induction heads) generated
+//!   on the fly, with token accuracy.
 //!
 //! It builds on [`mamba_nn`] for the models, their parameters and gradients, and safetensors I/O.
 
 pub mod data;
 pub mod optim;
+pub mod tasks;
 pub mod tokenizer;
 
 pub use mamba_nn;
