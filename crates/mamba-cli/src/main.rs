@@ -1,17 +1,76 @@
-//! The `mamba` command-line tool.
+//! `mamba`: train, run and inspect Mamba language models on the CPU.
 //!
-//! **Status: skeleton.** The subcommands `train`, `generate`, `eval` and `info` are built on
-//! `mamba-train` and `mamba-nn` and arrive with them; until then the binary says so and exits
-//! with status 2 rather than pretending to work.
+//! ```text
+//! mamba train                         # built-in offline demo (about two minutes)
+//! mamba train --data input.txt --time-budget 180
+//! mamba generate --model runs/run-001 --prompt "ROMEO:" --max-new-tokens 200
+//! mamba eval --model runs/run-001 --data input.txt
+//! mamba info --model runs/run-001
+//! ```
+
+mod corpus;
+mod eval;
+mod generate;
+mod info;
+mod sampling;
+mod train;
 
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
+
+/// Train, run and inspect Mamba and Mamba-2 language models on the CPU.
+#[derive(Parser, Debug)]
+#[command(name = "mamba", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Train a model on a text file, a directory of text files, a synthetic task, or (with
+    /// neither) a built-in generated corpus that runs offline in about two minutes.
+    Train(train::TrainArgs),
+    /// Generate text from a trained model or any Hugging Face Mamba / Mamba-2 directory.
+    Generate(generate::GenerateArgs),
+    /// Measure next-token cross-entropy, perplexity and bits per byte on text or token ids.
+    Eval(eval::EvalArgs),
+    /// Show a model's architecture, parameter count and memory.
+    Info(info::InfoArgs),
+}
+
 fn main() -> ExitCode {
-    let _ = &mamba_train::mamba_nn::ssm_kernel::VERSION;
-    eprintln!(
-        "mamba {}: the train / generate / eval / info subcommands are not implemented yet \
-         (only the ssm-kernel crate is complete in this version).",
-        env!("CARGO_PKG_VERSION")
-    );
-    ExitCode::from(2)
+    let cli = Cli::parse();
+    let threads = match &cli.command {
+        Command::Train(a) => a.threads,
+        Command::Generate(a) => a.threads,
+        Command::Eval(a) => a.threads,
+        Command::Info(_) => 1,
+    };
+    let result = in_pool(threads, move || match cli.command {
+        Command::Train(a) => train::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Info(a) => info::run(a),
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs `f` on a rayon pool of `threads` workers (0: one per core) with the calling work on one
+/// of them. Running the whole command inside the pool matters: from outside, the main thread
+/// does the serial parts of every step while the workers spin beside it — three busy threads on
+/// two cores, which measured 40 % slower than the same step inside the pool.
+fn in_pool(threads: usize, f: impl FnOnce() -> anyhow::Result<()> + Send) -> anyhow::Result<()> {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .map_err(|e| anyhow::anyhow!("cannot start {threads} worker threads: {e}"))?;
+    pool.install(f)
 }

@@ -14,7 +14,9 @@
 
 pub mod data;
 pub mod optim;
+pub mod plot;
 pub mod tasks;
 pub mod tokenizer;
+pub mod trainer;
 
 pub use mamba_nn;

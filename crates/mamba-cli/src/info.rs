@@ -1,0 +1,57 @@
+//! `mamba info`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Args;
+use mamba_train::mamba_nn::config::Arch;
+use mamba_train::mamba_nn::model::MambaLM;
+
+/// Arguments of `mamba info`.
+#[derive(Args, Debug)]
+pub struct InfoArgs {
+    /// Model directory (config.json + model.safetensors).
+    #[arg(long)]
+    model: PathBuf,
+}
+
+/// Prints the architecture, parameter count and memory of a model directory.
+pub fn run(a: InfoArgs) -> anyhow::Result<()> {
+    let model =
+        MambaLM::from_pretrained(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let c = &model.config;
+    let arch = match c.arch {
+        Arch::Mamba1 => "Mamba (selective scan, per-channel A)",
+        Arch::Mamba2 => "Mamba-2 (SSD, per-head scalar A)",
+        Arch::Lti => "LTI baseline (time-invariant recurrence in the Mamba block)",
+    };
+    let n = model.params.num_elements();
+    println!("model        {}", a.model.display());
+    println!("architecture {arch}");
+    println!("layers       {}", c.n_layer);
+    println!("d_model      {} (d_inner {})", c.d_model, c.d_inner());
+    println!("d_state      {}", c.d_state);
+    println!("d_conv       {}", c.d_conv);
+    match c.arch {
+        Arch::Mamba1 => println!("dt_rank      {}", c.dt_rank),
+        Arch::Mamba2 => println!(
+            "heads        {} × {} (groups {}, chunk {})",
+            c.nheads(),
+            c.headdim,
+            c.ngroups,
+            c.chunk_size
+        ),
+        Arch::Lti => {}
+    }
+    println!("vocab        {}", c.vocab_size);
+    println!("lm_head      {}", if c.tie_embeddings { "tied to the embedding" } else { "separate" });
+    println!("parameters   {n} ({:.2} M)", n as f64 / 1e6);
+    println!("memory       {:.1} MiB of f32 weights", n as f64 * 4.0 / (1 << 20) as f64);
+    let state: usize = match c.arch {
+        Arch::Mamba1 => c.d_inner() * c.d_state,
+        Arch::Mamba2 => c.nheads() * c.headdim * c.d_state,
+        Arch::Lti => c.d_inner(),
+    } + c.conv_dim() * c.d_conv;
+    println!("state        {:.1} KiB per sequence for generation", (state * c.n_layer * 4) as f64 / 1024.0);
+    Ok(())
+}

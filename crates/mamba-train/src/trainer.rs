@@ -1,0 +1,510 @@
+//! The training loop: sampling, forward/backward, clipping, AdamW with warmup + cosine decay,
+//! periodic evaluation, `metrics.jsonl`, a loss-curve plot, and atomic checkpoints from which a
+//! run resumes exactly.
+//!
+//! A run directory holds, after every evaluation:
+//!
+//! | file | what |
+//! |---|---|
+//! | `config.json`, `model.safetensors` | the model in Hugging Face layout (loads in transformers) |
+//! | `optimizer.safetensors` | AdamW moments (`exp_avg.<param>`, `exp_avg_sq.<param>`) |
+//! | `trainer.json` | step, tokens, elapsed time, RNG state, the training config and the data source |
+//! | `metrics.jsonl` | one JSON object per evaluation (appended) |
+//! | `loss.svg` | train and validation loss against tokens seen |
+//!
+//! Every file is written to a temporary name and renamed, so a crash leaves the previous
+//! checkpoint intact.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use mamba_nn::checkpoint::{CheckpointError, TensorFile, write_atomic, write_tensors};
+use mamba_nn::model::{MambaLM, ModelError};
+use mamba_nn::ops;
+use mamba_nn::params::Grads;
+use mamba_nn::tape::Tape;
+use mamba_nn::tensor::data as values;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{DataError, Rng, TextData, sample_batch, val_batches};
+use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_grad_norm};
+use crate::plot::{Series, svg};
+use crate::tasks::{Task, accuracy};
+use crate::tokenizer::Tokenizer;
+
+/// What the model is trained on.
+pub enum Objective {
+    /// Next-token prediction on tokenized text.
+    Text {
+        /// Train / validation token streams.
+        data: TextData,
+        /// The tokenizer that produced them (used for samples).
+        tokenizer: Box<dyn Tokenizer>,
+    },
+    /// A synthetic task with accuracy as its metric.
+    Task(Task),
+}
+
+/// Hyper-parameters of a run (saved in `trainer.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TrainConfig {
+    /// Tokens per training window (text) — the task's own length is used for tasks.
+    pub seq_len: usize,
+    /// Sequences per micro-batch.
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are summed per optimizer step.
+    pub grad_accum: usize,
+    /// Peak learning rate.
+    pub lr: f32,
+    /// Final learning rate of the cosine decay.
+    pub min_lr: f32,
+    /// Linear warmup steps.
+    pub warmup_steps: u64,
+    /// AdamW decoupled weight decay (matrices only; never `A_log`, `D`, biases, norms).
+    pub weight_decay: f32,
+    /// Global gradient-norm clip.
+    pub grad_clip: f32,
+    /// Stop after this many steps.
+    pub steps: Option<u64>,
+    /// Stop when this many seconds of training (and the final evaluation) are spent.
+    pub time_budget: Option<f64>,
+    /// Evaluate and checkpoint every this many steps.
+    pub eval_every: u64,
+    /// Validation tokens per evaluation (the whole split when smaller).
+    pub eval_tokens: usize,
+    /// Seed of the data sampler.
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            seq_len: 256,
+            batch_size: 8,
+            grad_accum: 1,
+            lr: 2e-3,
+            min_lr: 2e-4,
+            warmup_steps: 100,
+            weight_decay: 0.1,
+            grad_clip: 1.0,
+            steps: Some(1000),
+            time_budget: None,
+            eval_every: 200,
+            eval_tokens: 100_000,
+            seed: 0,
+        }
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Metrics {
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// Training tokens seen.
+    pub tokens: u64,
+    /// Mean training loss since the previous evaluation (nats per token).
+    pub train_loss: f64,
+    /// Validation loss (nats per token).
+    pub val_loss: f64,
+    /// Validation accuracy (synthetic tasks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_accuracy: Option<f64>,
+    /// Learning rate of the last step.
+    pub lr: f64,
+    /// Training throughput since the run (or resume) started.
+    pub tokens_per_s: f64,
+    /// Seconds spent training (accumulated across resumes).
+    pub elapsed_s: f64,
+}
+
+/// Progress after one step, for a progress display.
+#[derive(Clone, Debug)]
+pub struct StepInfo {
+    /// Steps taken.
+    pub step: u64,
+    /// Planned steps (estimated from the time budget when there is no step limit).
+    pub planned: u64,
+    /// Loss of this step.
+    pub loss: f64,
+    /// Training tokens per second.
+    pub tokens_per_s: f64,
+    /// Seconds spent.
+    pub elapsed_s: f64,
+}
+
+/// Receives progress; the CLI draws a progress bar from it.
+pub trait Progress {
+    /// After every optimizer step.
+    fn on_step(&mut self, _info: &StepInfo) {}
+    /// After every evaluation.
+    fn on_eval(&mut self, _m: &Metrics) {}
+}
+
+/// A no-op [`Progress`].
+pub struct Silent;
+impl Progress for Silent {}
+
+/// Why a run stopped with an error. The last good checkpoint is always left in place.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Data could not be used.
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// A checkpoint file could not be read or written.
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    /// The model could not be loaded or saved.
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    /// A file of the run directory could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The loss or the gradient stopped being finite.
+    #[error(
+        "step {step}: the {what} is {value} (not finite); training stopped. The last good checkpoint \
+         in {dir} is intact — resume from it with a lower learning rate (--lr) or stronger clipping"
+    )]
+    NonFinite {
+        /// The step.
+        step: u64,
+        /// `loss` or `gradient norm`.
+        what: &'static str,
+        /// The value.
+        value: f64,
+        /// The run directory.
+        dir: PathBuf,
+    },
+    /// `trainer.json` is unusable.
+    #[error("cannot resume from {path}: {reason}")]
+    Resume {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// `trainer.json`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct TrainerState {
+    step: u64,
+    tokens: u64,
+    elapsed_s: f64,
+    rng: u64,
+    config: TrainConfig,
+    /// (tokens, train loss) and (tokens, val loss) history for the plot.
+    train_curve: Vec<(f64, f64)>,
+    val_curve: Vec<(f64, f64)>,
+}
+
+/// A model, its optimizer and the loop state of one run directory.
+pub struct Trainer {
+    /// The model being trained.
+    pub model: MambaLM,
+    opt: AdamW,
+    grads: Grads,
+    rng: Rng,
+    /// Steps taken.
+    pub step: u64,
+    /// Training tokens seen.
+    pub tokens: u64,
+    elapsed_before: f64,
+    /// The run's hyper-parameters.
+    pub config: TrainConfig,
+    dir: PathBuf,
+    train_curve: Vec<(f64, f64)>,
+    val_curve: Vec<(f64, f64)>,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
+    move |source| TrainError::Io { path: path.to_path_buf(), source }
+}
+
+impl Trainer {
+    /// A new run of `model` into directory `dir` (created).
+    pub fn new(model: MambaLM, config: TrainConfig, dir: impl Into<PathBuf>) -> Result<Self, TrainError> {
+        let dir = dir.into();
+        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let opt = AdamW::new(
+            &model.params,
+            AdamWConfig { lr: config.lr, weight_decay: config.weight_decay, ..Default::default() },
+        );
+        let grads = Grads::new(&model.params);
+        let rng = Rng::new(config.seed);
+        Ok(Self {
+            model,
+            opt,
+            grads,
+            rng,
+            step: 0,
+            tokens: 0,
+            elapsed_before: 0.0,
+            config,
+            dir,
+            train_curve: Vec::new(),
+            val_curve: Vec::new(),
+        })
+    }
+
+    /// Reopens the run in `dir` exactly where its last checkpoint left it: model, optimizer
+    /// moments, step, token count, sampler RNG and curves.
+    pub fn resume(dir: impl Into<PathBuf>) -> Result<Self, TrainError> {
+        let dir = dir.into();
+        let path = dir.join("trainer.json");
+        let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
+        let st: TrainerState = serde_json::from_str(&text)
+            .map_err(|e| TrainError::Resume { path: path.clone(), reason: e.to_string() })?;
+        let model = MambaLM::from_pretrained(&dir)?;
+        let mut t = Self::new(model, st.config, &dir)?;
+        let opt_file = TensorFile::open(dir.join("optimizer.safetensors"))?;
+        t.opt.load_state(&opt_file, st.step)?;
+        t.step = st.step;
+        t.tokens = st.tokens;
+        t.elapsed_before = st.elapsed_s;
+        t.rng = Rng::from_state(st.rng);
+        t.train_curve = st.train_curve;
+        t.val_curve = st.val_curve;
+        Ok(t)
+    }
+
+    /// The run directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// One optimizer step (with gradient accumulation); returns the mean loss.
+    fn train_step(&mut self, obj: &Objective, lr: f32) -> Result<f64, TrainError> {
+        let cfg = &self.config;
+        let accum = cfg.grad_accum.max(1);
+        self.grads.zero();
+        let mut total = 0.0f64;
+        for _ in 0..accum {
+            let mut tape = Tape::new(&self.model.params);
+            let loss = match obj {
+                Objective::Text { data, .. } => {
+                    let ids = sample_batch(&data.train, &mut self.rng, cfg.batch_size, cfg.seq_len);
+                    self.model.forward_loss(&mut tape, &ids, cfg.batch_size, cfg.seq_len + 1).1
+                }
+                Objective::Task(task) => {
+                    let (ids, targets) = task.batch(&mut self.rng, cfg.batch_size);
+                    let logits = self.model.forward(&mut tape, &ids, cfg.batch_size, task.seq_len());
+                    ops::cross_entropy(&mut tape, logits, &targets)
+                }
+            };
+            let value = values(tape.value(loss))[0] as f64;
+            if !value.is_finite() {
+                return Err(TrainError::NonFinite {
+                    step: self.step + 1,
+                    what: "loss",
+                    value,
+                    dir: self.dir.clone(),
+                });
+            }
+            total += value;
+            let seed = mamba_nn::tensor::from_vec(tape.value(loss).shape(), vec![1.0 / accum as f32]);
+            tape.backward_from(loss, seed, &mut self.grads);
+        }
+        let norm = clip_grad_norm(&self.model.params, &mut self.grads, cfg.grad_clip) as f64;
+        if !norm.is_finite() {
+            return Err(TrainError::NonFinite {
+                step: self.step + 1,
+                what: "gradient norm",
+                value: norm,
+                dir: self.dir.clone(),
+            });
+        }
+        self.opt.step(&mut self.model.params, &self.grads, lr);
+        self.step += 1;
+        self.tokens += (accum * cfg.batch_size * self.seq_len_of(obj)) as u64;
+        Ok(total / accum as f64)
+    }
+
+    fn seq_len_of(&self, obj: &Objective) -> usize {
+        match obj {
+            Objective::Text { .. } => self.config.seq_len,
+            Objective::Task(t) => t.seq_len(),
+        }
+    }
+
+    /// Validation loss (and accuracy for tasks), with no tape recording.
+    pub fn evaluate(&self, obj: &Objective) -> (f64, Option<f64>) {
+        let cfg = &self.config;
+        match obj {
+            Objective::Text { data, .. } => {
+                let (mut sum, mut n) = (0.0f64, 0usize);
+                for ids in val_batches(&data.val, cfg.batch_size, cfg.seq_len, cfg.eval_tokens) {
+                    let rows = ids.len() / (cfg.seq_len + 1);
+                    let mut tape = Tape::inference(&self.model.params);
+                    let (_, loss) = self.model.forward_loss(&mut tape, &ids, rows, cfg.seq_len + 1);
+                    let targets = rows * cfg.seq_len;
+                    sum += values(tape.value(loss))[0] as f64 * targets as f64;
+                    n += targets;
+                }
+                (sum / n.max(1) as f64, None)
+            }
+            Objective::Task(task) => {
+                // A fixed validation set: the same seed every evaluation.
+                let mut rng = Rng::new(cfg.seed ^ 0x5EED_0F7A_5C00);
+                let (mut loss, mut acc, batches) = (0.0f64, 0.0f64, 8);
+                for _ in 0..batches {
+                    let (ids, targets) = task.batch(&mut rng, cfg.batch_size);
+                    let mut tape = Tape::inference(&self.model.params);
+                    let logits = self.model.forward(&mut tape, &ids, cfg.batch_size, task.seq_len());
+                    let l = ops::cross_entropy(&mut tape, logits, &targets);
+                    loss += values(tape.value(l))[0] as f64;
+                    acc += accuracy(values(tape.value(logits)), &targets, task.vocab_size()) as f64;
+                }
+                (loss / batches as f64, Some(acc / batches as f64))
+            }
+        }
+    }
+
+    /// Writes the checkpoint files, `metrics.jsonl` line and plot (see the module docs).
+    fn checkpoint(&self, m: &Metrics) -> Result<(), TrainError> {
+        self.model.save_pretrained(&self.dir)?;
+        let opt: Vec<(String, &mamba_nn::tensor::Tensor)> = self.opt.state();
+        write_tensors(self.dir.join("optimizer.safetensors"), opt, None)?;
+        let st = TrainerState {
+            step: self.step,
+            tokens: self.tokens,
+            elapsed_s: m.elapsed_s,
+            rng: self.rng.state(),
+            config: self.config.clone(),
+            train_curve: self.train_curve.clone(),
+            val_curve: self.val_curve.clone(),
+        };
+        let json = serde_json::to_vec_pretty(&st).expect("trainer state serialises");
+        write_atomic(&self.dir.join("trainer.json"), &json)?;
+        let path = self.dir.join("metrics.jsonl");
+        let mut f =
+            std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
+        let line = serde_json::to_string(m).expect("metrics serialise");
+        writeln!(f, "{line}").map_err(io_err(&path))?;
+        let plot = svg(
+            "Loss",
+            "training tokens",
+            "nats per token",
+            &[
+                Series { name: "train", color: "#1f77b4", points: &self.train_curve },
+                Series { name: "validation", color: "#d62728", points: &self.val_curve },
+            ],
+        );
+        write_atomic(&self.dir.join("loss.svg"), plot.as_bytes())?;
+        Ok(())
+    }
+
+    /// Trains until the step limit or the time budget, evaluating and checkpointing every
+    /// `eval_every` steps and at the end. Returns the final metrics.
+    ///
+    /// With a time budget, a step is started only if it and the final evaluation (timed at the
+    /// previous evaluation, with a margin) still fit; the learning-rate schedule's length is
+    /// re-estimated from the measured step time.
+    pub fn run(&mut self, obj: &Objective, progress: &mut dyn Progress) -> Result<Metrics, TrainError> {
+        if let Objective::Text { data, .. } = obj {
+            data.ensure_len(self.config.seq_len)?;
+        }
+        let start = Instant::now();
+        let (start_step, start_tokens) = (self.step, self.tokens);
+        let mut window = (0.0f64, 0u64);
+        let mut eval_cost = 0.0f64;
+        let mut last: Option<Metrics> = None;
+        let mut lr = 0.0f32;
+        loop {
+            let run_s = start.elapsed().as_secs_f64();
+            let spent = self.elapsed_before + run_s;
+            let steps_run = self.step - start_step;
+            let per_step = if steps_run > 0 { run_s / steps_run as f64 } else { 0.0 };
+            if self.config.steps.is_some_and(|s| self.step >= s) {
+                break;
+            }
+            if let Some(budget) = self.config.time_budget
+                && spent + per_step + 1.2 * eval_cost + 0.5 > budget
+            {
+                break;
+            }
+            let planned = match (self.config.steps, self.config.time_budget) {
+                (Some(s), _) => s,
+                (None, Some(b)) if per_step > 0.0 => {
+                    self.step + ((b - spent - eval_cost) / per_step).max(1.0) as u64
+                }
+                _ => self.step + 1000,
+            };
+            let sched = LrSchedule {
+                max_lr: self.config.lr,
+                min_lr: self.config.min_lr,
+                warmup_steps: self.config.warmup_steps,
+                total_steps: planned.max(self.config.warmup_steps + 1),
+            };
+            lr = sched.lr(self.step);
+            let loss = self.train_step(obj, lr)?;
+            window = (window.0 + loss, window.1 + 1);
+            let info = self.info(planned, loss, start, start_tokens);
+            progress.on_step(&info);
+            last = None;
+            if self.step.is_multiple_of(self.config.eval_every.max(1)) {
+                let t0 = Instant::now();
+                let m = self.eval_and_save(obj, &mut window, lr, &info)?;
+                eval_cost = t0.elapsed().as_secs_f64();
+                progress.on_eval(&m);
+                last = Some(m);
+            }
+        }
+        let m = match last {
+            Some(m) => m,
+            None => {
+                let info = self.info(self.step, f64::NAN, start, start_tokens);
+                let m = self.eval_and_save(obj, &mut window, lr, &info)?;
+                progress.on_eval(&m);
+                m
+            }
+        };
+        Ok(m)
+    }
+
+    fn info(&self, planned: u64, loss: f64, start: Instant, start_tokens: u64) -> StepInfo {
+        let run_s = start.elapsed().as_secs_f64();
+        StepInfo {
+            step: self.step,
+            planned,
+            loss,
+            tokens_per_s: (self.tokens - start_tokens) as f64 / run_s.max(1e-9),
+            elapsed_s: self.elapsed_before + run_s,
+        }
+    }
+
+    fn eval_and_save(
+        &mut self,
+        obj: &Objective,
+        window: &mut (f64, u64),
+        lr: f32,
+        info: &StepInfo,
+    ) -> Result<Metrics, TrainError> {
+        let (val_loss, val_accuracy) = self.evaluate(obj);
+        let train_loss = if window.1 > 0 { window.0 / window.1 as f64 } else { f64::NAN };
+        *window = (0.0, 0);
+        let tok = self.tokens as f64;
+        if train_loss.is_finite() {
+            self.train_curve.push((tok, train_loss));
+        }
+        self.val_curve.push((tok, val_loss));
+        let m = Metrics {
+            step: self.step,
+            tokens: self.tokens,
+            train_loss,
+            val_loss,
+            val_accuracy,
+            lr: lr as f64,
+            tokens_per_s: info.tokens_per_s,
+            elapsed_s: info.elapsed_s,
+        };
+        self.checkpoint(&m)?;
+        Ok(m)
+    }
+}
