@@ -413,6 +413,9 @@ impl Trainer {
         let start = Instant::now();
         let (start_step, start_tokens) = (self.step, self.tokens);
         let mut window = (0.0f64, 0u64);
+        // The plot gets a training-loss point about ten times per evaluation interval.
+        let plot_every = (self.config.eval_every / 10).max(1);
+        let mut plot_window = (0.0f64, 0u64);
         let mut eval_cost = 0.0f64;
         let mut last: Option<Metrics> = None;
         let mut lr = 0.0f32;
@@ -445,6 +448,11 @@ impl Trainer {
             lr = sched.lr(self.step);
             let loss = self.train_step(obj, lr)?;
             window = (window.0 + loss, window.1 + 1);
+            plot_window = (plot_window.0 + loss, plot_window.1 + 1);
+            if self.step.is_multiple_of(plot_every) {
+                self.train_curve.push((self.tokens as f64, plot_window.0 / plot_window.1 as f64));
+                plot_window = (0.0, 0);
+            }
             let info = self.info(planned, loss, start, start_tokens);
             progress.on_step(&info);
             last = None;
@@ -489,11 +497,7 @@ impl Trainer {
         let (val_loss, val_accuracy) = self.evaluate(obj);
         let train_loss = if window.1 > 0 { window.0 / window.1 as f64 } else { f64::NAN };
         *window = (0.0, 0);
-        let tok = self.tokens as f64;
-        if train_loss.is_finite() {
-            self.train_curve.push((tok, train_loss));
-        }
-        self.val_curve.push((tok, val_loss));
+        self.val_curve.push((self.tokens as f64, val_loss));
         let m = Metrics {
             step: self.step,
             tokens: self.tokens,

@@ -1,0 +1,147 @@
+//! The training loop: exact resume, a non-finite loss stops the run and keeps the last good
+//! checkpoint, the run directory's files.
+
+use std::path::PathBuf;
+
+use mamba_train::data::TextData;
+use mamba_train::mamba_nn::config::MambaConfig;
+use mamba_train::mamba_nn::model::MambaLM;
+use mamba_train::mamba_nn::tensor::data;
+use mamba_train::tasks::Task;
+use mamba_train::tokenizer::{ByteTokenizer, Tokenizer};
+use mamba_train::trainer::{Metrics, Objective, Silent, TrainConfig, TrainError, Trainer};
+
+fn tmp(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("mamba-train-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn text_objective() -> Objective {
+    let text: String = (0..4000).map(|i| ["the cat sat. ", "a dog ran! ", "we sing.\n"][i % 3]).collect();
+    let tok = ByteTokenizer;
+    let ids = tok.encode(&text).into_iter().map(|t| t as u32).collect();
+    let data = TextData::from_tokens(std::path::Path::new("<test>"), ids).unwrap();
+    Objective::Text { data, tokenizer: Box::new(ByteTokenizer) }
+}
+
+fn tiny_model(seed: u64) -> MambaLM {
+    MambaLM::new(MambaConfig { d_state: 4, ..MambaConfig::mamba1(256, 16, 1) }, seed).unwrap()
+}
+
+fn config(steps: u64) -> TrainConfig {
+    TrainConfig {
+        seq_len: 32,
+        batch_size: 2,
+        lr: 3e-3,
+        min_lr: 3e-4,
+        warmup_steps: 2,
+        steps: Some(steps),
+        eval_every: 3,
+        eval_tokens: 512,
+        ..TrainConfig::default()
+    }
+}
+
+fn metrics(dir: &std::path::Path) -> Vec<Metrics> {
+    std::fs::read_to_string(dir.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+#[test]
+fn resume_continues_exactly() {
+    let obj = text_objective();
+    // Straight through: 6 steps.
+    let d1 = tmp("straight");
+    let mut t = Trainer::new(tiny_model(1), config(6), &d1).unwrap();
+    let (initial, _) = t.evaluate(&obj);
+    let straight = t.run(&obj, &mut Silent).unwrap();
+    let straight_params: Vec<Vec<f32>> =
+        t.model.params.iter().map(|(_, p)| data(&p.value).to_vec()).collect();
+    // 3 steps, then a fresh process-like resume from the directory for 3 more.
+    let d2 = tmp("resumed");
+    let mut a = Trainer::new(tiny_model(1), config(3), &d2).unwrap();
+    a.run(&obj, &mut Silent).unwrap();
+    drop(a);
+    let mut b = Trainer::resume(&d2).unwrap();
+    assert_eq!((b.step, b.tokens), (3, 3 * 2 * 32));
+    b.config.steps = Some(6);
+    let resumed = b.run(&obj, &mut Silent).unwrap();
+    let resumed_params: Vec<Vec<f32>> = b.model.params.iter().map(|(_, p)| data(&p.value).to_vec()).collect();
+    assert_eq!(resumed_params, straight_params, "parameters after resume differ");
+    assert_eq!(
+        (resumed.step, resumed.tokens, resumed.val_loss),
+        (straight.step, straight.tokens, straight.val_loss)
+    );
+    assert_eq!(resumed.train_loss, straight.train_loss);
+    // Both directories hold a full checkpoint and one metrics line per evaluation.
+    for d in [&d1, &d2] {
+        for f in ["config.json", "model.safetensors", "optimizer.safetensors", "trainer.json", "loss.svg"] {
+            assert!(d.join(f).exists(), "{} missing in {}", f, d.display());
+        }
+        let m = metrics(d);
+        assert_eq!(m.iter().map(|m| m.step).collect::<Vec<_>>(), vec![3, 6]);
+        assert!(m.iter().all(|m| m.val_loss.is_finite() && m.tokens_per_s > 0.0));
+    }
+    // Learning happened.
+    assert!(straight.val_loss < initial - 0.1, "val loss {} from {initial}", straight.val_loss);
+    let _ = std::fs::remove_dir_all(&d1);
+    let _ = std::fs::remove_dir_all(&d2);
+}
+
+#[test]
+fn non_finite_loss_stops_and_keeps_the_last_checkpoint() {
+    let obj = text_objective();
+    let dir = tmp("nan");
+    let mut t = Trainer::new(tiny_model(2), config(3), &dir).unwrap();
+    t.run(&obj, &mut Silent).unwrap();
+    let saved = std::fs::read(dir.join("model.safetensors")).unwrap();
+    // Corrupt the live model: the next loss is NaN.
+    let id = t.model.params.id("backbone.norm_f.weight").unwrap();
+    t.model.params.value_mut(id).fill(f32::NAN);
+    t.config.steps = Some(10);
+    let err = t.run(&obj, &mut Silent).unwrap_err();
+    assert!(matches!(err, TrainError::NonFinite { step: 4, what: "loss", .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.starts_with("step 4: the loss is NaN (not finite); training stopped."), "{msg}");
+    assert!(msg.contains(&dir.display().to_string()), "{msg}");
+    assert_eq!(
+        std::fs::read(dir.join("model.safetensors")).unwrap(),
+        saved,
+        "the last good checkpoint was overwritten"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn task_training_reports_accuracy() {
+    let dir = tmp("task");
+    let model = MambaLM::new(
+        MambaConfig { d_state: 4, ..MambaConfig::mamba1(Task::SelectiveCopying.vocab_size(), 16, 1) },
+        0,
+    )
+    .unwrap();
+    let cfg = TrainConfig { seq_len: Task::SelectiveCopying.seq_len(), ..config(2) };
+    let m = Trainer::new(model, cfg, &dir)
+        .unwrap()
+        .run(&Objective::Task(Task::SelectiveCopying), &mut Silent)
+        .unwrap();
+    let acc = m.val_accuracy.expect("tasks report accuracy");
+    assert!((0.0..=1.0).contains(&acc), "{acc}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn too_short_data_is_an_error_naming_the_source() {
+    let tok = ByteTokenizer;
+    let ids = tok.encode("short text, far too short for a window").into_iter().map(|t| t as u32).collect();
+    let data = TextData::from_tokens(std::path::Path::new("tiny.txt"), ids).unwrap();
+    let obj = Objective::Text { data, tokenizer: Box::new(ByteTokenizer) };
+    let dir = tmp("short");
+    let err = Trainer::new(tiny_model(3), config(2), &dir).unwrap().run(&obj, &mut Silent).unwrap_err();
+    assert!(err.to_string().contains("tiny.txt"), "{err}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
