@@ -23,7 +23,7 @@ pub fn run(a: InfoArgs) -> anyhow::Result<()> {
     let arch = match c.arch {
         Arch::Mamba1 => "Mamba (selective scan, per-channel A)",
         Arch::Mamba2 => "Mamba-2 (SSD, per-head scalar A)",
-        Arch::Lti => "LTI baseline (time-invariant recurrence in the Mamba block)",
+        Arch::Lti => "LTI baseline (the seed's time-invariant block: h = A·h + B·x, y = C·h + D·x)",
     };
     let n = model.params.num_elements();
     println!("model        {}", a.model.display());
@@ -51,7 +51,7 @@ pub fn run(a: InfoArgs) -> anyhow::Result<()> {
         Arch::Mamba1 => c.d_inner() * c.d_state,
         Arch::Mamba2 => c.nheads() * c.headdim * c.d_state,
         Arch::Lti => c.d_inner(),
-    } + c.conv_dim() * c.d_conv;
+    } + if c.arch == Arch::Lti { 0 } else { c.conv_dim() * c.d_conv };
     println!("state        {:.1} KiB per sequence for generation", (state * c.n_layer * 4) as f64 / 1024.0);
     Ok(())
 }

@@ -15,8 +15,9 @@ pub enum Arch {
     Mamba1,
     /// Per-head scalar `A`, SSD (Mamba-2, Dao & Gu 2024).
     Mamba2,
-    /// The non-selective baseline: the Mamba-1 block with its selective scan replaced by the
-    /// time-invariant recurrence `h = A·h + B·x`, `y = C·h + D·x` (per-channel vectors).
+    /// The non-selective baseline (the seed's block): `in_proj`, the time-invariant recurrence
+    /// `h = A·h + B·x`, `y = C·h + D·x` with per-channel vectors, `out_proj` — no convolution and
+    /// no gate, so nothing in the layer depends on the input's content.
     Lti,
 }
 
@@ -155,11 +156,12 @@ impl MambaConfig {
         }
     }
 
-    /// Output width of `in_proj`: `2·d_inner` (Mamba-1: x, z) or
+    /// Output width of `in_proj`: `2·d_inner` (Mamba-1: x, z), `d_inner` (LTI: x) or
     /// `2·d_inner + 2·G·N + H` (Mamba-2: z, xBC, dt).
     pub fn in_proj_dim(&self) -> usize {
         match self.arch {
-            Arch::Mamba1 | Arch::Lti => 2 * self.d_inner(),
+            Arch::Mamba1 => 2 * self.d_inner(),
+            Arch::Lti => self.d_inner(),
             Arch::Mamba2 => self.d_inner() + self.conv_dim() + self.nheads(),
         }
     }

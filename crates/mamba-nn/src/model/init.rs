@@ -95,9 +95,11 @@ pub fn init_backbone(cfg: &MambaConfig, rng: &mut InitRng, s: &mut ParamStore) {
             add(s, format!("{m}.in_proj.bias"), from_vec(&[cfg.in_proj_dim()], vec![0.0; cfg.in_proj_dim()]));
         }
         let cd = cfg.conv_dim();
-        add(s, format!("{m}.conv1d.weight"), kaiming(rng, &[cd, 1, k], k));
-        if cfg.conv_bias {
-            add(s, format!("{m}.conv1d.bias"), kaiming(rng, &[cd], k));
+        if cfg.arch != Arch::Lti {
+            add(s, format!("{m}.conv1d.weight"), kaiming(rng, &[cd, 1, k], k));
+            if cfg.conv_bias {
+                add(s, format!("{m}.conv1d.bias"), kaiming(rng, &[cd], k));
+            }
         }
         match cfg.arch {
             Arch::Mamba1 => {

@@ -173,24 +173,17 @@ fn mamba2(
     ops::linear(tape, y, w_out, b_out)
 }
 
-/// The non-selective baseline: Mamba-1's block (in_proj, conv, gate, out_proj) around the
-/// time-invariant recurrence `h = A·h + B·x`, `y = C·h + D·x` instead of the selective scan, so
-/// a comparison with Mamba-1 isolates selectivity.
-fn lti(tape: &mut Tape, cfg: &MambaConfig, p: &str, u: Var) -> Var {
-    let di = cfg.d_inner();
+/// The non-selective baseline, the seed's block: `x = in_proj(u)`, the time-invariant recurrence
+/// `h = A·h + B·x`, `y = C·h + D·x` (per-channel vectors), `out_proj(y)`. No convolution and no
+/// gate: nothing in the layer depends on the input's content, which is what the Mamba paper's
+/// selective-copying contrast is about.
+fn lti(tape: &mut Tape, _cfg: &MambaConfig, p: &str, u: Var) -> Var {
     let w_in = param(tape, p, "in_proj.weight");
     let b_in = opt_param(tape, p, "in_proj.bias");
-    let xz = ops::linear(tape, u, w_in, b_in);
-    let x = ops::narrow_last(tape, xz, 0, di);
-    let z = ops::narrow_last(tape, xz, di, di);
-    let cw = param(tape, p, "conv1d.weight");
-    let cb = opt_param(tape, p, "conv1d.bias");
-    let x = ops::conv1d(tape, x, cw, cb, true);
-    let (a, b, c, d) =
-        (param(tape, p, "lti_A"), param(tape, p, "lti_B"), param(tape, p, "lti_C"), param(tape, p, "D"));
+    let x = ops::linear(tape, u, w_in, b_in);
+    let (a, b) = (param(tape, p, "lti_A"), param(tape, p, "lti_B"));
+    let (c, d) = (param(tape, p, "lti_C"), param(tape, p, "D"));
     let y = ops::lti_scan(tape, x, a, b, c, d);
-    let gate = ops::silu(tape, z);
-    let y = ops::mul(tape, y, gate);
     let w_out = param(tape, p, "out_proj.weight");
     let b_out = opt_param(tape, p, "out_proj.bias");
     ops::linear(tape, y, w_out, b_out)

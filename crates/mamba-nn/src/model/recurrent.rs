@@ -17,7 +17,8 @@ struct LayerIds {
     norm: ParamId,
     in_proj: ParamId,
     in_proj_bias: Option<ParamId>,
-    conv_w: ParamId,
+    /// Absent for the LTI baseline.
+    conv_w: Option<ParamId>,
     conv_b: Option<ParamId>,
     /// Mamba-1: x_proj, dt_proj.weight.
     x_proj: Option<ParamId>,
@@ -44,7 +45,7 @@ impl LayerIds {
             norm: req("norm.weight"),
             in_proj: req("mixer.in_proj.weight"),
             in_proj_bias: id("mixer.in_proj.bias"),
-            conv_w: req("mixer.conv1d.weight"),
+            conv_w: id("mixer.conv1d.weight"),
             conv_b: id("mixer.conv1d.bias"),
             x_proj: id("mixer.x_proj.weight"),
             dt_proj: id("mixer.dt_proj.weight"),
@@ -216,15 +217,23 @@ impl MambaLM {
                 Arch::Mamba2 => (di, 0),
             };
             take_cols(&state.proj, pd, xstart, cd, &mut state.xin[..bsz * cd]);
-            take_cols(&state.proj, pd, zstart, di, &mut state.z);
-            let cdims = ConvDims::new(bsz, 1, cd, cfg.d_conv);
-            let cargs = ConvArgs {
-                x: &state.xin[..bsz * cd],
-                weight: val(li.conv_w),
-                bias: li.conv_b.map(val),
-                silu: true,
-            };
-            conv1d_step(&cdims, &cargs, &mut state.conv[l], &mut state.xc[..bsz * cd]);
+            if cfg.arch != Arch::Lti {
+                take_cols(&state.proj, pd, zstart, di, &mut state.z);
+            }
+            match li.conv_w {
+                Some(cw) => {
+                    let cdims = ConvDims::new(bsz, 1, cd, cfg.d_conv);
+                    let cargs = ConvArgs {
+                        x: &state.xin[..bsz * cd],
+                        weight: val(cw),
+                        bias: li.conv_b.map(val),
+                        silu: true,
+                    };
+                    conv1d_step(&cdims, &cargs, &mut state.conv[l], &mut state.xc[..bsz * cd]);
+                }
+                // The LTI baseline has no convolution.
+                None => state.xc[..bsz * cd].copy_from_slice(&state.xin[..bsz * cd]),
+            }
             match cfg.arch {
                 Arch::Mamba1 => {
                     let r = cfg.dt_rank;
@@ -264,7 +273,7 @@ impl MambaLM {
                         for k in 0..di {
                             let (i, x) = (b * di + k, state.xc[b * di + k]);
                             h[i] = a[k] * h[i] + bv[k] * x;
-                            state.y[i] = (cv[k] * h[i] + dv[k] * x) * silu(state.z[i]);
+                            state.y[i] = cv[k] * h[i] + dv[k] * x;
                         }
                     }
                 }
