@@ -11,7 +11,9 @@
 //! - [`config`] and [`checkpoint`]: `config.json` (either key family) and safetensors I/O with
 //!   errors naming the file, tensor and shapes.
 //!
-//! The models are checked against transformers in `tests/against_transformers.rs`.
+//! The models are checked against transformers in `tests/against_transformers.rs`; the seed
+//! tutorial (shapes, the LTI block, a training loop with cross-entropy and AdamW) is
+//! `crates/mamba-train/examples/seed_tutorial.rs`.
 //!
 //! It builds on [`ssm_kernel`], which provides every scan, convolution and GEMM kernel it calls.
 //!
