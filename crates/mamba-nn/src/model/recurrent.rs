@@ -92,11 +92,56 @@ pub struct State {
 }
 
 /// `out (m, n) = x (m, k) · Wᵀ (+ b)` with `w` (n, k).
+///
+/// A decode step has a handful of rows, where GEMM's packing costs more than the product: each
+/// output is then a SIMD dot product of `x`'s row with one contiguous row of `W`, split over the
+/// rayon pool when the matrix is large.
 fn linear_rows(x: &[f32], w: &[f32], b: Option<&[f32]>, (m, k, n): (usize, usize, usize), out: &mut [f32]) {
-    gemm((m, k, n), 1.0, x, (k, 1), w, (1, k), 0.0, out, (n, 1));
+    if m <= 4 {
+        matvec_rows(x, w, (m, k, n), out);
+    } else {
+        gemm((m, k, n), 1.0, x, (k, 1), w, (1, k), 0.0, out, (n, 1));
+    }
     if let Some(b) = b {
         for row in out.chunks_exact_mut(n) {
             row.iter_mut().zip(b).for_each(|(o, v)| *o += v);
+        }
+    }
+}
+
+/// `out[r, j] = ⟨x[r, :], w[j, :]⟩` for few rows `r`.
+fn matvec_rows(x: &[f32], w: &[f32], (m, k, n): (usize, usize, usize), out: &mut [f32]) {
+    use rayon::prelude::*;
+    use ssm_kernel::simd::{self, W};
+    let dot = |xr: &[f32], wr: &[f32]| -> f32 {
+        let (mut a0, mut a1) = (wide::f32x8::ZERO, wide::f32x8::ZERO);
+        let mut i = 0;
+        while i + 2 * W <= k {
+            a0 = simd::load(&xr[i..]).mul_add(simd::load(&wr[i..]), a0);
+            a1 = simd::load(&xr[i + W..]).mul_add(simd::load(&wr[i + W..]), a1);
+            i += 2 * W;
+        }
+        while i < k {
+            let e = (i + W).min(k);
+            a0 = simd::load(&xr[i..e]).mul_add(simd::load(&wr[i..e]), a0);
+            i = e;
+        }
+        (a0 + a1).reduce_add()
+    };
+    for r in 0..m {
+        let xr = &x[r * k..(r + 1) * k];
+        let row = &mut out[r * n..(r + 1) * n];
+        if n * k >= 1 << 17 {
+            row.par_chunks_mut(64).enumerate().for_each(|(c, oc)| {
+                for (jj, o) in oc.iter_mut().enumerate() {
+                    let j = c * 64 + jj;
+                    *o = dot(xr, &w[j * k..(j + 1) * k]);
+                }
+            });
+        } else {
+            for (j, o) in row.iter_mut().enumerate() {
+                *o = dot(xr, &w[j * k..(j + 1) * k]);
+            }
         }
     }
 }
