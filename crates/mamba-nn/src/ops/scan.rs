@@ -13,8 +13,62 @@ use crate::tape::{Backward, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, from_vec, zeros};
 
 /// `A = −exp(A_log)`, element-wise.
+/// `A = −exp(A_log)` in a buffer from this thread's [`pool`] (give it back with
+/// [`pool::give`]).
 fn neg_exp(a_log: &[f32]) -> Vec<f32> {
-    a_log.iter().map(|v| -v.exp()).collect()
+    let mut a = pool::take(a_log.len());
+    a.iter_mut().zip(a_log).for_each(|(o, v)| *o = -v.exp());
+    a
+}
+
+/// Buffers reused from one training step to the next, so the scan nodes do not allocate their
+/// parameter-sized `A`/`dA` or their checkpoints every step. One pool per thread; a buffer taken
+/// on one thread and given back on another simply moves pools.
+pub(crate) mod pool {
+    use std::cell::RefCell;
+
+    thread_local! {
+        static FREE: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A zeroed buffer of `n` floats: a pooled one when one is large enough, else a new one.
+    pub fn take(n: usize) -> Vec<f32> {
+        let reused = FREE.with(|f| {
+            let mut f = f.borrow_mut();
+            let i = f.iter().position(|v| v.capacity() >= n)?;
+            Some(f.swap_remove(i))
+        });
+        let mut v = reused.unwrap_or_default();
+        v.clear();
+        v.resize(n, 0.0);
+        v
+    }
+
+    /// Returns a buffer to the pool (kept for reuse; at most 64 are kept per thread).
+    pub fn give(v: Vec<f32>) {
+        if v.capacity() > 0 {
+            FREE.with(|f| {
+                let mut f = f.borrow_mut();
+                if f.len() < 64 {
+                    f.push(v);
+                }
+            });
+        }
+    }
+    #[cfg(test)]
+    mod tests {
+        #[test]
+        fn a_given_buffer_is_reused_zeroed() {
+            let mut v = super::take(100);
+            v[3] = 7.0;
+            let ptr = v.as_ptr();
+            super::give(v);
+            let w = super::take(60);
+            assert_eq!(w.as_ptr(), ptr, "the pooled allocation is reused");
+            assert_eq!(w.len(), 60);
+            assert!(w.iter().all(|&x| x == 0.0), "a reused buffer comes back zeroed");
+        }
+    }
 }
 
 /// The gradient buffer of `slot`, or a zeroed scratch of `n` values in `scratch` when the input
@@ -186,13 +240,14 @@ fn scan1(
     };
     let mut y = zeros(uv.shape());
     let mut h_last = want_state.then(|| vec![0.0f32; dims.n_bdn()]);
-    let mut checkpoints = if tracked { vec![0.0f32; dims.n_checkpoints()] } else { Vec::new() };
+    let mut checkpoints = if tracked { pool::take(dims.n_checkpoints()) } else { Vec::new() };
     let out = Scan1Out {
         y: data_mut(&mut y),
         h_last: h_last.as_deref_mut(),
         checkpoints: tracked.then_some(&mut checkpoints[..]),
     };
     mamba1::scan_fwd(&dims, &args, out);
+    pool::give(a);
     let h_last = h_last.map(|h| from_vec(&[bsz, dim, n], h));
     (tape.push(y, &inputs, Scan1Backward { dims, opt, softplus, checkpoints }), h_last)
 }
@@ -204,6 +259,13 @@ struct Scan1Backward {
     opt: Optional,
     softplus: bool,
     checkpoints: Vec<f32>,
+}
+
+impl Drop for Scan1Backward {
+    /// The checkpoints go back to the pool for the next step's forward.
+    fn drop(&mut self) {
+        pool::give(std::mem::take(&mut self.checkpoints));
+    }
 }
 
 impl Backward for Scan1Backward {
@@ -234,7 +296,7 @@ impl Backward for Scan1Backward {
         let (du, ddelta, da_log, db, dc) =
             (take(Some(0)), take(Some(1)), take(Some(2)), take(Some(3)), take(Some(4)));
         let (dd, dz, ddelta_bias, dh0) = (take(opt.d), take(opt.z), take(opt.delta_bias), take(opt.h0));
-        let mut da = vec![0.0f32; a.len()];
+        let mut da = pool::take(a.len());
         let (mut s0, mut s1, mut s3, mut s4) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let grads = Scan1Grads {
             du: or_scratch(du, &mut s0, dims.n_bld()),
@@ -253,6 +315,8 @@ impl Backward for Scan1Backward {
                 *g += ga * av;
             }
         }
+        pool::give(da);
+        pool::give(a);
     }
 }
 
@@ -368,6 +432,7 @@ fn scan2(
     let mut y = zeros(xv.shape());
     let mut h_last = want_state.then(|| vec![0.0f32; dims.n_bhpn()]);
     mamba2::scan_fwd_auto(&dims, &args, Scan2Out { y: data_mut(&mut y), h_last: h_last.as_deref_mut() });
+    pool::give(a);
     let h_last = h_last.map(|s| from_vec(&[bsz, h, p, n], s));
     (tape.push(y, &inputs, Scan2Backward { dims, opt, softplus }), h_last)
 }
@@ -408,7 +473,7 @@ impl Backward for Scan2Backward {
         let (dx, ddelta, da_log, db, dc) =
             (take(Some(0)), take(Some(1)), take(Some(2)), take(Some(3)), take(Some(4)));
         let (dd, dz, ddelta_bias, dh0) = (take(opt.d), take(opt.z), take(opt.delta_bias), take(opt.h0));
-        let mut da = vec![0.0f32; a.len()];
+        let mut da = pool::take(a.len());
         let (mut s0, mut s1, mut s3, mut s4) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let grads = Scan2Grads {
             dx: or_scratch(dx, &mut s0, dims.n_blhp()),
@@ -427,6 +492,8 @@ impl Backward for Scan2Backward {
                 *g += ga * av;
             }
         }
+        pool::give(da);
+        pool::give(a);
     }
 }
 
