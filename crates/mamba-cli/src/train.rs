@@ -163,7 +163,8 @@ impl Progress for Bar {
 
 /// Runs `mamba train`.
 pub fn run(a: TrainArgs) -> anyhow::Result<()> {
-    let (mut trainer, source) = if a.resume {
+    // The objective is built once: for a new run it also decides the vocabulary and length.
+    let (mut trainer, source, obj) = if a.resume {
         let dir = a.out.clone().expect("clap requires --out with --resume");
         let src_path = dir.join("source.json");
         let text = std::fs::read_to_string(&src_path)
@@ -178,7 +179,8 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
             t.config.steps = Some(s);
         }
         eprintln!("resuming {} at step {} ({} tokens)", dir.display(), t.step, t.tokens);
-        (t, source)
+        let obj = objective(&source, &dir)?;
+        (t, source, obj)
     } else {
         let source = match (&a.data, a.task) {
             (Some(p), _) => Source::Text { path: p.clone(), hf_tokenizer: a.tokenizer.is_some() },
@@ -204,8 +206,8 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
             (None, None, _) => (Some(2000), None),
             (s, t, _) => (s, t),
         };
-        let obj_probe = objective(&source, &dir)?;
-        let (vocab, seq_len) = match &obj_probe {
+        let obj = objective(&source, &dir)?;
+        let (vocab, seq_len) = match &obj {
             Objective::Text { tokenizer, .. } => (tokenizer.vocab_size(), a.seq_len),
             Objective::Task(t) => (t.vocab_size(), t.seq_len()),
         };
@@ -247,10 +249,9 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
             },
             dir.display()
         );
-        (Trainer::new(model, tc, &dir)?, source)
+        (Trainer::new(model, tc, &dir)?, source, obj)
     };
     let dir = trainer.dir().to_path_buf();
-    let obj = objective(&source, &dir)?;
     let bar = ProgressBar::new(trainer.config.steps.unwrap_or(1000));
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}  ETA {eta}")
