@@ -110,6 +110,39 @@ impl Optional {
         };
         Self { d: at(d), z: at(z), delta_bias: at(bias), h0: at(h0) }
     }
+
+    /// The optional inputs' values, `[d, z, delta_bias, h0]`.
+    fn values<'a>(self, inputs: &[&'a Tensor]) -> [Option<&'a [f32]>; 4] {
+        [self.d, self.z, self.delta_bias, self.h0].map(|i| i.map(|i| data(inputs[i])))
+    }
+
+    /// Every gradient slot of a scan node as a flat slice: the five required inputs in order
+    /// (x or u, Δ, A_log, B, C) and the optional ones as `[d, z, delta_bias, h0]`.
+    fn slots<'a>(self, dinputs: &'a mut [Option<&mut Tensor>]) -> Slots<'a> {
+        let mut all: Vec<Option<&'a mut [f32]>> =
+            dinputs.iter_mut().map(|s| s.as_deref_mut().map(data_mut)).collect();
+        let mut take = |i: Option<usize>| i.and_then(|i| all[i].take());
+        let required = [0, 1, 2, 3, 4].map(|i| take(Some(i)));
+        let optional = [self.d, self.z, self.delta_bias, self.h0].map(&mut take);
+        Slots { required, optional }
+    }
+}
+
+/// See [`Optional::slots`].
+struct Slots<'a> {
+    required: [Option<&'a mut [f32]>; 5],
+    optional: [Option<&'a mut [f32]>; 4],
+}
+
+/// `dA_log += dA ⊙ A` (as `A = −exp(A_log)`), then returns the pooled `A` and `dA`.
+fn finish_da(da_log: Option<&mut [f32]>, da: Vec<f32>, a: Vec<f32>) {
+    if let Some(dal) = da_log {
+        for ((g, &ga), &av) in dal.iter_mut().zip(&da).zip(&a) {
+            *g += ga * av;
+        }
+    }
+    pool::give(da);
+    pool::give(a);
 }
 
 /// Panics unless `t` has shape `want`, naming the op, the argument and both shapes.
@@ -275,27 +308,22 @@ impl Backward for Scan1Backward {
 
     fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
         let dims = &self.dims;
-        let opt = self.opt;
         let a = neg_exp(data(inputs[2]));
-        let val = |i: Option<usize>| i.map(|i| data(inputs[i]));
+        let [d, z, delta_bias, h0] = self.opt.values(inputs);
         let args = Scan1Args {
             u: data(inputs[0]),
             delta: data(inputs[1]),
             a: &a,
             b: data(inputs[3]),
             c: data(inputs[4]),
-            d: val(opt.d),
-            z: val(opt.z),
-            delta_bias: val(opt.delta_bias),
+            d,
+            z,
+            delta_bias,
             delta_softplus: self.softplus,
-            h0: val(opt.h0),
+            h0,
         };
-        let mut slots: Vec<Option<&mut [f32]>> =
-            dinputs.iter_mut().map(|s| s.as_deref_mut().map(data_mut)).collect();
-        let mut take = |i: Option<usize>| i.and_then(|i| slots[i].take());
-        let (du, ddelta, da_log, db, dc) =
-            (take(Some(0)), take(Some(1)), take(Some(2)), take(Some(3)), take(Some(4)));
-        let (dd, dz, ddelta_bias, dh0) = (take(opt.d), take(opt.z), take(opt.delta_bias), take(opt.h0));
+        let Slots { required: [du, ddelta, da_log, db, dc], optional: [dd, dz, ddelta_bias, dh0] } =
+            self.opt.slots(dinputs);
         let mut da = pool::take(a.len());
         let (mut s0, mut s1, mut s3, mut s4) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let grads = Scan1Grads {
@@ -310,13 +338,7 @@ impl Backward for Scan1Backward {
             dh0,
         };
         mamba1::scan_bwd_with_checkpoints(dims, &args, &self.checkpoints, data(dout), None, grads);
-        if let Some(dal) = da_log {
-            for ((g, &ga), &av) in dal.iter_mut().zip(&da).zip(&a) {
-                *g += ga * av;
-            }
-        }
-        pool::give(da);
-        pool::give(a);
+        finish_da(da_log, da, a);
     }
 }
 
@@ -452,27 +474,22 @@ impl Backward for Scan2Backward {
 
     fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
         let dims = &self.dims;
-        let opt = self.opt;
         let a = neg_exp(data(inputs[2]));
-        let val = |i: Option<usize>| i.map(|i| data(inputs[i]));
+        let [d, z, delta_bias, h0] = self.opt.values(inputs);
         let args = Scan2Args {
             x: data(inputs[0]),
             delta: data(inputs[1]),
             a: &a,
             b: data(inputs[3]),
             c: data(inputs[4]),
-            d: val(opt.d),
-            z: val(opt.z),
-            delta_bias: val(opt.delta_bias),
+            d,
+            z,
+            delta_bias,
             delta_softplus: self.softplus,
-            h0: val(opt.h0),
+            h0,
         };
-        let mut slots: Vec<Option<&mut [f32]>> =
-            dinputs.iter_mut().map(|s| s.as_deref_mut().map(data_mut)).collect();
-        let mut take = |i: Option<usize>| i.and_then(|i| slots[i].take());
-        let (dx, ddelta, da_log, db, dc) =
-            (take(Some(0)), take(Some(1)), take(Some(2)), take(Some(3)), take(Some(4)));
-        let (dd, dz, ddelta_bias, dh0) = (take(opt.d), take(opt.z), take(opt.delta_bias), take(opt.h0));
+        let Slots { required: [dx, ddelta, da_log, db, dc], optional: [dd, dz, ddelta_bias, dh0] } =
+            self.opt.slots(dinputs);
         let mut da = pool::take(a.len());
         let (mut s0, mut s1, mut s3, mut s4) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let grads = Scan2Grads {
@@ -487,13 +504,7 @@ impl Backward for Scan2Backward {
             dh0,
         };
         mamba2::scan_bwd_auto(dims, &args, data(dout), None, grads);
-        if let Some(dal) = da_log {
-            for ((g, &ga), &av) in dal.iter_mut().zip(&da).zip(&a) {
-                *g += ga * av;
-            }
-        }
-        pool::give(da);
-        pool::give(a);
+        finish_da(da_log, da, a);
     }
 }
 
