@@ -74,69 +74,84 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The tokens of one continuation and how long its two phases took.
+struct Continuation {
+    tokens: Vec<usize>,
+    prefill_s: f64,
+    decode_s: f64,
+}
+
+/// Prefills `prompt` through the full forward, then chooses `n` tokens one step at a time,
+/// calling `on_token` with each as soon as it is chosen.
+fn continue_prompt(
+    model: &MambaLM,
+    prompt: &[usize],
+    n: usize,
+    sampling: &Sampling,
+    seed: u64,
+    mut on_token: impl FnMut(usize) -> anyhow::Result<()>,
+) -> anyhow::Result<Continuation> {
+    let v = model.config.vocab_size;
+    let mut rng = Rng::new(seed);
+    let t0 = Instant::now();
+    let (all, mut state) = model.prefill(prompt, 1, prompt.len());
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let mut logits = data(&all)[(prompt.len() - 1) * v..].to_vec();
+    let (mut scratch, mut tokens) = (Vec::new(), Vec::with_capacity(n));
+    let t1 = Instant::now();
+    for i in 0..n {
+        let next = pick(&logits, sampling, &mut rng, &mut scratch);
+        tokens.push(next);
+        on_token(next)?;
+        if i + 1 < n {
+            model.step(&[next], &mut state, &mut logits);
+        }
+    }
+    Ok(Continuation { tokens, prefill_s, decode_s: t1.elapsed().as_secs_f64() })
+}
+
 fn generate(
     model: &MambaLM,
     tok: &dyn mamba_train::tokenizer::Tokenizer,
     prompt: &[usize],
     a: &GenerateArgs,
-) -> anyhow::Result<String> {
-    let v = model.config.vocab_size;
+) -> anyhow::Result<()> {
     let sampling = Sampling { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
-    let mut rng = Rng::new(a.seed);
-    let t0 = Instant::now();
-    let (all, mut state) = model.prefill(prompt, 1, prompt.len());
-    let prefill_s = t0.elapsed().as_secs_f64();
-    let mut logits = data(&all)[(prompt.len() - 1) * v..].to_vec();
-    let mut scratch = Vec::new();
-    let mut out: Vec<usize> = Vec::with_capacity(a.max_new_tokens);
-    let mut printed = String::new();
     let mut stdout = std::io::stdout().lock();
-    if !a.json {
-        write!(stdout, "{}", tok.decode(prompt))?;
-    }
-    let t1 = Instant::now();
-    for i in 0..a.max_new_tokens {
-        let next = pick(&logits, &sampling, &mut rng, &mut scratch);
-        out.push(next);
-        if !a.json {
-            // Decode everything generated so far and print what is new, so multi-byte
-            // characters and merged tokens come out whole.
-            let text = tok.decode(&out);
-            let stable = text.trim_end_matches('\u{FFFD}');
-            if stable.len() > printed.len() && stable.starts_with(printed.as_str()) {
-                write!(stdout, "{}", &stable[printed.len()..])?;
-                stdout.flush()?;
-                printed = stable.to_string();
-            }
-        }
-        if i + 1 < a.max_new_tokens {
-            model.step(&[next], &mut state, &mut logits);
-        }
-    }
-    let decode_s = t1.elapsed().as_secs_f64();
-    let text = tok.decode(&out);
     if a.json {
+        let c = continue_prompt(model, prompt, a.max_new_tokens, &sampling, a.seed, |_| Ok(()))?;
         let line = serde_json::json!({
-            "tokens": out,
-            "text": text,
-            "prefill_tokens_per_s": prompt.len() as f64 / prefill_s.max(1e-9),
-            "decode_tokens_per_s": out.len() as f64 / decode_s.max(1e-9),
+            "tokens": c.tokens,
+            "text": tok.decode(&c.tokens),
+            "prefill_tokens_per_s": prompt.len() as f64 / c.prefill_s.max(1e-9),
+            "decode_tokens_per_s": c.tokens.len() as f64 / c.decode_s.max(1e-9),
         });
         writeln!(stdout, "{line}")?;
-    } else {
-        if text.len() > printed.len() && text.starts_with(printed.as_str()) {
-            write!(stdout, "{}", &text[printed.len()..])?;
-        }
-        writeln!(stdout)?;
-        eprintln!(
-            "[{} prompt tokens at {:.0} tokens/s; {} new tokens at {:.0} tokens/s]",
-            prompt.len(),
-            prompt.len() as f64 / prefill_s.max(1e-9),
-            out.len(),
-            out.len() as f64 / decode_s.max(1e-9)
-        );
+        return Ok(());
     }
-    Ok(text)
+    write!(stdout, "{}", tok.decode(prompt))?;
+    // Streaming: only the tokens not yet printed are decoded; a piece that ends inside a
+    // multi-byte character (decoded as U+FFFD) waits for the next token to complete it.
+    let mut pending: Vec<usize> = Vec::new();
+    let c = continue_prompt(model, prompt, a.max_new_tokens, &sampling, a.seed, |t| {
+        pending.push(t);
+        let piece = tok.decode(&pending);
+        if !piece.ends_with('\u{FFFD}') {
+            write!(stdout, "{piece}")?;
+            stdout.flush()?;
+            pending.clear();
+        }
+        Ok(())
+    })?;
+    writeln!(stdout, "{}", tok.decode(&pending))?;
+    eprintln!(
+        "[{} prompt tokens at {:.0} tokens/s; {} new tokens at {:.0} tokens/s]",
+        prompt.len(),
+        prompt.len() as f64 / c.prefill_s.max(1e-9),
+        c.tokens.len(),
+        c.tokens.len() as f64 / c.decode_s.max(1e-9)
+    );
+    Ok(())
 }
 
 /// A short sample for the end of training: `n` tokens after `prompt`, temperature 0.8.
@@ -149,17 +164,7 @@ pub fn sample_text(
 ) -> String {
     let ids = tok.encode(prompt);
     let ids = if ids.is_empty() { vec![0] } else { ids };
-    let v = model.config.vocab_size;
-    let (all, mut state) = model.prefill(&ids, 1, ids.len());
-    let mut logits = data(&all)[(ids.len() - 1) * v..].to_vec();
     let sampling = Sampling { temperature: 0.8, top_k: 0, top_p: 1.0 };
-    let (mut rng, mut scratch, mut out) = (Rng::new(seed), Vec::new(), Vec::with_capacity(n));
-    for i in 0..n {
-        let next = pick(&logits, &sampling, &mut rng, &mut scratch);
-        out.push(next);
-        if i + 1 < n {
-            model.step(&[next], &mut state, &mut logits);
-        }
-    }
-    format!("{prompt}{}", tok.decode(&out))
+    let c = continue_prompt(model, &ids, n, &sampling, seed, |_| Ok(())).expect("the callback cannot fail");
+    format!("{prompt}{}", tok.decode(&c.tokens))
 }

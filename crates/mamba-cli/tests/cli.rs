@@ -158,3 +158,22 @@ fn task_run_writes_metrics_and_resumes() {
     assert!(info.status.success() && stdout(&info).contains("parameters"), "{}", stdout(&info));
     let _ = std::fs::remove_dir_all(&out);
 }
+
+#[test]
+fn streamed_text_is_the_decoded_tokens() {
+    // Greedy, so the streamed run and the --json run choose the same tokens.
+    let dir = fixture("mamba1-untied");
+    let d = dir.to_str().unwrap();
+    let common =
+        ["generate", "--model", d, "--prompt", "The cat", "--max-new-tokens", "40", "--temperature", "0"];
+    let json = mamba(&[&common[..], &["--json"]].concat());
+    assert!(json.status.success(), "{}", stderr(&json));
+    let line: serde_json::Value = serde_json::from_str(stdout(&json).trim()).unwrap();
+    let bytes: Vec<u8> =
+        line["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap() as u8).collect();
+    let streamed = mamba(&common);
+    assert!(streamed.status.success(), "{}", stderr(&streamed));
+    let want = format!("The cat{}\n", String::from_utf8_lossy(&bytes));
+    assert_eq!(stdout(&streamed), want);
+    assert!(stderr(&streamed).contains("new tokens at"), "{}", stderr(&streamed));
+}
