@@ -16,6 +16,7 @@ pub mod elementwise;
 pub mod embedding;
 pub mod linear;
 pub mod lti;
+pub(crate) mod pool;
 pub mod rmsnorm;
 mod rows;
 pub mod scan;

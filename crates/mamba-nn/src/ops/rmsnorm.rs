@@ -2,6 +2,7 @@
 //! each row (group) saved for the backward.
 
 use crate::ops::activation::sigmoid_row;
+use crate::ops::pool;
 use crate::ops::rows::for_row_blocks;
 use crate::tape::{Backward, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, rows_cols};
@@ -119,7 +120,7 @@ impl Backward for RmsNormBackward {
         let want_dw = dw_slot[0].is_some();
         let dz = dz_slot.first_mut().and_then(|s| s.as_deref_mut()).map(data_mut);
         let partials = for_row_blocks(rows, d, [dx, dz], |range, [mut dxb, mut dzb]| {
-            let mut dw = if want_dw { vec![0.0f32; d] } else { Vec::new() };
+            let mut dw = if want_dw { pool::take(d) } else { Vec::new() };
             // Scratch rows: v (normalised input before scaling), silu(z) and silu'(z), from one
             // SIMD sigmoid per element.
             let (mut v, mut s) = (vec![0.0f32; d], vec![1.0f32; d]);
@@ -185,6 +186,9 @@ impl Backward for RmsNormBackward {
                     *g += v;
                 }
             }
+        }
+        for p in partials {
+            pool::give(p);
         }
     }
 }

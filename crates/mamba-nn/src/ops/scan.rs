@@ -9,66 +9,17 @@
 use ssm_kernel::mamba1::{self, Scan1Args, Scan1Dims, Scan1Grads, Scan1Out};
 use ssm_kernel::mamba2::{self, Scan2Args, Scan2Dims, Scan2Grads, Scan2Out};
 
+use crate::ops::pool;
 use crate::tape::{Backward, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, from_vec, zeros};
 
 /// `A = −exp(A_log)`, element-wise.
-/// `A = −exp(A_log)` in a buffer from this thread's [`pool`] (give it back with
-/// [`pool::give`]).
+/// `A = −exp(A_log)` in a buffer from this thread's [`pool`](crate::ops::pool) (give it back
+/// with [`pool::give`]).
 fn neg_exp(a_log: &[f32]) -> Vec<f32> {
     let mut a = pool::take(a_log.len());
     a.iter_mut().zip(a_log).for_each(|(o, v)| *o = -v.exp());
     a
-}
-
-/// Buffers reused from one training step to the next, so the scan nodes do not allocate their
-/// parameter-sized `A`/`dA` or their checkpoints every step. One pool per thread; a buffer taken
-/// on one thread and given back on another simply moves pools.
-pub(crate) mod pool {
-    use std::cell::RefCell;
-
-    thread_local! {
-        static FREE: RefCell<Vec<Vec<f32>>> = const { RefCell::new(Vec::new()) };
-    }
-
-    /// A zeroed buffer of `n` floats: a pooled one when one is large enough, else a new one.
-    pub fn take(n: usize) -> Vec<f32> {
-        let reused = FREE.with(|f| {
-            let mut f = f.borrow_mut();
-            let i = f.iter().position(|v| v.capacity() >= n)?;
-            Some(f.swap_remove(i))
-        });
-        let mut v = reused.unwrap_or_default();
-        v.clear();
-        v.resize(n, 0.0);
-        v
-    }
-
-    /// Returns a buffer to the pool (kept for reuse; at most 64 are kept per thread).
-    pub fn give(v: Vec<f32>) {
-        if v.capacity() > 0 {
-            FREE.with(|f| {
-                let mut f = f.borrow_mut();
-                if f.len() < 64 {
-                    f.push(v);
-                }
-            });
-        }
-    }
-    #[cfg(test)]
-    mod tests {
-        #[test]
-        fn a_given_buffer_is_reused_zeroed() {
-            let mut v = super::take(100);
-            v[3] = 7.0;
-            let ptr = v.as_ptr();
-            super::give(v);
-            let w = super::take(60);
-            assert_eq!(w.as_ptr(), ptr, "the pooled allocation is reused");
-            assert_eq!(w.len(), 60);
-            assert!(w.iter().all(|&x| x == 0.0), "a reused buffer comes back zeroed");
-        }
-    }
 }
 
 /// The gradient buffer of `slot`, or a zeroed scratch of `n` values in `scratch` when the input
