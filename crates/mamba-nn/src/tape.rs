@@ -7,6 +7,8 @@
 //! short. [`Tape::backward`] walks the nodes once, last to first; parameter gradients are added
 //! straight into the caller's preallocated [`Grads`].
 
+use std::time::{Duration, Instant};
+
 use crate::params::{Grads, ParamId, ParamStore};
 use crate::tensor::{Tensor, zeros};
 
@@ -50,6 +52,58 @@ pub struct Tape<'p> {
     record: bool,
     /// Gradients of non-parameter values after [`Tape::backward`] (kept for leaves).
     grads: Vec<Option<Tensor>>,
+    /// Per-op timings, when profiling (see [`Tape::profiled`]).
+    profile: Option<Profile>,
+}
+
+/// Wall-clock time spent per op, from a [`Tape::profiled`] tape.
+///
+/// An op's forward time is the time from the previous value added to the tape to its own
+/// [`Tape::push`] (ops compute eagerly, then push), so time spent between ops by the caller is
+/// charged to the next op. Its backward time covers the op's `backward` and the gradient
+/// buffers the tape made for it. Only recorded ops appear.
+#[derive(Clone, Debug, Default)]
+pub struct Profile {
+    /// `(op name, calls, forward time, backward time)`, in first-seen order.
+    pub ops: Vec<(&'static str, usize, Duration, Duration)>,
+    last: Option<Instant>,
+}
+
+impl Profile {
+    fn entry(&mut self, name: &'static str) -> &mut (&'static str, usize, Duration, Duration) {
+        let i = match self.ops.iter().position(|e| e.0 == name) {
+            Some(i) => i,
+            None => {
+                self.ops.push((name, 0, Duration::ZERO, Duration::ZERO));
+                self.ops.len() - 1
+            }
+        };
+        &mut self.ops[i]
+    }
+
+    /// Adds another profile's times into this one.
+    pub fn merge(&mut self, other: &Profile) {
+        for &(name, calls, f, b) in &other.ops {
+            let e = self.entry(name);
+            e.1 += calls;
+            e.2 += f;
+            e.3 += b;
+        }
+    }
+
+    /// A table of the ops, slowest (forward + backward) first, with each op's share of the total.
+    pub fn table(&self) -> String {
+        let mut ops = self.ops.clone();
+        ops.sort_by_key(|e| std::cmp::Reverse(e.2 + e.3));
+        let total: f64 = ops.iter().map(|e| (e.2 + e.3).as_secs_f64()).sum();
+        let ms = |d: Duration| d.as_secs_f64() * 1e3;
+        let mut s = format!("{:<24} {:>7} {:>11} {:>11} {:>7}\n", "op", "calls", "fwd ms", "bwd ms", "share");
+        for (name, calls, f, b) in ops {
+            let share = 100.0 * (f + b).as_secs_f64() / total.max(f64::MIN_POSITIVE);
+            s += &format!("{name:<24} {calls:>7} {:>11.2} {:>11.2} {share:>6.1}%\n", ms(f), ms(b));
+        }
+        s + &format!("{:<24} {:>7} {:>11} {:>11.2}\n", "total", "", "", total * 1e3)
+    }
 }
 
 /// Asks glibc's allocator to keep freed memory for reuse instead of returning it to the
@@ -76,7 +130,18 @@ impl<'p> Tape<'p> {
     /// A recording tape: ops with a tracked input push backward nodes.
     pub fn new(params: &'p ParamStore) -> Self {
         keep_freed_memory();
-        Self { params, entries: Vec::new(), record: true, grads: Vec::new() }
+        Self { params, entries: Vec::new(), record: true, grads: Vec::new(), profile: None }
+    }
+
+    /// A recording tape that also times every op's forward and backward (see [`Profile`]).
+    pub fn profiled(params: &'p ParamStore) -> Self {
+        let profile = Profile { last: Some(Instant::now()), ..Profile::default() };
+        Self { profile: Some(profile), ..Self::new(params) }
+    }
+
+    /// The per-op timings so far, if this tape was made by [`Tape::profiled`].
+    pub fn profile(&self) -> Option<&Profile> {
+        self.profile.as_ref()
     }
 
     /// A non-recording tape: values only, nothing tracked, no backward possible.
@@ -95,6 +160,15 @@ impl<'p> Tape<'p> {
     }
 
     fn add(&mut self, src: Source, needs_grad: bool, node: Option<Node>) -> Var {
+        if let Some(p) = &mut self.profile {
+            let now = Instant::now();
+            if let (Some(node), Some(last)) = (&node, p.last) {
+                let e = p.entry(node.op.name());
+                e.1 += 1;
+                e.2 += now - last;
+            }
+            p.last = Some(now);
+        }
         self.entries.push(Entry { src, needs_grad, node });
         Var(self.entries.len() - 1)
     }
@@ -187,6 +261,7 @@ impl<'p> Tape<'p> {
         for idx in (0..self.entries.len()).rev() {
             let Some(node) = &self.entries[idx].node else { continue };
             let Some(dout) = vgrads[idx].take() else { continue };
+            let started = self.profile.is_some().then(Instant::now);
             // Move each needed input gradient out of its home (parameter gradients from `grads`,
             // others from `vgrads`), let the op add into them, then put them back.
             let mut dins: Vec<Option<Tensor>> = Vec::with_capacity(node.inputs.len());
@@ -229,6 +304,10 @@ impl<'p> Tape<'p> {
                     (None, Source::Param(id)) => grads.put(*id, d),
                     (None, Source::Value(_)) => vgrads[v.0] = Some(d),
                 }
+            }
+            if let (Some(p), Some(t0)) = (&mut self.profile, started) {
+                let e = p.entry(node.op.name());
+                e.3 += t0.elapsed();
             }
         }
         self.grads = vgrads;
