@@ -134,19 +134,28 @@ pub fn scan_fwd(dims: &Scan2Dims, args: &Scan2Args<f32>, out: Scan2Out<f32>) {
     });
 }
 
-/// Checkpoint interval of the sequential backward: `⌈√L⌉`, at least 8.
-fn ckpt_len(seqlen: usize) -> usize {
-    (seqlen as f64).sqrt().ceil().max(8.0) as usize
+/// Pass 1 of the backward, lanes `j0..j0+M`: adds `Σ_p h[n][p]·dy'[p]` (that is, `dC_t[n]`)
+/// into `dcn[n]` for every `n`.
+#[inline(always)]
+fn dc_block<const M: usize>(st: &[f32x8], pv: usize, j0: usize, dyy: &[f32x8], dcn: &mut [f32]) {
+    let dy: [f32x8; M] = std::array::from_fn(|i| dyy[j0 + i]);
+    for (k, o) in dcn.iter_mut().enumerate() {
+        let row: &[f32x8; M] = st[k * pv + j0..k * pv + j0 + M].try_into().unwrap();
+        let mut acc = row[0] * dy[0];
+        for i in 1..M {
+            acc = row[i].mul_add(dy[i], acc);
+        }
+        *o += acc.reduce_add();
+    }
 }
 
-/// Backward block: lanes `j0..j0+M`, all `n`; see [`scan_bwd`]. Returns the lane partials of
-/// `Σ_{n,p} G·h_{t−1}`.
+/// Pass 2 of the backward, lanes `j0..j0+M`: the adjoint step `G = C[n]·dy' + carry` (the
+/// carry `gs` holds `ā_{t+1}·G_{t+1}` and becomes `ā_t·G_t`), writing `Σ_n G·B[n]` into
+/// `dxacc` and adding `Σ_p G·x` into `sn[n]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn back<const M: usize>(
+fn adjoint_block<const M: usize>(
     gs: &mut [f32x8],
-    hcur: &[f32x8],
-    hprev: &[f32x8],
     pv: usize,
     j0: usize,
     av: f32x8,
@@ -155,49 +164,81 @@ fn back<const M: usize>(
     dyy: &[f32x8],
     xv: &[f32x8],
     dxacc: &mut [f32x8],
-    dcn: &mut [f32],
     sn: &mut [f32],
-) -> f32x8 {
+) {
     let dy: [f32x8; M] = std::array::from_fn(|i| dyy[j0 + i]);
     let x: [f32x8; M] = std::array::from_fn(|i| xv[j0 + i]);
     let mut dxa = [f32x8::ZERO; M];
-    let mut q = [f32x8::ZERO; M];
     for k in 0..brow.len() {
         let (bk, ck) = (f32x8::splat(brow[k]), f32x8::splat(crow[k]));
-        let off = k * pv + j0;
-        let gr: &mut [f32x8; M] = (&mut gs[off..off + M]).try_into().unwrap();
-        let hc: &[f32x8; M] = hcur[off..off + M].try_into().unwrap();
-        let hp: &[f32x8; M] = hprev[off..off + M].try_into().unwrap();
-        let (mut dca, mut sa) = (f32x8::ZERO, f32x8::ZERO);
+        let gr: &mut [f32x8; M] = (&mut gs[k * pv + j0..k * pv + j0 + M]).try_into().unwrap();
+        let mut sa = f32x8::ZERO;
         for i in 0..M {
             let gv = ck.mul_add(dy[i], gr[i]);
-            dca = hc[i].mul_add(dy[i], dca);
             sa = gv.mul_add(x[i], sa);
             dxa[i] = gv.mul_add(bk, dxa[i]);
-            q[i] = gv.mul_add(hp[i], q[i]);
             gr[i] = gv * av;
         }
-        dcn[k] += dca.reduce_add();
         sn[k] += sa.reduce_add();
     }
     dxacc[j0..j0 + M].copy_from_slice(&dxa);
-    q.iter().fold(f32x8::ZERO, |s, &v| s + v)
+}
+
+/// The gated upstream gradient of step `t` into `dyy` (pv vectors): `dy' = dy·silu(z)` (or
+/// `dy`). With `ypre` (the pre-gate output, pv vectors) also adds `dz += dy·ypre·silu'(z)` into
+/// `dzrow`. Returns the lane partials of `Σ_p dy'·x`.
+#[inline(always)]
+fn gated_dy(
+    dyr: &[f32],
+    zr: Option<&[f32]>,
+    xv: &[f32x8],
+    ypre: Option<&[f32x8]>,
+    mut dzrow: Option<&mut [f32]>,
+    dyy: &mut [f32x8],
+) -> f32x8 {
+    let mut xdy = f32x8::ZERO;
+    for j in 0..dyy.len() {
+        let mut d = simd::load(&dyr[j * W..]);
+        if let Some(zr) = zr {
+            let zv = simd::load(&zr[j * W..]);
+            let s = simd::sigmoid(zv);
+            if let (Some(dz), Some(yp)) = (dzrow.as_deref_mut(), ypre) {
+                let grad = s * (f32x8::ONE + zv * (f32x8::ONE - s));
+                simd::add_store(&mut dz[j * W..], d * yp[j] * grad);
+            }
+            d *= zv * s;
+        }
+        dyy[j] = d;
+        xdy = d.mul_add(xv[j], xdy);
+    }
+    xdy
 }
 
 /// Backward scan: adds the gradients of `Σ dy·y + Σ dh_last·h_last` into `grads`.
 ///
 /// `dy` is (B, L, H, P); `dh_last` (B, H, P, N) is the gradient of the final state (zero when
-/// absent). The reverse scan runs the state adjoint `G_t = C_t ⊗ dy'_t + ā_{t+1}·G_{t+1}` (see
-/// [`crate::reference::mamba2::scan_bwd`] for every gradient formula).
+/// absent). Every gradient formula is that of [`crate::reference::mamba2::scan_bwd`]; what
+/// differs is how the one term that pairs the forward state with the backward adjoint,
+/// `q_t = Σ G_t ⊙ h_{t−1}` (the gradient of the decay `ā_t`), is obtained without storing or
+/// recomputing states.
 ///
-/// **Memory policy.** Nothing of size (B, L, H, P, N) is materialised. Each (b, h) task runs the
-/// forward once keeping only the state at every `K = max(8, ⌈√L⌉)`-th step (`⌈L/K⌉` checkpoints
-/// of `N·P` floats), then walks the chunks backwards, recomputing the `K` states of a chunk from
-/// its checkpoint into a `(K + 1)·N·P` buffer: `O(√L·N·P)` floats per task (≈ 0.5 MB for
-/// L = 256, N = P = 64) and one extra forward. `dB`/`dC` are shared by the heads of a group, so
-/// each task writes its own (L, N) partials into two `(B, H, L, N)` buffers that a parallel pass
-/// then sums into `db`/`dc` (`2·B·H·L·N` floats); the per-head `dA`, `dD` and dΔ-bias are
-/// returned by the tasks and summed in `f64`.
+/// **Two scans, no stored states.** Write `W(s, u)` for the contribution of input step `s`
+/// through the state to output step `u > s` (decays `ā_{s+1}…ā_u`). Then `ā_t·q_t = M(t) =
+/// Σ_{s<t≤u} W(s, u)`, and `M(t) − M(t+1) = α_t − β_t` with
+///
+/// ```text
+/// α_t = Σ_{s<t} W(s, t) = dy'_t·(C_t·h_t) − Δ_t (B_t·C_t)(x_t·dy'_t)     (forward quantities)
+/// β_t = Σ_{u>t} W(t, u) = Δ_t Σ_n B_t[n] s_t[n] − Δ_t (B_t·C_t)(x_t·dy'_t), s_t = G_tᵀ x_t
+/// M(L) = ⟨h_{L−1}, dh_last⟩
+/// ```
+///
+/// So each (b, h) task runs the state **forward** once (which also gives `dC_t = h_t·dy'_t`,
+/// the gate's `dz` and `α_t`), then the adjoint `G_t = C_t ⊗ dy'_t + ā_{t+1} G_{t+1}`
+/// **backward** (giving `dx`, `dB`, `β_t`, and `M(t)` by a running sum in `f64`). Memory per
+/// task: the state (`N·P` floats, in L1) and `L` scalars; ~4 vector ops per state element per
+/// pass. `dB`/`dC` are shared by the heads of a group, so each task writes (L, N) partials into
+/// two `(B, H, L, N)` buffers that a parallel pass sums into `db`/`dc`; the per-head `dA`, `dD`
+/// and dΔ-bias are returned by the tasks and summed in `f64`.
 #[track_caller]
 pub fn scan_bwd(
     dims: &Scan2Dims,
@@ -213,8 +254,6 @@ pub fn scan_bwd(
     let Scan2Dims { batch, seqlen, nheads, headdim: pd, dstate: n, ngroups } = *dims;
     let Scan2Grads { dx, ddelta, da, db, dc, dd, dz, ddelta_bias, dh0 } = grads;
     let pv = pd.div_ceil(W);
-    let ck = ckpt_len(seqlen);
-    let nck = seqlen.div_ceil(ck);
     let sz = n * pv;
     let mut db_part = vec![0.0f32; batch * nheads * seqlen * n];
     let mut dc_part = vec![0.0f32; batch * nheads * seqlen * n];
@@ -229,134 +268,98 @@ pub fn scan_bwd(
             let (b, h) = (task / nheads, task % nheads);
             let g = dims.group_of(h);
             let a = args.a[h];
-            let dmul = args.d.map_or(0.0, |d| d[h]);
-            let dv = f32x8::splat(dmul);
+            let dv = f32x8::splat(args.d.map_or(0.0, |d| d[h]));
             let s0 = task * pd * n;
-            let mut ckpts = vec![f32x8::ZERO; nck * sz];
-            let mut buf = vec![f32x8::ZERO; (ck + 1) * sz];
-            let mut ypre = vec![f32x8::ZERO; if args.z.is_some() { ck * pv } else { 0 }];
-            let mut gs = vec![f32x8::ZERO; sz];
+            let row = |t: usize| ((b * seqlen + t) * nheads + h, ((b * seqlen + t) * ngroups + g) * n);
+            // Per step: Δ, ∂Δ/∂Δ_raw, ā and α.
+            let steps: Vec<(f32, f32, f32)> = (0..seqlen)
+                .map(|t| {
+                    let (dt, dsp) = dt_eff(args, row(t).0, h);
+                    (dt, dsp, (dt * a).exp())
+                })
+                .collect();
+            let mut alpha = vec![0.0f64; seqlen];
+            let mut st = vec![f32x8::ZERO; sz];
             let mut xv = vec![f32x8::ZERO; pv];
             let mut dxv = vec![f32x8::ZERO; pv];
             let mut acc = vec![f32x8::ZERO; pv];
             let mut dyy = vec![f32x8::ZERO; pv];
-            let (mut dcn, mut sn) = (vec![0.0f32; n], vec![0.0f32; n]);
+            let mut ypre = vec![f32x8::ZERO; pv];
+            let mut sn = vec![0.0f32; n];
             let mut out = TaskScalars::default();
-            // Forward pass keeping checkpoints.
-            let mut st = vec![f32x8::ZERO; sz];
+            // SAFETY (all `slice` calls below): rows indexed by (b, ·, h) and the task's own
+            // partial-buffer region belong to this task only.
+            // Pass 1, forward: h_t, dC_t, dz and α_t.
             if let Some(h0) = args.h0 {
                 state_in(&h0[s0..s0 + pd * n], pd, n, pv, &mut st);
             }
             for t in 0..seqlen {
-                if t % ck == 0 {
-                    ckpts[(t / ck) * sz..(t / ck + 1) * sz].copy_from_slice(&st);
-                }
-                let ih = (b * seqlen + t) * nheads + h;
-                let bc = ((b * seqlen + t) * ngroups + g) * n;
-                let (dt, _) = dt_eff(args, ih, h);
-                let av = f32x8::splat((dt * a).exp());
+                let (ih, bc) = row(t);
+                let (dt, _, abar) = steps[t];
                 load_x(&args.x[ih * pd..ih * pd + pd], dt, &mut xv, &mut dxv);
                 let (brow, crow) = (&args.b[bc..bc + n], &args.c[bc..bc + n]);
-                step_state::<false>(&mut st, pv, av, brow, crow, &dxv, &mut acc);
+                step_state::<true>(&mut st, pv, f32x8::splat(abar), brow, crow, &dxv, &mut acc);
+                for j in 0..pv {
+                    ypre[j] = dv.mul_add(xv[j], acc[j]);
+                }
+                let zr = args.z.map(|z| &z[ih * pd..ih * pd + pd]);
+                let dzrow = dzsh.as_ref().map(|d| unsafe { d.slice(ih * pd, pd) });
+                let xdy = gated_dy(&dy[ih * pd..ih * pd + pd], zr, &xv, Some(&ypre), dzrow, &mut dyy);
+                let mut ydy = f32x8::ZERO;
+                for j in 0..pv {
+                    ydy = acc[j].mul_add(dyy[j], ydy);
+                }
+                let dcr = unsafe { dcp.slice((task * seqlen + t) * n, n) };
+                blocks(pv, |j0, m| match m {
+                    8 => dc_block::<8>(&st, pv, j0, &dyy, dcr),
+                    4 => dc_block::<4>(&st, pv, j0, &dyy, dcr),
+                    _ => dc_block::<1>(&st, pv, j0, &dyy, dcr),
+                });
+                let bcd: f32 = brow.iter().zip(crow).map(|(x, y)| x * y).sum();
+                alpha[t] = ydy.reduce_add() as f64 - (dt * bcd * xdy.reduce_add()) as f64;
             }
+            // M(L) = ⟨h_{L−1}, dh_last⟩, and the adjoint carry starts at dh_last.
+            let mut gs = vec![f32x8::ZERO; sz];
+            let mut m = 0.0f64;
             if let Some(dl) = dh_last {
                 state_in(&dl[s0..s0 + pd * n], pd, n, pv, &mut gs);
+                m = st.iter().zip(&gs).map(|(x, y)| (*x * *y).reduce_add() as f64).sum();
             }
-            // SAFETY (all `slice` calls below): rows indexed by (b, ·, h) and the task's own
-            // partial-buffer region belong to this task only.
-            for c in (0..nck).rev() {
-                let (t0, t1) = (c * ck, ((c + 1) * ck).min(seqlen));
-                buf[..sz].copy_from_slice(&ckpts[c * sz..(c + 1) * sz]);
-                for t in t0..t1 {
-                    let i = t - t0;
-                    let ih = (b * seqlen + t) * nheads + h;
-                    let bc = ((b * seqlen + t) * ngroups + g) * n;
-                    let (dt, _) = dt_eff(args, ih, h);
-                    let av = f32x8::splat((dt * a).exp());
-                    load_x(&args.x[ih * pd..ih * pd + pd], dt, &mut xv, &mut dxv);
-                    let (brow, crow) = (&args.b[bc..bc + n], &args.c[bc..bc + n]);
-                    let (old, new) = buf.split_at_mut((i + 1) * sz);
-                    let new = &mut new[..sz];
-                    new.copy_from_slice(&old[i * sz..]);
-                    if args.z.is_some() {
-                        step_state::<true>(new, pv, av, brow, crow, &dxv, &mut acc);
-                        for j in 0..pv {
-                            ypre[i * pv + j] = dv.mul_add(xv[j], acc[j]);
-                        }
-                    } else {
-                        step_state::<false>(new, pv, av, brow, crow, &dxv, &mut acc);
-                    }
+            // Pass 2, backward: G_t, dx, dB, β_t, M(t) and dΔ.
+            for t in (0..seqlen).rev() {
+                let (ih, bc) = row(t);
+                let (dt, dsp, abar) = steps[t];
+                load_x(&args.x[ih * pd..ih * pd + pd], dt, &mut xv, &mut dxv);
+                let zr = args.z.map(|z| &z[ih * pd..ih * pd + pd]);
+                let xdy = gated_dy(&dy[ih * pd..ih * pd + pd], zr, &xv, None, None, &mut dyy).reduce_add();
+                let (brow, crow) = (&args.b[bc..bc + n], &args.c[bc..bc + n]);
+                let av = f32x8::splat(abar);
+                sn.fill(0.0);
+                blocks(pv, |j0, mm| match mm {
+                    8 => adjoint_block::<8>(&mut gs, pv, j0, av, brow, crow, &dyy, &xv, &mut acc, &mut sn),
+                    4 => adjoint_block::<4>(&mut gs, pv, j0, av, brow, crow, &dyy, &xv, &mut acc, &mut sn),
+                    _ => adjoint_block::<1>(&mut gs, pv, j0, av, brow, crow, &dyy, &xv, &mut acc, &mut sn),
+                });
+                let dbr = unsafe { dbp.slice((task * seqlen + t) * n, n) };
+                let (mut sbs, mut bcd) = (0.0f32, 0.0f32);
+                for k in 0..n {
+                    dbr[k] = dt * sn[k];
+                    sbs += brow[k] * sn[k];
+                    bcd += brow[k] * crow[k];
                 }
-                for t in (t0..t1).rev() {
-                    let i = t - t0;
-                    let ih = (b * seqlen + t) * nheads + h;
-                    let bc = ((b * seqlen + t) * ngroups + g) * n;
-                    let (dt, dsp) = dt_eff(args, ih, h);
-                    let abar = (dt * a).exp();
-                    let av = f32x8::splat(abar);
-                    let xr = &args.x[ih * pd..ih * pd + pd];
-                    let dyr = &dy[ih * pd..ih * pd + pd];
-                    load_x(xr, dt, &mut xv, &mut dxv);
-                    let mut ddacc = f32x8::ZERO;
-                    for j in 0..pv {
-                        let mut d = simd::load(&dyr[j * W..]);
-                        if let Some(z) = args.z {
-                            let zv = simd::load(&z[ih * pd + j * W..ih * pd + pd]);
-                            let s = simd::sigmoid(zv);
-                            if let Some(dzs) = dzsh {
-                                let grad = s * (f32x8::ONE + zv * (f32x8::ONE - s));
-                                let dzrow = unsafe { dzs.slice(ih * pd, pd) };
-                                simd::add_store(&mut dzrow[j * W..], d * ypre[i * pv + j] * grad);
-                            }
-                            d *= zv * s;
-                        }
-                        dyy[j] = d;
-                        ddacc = d.mul_add(xv[j], ddacc);
-                    }
-                    out.dd += ddacc.reduce_add() as f64;
-                    dcn.fill(0.0);
-                    sn.fill(0.0);
-                    let (brow, crow) = (&args.b[bc..bc + n], &args.c[bc..bc + n]);
-                    let hcur = &buf[(i + 1) * sz..(i + 2) * sz];
-                    let hprev = &buf[i * sz..(i + 1) * sz];
-                    let mut qv = f32x8::ZERO;
-                    blocks(pv, |j0, m| {
-                        qv += match m {
-                            8 => back::<8>(
-                                &mut gs, hcur, hprev, pv, j0, av, brow, crow, &dyy, &xv, &mut acc, &mut dcn,
-                                &mut sn,
-                            ),
-                            4 => back::<4>(
-                                &mut gs, hcur, hprev, pv, j0, av, brow, crow, &dyy, &xv, &mut acc, &mut dcn,
-                                &mut sn,
-                            ),
-                            _ => back::<1>(
-                                &mut gs, hcur, hprev, pv, j0, av, brow, crow, &dyy, &xv, &mut acc, &mut dcn,
-                                &mut sn,
-                            ),
-                        }
-                    });
-                    let q = qv.reduce_add();
-                    let prow = (task * seqlen + t) * n;
-                    let dbr = unsafe { dbp.slice(prow, n) };
-                    let dcr = unsafe { dcp.slice(prow, n) };
-                    let mut ddt = a * abar * q;
-                    for k in 0..n {
-                        dcr[k] = dcn[k];
-                        dbr[k] = dt * sn[k];
-                        ddt += brow[k] * sn[k];
-                    }
-                    out.da += (dt * abar * q) as f64;
-                    let dxrow = unsafe { dxsh.slice(ih * pd, pd) };
-                    let dtv = f32x8::splat(dt);
-                    for j in 0..pv {
-                        simd::add_store(&mut dxrow[j * W..], dv.mul_add(dyy[j], dtv * acc[j]));
-                    }
-                    let draw = ddt * dsp;
-                    let dd1 = unsafe { ddsh.slice(ih, 1) };
-                    dd1[0] += draw;
-                    out.dbias += draw as f64;
+                let beta = (dt * sbs) as f64 - (dt * bcd * xdy) as f64;
+                m += alpha[t] - beta;
+                out.da += dt as f64 * m;
+                out.dd += xdy as f64;
+                let dxrow = unsafe { dxsh.slice(ih * pd, pd) };
+                let dtv = f32x8::splat(dt);
+                for j in 0..pv {
+                    simd::add_store(&mut dxrow[j * W..], dv.mul_add(dyy[j], dtv * acc[j]));
                 }
+                let draw = (a as f64 * m + sbs as f64) as f32 * dsp;
+                let dd1 = unsafe { ddsh.slice(ih, 1) };
+                dd1[0] += draw;
+                out.dbias += draw as f64;
             }
             if let Some(dh0) = dh0sh {
                 state_out(&gs, pd, n, pv, unsafe { dh0.slice(s0, pd * n) }, true);
