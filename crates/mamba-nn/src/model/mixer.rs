@@ -122,52 +122,32 @@ fn mamba2(
     u: Var,
     state: Option<&mut Option<LayerState>>,
 ) -> Var {
-    let (di, n, g, h, hd) = (cfg.d_inner(), cfg.d_state, cfg.ngroups, cfg.nheads(), cfg.headdim);
-    let cd = cfg.conv_dim();
     let w_in = param(tape, p, "in_proj.weight");
     let b_in = opt_param(tape, p, "in_proj.bias");
     let proj = ops::linear(tape, u, w_in, b_in);
-    let shape = tape.value(u).shape().to_vec();
-    let (bsz, l) = (shape[0], shape[1]);
-    let z = ops::narrow_last(tape, proj, 0, di);
-    let xbc = ops::narrow_last(tape, proj, di, cd);
-    let dt = ops::narrow_last(tape, proj, di + cd, h);
-    let conv = state.is_some().then(|| conv_state(tape.value(xbc), cfg.d_conv));
-    let cw = param(tape, p, "conv1d.weight");
-    let cb = opt_param(tape, p, "conv1d.bias");
-    let xbc = ops::conv1d(tape, xbc, cw, cb, true);
-    let x = ops::narrow_last(tape, xbc, 0, di);
-    let b = ops::narrow_last(tape, xbc, di, g * n);
-    let c = ops::narrow_last(tape, xbc, di + g * n, g * n);
-    let x4 = ops::reshape(tape, x, &[bsz, l, h, hd]);
-    let b4 = ops::reshape(tape, b, &[bsz, l, g, n]);
-    let c4 = ops::reshape(tape, c, &[bsz, l, g, n]);
-    let dt_bias = param(tape, p, "dt_bias");
-    let a_log = param(tape, p, "A_log");
-    let d = param(tape, p, "D");
-    let y = match (state, conv) {
-        (Some(slot), Some(conv)) => {
-            let (y, h) = ops::selective_scan2_with_state(
-                tape,
-                x4,
-                dt,
-                a_log,
-                b4,
-                c4,
-                Some(d),
-                None,
-                Some(dt_bias),
-                None,
-                true,
-            );
-            *slot = Some(LayerState { conv, ssm: data(&h).to_vec() });
+    let prm = ops::Mamba2Params {
+        conv_w: param(tape, p, "conv1d.weight"),
+        conv_b: opt_param(tape, p, "conv1d.bias"),
+        dt_bias: param(tape, p, "dt_bias"),
+        a_log: param(tape, p, "A_log"),
+        d: param(tape, p, "D"),
+        norm_w: param(tape, p, "norm.weight"),
+    };
+    let spec = ops::Mamba2Spec {
+        nheads: cfg.nheads(),
+        headdim: cfg.headdim,
+        ngroups: cfg.ngroups,
+        dstate: cfg.d_state,
+        eps: cfg.norm_eps,
+    };
+    let y = match state {
+        Some(slot) => {
+            let (y, st) = ops::mamba2_core_with_state(tape, proj, prm, spec);
+            *slot = Some(LayerState { conv: st.conv, ssm: data(&st.ssm).to_vec() });
             y
         }
-        _ => ops::selective_scan2(tape, x4, dt, a_log, b4, c4, Some(d), None, Some(dt_bias), true),
+        None => ops::mamba2_core(tape, proj, prm, spec),
     };
-    let y = ops::reshape(tape, y, &[bsz, l, di]);
-    let nw = param(tape, p, "norm.weight");
-    let y = ops::gated_rms_norm(tape, y, z, nw, di / g, cfg.norm_eps);
     let w_out = param(tape, p, "out_proj.weight");
     let b_out = opt_param(tape, p, "out_proj.bias");
     ops::linear(tape, y, w_out, b_out)

@@ -3,7 +3,7 @@
 
 use crate::ops::activation::sigmoid_row;
 use crate::ops::pool;
-use crate::ops::rows::for_row_blocks;
+use crate::ops::rows::{for_row_blocks, for_row_blocks_strided};
 use crate::tape::{Backward, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, rows_cols};
 
@@ -42,6 +42,180 @@ pub fn gated_rms_norm(tape: &mut Tape, x: Var, z: Var, w: Var, group_size: usize
     norm(tape, "gated_rms_norm", x, Some(z), w, group_size, eps)
 }
 
+/// `Σ a·b`, with sixteen independent partial sums so it vectorises (a plain iterator sum is one
+/// serial chain of dependent adds).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..16 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
+/// A column block of a row-major matrix: row `r` is `data[r·stride + offset..][..len]`. Lets
+/// the gated norm read its gate `z` straight out of a fused projection (and write `dz` into its
+/// gradient) without a copy.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Cols<'a> {
+    pub data: &'a [f32],
+    pub stride: usize,
+    pub offset: usize,
+}
+
+/// The sizes of a (gated) RMSNorm over rows of `d` values in groups of `gs`.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NormDims {
+    pub rows: usize,
+    pub d: usize,
+    pub gs: usize,
+    pub eps: f32,
+}
+
+/// Forward of the (gated) RMSNorm: `x` (rows, d), gate rows from `z`, `w` (d); writes `y`
+/// (rows, d) and returns the reciprocal RMS of every (row, group), row-major.
+pub(crate) fn norm_forward(nd: NormDims, x: &[f32], z: Option<Cols>, w: &[f32], y: &mut [f32]) -> Vec<f32> {
+    let NormDims { rows, d, gs, eps } = nd;
+    let ng = d / gs;
+    let blocks = for_row_blocks(rows, d, [Some(y)], |range, [yb]| {
+        let yb = yb.expect("y is always written");
+        let mut rstd = Vec::with_capacity(range.len() * ng);
+        let mut sig = if z.is_some() { vec![0.0f32; d] } else { Vec::new() };
+        for (i, r) in range.enumerate() {
+            let (xr, yr) = (&x[r * d..(r + 1) * d], &mut yb[i * d..(i + 1) * d]);
+            // v = x ⊙ silu(z) (or x), written into y, then scaled in place.
+            match z {
+                Some(z) => {
+                    let zr = &z.data[r * z.stride + z.offset..][..d];
+                    sigmoid_row(zr, &mut sig);
+                    for (((o, &a), &g), &sg) in yr.iter_mut().zip(xr).zip(zr).zip(&sig) {
+                        *o = a * g * sg;
+                    }
+                }
+                None => yr.copy_from_slice(xr),
+            }
+            for (yg, wg) in yr.chunks_exact_mut(gs).zip(w.chunks_exact(gs)) {
+                let rs = 1.0 / (dot(yg, yg) / gs as f32 + eps).sqrt();
+                for (o, &wi) in yg.iter_mut().zip(wg) {
+                    *o *= rs * wi;
+                }
+                rstd.push(rs);
+            }
+        }
+        rstd
+    });
+    blocks.concat()
+}
+
+/// Per-row scratch of the backward: `v` (the gated input), `s = silu(z)`, `sg` (σ(z), then
+/// silu'(z)) and `dv`, the gradient of `v`.
+struct Scratch {
+    v: Vec<f32>,
+    s: Vec<f32>,
+    sg: Vec<f32>,
+    dv: Vec<f32>,
+}
+
+/// Backward of [`norm_forward`] for upstream `dy` (rows, d): adds into `dx` (rows, d), `dw` (d)
+/// and the gate gradient `dz` (rows `dz_stride` apart, starting at column `dz_offset` of its
+/// slice). Per group, with `v` the gated input, `r` its reciprocal RMS and `gw = dy ⊙ w`:
+/// `dv = r·gw − (r³/gs)·v·Σ(gw ⊙ v)`, `dw += dy ⊙ v · r`; through the gate
+/// `dx = dv ⊙ silu(z)`, `dz = dv ⊙ x ⊙ silu'(z)`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn norm_backward(
+    nd: NormDims,
+    (x, z, w): (&[f32], Option<Cols>, &[f32]),
+    rstd: &[f32],
+    dy: &[f32],
+    dx: Option<&mut [f32]>,
+    dw: Option<&mut [f32]>,
+    dz: Option<(&mut [f32], usize, usize)>,
+) {
+    let NormDims { rows, d, gs, .. } = nd;
+    let ng = d / gs;
+    let want_dw = dw.is_some();
+    let (dz, dz_stride, dz_off) = match dz {
+        Some((s, stride, off)) => (Some(s), stride, off),
+        None => (None, d, 0),
+    };
+    let partials = for_row_blocks_strided(rows, d, [d, dz_stride], [dx, dz], |range, [mut dxb, mut dzb]| {
+        let mut dwp = if want_dw { pool::take(d) } else { Vec::new() };
+        let gated = if z.is_some() { d } else { 0 };
+        let mut sc =
+            Scratch { v: vec![0.0; gated], s: vec![0.0; gated], sg: vec![0.0; gated], dv: vec![0.0; d] };
+        for (i, r) in range.enumerate() {
+            let (xr, gr) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
+            // v = x ⊙ silu(z), with silu(z) and silu'(z) from one SIMD sigmoid per element.
+            if let Some(z) = z {
+                let zr = &z.data[r * z.stride + z.offset..][..d];
+                sigmoid_row(zr, &mut sc.sg);
+                for ((((vi, si), gi), &a), &g) in
+                    sc.v.iter_mut().zip(&mut sc.s).zip(&mut sc.sg).zip(xr).zip(zr)
+                {
+                    let sig = *gi;
+                    *si = g * sig;
+                    *vi = a * *si;
+                    *gi = sig * (1.0 + g * (1.0 - sig));
+                }
+            }
+            let v: &[f32] = if z.is_some() { &sc.v } else { xr };
+            for g in 0..ng {
+                let rs = rstd[r * ng + g];
+                let cols = g * gs..(g + 1) * gs;
+                // Group slices, so the loops below run over zipped slices and vectorise.
+                let (gg, wg, vg) = (&gr[cols.clone()], &w[cols.clone()], &v[cols.clone()]);
+                let dvg = &mut sc.dv[cols.clone()];
+                for ((o, &a), &b) in dvg.iter_mut().zip(gg).zip(wg) {
+                    *o = a * b;
+                }
+                let k = rs * rs * rs / gs as f32 * dot(dvg, vg);
+                for (o, &c) in dvg.iter_mut().zip(vg) {
+                    *o = rs * *o - k * c;
+                }
+                if want_dw {
+                    for ((o, &a), &b) in dwp[cols].iter_mut().zip(gg).zip(vg) {
+                        *o += a * b * rs;
+                    }
+                }
+            }
+            match (dxb.as_deref_mut(), z) {
+                (Some(dxb), Some(_)) => {
+                    for ((o, &a), &b) in dxb[i * d..(i + 1) * d].iter_mut().zip(&sc.dv).zip(&sc.s) {
+                        *o += a * b;
+                    }
+                }
+                (Some(dxb), None) => {
+                    for (o, &a) in dxb[i * d..(i + 1) * d].iter_mut().zip(&sc.dv) {
+                        *o += a;
+                    }
+                }
+                (None, _) => {}
+            }
+            if let Some(dzb) = dzb.as_deref_mut() {
+                let row = &mut dzb[i * dz_stride + dz_off..][..d];
+                for (((o, &a), &b), &c) in row.iter_mut().zip(&sc.dv).zip(xr).zip(&sc.sg) {
+                    *o += a * b * c;
+                }
+            }
+        }
+        dwp
+    });
+    if let Some(dw) = dw {
+        for p in &partials {
+            for (g, v) in dw.iter_mut().zip(p) {
+                *g += v;
+            }
+        }
+    }
+    for p in partials {
+        pool::give(p);
+    }
+}
+
 #[track_caller]
 fn norm(tape: &mut Tape, op: &'static str, x: Var, z: Option<Var>, w: Var, gs: usize, eps: f32) -> Var {
     let (xv, wv) = (tape.value(x), tape.value(w));
@@ -52,51 +226,21 @@ fn norm(tape: &mut Tape, op: &'static str, x: Var, z: Option<Var>, w: Var, gs: u
         "{op}: group size {gs} must divide the last dimension of x {:?}",
         xv.shape()
     );
-    let ng = d / gs;
-    let (xd, wd) = (data(xv), data(wv));
-    let zd = z.map(|z| data(tape.value(z)));
+    let nd = NormDims { rows, d, gs, eps };
+    let zc = z.map(|z| Cols { data: data(tape.value(z)), stride: d, offset: 0 });
     let mut y = Tensor::zeros(xv.raw_dim());
-    let blocks = for_row_blocks(rows, d, [Some(data_mut(&mut y))], |range, [yb]| {
-        let yb = yb.expect("y is always written");
-        let mut rstd = Vec::with_capacity(range.len() * ng);
-        let mut sig = if zd.is_some() { vec![0.0f32; d] } else { Vec::new() };
-        for (i, r) in range.enumerate() {
-            let (xr, yr) = (&xd[r * d..(r + 1) * d], &mut yb[i * d..(i + 1) * d]);
-            // v = x ⊙ silu(z) (or x), written into y, then scaled in place.
-            match zd {
-                Some(zd) => {
-                    let zr = &zd[r * d..(r + 1) * d];
-                    sigmoid_row(zr, &mut sig);
-                    for (((o, &a), &g), &sg) in yr.iter_mut().zip(xr).zip(zr).zip(&sig) {
-                        *o = a * g * sg;
-                    }
-                }
-                None => yr.copy_from_slice(xr),
-            }
-            for (yg, wg) in yr.chunks_exact_mut(gs).zip(wd.chunks_exact(gs)) {
-                let ss: f32 = yg.iter().map(|v| v * v).sum();
-                let rs = 1.0 / (ss / gs as f32 + eps).sqrt();
-                for (o, &wi) in yg.iter_mut().zip(wg) {
-                    *o *= rs * wi;
-                }
-                rstd.push(rs);
-            }
-        }
-        rstd
-    });
-    let rstd = blocks.concat();
+    let rstd = norm_forward(nd, data(xv), zc, data(wv), data_mut(&mut y));
     let inputs: Vec<Var> = match z {
         Some(z) => vec![x, w, z],
         None => vec![x, w],
     };
-    tape.push(y, &inputs, RmsNormBackward { op, d, gs, rstd })
+    tape.push(y, &inputs, RmsNormBackward { op, nd, rstd })
 }
 
-/// Saved: the row length `d`, group size and the reciprocal RMS of every (row, group).
+/// Saved: the sizes and the reciprocal RMS of every (row, group).
 struct RmsNormBackward {
     op: &'static str,
-    d: usize,
-    gs: usize,
+    nd: NormDims,
     rstd: Vec<f32>,
 }
 
@@ -105,91 +249,17 @@ impl Backward for RmsNormBackward {
         self.op
     }
 
-    /// Per group, with `v` the normalised input, `r` its reciprocal RMS and `gw = dy ⊙ w`:
-    /// `dv = r·gw − (r³/gs)·v·Σ(gw ⊙ v)`, `dw += dy ⊙ v · r`; through the gate
-    /// `dx = dv ⊙ silu(z)`, `dz = dv ⊙ x ⊙ silu'(z)`.
+    /// See [`norm_backward`].
     fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
-        let (d, gs) = (self.d, self.gs);
-        let ng = d / gs;
-        let rows = self.rstd.len() / ng.max(1);
-        let (xd, wd, dy) = (data(inputs[0]), data(inputs[1]), data(dout));
-        let zd = inputs.get(2).map(|z| data(z));
+        let d = self.nd.d;
+        let z = inputs.get(2).map(|z| Cols { data: data(z), stride: d, offset: 0 });
         let (dx_slot, rest) = dinputs.split_at_mut(1);
         let (dw_slot, dz_slot) = rest.split_at_mut(1);
         let dx = dx_slot[0].as_deref_mut().map(data_mut);
-        let want_dw = dw_slot[0].is_some();
-        let dz = dz_slot.first_mut().and_then(|s| s.as_deref_mut()).map(data_mut);
-        let partials = for_row_blocks(rows, d, [dx, dz], |range, [mut dxb, mut dzb]| {
-            let mut dw = if want_dw { pool::take(d) } else { Vec::new() };
-            // Scratch rows: v (normalised input before scaling), silu(z) and silu'(z), from one
-            // SIMD sigmoid per element.
-            let (mut v, mut s) = (vec![0.0f32; d], vec![1.0f32; d]);
-            let mut sg = if zd.is_some() { vec![0.0f32; d] } else { Vec::new() };
-            for (i, r) in range.enumerate() {
-                let (xr, gr) = (&xd[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
-                match zd {
-                    Some(zd) => {
-                        let zr = &zd[r * d..(r + 1) * d];
-                        sigmoid_row(zr, &mut sg);
-                        for ((((vi, si), gi), &a), &g) in
-                            v.iter_mut().zip(&mut s).zip(&mut sg).zip(xr).zip(zr)
-                        {
-                            let sig = *gi;
-                            *si = g * sig;
-                            *vi = a * *si;
-                            *gi = sig * (1.0 + g * (1.0 - sig));
-                        }
-                    }
-                    None => v.copy_from_slice(xr),
-                }
-                for g in 0..ng {
-                    let rs = self.rstd[r * ng + g];
-                    let cols = g * gs..(g + 1) * gs;
-                    // Group slices, so the loops below run over zipped slices and vectorise.
-                    let (gg, wg, vg) = (&gr[cols.clone()], &wd[cols.clone()], &v[cols.clone()]);
-                    let dot: f32 = gg.iter().zip(wg).zip(vg).map(|((a, b), c)| a * b * c).sum();
-                    let k = rs * rs * rs / gs as f32 * dot;
-                    if want_dw {
-                        for ((o, a), b) in dw[cols.clone()].iter_mut().zip(gg).zip(vg) {
-                            *o += a * b * rs;
-                        }
-                    }
-                    let dvs = gg.iter().zip(wg).zip(vg).map(|((a, b), c)| rs * a * b - k * c);
-                    match (dxb.as_deref_mut(), dzb.as_deref_mut(), zd) {
-                        (Some(dxb), None, _) => {
-                            let row = &mut dxb[i * d + g * gs..i * d + (g + 1) * gs];
-                            for ((o, dv), sj) in row.iter_mut().zip(dvs).zip(&s[cols]) {
-                                *o += dv * sj;
-                            }
-                        }
-                        (dxb, dzb, _) => {
-                            let mut dxb = dxb;
-                            let mut dzb = dzb;
-                            for (j, dv) in cols.zip(dvs) {
-                                if let Some(dxb) = dxb.as_deref_mut() {
-                                    dxb[i * d + j] += dv * s[j];
-                                }
-                                if let Some(dzb) = dzb.as_deref_mut() {
-                                    dzb[i * d + j] += dv * xr[j] * sg[j];
-                                }
-                            }
-                        }
-                    }
-                }
-            }
-            dw
-        });
-        if let Some(dw) = dw_slot[0].as_deref_mut() {
-            let dw = data_mut(dw);
-            for p in &partials {
-                for (g, v) in dw.iter_mut().zip(p) {
-                    *g += v;
-                }
-            }
-        }
-        for p in partials {
-            pool::give(p);
-        }
+        let dw = dw_slot[0].as_deref_mut().map(data_mut);
+        let dz = dz_slot.first_mut().and_then(|s| s.as_deref_mut()).map(|t| (data_mut(t), d, 0));
+        let io = (data(inputs[0]), z, data(inputs[1]));
+        norm_backward(self.nd, io, &self.rstd, data(dout), dx, dw, dz);
     }
 }
 

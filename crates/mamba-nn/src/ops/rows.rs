@@ -23,6 +23,19 @@ pub(crate) fn for_row_blocks<'a, R: Send, const N: usize>(
     dsts: Dsts<'a, N>,
     f: impl Fn(Range<usize>, Dsts<'_, N>) -> R + Sync,
 ) -> Vec<R> {
+    for_row_blocks_strided(rows, cols, [cols; N], dsts, f)
+}
+
+/// [`for_row_blocks`] where `dsts[i]` has rows `strides[i]` values apart (a block's part of it
+/// then starts at its first row and holds `strides[i]` values per row; the last block's part
+/// ends where `dsts[i]` does). `cols` measures the work per row.
+pub(crate) fn for_row_blocks_strided<'a, R: Send, const N: usize>(
+    rows: usize,
+    cols: usize,
+    strides: [usize; N],
+    dsts: Dsts<'a, N>,
+    f: impl Fn(Range<usize>, Dsts<'_, N>) -> R + Sync,
+) -> Vec<R> {
     let nblocks = if rows * cols >= PAR_MIN_ELEMS { (rayon::current_num_threads() * 4).min(rows) } else { 1 };
     if nblocks <= 1 {
         return vec![f(0..rows, dsts)];
@@ -36,7 +49,8 @@ pub(crate) fn for_row_blocks<'a, R: Send, const N: usize>(
         let r1 = (r0 + per).min(rows);
         let parts: Dsts<'a, N> = std::array::from_fn(|i| {
             rest[i].take().map(|s| {
-                let (head, tail) = s.split_at_mut((r1 - r0) * cols);
+                let at = ((r1 - r0) * strides[i]).min(s.len());
+                let (head, tail) = s.split_at_mut(at);
                 rest[i] = Some(tail);
                 head
             })

@@ -1,0 +1,572 @@
+//! The core of the Mamba-2 mixer — everything between `in_proj` and `out_proj` — as one tape
+//! node: split of the fused projection, causal conv + SiLU on `xBC`, the selective scan and the
+//! gated RMSNorm.
+//!
+//! Built from the separate ops (`narrow_last`, `conv1d`, `reshape`, `selective_scan2`,
+//! `gated_rms_norm`) the same computation makes eleven nodes, copies every slice of the
+//! projection out and back, and zero-fills a gradient buffer per node. Here the gate `z` is read
+//! in place, the conv runs straight on the `x`, `B` and `C` column blocks (gathered once) so its
+//! outputs are the scan's inputs, and the backward writes each column block of the projection's
+//! gradient exactly once. The math is unchanged; the test checks it against finite differences
+//! and against the composition of the separate ops.
+
+use rayon::prelude::*;
+use ssm_kernel::conv::{ConvArgs, ConvDims, ConvGrads, ConvOut, conv1d_bwd, conv1d_fwd};
+use ssm_kernel::mamba2::{self, Scan2Args, Scan2Dims, Scan2Grads, Scan2Out};
+
+use crate::ops::pool;
+use crate::ops::rmsnorm::{Cols, NormDims, norm_backward, norm_forward};
+use crate::tape::{Backward, Tape, Var};
+use crate::tensor::{Tensor, data, data_mut, from_vec, zeros};
+
+/// Sizes of the Mamba-2 core: `H` heads of `P` channels (`d_inner = H·P`), `G` groups of `B`/`C`
+/// of `N` states each, and the gated norm's `eps` (its groups are the `G` groups of `d_inner`).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Mamba2Spec {
+    /// `H`.
+    pub nheads: usize,
+    /// `P` (`headdim`).
+    pub headdim: usize,
+    /// `G` (`n_groups`).
+    pub ngroups: usize,
+    /// `N` (`d_state`).
+    pub dstate: usize,
+    /// The gated RMSNorm's epsilon.
+    pub eps: f32,
+}
+
+impl Mamba2Spec {
+    fn d_inner(&self) -> usize {
+        self.nheads * self.headdim
+    }
+
+    fn gn(&self) -> usize {
+        self.ngroups * self.dstate
+    }
+
+    /// Channels of the conv: `x | B | C`.
+    fn conv_dim(&self) -> usize {
+        self.d_inner() + 2 * self.gn()
+    }
+
+    /// Width of the fused projection: `z | x | B | C | dt`.
+    pub fn proj_dim(&self) -> usize {
+        2 * self.d_inner() + 2 * self.gn() + self.nheads
+    }
+
+    /// Column offsets of `x`, `B`, `C` and `dt` in the projection (`z` starts at 0).
+    fn offsets(&self) -> [usize; 4] {
+        let (di, gn) = (self.d_inner(), self.gn());
+        [di, 2 * di, 2 * di + gn, 2 * di + 2 * gn]
+    }
+
+    /// Widths of `x`, `B`, `C` and `dt`.
+    fn widths(&self) -> [usize; 4] {
+        [self.d_inner(), self.gn(), self.gn(), self.nheads]
+    }
+}
+
+/// The core's parameters (PyTorch / HF names in brackets).
+#[derive(Clone, Copy, Debug)]
+pub struct Mamba2Params {
+    /// `conv1d.weight`, (C, 1, K) or (C, K) with `C = d_inner + 2·G·N`.
+    pub conv_w: Var,
+    /// `conv1d.bias`, (C).
+    pub conv_b: Option<Var>,
+    /// `dt_bias`, (H).
+    pub dt_bias: Var,
+    /// `A_log`, (H).
+    pub a_log: Var,
+    /// `D`, (H).
+    pub d: Var,
+    /// `norm.weight`, (d_inner).
+    pub norm_w: Var,
+}
+
+/// The recurrent state a prefill leaves: the conv state (B, C, K) — the last `K` conv inputs of
+/// every channel, oldest first — and the SSM state (B, H, P, N).
+#[derive(Clone, Debug)]
+pub struct Mamba2State {
+    /// (B, C, K).
+    pub conv: Vec<f32>,
+    /// (B, H, P, N).
+    pub ssm: Tensor,
+}
+
+/// The Mamba-2 mixer between its projections. `proj` (B, L, 2·d_inner + 2·G·N + H) is
+/// `in_proj`'s output, split along the last dimension as `z | x | B | C | dt`; then
+///
+/// ```text
+/// x, B, C = silu(conv1d(x | B | C))            causal depthwise, width K
+/// y       = selective_scan2(x, dt, A_log, B, C, D, dt_bias, softplus)
+/// out     = gated_rms_norm(y, z, norm.weight)  groups of d_inner / G channels
+/// ```
+///
+/// as in transformers' `Mamba2Mixer.torch_forward`. Output (B, L, d_inner).
+///
+/// # Panics
+/// If the shapes disagree with `spec` (the message names the tensor and both shapes).
+#[track_caller]
+pub fn mamba2_core(tape: &mut Tape, proj: Var, p: Mamba2Params, spec: Mamba2Spec) -> Var {
+    core(tape, proj, p, spec, false).0
+}
+
+/// [`mamba2_core`], also returning the recurrent state after the sequence (no gradient flows
+/// through it).
+#[track_caller]
+pub fn mamba2_core_with_state(
+    tape: &mut Tape,
+    proj: Var,
+    p: Mamba2Params,
+    spec: Mamba2Spec,
+) -> (Var, Mamba2State) {
+    let (y, st) = core(tape, proj, p, spec, true);
+    (y, st.expect("the state was requested"))
+}
+
+/// `rows` rows of `width` columns starting at column `offset` of `src` (rows `stride` apart),
+/// as a dense (rows, width) buffer from the pool.
+fn gather(src: &[f32], stride: usize, offset: usize, width: usize, rows: usize) -> Vec<f32> {
+    let mut out = pool::take(rows * width);
+    if width > 0 {
+        out.par_chunks_mut(width * 64).enumerate().for_each(|(blk, o)| {
+            for (i, row) in o.chunks_exact_mut(width).enumerate() {
+                let r = blk * 64 + i;
+                row.copy_from_slice(&src[r * stride + offset..][..width]);
+            }
+        });
+    }
+    out
+}
+
+/// `dst[r, offset..offset + width] += src[r, ..]` for every row (dst rows `stride` apart).
+fn scatter_add(dst: &mut [f32], stride: usize, offset: usize, src: &[f32], width: usize) {
+    if width == 0 {
+        return;
+    }
+    dst.par_chunks_mut(stride * 64).zip(src.par_chunks(width * 64)).for_each(|(d, s)| {
+        for (drow, srow) in d.chunks_exact_mut(stride).zip(s.chunks_exact(width)) {
+            for (o, v) in drow[offset..offset + width].iter_mut().zip(srow) {
+                *o += v;
+            }
+        }
+    });
+}
+
+/// The conv state (B, C, K) after a sequence, read from `proj`'s `x | B | C` columns.
+fn conv_state(
+    proj: &[f32],
+    (bsz, l, dp): (usize, usize, usize),
+    off: usize,
+    cd: usize,
+    k: usize,
+) -> Vec<f32> {
+    let mut out = vec![0.0f32; bsz * cd * k];
+    for b in 0..bsz {
+        for j in 0..k {
+            let Some(t) = (l + j).checked_sub(k) else { continue };
+            let row = &proj[(b * l + t) * dp + off..][..cd];
+            for (ch, &v) in row.iter().enumerate() {
+                out[(b * cd + ch) * k + j] = v;
+            }
+        }
+    }
+    out
+}
+
+/// The three conv channel blocks: (first channel, count) of `x`, `B` and `C`.
+fn conv_blocks(spec: &Mamba2Spec) -> [(usize, usize); 3] {
+    let (di, gn) = (spec.d_inner(), spec.gn());
+    [(0, di), (di, gn), (di + gn, gn)]
+}
+
+#[track_caller]
+fn core(
+    tape: &mut Tape,
+    proj: Var,
+    prm: Mamba2Params,
+    spec: Mamba2Spec,
+    want_state: bool,
+) -> (Var, Option<Mamba2State>) {
+    const OP: &str = "mamba2_core";
+    let pv = tape.value(proj);
+    let (dp, di, cd, h) = (spec.proj_dim(), spec.d_inner(), spec.conv_dim(), spec.nheads);
+    let (bsz, l) = match *pv.shape() {
+        [b, l, d] if d == dp => (b, l),
+        _ => panic!(
+            "{OP}: proj must be (B, L, {dp}) = (B, L, 2·d_inner + 2·G·N + H) for {spec:?}, got {:?}",
+            pv.shape()
+        ),
+    };
+    assert!(
+        spec.ngroups >= 1 && h.is_multiple_of(spec.ngroups),
+        "{OP}: ngroups {} must divide nheads {h}",
+        spec.ngroups
+    );
+    let cwv = tape.value(prm.conv_w);
+    let k = match *cwv.shape() {
+        [c, 1, k] | [c, k] if c == cd => k,
+        _ => panic!("{OP}: conv1d.weight must be ({cd}, 1, K) or ({cd}, K), got {:?}", cwv.shape()),
+    };
+    let expect = |name: &str, v: Var, want: usize| {
+        let s = tape.value(v).shape();
+        assert_eq!(s, &[want], "{OP}: {name} must be ({want}), got {s:?}");
+    };
+    if let Some(b) = prm.conv_b {
+        expect("conv1d.bias", b, cd);
+    }
+    expect("dt_bias", prm.dt_bias, h);
+    expect("A_log", prm.a_log, h);
+    expect("D", prm.d, h);
+    expect("norm.weight", prm.norm_w, di);
+
+    let rows = bsz * l;
+    let pd = data(pv);
+    let [ox, _, _, odt] = spec.offsets();
+    let [wx, wb, wc, wdt] = spec.widths();
+    // x | B | C before the conv, and dt, as dense buffers.
+    let conv_in = [
+        gather(pd, dp, ox, wx, rows),
+        gather(pd, dp, ox + wx, wb, rows),
+        gather(pd, dp, ox + wx + wb, wc, rows),
+    ];
+    let dt = gather(pd, dp, odt, wdt, rows);
+    let (cw, cb) = (data(cwv), prm.conv_b.map(|b| data(tape.value(b))));
+    let conv_out: [Vec<f32>; 3] = std::array::from_fn(|i| {
+        let (c0, nc) = conv_blocks(&spec)[i];
+        let dims = ConvDims::new(bsz, l, nc, k);
+        let args = ConvArgs {
+            x: &conv_in[i],
+            weight: &cw[c0 * k..(c0 + nc) * k],
+            bias: cb.map(|b| &b[c0..c0 + nc]),
+            silu: true,
+        };
+        let mut y = pool::take(rows * nc);
+        conv1d_fwd(&dims, &args, ConvOut { y: &mut y, state_out: None });
+        y
+    });
+    let dims = Scan2Dims::new(bsz, l, h, spec.headdim, spec.dstate).with_groups(spec.ngroups);
+    let a = neg_exp(data(tape.value(prm.a_log)));
+    let args = Scan2Args {
+        d: Some(data(tape.value(prm.d))),
+        delta_bias: Some(data(tape.value(prm.dt_bias))),
+        delta_softplus: true,
+        ..Scan2Args::new(&conv_out[0], &dt, &a, &conv_out[1], &conv_out[2])
+    };
+    let mut y = pool::take(rows * di);
+    let mut h_last = want_state.then(|| vec![0.0f32; dims.n_bhpn()]);
+    mamba2::scan_fwd_auto(&dims, &args, Scan2Out { y: &mut y, h_last: h_last.as_deref_mut() });
+    pool::give(a);
+    let nd = NormDims { rows, d: di, gs: di / spec.ngroups, eps: spec.eps };
+    let z = Cols { data: pd, stride: dp, offset: 0 };
+    let mut out = zeros(&[bsz, l, di]);
+    let rstd = norm_forward(nd, &y, Some(z), data(tape.value(prm.norm_w)), data_mut(&mut out));
+    let state = want_state.then(|| Mamba2State {
+        conv: conv_state(pd, (bsz, l, dp), ox, cd, k),
+        ssm: from_vec(&[bsz, h, spec.headdim, spec.dstate], h_last.unwrap_or_default()),
+    });
+    let mut inputs = vec![proj, prm.conv_w, prm.dt_bias, prm.a_log, prm.d, prm.norm_w];
+    inputs.extend(prm.conv_b);
+    let saved = Mamba2CoreBackward { spec, dims, k, conv_in, conv_out, dt, y, nd, rstd };
+    (tape.push(out, &inputs, saved), state)
+}
+
+/// `A = −exp(A_log)` in a pooled buffer.
+fn neg_exp(a_log: &[f32]) -> Vec<f32> {
+    let mut a = pool::take(a_log.len());
+    a.iter_mut().zip(a_log).for_each(|(o, v)| *o = -v.exp());
+    a
+}
+
+/// Saved: the conv inputs and outputs (= the scan's `x`, `B`, `C`), `dt`, the scan output `y`
+/// and the norm's reciprocal RMS. Inputs: proj, conv_w, dt_bias, A_log, D, norm_w[, conv_b].
+struct Mamba2CoreBackward {
+    spec: Mamba2Spec,
+    dims: Scan2Dims,
+    k: usize,
+    conv_in: [Vec<f32>; 3],
+    conv_out: [Vec<f32>; 3],
+    dt: Vec<f32>,
+    y: Vec<f32>,
+    nd: NormDims,
+    rstd: Vec<f32>,
+}
+
+/// The gradient slot `i` as a slice, or a zeroed pooled scratch of `n` values (given back by
+/// the caller) when that input needs no gradient.
+fn slot_or_scratch<'a>(slot: Option<&'a mut Tensor>, scratch: &'a mut Vec<f32>, n: usize) -> &'a mut [f32] {
+    match slot {
+        Some(t) => data_mut(t),
+        None => {
+            *scratch = pool::take(n);
+            scratch
+        }
+    }
+}
+
+impl Backward for Mamba2CoreBackward {
+    fn name(&self) -> &'static str {
+        "mamba2_core"
+    }
+
+    fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
+        let Mamba2CoreBackward { spec, dims, k, nd, .. } = *self;
+        let (dp, di, cd, rows) = (spec.proj_dim(), spec.d_inner(), spec.conv_dim(), nd.rows);
+        let pd = data(inputs[0]);
+        let [dproj, dcw, ddt_bias, da_log, dd, dnorm_w, rest @ ..] = dinputs else {
+            unreachable!("mamba2_core has at least six inputs")
+        };
+        let dcb = rest.first_mut().and_then(|s| s.as_deref_mut()).map(data_mut);
+        let mut scratch = [Vec::new(), Vec::new()];
+        let [s0, s1] = &mut scratch;
+        let dproj = slot_or_scratch(dproj.as_deref_mut(), s0, rows * dp);
+        let dcw = slot_or_scratch(dcw.as_deref_mut(), s1, cd * k);
+
+        // Gated norm: dy of the scan, and dz straight into the projection's z columns.
+        let mut dy = pool::take(rows * di);
+        let z = Cols { data: pd, stride: dp, offset: 0 };
+        let dnw = dnorm_w.as_deref_mut().map(data_mut);
+        norm_backward(
+            nd,
+            (&self.y, Some(z), data(inputs[5])),
+            &self.rstd,
+            data(dout),
+            Some(&mut dy),
+            dnw,
+            Some((dproj, dp, 0)),
+        );
+
+        // Scan: gradients of the conv outputs and of dt.
+        let a = neg_exp(data(inputs[3]));
+        let args = Scan2Args {
+            d: Some(data(inputs[4])),
+            delta_bias: Some(data(inputs[2])),
+            delta_softplus: true,
+            ..Scan2Args::new(&self.conv_out[0], &self.dt, &a, &self.conv_out[1], &self.conv_out[2])
+        };
+        let mut dconv_out: [Vec<f32>; 3] = conv_blocks(&spec).map(|(_, nc)| pool::take(rows * nc));
+        let mut ddt = pool::take(rows * spec.nheads);
+        let mut da = pool::take(spec.nheads);
+        {
+            let [dx, db, dc] = &mut dconv_out;
+            let grads = Scan2Grads {
+                dx,
+                ddelta: &mut ddt,
+                da: &mut da,
+                db,
+                dc,
+                dd: dd.as_deref_mut().map(data_mut),
+                dz: None,
+                ddelta_bias: ddt_bias.as_deref_mut().map(data_mut),
+                dh0: None,
+            };
+            mamba2::scan_bwd_auto(&dims, &args, &dy, None, grads);
+        }
+        if let Some(dal) = da_log.as_deref_mut() {
+            for ((g, &ga), &av) in data_mut(dal).iter_mut().zip(&da).zip(&a) {
+                *g += ga * av;
+            }
+        }
+        pool::give(da);
+        pool::give(a);
+        pool::give(dy);
+        let [ox, _, _, odt] = spec.offsets();
+        scatter_add(dproj, dp, odt, &ddt, spec.nheads);
+        pool::give(ddt);
+
+        // Conv, per channel block, then into the projection's x | B | C columns.
+        let cw = data(inputs[1]);
+        let cb = inputs.get(6).map(|b| data(b));
+        let mut dcb = dcb;
+        for (i, (c0, nc)) in conv_blocks(&spec).into_iter().enumerate() {
+            let cdims = ConvDims::new(dims.batch, dims.seqlen, nc, k);
+            let args = ConvArgs {
+                x: &self.conv_in[i],
+                weight: &cw[c0 * k..(c0 + nc) * k],
+                bias: cb.map(|b| &b[c0..c0 + nc]),
+                silu: true,
+            };
+            let mut dx = pool::take(rows * nc);
+            let grads = ConvGrads {
+                dx: &mut dx,
+                dweight: &mut dcw[c0 * k..(c0 + nc) * k],
+                dbias: dcb.as_deref_mut().map(|b| &mut b[c0..c0 + nc]),
+            };
+            conv1d_bwd(&cdims, &args, &dconv_out[i], grads);
+            scatter_add(dproj, dp, ox + c0, &dx, nc);
+            pool::give(dx);
+        }
+        for v in dconv_out.into_iter().chain(scratch) {
+            pool::give(v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::check::{check_op, random};
+    use crate::ops::{conv1d, gated_rms_norm, narrow_last, reshape, selective_scan2};
+    use crate::params::{Grads, ParamStore};
+    use ssm_kernel::reference;
+
+    /// A spec with two groups of two heads, `P = 3`, `N = 2`, and conv width 3.
+    fn small() -> (Mamba2Spec, usize) {
+        (Mamba2Spec { nheads: 4, headdim: 3, ngroups: 2, dstate: 2, eps: 1e-5 }, 3)
+    }
+
+    fn inputs(spec: &Mamba2Spec, k: usize, bsz: usize, l: usize) -> Vec<Tensor> {
+        let (dp, cd, h, di) = (spec.proj_dim(), spec.conv_dim(), spec.nheads, spec.d_inner());
+        vec![
+            random(&[bsz, l, dp], 1) * 1.5,
+            random(&[cd, 1, k], 2),
+            random(&[h], 3) * 0.5,
+            random(&[h], 4) * 0.5,
+            random(&[h], 5),
+            random(&[di], 6) + 1.0,
+            random(&[cd], 7) * 0.3,
+        ]
+    }
+
+    fn params(v: &[Var]) -> Mamba2Params {
+        Mamba2Params { conv_w: v[1], conv_b: Some(v[6]), dt_bias: v[2], a_log: v[3], d: v[4], norm_w: v[5] }
+    }
+
+    /// f64 reference: the split, `reference::conv` + SiLU, `reference::mamba2` and the gated norm
+    /// written out.
+    fn reference(x: &[Vec<f64>], spec: &Mamba2Spec, k: usize, bsz: usize, l: usize) -> Vec<f64> {
+        let (dp, di, cd, h, gn) = (spec.proj_dim(), spec.d_inner(), spec.conv_dim(), spec.nheads, spec.gn());
+        let rows = bsz * l;
+        let cols = |off: usize, w: usize| -> Vec<f64> {
+            (0..rows).flat_map(|r| x[0][r * dp + off..r * dp + off + w].to_vec()).collect()
+        };
+        let (z, xbc, dt) = (cols(0, di), cols(di, cd), cols(di + cd, h));
+        let mut conv = vec![0.0; rows * cd];
+        let cargs = ConvArgs { x: &xbc, weight: &x[1], bias: Some(&x[6]), silu: true };
+        reference::conv::conv1d_fwd(
+            &ConvDims::new(bsz, l, cd, k),
+            &cargs,
+            ConvOut { y: &mut conv, state_out: None },
+        );
+        let part = |off: usize, w: usize| -> Vec<f64> {
+            (0..rows).flat_map(|r| conv[r * cd + off..r * cd + off + w].to_vec()).collect()
+        };
+        let (xs, bs, cs) = (part(0, di), part(di, gn), part(di + gn, gn));
+        let a: Vec<f64> = x[3].iter().map(|v| -v.exp()).collect();
+        let dims = Scan2Dims::new(bsz, l, h, spec.headdim, spec.dstate).with_groups(spec.ngroups);
+        let args = Scan2Args {
+            d: Some(&x[4]),
+            delta_bias: Some(&x[2]),
+            delta_softplus: true,
+            ..Scan2Args::new(&xs, &dt, &a, &bs, &cs)
+        };
+        let mut y = vec![0.0; rows * di];
+        reference::mamba2::scan_fwd(&dims, &args, Scan2Out { y: &mut y, h_last: None });
+        let gs = di / spec.ngroups;
+        let mut out = vec![0.0; rows * di];
+        for r in 0..rows {
+            for g in 0..spec.ngroups {
+                let c0 = r * di + g * gs;
+                let v: Vec<f64> = (c0..c0 + gs).map(|i| y[i] * z[i] / (1.0 + (-z[i]).exp())).collect();
+                let rs = 1.0 / (v.iter().map(|a| a * a).sum::<f64>() / gs as f64 + spec.eps as f64).sqrt();
+                for (j, vj) in v.iter().enumerate() {
+                    out[c0 + j] = vj * rs * x[5][g * gs + j];
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn backward_matches_finite_differences() {
+        let (spec, k) = small();
+        let (bsz, l) = (2, 7);
+        check_op(
+            inputs(&spec, k, bsz, l),
+            |t, v| mamba2_core(t, v[0], params(v), spec),
+            |x| reference(x, &spec, k, bsz, l),
+            2e-3,
+        );
+    }
+
+    /// The separate ops, as the mixer composed them before this node existed.
+    fn composed(t: &mut Tape, v: &[Var], spec: &Mamba2Spec, bsz: usize, l: usize) -> Var {
+        let (di, cd, h, gn) = (spec.d_inner(), spec.conv_dim(), spec.nheads, spec.gn());
+        let z = narrow_last(t, v[0], 0, di);
+        let xbc = narrow_last(t, v[0], di, cd);
+        let dt = narrow_last(t, v[0], di + cd, h);
+        let xbc = conv1d(t, xbc, v[1], Some(v[6]), true);
+        let x = narrow_last(t, xbc, 0, di);
+        let b = narrow_last(t, xbc, di, gn);
+        let c = narrow_last(t, xbc, di + gn, gn);
+        let x = reshape(t, x, &[bsz, l, h, spec.headdim]);
+        let b = reshape(t, b, &[bsz, l, spec.ngroups, spec.dstate]);
+        let c = reshape(t, c, &[bsz, l, spec.ngroups, spec.dstate]);
+        let y = selective_scan2(t, x, dt, v[3], b, c, Some(v[4]), None, Some(v[2]), true);
+        let y = reshape(t, y, &[bsz, l, di]);
+        gated_rms_norm(t, y, z, v[5], di / spec.ngroups, spec.eps)
+    }
+
+    /// At a size that takes the parallel paths, values and every gradient equal those of the
+    /// composition of the separate (each finite-difference-checked) ops.
+    #[test]
+    fn equals_the_composed_ops() {
+        let spec = Mamba2Spec { nheads: 4, headdim: 16, ngroups: 2, dstate: 8, eps: 1e-5 };
+        let (k, bsz, l) = (4, 3, 150);
+        let ins = inputs(&spec, k, bsz, l);
+        let run = |fused: bool| {
+            let store = ParamStore::new();
+            let mut tape = Tape::new(&store);
+            let v: Vec<Var> = ins.iter().map(|t| tape.leaf(t.clone())).collect();
+            let out = if fused {
+                mamba2_core(&mut tape, v[0], params(&v), spec)
+            } else {
+                composed(&mut tape, &v, &spec, bsz, l)
+            };
+            let y = data(tape.value(out)).to_vec();
+            let seed = random(tape.value(out).shape(), 11);
+            tape.backward_from(out, seed, &mut Grads::new(&store));
+            let g: Vec<Vec<f32>> =
+                v.iter().map(|&x| data(tape.grad(x).expect("every input has a gradient")).to_vec()).collect();
+            (y, g)
+        };
+        let ((y1, g1), (y0, g0)) = (run(true), run(false));
+        let f64s = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+        ssm_kernel::testing::assert_rel_max("out", &y1, &f64s(&y0), 1e-5, 1e-3);
+        for (i, (a, b)) in g1.iter().zip(&g0).enumerate() {
+            ssm_kernel::testing::assert_rel_max(&format!("d(input {i})"), a, &f64s(b), 1e-4, 1e-3);
+        }
+    }
+
+    #[test]
+    fn state_is_the_last_conv_inputs_and_the_final_scan_state() {
+        let (spec, k) = small();
+        let (bsz, l) = (2, 5);
+        let ins = inputs(&spec, k, bsz, l);
+        let store = ParamStore::new();
+        let mut tape = Tape::inference(&store);
+        let v: Vec<Var> = ins.iter().map(|t| tape.constant(t.clone())).collect();
+        let (_, st) = mamba2_core_with_state(&mut tape, v[0], params(&v), spec);
+        let (dp, di, cd) = (spec.proj_dim(), spec.d_inner(), spec.conv_dim());
+        let proj = data(&ins[0]);
+        // Channel 5 of batch row 1: the last K = 3 inputs, oldest first.
+        for j in 0..k {
+            let t = l - k + j;
+            assert_eq!(st.conv[(cd + 5) * k + j], proj[(l + t) * dp + di + 5]);
+        }
+        assert_eq!(st.ssm.shape(), &[bsz, spec.nheads, spec.headdim, spec.dstate]);
+        assert!(data(&st.ssm).iter().any(|&v| v != 0.0), "the final state is written");
+    }
+
+    #[test]
+    #[should_panic(expected = "mamba2_core: proj must be (B, L, 36)")]
+    fn wrong_projection_width_panics() {
+        let (spec, k) = small();
+        let store = ParamStore::new();
+        let mut tape = Tape::new(&store);
+        let mut ins = inputs(&spec, k, 1, 2);
+        ins[0] = zeros(&[1, 2, 35]);
+        let v: Vec<Var> = ins.iter().map(|t| tape.constant(t.clone())).collect();
+        mamba2_core(&mut tape, v[0], params(&v), spec);
+    }
+}
