@@ -2,7 +2,7 @@
 //!
 //! Runs forward + loss + backward of the "S" configs the `model/*/train_step` benchmarks use
 //! (vocab 256, d_model 256, 4 layers, d_state 16; B8 L256) on a profiled tape and prints each
-//! op's forward and backward wall-clock time, summed over the steps.
+//! op's forward and backward wall-clock time, summed over the steps, and the median step.
 //!
 //! ```text
 //! cargo run --release -p mamba-nn --example profile_step -- mamba2 20
@@ -35,7 +35,7 @@ fn main() {
     let ids: Vec<usize> = (0..batch * seqlen).map(|i| (i * 7919 + 13) % 256).collect();
     let mut grads = Grads::new(&model.params);
     let mut total = Profile::default();
-    let mut elapsed = 0.0;
+    let mut times = Vec::new();
     for step in 0..steps + 2 {
         grads.zero();
         let t0 = Instant::now();
@@ -43,12 +43,13 @@ fn main() {
         let (_, loss) = model.forward_loss(&mut tape, &ids, batch, seqlen);
         tape.backward(loss, &mut grads);
         if step >= 2 {
-            elapsed += t0.elapsed().as_secs_f64();
+            times.push(t0.elapsed().as_secs_f64());
             total.merge(tape.profile().expect("profiled tape"));
         }
     }
     println!("{arch}-S, B{batch} L{seqlen}, {steps} steps, {} threads", rayon::current_num_threads());
     print!("{}", total.table());
-    let per_step = elapsed / steps as f64;
-    println!("{:.1} ms/step, {:.0} tokens/s", per_step * 1e3, (batch * seqlen) as f64 / per_step);
+    times.sort_by(f64::total_cmp);
+    let per_step = times[times.len() / 2];
+    println!("median {:.1} ms/step, {:.0} tokens/s", per_step * 1e3, (batch * seqlen) as f64 / per_step);
 }

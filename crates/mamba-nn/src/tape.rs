@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant};
 
 use crate::params::{Grads, ParamId, ParamStore};
-use crate::tensor::{Tensor, zeros};
+use crate::tensor::{Tensor, for_overwrite, recycle, zeros};
 
 /// A value on a [`Tape`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -27,6 +27,29 @@ pub trait Backward {
     /// like `out`). `dinputs[i]` is `Some` exactly for the inputs that need a gradient; it is
     /// shaped like `inputs[i]` and must be **added** to.
     fn backward(&self, inputs: &[&Tensor], out: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]);
+
+    /// [`Backward::backward`], except that the gradient buffers flagged in `fresh` hold
+    /// unspecified values and must be **overwritten** (the others are added to, as usual).
+    ///
+    /// The tape calls this one: a value's first gradient arrives in a recycled buffer rather
+    /// than a zero-filled one. The default zero-fills the fresh buffers and calls `backward`;
+    /// ops on hot paths override it to write them directly, saving a fill and a read of every
+    /// element.
+    fn backward_fresh(
+        &self,
+        inputs: &[&Tensor],
+        out: &Tensor,
+        dout: &Tensor,
+        dinputs: &mut [Option<&mut Tensor>],
+        fresh: &[bool],
+    ) {
+        for (d, &f) in dinputs.iter_mut().zip(fresh) {
+            if let (Some(d), true) = (d.as_deref_mut(), f) {
+                d.fill(0.0);
+            }
+        }
+        self.backward(inputs, out, dout, dinputs);
+    }
 }
 
 enum Source {
@@ -45,13 +68,36 @@ struct Entry {
     node: Option<Node>,
 }
 
+/// The values and gradients of a tape. Kept apart from the parameter borrow so that its `Drop`
+/// (which recycles the buffers) does not extend that borrow: a caller may update the parameters
+/// once it is done with the tape, before the tape goes out of scope.
+#[derive(Default)]
+struct Arena {
+    entries: Vec<Entry>,
+    /// Gradients of non-parameter values after [`Tape::backward`] (kept for leaves).
+    grads: Vec<Option<Tensor>>,
+}
+
+/// Gives every value and gradient buffer back to the thread's buffer pool, for the next step's
+/// ops to reuse without zero-filling or page-faulting fresh memory.
+impl Drop for Arena {
+    fn drop(&mut self) {
+        for e in self.entries.drain(..) {
+            if let Source::Value(t) = e.src {
+                recycle(t);
+            }
+        }
+        for g in self.grads.drain(..).flatten() {
+            recycle(g);
+        }
+    }
+}
+
 /// The autograd tape of one forward pass over the parameters `params`.
 pub struct Tape<'p> {
     params: &'p ParamStore,
-    entries: Vec<Entry>,
+    arena: Arena,
     record: bool,
-    /// Gradients of non-parameter values after [`Tape::backward`] (kept for leaves).
-    grads: Vec<Option<Tensor>>,
     /// Per-op timings, when profiling (see [`Tape::profiled`]).
     profile: Option<Profile>,
 }
@@ -130,7 +176,7 @@ impl<'p> Tape<'p> {
     /// A recording tape: ops with a tracked input push backward nodes.
     pub fn new(params: &'p ParamStore) -> Self {
         keep_freed_memory();
-        Self { params, entries: Vec::new(), record: true, grads: Vec::new(), profile: None }
+        Self { params, arena: Arena::default(), record: true, profile: None }
     }
 
     /// A recording tape that also times every op's forward and backward (see [`Profile`]).
@@ -169,8 +215,8 @@ impl<'p> Tape<'p> {
             }
             p.last = Some(now);
         }
-        self.entries.push(Entry { src, needs_grad, node });
-        Var(self.entries.len() - 1)
+        self.arena.entries.push(Entry { src, needs_grad, node });
+        Var(self.arena.entries.len() - 1)
     }
 
     /// A value that needs no gradient (inputs, masks, targets).
@@ -202,7 +248,7 @@ impl<'p> Tape<'p> {
 
     /// The value of `v`.
     pub fn value(&self, v: Var) -> &Tensor {
-        match &self.entries[v.0].src {
+        match &self.arena.entries[v.0].src {
             Source::Value(t) => t,
             Source::Param(id) => self.params.value(*id),
         }
@@ -210,7 +256,7 @@ impl<'p> Tape<'p> {
 
     /// Whether `v` needs a gradient.
     pub fn needs_grad(&self, v: Var) -> bool {
-        self.entries[v.0].needs_grad
+        self.arena.entries[v.0].needs_grad
     }
 
     /// Records the output `value` of an op on `inputs` with its backward `op`. The node is kept
@@ -223,12 +269,12 @@ impl<'p> Tape<'p> {
 
     /// Number of values on the tape.
     pub fn len(&self) -> usize {
-        self.entries.len()
+        self.arena.entries.len()
     }
 
     /// Whether the tape is empty.
     pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
+        self.arena.entries.is_empty()
     }
 
     /// Back-propagates from the scalar `loss` (seed 1), adding parameter gradients into `grads`.
@@ -256,17 +302,18 @@ impl<'p> Tape<'p> {
             self.value(out).shape(),
             "backward_from: seed shape differs from the output's"
         );
-        let mut vgrads: Vec<Option<Tensor>> = (0..self.entries.len()).map(|_| None).collect();
+        let mut vgrads: Vec<Option<Tensor>> = (0..self.arena.entries.len()).map(|_| None).collect();
         vgrads[out.0] = Some(seed);
-        for idx in (0..self.entries.len()).rev() {
-            let Some(node) = &self.entries[idx].node else { continue };
+        for idx in (0..self.arena.entries.len()).rev() {
+            let Some(node) = &self.arena.entries[idx].node else { continue };
             let Some(dout) = vgrads[idx].take() else { continue };
             let started = self.profile.is_some().then(Instant::now);
             // Move each needed input gradient out of its home (parameter gradients from `grads`,
             // others from `vgrads`), let the op add into them, then put them back.
             let mut dins: Vec<Option<Tensor>> = Vec::with_capacity(node.inputs.len());
+            let mut fresh = vec![false; node.inputs.len()];
             for (i, &v) in node.inputs.iter().enumerate() {
-                let e = &self.entries[v.0];
+                let e = &self.arena.entries[v.0];
                 if !e.needs_grad {
                     dins.push(None);
                     continue;
@@ -279,22 +326,25 @@ impl<'p> Tape<'p> {
                 dins.push(Some(match (&e.src, repeated) {
                     (_, true) => zeros(shape),
                     (Source::Param(id), false) => grads.take(*id),
-                    (Source::Value(_), false) => vgrads[v.0].take().unwrap_or_else(|| zeros(shape)),
+                    (Source::Value(_), false) => vgrads[v.0].take().unwrap_or_else(|| {
+                        fresh[i] = true;
+                        for_overwrite(shape)
+                    }),
                 }));
             }
             {
                 let inputs: Vec<&Tensor> = node.inputs.iter().map(|&v| self.value(v)).collect();
-                let out_val = match &self.entries[idx].src {
+                let out_val = match &self.arena.entries[idx].src {
                     Source::Value(t) => t,
                     Source::Param(id) => self.params.value(*id),
                 };
                 let mut refs: Vec<Option<&mut Tensor>> = dins.iter_mut().map(|d| d.as_mut()).collect();
-                node.op.backward(&inputs, out_val, &dout, &mut refs);
+                node.op.backward_fresh(&inputs, out_val, &dout, &mut refs, &fresh);
             }
             for (i, (&v, d)) in node.inputs.iter().zip(dins).enumerate() {
                 let Some(d) = d else { continue };
                 let first = node.inputs[..i].iter().position(|&u| u == v);
-                match (first, &self.entries[v.0].src) {
+                match (first, &self.arena.entries[v.0].src) {
                     // A repeated input: add into the first occurrence's buffer, which is home
                     // again only after this loop, so accumulate into where it now lives.
                     (Some(_), Source::Param(id)) => *grads.get_mut(*id) += &d,
@@ -305,17 +355,18 @@ impl<'p> Tape<'p> {
                     (None, Source::Value(_)) => vgrads[v.0] = Some(d),
                 }
             }
+            recycle(dout);
             if let (Some(p), Some(t0)) = (&mut self.profile, started) {
                 let e = p.entry(node.op.name());
                 e.3 += t0.elapsed();
             }
         }
-        self.grads = vgrads;
+        self.arena.grads = vgrads;
     }
 
     /// The gradient of a leaf (or any non-parameter value that received one) after
     /// [`Tape::backward`].
     pub fn grad(&self, v: Var) -> Option<&Tensor> {
-        self.grads.get(v.0).and_then(|g| g.as_ref())
+        self.arena.grads.get(v.0).and_then(|g| g.as_ref())
     }
 }

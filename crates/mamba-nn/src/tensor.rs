@@ -19,6 +19,21 @@ pub fn zeros(shape: &[usize]) -> Tensor {
     Tensor::from_shape_vec(IxDyn(shape), v).expect("length is the product of the shape")
 }
 
+/// A tensor of `shape` whose elements are unspecified (a recycled buffer's old values, or
+/// zeros), for an op output that is written in full before anything reads it. Saves the
+/// zero-fill of [`zeros`], a full pass over memory per activation.
+pub fn for_overwrite(shape: &[usize]) -> Tensor {
+    let n: usize = shape.iter().product();
+    from_vec(shape, crate::ops::pool::take_for_overwrite(n))
+}
+
+/// Gives `t`'s buffer back to this thread's pool for a later [`for_overwrite`] or pooled
+/// temporary.
+pub fn recycle(t: Tensor) {
+    let (v, _) = t.into_raw_vec_and_offset();
+    crate::ops::pool::give(v);
+}
+
 /// A tensor of `shape` holding `data` (row-major).
 ///
 /// # Panics

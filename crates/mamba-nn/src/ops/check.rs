@@ -46,3 +46,28 @@ pub fn check_op(
         ssm_kernel::testing::assert_rel_max(&format!("d(input {i})"), &got, &want, tol, 1e-3);
     }
 }
+
+/// Checks that an op both **overwrites** a fresh gradient buffer and **adds** to one that
+/// already holds a gradient: the gradients of `op(x) + op(x)` (the second use of every input
+/// finds the first one's gradient in place) must be exactly twice those of `op(x)`.
+#[track_caller]
+pub fn check_accumulates(inputs: Vec<Tensor>, op: impl Fn(&mut Tape, &[Var]) -> Var) {
+    let grads_of = |twice: bool| {
+        let store = ParamStore::new();
+        let mut tape = Tape::new(&store);
+        let vars: Vec<Var> = inputs.iter().map(|t| tape.leaf(t.clone())).collect();
+        let mut out = op(&mut tape, &vars);
+        if twice {
+            let again = op(&mut tape, &vars);
+            out = crate::ops::add(&mut tape, out, again);
+        }
+        let seed = random(tape.value(out).shape(), 5);
+        tape.backward_from(out, seed, &mut Grads::new(&store));
+        vars.iter().map(|v| tape.grad(*v).map(|g| data(g).to_vec()).unwrap_or_default()).collect::<Vec<_>>()
+    };
+    let (once, twice) = (grads_of(false), grads_of(true));
+    for (i, (a, b)) in once.iter().zip(&twice).enumerate() {
+        let want: Vec<f64> = a.iter().map(|&v| 2.0 * v as f64).collect();
+        ssm_kernel::testing::assert_rel_max(&format!("accumulated d(input {i})"), b, &want, 1e-6, 1e-6);
+    }
+}

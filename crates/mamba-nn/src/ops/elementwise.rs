@@ -1,7 +1,25 @@
 //! Element-wise arithmetic: `add`, `add_broadcast_last`, `mul`, `scale`.
 
+use rayon::prelude::*;
+
 use crate::tape::{Backward, Tape, Var};
-use crate::tensor::{Tensor, data, data_mut, rows_cols};
+use crate::tensor::{Tensor, data, data_mut, for_overwrite, rows_cols};
+
+/// Element-wise loops over at least this many values run in parallel blocks of this size.
+const PAR_BLOCK: usize = 1 << 16;
+
+/// `f(dst block, a block, b block)` over matching blocks of `dst`, `a` and `b`, in parallel when
+/// the slices are large.
+fn zip_blocks(dst: &mut [f32], a: &[f32], b: &[f32], f: impl Fn(&mut [f32], &[f32], &[f32]) + Sync) {
+    if dst.len() < 2 * PAR_BLOCK {
+        f(dst, a, b);
+    } else {
+        dst.par_chunks_mut(PAR_BLOCK)
+            .zip(a.par_chunks(PAR_BLOCK))
+            .zip(b.par_chunks(PAR_BLOCK))
+            .for_each(|((d, a), b)| f(d, a, b));
+    }
+}
 
 /// Panics unless `a` and `b` have the same shape, naming the op and both shapes.
 #[track_caller]
@@ -26,8 +44,12 @@ fn add_into(dst: &mut [f32], src: &[f32]) {
 pub fn add(tape: &mut Tape, a: Var, b: Var) -> Var {
     let (av, bv) = (tape.value(a), tape.value(b));
     same_shape("add", av, bv);
-    let mut y = av.clone();
-    add_into(data_mut(&mut y), data(bv));
+    let mut y = for_overwrite(av.shape());
+    zip_blocks(data_mut(&mut y), data(av), data(bv), |y, a, b| {
+        for ((o, &p), &q) in y.iter_mut().zip(a).zip(b) {
+            *o = p + q;
+        }
+    });
     tape.push(y, &[a, b], AddBackward)
 }
 
@@ -41,7 +63,28 @@ impl Backward for AddBackward {
 
     fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
         for d in dinputs.iter_mut().flatten() {
-            add_into(data_mut(d), data(dout));
+            let g = data(dout);
+            zip_blocks(data_mut(d), g, g, |d, g, _| add_into(d, g));
+        }
+    }
+
+    /// A fresh gradient buffer is a copy of `dy`.
+    fn backward_fresh(
+        &self,
+        _: &[&Tensor],
+        _: &Tensor,
+        dout: &Tensor,
+        dinputs: &mut [Option<&mut Tensor>],
+        fresh: &[bool],
+    ) {
+        for (d, &f) in dinputs.iter_mut().zip(fresh) {
+            let Some(d) = d.as_deref_mut() else { continue };
+            let g = data(dout);
+            if f {
+                zip_blocks(data_mut(d), g, g, |d, g, _| d.copy_from_slice(g));
+            } else {
+                zip_blocks(data_mut(d), g, g, |d, g, _| add_into(d, g));
+            }
         }
     }
 }
@@ -165,7 +208,7 @@ impl Backward for ScaleBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::check::{check_op, random};
+    use crate::ops::check::{check_accumulates, check_op, random};
     use crate::params::{Grads, ParamStore};
     use crate::tensor::{from_vec, zeros};
 
@@ -255,5 +298,13 @@ mod tests {
         let dp: Vec<f32> = (0..3).map(|i| xs[i] + 2.0 * ps[i]).collect();
         assert_eq!(data(tape.grad(x).unwrap()), dx.as_slice());
         assert_eq!(data(grads.get(p)), dp.as_slice());
+    }
+
+    #[test]
+    fn add_fresh_and_accumulated_gradients() {
+        // 3 · 2¹⁶ elements: the parallel blocks.
+        check_accumulates(vec![random(&[3, 256, 256], 1), random(&[3, 256, 256], 2)], |t, v| {
+            add(t, v[0], v[1])
+        });
     }
 }

@@ -1,7 +1,7 @@
 //! Token embedding lookup with a sparse backward.
 
 use crate::tape::{Backward, Tape, Var};
-use crate::tensor::{Tensor, data, data_mut, zeros};
+use crate::tensor::{Tensor, data, data_mut, for_overwrite};
 
 /// `y[b, l, :] = weight[ids[b, l], :]`.
 ///
@@ -24,7 +24,8 @@ pub fn embedding(tape: &mut Tape, ids: &[usize], ids_shape: &[usize], weight: Va
     }
     let mut shape = ids_shape.to_vec();
     shape.push(d);
-    let mut y = zeros(&shape);
+    // Every row is copied from the table.
+    let mut y = for_overwrite(&shape);
     let w = data(wv);
     if d > 0 {
         for (row, &id) in data_mut(&mut y).chunks_exact_mut(d).zip(ids) {
@@ -100,7 +101,7 @@ mod tests {
     fn out_of_range_id_panics() {
         let store = ParamStore::new();
         let mut tape = Tape::new(&store);
-        let w = tape.constant(zeros(&[5, 3]));
+        let w = tape.constant(crate::tensor::zeros(&[5, 3]));
         embedding(&mut tape, &[0, 9], &[1, 2], w);
     }
 }

@@ -3,7 +3,7 @@
 use ssm_kernel::gemm::gemm_par as gemm;
 
 use crate::tape::{Backward, Tape, Var};
-use crate::tensor::{Tensor, data, data_mut, rows_cols, zeros};
+use crate::tensor::{Tensor, data, data_mut, for_overwrite, rows_cols, zeros};
 
 /// `y = x Wᵀ (+ b)`.
 ///
@@ -28,7 +28,8 @@ pub fn linear(tape: &mut Tape, x: Var, w: Var, b: Option<Var>) -> Var {
     );
     let mut out_shape = xv.shape().to_vec();
     *out_shape.last_mut().expect("x has a last dimension") = n;
-    let mut y = zeros(&out_shape);
+    // β = 0 overwrites every element of y (when k > 0; an empty product leaves it zero).
+    let mut y = if k > 0 { for_overwrite(&out_shape) } else { zeros(&out_shape) };
     gemm((m, k, n), 1.0, data(xv), (k, 1), data(wv), (1, k), 0.0, data_mut(&mut y), (n, 1));
     let mut inputs = vec![x, w];
     if let Some(b) = b {
@@ -57,26 +58,45 @@ impl Backward for LinearBackward {
         "linear"
     }
 
-    fn backward(
+    fn backward(&self, inputs: &[&Tensor], out: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
+        self.backward_fresh(inputs, out, dout, dinputs, &[false; 3]);
+    }
+
+    /// A fresh `dx` is written by the GEMM with β = 0 (no zero-fill, no read).
+    fn backward_fresh(
         &self,
         inputs: &[&Tensor],
         _out: &Tensor,
         dout: &Tensor,
         dinputs: &mut [Option<&mut Tensor>],
+        fresh: &[bool],
     ) {
         let LinearBackward { m, k, n } = *self;
         let (x, w, dy) = (data(inputs[0]), data(inputs[1]), data(dout));
-        // dx (m, k) += dy (m, n) · W (n, k)
+        // dx (m, k) (+)= dy (m, n) · W (n, k)
         if let Some(dx) = dinputs[0].as_deref_mut() {
-            gemm((m, n, k), 1.0, dy, (n, 1), w, (k, 1), 1.0, data_mut(dx), (k, 1));
+            let dx = data_mut(dx);
+            if fresh[0] && n == 0 {
+                dx.fill(0.0);
+            }
+            let beta = if fresh[0] { 0.0 } else { 1.0 };
+            gemm((m, n, k), 1.0, dy, (n, 1), w, (k, 1), beta, dx, (k, 1));
         }
-        // dW (n, k) += dyᵀ (n, m) · x (m, k)
+        // dW (n, k) (+)= dyᵀ (n, m) · x (m, k)
         if let Some(dw) = dinputs[1].as_deref_mut() {
-            gemm((n, m, k), 1.0, dy, (1, n), x, (k, 1), 1.0, data_mut(dw), (k, 1));
+            let dw = data_mut(dw);
+            if fresh[1] && m == 0 {
+                dw.fill(0.0);
+            }
+            let beta = if fresh[1] { 0.0 } else { 1.0 };
+            gemm((n, m, k), 1.0, dy, (1, n), x, (k, 1), beta, dw, (k, 1));
         }
-        // db (n) += Σ_rows dy
+        // db (n) (+)= Σ_rows dy
         if let Some(Some(db)) = dinputs.get_mut(2).map(|d| d.as_deref_mut()) {
             let db = data_mut(db);
+            if fresh.get(2) == Some(&true) {
+                db.fill(0.0);
+            }
             for row in dy.chunks_exact(n) {
                 for (g, d) in db.iter_mut().zip(row) {
                     *g += d;
@@ -89,7 +109,7 @@ impl Backward for LinearBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::check::{check_op, random};
+    use crate::ops::check::{check_accumulates, check_op, random};
 
     /// f64 reference: y[r, j] = Σ_i x[r, i] w[j, i] + b[j].
     fn reference(x: &[f64], w: &[f64], b: Option<&[f64]>, (m, k, n): (usize, usize, usize)) -> Vec<f64> {
@@ -128,5 +148,11 @@ mod tests {
         let x = tape.constant(zeros(&[2, 5]));
         let w = tape.constant(zeros(&[3, 4]));
         linear(&mut tape, x, w, None);
+    }
+
+    #[test]
+    fn fresh_and_accumulated_gradients() {
+        let ins = vec![random(&[3, 4, 5], 1), random(&[6, 5], 2), random(&[6], 3)];
+        check_accumulates(ins, |t, v| linear(t, v[0], v[1], Some(v[2])));
     }
 }

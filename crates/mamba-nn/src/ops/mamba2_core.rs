@@ -17,7 +17,7 @@ use ssm_kernel::mamba2::{self, Scan2Args, Scan2Dims, Scan2Grads, Scan2Out};
 use crate::ops::pool;
 use crate::ops::rmsnorm::{Cols, NormDims, norm_backward, norm_forward};
 use crate::tape::{Backward, Tape, Var};
-use crate::tensor::{Tensor, data, data_mut, from_vec, zeros};
+use crate::tensor::{Tensor, data, data_mut, for_overwrite, from_vec};
 
 /// Sizes of the Mamba-2 core: `H` heads of `P` channels (`d_inner = H·P`), `G` groups of `B`/`C`
 /// of `N` states each, and the gated norm's `eps` (its groups are the `G` groups of `d_inner`).
@@ -127,7 +127,7 @@ pub fn mamba2_core_with_state(
 /// `rows` rows of `width` columns starting at column `offset` of `src` (rows `stride` apart),
 /// as a dense (rows, width) buffer from the pool.
 fn gather(src: &[f32], stride: usize, offset: usize, width: usize, rows: usize) -> Vec<f32> {
-    let mut out = pool::take(rows * width);
+    let mut out = pool::take_for_overwrite(rows * width);
     if width > 0 {
         out.par_chunks_mut(width * 64).enumerate().for_each(|(blk, o)| {
             for (i, row) in o.chunks_exact_mut(width).enumerate() {
@@ -139,15 +139,21 @@ fn gather(src: &[f32], stride: usize, offset: usize, width: usize, rows: usize) 
     out
 }
 
-/// `dst[r, offset..offset + width] += src[r, ..]` for every row (dst rows `stride` apart).
-fn scatter_add(dst: &mut [f32], stride: usize, offset: usize, src: &[f32], width: usize) {
+/// `dst[r, offset..offset + width] += src[r, ..]` for every row (dst rows `stride` apart), or
+/// `=` when `overwrite`.
+fn scatter(dst: &mut [f32], stride: usize, offset: usize, src: &[f32], width: usize, overwrite: bool) {
     if width == 0 {
         return;
     }
     dst.par_chunks_mut(stride * 64).zip(src.par_chunks(width * 64)).for_each(|(d, s)| {
         for (drow, srow) in d.chunks_exact_mut(stride).zip(s.chunks_exact(width)) {
-            for (o, v) in drow[offset..offset + width].iter_mut().zip(srow) {
-                *o += v;
+            let drow = &mut drow[offset..offset + width];
+            if overwrite {
+                drow.copy_from_slice(srow);
+            } else {
+                for (o, v) in drow.iter_mut().zip(srow) {
+                    *o += v;
+                }
             }
         }
     });
@@ -241,7 +247,7 @@ fn core(
             bias: cb.map(|b| &b[c0..c0 + nc]),
             silu: true,
         };
-        let mut y = pool::take(rows * nc);
+        let mut y = pool::take_for_overwrite(rows * nc);
         conv1d_fwd(&dims, &args, ConvOut { y: &mut y, state_out: None });
         y
     });
@@ -253,13 +259,13 @@ fn core(
         delta_softplus: true,
         ..Scan2Args::new(&conv_out[0], &dt, &a, &conv_out[1], &conv_out[2])
     };
-    let mut y = pool::take(rows * di);
+    let mut y = pool::take_for_overwrite(rows * di);
     let mut h_last = want_state.then(|| vec![0.0f32; dims.n_bhpn()]);
     mamba2::scan_fwd_auto(&dims, &args, Scan2Out { y: &mut y, h_last: h_last.as_deref_mut() });
     pool::give(a);
     let nd = NormDims { rows, d: di, gs: di / spec.ngroups, eps: spec.eps };
     let z = Cols { data: pd, stride: dp, offset: 0 };
-    let mut out = zeros(&[bsz, l, di]);
+    let mut out = for_overwrite(&[bsz, l, di]);
     let rstd = norm_forward(nd, &y, Some(z), data(tape.value(prm.norm_w)), data_mut(&mut out));
     let state = want_state.then(|| Mamba2State {
         conv: conv_state(pd, (bsz, l, dp), ox, cd, k),
@@ -292,6 +298,19 @@ struct Mamba2CoreBackward {
     rstd: Vec<f32>,
 }
 
+/// The saved buffers go back to the pool for the next step's forward.
+impl Drop for Mamba2CoreBackward {
+    fn drop(&mut self) {
+        let saved = [&mut self.dt, &mut self.y, &mut self.rstd]
+            .into_iter()
+            .chain(&mut self.conv_in)
+            .chain(&mut self.conv_out);
+        for v in saved {
+            pool::give(std::mem::take(v));
+        }
+    }
+}
+
 /// The gradient slot `i` as a slice, or a zeroed pooled scratch of `n` values (given back by
 /// the caller) when that input needs no gradient.
 fn slot_or_scratch<'a>(slot: Option<&'a mut Tensor>, scratch: &'a mut Vec<f32>, n: usize) -> &'a mut [f32] {
@@ -309,7 +328,26 @@ impl Backward for Mamba2CoreBackward {
         "mamba2_core"
     }
 
-    fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
+    fn backward(&self, inputs: &[&Tensor], out: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
+        self.backward_fresh(inputs, out, dout, dinputs, &[false; 7]);
+    }
+
+    /// A fresh gradient of the projection is written column block by column block (every
+    /// column is written exactly once), without a zero-fill.
+    fn backward_fresh(
+        &self,
+        inputs: &[&Tensor],
+        _: &Tensor,
+        dout: &Tensor,
+        dinputs: &mut [Option<&mut Tensor>],
+        fresh: &[bool],
+    ) {
+        for (d, &f) in dinputs.iter_mut().zip(fresh).skip(1) {
+            if let (Some(d), true) = (d.as_deref_mut(), f) {
+                d.fill(0.0);
+            }
+        }
+        let ow = fresh[0];
         let Mamba2CoreBackward { spec, dims, k, nd, .. } = *self;
         let (dp, di, cd, rows) = (spec.proj_dim(), spec.d_inner(), spec.conv_dim(), nd.rows);
         let pd = data(inputs[0]);
@@ -323,18 +361,11 @@ impl Backward for Mamba2CoreBackward {
         let dcw = slot_or_scratch(dcw.as_deref_mut(), s1, cd * k);
 
         // Gated norm: dy of the scan, and dz straight into the projection's z columns.
-        let mut dy = pool::take(rows * di);
+        let mut dy = pool::take_for_overwrite(rows * di);
         let z = Cols { data: pd, stride: dp, offset: 0 };
         let dnw = dnorm_w.as_deref_mut().map(data_mut);
-        norm_backward(
-            nd,
-            (&self.y, Some(z), data(inputs[5])),
-            &self.rstd,
-            data(dout),
-            Some(&mut dy),
-            dnw,
-            Some((dproj, dp, 0)),
-        );
+        let io = (&self.y[..], Some(z), data(inputs[5]));
+        norm_backward(nd, io, &self.rstd, data(dout), Some(&mut dy), dnw, Some((dproj, dp, 0)), (true, ow));
 
         // Scan: gradients of the conv outputs and of dt.
         let a = neg_exp(data(inputs[3]));
@@ -371,7 +402,7 @@ impl Backward for Mamba2CoreBackward {
         pool::give(a);
         pool::give(dy);
         let [ox, _, _, odt] = spec.offsets();
-        scatter_add(dproj, dp, odt, &ddt, spec.nheads);
+        scatter(dproj, dp, odt, &ddt, spec.nheads, ow);
         pool::give(ddt);
 
         // Conv, per channel block, then into the projection's x | B | C columns.
@@ -393,7 +424,7 @@ impl Backward for Mamba2CoreBackward {
                 dbias: dcb.as_deref_mut().map(|b| &mut b[c0..c0 + nc]),
             };
             conv1d_bwd(&cdims, &args, &dconv_out[i], grads);
-            scatter_add(dproj, dp, ox + c0, &dx, nc);
+            scatter(dproj, dp, ox + c0, &dx, nc, ow);
             pool::give(dx);
         }
         for v in dconv_out.into_iter().chain(scratch) {
@@ -405,7 +436,7 @@ impl Backward for Mamba2CoreBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::check::{check_op, random};
+    use crate::ops::check::{check_accumulates, check_op, random};
     use crate::ops::{conv1d, gated_rms_norm, narrow_last, reshape, selective_scan2};
     use crate::params::{Grads, ParamStore};
     use ssm_kernel::reference;
@@ -565,8 +596,14 @@ mod tests {
         let store = ParamStore::new();
         let mut tape = Tape::new(&store);
         let mut ins = inputs(&spec, k, 1, 2);
-        ins[0] = zeros(&[1, 2, 35]);
+        ins[0] = crate::tensor::zeros(&[1, 2, 35]);
         let v: Vec<Var> = ins.iter().map(|t| tape.constant(t.clone())).collect();
         mamba2_core(&mut tape, v[0], params(&v), spec);
+    }
+
+    #[test]
+    fn fresh_and_accumulated_gradients() {
+        let spec = Mamba2Spec { nheads: 4, headdim: 16, ngroups: 2, dstate: 8, eps: 1e-5 };
+        check_accumulates(inputs(&spec, 4, 2, 70), |t, v| mamba2_core(t, v[0], params(v), spec));
     }
 }

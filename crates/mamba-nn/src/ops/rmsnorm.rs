@@ -5,7 +5,7 @@ use crate::ops::activation::sigmoid_row;
 use crate::ops::pool;
 use crate::ops::rows::{for_row_blocks, for_row_blocks_strided};
 use crate::tape::{Backward, Tape, Var};
-use crate::tensor::{Tensor, data, data_mut, rows_cols};
+use crate::tensor::{Tensor, data, data_mut, for_overwrite, rows_cols};
 
 /// `y = x · rsqrt(mean(x²) + eps) · w`, the mean taken over the last dimension.
 ///
@@ -122,7 +122,7 @@ struct Scratch {
 
 /// Backward of [`norm_forward`] for upstream `dy` (rows, d): adds into `dx` (rows, d), `dw` (d)
 /// and the gate gradient `dz` (rows `dz_stride` apart, starting at column `dz_offset` of its
-/// slice). Per group, with `v` the gated input, `r` its reciprocal RMS and `gw = dy ⊙ w`:
+/// slice) — or writes `dx` / `dz` when `overwrite.0` / `overwrite.1`. Per group, with `v` the gated input, `r` its reciprocal RMS and `gw = dy ⊙ w`:
 /// `dv = r·gw − (r³/gs)·v·Σ(gw ⊙ v)`, `dw += dy ⊙ v · r`; through the gate
 /// `dx = dv ⊙ silu(z)`, `dz = dv ⊙ x ⊙ silu'(z)`.
 #[allow(clippy::too_many_arguments)]
@@ -134,6 +134,7 @@ pub(crate) fn norm_backward(
     dx: Option<&mut [f32]>,
     dw: Option<&mut [f32]>,
     dz: Option<(&mut [f32], usize, usize)>,
+    overwrite: (bool, bool),
 ) {
     let NormDims { rows, d, gs, .. } = nd;
     let ng = d / gs;
@@ -182,23 +183,36 @@ pub(crate) fn norm_backward(
                     }
                 }
             }
-            match (dxb.as_deref_mut(), z) {
-                (Some(dxb), Some(_)) => {
+            match (dxb.as_deref_mut(), z, overwrite.0) {
+                (Some(dxb), Some(_), false) => {
                     for ((o, &a), &b) in dxb[i * d..(i + 1) * d].iter_mut().zip(&sc.dv).zip(&sc.s) {
                         *o += a * b;
                     }
                 }
-                (Some(dxb), None) => {
+                (Some(dxb), Some(_), true) => {
+                    for ((o, &a), &b) in dxb[i * d..(i + 1) * d].iter_mut().zip(&sc.dv).zip(&sc.s) {
+                        *o = a * b;
+                    }
+                }
+                (Some(dxb), None, false) => {
                     for (o, &a) in dxb[i * d..(i + 1) * d].iter_mut().zip(&sc.dv) {
                         *o += a;
                     }
                 }
-                (None, _) => {}
+                (Some(dxb), None, true) => dxb[i * d..(i + 1) * d].copy_from_slice(&sc.dv),
+                (None, ..) => {}
             }
             if let Some(dzb) = dzb.as_deref_mut() {
                 let row = &mut dzb[i * dz_stride + dz_off..][..d];
-                for (((o, &a), &b), &c) in row.iter_mut().zip(&sc.dv).zip(xr).zip(&sc.sg) {
-                    *o += a * b * c;
+                let it = row.iter_mut().zip(&sc.dv).zip(xr).zip(&sc.sg);
+                if overwrite.1 {
+                    for (((o, &a), &b), &c) in it {
+                        *o = a * b * c;
+                    }
+                } else {
+                    for (((o, &a), &b), &c) in it {
+                        *o += a * b * c;
+                    }
                 }
             }
         }
@@ -228,7 +242,7 @@ fn norm(tape: &mut Tape, op: &'static str, x: Var, z: Option<Var>, w: Var, gs: u
     );
     let nd = NormDims { rows, d, gs, eps };
     let zc = z.map(|z| Cols { data: data(tape.value(z)), stride: d, offset: 0 });
-    let mut y = Tensor::zeros(xv.raw_dim());
+    let mut y = for_overwrite(xv.shape());
     let rstd = norm_forward(nd, data(xv), zc, data(wv), data_mut(&mut y));
     let inputs: Vec<Var> = match z {
         Some(z) => vec![x, w, z],
@@ -249,9 +263,23 @@ impl Backward for RmsNormBackward {
         self.op
     }
 
-    /// See [`norm_backward`].
-    fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
+    fn backward(&self, inputs: &[&Tensor], out: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
+        self.backward_fresh(inputs, out, dout, dinputs, &[false; 3]);
+    }
+
+    /// See [`norm_backward`]; fresh `dx` / `dz` buffers are written, not added to.
+    fn backward_fresh(
+        &self,
+        inputs: &[&Tensor],
+        _: &Tensor,
+        dout: &Tensor,
+        dinputs: &mut [Option<&mut Tensor>],
+        fresh: &[bool],
+    ) {
         let d = self.nd.d;
+        if let (Some(dw), true) = (dinputs[1].as_deref_mut(), fresh[1]) {
+            dw.fill(0.0);
+        }
         let z = inputs.get(2).map(|z| Cols { data: data(z), stride: d, offset: 0 });
         let (dx_slot, rest) = dinputs.split_at_mut(1);
         let (dw_slot, dz_slot) = rest.split_at_mut(1);
@@ -259,14 +287,15 @@ impl Backward for RmsNormBackward {
         let dw = dw_slot[0].as_deref_mut().map(data_mut);
         let dz = dz_slot.first_mut().and_then(|s| s.as_deref_mut()).map(|t| (data_mut(t), d, 0));
         let io = (data(inputs[0]), z, data(inputs[1]));
-        norm_backward(self.nd, io, &self.rstd, data(dout), dx, dw, dz);
+        let overwrite = (fresh[0], fresh.get(2) == Some(&true));
+        norm_backward(self.nd, io, &self.rstd, data(dout), dx, dw, dz, overwrite);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::check::{check_op, random};
+    use crate::ops::check::{check_accumulates, check_op, random};
     use crate::params::ParamStore;
     use crate::tensor::zeros;
 
@@ -351,5 +380,12 @@ mod tests {
         let z = tape.constant(zeros(&[2, 4]));
         let w = tape.constant(zeros(&[4]));
         gated_rms_norm(&mut tape, x, z, w, 3, 1e-5);
+    }
+
+    #[test]
+    fn fresh_and_accumulated_gradients() {
+        let ins = vec![random(&[300, 256], 1), random(&[256], 2) + 1.0, random(&[300, 256], 3)];
+        check_accumulates(ins.clone(), |t, v| gated_rms_norm(t, v[0], v[2], v[1], 64, 1e-5));
+        check_accumulates(ins[..2].to_vec(), |t, v| rms_norm(t, v[0], v[1], 1e-5));
     }
 }
