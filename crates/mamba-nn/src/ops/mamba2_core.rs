@@ -12,7 +12,10 @@
 
 use rayon::prelude::*;
 use ssm_kernel::conv::{ConvArgs, ConvDims, ConvGrads, ConvOut, conv1d_bwd, conv1d_fwd};
-use ssm_kernel::mamba2::{self, Scan2Args, Scan2Dims, Scan2Grads, Scan2Out};
+use ssm_kernel::mamba2::{
+    self, MixerDims, MixerGrads, MixerParams, Scan2Args, Scan2Dims, Scan2Grads, Scan2Out, mixer_bwd,
+    mixer_fwd,
+};
 
 use crate::ops::pool;
 use crate::ops::rmsnorm::{Cols, NormDims, norm_backward, norm_forward};
@@ -108,7 +111,7 @@ pub struct Mamba2State {
 /// If the shapes disagree with `spec` (the message names the tensor and both shapes).
 #[track_caller]
 pub fn mamba2_core(tape: &mut Tape, proj: Var, p: Mamba2Params, spec: Mamba2Spec) -> Var {
-    core(tape, proj, p, spec, false).0
+    core(tape, proj, p, spec, false, Path::Auto).0
 }
 
 /// [`mamba2_core`], also returning the recurrent state after the sequence (no gradient flows
@@ -120,7 +123,7 @@ pub fn mamba2_core_with_state(
     p: Mamba2Params,
     spec: Mamba2Spec,
 ) -> (Var, Mamba2State) {
-    let (y, st) = core(tape, proj, p, spec, true);
+    let (y, st) = core(tape, proj, p, spec, true, Path::Auto);
     (y, st.expect("the state was requested"))
 }
 
@@ -193,6 +196,7 @@ fn core(
     prm: Mamba2Params,
     spec: Mamba2Spec,
     want_state: bool,
+    path: Path,
 ) -> (Var, Option<Mamba2State>) {
     const OP: &str = "mamba2_core";
     let pv = tape.value(proj);
@@ -226,8 +230,97 @@ fn core(
     expect("D", prm.d, h);
     expect("norm.weight", prm.norm_w, di);
 
-    let rows = bsz * l;
     let pd = data(pv);
+    let (cw, cb) = (data(cwv), prm.conv_b.map(|b| data(tape.value(b))));
+    let a = neg_exp(data(tape.value(prm.a_log)));
+    let w = Weights {
+        cw,
+        cb,
+        dt_bias: data(tape.value(prm.dt_bias)),
+        a: &a,
+        d: data(tape.value(prm.d)),
+        norm_w: data(tape.value(prm.norm_w)),
+    };
+    let mdims = MixerDims {
+        batch: bsz,
+        seqlen: l,
+        nheads: h,
+        headdim: spec.headdim,
+        dstate: spec.dstate,
+        ngroups: spec.ngroups,
+        width: k,
+    };
+    let fused = match path {
+        Path::Auto => mdims.supported() && bsz >= rayon::current_num_threads(),
+        Path::Split => false,
+        Path::Fused => true,
+    };
+    let mut out = for_overwrite(&[bsz, l, di]);
+    let mut h_last = want_state.then(|| vec![0.0f32; bsz * h * spec.headdim * spec.dstate]);
+    let saved = if fused {
+        let mut rstd = pool::take_for_overwrite(bsz * l * spec.ngroups);
+        mixer_fwd(&mdims, pd, &w.mixer(spec.eps), data_mut(&mut out), &mut rstd, h_last.as_deref_mut());
+        Saved::Fused { dims: mdims, rstd }
+    } else {
+        split_forward(spec, (bsz, l, k), pd, &w, data_mut(&mut out), h_last.as_deref_mut())
+    };
+    pool::give(a);
+    let state = want_state.then(|| Mamba2State {
+        conv: conv_state(pd, (bsz, l, dp), spec.offsets()[0], cd, k),
+        ssm: from_vec(&[bsz, h, spec.headdim, spec.dstate], h_last.unwrap_or_default()),
+    });
+    let mut inputs = vec![proj, prm.conv_w, prm.dt_bias, prm.a_log, prm.d, prm.norm_w];
+    inputs.extend(prm.conv_b);
+    (tape.push(out, &inputs, Mamba2CoreBackward { spec, k, rows: bsz * l, saved }), state)
+}
+
+/// Which kernels run the core: the fused per-batch-row kernel when the dims allow it and there
+/// are at least as many batch rows as threads (its tasks are batch rows), else the separate
+/// conv / scan / norm kernels (whose tasks are (batch, head) pairs and row blocks).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Path {
+    Auto,
+    #[cfg_attr(not(test), allow(dead_code))]
+    Split,
+    #[cfg_attr(not(test), allow(dead_code))]
+    Fused,
+}
+
+/// The parameter values, with `A = −exp(A_log)`.
+struct Weights<'a> {
+    cw: &'a [f32],
+    cb: Option<&'a [f32]>,
+    dt_bias: &'a [f32],
+    a: &'a [f32],
+    d: &'a [f32],
+    norm_w: &'a [f32],
+}
+
+impl Weights<'_> {
+    fn mixer(&self, eps: f32) -> MixerParams<'_> {
+        MixerParams {
+            conv_w: self.cw,
+            conv_b: self.cb,
+            dt_bias: self.dt_bias,
+            a: self.a,
+            d: self.d,
+            norm_w: self.norm_w,
+            eps,
+        }
+    }
+}
+
+/// The forward on the separate kernels: gather `x | B | C` and `dt`, conv per block, scan,
+/// gated norm into `out`. Returns what their backward needs.
+fn split_forward(
+    spec: Mamba2Spec,
+    (bsz, l, k): (usize, usize, usize),
+    pd: &[f32],
+    w: &Weights,
+    out: &mut [f32],
+    h_last: Option<&mut [f32]>,
+) -> Saved {
+    let (dp, di, h, rows) = (spec.proj_dim(), spec.d_inner(), spec.nheads, bsz * l);
     let [ox, _, _, odt] = spec.offsets();
     let [wx, wb, wc, wdt] = spec.widths();
     // x | B | C before the conv, and dt, as dense buffers.
@@ -237,14 +330,13 @@ fn core(
         gather(pd, dp, ox + wx + wb, wc, rows),
     ];
     let dt = gather(pd, dp, odt, wdt, rows);
-    let (cw, cb) = (data(cwv), prm.conv_b.map(|b| data(tape.value(b))));
     let conv_out: [Vec<f32>; 3] = std::array::from_fn(|i| {
         let (c0, nc) = conv_blocks(&spec)[i];
         let dims = ConvDims::new(bsz, l, nc, k);
         let args = ConvArgs {
             x: &conv_in[i],
-            weight: &cw[c0 * k..(c0 + nc) * k],
-            bias: cb.map(|b| &b[c0..c0 + nc]),
+            weight: &w.cw[c0 * k..(c0 + nc) * k],
+            bias: w.cb.map(|b| &b[c0..c0 + nc]),
             silu: true,
         };
         let mut y = pool::take_for_overwrite(rows * nc);
@@ -252,29 +344,18 @@ fn core(
         y
     });
     let dims = Scan2Dims::new(bsz, l, h, spec.headdim, spec.dstate).with_groups(spec.ngroups);
-    let a = neg_exp(data(tape.value(prm.a_log)));
     let args = Scan2Args {
-        d: Some(data(tape.value(prm.d))),
-        delta_bias: Some(data(tape.value(prm.dt_bias))),
+        d: Some(w.d),
+        delta_bias: Some(w.dt_bias),
         delta_softplus: true,
-        ..Scan2Args::new(&conv_out[0], &dt, &a, &conv_out[1], &conv_out[2])
+        ..Scan2Args::new(&conv_out[0], &dt, w.a, &conv_out[1], &conv_out[2])
     };
     let mut y = pool::take_for_overwrite(rows * di);
-    let mut h_last = want_state.then(|| vec![0.0f32; dims.n_bhpn()]);
-    mamba2::scan_fwd_auto(&dims, &args, Scan2Out { y: &mut y, h_last: h_last.as_deref_mut() });
-    pool::give(a);
+    mamba2::scan_fwd_auto(&dims, &args, Scan2Out { y: &mut y, h_last });
     let nd = NormDims { rows, d: di, gs: di / spec.ngroups, eps: spec.eps };
     let z = Cols { data: pd, stride: dp, offset: 0 };
-    let mut out = for_overwrite(&[bsz, l, di]);
-    let rstd = norm_forward(nd, &y, Some(z), data(tape.value(prm.norm_w)), data_mut(&mut out));
-    let state = want_state.then(|| Mamba2State {
-        conv: conv_state(pd, (bsz, l, dp), ox, cd, k),
-        ssm: from_vec(&[bsz, h, spec.headdim, spec.dstate], h_last.unwrap_or_default()),
-    });
-    let mut inputs = vec![proj, prm.conv_w, prm.dt_bias, prm.a_log, prm.d, prm.norm_w];
-    inputs.extend(prm.conv_b);
-    let saved = Mamba2CoreBackward { spec, dims, k, conv_in, conv_out, dt, y, nd, rstd };
-    (tape.push(out, &inputs, saved), state)
+    let rstd = norm_forward(nd, &y, Some(z), w.norm_w, out);
+    Saved::Split(Box::new(SplitSaved { dims, conv_in, conv_out, dt, y, nd, rstd }))
 }
 
 /// `A = −exp(A_log)` in a pooled buffer.
@@ -284,12 +365,19 @@ fn neg_exp(a_log: &[f32]) -> Vec<f32> {
     a
 }
 
-/// Saved: the conv inputs and outputs (= the scan's `x`, `B`, `C`), `dt`, the scan output `y`
-/// and the norm's reciprocal RMS. Inputs: proj, conv_w, dt_bias, A_log, D, norm_w[, conv_b].
+/// What the backward needs besides the inputs (proj, conv_w, dt_bias, A_log, D, norm_w[,
+/// conv_b]).
 struct Mamba2CoreBackward {
     spec: Mamba2Spec,
-    dims: Scan2Dims,
     k: usize,
+    rows: usize,
+    saved: Saved,
+}
+
+/// The separate kernels' conv inputs and outputs (= the scan's `x`, `B`, `C`), `dt`, the scan
+/// output `y` and the norm's reciprocal RMS.
+struct SplitSaved {
+    dims: Scan2Dims,
     conv_in: [Vec<f32>; 3],
     conv_out: [Vec<f32>; 3],
     dt: Vec<f32>,
@@ -298,15 +386,24 @@ struct Mamba2CoreBackward {
     rstd: Vec<f32>,
 }
 
+enum Saved {
+    /// See [`SplitSaved`].
+    Split(Box<SplitSaved>),
+    /// The fused kernel's reciprocal RMS (it recomputes everything else from `proj`).
+    Fused { dims: MixerDims, rstd: Vec<f32> },
+}
+
 /// The saved buffers go back to the pool for the next step's forward.
 impl Drop for Mamba2CoreBackward {
     fn drop(&mut self) {
-        let saved = [&mut self.dt, &mut self.y, &mut self.rstd]
-            .into_iter()
-            .chain(&mut self.conv_in)
-            .chain(&mut self.conv_out);
-        for v in saved {
-            pool::give(std::mem::take(v));
+        match &mut self.saved {
+            Saved::Split(sv) => {
+                let SplitSaved { conv_in, conv_out, dt, y, rstd, .. } = &mut **sv;
+                for v in [dt, y, rstd].into_iter().chain(conv_in).chain(conv_out) {
+                    pool::give(std::mem::take(v));
+                }
+            }
+            Saved::Fused { rstd, .. } => pool::give(std::mem::take(rstd)),
         }
     }
 }
@@ -348,50 +445,48 @@ impl Backward for Mamba2CoreBackward {
             }
         }
         let ow = fresh[0];
-        let Mamba2CoreBackward { spec, dims, k, nd, .. } = *self;
-        let (dp, di, cd, rows) = (spec.proj_dim(), spec.d_inner(), spec.conv_dim(), nd.rows);
-        let pd = data(inputs[0]);
+        let (spec, k, rows) = (self.spec, self.k, self.rows);
+        let (dp, cd) = (spec.proj_dim(), spec.conv_dim());
         let [dproj, dcw, ddt_bias, da_log, dd, dnorm_w, rest @ ..] = dinputs else {
             unreachable!("mamba2_core has at least six inputs")
         };
-        let dcb = rest.first_mut().and_then(|s| s.as_deref_mut()).map(data_mut);
-        let mut scratch = [Vec::new(), Vec::new()];
-        let [s0, s1] = &mut scratch;
-        let dproj = slot_or_scratch(dproj.as_deref_mut(), s0, rows * dp);
-        let dcw = slot_or_scratch(dcw.as_deref_mut(), s1, cd * k);
-
-        // Gated norm: dy of the scan, and dz straight into the projection's z columns.
-        let mut dy = pool::take_for_overwrite(rows * di);
-        let z = Cols { data: pd, stride: dp, offset: 0 };
-        let dnw = dnorm_w.as_deref_mut().map(data_mut);
-        let io = (&self.y[..], Some(z), data(inputs[5]));
-        norm_backward(nd, io, &self.rstd, data(dout), Some(&mut dy), dnw, Some((dproj, dp, 0)), (true, ow));
-
-        // Scan: gradients of the conv outputs and of dt.
+        let mut scratch: [Vec<f32>; 5] = Default::default();
+        let [s0, s1, s2, s3, s4] = &mut scratch;
         let a = neg_exp(data(inputs[3]));
-        let args = Scan2Args {
-            d: Some(data(inputs[4])),
-            delta_bias: Some(data(inputs[2])),
-            delta_softplus: true,
-            ..Scan2Args::new(&self.conv_out[0], &self.dt, &a, &self.conv_out[1], &self.conv_out[2])
-        };
-        let mut dconv_out: [Vec<f32>; 3] = conv_blocks(&spec).map(|(_, nc)| pool::take(rows * nc));
-        let mut ddt = pool::take(rows * spec.nheads);
         let mut da = pool::take(spec.nheads);
-        {
-            let [dx, db, dc] = &mut dconv_out;
-            let grads = Scan2Grads {
-                dx,
-                ddelta: &mut ddt,
-                da: &mut da,
-                db,
-                dc,
-                dd: dd.as_deref_mut().map(data_mut),
-                dz: None,
-                ddelta_bias: ddt_bias.as_deref_mut().map(data_mut),
-                dh0: None,
-            };
-            mamba2::scan_bwd_auto(&dims, &args, &dy, None, grads);
+        let g = Grads {
+            dproj: slot_or_scratch(dproj.as_deref_mut(), s0, rows * dp),
+            dcw: slot_or_scratch(dcw.as_deref_mut(), s1, cd * k),
+            dcb: rest.first_mut().and_then(|s| s.as_deref_mut()).map(data_mut),
+            ddt_bias: slot_or_scratch(ddt_bias.as_deref_mut(), s2, spec.nheads),
+            da: &mut da,
+            dd: slot_or_scratch(dd.as_deref_mut(), s3, spec.nheads),
+            dnorm_w: slot_or_scratch(dnorm_w.as_deref_mut(), s4, spec.d_inner()),
+        };
+        let w = Weights {
+            cw: data(inputs[1]),
+            cb: inputs.get(6).map(|b| data(b)),
+            dt_bias: data(inputs[2]),
+            a: &a,
+            d: data(inputs[4]),
+            norm_w: data(inputs[5]),
+        };
+        let (pd, dy) = (data(inputs[0]), data(dout));
+        match &self.saved {
+            Saved::Fused { dims, rstd } => {
+                let grads = MixerGrads {
+                    dproj: g.dproj,
+                    overwrite_dproj: ow,
+                    dconv_w: g.dcw,
+                    dconv_b: g.dcb,
+                    ddt_bias: g.ddt_bias,
+                    da: g.da,
+                    dd: g.dd,
+                    dnorm_w: g.dnorm_w,
+                };
+                mixer_bwd(dims, pd, &w.mixer(spec.eps), rstd, dy, grads);
+            }
+            split => split_backward(spec, k, split, pd, &w, dy, g, ow),
         }
         if let Some(dal) = da_log.as_deref_mut() {
             for ((g, &ga), &av) in data_mut(dal).iter_mut().zip(&da).zip(&a) {
@@ -400,36 +495,95 @@ impl Backward for Mamba2CoreBackward {
         }
         pool::give(da);
         pool::give(a);
-        pool::give(dy);
-        let [ox, _, _, odt] = spec.offsets();
-        scatter(dproj, dp, odt, &ddt, spec.nheads, ow);
-        pool::give(ddt);
-
-        // Conv, per channel block, then into the projection's x | B | C columns.
-        let cw = data(inputs[1]);
-        let cb = inputs.get(6).map(|b| data(b));
-        let mut dcb = dcb;
-        for (i, (c0, nc)) in conv_blocks(&spec).into_iter().enumerate() {
-            let cdims = ConvDims::new(dims.batch, dims.seqlen, nc, k);
-            let args = ConvArgs {
-                x: &self.conv_in[i],
-                weight: &cw[c0 * k..(c0 + nc) * k],
-                bias: cb.map(|b| &b[c0..c0 + nc]),
-                silu: true,
-            };
-            let mut dx = pool::take(rows * nc);
-            let grads = ConvGrads {
-                dx: &mut dx,
-                dweight: &mut dcw[c0 * k..(c0 + nc) * k],
-                dbias: dcb.as_deref_mut().map(|b| &mut b[c0..c0 + nc]),
-            };
-            conv1d_bwd(&cdims, &args, &dconv_out[i], grads);
-            scatter(dproj, dp, ox + c0, &dx, nc, ow);
-            pool::give(dx);
-        }
-        for v in dconv_out.into_iter().chain(scratch) {
+        for v in scratch {
             pool::give(v);
         }
+    }
+}
+
+/// The gradient buffers of a backward call (scratch for the inputs that need none).
+struct Grads<'a> {
+    dproj: &'a mut [f32],
+    dcw: &'a mut [f32],
+    dcb: Option<&'a mut [f32]>,
+    ddt_bias: &'a mut [f32],
+    da: &'a mut [f32],
+    dd: &'a mut [f32],
+    dnorm_w: &'a mut [f32],
+}
+
+/// The backward on the separate kernels: gated norm (dz straight into the projection's z
+/// columns), scan, conv per block, each column block of `dproj` written (`ow`) or added once.
+#[allow(clippy::too_many_arguments)]
+fn split_backward(
+    spec: Mamba2Spec,
+    k: usize,
+    saved: &Saved,
+    pd: &[f32],
+    w: &Weights,
+    dout: &[f32],
+    g: Grads,
+    ow: bool,
+) {
+    let Saved::Split(sv) = saved else { unreachable!("split_backward takes the split path's saved values") };
+    let SplitSaved { dims, conv_in, conv_out, dt, y, nd, rstd } = &**sv;
+    let (dp, di, rows) = (spec.proj_dim(), spec.d_inner(), nd.rows);
+    let Grads { dproj, dcw, mut dcb, ddt_bias, da, dd, dnorm_w } = g;
+    let mut dy = pool::take_for_overwrite(rows * di);
+    let z = Cols { data: pd, stride: dp, offset: 0 };
+    let io = (&y[..], Some(z), w.norm_w);
+    norm_backward(*nd, io, rstd, dout, Some(&mut dy), Some(dnorm_w), Some((dproj, dp, 0)), (true, ow));
+
+    // Scan: gradients of the conv outputs and of dt.
+    let args = Scan2Args {
+        d: Some(w.d),
+        delta_bias: Some(w.dt_bias),
+        delta_softplus: true,
+        ..Scan2Args::new(&conv_out[0], dt, w.a, &conv_out[1], &conv_out[2])
+    };
+    let mut dconv_out: [Vec<f32>; 3] = conv_blocks(&spec).map(|(_, nc)| pool::take(rows * nc));
+    let mut ddt = pool::take(rows * spec.nheads);
+    {
+        let [dx, db, dc] = &mut dconv_out;
+        let grads = Scan2Grads {
+            dx,
+            ddelta: &mut ddt,
+            da,
+            db,
+            dc,
+            dd: Some(dd),
+            dz: None,
+            ddelta_bias: Some(ddt_bias),
+            dh0: None,
+        };
+        mamba2::scan_bwd_auto(dims, &args, &dy, None, grads);
+    }
+    pool::give(dy);
+    let [ox, _, _, odt] = spec.offsets();
+    scatter(dproj, dp, odt, &ddt, spec.nheads, ow);
+    pool::give(ddt);
+
+    // Conv, per channel block, then into the projection's x | B | C columns.
+    for (i, (c0, nc)) in conv_blocks(&spec).into_iter().enumerate() {
+        let cdims = ConvDims::new(dims.batch, dims.seqlen, nc, k);
+        let args = ConvArgs {
+            x: &conv_in[i],
+            weight: &w.cw[c0 * k..(c0 + nc) * k],
+            bias: w.cb.map(|b| &b[c0..c0 + nc]),
+            silu: true,
+        };
+        let mut dx = pool::take(rows * nc);
+        let grads = ConvGrads {
+            dx: &mut dx,
+            dweight: &mut dcw[c0 * k..(c0 + nc) * k],
+            dbias: dcb.as_deref_mut().map(|b| &mut b[c0..c0 + nc]),
+        };
+        conv1d_bwd(&cdims, &args, &dconv_out[i], grads);
+        scatter(dproj, dp, ox + c0, &dx, nc, ow);
+        pool::give(dx);
+    }
+    for v in dconv_out {
+        pool::give(v);
     }
 }
 
@@ -508,13 +662,30 @@ mod tests {
         out
     }
 
+    fn run(t: &mut Tape, v: &[Var], spec: Mamba2Spec, path: Path) -> Var {
+        core(t, v[0], params(v), spec, false, path).0
+    }
+
     #[test]
-    fn backward_matches_finite_differences() {
+    fn split_backward_matches_finite_differences() {
         let (spec, k) = small();
         let (bsz, l) = (2, 7);
         check_op(
             inputs(&spec, k, bsz, l),
-            |t, v| mamba2_core(t, v[0], params(v), spec),
+            |t, v| run(t, v, spec, Path::Split),
+            |x| reference(x, &spec, k, bsz, l),
+            2e-3,
+        );
+    }
+
+    #[test]
+    fn fused_backward_matches_finite_differences() {
+        // The smallest dims the fused kernel takes: P = 8, G·N = 8; K = 3, L = 7.
+        let spec = Mamba2Spec { nheads: 2, headdim: 8, ngroups: 2, dstate: 4, eps: 1e-5 };
+        let (k, bsz, l) = (3, 2, 7);
+        check_op(
+            inputs(&spec, k, bsz, l),
+            |t, v| run(t, v, spec, Path::Fused),
             |x| reference(x, &spec, k, bsz, l),
             2e-3,
         );
@@ -538,10 +709,16 @@ mod tests {
         gated_rms_norm(t, y, z, v[5], di / spec.ngroups, spec.eps)
     }
 
-    /// At a size that takes the parallel paths, values and every gradient equal those of the
-    /// composition of the separate (each finite-difference-checked) ops.
+    /// At a size that takes the parallel paths, values and every gradient of both paths equal
+    /// those of the composition of the separate (each finite-difference-checked) ops.
     #[test]
-    fn equals_the_composed_ops() {
+    fn both_paths_equal_the_composed_ops() {
+        for path in [Path::Split, Path::Fused] {
+            equals_the_composed_ops(path);
+        }
+    }
+
+    fn equals_the_composed_ops(path: Path) {
         let spec = Mamba2Spec { nheads: 4, headdim: 16, ngroups: 2, dstate: 8, eps: 1e-5 };
         let (k, bsz, l) = (4, 3, 150);
         let ins = inputs(&spec, k, bsz, l);
@@ -549,11 +726,8 @@ mod tests {
             let store = ParamStore::new();
             let mut tape = Tape::new(&store);
             let v: Vec<Var> = ins.iter().map(|t| tape.leaf(t.clone())).collect();
-            let out = if fused {
-                mamba2_core(&mut tape, v[0], params(&v), spec)
-            } else {
-                composed(&mut tape, &v, &spec, bsz, l)
-            };
+            let out =
+                if fused { run(&mut tape, &v, spec, path) } else { composed(&mut tape, &v, &spec, bsz, l) };
             let y = data(tape.value(out)).to_vec();
             let seed = random(tape.value(out).shape(), 11);
             tape.backward_from(out, seed, &mut Grads::new(&store));
@@ -604,6 +778,24 @@ mod tests {
     #[test]
     fn fresh_and_accumulated_gradients() {
         let spec = Mamba2Spec { nheads: 4, headdim: 16, ngroups: 2, dstate: 8, eps: 1e-5 };
-        check_accumulates(inputs(&spec, 4, 2, 70), |t, v| mamba2_core(t, v[0], params(v), spec));
+        for path in [Path::Split, Path::Fused] {
+            check_accumulates(inputs(&spec, 4, 2, 70), |t, v| run(t, v, spec, path));
+        }
+    }
+
+    #[test]
+    fn fused_and_split_final_states_agree() {
+        let spec = Mamba2Spec { nheads: 4, headdim: 16, ngroups: 2, dstate: 8, eps: 1e-5 };
+        let ins = inputs(&spec, 4, 3, 40);
+        let state = |path: Path| {
+            let store = ParamStore::new();
+            let mut tape = Tape::inference(&store);
+            let v: Vec<Var> = ins.iter().map(|t| tape.constant(t.clone())).collect();
+            let (_, st) = core(&mut tape, v[0], params(&v), spec, true, path);
+            data(&st.expect("requested").ssm).to_vec()
+        };
+        let (fused, split) = (state(Path::Fused), state(Path::Split));
+        let want: Vec<f64> = split.iter().map(|&v| v as f64).collect();
+        ssm_kernel::testing::assert_rel_max("h_last", &fused, &want, 1e-5, 1e-3);
     }
 }

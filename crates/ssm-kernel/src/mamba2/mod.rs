@@ -32,11 +32,14 @@
 //!   [`ssd_bwd`] for the hand-derived backward).
 //! - [`scan_fwd_auto`], [`scan_bwd_auto`]: pick one of the two by the rule documented on
 //!   [`use_ssd`] (sequential forward; SSD backward for large `N·P`).
+//! - [`mixer_fwd`], [`mixer_bwd`]: the whole mixer core between `in_proj` and `out_proj` (conv,
+//!   scan, gated RMSNorm) fused per batch row, for the training step.
 //!
 //! All fast kernels are `f32`; [`crate::reference::mamba2`] holds the generic naive loops they are
 //! tested against.
 
 mod common;
+mod mixer;
 mod seq;
 mod ssd;
 mod types;
@@ -44,6 +47,7 @@ mod types;
 #[cfg(test)]
 mod tests;
 
+pub use mixer::{MixerDims, MixerGrads, MixerParams, mixer_bwd, mixer_fwd};
 pub use seq::{scan_bwd, scan_fwd, scan_step};
 pub use ssd::{AUTO_CHUNK, scan_bwd_auto, scan_fwd_auto, ssd_bwd, ssd_fwd, use_ssd};
 pub(crate) use types::check_step;

@@ -50,7 +50,7 @@ fn update<const M: usize, const Y: bool>(
 
 /// One full step of the (N, pv) state; when `Y`, writes `Σ_n h·C[n]` into `acc` (pv vectors).
 #[inline(always)]
-fn step_state<const Y: bool>(
+pub(crate) fn step_state<const Y: bool>(
     st: &mut [f32x8],
     pv: usize,
     av: f32x8,
@@ -68,12 +68,21 @@ fn step_state<const Y: bool>(
 
 /// Loads `Δ·x_t` (pv vectors, zero-padded) and `x_t` from the row `xrow` (P values).
 #[inline(always)]
-fn load_x(xrow: &[f32], dt: f32, xv: &mut [f32x8], dxv: &mut [f32x8]) {
+pub(crate) fn load_x(xrow: &[f32], dt: f32, xv: &mut [f32x8], dxv: &mut [f32x8]) {
     let dtv = f32x8::splat(dt);
-    for j in 0..xv.len() {
-        let v = simd::load(&xrow[j * W..]);
-        xv[j] = v;
-        dxv[j] = v * dtv;
+    if xrow.len() == xv.len() * W {
+        // P a multiple of 8: plain vector loads.
+        for (j, (x, dx)) in xv.iter_mut().zip(dxv.iter_mut()).enumerate() {
+            let v = simd::load_full(&xrow[j * W..]);
+            *x = v;
+            *dx = v * dtv;
+        }
+    } else {
+        for j in 0..xv.len() {
+            let v = simd::load(&xrow[j * W..]);
+            xv[j] = v;
+            dxv[j] = v * dtv;
+        }
     }
 }
 
@@ -137,7 +146,7 @@ pub fn scan_fwd(dims: &Scan2Dims, args: &Scan2Args<f32>, out: Scan2Out<f32>) {
 /// Pass 1 of the backward, lanes `j0..j0+M`: adds `Σ_p h[n][p]·dy'[p]` (that is, `dC_t[n]`)
 /// into `dcn[n]` for every `n`.
 #[inline(always)]
-fn dc_block<const M: usize>(st: &[f32x8], pv: usize, j0: usize, dyy: &[f32x8], dcn: &mut [f32]) {
+pub(crate) fn dc_block<const M: usize>(st: &[f32x8], pv: usize, j0: usize, dyy: &[f32x8], dcn: &mut [f32]) {
     let dy: [f32x8; M] = std::array::from_fn(|i| dyy[j0 + i]);
     for (k, o) in dcn.iter_mut().enumerate() {
         let row: &[f32x8; M] = st[k * pv + j0..k * pv + j0 + M].try_into().unwrap();
@@ -154,7 +163,7 @@ fn dc_block<const M: usize>(st: &[f32x8], pv: usize, j0: usize, dyy: &[f32x8], d
 /// `dxacc` and adding `Σ_p G·x` into `sn[n]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn adjoint_block<const M: usize>(
+pub(crate) fn adjoint_block<const M: usize>(
     gs: &mut [f32x8],
     pv: usize,
     j0: usize,
