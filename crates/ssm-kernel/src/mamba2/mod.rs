@@ -45,6 +45,8 @@ mod ssd;
 mod types;
 
 #[cfg(test)]
+mod mixer_tests;
+#[cfg(test)]
 mod tests;
 
 pub use mixer::{MixerDims, MixerGrads, MixerParams, mixer_bwd, mixer_fwd};
