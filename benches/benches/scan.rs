@@ -1,4 +1,5 @@
-//! Selective-scan benchmarks: `scan/mamba1/…` and `scan/mamba2/…`.
+//! Selective-scan benchmarks: `scan/mamba1/…`, `scan/mamba2/…` and the fused Mamba-2 mixer core
+//! `mixer/mamba2/…`.
 //!
 //! Elements are state updates: `B·L·D·N` per Mamba-1 call, `B·L·H·P·N` per Mamba-2 call
 //! (`B·D·N`, `B·H·P·N` for a step). Inputs follow Mamba's initialisation: `A = −exp(A_log)`,
@@ -9,7 +10,9 @@ use std::hint::black_box;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use mamba_benches::{config, fast, pools, slow, uniform};
 use ssm_kernel::mamba1::{self, Scan1Args, Scan1Dims, Scan1Grads, Scan1Out};
-use ssm_kernel::mamba2::{self, Scan2Args, Scan2Dims, Scan2Grads, Scan2Out};
+use ssm_kernel::mamba2::{
+    self, MixerDims, MixerGrads, MixerParams, Scan2Args, Scan2Dims, Scan2Grads, Scan2Out,
+};
 use ssm_kernel::reference;
 use ssm_kernel::testing::Rng;
 
@@ -289,9 +292,66 @@ fn bench_mamba2(cr: &mut Criterion) {
     grp.finish();
 }
 
+/// The fused Mamba-2 mixer core (conv + scan + gated norm) at the "S" model's shape: B8 L256,
+/// 8 heads of 64, N 16, one group, conv width 4. Elements are state updates (B·L·H·P·N).
+fn bench_mixer(cr: &mut Criterion) {
+    let dims = MixerDims { batch: 8, seqlen: 256, nheads: 8, headdim: 64, dstate: 16, ngroups: 1, width: 4 };
+    let MixerDims { batch: b, seqlen: l, nheads: h, headdim: hp, dstate: n, .. } = dims;
+    let (rows, dp, di, cd) = (b * l, dims.proj_dim(), dims.d_inner(), dims.conv_dim());
+    let mut r = Rng(21);
+    let proj = uniform(&mut r, rows * dp, -1.0, 1.0);
+    let (conv_w, conv_b) = (uniform(&mut r, cd * 4, -0.5, 0.5), uniform(&mut r, cd, -0.1, 0.1));
+    let (dt_bias, a) = (uniform(&mut r, h, -6.9, -2.25), uniform(&mut r, h, -16.0, -1.0));
+    let (d, norm_w) = (vec![1.0f32; h], vec![1.0f32; di]);
+    let p = MixerParams {
+        conv_w: &conv_w,
+        conv_b: Some(&conv_b),
+        dt_bias: &dt_bias,
+        a: &a,
+        d: &d,
+        norm_w: &norm_w,
+        eps: 1e-5,
+    };
+    let dout = uniform(&mut r, rows * di, -1.0, 1.0);
+    let (mut out, mut rstd, mut dproj) =
+        (vec![0.0f32; rows * di], vec![0.0f32; rows], vec![0.0f32; rows * dp]);
+    let (mut dcw, mut dcb, mut dh) = (vec![0.0f32; cd * 4], vec![0.0f32; cd], vec![vec![0.0f32; h]; 3]);
+    let mut dnw = vec![0.0f32; di];
+    let shape = format!("B{b}-L{l}-H{h}-P{hp}-N{n}");
+    let mut grp = cr.benchmark_group("mixer/mamba2");
+    grp.throughput(Throughput::Elements((b * l * h * hp * n) as u64));
+    for (suffix, pool) in &pools() {
+        grp.bench_function(format!("fwd/{shape}{suffix}"), |bn| {
+            pool.install(|| {
+                bn.iter(|| mamba2::mixer_fwd(&dims, &proj, &p, black_box(&mut out), &mut rstd, None))
+            })
+        });
+        grp.bench_function(format!("fwd_bwd/{shape}{suffix}"), |bn| {
+            pool.install(|| {
+                bn.iter(|| {
+                    mamba2::mixer_fwd(&dims, &proj, &p, black_box(&mut out), &mut rstd, None);
+                    let [ddb, da, dd] = &mut dh[..] else { unreachable!() };
+                    let grads = MixerGrads {
+                        dproj: &mut dproj,
+                        overwrite_dproj: true,
+                        dconv_w: &mut dcw,
+                        dconv_b: Some(&mut dcb),
+                        ddt_bias: ddb,
+                        da,
+                        dd,
+                        dnorm_w: &mut dnw,
+                    };
+                    mamba2::mixer_bwd(&dims, &proj, &p, &rstd, &dout, grads);
+                })
+            })
+        });
+    }
+    grp.finish();
+}
+
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_mamba1, bench_mamba2
+    targets = bench_mamba1, bench_mamba2, bench_mixer
 }
 criterion_main!(benches);
