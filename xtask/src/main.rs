@@ -263,12 +263,18 @@ fn markdown(rows: &[Row], filter: Option<&str>) -> String {
     let _ = writeln!(s, "| bench | target | measured | result |");
     let _ = writeln!(s, "|---|---:|---:|---|");
     for &(name, min) in TARGETS {
+        // Model benches count tokens (thousands per second); kernels count state updates.
+        let (fmt, unit): (fn(f64) -> String, &str) = if name.starts_with("model/") {
+            (|v| format!("{v:.0}"), "tokens/s")
+        } else {
+            (|v| format!("{v:.3e}"), "elements/s")
+        };
         let (measured, result) = match find(rows, name).and_then(|r| r.elements_per_s) {
-            Some(v) if v >= min => (format!("{v:.3e}"), "pass"),
-            Some(v) => (format!("{v:.3e}"), "FAIL"),
+            Some(v) if v >= min => (fmt(v), "pass"),
+            Some(v) => (fmt(v), "FAIL"),
             None => ("—".into(), "not run"),
         };
-        let _ = writeln!(s, "| {name} | ≥ {min:.1e} elements/s | {measured} | {result} |");
+        let _ = writeln!(s, "| {name} | ≥ {} {unit} | {measured} | {result} |", fmt(min));
     }
 
     let _ = writeln!(

@@ -500,12 +500,12 @@ pub const AUTO_CHUNK: usize = 32;
 /// - **forward: always sequential.** The SIMD recurrence runs at ≈ 23 G state-updates/s
 ///   (2.9 ms for N = 64), while SSD needs ≈ 2× the FLOPs in small GEMMs and took 4.7 ms (Q = 32);
 ///   at N = 128 it was 5.0 ms vs 7.8 ms.
-/// - **backward: SSD when `N·P ≥ 4096` and `L ≥ 64`.** The sequential backward streams three
-///   `N·P` state tiles per step (out of L1 beyond 16 KB), so it slows down faster with the
-///   state size than SSD's GEMMs: N = 64, P = 64: 19 ms vs 16 ms (Q = 32); N = 128: 40 ms vs
-///   32 ms; N = 16: 6 ms vs 10 ms (sequential wins).
+/// - **backward: SSD when `N·P > 4096` and `L ≥ 64`.** The sequential backward (two scans, one
+///   `N·P` state per pass) wins while that state fits in L1 and loses once it does not
+///   (median of 7, B8-H8-P64): L256 N16 3.7 vs 7.4 ms, N64 10.1 vs 14.0 ms, L64 N64 2.3 vs
+///   3.2 ms — sequential; L256 N128 39.9 vs 27.6 ms, L1024 N128 175 vs 119 ms — SSD.
 pub fn use_ssd(dims: &Scan2Dims, backward: bool) -> bool {
-    backward && dims.dstate * dims.headdim >= 4096 && dims.seqlen >= 64
+    backward && dims.dstate * dims.headdim > 4096 && dims.seqlen >= 64
 }
 
 /// Forward scan by whichever of [`super::scan_fwd`] and [`ssd_fwd`] (chunk [`AUTO_CHUNK`]) is

@@ -467,8 +467,10 @@ fn groups_must_divide_heads() {
 
 #[test]
 fn auto_kernels_match_reference() {
-    // N·P = 4096 and L ≥ 64: the backward takes the SSD path, the forward the sequential one.
-    let dims = Scan2Dims::new(1, 70, 2, 64, 64);
+    // N·P = 8192 and L ≥ 64: the backward takes the SSD path, the forward the sequential one;
+    // at N·P = 4096 both are sequential.
+    assert!(!use_ssd(&Scan2Dims::new(1, 70, 2, 64, 64), true));
+    let dims = Scan2Dims::new(1, 70, 2, 64, 128);
     assert!(use_ssd(&dims, true) && !use_ssd(&dims, false));
     let d = Data::random(&dims, 21, ALL);
     let (y, hl) = ref_fwd(&dims, &d);
