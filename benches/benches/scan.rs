@@ -11,7 +11,7 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use mamba_benches::{config, fast, pools, slow, uniform};
 use ssm_kernel::mamba1::{self, Scan1Args, Scan1Dims, Scan1Grads, Scan1Out};
 use ssm_kernel::mamba2::{
-    self, MixerDims, MixerGrads, MixerParams, Scan2Args, Scan2Dims, Scan2Grads, Scan2Out,
+    self, MixerDims, MixerGrads, MixerOut, MixerParams, Scan2Args, Scan2Dims, Scan2Grads, Scan2Out,
 };
 use ssm_kernel::reference;
 use ssm_kernel::testing::Rng;
@@ -316,20 +316,26 @@ fn bench_mixer(cr: &mut Criterion) {
     let (mut out, mut rstd, mut dproj) =
         (vec![0.0f32; rows * di], vec![0.0f32; rows], vec![0.0f32; rows * dp]);
     let (mut dcw, mut dcb, mut dh) = (vec![0.0f32; cd * 4], vec![0.0f32; cd], vec![vec![0.0f32; h]; 3]);
-    let mut dnw = vec![0.0f32; di];
+    let (mut dnw, mut y) = (vec![0.0f32; di], vec![0.0f32; rows * di]);
     let shape = format!("B{b}-L{l}-H{h}-P{hp}-N{n}");
     let mut grp = cr.benchmark_group("mixer/mamba2");
     grp.throughput(Throughput::Elements((b * l * h * hp * n) as u64));
     for (suffix, pool) in &pools() {
         grp.bench_function(format!("fwd/{shape}{suffix}"), |bn| {
             pool.install(|| {
-                bn.iter(|| mamba2::mixer_fwd(&dims, &proj, &p, black_box(&mut out), &mut rstd, None))
+                bn.iter(|| {
+                    let o =
+                        MixerOut { out: black_box(&mut out), rstd: &mut rstd, y: Some(&mut y), h_last: None };
+                    mamba2::mixer_fwd(&dims, &proj, &p, o)
+                })
             })
         });
         grp.bench_function(format!("fwd_bwd/{shape}{suffix}"), |bn| {
             pool.install(|| {
                 bn.iter(|| {
-                    mamba2::mixer_fwd(&dims, &proj, &p, black_box(&mut out), &mut rstd, None);
+                    let o =
+                        MixerOut { out: black_box(&mut out), rstd: &mut rstd, y: Some(&mut y), h_last: None };
+                    mamba2::mixer_fwd(&dims, &proj, &p, o);
                     let [ddb, da, dd] = &mut dh[..] else { unreachable!() };
                     let grads = MixerGrads {
                         dproj: &mut dproj,
@@ -341,7 +347,7 @@ fn bench_mixer(cr: &mut Criterion) {
                         dd,
                         dnorm_w: &mut dnw,
                     };
-                    mamba2::mixer_bwd(&dims, &proj, &p, &rstd, &dout, grads);
+                    mamba2::mixer_bwd(&dims, &proj, &p, (&rstd, &y), &dout, grads);
                 })
             })
         });

@@ -13,8 +13,8 @@
 use rayon::prelude::*;
 use ssm_kernel::conv::{ConvArgs, ConvDims, ConvGrads, ConvOut, conv1d_bwd, conv1d_fwd};
 use ssm_kernel::mamba2::{
-    self, MixerDims, MixerGrads, MixerParams, Scan2Args, Scan2Dims, Scan2Grads, Scan2Out, mixer_bwd,
-    mixer_fwd,
+    self, MixerDims, MixerGrads, MixerOut, MixerParams, Scan2Args, Scan2Dims, Scan2Grads, Scan2Out,
+    mixer_bwd, mixer_fwd,
 };
 
 use crate::ops::pool;
@@ -259,8 +259,15 @@ fn core(
     let mut h_last = want_state.then(|| vec![0.0f32; bsz * h * spec.headdim * spec.dstate]);
     let saved = if fused {
         let mut rstd = pool::take_for_overwrite(bsz * l * spec.ngroups);
-        mixer_fwd(&mdims, pd, &w.mixer(spec.eps), data_mut(&mut out), &mut rstd, h_last.as_deref_mut());
-        Saved::Fused { dims: mdims, rstd }
+        let mut y = pool::take_for_overwrite(bsz * l * di);
+        let o = MixerOut {
+            out: data_mut(&mut out),
+            rstd: &mut rstd,
+            y: Some(&mut y),
+            h_last: h_last.as_deref_mut(),
+        };
+        mixer_fwd(&mdims, pd, &w.mixer(spec.eps), o);
+        Saved::Fused { dims: mdims, rstd, y }
     } else {
         split_forward(spec, (bsz, l, k), pd, &w, data_mut(&mut out), h_last.as_deref_mut())
     };
@@ -389,8 +396,9 @@ struct SplitSaved {
 enum Saved {
     /// See [`SplitSaved`].
     Split(Box<SplitSaved>),
-    /// The fused kernel's reciprocal RMS (it recomputes everything else from `proj`).
-    Fused { dims: MixerDims, rstd: Vec<f32> },
+    /// The fused kernel's reciprocal RMS and pre-norm scan output (it recomputes everything
+    /// else from `proj`).
+    Fused { dims: MixerDims, rstd: Vec<f32>, y: Vec<f32> },
 }
 
 /// The saved buffers go back to the pool for the next step's forward.
@@ -403,7 +411,10 @@ impl Drop for Mamba2CoreBackward {
                     pool::give(std::mem::take(v));
                 }
             }
-            Saved::Fused { rstd, .. } => pool::give(std::mem::take(rstd)),
+            Saved::Fused { rstd, y, .. } => {
+                pool::give(std::mem::take(rstd));
+                pool::give(std::mem::take(y));
+            }
         }
     }
 }
@@ -473,7 +484,7 @@ impl Backward for Mamba2CoreBackward {
         };
         let (pd, dy) = (data(inputs[0]), data(dout));
         match &self.saved {
-            Saved::Fused { dims, rstd } => {
+            Saved::Fused { dims, rstd, y } => {
                 let grads = MixerGrads {
                     dproj: g.dproj,
                     overwrite_dproj: ow,
@@ -484,7 +495,7 @@ impl Backward for Mamba2CoreBackward {
                     dd: g.dd,
                     dnorm_w: g.dnorm_w,
                 };
-                mixer_bwd(dims, pd, &w.mixer(spec.eps), rstd, dy, grads);
+                mixer_bwd(dims, pd, &w.mixer(spec.eps), (rstd, y), dy, grads);
             }
             split => split_backward(spec, k, split, pd, &w, dy, g, ow),
         }

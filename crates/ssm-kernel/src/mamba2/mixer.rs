@@ -4,19 +4,18 @@
 //! Between `in_proj` and `out_proj` a Mamba-2 block does little arithmetic per byte: run as
 //! separate kernels (gather, conv, scan, norm), each pass streams multi-megabyte activations
 //! through memory, and at the "S" size that memory traffic, not arithmetic, is most of the
-//! block's time. Here one task walks its batch row in time order and does everything for a row
-//! while it is in L1: read the projection row (`z | x | B | C | dt`), the conv from the last `K`
-//! projection rows, the scan step of every head (all head states of the row, `H·N·P` floats,
-//! stay in cache), the gated norm, and write the output row. Nothing is saved for the backward
-//! but one reciprocal RMS per (row, group): the conv is recomputed from the projection.
+//! block's time. Here one task walks its batch row in blocks of 16 time steps and does everything
+//! for the block while it is in cache: the conv rows from the projection (`z | x | B | C | dt`),
+//! each head's scan over the block (its `N·P` state stays in L1), the gated norm of the rows.
+//! The backward needs from the forward only the pre-norm scan output `y` and one reciprocal
+//! RMS per (row, group); the conv is recomputed from the projection.
 //!
 //! The backward is the two-scan form of [`super::scan_bwd`] (see there for `α`, `β` and `M`)
 //! with the norm and conv folded in:
 //!
-//! - **pass 1, forward in time:** conv, scan step (giving `y`), the norm's backward for the row
-//!   (`dy` of the scan, `dz` written into the projection's gradient, `d norm.weight`), then
-//!   `dC_t = h_t · dy_t` and `α_t` per head. `dy` (B, L, d_inner) and `dC` rows are kept for
-//!   pass 2.
+//! - **pass 1, forward in time:** conv, the norm's backward for the rows (`dy` of the scan, `dz`
+//!   written into the projection's gradient, `d norm.weight`), then each head's state step with
+//!   `dC_t = h_t · dy_t` and `α_t`. `dy` (L, d_inner) and `dC` rows are kept for pass 2.
 //! - **pass 2, backward in time:** conv recomputed with its pre-activation, the adjoint step of
 //!   every head (`dx`, `dB`, `β`, `M(t)`, `dΔ` written into the projection's `dt` column), then
 //!   the conv's backward: the SiLU derivative, `d weight` / `d bias`, and — since rows
@@ -340,22 +339,28 @@ fn head_block<const Y: bool>(
     }
 }
 
-/// Forward: `out` (B, L, d_inner) and `rstd` (B, L, G) overwritten; the final SSM state into
-/// `h_last` (B, H, P, N) when given. One task per batch row on the current rayon pool.
+/// Output buffers of [`mixer_fwd`] (all overwritten).
+#[derive(Debug)]
+pub struct MixerOut<'a> {
+    /// The mixer core's output, (B, L, d_inner).
+    pub out: &'a mut [f32],
+    /// The gated norm's reciprocal RMS per (row, group), (B, L, G) — needed by [`mixer_bwd`].
+    pub rstd: &'a mut [f32],
+    /// The scan output before the norm, (B, L, d_inner) — needed by [`mixer_bwd`]; optional.
+    pub y: Option<&'a mut [f32]>,
+    /// The final SSM state, (B, H, P, N); optional.
+    pub h_last: Option<&'a mut [f32]>,
+}
+
+/// Forward into `o` (see [`MixerOut`]). One task per batch row on the current rayon pool.
 ///
 /// # Panics
 /// If the dims are not [`MixerDims::supported`] or a buffer length disagrees with them (the
 /// message names the buffer).
 #[track_caller]
-pub fn mixer_fwd(
-    dims: &MixerDims,
-    proj: &[f32],
-    p: &MixerParams,
-    out: &mut [f32],
-    rstd: &mut [f32],
-    h_last: Option<&mut [f32]>,
-) {
+pub fn mixer_fwd(dims: &MixerDims, proj: &[f32], p: &MixerParams, o: MixerOut) {
     const K: &str = "mamba2::mixer_fwd";
+    let MixerOut { out, rstd, y, h_last } = o;
     dims.check(K);
     p.check(K, dims);
     let MixerDims { batch, seqlen: l, nheads: h, headdim: pd, dstate: n, ngroups: ng, .. } = *dims;
@@ -364,11 +369,16 @@ pub fn mixer_fwd(
     check_len(K, "out", &format!("(B, L, {di})"), out.len(), batch * l * di);
     check_len(K, "rstd", "(B, L, G)", rstd.len(), batch * l * ng);
     check_opt_len(K, "h_last", "(B, H, P, N)", h_last.as_deref(), batch * h * pd * n);
+    check_opt_len(K, "y", &format!("(B, L, {di})"), y.as_deref(), batch * l * di);
     if batch * l == 0 {
         return;
     }
     let conv = Conv::new(dims, p);
     let (pv, sz, gs) = (pd / W, n * pd / W, di / ng);
+    let mut y_chunks: Vec<Option<&mut [f32]>> = match y {
+        Some(y) => y.chunks_mut(l * di).map(Some).collect(),
+        None => (0..batch).map(|_| None).collect(),
+    };
     let (ox, odt) = (di, 2 * di + 2 * gn);
     let mut hl_chunks: Vec<Option<&mut [f32]>> = match h_last {
         Some(hl) => hl.chunks_mut(h * pd * n).map(Some).collect(),
@@ -376,9 +386,9 @@ pub fn mixer_fwd(
     };
     out.par_chunks_mut(l * di)
         .zip(rstd.par_chunks_mut(l * ng))
-        .zip(hl_chunks.par_iter_mut())
+        .zip(hl_chunks.par_iter_mut().zip(y_chunks.par_iter_mut()))
         .enumerate()
-        .for_each(|(b, ((ob, rb), hl))| {
+        .for_each(|(b, ((ob, rb), (hl, yk)))| {
             let proj_b = &proj[b * l * dp..(b + 1) * l * dp];
             let mut st = vec![f32x8::ZERO; h * sz];
             let mut xbc = vec![0.0f32; TB * cd];
@@ -402,6 +412,9 @@ pub fn mixer_fwd(
                 // Gated norm of the rows, in place: v = y · silu(z), then v · r · w per group.
                 for t in t0..t0 + nt {
                     let (row, yrow) = (&proj_b[t * dp..(t + 1) * dp], &mut ob[t * di..(t + 1) * di]);
+                    if let Some(yk) = yk.as_deref_mut() {
+                        yk[t * di..(t + 1) * di].copy_from_slice(yrow);
+                    }
                     for j in 0..di / W {
                         v[j] = simd::load_full(&yrow[j * W..]) * simd::silu(simd::load_full(&row[j * W..]));
                     }
@@ -442,8 +455,8 @@ struct Partials {
     heads: Vec<[f64; 3]>,
 }
 
-/// Backward of [`mixer_fwd`] for upstream `dout` (B, L, d_inner), from the forward's `rstd`:
-/// gradients into `grads` (see [`MixerGrads`]). Each task keeps its row's scan `dy`
+/// Backward of [`mixer_fwd`] for upstream `dout` (B, L, d_inner), from the forward's `rstd`
+/// and pre-norm `y` (see [`MixerOut`]): gradients into `grads` (see [`MixerGrads`]). Each task keeps its row's scan `dy`
 /// (L, d_inner) and `dC` (L, G·N) between the passes.
 ///
 /// # Panics
@@ -453,7 +466,7 @@ pub fn mixer_bwd(
     dims: &MixerDims,
     proj: &[f32],
     p: &MixerParams,
-    rstd: &[f32],
+    (rstd, y): (&[f32], &[f32]),
     dout: &[f32],
     grads: MixerGrads,
 ) {
@@ -464,6 +477,7 @@ pub fn mixer_bwd(
     let (dp, di, gn, cd) = (dims.proj_dim(), dims.d_inner(), dims.gn(), dims.conv_dim());
     check_len(K, "proj", &format!("(B, L, {dp})"), proj.len(), batch * l * dp);
     check_len(K, "rstd", "(B, L, G)", rstd.len(), batch * l * ng);
+    check_len(K, "y", &format!("(B, L, {di})"), y.len(), batch * l * di);
     check_len(K, "dout", &format!("(B, L, {di})"), dout.len(), batch * l * di);
     let MixerGrads { dproj, overwrite_dproj: ow, dconv_w, dconv_b, ddt_bias, da, dd, dnorm_w } = grads;
     check_len(K, "dproj", &format!("(B, L, {dp})"), dproj.len(), batch * l * dp);
@@ -485,6 +499,7 @@ pub fn mixer_bwd(
         .map(|(b, dpb)| {
             let proj_b = &proj[b * l * dp..(b + 1) * l * dp];
             let dout_b = &dout[b * l * di..(b + 1) * l * di];
+            let y_b = &y[b * l * di..(b + 1) * l * di];
             let mut part = Partials {
                 dconv_w: vec![0.0; k * cd],
                 dconv_b: vec![0.0; cd],
@@ -498,9 +513,7 @@ pub fn mixer_bwd(
             let mut steps = vec![(0.0f32, 0.0f32, 0.0f32); l * h];
             let mut alpha = vec![0.0f64; l * h];
             let mut st = vec![f32x8::ZERO; h * sz];
-            let mut st_rec = vec![f32x8::ZERO; sz];
             let mut xbc = vec![0.0f32; TB * cd];
-            let mut yblk = vec![0.0f32; TB * di];
             let mut sc = [vec![f32x8::ZERO; pv], vec![f32x8::ZERO; pv], vec![f32x8::ZERO; pv]];
             let (mut vv, mut sil, mut gz) =
                 (vec![f32x8::ZERO; di / W], vec![f32x8::ZERO; di / W], vec![f32x8::ZERO; di / W]);
@@ -522,19 +535,11 @@ pub fn mixer_bwd(
                         bdc[t * ng + g] = dot(&xr[bo..bo + n], &xr[co..co + n]);
                     }
                 }
-                let bsteps = &steps[t0 * h..(t0 + nt) * h];
-                // The scan output of the block (each head from its state at t0, kept in `st`
-                // for the recomputation below, then advanced).
-                for hh in 0..h {
-                    st_rec.copy_from_slice(&st[hh * sz..(hh + 1) * sz]);
-                    let y = (&mut yblk[..], hh * pd, di);
-                    head_block::<true>(dims, hh, nt, &xbc, bsteps, p.d[hh], &mut st_rec, y, &mut sc);
-                }
                 // Norm backward of the rows: v = y·s with s = silu(z); per group
                 // dv = r·(dout⊙w) − (r³/gs)·v·Σ(dout⊙w⊙v); dy = dv·s; dz = dv·y·silu'(z).
                 for i in 0..nt {
                     let t = t0 + i;
-                    let (row, yrow) = (&proj_b[t * dp..(t + 1) * dp], &yblk[i * di..(i + 1) * di]);
+                    let (row, yrow) = (&proj_b[t * dp..(t + 1) * dp], &y_b[t * di..(t + 1) * di]);
                     let drow = &dout_b[t * di..(t + 1) * di];
                     for j in 0..di / W {
                         let z = simd::load_full(&row[j * W..]);
@@ -578,7 +583,7 @@ pub fn mixer_bwd(
                         let [xv, dxv, _] = &mut sc;
                         load_x(&xr[hh * pd..(hh + 1) * pd], dt, xv, dxv);
                         let brow = &xr[di + g * n..di + (g + 1) * n];
-                        let yr = &yblk[i * di + hh * pd..];
+                        let yr = &y_b[t * di + hh * pd..];
                         let dyr = &dyb[t * di + hh * pd..];
                         let (mut ydy, mut xdy) = (f32x8::ZERO, f32x8::ZERO);
                         for j in 0..pv {

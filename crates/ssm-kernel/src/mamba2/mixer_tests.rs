@@ -54,8 +54,8 @@ fn view<'a>(p: &'a [Vec<f32>; 6]) -> MixerParams<'a> {
 }
 
 /// `f64` reference forward: split the projection, conv + SiLU and scan by the reference
-/// kernels, then `y·silu(z)` normalised per group and scaled. Returns (out, rstd, h_last).
-fn reference(dims: &MixerDims, proj: &[f64], p: &Params) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+/// kernels, then `y·silu(z)` normalised per group and scaled. Returns (out, rstd, h_last, y).
+fn reference(dims: &MixerDims, proj: &[f64], p: &Params) -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
     let MixerDims { batch, seqlen: l, nheads: h, headdim: pd, dstate: n, ngroups: g, width: k } = *dims;
     let (dp, di, gn, cd, rows) = (dims.proj_dim(), dims.d_inner(), dims.gn(), dims.conv_dim(), batch * l);
     let cols = |src: &[f64], stride: usize, off: usize, w: usize| -> Vec<f64> {
@@ -88,22 +88,25 @@ fn reference(dims: &MixerDims, proj: &[f64], p: &Params) -> (Vec<f64>, Vec<f64>,
             }
         }
     }
-    (out, rstd, hl)
+    (out, rstd, hl, y)
 }
 
-fn fwd32(dims: &MixerDims, proj: &[f32], p: &[Vec<f32>; 6]) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+/// (out, rstd, h_last, y) of the f32 kernel, every buffer starting NaN.
+fn fwd32(dims: &MixerDims, proj: &[f32], p: &[Vec<f32>; 6]) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
     let rows = dims.batch * dims.seqlen;
     let mut out = vec![f32::NAN; rows * dims.d_inner()];
     let mut rstd = vec![f32::NAN; rows * dims.ngroups];
     let mut hl = vec![f32::NAN; dims.batch * dims.nheads * dims.headdim * dims.dstate];
-    mixer_fwd(dims, proj, &view(p), &mut out, &mut rstd, Some(&mut hl));
-    (out, rstd, hl)
+    let mut y = vec![f32::NAN; rows * dims.d_inner()];
+    let o = MixerOut { out: &mut out, rstd: &mut rstd, y: Some(&mut y), h_last: Some(&mut hl) };
+    mixer_fwd(dims, proj, &view(p), o);
+    (out, rstd, hl, y)
 }
 
 /// The gradients of `Σ w·out` as one vector per input: proj, conv_w, conv_b, dt_bias, a, d,
 /// norm_w. `dproj` starts NaN when `overwrite` (every element must be written), else zero.
 fn bwd32(dims: &MixerDims, proj: &[f32], p: &[Vec<f32>; 6], w: &[f32], overwrite: bool) -> Vec<Vec<f32>> {
-    let (_, rstd, _) = fwd32(dims, proj, p);
+    let (_, rstd, _, y) = fwd32(dims, proj, p);
     let mut g: Vec<Vec<f32>> =
         [proj.len(), p[0].len(), p[1].len(), p[2].len(), p[3].len(), p[4].len(), p[5].len()]
             .iter()
@@ -123,7 +126,7 @@ fn bwd32(dims: &MixerDims, proj: &[f32], p: &[Vec<f32>; 6], w: &[f32], overwrite
         dd,
         dnorm_w: dnw,
     };
-    mixer_bwd(dims, proj, &view(p), &rstd, w, grads);
+    mixer_bwd(dims, proj, &view(p), (&rstd, &y), w, grads);
     g
 }
 
@@ -151,9 +154,10 @@ proptest! {
     fn prop_fwd_matches_reference((dims, seed) in arb_dims()) {
         let proj = Rng(seed ^ 1).vec(dims.batch * dims.seqlen * dims.proj_dim(), -1.5, 1.5);
         let p = Params::random(&dims, seed);
-        let (out, rstd, hl) = fwd32(&dims, &to_f32(&proj), &p.f32());
-        let (wo, wr, wh) = reference(&dims, &proj, &p);
+        let (out, rstd, hl, y) = fwd32(&dims, &to_f32(&proj), &p.f32());
+        let (wo, wr, wh, wy) = reference(&dims, &proj, &p);
         assert_close("out", &out, &wo, 1e-4, 1e-5);
+        assert_close("y", &y, &wy, 1e-4, 1e-5);
         assert_close("rstd", &rstd, &wr, 1e-4, 1e-6);
         assert_close("h_last", &hl, &wh, 1e-4, 1e-5);
     }

@@ -49,7 +49,7 @@ mod mixer_tests;
 #[cfg(test)]
 mod tests;
 
-pub use mixer::{MixerDims, MixerGrads, MixerParams, mixer_bwd, mixer_fwd};
+pub use mixer::{MixerDims, MixerGrads, MixerOut, MixerParams, mixer_bwd, mixer_fwd};
 pub use seq::{scan_bwd, scan_fwd, scan_step};
 pub use ssd::{AUTO_CHUNK, scan_bwd_auto, scan_fwd_auto, ssd_bwd, ssd_fwd, use_ssd};
 pub(crate) use types::check_step;
