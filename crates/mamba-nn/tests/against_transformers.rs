@@ -193,12 +193,33 @@ fn mamba1_untied_matches_transformers() {
     check_case("mamba1-untied");
 }
 
+/// Runs `f` on a pool of `threads` threads. The Mamba-2 mixer core takes its fused per-batch-row
+/// kernels when the batch (2 in the fixtures) has at least as many rows as the pool has threads,
+/// and the separate kernels otherwise, so 1 and 4 threads cover both against transformers.
+fn on_threads(threads: usize, f: impl FnOnce() + Send) {
+    rayon::ThreadPoolBuilder::new().num_threads(threads).build().expect("rayon pool").install(f);
+}
+
 #[test]
 fn mamba2_one_group_matches_transformers() {
-    check_case("mamba2-g1");
+    for threads in [1, 4] {
+        on_threads(threads, || check_case("mamba2-g1"));
+    }
 }
 
 #[test]
 fn mamba2_two_groups_matches_transformers() {
-    check_case("mamba2-g2");
+    for threads in [1, 4] {
+        on_threads(threads, || check_case("mamba2-g2"));
+    }
+}
+
+#[test]
+fn mamba2_recurrent_inference_matches_on_both_core_paths() {
+    for threads in [1, 4] {
+        on_threads(threads, || {
+            check_recurrent("mamba2-g1");
+            check_recurrent("mamba2-g2");
+        });
+    }
 }
