@@ -301,14 +301,17 @@ fn advance_dc<const M: usize>(
 /// Time steps per block: a task runs the conv for a block of rows, then each head's scan over
 /// the block (its state, `N·P` floats, stays in L1 for `TB` steps), then the norm of the rows.
 const TB: usize = 16;
+
+/// How many rows ahead the projection is prefetched (its rows cross a page every row or two,
+/// where the hardware prefetcher stops).
 const PF: usize = 2;
 
 /// One head's state across the block's rows: `x`, `B`, `C` from the conv rows `xbc` (TB, C),
 /// the step scalars from `steps` (TB, H); `Σ_n h·C + D·x` of each row into `y` at `yoff`
-/// (rows `ys` apart). With `Y = false` only the state advances.
+/// (rows `ys` apart).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn head_block<const Y: bool>(
+fn head_block(
     dims: &MixerDims,
     hh: usize,
     nt: usize,
@@ -329,12 +332,10 @@ fn head_block<const Y: bool>(
         let xr = &xbc[i * cd..(i + 1) * cd];
         load_x(&xr[hh * pd..(hh + 1) * pd], dt, xv, dxv);
         let (brow, crow) = (&xr[di + g * n..di + (g + 1) * n], &xr[di + gn + g * n..di + gn + (g + 1) * n]);
-        step_state::<Y>(st, pv, f32x8::splat(abar), brow, crow, dxv, acc);
-        if Y {
-            let yr = &mut y[yoff + i * ys..];
-            for j in 0..pv {
-                simd::store_full(&mut yr[j * W..], dv.mul_add(xv[j], acc[j]));
-            }
+        step_state::<true>(st, pv, f32x8::splat(abar), brow, crow, dxv, acc);
+        let yr = &mut y[yoff + i * ys..];
+        for j in 0..pv {
+            simd::store_full(&mut yr[j * W..], dv.mul_add(xv[j], acc[j]));
         }
     }
 }
@@ -407,7 +408,7 @@ pub fn mixer_fwd(dims: &MixerDims, proj: &[f32], p: &MixerParams, o: MixerOut) {
                 for hh in 0..h {
                     let sth = &mut st[hh * sz..(hh + 1) * sz];
                     let y = (&mut *ob, t0 * di + hh * pd, di);
-                    head_block::<true>(dims, hh, nt, &xbc, &steps, p.d[hh], sth, y, &mut sc);
+                    head_block(dims, hh, nt, &xbc, &steps, p.d[hh], sth, y, &mut sc);
                 }
                 // Gated norm of the rows, in place: v = y · silu(z), then v · r · w per group.
                 for t in t0..t0 + nt {
