@@ -259,11 +259,13 @@ fn core(
     let mut h_last = want_state.then(|| vec![0.0f32; bsz * h * spec.headdim * spec.dstate]);
     let saved = if fused {
         let mut rstd = pool::take_for_overwrite(bsz * l * spec.ngroups);
-        let mut y = pool::take_for_overwrite(bsz * l * di);
+        // The pre-norm output is kept only for a backward (not on an inference tape).
+        let keep = tape.is_recording();
+        let mut y = if keep { pool::take_for_overwrite(bsz * l * di) } else { Vec::new() };
         let o = MixerOut {
             out: data_mut(&mut out),
             rstd: &mut rstd,
-            y: Some(&mut y),
+            y: keep.then_some(&mut y[..]),
             h_last: h_last.as_deref_mut(),
         };
         mixer_fwd(&mdims, pd, &w.mixer(spec.eps), o);
