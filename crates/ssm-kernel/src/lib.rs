@@ -34,6 +34,7 @@ pub mod gemm;
 pub mod mamba1;
 pub mod mamba2;
 pub mod par;
+pub mod pool;
 pub mod real;
 pub mod reference;
 pub mod simd;

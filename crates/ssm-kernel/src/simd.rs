@@ -193,6 +193,21 @@ pub mod x16 {
 
 pub use x8::*;
 
+/// `Σ a·b` over the common length, with sixteen independent partial sums so it vectorises (a
+/// plain iterator sum is one serial chain of dependent adds).
+#[inline]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ac.zip(bc) {
+        for i in 0..16 {
+            acc[i] = x[i].mul_add(y[i], acc[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 /// Hints the CPU to fetch the cache line holding `s[i]` (nothing when `i` is out of bounds or
 /// on other architectures).
 ///

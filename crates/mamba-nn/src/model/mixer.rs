@@ -36,17 +36,9 @@ pub fn forward(
 /// first, as (B, C, K), zero where the sequence is shorter than `k`.
 fn conv_state(x: &Tensor, k: usize) -> Vec<f32> {
     let (bsz, l, c) = (x.shape()[0], x.shape()[1], x.shape()[2]);
-    let xs = data(x);
-    let mut out = vec![0.0f32; bsz * c * k];
-    for b in 0..bsz {
-        for j in 0..k {
-            let Some(t) = (l + j).checked_sub(k) else { continue };
-            for ch in 0..c {
-                out[(b * c + ch) * k + j] = xs[(b * l + t) * c + ch];
-            }
-        }
-    }
-    out
+    let mut st = vec![0.0f32; bsz * c * k];
+    ssm_kernel::conv::conv_state(&ssm_kernel::conv::ConvDims::new(bsz, l, c, k), data(x), (c, 0), &mut st);
+    st
 }
 
 fn param(tape: &mut Tape, prefix: &str, name: &str) -> Var {

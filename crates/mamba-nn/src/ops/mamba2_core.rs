@@ -11,7 +11,7 @@
 //! and against the composition of the separate ops.
 
 use rayon::prelude::*;
-use ssm_kernel::conv::{ConvArgs, ConvDims, ConvGrads, ConvOut, conv1d_bwd, conv1d_fwd};
+use ssm_kernel::conv::{ConvArgs, ConvDims, ConvGrads, ConvOut, conv_state, conv1d_bwd, conv1d_fwd};
 use ssm_kernel::mamba2::{
     self, MixerDims, MixerGrads, MixerOut, MixerParams, Scan2Args, Scan2Dims, Scan2Grads, Scan2Out,
     mixer_bwd, mixer_fwd,
@@ -19,6 +19,7 @@ use ssm_kernel::mamba2::{
 
 use crate::ops::pool;
 use crate::ops::rmsnorm::{Cols, NormDims, norm_backward, norm_forward};
+use crate::ops::scan::neg_exp;
 use crate::tape::{Backward, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, for_overwrite, from_vec};
 
@@ -162,27 +163,6 @@ fn scatter(dst: &mut [f32], stride: usize, offset: usize, src: &[f32], width: us
     });
 }
 
-/// The conv state (B, C, K) after a sequence, read from `proj`'s `x | B | C` columns.
-fn conv_state(
-    proj: &[f32],
-    (bsz, l, dp): (usize, usize, usize),
-    off: usize,
-    cd: usize,
-    k: usize,
-) -> Vec<f32> {
-    let mut out = vec![0.0f32; bsz * cd * k];
-    for b in 0..bsz {
-        for j in 0..k {
-            let Some(t) = (l + j).checked_sub(k) else { continue };
-            let row = &proj[(b * l + t) * dp + off..][..cd];
-            for (ch, &v) in row.iter().enumerate() {
-                out[(b * cd + ch) * k + j] = v;
-            }
-        }
-    }
-    out
-}
-
 /// The three conv channel blocks: (first channel, count) of `x`, `B` and `C`.
 fn conv_blocks(spec: &Mamba2Spec) -> [(usize, usize); 3] {
     let (di, gn) = (spec.d_inner(), spec.gn());
@@ -275,7 +255,11 @@ fn core(
     };
     pool::give(a);
     let state = want_state.then(|| Mamba2State {
-        conv: conv_state(pd, (bsz, l, dp), spec.offsets()[0], cd, k),
+        conv: {
+            let mut st = vec![0.0f32; bsz * cd * k];
+            conv_state(&ConvDims::new(bsz, l, cd, k), pd, (dp, spec.offsets()[0]), &mut st);
+            st
+        },
         ssm: from_vec(&[bsz, h, spec.headdim, spec.dstate], h_last.unwrap_or_default()),
     });
     let mut inputs = vec![proj, prm.conv_w, prm.dt_bias, prm.a_log, prm.d, prm.norm_w];
@@ -365,13 +349,6 @@ fn split_forward(
     let z = Cols { data: pd, stride: dp, offset: 0 };
     let rstd = norm_forward(nd, &y, Some(z), w.norm_w, out);
     Saved::Split(Box::new(SplitSaved { dims, conv_in, conv_out, dt, y, nd, rstd }))
-}
-
-/// `A = −exp(A_log)` in a pooled buffer.
-fn neg_exp(a_log: &[f32]) -> Vec<f32> {
-    let mut a = pool::take(a_log.len());
-    a.iter_mut().zip(a_log).for_each(|(o, v)| *o = -v.exp());
-    a
 }
 
 /// What the backward needs besides the inputs (proj, conv_w, dt_bias, A_log, D, norm_w[,

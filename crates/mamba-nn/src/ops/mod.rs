@@ -17,7 +17,7 @@ pub mod embedding;
 pub mod linear;
 pub mod lti;
 pub mod mamba2_core;
-pub(crate) mod pool;
+pub(crate) use ssm_kernel::pool;
 pub mod rmsnorm;
 mod rows;
 pub mod scan;

@@ -1,6 +1,8 @@
 //! RMSNorm and Mamba-2's gated, grouped RMSNorm, fused: one pass per row, the reciprocal RMS of
 //! each row (group) saved for the backward.
 
+use ssm_kernel::simd::dot;
+
 use crate::ops::activation::sigmoid_row;
 use crate::ops::pool;
 use crate::ops::rows::{for_row_blocks, for_row_blocks_strided};
@@ -40,21 +42,6 @@ pub fn gated_rms_norm(tape: &mut Tape, x: Var, z: Var, w: Var, group_size: usize
         zv.shape()
     );
     norm(tape, "gated_rms_norm", x, Some(z), w, group_size, eps)
-}
-
-/// `Σ a·b`, with sixteen independent partial sums so it vectorises (a plain iterator sum is one
-/// serial chain of dependent adds).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..16 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// A column block of a row-major matrix: row `r` is `data[r·stride + offset..][..len]`. Lets

@@ -13,10 +13,9 @@ use crate::ops::pool;
 use crate::tape::{Backward, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, from_vec, zeros};
 
-/// `A = −exp(A_log)`, element-wise.
 /// `A = −exp(A_log)` in a buffer from this thread's [`pool`](crate::ops::pool) (give it back
 /// with [`pool::give`]).
-fn neg_exp(a_log: &[f32]) -> Vec<f32> {
+pub(crate) fn neg_exp(a_log: &[f32]) -> Vec<f32> {
     let mut a = pool::take(a_log.len());
     a.iter_mut().zip(a_log).for_each(|(o, v)| *o = -v.exp());
     a

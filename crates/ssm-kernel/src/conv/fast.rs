@@ -380,14 +380,26 @@ fn bwd_rows<const KS: usize>(
     }
 }
 
-/// Writes the conv state after the sequence: `st[b, c, kk] = x[b, L − K + kk, c]` (zero before
-/// the start).
-fn write_state_out(dims: &ConvDims, x: &[f32], st: &mut [f32]) {
+/// The conv state after a sequence, `st[b, c, kk] = x[b, L − K + kk, c]` (zero before the
+/// start), as (B, C, K) — the `state` [`conv1d_step`] continues from.
+///
+/// `x` holds the conv input's rows `row_stride` values apart, its `C` channels starting at
+/// column `offset` of each row: `(C, 0)` for a plain (B, L, C) input, or a column block of a
+/// wider matrix (the `x | B | C` columns of a Mamba-2 projection).
+///
+/// # Panics
+/// If `x` is too short for the dims and strides, or `st` is not (B, C, K).
+#[track_caller]
+pub fn conv_state(dims: &ConvDims, x: &[f32], (row_stride, offset): (usize, usize), st: &mut [f32]) {
     let ConvDims { batch, seqlen: l, channels: ch, width: k } = *dims;
+    assert_eq!(st.len(), batch * ch * k, "conv::conv_state: state must be (B, C, K) = {}", dims.bck());
+    st.fill(0.0);
     for b in 0..batch {
-        for c in 0..ch {
-            for kk in 0..k {
-                st[(b * ch + c) * k + kk] = if l + kk >= k { x[(b * l + l + kk - k) * ch + c] } else { 0.0 };
+        for kk in 0..k {
+            let Some(t) = (l + kk).checked_sub(k) else { continue };
+            let row = &x[(b * l + t) * row_stride + offset..][..ch];
+            for (c, &v) in row.iter().enumerate() {
+                st[(b * ch + c) * k + kk] = v;
             }
         }
     }
@@ -407,7 +419,7 @@ pub(crate) fn conv1d_fwd_tb(dims: &ConvDims, args: &ConvArgs<f32>, out: ConvOut<
     out.check(K, dims);
     let ConvOut { y, state_out } = out;
     if let Some(st) = state_out {
-        write_state_out(dims, args.x, st);
+        conv_state(dims, args.x, (dims.channels, 0), st);
     }
     if dims.n_blc() == 0 {
         return;

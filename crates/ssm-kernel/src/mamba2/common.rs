@@ -104,8 +104,31 @@ impl TaskScalars {
     }
 }
 
+/// The per-head partials of `dB` and `dC`, (B, H, L, N) each and zeroed, from [`crate::pool`]:
+/// the heads of a group share `B`/`C`, so each (b, h) task writes its own rows and
+/// [`GroupPartials::finish`] sums them into the per-group gradients and gives the buffers back.
+pub(crate) struct GroupPartials {
+    pub db: Vec<f32>,
+    pub dc: Vec<f32>,
+}
+
+impl GroupPartials {
+    pub(crate) fn new(dims: &Scan2Dims) -> Self {
+        let n = dims.batch * dims.nheads * dims.seqlen * dims.dstate;
+        Self { db: crate::pool::take(n), dc: crate::pool::take(n) }
+    }
+
+    /// Adds the partials into `db` and `dc` (B, L, G, N).
+    pub(crate) fn finish(self, dims: &Scan2Dims, db: &mut [f32], dc: &mut [f32]) {
+        reduce_group_partials(dims, &self.db, db);
+        reduce_group_partials(dims, &self.dc, dc);
+        crate::pool::give(self.db);
+        crate::pool::give(self.dc);
+    }
+}
+
 /// Adds per-head partials `part` (B, H, L, N) into the per-group gradient `out` (B, L, G, N).
-pub(crate) fn reduce_group_partials(dims: &Scan2Dims, part: &[f32], out: &mut [f32]) {
+fn reduce_group_partials(dims: &Scan2Dims, part: &[f32], out: &mut [f32]) {
     let Scan2Dims { seqlen, nheads, dstate: n, ngroups, .. } = *dims;
     if out.is_empty() {
         return;

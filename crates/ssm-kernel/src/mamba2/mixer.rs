@@ -35,7 +35,8 @@ use super::common::{blocks, state_out};
 use super::seq::{adjoint_block, load_x, step_state};
 use crate::Real;
 use crate::check::{check_dims, check_len, check_opt_len};
-use crate::simd::{self, W};
+use crate::pool;
+use crate::simd::{self, W, dot};
 
 /// The widest conv the fused kernels take (its per-tap sums live in registers).
 const MAX_K: usize = 8;
@@ -153,6 +154,13 @@ pub struct MixerGrads<'a> {
     pub dnorm_w: &'a mut [f32],
 }
 
+impl Drop for Conv {
+    fn drop(&mut self) {
+        pool::give(std::mem::take(&mut self.wt));
+        pool::give(std::mem::take(&mut self.bias));
+    }
+}
+
 /// Where [`Conv::row`] also writes the pre-activation and its sigmoid (for the SiLU derivative).
 type Pre<'a> = Option<(&'a mut [f32], &'a mut [f32])>;
 
@@ -165,15 +173,20 @@ struct Conv {
 }
 
 impl Conv {
+    /// The packed weights, in buffers from [`crate::pool`] (given back on drop).
     fn new(dims: &MixerDims, p: &MixerParams) -> Self {
         let (c, k) = (dims.conv_dim(), dims.width);
-        let mut wt = vec![0.0; k * c];
+        let mut wt = pool::take_for_overwrite(k * c);
         for ch in 0..c {
             for kk in 0..k {
                 wt[kk * c + ch] = p.conv_w[ch * k + kk];
             }
         }
-        Self { wt, bias: p.conv_b.map_or_else(|| vec![0.0; c], <[f32]>::to_vec), c, k }
+        let mut bias = pool::take(c);
+        if let Some(b) = p.conv_b {
+            bias.copy_from_slice(b);
+        }
+        Self { wt, bias, c, k }
     }
 
     /// Row `t` of the conv over the `x | B | C` columns (from `off`) of `proj_b`, one batch row
@@ -230,20 +243,6 @@ impl Conv {
             j += q * W;
         }
     }
-}
-
-/// `Σ a·b` with eight partial sums (no serial chain of adds).
-#[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; W];
-    let (ac, bc) = (a.chunks_exact(W), b.chunks_exact(W));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..W {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 /// Δ, ∂Δ/∂Δ_raw and `ā = exp(Δ·A)` of every head at projection row `row`; eight heads at a time
@@ -447,18 +446,19 @@ pub fn mixer_fwd(dims: &MixerDims, proj: &[f32], p: &MixerParams, o: MixerOut) {
         });
 }
 
-/// Per-task parameter-gradient partials of [`mixer_bwd`], summed in batch order.
-struct Partials {
-    dconv_w: Vec<f32>,
-    dconv_b: Vec<f32>,
-    dnorm_w: Vec<f32>,
-    /// Per head: dA, dD, dΔ-bias.
-    heads: Vec<[f64; 3]>,
+/// A task's parameter-gradient partials of [`mixer_bwd`], summed in batch order: d conv weight
+/// as (K, C), d conv bias (C), d norm weight (d_inner), in one slice of a pooled buffer.
+struct Partials<'a> {
+    dconv_w: &'a mut [f32],
+    dconv_b: &'a mut [f32],
+    dnorm_w: &'a mut [f32],
 }
 
 /// Backward of [`mixer_fwd`] for upstream `dout` (B, L, d_inner), from the forward's `rstd`
-/// and pre-norm `y` (see [`MixerOut`]): gradients into `grads` (see [`MixerGrads`]). Each task keeps its row's scan `dy`
-/// (L, d_inner) and `dC` (L, G·N) between the passes.
+/// and pre-norm `y` (see [`MixerOut`]): gradients into `grads` (see [`MixerGrads`]). Each task
+/// keeps its row's scan `dy` (L, d_inner) and `dC` (L, G·N) between the passes; these and the
+/// parameter-gradient partials live in two buffers from [`crate::pool`], taken and given back
+/// on the calling thread, so a training step reuses them.
 ///
 /// # Panics
 /// As [`mixer_fwd`], naming the buffer whose length disagrees.
@@ -494,23 +494,27 @@ pub fn mixer_bwd(
     let conv = Conv::new(dims, p);
     let (pv, sz, hpg, gs) = (pd / W, n * pd / W, h / ng, di / ng);
     let (ox, odt) = (di, 2 * di + 2 * gn);
-    let parts: Vec<Partials> = dproj
+    // Per task: the partials (zeroed), and pass 1's dy, dC and B·C rows (written before read).
+    let (plen, wlen) = (k * cd + cd + di, l * (di + gn + ng));
+    let mut parts = pool::take(batch * plen);
+    let mut work = pool::take_for_overwrite(batch * wlen);
+    let heads: Vec<Vec<[f64; 3]>> = dproj
         .par_chunks_mut(l * dp)
+        .zip(parts.par_chunks_mut(plen).zip(work.par_chunks_mut(wlen)))
         .enumerate()
-        .map(|(b, dpb)| {
+        .map(|(b, (dpb, (pb, wb)))| {
             let proj_b = &proj[b * l * dp..(b + 1) * l * dp];
             let dout_b = &dout[b * l * di..(b + 1) * l * di];
             let y_b = &y[b * l * di..(b + 1) * l * di];
-            let mut part = Partials {
-                dconv_w: vec![0.0; k * cd],
-                dconv_b: vec![0.0; cd],
-                dnorm_w: vec![0.0; di],
-                heads: vec![[0.0; 3]; h],
-            };
-            // Kept from pass 1 for pass 2: dy of the scan (L, d_inner), dC (L, G·N), and per
-            // (t, head) the step scalars and α.
-            let mut dyb = vec![0.0f32; l * di];
-            let mut dcb = vec![0.0f32; l * gn];
+            let (dconv_w, rest) = pb.split_at_mut(k * cd);
+            let (dconv_b, dnorm_w) = rest.split_at_mut(cd);
+            let part = Partials { dconv_w, dconv_b, dnorm_w };
+            // Per head: dA, dD, dΔ-bias.
+            let mut heads = vec![[0.0f64; 3]; h];
+            // Kept from pass 1 for pass 2: dy of the scan (L, d_inner), dC (L, G·N), B·C per
+            // (t, group) and per (t, head) the step scalars and α.
+            let (dyb, rest) = wb.split_at_mut(l * di);
+            let (dcb, bdc) = rest.split_at_mut(l * gn);
             let mut steps = vec![(0.0f32, 0.0f32, 0.0f32); l * h];
             let mut alpha = vec![0.0f64; l * h];
             let mut st = vec![f32x8::ZERO; h * sz];
@@ -519,8 +523,6 @@ pub fn mixer_bwd(
             let (mut vv, mut sil, mut gz) =
                 (vec![f32x8::ZERO; di / W], vec![f32x8::ZERO; di / W], vec![f32x8::ZERO; di / W]);
             let mut dyy = vec![f32x8::ZERO; pv];
-            // B_t[g]·C_t[g] per (t, group), shared by the group's heads in both passes.
-            let mut bdc = vec![0.0f32; l * ng];
             // Pass 1: forward in time, a block of TB rows at a time.
             for t0 in (0..l).step_by(TB) {
                 let nt = TB.min(l - t0);
@@ -632,7 +634,7 @@ pub fn mixer_bwd(
                 for hh in 0..h {
                     let g = hh / hpg;
                     let gh = &mut gsv[hh * sz..(hh + 1) * sz];
-                    let (dv, e) = (f32x8::splat(p.d[hh]), &mut part.heads[hh]);
+                    let (dv, e) = (f32x8::splat(p.d[hh]), &mut heads[hh]);
                     for i in (0..nt).rev() {
                         let t = t0 + i;
                         let (dt, dsp, abar) = steps[t * h + hh];
@@ -715,29 +717,32 @@ pub fn mixer_bwd(
                     }
                 }
             }
-            part
+            heads
         })
         .collect();
     // Sum the partials in batch order (deterministic for any thread count).
-    for part in &parts {
+    let mut dconv_b = dconv_b;
+    for pb in parts.chunks_exact(plen) {
+        let (pw, rest) = pb.split_at(k * cd);
+        let (pbias, pnorm) = rest.split_at(cd);
         for ch in 0..cd {
             for kk in 0..k {
-                dconv_w[ch * k + kk] += part.dconv_w[kk * cd + ch];
+                dconv_w[ch * k + kk] += pw[kk * cd + ch];
             }
         }
-        for (o, v) in dnorm_w.iter_mut().zip(&part.dnorm_w) {
+        for (o, v) in dnorm_w.iter_mut().zip(pnorm) {
             *o += v;
         }
-    }
-    if let Some(db) = dconv_b {
-        for part in &parts {
-            for (o, v) in db.iter_mut().zip(&part.dconv_b) {
+        if let Some(db) = dconv_b.as_deref_mut() {
+            for (o, v) in db.iter_mut().zip(pbias) {
                 *o += v;
             }
         }
     }
+    pool::give(parts);
+    pool::give(work);
     for hh in 0..h {
-        let sum = |i: usize| parts.iter().map(|q| q.heads[hh][i]).sum::<f64>();
+        let sum = |i: usize| heads.iter().map(|q| q[hh][i]).sum::<f64>();
         da[hh] += sum(0) as f32;
         dd[hh] += sum(1) as f32;
         ddt_bias[hh] += sum(2) as f32;

@@ -15,7 +15,7 @@
 use rayon::prelude::*;
 use wide::f32x8;
 
-use super::common::{TaskScalars, blocks, dt_eff, reduce_group_partials, state_in, state_out};
+use super::common::{GroupPartials, TaskScalars, blocks, dt_eff, state_in, state_out};
 use super::{Scan2Args, Scan2Dims, Scan2Grads, Scan2Out, check_step, check_upstream};
 use crate::Real;
 use crate::par::SharedMut;
@@ -264,9 +264,8 @@ pub fn scan_bwd(
     let Scan2Grads { dx, ddelta, da, db, dc, dd, dz, ddelta_bias, dh0 } = grads;
     let pv = pd.div_ceil(W);
     let sz = n * pv;
-    let mut db_part = vec![0.0f32; batch * nheads * seqlen * n];
-    let mut dc_part = vec![0.0f32; batch * nheads * seqlen * n];
-    let (dbp, dcp) = (SharedMut::new(&mut db_part), SharedMut::new(&mut dc_part));
+    let mut parts = GroupPartials::new(dims);
+    let (dbp, dcp) = (SharedMut::new(&mut parts.db), SharedMut::new(&mut parts.dc));
     let dxsh = SharedMut::new(dx);
     let ddsh = SharedMut::new(ddelta);
     let dzsh = dz.map(SharedMut::new);
@@ -377,8 +376,7 @@ pub fn scan_bwd(
         })
         .collect();
     TaskScalars::scatter(&scalars, dims, args, da, dd, ddelta_bias);
-    reduce_group_partials(dims, &db_part, db);
-    reduce_group_partials(dims, &dc_part, dc);
+    parts.finish(dims, db, dc);
 }
 
 /// One recurrent step for every batch row: `state` (B, H, P, N) (HF's `ssm_state` layout) is

@@ -47,7 +47,7 @@ use crate::gemm::gemm;
 use rayon::prelude::*;
 use wide::f32x8;
 
-use super::common::{TaskScalars, dt_eff, reduce_group_partials};
+use super::common::{GroupPartials, TaskScalars, dt_eff};
 use super::{Scan2Args, Scan2Dims, Scan2Grads, Scan2Out, check_upstream};
 use crate::Real;
 use crate::par::SharedMut;
@@ -279,9 +279,8 @@ pub fn ssd_bwd(
     let Scan2Grads { dx, ddelta, da, db, dc, dd, dz, ddelta_bias, dh0 } = grads;
     let ch = Chunks::new(dims, chunk_size);
     let cb = chunk_cb(dims, ch, args);
-    let mut db_part = vec![0.0f32; batch * nheads * seqlen * n];
-    let mut dc_part = vec![0.0f32; batch * nheads * seqlen * n];
-    let (dbp, dcp) = (SharedMut::new(&mut db_part), SharedMut::new(&mut dc_part));
+    let mut parts = GroupPartials::new(dims);
+    let (dbp, dcp) = (SharedMut::new(&mut parts.db), SharedMut::new(&mut parts.dc));
     let dxsh = SharedMut::new(dx);
     let ddsh = SharedMut::new(ddelta);
     let dzsh = dz.map(SharedMut::new);
@@ -486,8 +485,7 @@ pub fn ssd_bwd(
         })
         .collect();
     TaskScalars::scatter(&scalars, dims, args, da, dd, ddelta_bias);
-    reduce_group_partials(dims, &db_part, db);
-    reduce_group_partials(dims, &dc_part, dc);
+    parts.finish(dims, db, dc);
 }
 
 /// SSD chunk size used by the `*_auto` kernels.

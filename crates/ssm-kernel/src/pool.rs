@@ -1,9 +1,9 @@
 //! Buffers reused from one training step to the next, so a step neither zero-fills nor
 //! page-faults its way through fresh memory for every activation and gradient.
 //!
-//! Ops take their temporaries here ([`take`] zeroed, [`take_for_overwrite`] when every element
-//! will be written before it is read), and a dropped [`Tape`](crate::tape::Tape) gives all its
-//! values and gradients back. One pool per thread; a buffer taken on one thread and given back
+//! Kernels and ops take their temporaries here ([`take`] zeroed, [`take_for_overwrite`] when
+//! every element will be written before it is read); `mamba-nn`'s tape gives all its values and
+//! gradients back when it is dropped. One pool per thread; a buffer taken on one thread and given back
 //! on another simply moves pools. Requests are served best-fit (the smallest pooled buffer that
 //! is large enough, and not more than twice as large), so a step's many equal-sized tensors find
 //! their buffers of the previous step.
@@ -59,8 +59,9 @@ pub fn take_for_overwrite(n: usize) -> Vec<f32> {
     // Truncate, or extend within capacity writing zeros (written explicitly rather than
     // calloc'ed: see `tensor::zeros`).
     v.resize(n, 0.0);
-    // Test and debug builds poison the buffer, so an op that reads before it writes shows up as
-    // NaNs in the tests rather than as silently stale values.
+    // Test and debug builds poison the buffer, so code that reads before it writes shows up as
+    // NaNs in the tests rather than as silently stale values (`cargo test`'s default profile has
+    // debug assertions on).
     if cfg!(any(test, debug_assertions)) {
         v.fill(f32::NAN);
     }
