@@ -18,6 +18,13 @@ use mamba_nn::params::Grads;
 use mamba_nn::tape::{Profile, Tape};
 
 fn main() {
+    // Inside a pool, as the benchmark and the CLI run a step: the step's serial parts then run on
+    // a worker, not on a third thread that sleeps through every parallel region.
+    let pool = rayon::ThreadPoolBuilder::new().build().expect("a rayon pool");
+    pool.install(run);
+}
+
+fn run() {
     let mut args = std::env::args().skip(1);
     let arch = args.next().unwrap_or_else(|| "mamba2".into());
     let steps: usize = args.next().map_or(10, |s| s.parse().expect("steps must be a whole number"));

@@ -404,20 +404,25 @@ pub fn mixer_fwd(dims: &MixerDims, proj: &[f32], p: &MixerParams, o: MixerOut) {
                 for i in 0..nt {
                     head_steps(&proj_b[(t0 + i) * dp..], odt, p, &mut steps[i * h..(i + 1) * h]);
                 }
+                // The scan output goes where the backward keeps it, if it does, else into `out`.
                 for hh in 0..h {
                     let sth = &mut st[hh * sz..(hh + 1) * sz];
-                    let y = (&mut *ob, t0 * di + hh * pd, di);
+                    let dst: &mut [f32] = match yk.as_deref_mut() {
+                        Some(yk) => yk,
+                        None => &mut *ob,
+                    };
+                    let y = (dst, t0 * di + hh * pd, di);
                     head_block(dims, hh, nt, &xbc, &steps, p.d[hh], sth, y, &mut sc);
                 }
-                // Gated norm of the rows, in place: v = y · silu(z), then v · r · w per group.
+                // Gated norm of the rows into `out`: v = y · silu(z), then v · r · w per group.
                 for t in t0..t0 + nt {
-                    let (row, yrow) = (&proj_b[t * dp..(t + 1) * dp], &mut ob[t * di..(t + 1) * di]);
-                    if let Some(yk) = yk.as_deref_mut() {
-                        yk[t * di..(t + 1) * di].copy_from_slice(yrow);
-                    }
+                    let row = &proj_b[t * dp..(t + 1) * dp];
+                    let ysrc: &[f32] = yk.as_deref().unwrap_or(ob);
+                    let ysrc = &ysrc[t * di..(t + 1) * di];
                     for j in 0..di / W {
-                        v[j] = simd::load_full(&yrow[j * W..]) * simd::silu(simd::load_full(&row[j * W..]));
+                        v[j] = simd::load_full(&ysrc[j * W..]) * simd::silu(simd::load_full(&row[j * W..]));
                     }
+                    let yrow = &mut ob[t * di..(t + 1) * di];
                     for g in 0..ng {
                         let vg = &v[g * gs / W..(g + 1) * gs / W];
                         let ss = vg.iter().fold(f32x8::ZERO, |s, &x| x.mul_add(x, s)).reduce_add();
