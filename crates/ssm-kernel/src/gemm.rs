@@ -1,6 +1,19 @@
 //! A safe, bounds-checked front end to `matrixmultiply::sgemm`.
 
+use std::cell::Cell;
+
 use matrixmultiply::sgemm;
+
+thread_local! {
+    static IN_SGEMM: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether this thread is inside `matrixmultiply::sgemm`. `sgemm` allocates a packing
+/// workspace on every call; an allocation counter (as in `mamba-nn`'s allocation tests) uses
+/// this to tell that workspace from the library's own buffers.
+pub fn in_sgemm() -> bool {
+    IN_SGEMM.try_with(Cell::get).unwrap_or(false)
+}
 
 /// `C ← α·A·B + β·C` for an m×k matrix `A` and a k×n matrix `B`, each given as a slice plus
 /// (row stride, column stride) in elements, so a transpose is just swapped strides and `β = 1`
@@ -52,6 +65,7 @@ pub fn gemm(
     assert!(distinct, "gemm: C strides ({rsc}, {csc}) would alias elements of a {m}×{n} matrix");
     // SAFETY: every element addressed through the strides lies inside its slice (checked
     // above); `c` is exclusively borrowed and its strides address distinct elements (checked).
+    IN_SGEMM.set(true);
     unsafe {
         sgemm(
             m,
@@ -70,6 +84,7 @@ pub fn gemm(
             csc as isize,
         );
     }
+    IN_SGEMM.set(false);
 }
 
 /// `matrixmultiply`'s column-block width for `f32` (`S_NC`).

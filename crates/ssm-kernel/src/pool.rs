@@ -9,24 +9,35 @@
 //! their buffers of the previous step.
 
 use std::cell::RefCell;
+use std::thread::LocalKey;
 
-/// At most this many buffers, and this many floats in all, are kept per thread.
+use crate::simd::x16;
+
+/// At most this many buffers, and this many floats in all, are kept per thread and element type.
 const MAX_BUFFERS: usize = 512;
 const MAX_FLOATS: usize = 1 << 28;
 
-#[derive(Default)]
-struct Free {
-    bufs: Vec<Vec<f32>>,
-    floats: usize,
+/// One thread's free buffers of element type `T`.
+struct Free<T> {
+    bufs: Vec<Vec<T>>,
+    /// Elements (of `T`) held.
+    elems: usize,
+}
+
+impl<T> Free<T> {
+    const fn new() -> Self {
+        Self { bufs: Vec::new(), elems: 0 }
+    }
 }
 
 thread_local! {
-    static FREE: RefCell<Free> = RefCell::new(Free::default());
+    static FREE: RefCell<Free<f32>> = const { RefCell::new(Free::new()) };
+    static FREE_V16: RefCell<Free<x16::V>> = const { RefCell::new(Free::new()) };
 }
 
-/// The smallest pooled buffer with room for `n` floats (and at most `2n + 1024`), removed.
-fn pick(n: usize) -> Option<Vec<f32>> {
-    FREE.with(|f| {
+/// The smallest pooled buffer with room for `n` elements (and at most `2n + 1024`), removed.
+fn pick<T: 'static>(pool: &'static LocalKey<RefCell<Free<T>>>, n: usize) -> Option<Vec<T>> {
+    pool.with(|f| {
         let mut f = f.borrow_mut();
         let limit = n.saturating_mul(2).saturating_add(1024);
         // Among equal fits, the most recently given (likely still in cache).
@@ -38,14 +49,28 @@ fn pick(n: usize) -> Option<Vec<f32>> {
             .filter(|(_, v)| v.capacity() >= n && v.capacity() <= limit)
             .min_by_key(|(_, v)| v.capacity())?;
         let v = f.bufs.remove(i);
-        f.floats -= v.capacity();
+        f.elems -= v.capacity();
         Some(v)
     })
 }
 
+/// Keeps `v` in this thread's `pool`, unless the pool is full (then it is dropped).
+fn put<T: 'static>(pool: &'static LocalKey<RefCell<Free<T>>>, v: Vec<T>, max_elems: usize) {
+    if v.capacity() == 0 {
+        return;
+    }
+    pool.with(|f| {
+        let mut f = f.borrow_mut();
+        if f.bufs.len() < MAX_BUFFERS && f.elems + v.capacity() <= max_elems {
+            f.elems += v.capacity();
+            f.bufs.push(v);
+        }
+    });
+}
+
 /// A zeroed buffer of `n` floats: a pooled one when one fits, else a new one.
 pub fn take(n: usize) -> Vec<f32> {
-    let mut v = pick(n).unwrap_or_default();
+    let mut v = pick(&FREE, n).unwrap_or_default();
     v.clear();
     v.resize(n, 0.0);
     v
@@ -55,7 +80,7 @@ pub fn take(n: usize) -> Vec<f32> {
 /// zeros; NaN in test and debug builds): for outputs that are written in full before being
 /// read.
 pub fn take_for_overwrite(n: usize) -> Vec<f32> {
-    let mut v = pick(n).unwrap_or_else(|| Vec::with_capacity(n));
+    let mut v = pick(&FREE, n).unwrap_or_else(|| Vec::with_capacity(n));
     // Truncate, or extend within capacity writing zeros (written explicitly rather than
     // calloc'ed: see `tensor::zeros`).
     v.resize(n, 0.0);
@@ -70,16 +95,97 @@ pub fn take_for_overwrite(n: usize) -> Vec<f32> {
 
 /// Returns a buffer to this thread's pool (dropped instead when the pool is full).
 pub fn give(v: Vec<f32>) {
-    if v.capacity() == 0 {
-        return;
+    put(&FREE, v, MAX_FLOATS);
+}
+
+/// `n` zero floats from [`take`], given back to the pool of the thread that drops them.
+#[derive(Debug, Default)]
+pub struct F32Buf(Vec<f32>);
+
+impl F32Buf {
+    /// `n` zeros.
+    pub fn zeroed(n: usize) -> Self {
+        Self(take(n))
     }
-    FREE.with(|f| {
-        let mut f = f.borrow_mut();
-        if f.bufs.len() < MAX_BUFFERS && f.floats + v.capacity() <= MAX_FLOATS {
-            f.floats += v.capacity();
-            f.bufs.push(v);
-        }
-    });
+}
+
+impl std::ops::Deref for F32Buf {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for F32Buf {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.0
+    }
+}
+
+impl<'a> IntoIterator for &'a F32Buf {
+    type Item = &'a f32;
+    type IntoIter = std::slice::Iter<'a, f32>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter()
+    }
+}
+
+impl<'a> IntoIterator for &'a mut F32Buf {
+    type Item = &'a mut f32;
+    type IntoIter = std::slice::IterMut<'a, f32>;
+    fn into_iter(self) -> Self::IntoIter {
+        self.0.iter_mut()
+    }
+}
+
+impl Drop for F32Buf {
+    fn drop(&mut self) {
+        give(std::mem::take(&mut self.0));
+    }
+}
+
+/// [`take`] for 16-lane vectors ([`x16::V`]): `n` zero vectors, from this thread's pool of them.
+pub fn take_v16(n: usize) -> Vec<x16::V> {
+    let mut v = pick(&FREE_V16, n).unwrap_or_default();
+    v.clear();
+    v.resize(n, x16::V::ZERO);
+    v
+}
+
+/// [`give`] for 16-lane vectors.
+pub fn give_v16(v: Vec<x16::V>) {
+    put(&FREE_V16, v, MAX_FLOATS / x16::W);
+}
+
+/// `n` zero 16-lane vectors from [`take_v16`], given back to the pool of the thread that drops
+/// them.
+#[derive(Debug, Default)]
+pub struct V16Buf(Vec<x16::V>);
+
+impl V16Buf {
+    /// `n` zero vectors.
+    pub fn zeroed(n: usize) -> Self {
+        Self(take_v16(n))
+    }
+}
+
+impl std::ops::Deref for V16Buf {
+    type Target = [x16::V];
+    fn deref(&self) -> &[x16::V] {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for V16Buf {
+    fn deref_mut(&mut self) -> &mut [x16::V] {
+        &mut self.0
+    }
+}
+
+impl Drop for V16Buf {
+    fn drop(&mut self) {
+        give_v16(std::mem::take(&mut self.0));
+    }
 }
 
 #[cfg(test)]
@@ -109,5 +215,17 @@ mod tests {
         assert_ne!(b.as_ptr(), pb, "not a buffer more than twice the request");
         let c = super::take_for_overwrite(9_000);
         assert_eq!(c.as_ptr(), pb);
+    }
+
+    #[test]
+    fn vector_buffers_have_their_own_pool() {
+        let mut v = super::take_v16(40);
+        v[5] = crate::simd::x16::V::splat(2.0);
+        let ptr = v.as_ptr();
+        super::give_v16(v);
+        let w = super::take_v16(33);
+        assert_eq!(w.as_ptr(), ptr, "the pooled allocation is reused");
+        assert_eq!(w.len(), 33);
+        assert!(w.iter().all(|x| x.to_array() == [0.0; 16]), "and comes back zeroed");
     }
 }

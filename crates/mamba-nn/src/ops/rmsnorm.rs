@@ -1,11 +1,13 @@
 //! RMSNorm and Mamba-2's gated, grouped RMSNorm, fused: one pass per row, the reciprocal RMS of
 //! each row (group) saved for the backward.
 
+use ssm_kernel::par::SharedMut;
+use ssm_kernel::pool::F32Buf;
 use ssm_kernel::simd::dot;
 
 use crate::ops::activation::sigmoid_row;
 use crate::ops::pool;
-use crate::ops::rows::{for_row_blocks, for_row_blocks_strided};
+use crate::ops::rows::{block_rows, for_row_blocks, for_row_blocks_strided};
 use crate::tape::{Backward, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, for_overwrite, rows_cols};
 
@@ -101,10 +103,10 @@ pub(crate) fn norm_forward(nd: NormDims, x: &[f32], z: Option<Cols>, w: &[f32], 
 /// Per-row scratch of the backward: `v` (the gated input), `s = silu(z)`, `sg` (σ(z), then
 /// silu'(z)) and `dv`, the gradient of `v`.
 struct Scratch {
-    v: Vec<f32>,
-    s: Vec<f32>,
-    sg: Vec<f32>,
-    dv: Vec<f32>,
+    v: F32Buf,
+    s: F32Buf,
+    sg: F32Buf,
+    dv: F32Buf,
 }
 
 /// Backward of [`norm_forward`] for upstream `dy` (rows, d): adds into `dx` (rows, d), `dw` (d)
@@ -130,11 +132,27 @@ pub(crate) fn norm_backward(
         Some((s, stride, off)) => (Some(s), stride, off),
         None => (None, d, 0),
     };
-    let partials = for_row_blocks_strided(rows, d, [d, dz_stride], [dx, dz], |range, [mut dxb, mut dzb]| {
-        let mut dwp = if want_dw { pool::take(d) } else { Vec::new() };
+    // Each block's d weight partial is a slice of one buffer taken here and given back below, so
+    // the partials stay in this thread's pool step after step; row scratch comes from the pool of
+    // the thread running the block.
+    let per = block_rows(rows, d);
+    let nblocks = rows.div_ceil(per);
+    let mut partials = if want_dw { pool::take(nblocks * d) } else { Vec::new() };
+    let shared = SharedMut::new(&mut partials);
+    for_row_blocks_strided(rows, d, [d, dz_stride], [dx, dz], |range, [mut dxb, mut dzb]| {
+        let dwp: &mut [f32] = if want_dw {
+            // SAFETY: blocks start `per` rows apart, so each block owns its own d values.
+            unsafe { shared.slice(range.start / per * d, d) }
+        } else {
+            &mut []
+        };
         let gated = if z.is_some() { d } else { 0 };
-        let mut sc =
-            Scratch { v: vec![0.0; gated], s: vec![0.0; gated], sg: vec![0.0; gated], dv: vec![0.0; d] };
+        let mut sc = Scratch {
+            v: F32Buf::zeroed(gated),
+            s: F32Buf::zeroed(gated),
+            sg: F32Buf::zeroed(gated),
+            dv: F32Buf::zeroed(d),
+        };
         for (i, r) in range.enumerate() {
             let (xr, gr) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
             // v = x ⊙ silu(z), with silu(z) and silu'(z) from one SIMD sigmoid per element.
@@ -203,18 +221,15 @@ pub(crate) fn norm_backward(
                 }
             }
         }
-        dwp
     });
     if let Some(dw) = dw {
-        for p in &partials {
+        for p in partials.chunks_exact(d) {
             for (g, v) in dw.iter_mut().zip(p) {
                 *g += v;
             }
         }
     }
-    for p in partials {
-        pool::give(p);
-    }
+    pool::give(partials);
 }
 
 #[track_caller]
@@ -339,13 +354,15 @@ mod tests {
         let f64v = |t: &Tensor| data(t).iter().map(|&v| v as f64).collect::<Vec<_>>();
         let want = reference(&f64v(&x), Some(&f64v(&z)), &f64v(&w), d, gs, 1e-5);
         ssm_kernel::testing::assert_rel_max("y", data(tape.value(y)), &want, 1e-5, 1.0);
-        // dw for dy = 1 is Σ_rows v·r: compare with the reference's finite difference in w[0].
+        // dw for dy = 1 is Σ_rows v·r = Σ_rows y / w, per column: every block's partial counts.
         let mut grads = crate::params::Grads::new(&store);
         tape.backward_from(y, Tensor::ones(tape.value(y).raw_dim()), &mut grads);
-        let dw0 = tape.grad(wv).unwrap()[0] as f64;
-        let yw = want.iter().enumerate().filter(|(i, _)| i % d == 0).map(|(_, v)| v).sum::<f64>();
-        let w0 = data(&w)[0] as f64;
-        assert!((dw0 - yw / w0).abs() < 1e-3 * yw.abs().max(1.0), "dw[0] {dw0} vs {}", yw / w0);
+        let dw = tape.grad(wv).unwrap();
+        for j in 0..d {
+            let yw = want.iter().skip(j).step_by(d).sum::<f64>() / data(&w)[j] as f64;
+            let got = dw[j] as f64;
+            assert!((got - yw).abs() < 1e-3 * yw.abs().max(1.0), "dw[{j}] {got} vs {yw}");
+        }
     }
 
     #[test]

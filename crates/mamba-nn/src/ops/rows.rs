@@ -13,6 +13,14 @@ pub(crate) const PAR_MIN_ELEMS: usize = 1 << 16;
 /// (`cols` values per row), or `None` when that output is not wanted.
 pub(crate) type Dsts<'a, const N: usize> = [Option<&'a mut [f32]>; N];
 
+/// The rows per block [`for_row_blocks`] uses on the current pool (the last block may have
+/// fewer): block `i` starts at row `i · block_rows`. All `rows` (at least 1) when it runs as one
+/// block.
+pub(crate) fn block_rows(rows: usize, cols: usize) -> usize {
+    let nblocks = if rows * cols >= PAR_MIN_ELEMS { (rayon::current_num_threads() * 4).min(rows) } else { 1 };
+    if nblocks <= 1 { rows.max(1) } else { rows.div_ceil(nblocks) }
+}
+
 /// Splits `rows` rows of `cols` values into contiguous blocks and calls `f(rows, parts)` for
 /// each, where `parts[i]` is the block's part of `dsts[i]` (`cols` values per row; `None` when
 /// `dsts[i]` is). Runs the blocks on the current rayon pool when `rows · cols ≥ PAR_MIN_ELEMS`,
@@ -36,13 +44,12 @@ pub(crate) fn for_row_blocks_strided<'a, R: Send, const N: usize>(
     dsts: Dsts<'a, N>,
     f: impl Fn(Range<usize>, Dsts<'_, N>) -> R + Sync,
 ) -> Vec<R> {
-    let nblocks = if rows * cols >= PAR_MIN_ELEMS { (rayon::current_num_threads() * 4).min(rows) } else { 1 };
-    if nblocks <= 1 {
+    let per = block_rows(rows, cols);
+    if per >= rows {
         return vec![f(0..rows, dsts)];
     }
-    let per = rows.div_ceil(nblocks);
     // Carve every destination into disjoint per-block slices up front (one small Vec per call).
-    let mut blocks: Vec<(Range<usize>, Dsts<'a, N>)> = Vec::with_capacity(nblocks);
+    let mut blocks: Vec<(Range<usize>, Dsts<'a, N>)> = Vec::with_capacity(rows.div_ceil(per));
     let mut rest = dsts;
     let mut r0 = 0;
     while r0 < rows {

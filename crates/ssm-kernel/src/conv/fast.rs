@@ -14,6 +14,7 @@ use wide::f32x8;
 
 use super::types::{ConvArgs, ConvDims, ConvGrads, ConvOut, check_step, check_upstream};
 use crate::par::SharedMut;
+use crate::pool::F32Buf;
 use crate::simd::{self, W};
 
 /// Minimum rows per (batch, time block) task: the backward recomputes `K − 1` halo rows per
@@ -30,9 +31,10 @@ pub(crate) fn time_block(dims: &ConvDims) -> usize {
 }
 
 /// The weight as (K, Cp) and the bias as (Cp), channels zero-padded to a multiple of 8.
+/// Its buffers come from [`crate::pool`] and go back when it is dropped.
 struct Packed {
-    wt: Vec<f32>,
-    bias: Vec<f32>,
+    wt: F32Buf,
+    bias: F32Buf,
     cp: usize,
 }
 
@@ -40,13 +42,13 @@ impl Packed {
     fn new(dims: &ConvDims, args: &ConvArgs<f32>) -> Self {
         let (c, k) = (dims.channels, dims.width);
         let cp = c.div_ceil(W) * W;
-        let mut wt = vec![0.0; k * cp];
+        let mut wt = F32Buf::zeroed(k * cp);
         for ch in 0..c {
             for kk in 0..k {
                 wt[kk * cp + ch] = args.weight[ch * k + kk];
             }
         }
-        let mut bias = vec![0.0; cp];
+        let mut bias = F32Buf::zeroed(cp);
         if let Some(b) = args.bias {
             bias[..c].copy_from_slice(b);
         }
@@ -471,10 +473,10 @@ pub(crate) fn conv1d_bwd_tb(
     let nblk = l.div_ceil(tb);
     let ntask = dims.batch * nblk;
     let plen = (k + 1) * cp;
-    let mut parts = vec![0.0f32; ntask * plen];
+    let mut parts = F32Buf::zeroed(ntask * plen);
     let dxs = SharedMut::new(dx);
     parts.par_chunks_mut(plen).enumerate().for_each_init(
-        || vec![0.0f32; k * cp],
+        || F32Buf::zeroed(k * cp),
         |ring, (task, part)| {
             let (b, blk) = (task / nblk, task % nblk);
             let (t0, t1) = (blk * tb, ((blk + 1) * tb).min(l));

@@ -1,6 +1,6 @@
 //! Dims, inputs, outputs and gradient buffers of the causal depthwise conv.
 
-use crate::check::{check_dims, check_len, check_opt_len};
+use crate::check::{Layout, check_dims, check_len, check_opt_len};
 
 /// Sizes of a causal depthwise conv.
 ///
@@ -29,24 +29,24 @@ impl ConvDims {
         check_dims(kernel, self.width >= 1, "width must be at least 1");
     }
 
-    pub(crate) fn blc(&self) -> String {
-        format!("(B, L, C) = ({}, {}, {})", self.batch, self.seqlen, self.channels)
+    pub(crate) fn blc(&self) -> Layout {
+        Layout::new("(B, L, C)", &[self.batch, self.seqlen, self.channels])
     }
 
-    pub(crate) fn ck(&self) -> String {
-        format!("(C, K) = ({}, {})", self.channels, self.width)
+    pub(crate) fn ck(&self) -> Layout {
+        Layout::new("(C, K)", &[self.channels, self.width])
     }
 
-    pub(crate) fn c(&self) -> String {
-        format!("(C) = ({})", self.channels)
+    pub(crate) fn c(&self) -> Layout {
+        Layout::new("(C)", &[self.channels])
     }
 
-    pub(crate) fn bck(&self) -> String {
-        format!("(B, C, K) = ({}, {}, {})", self.batch, self.channels, self.width)
+    pub(crate) fn bck(&self) -> Layout {
+        Layout::new("(B, C, K)", &[self.batch, self.channels, self.width])
     }
 
-    pub(crate) fn bc(&self) -> String {
-        format!("(B, C) = ({}, {})", self.batch, self.channels)
+    pub(crate) fn bc(&self) -> Layout {
+        Layout::new("(B, C)", &[self.batch, self.channels])
     }
 
     /// Elements of a (B, L, C) tensor.
@@ -97,9 +97,9 @@ impl<'a, T> ConvArgs<'a, T> {
     #[track_caller]
     pub fn check(&self, kernel: &str, dims: &ConvDims) {
         dims.validate(kernel);
-        check_len(kernel, "x", &dims.blc(), self.x.len(), dims.n_blc());
-        check_len(kernel, "weight", &dims.ck(), self.weight.len(), dims.n_ck());
-        check_opt_len(kernel, "bias", &dims.c(), self.bias, dims.channels);
+        check_len(kernel, "x", dims.blc(), self.x.len(), dims.n_blc());
+        check_len(kernel, "weight", dims.ck(), self.weight.len(), dims.n_ck());
+        check_opt_len(kernel, "bias", dims.c(), self.bias, dims.channels);
     }
 }
 
@@ -118,8 +118,8 @@ impl<T> ConvOut<'_, T> {
     /// Panics with a message naming the argument unless every length matches `dims`.
     #[track_caller]
     pub fn check(&self, kernel: &str, dims: &ConvDims) {
-        check_len(kernel, "y", &dims.blc(), self.y.len(), dims.n_blc());
-        check_opt_len(kernel, "state_out", &dims.bck(), self.state_out.as_deref(), dims.n_bck());
+        check_len(kernel, "y", dims.blc(), self.y.len(), dims.n_blc());
+        check_opt_len(kernel, "state_out", dims.bck(), self.state_out.as_deref(), dims.n_bck());
     }
 }
 
@@ -140,16 +140,16 @@ impl<T> ConvGrads<'_, T> {
     /// Panics with a message naming the argument unless every length matches `dims`.
     #[track_caller]
     pub fn check(&self, kernel: &str, dims: &ConvDims) {
-        check_len(kernel, "dx", &dims.blc(), self.dx.len(), dims.n_blc());
-        check_len(kernel, "dweight", &dims.ck(), self.dweight.len(), dims.n_ck());
-        check_opt_len(kernel, "dbias", &dims.c(), self.dbias.as_deref(), dims.channels);
+        check_len(kernel, "dx", dims.blc(), self.dx.len(), dims.n_blc());
+        check_len(kernel, "dweight", dims.ck(), self.dweight.len(), dims.n_ck());
+        check_opt_len(kernel, "dbias", dims.c(), self.dbias.as_deref(), dims.channels);
     }
 }
 
 /// Checks the upstream gradient of a backward call: `dy` (B, L, C).
 #[track_caller]
 pub fn check_upstream<T>(kernel: &str, dims: &ConvDims, dy: &[T]) {
-    check_len(kernel, "dy", &dims.blc(), dy.len(), dims.n_blc());
+    check_len(kernel, "dy", dims.blc(), dy.len(), dims.n_blc());
 }
 
 /// Checks the arguments of a step: `dims.seqlen == 1`, `args` as usual (`x` is then (B, C)),
@@ -158,6 +158,6 @@ pub fn check_upstream<T>(kernel: &str, dims: &ConvDims, dy: &[T]) {
 pub fn check_step<T>(kernel: &str, dims: &ConvDims, args: &ConvArgs<T>, state: &[T], y: &[T]) {
     check_dims(kernel, dims.seqlen == 1, "a step takes seqlen 1");
     args.check(kernel, dims);
-    check_len(kernel, "state", &dims.bck(), state.len(), dims.n_bck());
-    check_len(kernel, "y", &dims.bc(), y.len(), dims.batch * dims.channels);
+    check_len(kernel, "state", dims.bck(), state.len(), dims.n_bck());
+    check_len(kernel, "y", dims.bc(), y.len(), dims.batch * dims.channels);
 }

@@ -29,48 +29,36 @@ use super::fwd::{Prefetch, TILES_PER_BLOCK, TIME_BLOCK, advance, block_tiles, pr
 use super::tile::{Bc, Groups, MixedBc, StateBuf, Tile, UniformBc, dispatch_n, mixed_offsets};
 use super::{Scan1Args, Scan1Dims, Scan1Grads, check_upstream};
 use crate::par::SharedMut;
+use crate::pool::V16Buf;
 use crate::simd::x16::{self as simd, V, W};
 
 /// Time steps per recomputation chunk (a multiple of the forward's time block).
 pub const CHUNK: usize = 32;
 const _: () = assert!(CHUNK.is_multiple_of(TIME_BLOCK));
 
-/// Per-task gradient partials that are reduced after the parallel section.
-struct TaskOut {
-    b: usize,
-    /// First channel of the task's block.
-    ch0: usize,
-    /// dA for channels `ch0..`, (channels, N).
-    da: Vec<f32>,
-    dd: Vec<f32>,
-    dbias: Vec<f32>,
-    /// Partial dB / dC of batch row `b`, (L, G, N), when the row is split over several tasks.
-    dbc: Option<(Vec<f32>, Vec<f32>)>,
-}
-
 /// Per-tile accumulators of a task, `ntl` tiles.
 struct TileAcc {
     /// State at each chunk start, (tiles, chunks, N).
-    ckpt: Vec<V>,
+    ckpt: V16Buf,
     /// Adjoint `G`, (tiles, N).
-    g: Vec<V>,
+    g: V16Buf,
     /// dA, (tiles, N).
-    da: Vec<V>,
+    da: V16Buf,
     /// dD and dΔ-bias, (tiles).
-    dd: Vec<V>,
-    dbias: Vec<V>,
+    dd: V16Buf,
+    dbias: V16Buf,
 }
 
 /// Scratch of one chunk of one tile.
 struct ChunkBuf {
-    states: Vec<V>,
-    abar: Vec<V>,
+    states: V16Buf,
+    abar: V16Buf,
     /// Lane-wise dB / dC contributions, (CHUNK, N), summed over the tiles of one group before a
     /// single horizontal reduction per (t, n) (see [`flush_bc`]).
-    vdb: Vec<V>,
-    vdc: Vec<V>,
-    dts: Vec<V>,
-    dsp: Vec<V>,
+    vdb: V16Buf,
+    vdc: V16Buf,
+    dts: V16Buf,
+    dsp: V16Buf,
 }
 
 /// Prefetching for the backward's reverse walk: while the first tile of a block walks chunk `c`
@@ -144,7 +132,7 @@ pub fn scan_bwd_with_checkpoints(
 ) {
     const K: &str = "mamba1::scan_bwd_with_checkpoints";
     let layout = dims.ckpt_layout();
-    crate::check::check_len(K, "checkpoints", &layout, checkpoints.len(), dims.n_checkpoints());
+    crate::check::check_len(K, "checkpoints", layout, checkpoints.len(), dims.n_checkpoints());
     bwd(dims, args, Some(checkpoints), dy, dh_last, grads, K);
 }
 
@@ -177,65 +165,75 @@ fn bwd(
     let db_sh = SharedMut::new(db);
     let dc_sh = SharedMut::new(dc);
 
-    let parts: Vec<TaskOut> = (0..batch * nblk)
-        .into_par_iter()
-        .map(|task| {
-            let (b, blk) = (task / nblk, task % nblk);
-            let tiles = block_tiles(args, dims, blk, TILES_PER_BLOCK);
-            let mut dbc = (nblk > 1).then(|| (vec![0.0; lgn], vec![0.0; lgn]));
-            let (db_row, dc_row): (&mut [f32], &mut [f32]) = match dbc.as_mut() {
-                Some((pb, pc)) => (pb, pc),
-                // SAFETY: with one block per row, this task is the only one touching row b.
-                None => unsafe { (db_sh.slice(b * lgn, lgn), dc_sh.slice(b * lgn, lgn)) },
-            };
-            let acc =
-                dispatch_n!(n, bwd_task(dims, args, &tiles, b, saved, dy, dh_last, &outs, db_row, dc_row));
-            let ch0 = tiles[0].d0;
-            let nch = tiles.iter().map(|t| t.w).sum::<usize>();
-            let mut part =
-                TaskOut { b, ch0, da: vec![0.0; nch * n], dd: vec![0.0; nch], dbias: vec![0.0; nch], dbc };
-            for (ti, tile) in tiles.iter().enumerate() {
-                let off = tile.d0 - ch0;
-                let (ddv, dbv) = (acc.dd[ti].to_array(), acc.dbias[ti].to_array());
-                for l in 0..tile.w {
-                    part.dd[off + l] = ddv[l];
-                    part.dbias[off + l] = dbv[l];
-                    for k in 0..n {
-                        part.da[(off + l) * n + k] = acc.da[ti * n + k].to_array()[l];
-                    }
+    // Per task, in one pooled buffer taken (zeroed) and given back on this thread: dA (channels,
+    // N), dD and dΔ-bias of its block's channels, and — when a batch row is split over several
+    // tasks — its partial dB and dC, (L, G, N) each.
+    let maxch = TILES_PER_BLOCK * W;
+    let dbc_len = if nblk > 1 { 2 * lgn } else { 0 };
+    let plen = maxch * (n + 2) + dbc_len;
+    let mut parts = crate::pool::take(batch * nblk * plen);
+    parts.par_chunks_mut(plen).enumerate().for_each(|(task, part)| {
+        let (b, blk) = (task / nblk, task % nblk);
+        let tiles = block_tiles(args, dims, blk, TILES_PER_BLOCK);
+        let (pda, rest) = part.split_at_mut(maxch * n);
+        let (pdd, rest) = rest.split_at_mut(maxch);
+        let (pdbias, pdbc) = rest.split_at_mut(maxch);
+        let (db_row, dc_row): (&mut [f32], &mut [f32]) = if nblk > 1 {
+            pdbc.split_at_mut(lgn)
+        } else {
+            // SAFETY: with one block per row, this task is the only one touching row b.
+            unsafe { (db_sh.slice(b * lgn, lgn), dc_sh.slice(b * lgn, lgn)) }
+        };
+        let acc = dispatch_n!(n, bwd_task(dims, args, &tiles, b, saved, dy, dh_last, &outs, db_row, dc_row));
+        let ch0 = tiles[0].d0;
+        for (ti, tile) in tiles.iter().enumerate() {
+            let off = tile.d0 - ch0;
+            let (ddv, dbv) = (acc.dd[ti].to_array(), acc.dbias[ti].to_array());
+            for l in 0..tile.w {
+                pdd[off + l] = ddv[l];
+                pdbias[off + l] = dbv[l];
+                for k in 0..n {
+                    pda[(off + l) * n + k] = acc.da[ti * n + k].to_array()[l];
                 }
             }
-            part
-        })
-        .collect();
+        }
+    });
 
+    // Sum the partials in task order (deterministic for any thread count).
     let (mut dd, mut ddelta_bias) = (dd, ddelta_bias);
-    for p in parts {
-        let nch = p.dd.len();
-        for (dst, src) in da[p.ch0 * n..(p.ch0 + nch) * n].iter_mut().zip(&p.da) {
+    for (task, part) in parts.chunks_exact(plen).enumerate() {
+        let (b, blk) = (task / nblk, task % nblk);
+        let ch0 = blk * maxch;
+        let nch = maxch.min(dim - ch0);
+        let (pda, rest) = part.split_at(maxch * n);
+        let (pdd, rest) = rest.split_at(maxch);
+        let (pdbias, pdbc) = rest.split_at(maxch);
+        for (dst, src) in da[ch0 * n..(ch0 + nch) * n].iter_mut().zip(pda) {
             *dst += src;
         }
         if let (Some(dd), Some(_)) = (dd.as_deref_mut(), args.d) {
-            for (dst, src) in dd[p.ch0..p.ch0 + nch].iter_mut().zip(&p.dd) {
+            for (dst, src) in dd[ch0..ch0 + nch].iter_mut().zip(pdd) {
                 *dst += src;
             }
         }
         if let (Some(bias), Some(_)) = (ddelta_bias.as_deref_mut(), args.delta_bias) {
-            for (dst, src) in bias[p.ch0..p.ch0 + nch].iter_mut().zip(&p.dbias) {
+            for (dst, src) in bias[ch0..ch0 + nch].iter_mut().zip(pdbias) {
                 *dst += src;
             }
         }
-        if let Some((pb, pc)) = p.dbc {
+        if nblk > 1 {
+            let (pb, pc) = pdbc.split_at(lgn);
             // SAFETY: the parallel section has finished; this is the only access.
-            let (db_row, dc_row) = unsafe { (db_sh.slice(p.b * lgn, lgn), dc_sh.slice(p.b * lgn, lgn)) };
-            for (dst, src) in db_row.iter_mut().zip(&pb) {
+            let (db_row, dc_row) = unsafe { (db_sh.slice(b * lgn, lgn), dc_sh.slice(b * lgn, lgn)) };
+            for (dst, src) in db_row.iter_mut().zip(pb) {
                 *dst += src;
             }
-            for (dst, src) in dc_row.iter_mut().zip(&pc) {
+            for (dst, src) in dc_row.iter_mut().zip(pc) {
                 *dst += src;
             }
         }
     }
+    crate::pool::give(parts);
 }
 
 /// One task: batch row `b`, the block `tiles`. Adds into the per-element outputs and the row's
@@ -258,19 +256,18 @@ fn bwd_task<const NN: usize>(
     let ntl = tiles.len();
     let nchunks = seqlen.div_ceil(CHUNK);
     let (ch0, ch1) = (tiles[0].d0, tiles[ntl - 1].d0 + tiles[ntl - 1].w);
-    let z = V::ZERO;
     let mut acc = TileAcc {
-        ckpt: vec![z; ntl * nchunks.max(1) * n],
-        g: vec![z; ntl * n],
-        da: vec![z; ntl * n],
-        dd: vec![z; ntl],
-        dbias: vec![z; ntl],
+        ckpt: V16Buf::zeroed(ntl * nchunks.max(1) * n),
+        g: V16Buf::zeroed(ntl * n),
+        da: V16Buf::zeroed(ntl * n),
+        dd: V16Buf::zeroed(ntl),
+        dbias: V16Buf::zeroed(ntl),
     };
     let mut hb = StateBuf::<NN>::new(n);
     let h = hb.get();
 
     // Pass 1: chunk-start checkpoints, walking time blocks over all tiles of the block.
-    let mut cur = vec![z; ntl * n];
+    let mut cur = V16Buf::zeroed(ntl * n);
     let row_b = b * dim * n..(b + 1) * dim * n;
     for (ti, tile) in tiles.iter().enumerate() {
         if let Some(h0) = args.h0 {
@@ -316,12 +313,12 @@ fn bwd_task<const NN: usize>(
 
     // Pass 2: chunks last to first; every tile of the block per chunk.
     let mut buf = ChunkBuf {
-        states: vec![z; CHUNK * n],
-        abar: vec![z; CHUNK * n],
-        vdb: vec![z; CHUNK * n],
-        vdc: vec![z; CHUNK * n],
-        dts: vec![z; CHUNK],
-        dsp: vec![z; CHUNK],
+        states: V16Buf::zeroed(CHUNK * n),
+        abar: V16Buf::zeroed(CHUNK * n),
+        vdb: V16Buf::zeroed(CHUNK * n),
+        vdc: V16Buf::zeroed(CHUNK * n),
+        dts: V16Buf::zeroed(CHUNK),
+        dsp: V16Buf::zeroed(CHUNK),
     };
     reads.push(dy);
     for c in (0..nchunks).rev() {

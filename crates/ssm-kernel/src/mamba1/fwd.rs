@@ -255,7 +255,7 @@ fn fwd_task<const NN: usize>(
     let nchunks = dims.n_chunks();
     let (ch0, ch1) = (tiles[0].d0, tiles[tiles.len() - 1].d0 + tiles[tiles.len() - 1].w);
     // Every tile's state, (tiles, N) vectors.
-    let mut states = vec![V::ZERO; tiles.len() * n];
+    let mut states = crate::pool::V16Buf::zeroed(tiles.len() * n);
     if let Some(h0) = args.h0 {
         for (ti, tile) in tiles.iter().enumerate() {
             tile.load_state(&h0[b * dim * n..(b + 1) * dim * n], n, &mut states[ti * n..(ti + 1) * n]);

@@ -26,8 +26,8 @@ pub fn scan_step(dims: &Scan1Dims, args: &Scan1Args<f32>, state: &mut [f32], y: 
     check_dims(K, args.h0.is_none(), "a step takes its state in `state`, not `h0`");
     args.check(K, dims);
     let Scan1Dims { batch, dim, dstate: n, ngroups, .. } = *dims;
-    check_len(K, "state", &format!("(B, D, N) = ({batch}, {dim}, {n})"), state.len(), batch * dim * n);
-    check_len(K, "y", &format!("(B, D) = ({batch}, {dim})"), y.len(), batch * dim);
+    check_len(K, "state", format_args!("(B, D, N) = ({batch}, {dim}, {n})"), state.len(), batch * dim * n);
+    check_len(K, "y", format_args!("(B, D) = ({batch}, {dim})"), y.len(), batch * dim);
     let gs = dims.group_size();
     let st = SharedMut::new(state);
     let ys = SharedMut::new(y);

@@ -253,7 +253,7 @@ fn dims_strategy() -> impl Strategy<Value = (Scan1Dims, bool, bool, bool, bool, 
     (
         1usize..3,
         prop_oneof![Just(1usize), 2..20usize, Just(65), Just(130)],
-        prop_oneof![Just(1usize), 2..20usize, Just(24)],
+        prop_oneof![Just(1usize), 2..20usize, Just(24), Just(70)],
         prop_oneof![Just(1usize), Just(4), Just(16), Just(64)],
         1usize..3,
         any::<(bool, bool, bool, bool, bool)>(),

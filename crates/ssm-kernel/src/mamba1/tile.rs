@@ -22,7 +22,7 @@ pub(crate) struct Tile {
     /// Channels in the tile (1..=8).
     pub w: usize,
     /// `A[d0 + l, n]` in lane `l` of `a[n]`.
-    pub a: Vec<V>,
+    pub a: crate::pool::V16Buf,
     /// `D[d0 + l]` (zero when absent).
     pub dskip: V,
     /// Δ bias (zero when absent).
@@ -36,15 +36,15 @@ pub(crate) struct Tile {
 impl Tile {
     pub fn new(args: &Scan1Args<f32>, dim: usize, n: usize, group_size: usize, d0: usize) -> Self {
         let w = (dim - d0).min(W);
-        let a = (0..n)
-            .map(|k| {
-                let mut v = [0.0f32; W];
-                for l in 0..w {
-                    v[l] = args.a[(d0 + l) * n + k];
-                }
-                V::from(v)
-            })
-            .collect();
+        // From this thread's pool (given back on drop): the tiles are rebuilt every call.
+        let mut a = crate::pool::V16Buf::zeroed(n);
+        for (k, ak) in a.iter_mut().enumerate() {
+            let mut v = [0.0f32; W];
+            for l in 0..w {
+                v[l] = args.a[(d0 + l) * n + k];
+            }
+            *ak = V::from(v);
+        }
         let dskip = args.d.map_or(V::ZERO, |d| simd::load(&d[d0..d0 + w]));
         let bias = args.delta_bias.map_or(V::ZERO, |b| simd::load(&b[d0..d0 + w]));
         let g0 = d0 / group_size;
@@ -184,12 +184,18 @@ pub(crate) struct StateBuf<const NN: usize> {
     vec: Vec<V>,
 }
 
+impl<const NN: usize> Drop for StateBuf<NN> {
+    fn drop(&mut self) {
+        crate::pool::give_v16(std::mem::take(&mut self.vec));
+    }
+}
+
 impl<const NN: usize> StateBuf<NN> {
     /// A zeroed buffer of `n` vectors (`n == NN` when `NN > 0`).
     #[inline(always)]
     pub fn new(n: usize) -> Self {
         debug_assert!(NN == 0 || NN == n);
-        Self { arr: [V::ZERO; NN], vec: if NN == 0 { vec![V::ZERO; n] } else { Vec::new() } }
+        Self { arr: [V::ZERO; NN], vec: if NN == 0 { crate::pool::take_v16(n) } else { Vec::new() } }
     }
 
     /// The buffer as a slice.

@@ -1,6 +1,6 @@
 //! Dims, inputs and gradient buffers of the Mamba-1 selective scan.
 
-use crate::check::{check_dims, check_len, check_opt_len};
+use crate::check::{Layout, check_dims, check_len, check_opt_len};
 
 /// Sizes of a Mamba-1 selective scan.
 ///
@@ -51,28 +51,28 @@ impl Scan1Dims {
         check_dims(
             kernel,
             self.dim.is_multiple_of(self.ngroups),
-            &format!("ngroups {} must divide dim {}", self.ngroups, self.dim),
+            format_args!("ngroups {} must divide dim {}", self.ngroups, self.dim),
         );
     }
 
-    fn bld(&self) -> String {
-        format!("(B, L, D) = ({}, {}, {})", self.batch, self.seqlen, self.dim)
+    fn bld(&self) -> Layout {
+        Layout::new("(B, L, D)", &[self.batch, self.seqlen, self.dim])
     }
 
-    fn blgn(&self) -> String {
-        format!("(B, L, G, N) = ({}, {}, {}, {})", self.batch, self.seqlen, self.ngroups, self.dstate)
+    fn blgn(&self) -> Layout {
+        Layout::new("(B, L, G, N)", &[self.batch, self.seqlen, self.ngroups, self.dstate])
     }
 
-    fn dn(&self) -> String {
-        format!("(D, N) = ({}, {})", self.dim, self.dstate)
+    fn dn(&self) -> Layout {
+        Layout::new("(D, N)", &[self.dim, self.dstate])
     }
 
-    fn bdn(&self) -> String {
-        format!("(B, D, N) = ({}, {}, {})", self.batch, self.dim, self.dstate)
+    fn bdn(&self) -> Layout {
+        Layout::new("(B, D, N)", &[self.batch, self.dim, self.dstate])
     }
 
-    fn d(&self) -> String {
-        format!("(D) = ({})", self.dim)
+    fn d(&self) -> Layout {
+        Layout::new("(D)", &[self.dim])
     }
 
     /// Elements of a (B, L, D) tensor.
@@ -98,8 +98,8 @@ impl Scan1Dims {
         self.batch * self.n_chunks() * self.dim * self.dstate
     }
 
-    pub(crate) fn ckpt_layout(&self) -> String {
-        format!("(B, ⌈L/CHUNK⌉, D, N) = ({}, {}, {}, {})", self.batch, self.n_chunks(), self.dim, self.dstate)
+    pub(crate) fn ckpt_layout(&self) -> Layout {
+        Layout::new("(B, ⌈L/CHUNK⌉, D, N)", &[self.batch, self.n_chunks(), self.dim, self.dstate])
     }
 }
 
@@ -149,15 +149,15 @@ impl<'a, T> Scan1Args<'a, T> {
     #[track_caller]
     pub fn check(&self, kernel: &str, dims: &Scan1Dims) {
         dims.validate(kernel);
-        check_len(kernel, "u", &dims.bld(), self.u.len(), dims.n_bld());
-        check_len(kernel, "delta", &dims.bld(), self.delta.len(), dims.n_bld());
-        check_len(kernel, "a", &dims.dn(), self.a.len(), dims.dim * dims.dstate);
-        check_len(kernel, "b", &dims.blgn(), self.b.len(), dims.n_blgn());
-        check_len(kernel, "c", &dims.blgn(), self.c.len(), dims.n_blgn());
-        check_opt_len(kernel, "d", &dims.d(), self.d, dims.dim);
-        check_opt_len(kernel, "z", &dims.bld(), self.z, dims.n_bld());
-        check_opt_len(kernel, "delta_bias", &dims.d(), self.delta_bias, dims.dim);
-        check_opt_len(kernel, "h0", &dims.bdn(), self.h0, dims.n_bdn());
+        check_len(kernel, "u", dims.bld(), self.u.len(), dims.n_bld());
+        check_len(kernel, "delta", dims.bld(), self.delta.len(), dims.n_bld());
+        check_len(kernel, "a", dims.dn(), self.a.len(), dims.dim * dims.dstate);
+        check_len(kernel, "b", dims.blgn(), self.b.len(), dims.n_blgn());
+        check_len(kernel, "c", dims.blgn(), self.c.len(), dims.n_blgn());
+        check_opt_len(kernel, "d", dims.d(), self.d, dims.dim);
+        check_opt_len(kernel, "z", dims.bld(), self.z, dims.n_bld());
+        check_opt_len(kernel, "delta_bias", dims.d(), self.delta_bias, dims.dim);
+        check_opt_len(kernel, "h0", dims.bdn(), self.h0, dims.n_bdn());
     }
 }
 
@@ -189,12 +189,12 @@ impl<'a, T> Scan1Out<'a, T> {
     /// Panics with a message naming the argument unless every length matches `dims`.
     #[track_caller]
     pub fn check(&self, kernel: &str, dims: &Scan1Dims) {
-        check_len(kernel, "y", &dims.bld(), self.y.len(), dims.n_bld());
-        check_opt_len(kernel, "h_last", &dims.bdn(), self.h_last.as_deref(), dims.n_bdn());
+        check_len(kernel, "y", dims.bld(), self.y.len(), dims.n_bld());
+        check_opt_len(kernel, "h_last", dims.bdn(), self.h_last.as_deref(), dims.n_bdn());
         check_opt_len(
             kernel,
             "checkpoints",
-            &dims.ckpt_layout(),
+            dims.ckpt_layout(),
             self.checkpoints.as_deref(),
             dims.n_checkpoints(),
         );
@@ -234,21 +234,21 @@ impl<T> Scan1Grads<'_, T> {
     /// Panics with a message naming the argument unless every length matches `dims`.
     #[track_caller]
     pub fn check(&self, kernel: &str, dims: &Scan1Dims) {
-        check_len(kernel, "du", &dims.bld(), self.du.len(), dims.n_bld());
-        check_len(kernel, "ddelta", &dims.bld(), self.ddelta.len(), dims.n_bld());
-        check_len(kernel, "da", &dims.dn(), self.da.len(), dims.dim * dims.dstate);
-        check_len(kernel, "db", &dims.blgn(), self.db.len(), dims.n_blgn());
-        check_len(kernel, "dc", &dims.blgn(), self.dc.len(), dims.n_blgn());
-        check_opt_len(kernel, "dd", &dims.d(), self.dd.as_deref(), dims.dim);
-        check_opt_len(kernel, "dz", &dims.bld(), self.dz.as_deref(), dims.n_bld());
-        check_opt_len(kernel, "ddelta_bias", &dims.d(), self.ddelta_bias.as_deref(), dims.dim);
-        check_opt_len(kernel, "dh0", &dims.bdn(), self.dh0.as_deref(), dims.n_bdn());
+        check_len(kernel, "du", dims.bld(), self.du.len(), dims.n_bld());
+        check_len(kernel, "ddelta", dims.bld(), self.ddelta.len(), dims.n_bld());
+        check_len(kernel, "da", dims.dn(), self.da.len(), dims.dim * dims.dstate);
+        check_len(kernel, "db", dims.blgn(), self.db.len(), dims.n_blgn());
+        check_len(kernel, "dc", dims.blgn(), self.dc.len(), dims.n_blgn());
+        check_opt_len(kernel, "dd", dims.d(), self.dd.as_deref(), dims.dim);
+        check_opt_len(kernel, "dz", dims.bld(), self.dz.as_deref(), dims.n_bld());
+        check_opt_len(kernel, "ddelta_bias", dims.d(), self.ddelta_bias.as_deref(), dims.dim);
+        check_opt_len(kernel, "dh0", dims.bdn(), self.dh0.as_deref(), dims.n_bdn());
     }
 }
 
 /// Checks the upstream gradients of a backward call: `dy` (B, L, D), `dh_last` (B, D, N).
 #[track_caller]
 pub fn check_upstream<T>(kernel: &str, dims: &Scan1Dims, dy: &[T], dh_last: Option<&[T]>) {
-    check_len(kernel, "dy", &dims.bld(), dy.len(), dims.n_bld());
-    check_opt_len(kernel, "dh_last", &dims.bdn(), dh_last, dims.n_bdn());
+    check_len(kernel, "dy", dims.bld(), dy.len(), dims.n_bld());
+    check_opt_len(kernel, "dh_last", dims.bdn(), dh_last, dims.n_bdn());
 }

@@ -122,13 +122,13 @@ impl MixerParams<'_> {
     #[track_caller]
     fn check(&self, kernel: &str, dims: &MixerDims) {
         let (c, k, h) = (dims.conv_dim(), dims.width, dims.nheads);
-        check_len(kernel, "conv_w", &format!("(C, K) = ({c}, {k})"), self.conv_w.len(), c * k);
-        check_opt_len(kernel, "conv_b", &format!("(C) = ({c})"), self.conv_b, c);
+        check_len(kernel, "conv_w", format_args!("(C, K) = ({c}, {k})"), self.conv_w.len(), c * k);
+        check_opt_len(kernel, "conv_b", format_args!("(C) = ({c})"), self.conv_b, c);
         for (name, v) in [("dt_bias", self.dt_bias), ("a", self.a), ("d", self.d)] {
-            check_len(kernel, name, &format!("(H) = ({h})"), v.len(), h);
+            check_len(kernel, name, format_args!("(H) = ({h})"), v.len(), h);
         }
         let di = dims.d_inner();
-        check_len(kernel, "norm_w", &format!("(d_inner) = ({di})"), self.norm_w.len(), di);
+        check_len(kernel, "norm_w", format_args!("(d_inner) = ({di})"), self.norm_w.len(), di);
     }
 }
 
@@ -365,11 +365,11 @@ pub fn mixer_fwd(dims: &MixerDims, proj: &[f32], p: &MixerParams, o: MixerOut) {
     p.check(K, dims);
     let MixerDims { batch, seqlen: l, nheads: h, headdim: pd, dstate: n, ngroups: ng, .. } = *dims;
     let (dp, di, gn, cd) = (dims.proj_dim(), dims.d_inner(), dims.gn(), dims.conv_dim());
-    check_len(K, "proj", &format!("(B, L, {dp})"), proj.len(), batch * l * dp);
-    check_len(K, "out", &format!("(B, L, {di})"), out.len(), batch * l * di);
+    check_len(K, "proj", format_args!("(B, L, {dp})"), proj.len(), batch * l * dp);
+    check_len(K, "out", format_args!("(B, L, {di})"), out.len(), batch * l * di);
     check_len(K, "rstd", "(B, L, G)", rstd.len(), batch * l * ng);
     check_opt_len(K, "h_last", "(B, H, P, N)", h_last.as_deref(), batch * h * pd * n);
-    check_opt_len(K, "y", &format!("(B, L, {di})"), y.as_deref(), batch * l * di);
+    check_opt_len(K, "y", format_args!("(B, L, {di})"), y.as_deref(), batch * l * di);
     if batch * l == 0 {
         return;
     }
@@ -481,12 +481,12 @@ pub fn mixer_bwd(
     p.check(K, dims);
     let MixerDims { batch, seqlen: l, nheads: h, headdim: pd, dstate: n, ngroups: ng, width: k } = *dims;
     let (dp, di, gn, cd) = (dims.proj_dim(), dims.d_inner(), dims.gn(), dims.conv_dim());
-    check_len(K, "proj", &format!("(B, L, {dp})"), proj.len(), batch * l * dp);
+    check_len(K, "proj", format_args!("(B, L, {dp})"), proj.len(), batch * l * dp);
     check_len(K, "rstd", "(B, L, G)", rstd.len(), batch * l * ng);
-    check_len(K, "y", &format!("(B, L, {di})"), y.len(), batch * l * di);
-    check_len(K, "dout", &format!("(B, L, {di})"), dout.len(), batch * l * di);
+    check_len(K, "y", format_args!("(B, L, {di})"), y.len(), batch * l * di);
+    check_len(K, "dout", format_args!("(B, L, {di})"), dout.len(), batch * l * di);
     let MixerGrads { dproj, overwrite_dproj: ow, dconv_w, dconv_b, ddt_bias, da, dd, dnorm_w } = grads;
-    check_len(K, "dproj", &format!("(B, L, {dp})"), dproj.len(), batch * l * dp);
+    check_len(K, "dproj", format_args!("(B, L, {dp})"), dproj.len(), batch * l * dp);
     check_len(K, "dconv_w", "(C, K)", dconv_w.len(), cd * k);
     check_opt_len(K, "dconv_b", "(C)", dconv_b.as_deref(), cd);
     for (name, v) in [("ddt_bias", &*ddt_bias), ("da", &*da), ("dd", &*dd)] {

@@ -1,6 +1,6 @@
 //! Dims, inputs and gradient buffers of the Mamba-2 scan.
 
-use crate::check::{check_dims, check_len, check_opt_len};
+use crate::check::{Layout, check_dims, check_len, check_opt_len};
 
 /// Sizes of a Mamba-2 scan.
 ///
@@ -60,28 +60,28 @@ impl Scan2Dims {
         check_dims(
             kernel,
             self.nheads.is_multiple_of(self.ngroups),
-            &format!("ngroups {} must divide nheads {}", self.ngroups, self.nheads),
+            format_args!("ngroups {} must divide nheads {}", self.ngroups, self.nheads),
         );
     }
 
-    fn blhp(&self) -> String {
-        format!("(B, L, H, P) = ({}, {}, {}, {})", self.batch, self.seqlen, self.nheads, self.headdim)
+    fn blhp(&self) -> Layout {
+        Layout::new("(B, L, H, P)", &[self.batch, self.seqlen, self.nheads, self.headdim])
     }
 
-    fn blh(&self) -> String {
-        format!("(B, L, H) = ({}, {}, {})", self.batch, self.seqlen, self.nheads)
+    fn blh(&self) -> Layout {
+        Layout::new("(B, L, H)", &[self.batch, self.seqlen, self.nheads])
     }
 
-    fn blgn(&self) -> String {
-        format!("(B, L, G, N) = ({}, {}, {}, {})", self.batch, self.seqlen, self.ngroups, self.dstate)
+    fn blgn(&self) -> Layout {
+        Layout::new("(B, L, G, N)", &[self.batch, self.seqlen, self.ngroups, self.dstate])
     }
 
-    fn bhpn(&self) -> String {
-        format!("(B, H, P, N) = ({}, {}, {}, {})", self.batch, self.nheads, self.headdim, self.dstate)
+    fn bhpn(&self) -> Layout {
+        Layout::new("(B, H, P, N)", &[self.batch, self.nheads, self.headdim, self.dstate])
     }
 
-    fn h(&self) -> String {
-        format!("(H) = ({})", self.nheads)
+    fn h(&self) -> Layout {
+        Layout::new("(H)", &[self.nheads])
     }
 
     /// Elements of a (B, L, H, P) tensor.
@@ -152,15 +152,15 @@ impl<'a, T> Scan2Args<'a, T> {
     #[track_caller]
     pub fn check(&self, kernel: &str, dims: &Scan2Dims) {
         dims.validate(kernel);
-        check_len(kernel, "x", &dims.blhp(), self.x.len(), dims.n_blhp());
-        check_len(kernel, "delta", &dims.blh(), self.delta.len(), dims.n_blh());
-        check_len(kernel, "a", &dims.h(), self.a.len(), dims.nheads);
-        check_len(kernel, "b", &dims.blgn(), self.b.len(), dims.n_blgn());
-        check_len(kernel, "c", &dims.blgn(), self.c.len(), dims.n_blgn());
-        check_opt_len(kernel, "d", &dims.h(), self.d, dims.nheads);
-        check_opt_len(kernel, "z", &dims.blhp(), self.z, dims.n_blhp());
-        check_opt_len(kernel, "delta_bias", &dims.h(), self.delta_bias, dims.nheads);
-        check_opt_len(kernel, "h0", &dims.bhpn(), self.h0, dims.n_bhpn());
+        check_len(kernel, "x", dims.blhp(), self.x.len(), dims.n_blhp());
+        check_len(kernel, "delta", dims.blh(), self.delta.len(), dims.n_blh());
+        check_len(kernel, "a", dims.h(), self.a.len(), dims.nheads);
+        check_len(kernel, "b", dims.blgn(), self.b.len(), dims.n_blgn());
+        check_len(kernel, "c", dims.blgn(), self.c.len(), dims.n_blgn());
+        check_opt_len(kernel, "d", dims.h(), self.d, dims.nheads);
+        check_opt_len(kernel, "z", dims.blhp(), self.z, dims.n_blhp());
+        check_opt_len(kernel, "delta_bias", dims.h(), self.delta_bias, dims.nheads);
+        check_opt_len(kernel, "h0", dims.bhpn(), self.h0, dims.n_bhpn());
     }
 }
 
@@ -177,8 +177,8 @@ impl<T> Scan2Out<'_, T> {
     /// Panics with a message naming the argument unless every length matches `dims`.
     #[track_caller]
     pub fn check(&self, kernel: &str, dims: &Scan2Dims) {
-        check_len(kernel, "y", &dims.blhp(), self.y.len(), dims.n_blhp());
-        check_opt_len(kernel, "h_last", &dims.bhpn(), self.h_last.as_deref(), dims.n_bhpn());
+        check_len(kernel, "y", dims.blhp(), self.y.len(), dims.n_blhp());
+        check_opt_len(kernel, "h_last", dims.bhpn(), self.h_last.as_deref(), dims.n_bhpn());
     }
 }
 
@@ -213,23 +213,23 @@ impl<T> Scan2Grads<'_, T> {
     /// Panics with a message naming the argument unless every length matches `dims`.
     #[track_caller]
     pub fn check(&self, kernel: &str, dims: &Scan2Dims) {
-        check_len(kernel, "dx", &dims.blhp(), self.dx.len(), dims.n_blhp());
-        check_len(kernel, "ddelta", &dims.blh(), self.ddelta.len(), dims.n_blh());
-        check_len(kernel, "da", &dims.h(), self.da.len(), dims.nheads);
-        check_len(kernel, "db", &dims.blgn(), self.db.len(), dims.n_blgn());
-        check_len(kernel, "dc", &dims.blgn(), self.dc.len(), dims.n_blgn());
-        check_opt_len(kernel, "dd", &dims.h(), self.dd.as_deref(), dims.nheads);
-        check_opt_len(kernel, "dz", &dims.blhp(), self.dz.as_deref(), dims.n_blhp());
-        check_opt_len(kernel, "ddelta_bias", &dims.h(), self.ddelta_bias.as_deref(), dims.nheads);
-        check_opt_len(kernel, "dh0", &dims.bhpn(), self.dh0.as_deref(), dims.n_bhpn());
+        check_len(kernel, "dx", dims.blhp(), self.dx.len(), dims.n_blhp());
+        check_len(kernel, "ddelta", dims.blh(), self.ddelta.len(), dims.n_blh());
+        check_len(kernel, "da", dims.h(), self.da.len(), dims.nheads);
+        check_len(kernel, "db", dims.blgn(), self.db.len(), dims.n_blgn());
+        check_len(kernel, "dc", dims.blgn(), self.dc.len(), dims.n_blgn());
+        check_opt_len(kernel, "dd", dims.h(), self.dd.as_deref(), dims.nheads);
+        check_opt_len(kernel, "dz", dims.blhp(), self.dz.as_deref(), dims.n_blhp());
+        check_opt_len(kernel, "ddelta_bias", dims.h(), self.ddelta_bias.as_deref(), dims.nheads);
+        check_opt_len(kernel, "dh0", dims.bhpn(), self.dh0.as_deref(), dims.n_bhpn());
     }
 }
 
 /// Checks the upstream gradients of a backward call: `dy` (B, L, H, P), `dh_last` (B, H, P, N).
 #[track_caller]
 pub fn check_upstream<T>(kernel: &str, dims: &Scan2Dims, dy: &[T], dh_last: Option<&[T]>) {
-    check_len(kernel, "dy", &dims.blhp(), dy.len(), dims.n_blhp());
-    check_opt_len(kernel, "dh_last", &dims.bhpn(), dh_last, dims.n_bhpn());
+    check_len(kernel, "dy", dims.blhp(), dy.len(), dims.n_blhp());
+    check_opt_len(kernel, "dh_last", dims.bhpn(), dh_last, dims.n_bhpn());
 }
 
 /// Checks the buffers of a single step: `dims.seqlen == 1`, no `h0` in `args` (the state is
@@ -239,6 +239,6 @@ pub(crate) fn check_step<T>(kernel: &str, dims: &Scan2Dims, args: &Scan2Args<T>,
     check_dims(kernel, dims.seqlen == 1, "a step takes seqlen 1");
     check_dims(kernel, args.h0.is_none(), "a step takes its state in `state`, not `h0`");
     args.check(kernel, dims);
-    check_len(kernel, "state", &dims.bhpn(), state.len(), dims.n_bhpn());
-    check_len(kernel, "y", &dims.blhp(), y.len(), dims.n_blhp());
+    check_len(kernel, "state", dims.bhpn(), state.len(), dims.n_bhpn());
+    check_len(kernel, "y", dims.blhp(), y.len(), dims.n_blhp());
 }
