@@ -27,6 +27,13 @@ pub fn for_overwrite(shape: &[usize]) -> Tensor {
     from_vec(shape, crate::ops::pool::take_for_overwrite(n))
 }
 
+/// A copy of `t` (same shape, row-major) in a pooled buffer.
+pub fn pooled_copy(t: &Tensor) -> Tensor {
+    let mut y = for_overwrite(t.shape());
+    data_mut(&mut y).copy_from_slice(data(t));
+    y
+}
+
 /// Gives `t`'s buffer back to this thread's pool for a later [`for_overwrite`] or pooled
 /// temporary.
 pub fn recycle(t: Tensor) {

@@ -32,7 +32,11 @@ pub(crate) fn silu_grad(v: f32) -> f32 {
 
 /// Applies `f` element-wise into a new tensor shaped like `x`.
 fn map(x: &Tensor, f: impl Fn(f32) -> f32) -> Tensor {
-    x.mapv(f)
+    let mut y = crate::tensor::for_overwrite(x.shape());
+    for (o, &v) in crate::tensor::data_mut(&mut y).iter_mut().zip(crate::tensor::data(x)) {
+        *o = f(v);
+    }
+    y
 }
 
 /// `dx += dy ⊙ g(x, y)` element-wise, when `dx` is wanted.

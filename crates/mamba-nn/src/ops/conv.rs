@@ -4,7 +4,7 @@
 use ssm_kernel::conv::{ConvArgs, ConvDims, ConvGrads, ConvOut, conv1d_bwd, conv1d_fwd};
 
 use crate::tape::{Backward, Tape, Var};
-use crate::tensor::{Tensor, data, data_mut};
+use crate::tensor::{Tensor, data, data_mut, for_overwrite};
 
 /// `y[b, t, c] = bias[c] + Σ_k w[c, k] · x[b, t − (K−1) + k, c]` (x = 0 before the start), then
 /// `y ← silu(y)` when `silu` is set: PyTorch's `Conv1d(C, C, K, groups=C, padding=K−1)` cut to
@@ -40,7 +40,8 @@ pub fn conv1d(tape: &mut Tape, x: Var, w: Var, bias: Option<Var>, silu: bool) ->
     }
     let dims = ConvDims::new(bsz, l, c, k);
     let args = ConvArgs { x: data(xv), weight: data(wv), bias: bv.map(data), silu };
-    let mut y = Tensor::zeros(xv.raw_dim());
+    // The kernel writes every output.
+    let mut y = for_overwrite(xv.shape());
     conv1d_fwd(&dims, &args, ConvOut { y: data_mut(&mut y), state_out: None });
     let inputs: Vec<Var> = [Some(x), Some(w), bias].into_iter().flatten().collect();
     tape.push(y, &inputs, Conv1dBackward { dims, silu })

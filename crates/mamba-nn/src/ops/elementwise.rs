@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use crate::tape::{Backward, Tape, Var};
-use crate::tensor::{Tensor, data, data_mut, for_overwrite, rows_cols};
+use crate::tensor::{Tensor, data, data_mut, for_overwrite, pooled_copy, rows_cols};
 
 /// Element-wise loops over at least this many values run in parallel blocks of this size.
 const PAR_BLOCK: usize = 1 << 16;
@@ -106,7 +106,7 @@ pub fn add_broadcast_last(tape: &mut Tape, x: Var, b: Var) -> Var {
         xv.shape(),
         bv.shape()
     );
-    let mut y = xv.clone();
+    let mut y = pooled_copy(xv);
     if d > 0 {
         for row in data_mut(&mut y).chunks_exact_mut(d) {
             add_into(row, data(bv));
@@ -151,7 +151,7 @@ impl Backward for AddBroadcastLastBackward {
 pub fn mul(tape: &mut Tape, a: Var, b: Var) -> Var {
     let (av, bv) = (tape.value(a), tape.value(b));
     same_shape("mul", av, bv);
-    let mut y = av.clone();
+    let mut y = pooled_copy(av);
     for (o, v) in data_mut(&mut y).iter_mut().zip(data(bv)) {
         *o *= v;
     }

@@ -4,7 +4,7 @@
 //! C are functions of `x_t`). Stable when `|A| < 1`.
 
 use crate::tape::{Backward, Tape, Var};
-use crate::tensor::{Tensor, data, data_mut, zeros};
+use crate::tensor::{Tensor, data, data_mut, for_overwrite};
 
 /// `y = LTI(x)` with per-channel vectors `a`, `b`, `c`, `d` (each (D)); `x` and `y` are
 /// (B, L, D).
@@ -23,7 +23,7 @@ pub fn lti_scan(tape: &mut Tape, x: Var, a: Var, b: Var, c: Var, d: Var) -> Var 
     let (av, bv, cv, dv) =
         (data(tape.value(a)), data(tape.value(b)), data(tape.value(c)), data(tape.value(d)));
     let xs = data(xv);
-    let mut y = zeros(&[bsz, l, dim]);
+    let mut y = for_overwrite(&[bsz, l, dim]);
     let ys = data_mut(&mut y);
     let mut h = vec![0.0f32; dim];
     for bi in 0..bsz {
@@ -102,6 +102,7 @@ impl Backward for LtiBackward {
 mod tests {
     use super::*;
     use crate::ops::check::{check_op, random};
+    use crate::tensor::zeros;
 
     fn reference(v: &[Vec<f64>], (bsz, l, dim): (usize, usize, usize)) -> Vec<f64> {
         let (x, a, b, c, d) = (&v[0], &v[1], &v[2], &v[3], &v[4]);

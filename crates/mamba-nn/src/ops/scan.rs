@@ -11,7 +11,7 @@ use ssm_kernel::mamba2::{self, Scan2Args, Scan2Dims, Scan2Grads, Scan2Out};
 
 use crate::ops::pool;
 use crate::tape::{Backward, Tape, Var};
-use crate::tensor::{Tensor, data, data_mut, from_vec, zeros};
+use crate::tensor::{Tensor, data, data_mut, for_overwrite, from_vec};
 
 /// `A = −exp(A_log)` in a buffer from this thread's [`pool`](crate::ops::pool) (give it back
 /// with [`pool::give`]).
@@ -221,7 +221,7 @@ fn scan1(
         delta_softplus: softplus,
         h0: val(h0),
     };
-    let mut y = zeros(uv.shape());
+    let mut y = for_overwrite(uv.shape());
     let mut h_last = want_state.then(|| vec![0.0f32; dims.n_bdn()]);
     let mut checkpoints = if tracked { pool::take(dims.n_checkpoints()) } else { Vec::new() };
     let out = Scan1Out {
@@ -401,7 +401,7 @@ fn scan2(
         delta_softplus: softplus,
         h0: val(h0),
     };
-    let mut y = zeros(xv.shape());
+    let mut y = for_overwrite(xv.shape());
     let mut h_last = want_state.then(|| vec![0.0f32; dims.n_bhpn()]);
     mamba2::scan_fwd_auto(&dims, &args, Scan2Out { y: data_mut(&mut y), h_last: h_last.as_deref_mut() });
     pool::give(a);
@@ -463,6 +463,7 @@ mod tests {
     use super::*;
     use crate::ops::check::{check_op, random};
     use crate::params::ParamStore;
+    use crate::tensor::zeros;
     use ssm_kernel::reference;
 
     /// f64 reference of the Mamba-1 node: `A = −exp(A_log)`, then the naive scan loop.

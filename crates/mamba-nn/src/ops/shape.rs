@@ -2,7 +2,7 @@
 //! `concat_last`.
 
 use crate::tape::{Backward, Tape, Var};
-use crate::tensor::{Tensor, data, data_mut, from_vec, rows_cols, zeros};
+use crate::tensor::{Tensor, data, data_mut, for_overwrite, rows_cols};
 
 /// `y = x` viewed with shape `new_shape` (same elements, row-major order kept; the data is
 /// copied).
@@ -20,7 +20,8 @@ pub fn reshape(tape: &mut Tape, x: Var, new_shape: &[usize]) -> Var {
         xv.shape(),
         xv.len()
     );
-    let y = from_vec(new_shape, data(xv).to_vec());
+    let mut y = for_overwrite(new_shape);
+    data_mut(&mut y).copy_from_slice(data(xv));
     tape.push(y, &[x], ReshapeBackward)
 }
 
@@ -60,7 +61,8 @@ pub fn narrow_last(tape: &mut Tape, x: Var, start: usize, len: usize) -> Var {
     );
     let mut shape = xv.shape().to_vec();
     *shape.last_mut().expect("x has a last dimension") = len;
-    let mut y = zeros(&shape);
+    // Every element is written below (a zero-width result has none).
+    let mut y = for_overwrite(&shape);
     if len > 0 {
         for (dst, src) in data_mut(&mut y).chunks_exact_mut(len).zip(data(xv).chunks_exact(d)) {
             dst.copy_from_slice(&src[start..start + len]);
@@ -120,7 +122,8 @@ pub fn concat_last(tape: &mut Tape, xs: &[Var]) -> Var {
     let rows: usize = lead.iter().product();
     let mut shape = first.clone();
     *shape.last_mut().expect("at least one dimension") = total;
-    let mut y = zeros(&shape);
+    // Every element is written below.
+    let mut y = for_overwrite(&shape);
     let yd = data_mut(&mut y);
     let mut off = 0;
     for (&x, &w) in xs.iter().zip(&widths) {
@@ -167,6 +170,7 @@ mod tests {
     use super::*;
     use crate::ops::check::{check_op, random};
     use crate::params::ParamStore;
+    use crate::tensor::zeros;
 
     #[test]
     fn reshape_backward_matches_finite_differences() {
