@@ -63,9 +63,9 @@ pub fn gemm(
     );
     let distinct = m == 1 || n == 1 || (csc == 1 && rsc >= n) || (rsc == 1 && csc >= m);
     assert!(distinct, "gemm: C strides ({rsc}, {csc}) would alias elements of a {m}×{n} matrix");
+    IN_SGEMM.set(true);
     // SAFETY: every element addressed through the strides lies inside its slice (checked
     // above); `c` is exclusively borrowed and its strides address distinct elements (checked).
-    IN_SGEMM.set(true);
     unsafe {
         sgemm(
             m,
