@@ -134,11 +134,11 @@ fn count(watch: &[usize], f: impl FnOnce()) -> Tally {
     }
 }
 
-/// Small models of each kind; the Mamba-2 one has two groups and a conv of width 3.
+/// Small models of each kind; the Mamba-2 one has two groups and a conv of width 5.
 fn configs() -> Vec<(&'static str, MambaConfig)> {
     let m1 = MambaConfig::mamba1(61, 64, 2);
     let mut m2 = MambaConfig::mamba2(61, 64, 2);
-    (m2.d_state, m2.headdim, m2.ngroups, m2.d_conv, m2.chunk_size) = (8, 16, 2, 3, 8);
+    (m2.d_state, m2.headdim, m2.ngroups, m2.d_conv, m2.chunk_size) = (8, 16, 2, 5, 8);
     let mut lti = MambaConfig::mamba1(61, 64, 2);
     lti.arch = Arch::Lti;
     vec![("mamba1", m1), ("mamba2", m2), ("lti", lti)]

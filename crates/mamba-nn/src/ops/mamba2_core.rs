@@ -289,7 +289,20 @@ struct Weights<'a> {
     norm_w: &'a [f32],
 }
 
-impl Weights<'_> {
+impl<'a> Weights<'a> {
+    /// The conv (with SiLU) of channels `c0..c0 + nc` over `x` ((B, L, nc) rows), width `k`.
+    fn conv_block<'x>(&self, x: &'x [f32], c0: usize, nc: usize, k: usize) -> ConvArgs<'x, f32>
+    where
+        'a: 'x,
+    {
+        ConvArgs {
+            x,
+            weight: &self.cw[c0 * k..(c0 + nc) * k],
+            bias: self.cb.map(|b| &b[c0..c0 + nc]),
+            silu: true,
+        }
+    }
+
     fn mixer(&self, eps: f32) -> MixerParams<'_> {
         MixerParams {
             conv_w: self.cw,
@@ -326,12 +339,7 @@ fn split_forward(
     let conv_out: [Vec<f32>; 3] = std::array::from_fn(|i| {
         let (c0, nc) = conv_blocks(&spec)[i];
         let dims = ConvDims::new(bsz, l, nc, k);
-        let args = ConvArgs {
-            x: &conv_in[i],
-            weight: &w.cw[c0 * k..(c0 + nc) * k],
-            bias: w.cb.map(|b| &b[c0..c0 + nc]),
-            silu: true,
-        };
+        let args = w.conv_block(&conv_in[i], c0, nc, k);
         let mut y = pool::take_for_overwrite(rows * nc);
         conv1d_fwd(&dims, &args, ConvOut { y: &mut y, state_out: None });
         y
@@ -556,12 +564,7 @@ fn split_backward(
     // Conv, per channel block, then into the projection's x | B | C columns.
     for (i, (c0, nc)) in conv_blocks(&spec).into_iter().enumerate() {
         let cdims = ConvDims::new(dims.batch, dims.seqlen, nc, k);
-        let args = ConvArgs {
-            x: &conv_in[i],
-            weight: &w.cw[c0 * k..(c0 + nc) * k],
-            bias: w.cb.map(|b| &b[c0..c0 + nc]),
-            silu: true,
-        };
+        let args = w.conv_block(&conv_in[i], c0, nc, k);
         let mut dx = pool::take(rows * nc);
         let grads = ConvGrads {
             dx: &mut dx,

@@ -35,7 +35,7 @@ use super::common::{blocks, state_out};
 use super::seq::{adjoint_block, load_x, step_state};
 use crate::Real;
 use crate::check::{check_dims, check_len, check_opt_len};
-use crate::pool;
+use crate::pool::{self, F32Buf};
 use crate::simd::{self, W, dot};
 
 /// The widest conv the fused kernels take (its per-tap sums live in registers).
@@ -391,7 +391,7 @@ pub fn mixer_fwd(dims: &MixerDims, proj: &[f32], p: &MixerParams, o: MixerOut) {
         .for_each(|(b, ((ob, rb), (hl, yk)))| {
             let proj_b = &proj[b * l * dp..(b + 1) * l * dp];
             let mut st = vec![f32x8::ZERO; h * sz];
-            let mut xbc = vec![0.0f32; TB * cd];
+            let mut xbc = F32Buf::zeroed(TB * cd);
             let mut steps = vec![(0.0f32, 0.0f32, 0.0f32); TB * h];
             let mut sc = [vec![f32x8::ZERO; pv], vec![f32x8::ZERO; pv], vec![f32x8::ZERO; pv]];
             let mut v = vec![f32x8::ZERO; di / W];
@@ -523,7 +523,7 @@ pub fn mixer_bwd(
             let mut steps = vec![(0.0f32, 0.0f32, 0.0f32); l * h];
             let mut alpha = vec![0.0f64; l * h];
             let mut st = vec![f32x8::ZERO; h * sz];
-            let mut xbc = vec![0.0f32; TB * cd];
+            let mut xbc = F32Buf::zeroed(TB * cd);
             let mut sc = [vec![f32x8::ZERO; pv], vec![f32x8::ZERO; pv], vec![f32x8::ZERO; pv]];
             let (mut vv, mut sil, mut gz) =
                 (vec![f32x8::ZERO; di / W], vec![f32x8::ZERO; di / W], vec![f32x8::ZERO; di / W]);
@@ -617,10 +617,12 @@ pub fn mixer_bwd(
             // pre-activation gradients of rows t..t+K−1 (row r in slot r % K).
             let mut gsv = vec![f32x8::ZERO; h * sz];
             let mut m = vec![0.0f64; h];
-            let mut pre = vec![0.0f32; TB * cd];
-            let mut sgm = vec![0.0f32; TB * cd];
-            let mut dxbc = vec![0.0f32; TB * cd];
-            let mut ring = vec![0.0f32; k * cd];
+            // Block rows and the (K, C) ring come from this worker's pool: the ring is the conv
+            // weight's size, and this runs every step.
+            let mut pre = F32Buf::zeroed(TB * cd);
+            let mut sgm = F32Buf::zeroed(TB * cd);
+            let mut dxbc = F32Buf::zeroed(TB * cd);
+            let mut ring = F32Buf::zeroed(k * cd);
             let mut sn = vec![0.0f32; n];
             let nblk = l.div_ceil(TB);
             for blk in (0..nblk).rev() {
