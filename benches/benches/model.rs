@@ -12,6 +12,8 @@ use mamba_nn::params::Grads;
 use mamba_nn::tape::Tape;
 
 fn bench_model(cr: &mut Criterion, name: &str, cfg: MambaConfig) {
+    // As the `mamba` binary does: freed activations stay in the heap for the next step.
+    mamba_nn::tensor::keep_freed_memory();
     let (batch, seqlen) = (8, 256);
     let model = MambaLM::new(cfg, 0).expect("valid config");
     let ids: Vec<usize> = (0..batch * seqlen).map(|i| (i * 7919 + 13) % 256).collect();

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use mamba_train::mamba_nn::model::MambaLM;
-use mamba_train::mamba_nn::tape::Tape;
-use mamba_train::mamba_nn::tensor::data;
+use mamba_nn::model::MambaLM;
+use mamba_nn::tape::Tape;
+use mamba_nn::tensor::data;
 use mamba_train::tokenizer::load_tokenizer;
 
 /// Arguments of `mamba eval`.

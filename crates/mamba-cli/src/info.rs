@@ -4,8 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use mamba_train::mamba_nn::config::Arch;
-use mamba_train::mamba_nn::model::MambaLM;
+use mamba_nn::config::Arch;
+use mamba_nn::model::MambaLM;
 
 /// Arguments of `mamba info`.
 #[derive(Args, Debug)]

@@ -12,7 +12,6 @@ mod corpus;
 mod eval;
 mod generate;
 mod info;
-mod sampling;
 mod train;
 
 use std::process::ExitCode;
@@ -42,6 +41,9 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Training and prefill allocate and free the same large activations every step: keep freed
+    // memory in the heap rather than returning it to the system and faulting it back in.
+    mamba_nn::tensor::keep_freed_memory();
     let threads = match &cli.command {
         Command::Train(a) => a.threads,
         Command::Generate(a) => a.threads,

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use mamba_nn::config::{Arch, MambaConfig};
+use mamba_nn::model::MambaLM;
 use mamba_train::data::TextData;
-use mamba_train::mamba_nn::config::{Arch, MambaConfig};
-use mamba_train::mamba_nn::model::MambaLM;
 use mamba_train::tasks::Task;
 use mamba_train::tokenizer::{ByteTokenizer, Tokenizer, load_tokenizer};
 use mamba_train::trainer::{Metrics, Objective, Progress, StepInfo, TrainConfig, Trainer};
@@ -273,7 +273,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
             Source::Builtin => "12+",
             _ => "\n",
         };
-        let sample = crate::generate::sample_text(&trainer.model, &**tokenizer, prompt, 200, 1);
+        let sample = mamba_train::sample::sample_text(&trainer.model, &**tokenizer, prompt, 200, 1);
         println!("sample:\n{sample}");
         std::fs::write(dir.join("sample.txt"), &sample)
             .with_context(|| format!("writing {}", dir.join("sample.txt").display()))?;

@@ -4,8 +4,8 @@
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use mamba_train::mamba_nn::checkpoint::TensorFile;
-use mamba_train::mamba_nn::tensor::data;
+use mamba_nn::checkpoint::TensorFile;
+use mamba_nn::tensor::data;
 
 fn mamba(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_mamba")).args(args).output().expect("run mamba")

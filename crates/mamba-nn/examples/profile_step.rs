@@ -18,6 +18,8 @@ use mamba_nn::params::Grads;
 use mamba_nn::tape::{Profile, Tape};
 
 fn main() {
+    // As the `mamba` binary does: freed activations stay in the heap for the next step.
+    mamba_nn::tensor::keep_freed_memory();
     // Inside a pool, as the benchmark and the CLI run a step: the step's serial parts then run on
     // a worker, not on a third thread that sleeps through every parallel region.
     let pool = rayon::ThreadPoolBuilder::new().build().expect("a rayon pool");

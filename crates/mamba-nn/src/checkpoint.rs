@@ -169,6 +169,42 @@ impl TensorFile {
         self.f32(name)
     }
 
+    /// The first of `name` and `aliases` that the file holds.
+    pub fn find<'s>(&self, name: &'s str, aliases: &'s [String]) -> Option<&'s str> {
+        std::iter::once(name).chain(aliases.iter().map(String::as_str)).find(|c| self.contains(c))
+    }
+
+    /// Tensor `name` — or, when the file lacks it, the first of `aliases` it holds — as f32 in
+    /// `shape`. A difference in singleton dimensions only is accepted (conv weights (C, 1, K)
+    /// stored as (C, K)).
+    ///
+    /// # Errors
+    /// [`CheckpointError::Missing`] (naming the aliases tried), [`CheckpointError::Shape`] or
+    /// [`CheckpointError::Dtype`].
+    pub fn f32_as(&self, name: &str, aliases: &[String], shape: &[usize]) -> Result<Tensor, CheckpointError> {
+        let Some(found) = self.find(name, aliases) else {
+            let hint = if aliases.is_empty() {
+                String::new()
+            } else {
+                let alts: Vec<String> = aliases.iter().map(|c| format!("`{c}`")).collect();
+                format!(" (also looked for {})", alts.join(", "))
+            };
+            return Err(CheckpointError::Missing { path: self.path.clone(), tensor: name.into(), hint });
+        };
+        let fshape = self.shape(found).expect("present");
+        let squeeze = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
+        if fshape != shape && squeeze(fshape) != squeeze(shape) {
+            return Err(CheckpointError::Shape {
+                path: self.path.clone(),
+                tensor: found.into(),
+                expected: shape.to_vec(),
+                found: fshape.to_vec(),
+            });
+        }
+        let t = self.f32(found)?;
+        Ok(from_vec(shape, t.into_raw_vec_and_offset().0))
+    }
+
     /// Tensor `name` as i64 values (from I64 or I32) with its shape.
     pub fn i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>), CheckpointError> {
         let (dtype, shape, range) = self.entry(name)?;
@@ -220,35 +256,10 @@ pub fn load_params(
     let mut used = HashMap::new();
     let ids: Vec<_> = store.iter().map(|(id, p)| (id, p.name.clone(), p.value.shape().to_vec())).collect();
     for (id, name, shape) in ids {
-        let mut candidates = vec![name.clone()];
-        candidates.extend(aliases(&name));
-        let Some(found) = candidates.iter().find(|c| file.contains(c)) else {
-            let hint = if candidates.len() > 1 {
-                format!(
-                    " (also looked for {})",
-                    candidates[1..].iter().map(|c| format!("`{c}`")).collect::<Vec<_>>().join(", ")
-                )
-            } else {
-                String::new()
-            };
-            return Err(CheckpointError::Missing { path: file.path.clone(), tensor: name, hint });
-        };
-        // A singleton dimension difference (e.g. conv weights (C, 1, K) vs (C, K)) is fine.
-        let fshape = file.shape(found).expect("present");
-        let squeeze = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
-        let t = if fshape == shape.as_slice() || squeeze(fshape) == squeeze(&shape) {
-            let t = file.f32(found)?;
-            from_vec(&shape, data(&t).to_vec())
-        } else {
-            return Err(CheckpointError::Shape {
-                path: file.path.clone(),
-                tensor: found.clone(),
-                expected: shape,
-                found: fshape.to_vec(),
-            });
-        };
-        *store.value_mut(id) = t;
-        used.insert(found.clone(), ());
+        let alts = aliases(&name);
+        let found = file.find(&name, &alts).unwrap_or(&name).to_string();
+        *store.value_mut(id) = file.f32_as(&name, &alts, &shape)?;
+        used.insert(found, ());
     }
     Ok(file.names().filter(|n| !used.contains_key(*n)).map(String::from).collect())
 }

@@ -5,15 +5,18 @@
 //! - [`tape`]: the reverse-mode autograd tape of coarse fused ops (`docs/autograd.md`);
 //! - [`ops`]: the differentiable ops, each with its hand-written backward and f64
 //!   finite-difference test;
-//! - [`model`]: Mamba-1 / Mamba-2 (and the LTI baseline) language models with the reference
-//!   initialisation, Hugging Face `from_pretrained` / `save_pretrained`, prefill and recurrent
-//!   [`model::MambaLM::step`]; and [`model::MambaModel`] for continuous inputs;
+//! - [`model`]: Mamba-1 / Mamba-2 (and the LTI baseline) language models, one typed struct per
+//!   layer with its tape forward and recurrent step side by side, the reference initialisation,
+//!   Hugging Face `from_pretrained` / `save_pretrained`, and generation ([`model::Decoder`],
+//!   [`model::Sampler`], [`model::MambaLM::generate`]); [`model::MambaModel`] for continuous
+//!   inputs;
 //! - [`config`] and [`checkpoint`]: `config.json` (either key family) and safetensors I/O with
 //!   errors naming the file, tensor and shapes.
 //!
-//! The models are checked against transformers in `tests/against_transformers.rs`; the seed
-//! tutorial (shapes, the LTI block, a training loop with cross-entropy and AdamW) is
-//! `crates/mamba-train/examples/seed_tutorial.rs`.
+//! The models are checked against transformers in `tests/against_transformers.rs`; a tutorial
+//! (shapes, the LTI block, a training loop with cross-entropy and AdamW) is
+//! `crates/mamba-train/examples/tutorial.rs`, and `examples/generate.rs` generates from a model
+//! directory.
 //!
 //! It builds on [`ssm_kernel`], which provides every scan, convolution and GEMM kernel it calls.
 //!

@@ -152,30 +152,9 @@ impl Profile {
     }
 }
 
-/// Asks glibc's allocator to keep freed memory for reuse instead of returning it to the
-/// operating system. A training step allocates and frees the same multi-megabyte activations
-/// every step; by default glibc serves those with fresh `mmap`s and unmaps them on free, so each
-/// step pays page faults, zeroing by the kernel and TLB shootdowns across threads (measured: ~16 %
-/// of a Mamba-2 step). Raising the mmap and trim thresholds makes later steps reuse the heap.
-/// Done once per process, on the first [`Tape::new`]; a no-op on other platforms.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        static ONCE: std::sync::Once = std::sync::Once::new();
-        ONCE.call_once(|| {
-            // SAFETY: mallopt only changes allocator thresholds; both values are valid.
-            unsafe {
-                libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 30);
-                libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-            }
-        });
-    }
-}
-
 impl<'p> Tape<'p> {
     /// A recording tape: ops with a tracked input push backward nodes.
     pub fn new(params: &'p ParamStore) -> Self {
-        keep_freed_memory();
         Self { params, arena: Arena::default(), record: true, profile: None }
     }
 

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use mamba_nn::checkpoint::TensorFile;
-use mamba_nn::model::MambaLM;
+use mamba_nn::model::{Cache, Decoder, MambaLM, Sampler};
 use mamba_nn::params::Grads;
 use mamba_nn::tape::Tape;
 use mamba_nn::tensor::data;
@@ -108,33 +108,33 @@ fn check_recurrent(case: &str) {
     let half = seqlen / 2;
     let head: Vec<usize> =
         (0..batch).flat_map(|b| ids[b * seqlen..b * seqlen + half].iter().map(|&t| t as usize)).collect();
-    let (pre, mut state) = model.prefill(&head, batch, half);
-    for b in 0..batch {
-        for t in 0..half {
-            let got = &data(&pre)[(b * half + t) * v..(b * half + t + 1) * v];
-            let want = &full[(b * seqlen + t) * v..(b * seqlen + t + 1) * v];
-            assert_abs(&format!("{case} prefill logits t={t} b={b}"), got, want, 1e-4);
-        }
-    }
+    let mut dec = Decoder::new(&model, batch);
+    let mut cache = Cache::new(&model, batch);
     let mut logits = vec![0.0f32; batch * v];
+    dec.prefill(&head, &mut cache, &mut logits);
+    for b in 0..batch {
+        let t = half - 1;
+        let want = &full[(b * seqlen + t) * v..(b * seqlen + t + 1) * v];
+        assert_abs(&format!("{case} prefill logits t={t} b={b}"), &logits[b * v..(b + 1) * v], want, 1e-4);
+    }
     for t in half..seqlen {
         let col: Vec<usize> = (0..batch).map(|b| ids[b * seqlen + t] as usize).collect();
-        model.step(&col, &mut state, &mut logits);
+        dec.step(&col, &mut cache, &mut logits);
         for b in 0..batch {
             let want = &full[(b * seqlen + t) * v..(b * seqlen + t + 1) * v];
             assert_abs(&format!("{case} step logits t={t} b={b}"), &logits[b * v..(b + 1) * v], want, 1e-4);
         }
     }
-    for l in 0..model.config.n_layer {
+    for (l, st) in cache.layers.iter().enumerate() {
         assert_abs(
             &format!("{case} ssm_state.{l}"),
-            &state.ssm[l],
+            &st.ssm,
             data(&fx.f32(&format!("ssm_state.{l}")).unwrap()),
             1e-4,
         );
         assert_abs(
             &format!("{case} conv_state.{l}"),
-            &state.conv[l],
+            &st.conv,
             data(&fx.f32(&format!("conv_state.{l}")).unwrap()),
             1e-5,
         );
@@ -143,7 +143,12 @@ fn check_recurrent(case: &str) {
     let (_, want_tokens) = fx.i64("gen_tokens").unwrap();
     let prompt: Vec<usize> = prompt.iter().map(|&t| t as usize).collect();
     let n_new = want_tokens.len() - prompt.len();
-    let (tokens, step_logits) = model.generate_greedy(&prompt, n_new);
+    let mut generation = model.generate(&prompt, n_new, Sampler::greedy()).unwrap();
+    let (mut tokens, mut step_logits) = (Vec::new(), Vec::new());
+    while let Some(t) = generation.next() {
+        tokens.push(t);
+        step_logits.extend_from_slice(generation.logits());
+    }
     let want_new: Vec<usize> = want_tokens[prompt.len()..].iter().map(|&t| t as usize).collect();
     assert_eq!(tokens, want_new, "{case}: greedy tokens differ from transformers' generate()");
     assert_abs(
@@ -154,7 +159,7 @@ fn check_recurrent(case: &str) {
     );
 }
 
-/// A freshly initialised LTI baseline model: stepping and the full forward agree, and it trains
+/// A freshly initialised LTI baseline model: the prefill and the full forward agree, and it trains
 /// (its gradient is finite and non-zero for every parameter).
 #[test]
 fn lti_baseline_forward_and_step_agree() {
@@ -166,8 +171,14 @@ fn lti_baseline_forward_and_step_agree() {
     let mut tape = Tape::new(&model.params);
     let (logits, loss) = model.forward_loss(&mut tape, &ids, batch, seqlen);
     let full = data(tape.value(logits)).to_vec();
-    let (pre, _) = model.prefill(&ids, batch, seqlen);
-    assert_abs("lti prefill vs forward", data(&pre), &full, 1e-4);
+    let mut dec = Decoder::new(&model, batch);
+    let mut cache = Cache::new(&model, batch);
+    let mut last = vec![0.0f32; batch * 50];
+    dec.prefill(&ids, &mut cache, &mut last);
+    for b in 0..batch {
+        let t = (b * seqlen + seqlen - 1) * 50;
+        assert_abs("lti prefill vs forward", &last[b * 50..(b + 1) * 50], &full[t..t + 50], 1e-4);
+    }
     let mut grads = Grads::new(&model.params);
     tape.backward(loss, &mut grads);
     for (id, p) in model.params.iter() {

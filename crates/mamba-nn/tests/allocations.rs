@@ -1,7 +1,7 @@
 //! What the models allocate, counted by a global allocator that tallies every allocation made
 //! (on any thread) while counting is switched on:
 //!
-//! - a recurrent `step()` allocates nothing at all, for Mamba-1, Mamba-2 and the LTI baseline;
+//! - a recurrent `Decoder::step` allocates nothing at all, for Mamba-1, Mamba-2 and the LTI baseline;
 //! - after the first training step (forward, loss, backward into preallocated `Grads`), a step
 //!   allocates no parameter-sized buffer — no gradient, per-task partial gradient or repacked
 //!   weight: those come from the buffer pools, and parameter gradients accumulate in place.
@@ -18,7 +18,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 
 use mamba_nn::config::{Arch, MambaConfig};
-use mamba_nn::model::MambaLM;
+use mamba_nn::model::{Cache, Decoder, MambaLM};
 use mamba_nn::params::Grads;
 use mamba_nn::tape::Tape;
 
@@ -155,15 +155,16 @@ fn recurrent_step_allocates_nothing() {
     for (name, cfg) in configs() {
         let model = MambaLM::new(cfg, 3).expect("valid config");
         for batch in [1, 3] {
-            let mut state = model.new_state(batch);
+            let mut dec = Decoder::new(&model, batch);
+            let mut cache = Cache::new(&model, batch);
             let mut logits = vec![0.0f32; batch * model.config.vocab_size];
             let ids: Vec<usize> = (0..batch).map(|b| 5 + 7 * b).collect();
-            // One step first, as a generation loop has made its state and logits buffer.
-            pool.install(|| model.step(&ids, &mut state, &mut logits));
+            // One step first, as a generation loop has made its decoder, cache and logits buffer.
+            pool.install(|| dec.step(&ids, &mut cache, &mut logits));
             let t = pool.install(|| {
                 count(&[], || {
                     for _ in 0..20 {
-                        model.step(&ids, &mut state, &mut logits);
+                        dec.step(&ids, &mut cache, &mut logits);
                     }
                 })
             });

@@ -11,13 +11,13 @@
 //! linear function of the prefix, so the time-invariant block learns them as well as Mamba does;
 //! where selection matters (selective copying, `docs/results.md`) the two part ways.
 
+use mamba_nn::config::{Arch, MambaConfig};
+use mamba_nn::model::MambaModel;
+use mamba_nn::ops;
+use mamba_nn::params::Grads;
+use mamba_nn::tape::Tape;
+use mamba_nn::tensor::{data, from_vec};
 use mamba_train::data::Rng;
-use mamba_train::mamba_nn::config::{Arch, MambaConfig};
-use mamba_train::mamba_nn::model::MambaModel;
-use mamba_train::mamba_nn::ops;
-use mamba_train::mamba_nn::params::Grads;
-use mamba_train::mamba_nn::tape::Tape;
-use mamba_train::mamba_nn::tensor::{data, from_vec};
 use mamba_train::optim::{AdamW, AdamWConfig, clip_grad_norm};
 
 const B: usize = 32;

@@ -9,14 +9,16 @@
 //!   training windows, deterministic validation batches, and the small resumable [`data::Rng`].
 //! - [`tasks`]: the Mamba paper's synthetic tasks (selective copying, induction heads) generated
 //!   on the fly, with token accuracy.
+//! - [`sample`]: text around the library's generation loop (the end-of-training sample, and
+//!   streaming tokens to text).
+//! - [`trainer`]: the training loop with metrics, plots and exact resume.
 //!
 //! It builds on [`mamba_nn`] for the models, their parameters and gradients, and safetensors I/O.
 
 pub mod data;
 pub mod optim;
 pub mod plot;
+pub mod sample;
 pub mod tasks;
 pub mod tokenizer;
 pub mod trainer;
-
-pub use mamba_nn;

@@ -3,10 +3,10 @@
 
 use std::path::PathBuf;
 
+use mamba_nn::config::MambaConfig;
+use mamba_nn::model::MambaLM;
+use mamba_nn::tensor::data;
 use mamba_train::data::TextData;
-use mamba_train::mamba_nn::config::MambaConfig;
-use mamba_train::mamba_nn::model::MambaLM;
-use mamba_train::mamba_nn::tensor::data;
 use mamba_train::tasks::Task;
 use mamba_train::tokenizer::{ByteTokenizer, Tokenizer};
 use mamba_train::trainer::{Metrics, Objective, Silent, TrainConfig, TrainError, Trainer};

@@ -1,22 +1,53 @@
-//! Mamba-1 and Mamba-2 language models over token ids.
+//! Mamba-1 and Mamba-2 language models over token ids, built from one typed struct per layer.
+//!
+//! | file | what it holds |
+//! |---|---|
+//! | [`builder`] | [`ParamBuilder`]: scoped parameter registration, random init or checkpoint |
+//! | [`layers`] | [`Linear`], [`Conv1d`], [`RmsNorm`], [`Embedding`] |
+//! | [`mixer`] | the [`Mixer`] trait (forward + recurrent step) and [`LayerCache`] |
+//! | [`mamba1`], [`mamba2`], [`lti`] | the three mixer kinds |
+//! | [`block`] | the residual [`Block`] and the [`Backbone`] |
+//! | [`cache`], [`decode`], [`generate`] | recurrent inference: [`Cache`], [`Decoder`], [`Sampler`], [`Generation`] |
+//! | [`continuous`] | [`MambaModel`], the same blocks on continuous inputs |
 //!
 //! Residual pre-norm blocks, `h ← h + Mixer(RMSNorm(h))`, a final `norm_f`, and an `lm_head`
 //! tied to the embedding unless the config unties it. Parameters carry their Hugging Face names
 //! (`backbone.layers.{i}.mixer.in_proj.weight`, …), so checkpoints load and save by name.
 
+pub mod block;
+pub mod builder;
+pub mod cache;
+pub mod continuous;
+pub mod decode;
+pub mod generate;
 pub mod init;
-mod mixer;
-pub mod recurrent;
+pub mod layers;
+pub mod lti;
+pub mod mamba1;
+pub mod mamba2;
+pub mod mixer;
+mod rows;
 
-pub use recurrent::{State, argmax};
+pub use block::{Backbone, Block};
+pub use builder::{Init, ParamBuilder};
+pub use cache::Cache;
+pub use continuous::MambaModel;
+pub use decode::Decoder;
+pub use generate::{Generation, Sampler, SamplingConfig, SamplingError, argmax};
+pub use layers::{Conv1d, Embedding, Linear, RmsNorm};
+pub use lti::LtiMixer;
+pub use mamba1::Mamba1Mixer;
+pub use mamba2::Mamba2Mixer;
+pub use mixer::{LayerCache, Mixer};
 
 use std::path::{Path, PathBuf};
 
-use crate::checkpoint::{CheckpointError, TensorFile, load_params, save_params, write_atomic};
+use crate::checkpoint::{CheckpointError, TensorFile, save_params, write_atomic};
 use crate::config::{ConfigError, MambaConfig};
 use crate::ops;
 use crate::params::ParamStore;
 use crate::tape::{Tape, Var};
+use init::InitRng;
 
 /// A model directory that cannot be loaded or saved.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +64,9 @@ pub enum ModelError {
         /// The directory.
         dir: PathBuf,
     },
+    /// Generation was asked to continue an empty prompt.
+    #[error("the prompt is empty: generation needs at least one token to continue")]
+    EmptyPrompt,
     /// A token id is outside the vocabulary.
     #[error("token id {id} at position {pos} is outside the vocabulary (size {vocab})")]
     TokenOutOfRange {
@@ -45,108 +79,59 @@ pub enum ModelError {
     },
 }
 
-/// The residual blocks and `norm_f` on `h` (B, L, d_model).
-fn backbone(tape: &mut Tape, cfg: &MambaConfig, h: Var) -> Var {
-    backbone_with_states(tape, cfg, h, None)
-}
-
-/// [`backbone`], recording each block's final recurrent state into `states` when given.
-fn backbone_with_states(
-    tape: &mut Tape,
-    cfg: &MambaConfig,
-    mut h: Var,
-    mut states: Option<&mut Vec<Option<mixer::LayerState>>>,
-) -> Var {
-    for i in 0..cfg.n_layer {
-        let p = format!("backbone.layers.{i}");
-        let w = tape.param_named(&format!("{p}.norm.weight"));
-        let r = ops::rms_norm(tape, h, w, cfg.norm_eps);
-        let slot = states.as_deref_mut().map(|s| &mut s[i]);
-        let out = mixer::forward(tape, cfg, &format!("{p}.mixer"), r, slot);
-        h = ops::add(tape, h, out);
-    }
-    let w = tape.param_named("backbone.norm_f.weight");
-    ops::rms_norm(tape, h, w, cfg.norm_eps)
-}
-
-/// A Mamba model for continuous sequences (the seed's model): an input projection, Mamba blocks
-/// and an output head, `(B, L, input_dim) → (B, L, output_dim)`.
-///
-/// ```
-/// use mamba_nn::model::MambaModel;
-/// use mamba_nn::tape::Tape;
-/// use mamba_nn::tensor::zeros;
-///
-/// let model = MambaModel::new(10, 64, 5);
-/// let mut tape = Tape::inference(&model.params);
-/// let x = tape.constant(zeros(&[32, 50, 10]));
-/// let y = model.forward(&mut tape, x);
-/// assert_eq!(tape.value(y).shape(), &[32, 50, 5]);
-/// ```
-#[derive(Clone, Debug)]
-pub struct MambaModel {
-    /// Hyper-parameters of the blocks (`d_model` is the hidden width; `vocab_size` is unused).
-    pub config: MambaConfig,
-    /// Input features.
-    pub input_dim: usize,
-    /// Output features.
-    pub output_dim: usize,
-    /// `input_proj.*`, `backbone.*`, `output_head.*`.
-    pub params: ParamStore,
-}
-
-impl MambaModel {
-    /// Two Mamba-1 blocks of width `hidden_dim` (d_state 16, expand 2), seed 0.
-    ///
-    /// # Panics
-    /// If a size is zero.
-    #[track_caller]
-    pub fn new(input_dim: usize, hidden_dim: usize, output_dim: usize) -> Self {
-        let config = MambaConfig::mamba1(output_dim.max(1), hidden_dim, 2);
-        Self::with_config(config, input_dim, output_dim, 0).unwrap_or_else(|e| panic!("MambaModel::new: {e}"))
-    }
-
-    /// A model with blocks from `config` (any arch), initialised from `seed`.
-    pub fn with_config(
-        config: MambaConfig,
-        input_dim: usize,
-        output_dim: usize,
-        seed: u64,
-    ) -> Result<Self, ConfigError> {
-        config.validate()?;
-        let mut rng = init::InitRng::new(seed);
-        let mut params = ParamStore::new();
-        init::init_linear(&mut rng, &mut params, "input_proj", config.d_model, input_dim);
-        init::init_backbone(&config, &mut rng, &mut params);
-        init::init_linear(&mut rng, &mut params, "output_head", output_dim, config.d_model);
-        Ok(Self { config, input_dim, output_dim, params })
-    }
-
-    /// `y` (B, L, output_dim) for `x` (B, L, input_dim).
-    pub fn forward(&self, tape: &mut Tape, x: Var) -> Var {
-        let (w, b) = (tape.param_named("input_proj.weight"), tape.param_named("input_proj.bias"));
-        let h = ops::linear(tape, x, w, Some(b));
-        let hf = backbone(tape, &self.config, h);
-        let (w, b) = (tape.param_named("output_head.weight"), tape.param_named("output_head.bias"));
-        ops::linear(tape, hf, w, Some(b))
-    }
-}
-
-/// A Mamba language model: its config and its parameters.
+/// A Mamba language model: its config, its parameters and the layers that index them.
 #[derive(Clone, Debug)]
 pub struct MambaLM {
     /// Hyper-parameters.
     pub config: MambaConfig,
     /// Every parameter, under its Hugging Face name.
     pub params: ParamStore,
+    /// `backbone.embeddings`, (V, d_model).
+    pub embeddings: Embedding,
+    /// `backbone.layers.*` and `backbone.norm_f`.
+    pub backbone: Backbone,
+    /// `lm_head`, (V, d_model) without bias: the embedding matrix itself when tied.
+    pub lm_head: Linear,
+}
+
+/// Other names a checkpoint may give a tensor: the original state-spaces checkpoints call the
+/// embedding `backbone.embedding.weight`.
+fn aliases(name: &str) -> Vec<String> {
+    match name {
+        "backbone.embeddings.weight" => vec!["backbone.embedding.weight".into()],
+        _ => vec![],
+    }
 }
 
 impl MambaLM {
-    /// A freshly initialised model (the reference initialisation; see [`init::init_params`]).
+    /// Registers the whole model through `b` and returns its layers: the embedding, the blocks,
+    /// `norm_f`, and `lm_head` unless tied — in this order, which is also the order of the
+    /// random draws.
+    fn layers(
+        config: &MambaConfig,
+        b: &mut ParamBuilder,
+    ) -> Result<(Embedding, Backbone, Linear), CheckpointError> {
+        let (v, d) = (config.vocab_size, config.d_model);
+        let mut bb = b.pp("backbone");
+        let embeddings = Embedding::new(&mut bb.pp("embeddings"), v, d)?;
+        let backbone = Backbone::new(&mut bb, config)?;
+        let weight = if config.tie_embeddings {
+            embeddings.weight
+        } else {
+            b.param("lm_head.weight", &[v, d], Init::Normal(0.02))?
+        };
+        Ok((embeddings, backbone, Linear { weight, bias: None, d_in: d, d_out: v }))
+    }
+
+    /// A freshly initialised model (the reference initialisation: each layer's constructor
+    /// states its parameters' init), drawn from `seed`.
     pub fn new(config: MambaConfig, seed: u64) -> Result<Self, ConfigError> {
         config.validate()?;
-        let params = init::init_params(&config, seed);
-        Ok(Self { config, params })
+        let mut params = ParamStore::new();
+        let mut b = ParamBuilder::init(&mut params, InitRng::new(seed));
+        let (embeddings, backbone, lm_head) =
+            Self::layers(&config, &mut b).expect("random initialisation reads no file");
+        Ok(Self { config, params, embeddings, backbone, lm_head })
     }
 
     /// Loads a Hugging Face model directory (`config.json` + `model.safetensors`), Mamba or
@@ -171,12 +156,10 @@ impl MambaLM {
                 config.tie_embeddings = false;
             }
         }
-        let mut params = init::init_params(&config, 0);
-        load_params(&mut params, &file, |name| match name {
-            "backbone.embeddings.weight" => vec!["backbone.embedding.weight".into()],
-            _ => vec![],
-        })?;
-        Ok(Self { config, params })
+        let mut params = ParamStore::new();
+        let mut b = ParamBuilder::load(&mut params, &file, aliases);
+        let (embeddings, backbone, lm_head) = Self::layers(&config, &mut b)?;
+        Ok(Self { config, params, embeddings, backbone, lm_head })
     }
 
     /// Saves `config.json` and `model.safetensors` in the layout transformers'
@@ -213,60 +196,9 @@ impl MambaLM {
             "forward: {} ids for batch {batch} × seqlen {seqlen}",
             ids.len()
         );
-        let cfg = &self.config;
-        let emb = tape.param_named("backbone.embeddings.weight");
-        let h = ops::embedding(tape, ids, &[batch, seqlen], emb);
-        let hf = backbone(tape, cfg, h);
-        let head = if cfg.tie_embeddings { emb } else { tape.param_named("lm_head.weight") };
-        ops::linear(tape, hf, head, None)
-    }
-
-    /// Runs a prompt batch (B, L) through the full (parallel) forward with no tape recording and
-    /// returns the logits (B, L, V) and the recurrent state after the last token, ready for
-    /// [`MambaLM::step`]. The LTI baseline has no state-returning kernel and is fed token by
-    /// token instead.
-    ///
-    /// # Panics
-    /// If `ids.len() != batch · seqlen` or an id is outside the vocabulary.
-    #[track_caller]
-    pub fn prefill(&self, ids: &[usize], batch: usize, seqlen: usize) -> (crate::tensor::Tensor, State) {
-        assert_eq!(
-            ids.len(),
-            batch * seqlen,
-            "prefill: {} ids for batch {batch} × seqlen {seqlen}",
-            ids.len()
-        );
-        let cfg = &self.config;
-        let v = cfg.vocab_size;
-        let mut state = self.new_state(batch);
-        if cfg.arch == crate::config::Arch::Lti {
-            let mut logits = crate::tensor::zeros(&[batch, seqlen, v]);
-            let mut row = vec![0.0f32; batch * v];
-            let out = crate::tensor::data_mut(&mut logits);
-            for t in 0..seqlen {
-                let col: Vec<usize> = (0..batch).map(|b| ids[b * seqlen + t]).collect();
-                self.step(&col, &mut state, &mut row);
-                for b in 0..batch {
-                    out[(b * seqlen + t) * v..(b * seqlen + t + 1) * v]
-                        .copy_from_slice(&row[b * v..(b + 1) * v]);
-                }
-            }
-            return (logits, state);
-        }
-        let mut tape = Tape::inference(&self.params);
-        let emb = tape.param_named("backbone.embeddings.weight");
-        let h = ops::embedding(&mut tape, ids, &[batch, seqlen], emb);
-        let mut layer_states = vec![None; cfg.n_layer];
-        let hf = backbone_with_states(&mut tape, cfg, h, Some(&mut layer_states));
-        let head = if cfg.tie_embeddings { emb } else { tape.param_named("lm_head.weight") };
-        let logits = ops::linear(&mut tape, hf, head, None);
-        for (l, ls) in layer_states.into_iter().enumerate() {
-            let ls = ls.expect("every Mamba block records its state");
-            state.conv[l].copy_from_slice(&ls.conv);
-            state.ssm[l].copy_from_slice(&ls.ssm);
-        }
-        let logits = tape.value(logits).clone();
-        (logits, state)
+        let h = self.embeddings.forward(tape, ids, &[batch, seqlen]);
+        let hf = self.backbone.forward(tape, h, None);
+        self.lm_head.forward(tape, hf)
     }
 
     /// Logits and the mean next-token cross-entropy exactly as transformers computes it with

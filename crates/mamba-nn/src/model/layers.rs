@@ -1,0 +1,186 @@
+//! The small layers the blocks are made of — [`Linear`], [`Conv1d`], [`RmsNorm`], [`Embedding`] —
+//! each with its tape forward and its few-rows decode form side by side.
+
+use ssm_kernel::conv::{ConvArgs, ConvDims, conv1d_step};
+
+use super::builder::{Init, ParamBuilder};
+use super::rows;
+use crate::checkpoint::CheckpointError;
+use crate::ops;
+use crate::params::{ParamId, ParamStore};
+use crate::tape::{Tape, Var};
+use crate::tensor::data;
+
+/// `y = x Wᵀ (+ b)` with `weight` (out, in) and `bias` (out) — PyTorch's `nn.Linear`.
+#[derive(Clone, Copy, Debug)]
+pub struct Linear {
+    /// `weight`, (out, in).
+    pub weight: ParamId,
+    /// `bias`, (out).
+    pub bias: Option<ParamId>,
+    /// Input features.
+    pub d_in: usize,
+    /// Output features.
+    pub d_out: usize,
+}
+
+impl Linear {
+    /// Registers `weight` (out, in) with `init` and, when `bias`, a zero `bias` (out).
+    pub fn new(
+        b: &mut ParamBuilder,
+        (d_out, d_in): (usize, usize),
+        bias: bool,
+        init: Init,
+    ) -> Result<Self, CheckpointError> {
+        let weight = b.param("weight", &[d_out, d_in], init)?;
+        let bias = if bias { Some(b.param("bias", &[d_out], Init::Const(0.0))?) } else { None };
+        Ok(Self { weight, bias, d_in, d_out })
+    }
+
+    /// PyTorch's default `Linear`: weight and bias both U(±1/√in).
+    pub fn torch_default(
+        b: &mut ParamBuilder,
+        (d_out, d_in): (usize, usize),
+    ) -> Result<Self, CheckpointError> {
+        let init = Init::Kaiming { fan_in: d_in, scale: 1.0 };
+        let weight = b.param("weight", &[d_out, d_in], init)?;
+        let bias = Some(b.param("bias", &[d_out], init)?);
+        Ok(Self { weight, bias, d_in, d_out })
+    }
+
+    /// `x` (…, in) → (…, out) on the tape.
+    pub fn forward(&self, tape: &mut Tape, x: Var) -> Var {
+        let w = tape.param(self.weight);
+        let b = self.bias.map(|b| tape.param(b));
+        ops::linear(tape, x, w, b)
+    }
+
+    /// Decode: `out` (m, out) = `x` (m, in) · Wᵀ (+ b) for a few rows `m`.
+    pub fn step(&self, p: &ParamStore, x: &[f32], m: usize, out: &mut [f32]) {
+        let b = self.bias.map(|b| data(p.value(b)));
+        rows::linear_rows(
+            x,
+            data(p.value(self.weight)),
+            b,
+            (m, self.d_in, self.d_out),
+            &mut out[..m * self.d_out],
+        );
+    }
+}
+
+/// The causal depthwise convolution with SiLU, `conv1d.weight` (C, 1, K) and `conv1d.bias` (C).
+#[derive(Clone, Copy, Debug)]
+pub struct Conv1d {
+    /// `weight`, (C, 1, K).
+    pub weight: ParamId,
+    /// `bias`, (C).
+    pub bias: Option<ParamId>,
+    /// Channels `C`.
+    pub channels: usize,
+    /// Width `K`.
+    pub width: usize,
+}
+
+impl Conv1d {
+    /// Registers `weight` (C, 1, K) and, when `bias`, `bias` (C), both U(±1/√K).
+    pub fn new(
+        b: &mut ParamBuilder,
+        channels: usize,
+        width: usize,
+        bias: bool,
+    ) -> Result<Self, CheckpointError> {
+        let init = Init::Kaiming { fan_in: width, scale: 1.0 };
+        let weight = b.param("weight", &[channels, 1, width], init)?;
+        let bias = if bias { Some(b.param("bias", &[channels], init)?) } else { None };
+        Ok(Self { weight, bias, channels, width })
+    }
+
+    /// `silu(conv(x))` for `x` (B, L, C) on the tape.
+    pub fn forward(&self, tape: &mut Tape, x: Var) -> Var {
+        let w = tape.param(self.weight);
+        let b = self.bias.map(|b| tape.param(b));
+        ops::conv1d(tape, x, w, b, true)
+    }
+
+    /// Decode: one time step `x` (B, C) → `out` (B, C), rolling `state` (B, C, K) (the last K
+    /// inputs, oldest first).
+    pub fn step(&self, p: &ParamStore, x: &[f32], batch: usize, state: &mut [f32], out: &mut [f32]) {
+        let dims = ConvDims::new(batch, 1, self.channels, self.width);
+        let args = ConvArgs {
+            x,
+            weight: data(p.value(self.weight)),
+            bias: self.bias.map(|b| data(p.value(b))),
+            silu: true,
+        };
+        conv1d_step(&dims, &args, state, out);
+    }
+}
+
+/// RMSNorm over the last dimension, `x · rsqrt(mean(x²) + eps) · weight`.
+#[derive(Clone, Copy, Debug)]
+pub struct RmsNorm {
+    /// `weight`, (d).
+    pub weight: ParamId,
+    /// Epsilon.
+    pub eps: f32,
+}
+
+impl RmsNorm {
+    /// Registers `weight` (d), initialised to ones.
+    pub fn new(b: &mut ParamBuilder, d: usize, eps: f32) -> Result<Self, CheckpointError> {
+        Ok(Self { weight: b.param("weight", &[d], Init::Const(1.0))?, eps })
+    }
+
+    /// `x` (…, d) normalised, on the tape.
+    pub fn forward(&self, tape: &mut Tape, x: Var) -> Var {
+        let w = tape.param(self.weight);
+        ops::rms_norm(tape, x, w, self.eps)
+    }
+
+    /// Decode: rows of `x` (m, d) → `out` (m, d).
+    pub fn step(&self, p: &ParamStore, x: &[f32], out: &mut [f32]) {
+        let w = data(p.value(self.weight));
+        rows::rms_rows(x, w, w.len(), self.eps, out);
+    }
+}
+
+/// Token embedding, `weight` (V, d) drawn N(0, 0.02²).
+#[derive(Clone, Copy, Debug)]
+pub struct Embedding {
+    /// `weight`, (V, d).
+    pub weight: ParamId,
+    /// Vocabulary size `V`.
+    pub vocab: usize,
+    /// Width `d`.
+    pub dim: usize,
+}
+
+impl Embedding {
+    /// Registers `weight` (V, d).
+    pub fn new(b: &mut ParamBuilder, vocab: usize, dim: usize) -> Result<Self, CheckpointError> {
+        Ok(Self { weight: b.param("weight", &[vocab, dim], Init::Normal(0.02))?, vocab, dim })
+    }
+
+    /// Rows of `weight` for token ids `ids` laid out as `shape` → (shape…, d), on the tape.
+    pub fn forward(&self, tape: &mut Tape, ids: &[usize], shape: &[usize]) -> Var {
+        let w = tape.param(self.weight);
+        ops::embedding(tape, ids, shape, w)
+    }
+
+    /// Decode: copies the rows of `ids` into `out` (len(ids), d).
+    ///
+    /// # Panics
+    /// If an id is outside the vocabulary.
+    #[track_caller]
+    pub fn step(&self, p: &ParamStore, ids: &[usize], out: &mut [f32]) {
+        let (w, d) = (data(p.value(self.weight)), self.dim);
+        for (b, &id) in ids.iter().enumerate() {
+            assert!(
+                id < self.vocab,
+                "embedding: token id {id} is outside the vocabulary (size {})",
+                self.vocab
+            );
+            out[b * d..(b + 1) * d].copy_from_slice(&w[id * d..(id + 1) * d]);
+        }
+    }
+}

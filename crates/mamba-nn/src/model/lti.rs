@@ -1,0 +1,113 @@
+//! The non-selective baseline: `x = in_proj(u)`, the linear time-invariant recurrence
+//! `h_t = A ⊙ h_{t−1} + B ⊙ x_t`, `y_t = C ⊙ h_t + D ⊙ x_t` with per-channel vectors, `out_proj(y)`.
+//! No convolution and no gate: nothing in the layer depends on the input's content, which is
+//! what the Mamba paper's selective-copying contrast is about.
+
+use super::builder::{Init, ParamBuilder};
+use super::layers::Linear;
+use super::mamba1::kaiming;
+use super::mixer::{LayerCache, Mixer, carve};
+use crate::checkpoint::CheckpointError;
+use crate::config::MambaConfig;
+use crate::ops;
+use crate::params::{ParamId, ParamStore};
+use crate::tape::{Tape, Var};
+use crate::tensor::data;
+
+/// The LTI baseline's parameters and size.
+#[derive(Clone, Debug)]
+pub struct LtiMixer {
+    /// `in_proj`, (d_inner, d_model).
+    pub in_proj: Linear,
+    /// `lti_A`, (d_inner): per-channel decay, initialised in (0.5, 0.99).
+    pub a: ParamId,
+    /// `lti_B`, (d_inner).
+    pub b: ParamId,
+    /// `lti_C`, (d_inner).
+    pub c: ParamId,
+    /// `D`, (d_inner).
+    pub d: ParamId,
+    /// `out_proj`, (d_model, d_inner).
+    pub out_proj: Linear,
+    /// `d_inner`.
+    pub d_inner: usize,
+}
+
+impl LtiMixer {
+    /// Registers the layer's parameters in scope `b`: stable decays `A` ~ U(0.5, 0.99), `B`,
+    /// `C` ~ U(±1), `D = 1`.
+    pub fn new(b: &mut ParamBuilder, cfg: &MambaConfig) -> Result<Self, CheckpointError> {
+        let (d, di) = (cfg.d_model, cfg.d_inner());
+        let in_proj = Linear::new(&mut b.pp("in_proj"), (di, d), cfg.bias, kaiming(d, 1.0))?;
+        let a = b.param("lti_A", &[di], Init::Uniform(0.5, 0.99))?;
+        let bv = b.param("lti_B", &[di], Init::Uniform(-1.0, 1.0))?;
+        let c = b.param("lti_C", &[di], Init::Uniform(-1.0, 1.0))?;
+        let d_skip = b.param("D", &[di], Init::Const(1.0))?;
+        let scale = 1.0 / (cfg.n_layer as f32).sqrt();
+        let out_proj = Linear::new(&mut b.pp("out_proj"), (d, di), cfg.bias, kaiming(di, scale))?;
+        Ok(Self { in_proj, a, b: bv, c, d: d_skip, out_proj, d_inner: di })
+    }
+}
+
+impl Mixer for LtiMixer {
+    fn forward(&self, tape: &mut Tape, u: Var, state: Option<&mut LayerCache>) -> Var {
+        let x = self.in_proj.forward(tape, u);
+        if let Some(st) = state {
+            // h_L, run over x (B, L, D) from zero.
+            let xv = tape.value(x);
+            let (l, dim) = (xv.shape()[1], xv.shape()[2]);
+            let (a, b) = (data(tape.params().value(self.a)), data(tape.params().value(self.b)));
+            for (seq, h) in data(xv).chunks_exact(l * dim).zip(st.ssm.chunks_exact_mut(dim)) {
+                h.fill(0.0);
+                for row in seq.chunks_exact(dim) {
+                    for k in 0..dim {
+                        h[k] = a[k] * h[k] + b[k] * row[k];
+                    }
+                }
+            }
+        }
+        let (a, b) = (tape.param(self.a), tape.param(self.b));
+        let (c, d) = (tape.param(self.c), tape.param(self.d));
+        let y = ops::lti_scan(tape, x, a, b, c, d);
+        self.out_proj.forward(tape, y)
+    }
+
+    fn cache_len(&self) -> (usize, usize) {
+        (0, self.d_inner)
+    }
+
+    fn decode_consts(&self, _: &ParamStore) -> Vec<f32> {
+        Vec::new()
+    }
+
+    fn scratch_len(&self, batch: usize) -> usize {
+        2 * batch * self.d_inner
+    }
+
+    fn step(
+        &self,
+        p: &ParamStore,
+        _: &[f32],
+        u: &[f32],
+        cache: &mut LayerCache,
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let di = self.d_inner;
+        let bsz = u.len() / self.in_proj.d_in;
+        let mut s = scratch;
+        let x = carve(&mut s, bsz * di);
+        self.in_proj.step(p, u, bsz, x);
+        let y = carve(&mut s, bsz * di);
+        let v = |id: ParamId| data(p.value(id));
+        let (a, b, c, d) = (v(self.a), v(self.b), v(self.c), v(self.d));
+        for ((h, x), y) in cache.ssm.chunks_exact_mut(di).zip(x.chunks_exact(di)).zip(y.chunks_exact_mut(di))
+        {
+            for k in 0..di {
+                h[k] = a[k] * h[k] + b[k] * x[k];
+                y[k] = c[k] * h[k] + d[k] * x[k];
+            }
+        }
+        self.out_proj.step(p, y, bsz, out);
+    }
+}

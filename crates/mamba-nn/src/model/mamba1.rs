@@ -1,0 +1,190 @@
+//! The Mamba-1 mixer (`mamba_simple.py`): `x, z = in_proj(u)`; `x = silu(conv1d(x))`;
+//! `dt, B, C = x_proj(x)`; `Δ = softplus(dt_proj(dt))`; `y = scan(x, Δ, A, B, C, D) · silu(z)`;
+//! `out_proj(y)`, with `A = −exp(A_log)` per channel and state.
+
+use ssm_kernel::mamba1::{self, Scan1Args, Scan1Dims};
+
+use super::builder::{Init, ParamBuilder};
+use super::layers::{Conv1d, Linear};
+use super::mixer::{LayerCache, Mixer, carve};
+use super::rows::cols;
+use crate::checkpoint::CheckpointError;
+use crate::config::MambaConfig;
+use crate::ops;
+use crate::params::{ParamId, ParamStore};
+use crate::tape::{Tape, Var};
+use crate::tensor::data;
+
+/// Mamba-1's parameters (Hugging Face names) and sizes.
+#[derive(Clone, Debug)]
+pub struct Mamba1Mixer {
+    /// `in_proj`, (2·d_inner, d_model): `x | z`.
+    pub in_proj: Linear,
+    /// `conv1d`, (d_inner, 1, K).
+    pub conv1d: Conv1d,
+    /// `x_proj`, (dt_rank + 2N, d_inner): `dt | B | C`.
+    pub x_proj: Linear,
+    /// `dt_proj`, (d_inner, dt_rank); its bias is Δ's bias inside the scan's softplus.
+    pub dt_proj: Linear,
+    /// `A_log`, (d_inner, N).
+    pub a_log: ParamId,
+    /// `D`, (d_inner).
+    pub d: ParamId,
+    /// `out_proj`, (d_model, d_inner).
+    pub out_proj: Linear,
+    /// `d_inner`.
+    pub d_inner: usize,
+    /// `N`.
+    pub d_state: usize,
+    /// `dt_rank`.
+    pub dt_rank: usize,
+}
+
+impl Mamba1Mixer {
+    /// Registers the mixer's parameters in scope `b` (e.g. `backbone.layers.3.mixer`) with the
+    /// reference initialisation.
+    pub fn new(b: &mut ParamBuilder, cfg: &MambaConfig) -> Result<Self, CheckpointError> {
+        let (d, di, n, r) = (cfg.d_model, cfg.d_inner(), cfg.d_state, cfg.dt_rank);
+        let in_proj = Linear::new(&mut b.pp("in_proj"), (2 * di, d), cfg.bias, kaiming(d, 1.0))?;
+        let conv1d = Conv1d::new(&mut b.pp("conv1d"), di, cfg.d_conv, cfg.conv_bias)?;
+        let x_proj = Linear::new(&mut b.pp("x_proj"), (r + 2 * n, di), false, kaiming(di, 1.0))?;
+        let dt_proj = {
+            let mut p = b.pp("dt_proj");
+            let bound = (r as f64).powf(-0.5);
+            let weight = p.param("weight", &[di, r], Init::Uniform(-bound, bound))?;
+            let dt = Init::DtBias { min: cfg.dt_min, max: cfg.dt_max, floor: cfg.dt_init_floor };
+            let bias = p.param("bias", &[di], dt)?;
+            Linear { weight, bias: Some(bias), d_in: r, d_out: di }
+        };
+        let a_log = b.param("A_log", &[di, n], Init::S4dReal)?;
+        let d_skip = b.param("D", &[di], Init::Const(1.0))?;
+        // Pre-norm residual rescale: out_proj divided by √n_layer.
+        let scale = 1.0 / (cfg.n_layer as f32).sqrt();
+        let out_proj = Linear::new(&mut b.pp("out_proj"), (d, di), cfg.bias, kaiming(di, scale))?;
+        Ok(Self {
+            in_proj,
+            conv1d,
+            x_proj,
+            dt_proj,
+            a_log,
+            d: d_skip,
+            out_proj,
+            d_inner: di,
+            d_state: n,
+            dt_rank: r,
+        })
+    }
+}
+
+pub(crate) fn kaiming(fan_in: usize, scale: f32) -> Init {
+    Init::Kaiming { fan_in, scale }
+}
+
+impl Mixer for Mamba1Mixer {
+    fn forward(&self, tape: &mut Tape, u: Var, mut state: Option<&mut LayerCache>) -> Var {
+        let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
+        let xz = self.in_proj.forward(tape, u);
+        let x = ops::narrow_last(tape, xz, 0, di);
+        let z = ops::narrow_last(tape, xz, di, di);
+        if let Some(st) = state.as_deref_mut() {
+            conv_state(tape, x, self.conv1d.width, &mut st.conv);
+        }
+        let x = self.conv1d.forward(tape, x);
+        let dbc = self.x_proj.forward(tape, x);
+        let dt = ops::narrow_last(tape, dbc, 0, r);
+        let b = ops::narrow_last(tape, dbc, r, n);
+        let c = ops::narrow_last(tape, dbc, r + n, n);
+        let w_dt = tape.param(self.dt_proj.weight);
+        let delta = ops::linear(tape, dt, w_dt, None);
+        let dt_bias = tape.param(self.dt_proj.bias.expect("dt_proj has a bias"));
+        let a_log = tape.param(self.a_log);
+        let d = tape.param(self.d);
+        let y = match state {
+            Some(st) => {
+                let (y, h) = ops::selective_scan1_with_state(
+                    tape,
+                    x,
+                    delta,
+                    a_log,
+                    b,
+                    c,
+                    Some(d),
+                    Some(z),
+                    Some(dt_bias),
+                    None,
+                    true,
+                );
+                st.ssm.copy_from_slice(data(&h));
+                y
+            }
+            None => ops::selective_scan1(tape, x, delta, a_log, b, c, Some(d), Some(z), Some(dt_bias), true),
+        };
+        self.out_proj.forward(tape, y)
+    }
+
+    fn cache_len(&self) -> (usize, usize) {
+        (self.d_inner * self.conv1d.width, self.d_inner * self.d_state)
+    }
+
+    /// `A = −exp(A_log)`, (d_inner, N).
+    fn decode_consts(&self, p: &ParamStore) -> Vec<f32> {
+        data(p.value(self.a_log)).iter().map(|v| -v.exp()).collect()
+    }
+
+    fn scratch_len(&self, batch: usize) -> usize {
+        let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
+        batch * (2 * di + 2 * di + di + (r + 2 * n) + r + 2 * n + di + di)
+    }
+
+    fn step(
+        &self,
+        p: &ParamStore,
+        neg_a: &[f32],
+        u: &[f32],
+        cache: &mut LayerCache,
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
+        let bsz = u.len() / self.in_proj.d_in;
+        let mut s = scratch;
+        let proj = carve(&mut s, bsz * 2 * di);
+        self.in_proj.step(p, u, bsz, proj);
+        let x = cols(proj, 2 * di, 0, di, carve(&mut s, bsz * di));
+        let z = cols(proj, 2 * di, di, di, carve(&mut s, bsz * di));
+        let xc = carve(&mut s, bsz * di);
+        self.conv1d.step(p, x, bsz, &mut cache.conv, xc);
+        let dbc = carve(&mut s, bsz * (r + 2 * n));
+        self.x_proj.step(p, xc, bsz, dbc);
+        let dt = cols(dbc, r + 2 * n, 0, r, carve(&mut s, bsz * r));
+        let bm = cols(dbc, r + 2 * n, r, n, carve(&mut s, bsz * n));
+        let cm = cols(dbc, r + 2 * n, r + n, n, carve(&mut s, bsz * n));
+        let delta = carve(&mut s, bsz * di);
+        let w_dt = data(p.value(self.dt_proj.weight));
+        super::rows::linear_rows(dt, w_dt, None, (bsz, r, di), delta);
+        let y = carve(&mut s, bsz * di);
+        let args = Scan1Args {
+            u: xc,
+            delta,
+            a: neg_a,
+            b: bm,
+            c: cm,
+            d: Some(data(p.value(self.d))),
+            z: Some(z),
+            delta_bias: self.dt_proj.bias.map(|b| data(p.value(b))),
+            delta_softplus: true,
+            h0: None,
+        };
+        mamba1::scan_step(&Scan1Dims::new(bsz, 1, di, n), &args, &mut cache.ssm, y);
+        self.out_proj.step(p, y, bsz, out);
+    }
+}
+
+/// Writes HF's conv state for the conv input `x` (B, L, C) into `st` (B, C, K): the last `k`
+/// time steps per channel, oldest first, zero where the sequence is shorter than `k`.
+pub(crate) fn conv_state(tape: &Tape, x: Var, k: usize, st: &mut [f32]) {
+    let xv = tape.value(x);
+    let (bsz, l, c) = (xv.shape()[0], xv.shape()[1], xv.shape()[2]);
+    let dims = ssm_kernel::conv::ConvDims::new(bsz, l, c, k);
+    ssm_kernel::conv::conv_state(&dims, data(xv), (c, 0), st);
+}

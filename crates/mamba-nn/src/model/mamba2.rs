@@ -1,0 +1,157 @@
+//! The Mamba-2 mixer (`mamba2.py`): `z, xBC, dt = in_proj(u)`; `xBC = silu(conv1d(xBC))`;
+//! `x, B, C = xBC`; `y = scan(x, softplus(dt + dt_bias), A, B, C, D)` with one scalar
+//! `A = −exp(A_log)` per head; `out_proj(norm(y · silu(z)))`, the norm over groups of
+//! `d_inner / G` channels. Everything between the projections is one fused tape node
+//! ([`ops::mamba2_core`]).
+
+use ssm_kernel::mamba2::{self, Scan2Args, Scan2Dims};
+
+use super::builder::{Init, ParamBuilder};
+use super::layers::{Conv1d, Linear};
+use super::mamba1::kaiming;
+use super::mixer::{LayerCache, Mixer, carve};
+use super::rows::{cols, rms_rows, silu};
+use crate::checkpoint::CheckpointError;
+use crate::config::MambaConfig;
+use crate::ops::{self, Mamba2Params, Mamba2Spec};
+use crate::params::{ParamId, ParamStore};
+use crate::tape::{Tape, Var};
+use crate::tensor::data;
+
+/// Mamba-2's parameters (Hugging Face names) and sizes.
+#[derive(Clone, Debug)]
+pub struct Mamba2Mixer {
+    /// `in_proj`, (2·d_inner + 2·G·N + H, d_model): `z | x | B | C | dt`.
+    pub in_proj: Linear,
+    /// `conv1d` over `x | B | C`, (d_inner + 2·G·N, 1, K).
+    pub conv1d: Conv1d,
+    /// `dt_bias`, (H).
+    pub dt_bias: ParamId,
+    /// `A_log`, (H).
+    pub a_log: ParamId,
+    /// `D`, (H).
+    pub d: ParamId,
+    /// The gated RMSNorm's `norm.weight`, (d_inner).
+    pub norm: ParamId,
+    /// `out_proj`, (d_model, d_inner).
+    pub out_proj: Linear,
+    /// Heads, head size, groups, state size and the norm's epsilon.
+    pub spec: Mamba2Spec,
+}
+
+impl Mamba2Mixer {
+    /// Registers the mixer's parameters in scope `b` with the reference initialisation.
+    pub fn new(b: &mut ParamBuilder, cfg: &MambaConfig) -> Result<Self, CheckpointError> {
+        let (d, di, h) = (cfg.d_model, cfg.d_inner(), cfg.nheads());
+        let in_proj = Linear::new(&mut b.pp("in_proj"), (cfg.in_proj_dim(), d), cfg.bias, kaiming(d, 1.0))?;
+        let conv1d = Conv1d::new(&mut b.pp("conv1d"), cfg.conv_dim(), cfg.d_conv, cfg.conv_bias)?;
+        let dt = Init::DtBias { min: cfg.dt_min, max: cfg.dt_max, floor: cfg.dt_init_floor };
+        let dt_bias = b.param("dt_bias", &[h], dt)?;
+        let a_log = b.param("A_log", &[h], Init::LogUniform(1.0, 16.0))?;
+        let d_skip = b.param("D", &[h], Init::Const(1.0))?;
+        let norm = b.param("norm.weight", &[di], Init::Const(1.0))?;
+        let scale = 1.0 / (cfg.n_layer as f32).sqrt();
+        let out_proj = Linear::new(&mut b.pp("out_proj"), (d, di), cfg.bias, kaiming(di, scale))?;
+        let spec = Mamba2Spec {
+            nheads: h,
+            headdim: cfg.headdim,
+            ngroups: cfg.ngroups,
+            dstate: cfg.d_state,
+            eps: cfg.norm_eps,
+        };
+        Ok(Self { in_proj, conv1d, dt_bias, a_log, d: d_skip, norm, out_proj, spec })
+    }
+
+    fn d_inner(&self) -> usize {
+        self.spec.nheads * self.spec.headdim
+    }
+
+    fn gn(&self) -> usize {
+        self.spec.ngroups * self.spec.dstate
+    }
+}
+
+impl Mixer for Mamba2Mixer {
+    fn forward(&self, tape: &mut Tape, u: Var, state: Option<&mut LayerCache>) -> Var {
+        let proj = self.in_proj.forward(tape, u);
+        let prm = Mamba2Params {
+            conv_w: tape.param(self.conv1d.weight),
+            conv_b: self.conv1d.bias.map(|b| tape.param(b)),
+            dt_bias: tape.param(self.dt_bias),
+            a_log: tape.param(self.a_log),
+            d: tape.param(self.d),
+            norm_w: tape.param(self.norm),
+        };
+        let y = match state {
+            Some(st) => {
+                let (y, s) = ops::mamba2_core_with_state(tape, proj, prm, self.spec);
+                st.conv.copy_from_slice(&s.conv);
+                st.ssm.copy_from_slice(data(&s.ssm));
+                y
+            }
+            None => ops::mamba2_core(tape, proj, prm, self.spec),
+        };
+        self.out_proj.forward(tape, y)
+    }
+
+    fn cache_len(&self) -> (usize, usize) {
+        let s = &self.spec;
+        (self.conv1d.channels * self.conv1d.width, s.nheads * s.headdim * s.dstate)
+    }
+
+    /// `A = −exp(A_log)`, (H).
+    fn decode_consts(&self, p: &ParamStore) -> Vec<f32> {
+        data(p.value(self.a_log)).iter().map(|v| -v.exp()).collect()
+    }
+
+    fn scratch_len(&self, batch: usize) -> usize {
+        let (di, cd, h, gn) = (self.d_inner(), self.conv1d.channels, self.spec.nheads, self.gn());
+        batch * (self.in_proj.d_out + 2 * cd + di + 2 * gn + h + 3 * di)
+    }
+
+    fn step(
+        &self,
+        p: &ParamStore,
+        neg_a: &[f32],
+        u: &[f32],
+        cache: &mut LayerCache,
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let Mamba2Spec { nheads: h, headdim: hp, ngroups: g, dstate: n, eps } = self.spec;
+        let (di, cd, gn, pd) = (self.d_inner(), self.conv1d.channels, self.gn(), self.in_proj.d_out);
+        let bsz = u.len() / self.in_proj.d_in;
+        let mut s = scratch;
+        let proj = carve(&mut s, bsz * pd);
+        self.in_proj.step(p, u, bsz, proj);
+        let xbc = cols(proj, pd, di, cd, carve(&mut s, bsz * cd));
+        let xc = carve(&mut s, bsz * cd);
+        self.conv1d.step(p, xbc, bsz, &mut cache.conv, xc);
+        let x = cols(xc, cd, 0, di, carve(&mut s, bsz * di));
+        let bm = cols(xc, cd, di, gn, carve(&mut s, bsz * gn));
+        let cm = cols(xc, cd, di + gn, gn, carve(&mut s, bsz * gn));
+        let delta = cols(proj, pd, di + cd, h, carve(&mut s, bsz * h));
+        let z = cols(proj, pd, 0, di, carve(&mut s, bsz * di));
+        let y = carve(&mut s, bsz * di);
+        let args = Scan2Args {
+            x,
+            delta,
+            a: neg_a,
+            b: bm,
+            c: cm,
+            d: Some(data(p.value(self.d))),
+            z: None,
+            delta_bias: Some(data(p.value(self.dt_bias))),
+            delta_softplus: true,
+            h0: None,
+        };
+        mamba2::scan_step(&Scan2Dims::new(bsz, 1, h, hp, n).with_groups(g), &args, &mut cache.ssm, y);
+        // Gated RMSNorm over groups of d_inner / G channels.
+        for (yv, zv) in y.iter_mut().zip(z) {
+            *yv *= silu(*zv);
+        }
+        let normed = carve(&mut s, bsz * di);
+        rms_rows(y, data(p.value(self.norm)), di / g, eps, normed);
+        self.out_proj.step(p, normed, bsz, out);
+    }
+}
