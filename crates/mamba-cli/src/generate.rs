@@ -34,7 +34,7 @@ pub struct GenerateArgs {
     /// Sample only among the most likely tokens whose probability adds up to p (1: no limit).
     #[arg(long, default_value_t = 1.0)]
     top_p: f32,
-    /// Seed of the sampler.
+    /// Seed of the sampler: the same model, prompt, settings and seed give the same text.
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Print one JSON line at the end instead of streaming text:

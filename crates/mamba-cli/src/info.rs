@@ -23,7 +23,7 @@ pub fn run(a: InfoArgs) -> anyhow::Result<()> {
     let arch = match c.arch {
         Arch::Mamba1 => "Mamba (selective scan, per-channel A)",
         Arch::Mamba2 => "Mamba-2 (SSD, per-head scalar A)",
-        Arch::Lti => "LTI baseline (the seed's time-invariant block: h = A·h + B·x, y = C·h + D·x)",
+        Arch::Lti => "LTI baseline (a time-invariant recurrence, no selection: h = A·h + B·x, y = C·h + D·x)",
     };
     let n = model.params.num_elements();
     println!("model        {}", a.model.display());

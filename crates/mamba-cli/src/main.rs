@@ -20,7 +20,22 @@ use clap::{Parser, Subcommand};
 
 /// Train, run and inspect Mamba and Mamba-2 language models on the CPU.
 #[derive(Parser, Debug)]
-#[command(name = "mamba", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "mamba",
+    version,
+    about = "Train, run and inspect Mamba and Mamba-2 language models on the CPU.",
+    long_about = None,
+    propagate_version = true,
+    after_help = "Examples:\n  \
+        mamba train                                  # a small model on a built-in corpus, offline, ~2 minutes\n  \
+        mamba train --data input.txt --time-budget 180\n  \
+        mamba generate --model runs/run-001 --prompt \"ROMEO:\" --max-new-tokens 200\n  \
+        mamba eval --model runs/run-001 --data held_out.txt\n  \
+        mamba info --model runs/run-001\n\n\
+        A model directory is what `mamba train` writes, or any Hugging Face Mamba / Mamba-2 checkpoint\n\
+        (config.json + model.safetensors, and tokenizer.json when it is not byte-level).\n\
+        `mamba <command> --help` lists a command's options."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

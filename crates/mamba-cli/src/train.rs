@@ -20,7 +20,7 @@ pub enum ArchArg {
     Mamba1,
     /// Mamba-2: per-head scalar A, chunked SSD.
     Mamba2,
-    /// Non-selective baseline (the seed's block): h = A·h + B·x, y = C·h + D·x between projections.
+    /// Non-selective baseline (time-invariant, no conv or gate): h = A·h + B·x, y = C·h + D·x between projections.
     Lti,
 }
 

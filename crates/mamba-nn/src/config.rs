@@ -15,7 +15,7 @@ pub enum Arch {
     Mamba1,
     /// Per-head scalar `A`, SSD (Mamba-2, Dao & Gu 2024).
     Mamba2,
-    /// The non-selective baseline (the seed's block): `in_proj`, the time-invariant recurrence
+    /// The non-selective baseline: `in_proj`, the time-invariant recurrence
     /// `h = A·h + B·x`, `y = C·h + D·x` with per-channel vectors, `out_proj` — no convolution and
     /// no gate, so nothing in the layer depends on the input's content.
     Lti,

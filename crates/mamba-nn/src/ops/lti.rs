@@ -1,4 +1,4 @@
-//! The seed's linear time-invariant recurrence — the non-selective baseline:
+//! The linear time-invariant recurrence — the non-selective baseline:
 //! `h_t = A ⊙ h_{t−1} + B ⊙ x_t`, `y_t = C ⊙ h_t + D ⊙ x_t`, with one state per channel and
 //! parameters that do not depend on the input (contrast with the selective scan, where Δ, B and
 //! C are functions of `x_t`). Stable when `|A| < 1`.

@@ -1,8 +1,8 @@
-//! The seed tutorial in Rust: a Mamba model on continuous sequences, its shapes, the
+//! A tutorial in Rust: a Mamba model on continuous sequences, its shapes, the
 //! non-selective LTI block, and a tiny training loop with cross-entropy and Adam.
 //!
 //! ```sh
-//! cargo run --release -p mamba-train --example seed_tutorial
+//! cargo run --release -p mamba-train --example tutorial
 //! ```
 //!
 //! The task: each time step carries 10 random features; the label at step t is the index (of 5)
@@ -51,7 +51,7 @@ fn main() {
     println!("input {:?} -> output {:?}", [B, L, IN], tape.value(y).shape());
     println!("parameters: {} tensors, {} scalars", model.params.len(), model.params.num_elements());
 
-    // 2. The seed's time-invariant block as the mixer (vectors A, B, C, D; h = A·h + B·x,
+    // 2. The linear time-invariant block as the mixer (vectors A, B, C, D; h = A·h + B·x,
     //    y = C·h + D·x), the non-selective baseline.
     let lti_cfg = MambaConfig { arch: Arch::Lti, ..MambaConfig::mamba1(OUT, 64, 2) };
     let lti = MambaModel::with_config(lti_cfg, IN, OUT, 0).expect("valid config");
