@@ -79,25 +79,18 @@ fn mamba1(
     let dt_bias = param(tape, p, "dt_proj.bias");
     let a_log = param(tape, p, "A_log");
     let d = param(tape, p, "D");
+    let scan = ops::Scan1Vars::new(x, delta, a_log, b, c)
+        .with_d(d)
+        .with_z(z)
+        .with_delta_bias(dt_bias)
+        .with_delta_softplus(true);
     let y = match (state, conv) {
         (Some(slot), Some(conv)) => {
-            let (y, h) = ops::selective_scan1_with_state(
-                tape,
-                x,
-                delta,
-                a_log,
-                b,
-                c,
-                Some(d),
-                Some(z),
-                Some(dt_bias),
-                None,
-                true,
-            );
+            let (y, h) = ops::selective_scan1_with_state(tape, scan);
             *slot = Some(LayerState { conv, ssm: data(&h).to_vec() });
             y
         }
-        _ => ops::selective_scan1(tape, x, delta, a_log, b, c, Some(d), Some(z), Some(dt_bias), true),
+        _ => ops::selective_scan1(tape, scan),
     };
     let w_out = param(tape, p, "out_proj.weight");
     let b_out = opt_param(tape, p, "out_proj.bias");
@@ -131,6 +124,7 @@ fn mamba2(
         ngroups: cfg.ngroups,
         dstate: cfg.d_state,
         eps: cfg.norm_eps,
+        chunk_size: cfg.chunk_size,
     };
     let y = match state {
         Some(slot) => {

@@ -2,9 +2,10 @@
 
 use ssm_kernel::simd::{self, V, W};
 
-use crate::ops::rows::for_row_blocks;
-use crate::tape::{Backward, Tape, Var};
-use crate::tensor::{Tensor, data, data_mut, from_vec, rows_cols};
+use ssm_kernel::par::for_row_blocks;
+
+use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var};
+use crate::tensor::{Tensor, data, from_vec, rows_cols};
 
 /// Targets equal to this are skipped (PyTorch's default `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -63,8 +64,10 @@ pub fn cross_entropy(tape: &mut Tape, logits: Var, targets: &[i64]) -> Var {
         lse.extend(l);
     }
     let loss = if count == 0 { 0.0 } else { (sum / count as f64) as f32 };
-    let saved = CrossEntropyBackward { targets: targets.to_vec(), lse, count, v };
-    tape.push(from_vec(&[1], vec![loss]), &[logits], saved)
+    let mut inputs = InputList::new();
+    let logits = inputs.push(logits);
+    let saved = CrossEntropyBackward { logits, targets: targets.to_vec(), lse, count, v };
+    tape.push(from_vec(&[1], vec![loss]), inputs.vars(), saved)
 }
 
 /// `Σ_j exp(row[j] − m)`, SIMD over the row (the vectorised `exp` of [`ssm_kernel::simd`]).
@@ -90,8 +93,10 @@ fn add_scaled_exp_shifted(d: &mut [f32], row: &[f32], l: f32, g: f32) {
     }
 }
 
-/// Saved: the targets, every row's log-sum-exp, the number of counted rows and `V`.
+/// Saved: the logits' position, the targets, every row's log-sum-exp, the number of counted
+/// rows and `V`.
 struct CrossEntropyBackward {
+    logits: Slot,
     targets: Vec<i64>,
     lse: Vec<f32>,
     count: usize,
@@ -103,14 +108,17 @@ impl Backward for CrossEntropyBackward {
         "cross_entropy"
     }
 
-    fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
-        let Some(dx) = dinputs[0].as_deref_mut() else { return };
+    /// `dx += (softmax − onehot) · dloss / count` on the scored rows; a fresh `dx` is zeroed
+    /// first (ignored rows get no gradient).
+    fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {
+        let Some(dx) = self.logits.grad(grads) else { return };
+        let dx = dx.zero_if_overwrite();
         if self.count == 0 {
             return;
         }
-        let (x, v) = (data(inputs[0]), self.v);
+        let (x, v) = (data(self.logits.value(inputs)), self.v);
         let g = data(dout)[0] / self.count as f32;
-        for_row_blocks(self.lse.len(), v, [Some(data_mut(dx))], |range, [dxb]| {
+        for_row_blocks(self.lse.len(), v, [Some(dx)], |range, [dxb]| {
             let dxb = dxb.expect("dx is wanted");
             for (i, r) in range.enumerate() {
                 let t = self.targets[r];

@@ -3,7 +3,7 @@
 //! parameters that do not depend on the input (contrast with the selective scan, where Δ, B and
 //! C are functions of `x_t`). Stable when `|A| < 1`.
 
-use crate::tape::{Backward, Tape, Var};
+use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, for_overwrite};
 
 /// `y = LTI(x)` with per-channel vectors `a`, `b`, `c`, `d` (each (D)); `x` and `y` are
@@ -37,10 +37,30 @@ pub fn lti_scan(tape: &mut Tape, x: Var, a: Var, b: Var, c: Var, d: Var) -> Var 
             }
         }
     }
-    tape.push(y, &[x, a, b, c, d], LtiBackward { bsz, l, dim })
+    let mut inputs = InputList::new();
+    let at = LtiInputs {
+        x: inputs.push(x),
+        a: inputs.push(a),
+        b: inputs.push(b),
+        c: inputs.push(c),
+        d: inputs.push(d),
+    };
+    tape.push(y, inputs.vars(), LtiBackward { at, bsz, l, dim })
 }
 
+/// Where `lti_scan`'s inputs sit in its input list.
+#[derive(Clone, Copy, Debug)]
+struct LtiInputs {
+    x: Slot,
+    a: Slot,
+    b: Slot,
+    c: Slot,
+    d: Slot,
+}
+
+/// Saved: the inputs' positions and the sizes (the backward recomputes the states).
 struct LtiBackward {
+    at: LtiInputs,
     bsz: usize,
     l: usize,
     dim: usize,
@@ -57,11 +77,11 @@ impl Backward for LtiBackward {
         inputs: &[&Tensor],
         _out: &Tensor,
         dout: &Tensor,
-        dinputs: &mut [Option<&mut Tensor>],
+        grads: &mut [Option<InputGrad<'_>>],
     ) {
-        let LtiBackward { bsz, l, dim } = *self;
-        let (xs, a, b, c, d) =
-            (data(inputs[0]), data(inputs[1]), data(inputs[2]), data(inputs[3]), data(inputs[4]));
+        let LtiBackward { at, bsz, l, dim } = *self;
+        let val = |s: Slot| data(s.value(inputs));
+        let (xs, a, b, c, d) = (val(at.x), val(at.a), val(at.b), val(at.c), val(at.d));
         let dy = data(dout);
         let mut gx = vec![0.0f32; xs.len()];
         let (mut ga, mut gb, mut gc, mut gd) =
@@ -90,9 +110,9 @@ impl Backward for LtiBackward {
                 }
             }
         }
-        for (slot, src) in dinputs.iter_mut().zip([&gx, &ga, &gb, &gc, &gd]) {
-            if let Some(t) = slot.as_deref_mut() {
-                data_mut(t).iter_mut().zip(src.iter()).for_each(|(o, v)| *o += v);
+        for (slot, src) in [(at.x, &gx), (at.a, &ga), (at.b, &gb), (at.c, &gc), (at.d, &gd)] {
+            if let Some(mut g) = slot.grad(grads) {
+                g.add_or_write(src);
             }
         }
     }
