@@ -10,6 +10,7 @@
 //! - [`conv`]: the causal depthwise 1-D convolution with optional fused SiLU.
 //! - [`norm`]: RMSNorm and the gated, grouped RMSNorm of Mamba-2, forward and backward.
 //! - [`matvec`]: few-row products `x · Wᵀ` for decode steps.
+//! - [`xent`]: softmax cross-entropy over rows, forward and backward.
 //!
 //! Smaller pieces: [`activation`] (the scalar activations), [`simd`] (their vector forms and a
 //! dot product), [`cols`] (column blocks of fused projections), [`par`] (task and row-block
@@ -51,6 +52,7 @@ pub mod rng;
 pub mod simd;
 #[doc(hidden)]
 pub mod testing;
+pub mod xent;
 
 pub use real::Real;
 
