@@ -11,6 +11,7 @@
 //! - [`norm`]: RMSNorm and the gated, grouped RMSNorm of Mamba-2, forward and backward.
 //! - [`matvec`]: few-row products `x · Wᵀ` for decode steps.
 //! - [`xent`]: softmax cross-entropy over rows, forward and backward.
+//! - [`lti`]: the linear time-invariant recurrence of the non-selective baseline.
 //!
 //! Smaller pieces: [`activation`] (the scalar activations), [`simd`] (their vector forms and a
 //! dot product), [`cols`] (column blocks of fused projections), [`par`] (task and row-block
@@ -40,6 +41,7 @@ pub mod check;
 pub mod cols;
 pub mod conv;
 pub mod gemm;
+pub mod lti;
 pub mod mamba1;
 pub mod mamba2;
 pub mod matvec;
