@@ -41,6 +41,17 @@ pub fn softplus_grad(v: f32) -> f32 {
     Real::softplus_grad(v)
 }
 
+/// `a[i] = −exp(a_log[i])`: Mamba's parametrisation of the negative decay `A` by `A_log` (so
+/// `dA_log = dA ⊙ A`).
+///
+/// # Panics
+/// If the lengths differ.
+#[track_caller]
+pub fn neg_exp(a_log: &[f32], a: &mut [f32]) {
+    assert_eq!(a_log.len(), a.len(), "neg_exp: {} values into {}", a_log.len(), a.len());
+    a.iter_mut().zip(a_log).for_each(|(o, v)| *o = -v.exp());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -24,10 +24,11 @@ use ssm_kernel::pool;
 use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, for_overwrite, from_vec};
 
-/// `A = −exp(A_log)` in a buffer from this thread's [`pool`] (give it back with [`pool::give`]).
+/// `A = −exp(A_log)` ([`ssm_kernel::activation::neg_exp`]) in a buffer from this thread's
+/// [`pool`] (give it back with [`pool::give`]).
 pub(crate) fn neg_exp(a_log: &[f32]) -> Vec<f32> {
     let mut a = pool::take_for_overwrite(a_log.len());
-    a.iter_mut().zip(a_log).for_each(|(o, v)| *o = -v.exp());
+    ssm_kernel::activation::neg_exp(a_log, &mut a);
     a
 }
 
