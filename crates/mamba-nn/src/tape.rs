@@ -10,46 +10,168 @@
 use std::time::{Duration, Instant};
 
 use crate::params::{Grads, ParamId, ParamStore};
-use crate::tensor::{Tensor, for_overwrite, recycle, zeros};
+use crate::tensor::{Tensor, data_mut, for_overwrite, recycle, zeros};
 
 /// A value on a [`Tape`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Var(usize);
 
+/// Position of one input in an op's input list, named by the op: a backward reads
+/// `self.at.x.value(inputs)` and takes `self.at.x.grad(grads)` instead of `inputs[0]`.
+///
+/// Made by [`InputList::push`] while the forward lists its inputs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot(usize);
+
+impl Slot {
+    /// This input's value among a backward's `inputs`.
+    #[inline]
+    pub fn value<'t>(self, inputs: &[&'t Tensor]) -> &'t Tensor {
+        inputs[self.0]
+    }
+
+    /// Takes this input's gradient out of a backward's `grads` (`None` when it needs none).
+    #[inline]
+    pub fn grad<'g>(self, grads: &mut [Option<InputGrad<'g>>]) -> Option<InputGrad<'g>> {
+        grads[self.0].take()
+    }
+}
+
+/// The input list of an op under construction: each [`InputList::push`] names the position it
+/// gives out, so the op's backward reads its inputs by name (see [`Slot`]).
+#[derive(Debug, Default)]
+pub struct InputList(Vec<Var>);
+
+impl InputList {
+    /// An empty list.
+    pub fn new() -> Self {
+        Self(Vec::with_capacity(8))
+    }
+
+    /// Appends `v` and returns its position.
+    pub fn push(&mut self, v: Var) -> Slot {
+        self.0.push(v);
+        Slot(self.0.len() - 1)
+    }
+
+    /// Appends `v` when present and returns its position.
+    pub fn push_opt(&mut self, v: Option<Var>) -> Option<Slot> {
+        v.map(|v| self.push(v))
+    }
+
+    /// The inputs, in order (for [`Tape::push`]).
+    pub fn vars(&self) -> &[Var] {
+        &self.0
+    }
+}
+
+/// The gradient buffer of one input of a backward, and how to write it — the β of a GEMM:
+///
+/// - **overwrite** (β = 0): the buffer holds unspecified values (a recycled buffer: the input's
+///   first gradient); every element must be written;
+/// - **accumulate** (β = 1): the buffer holds gradient from other uses of the input; add to it.
+///
+/// The helpers do either in one pass, so an op never zero-fills a buffer it writes in full.
+#[derive(Debug)]
+pub struct InputGrad<'a> {
+    buf: &'a mut Tensor,
+    overwrite: bool,
+}
+
+impl<'a> InputGrad<'a> {
+    /// The gradient `buf` of an input, to be overwritten (`overwrite`) or added into.
+    pub fn new(buf: &'a mut Tensor, overwrite: bool) -> Self {
+        Self { buf, overwrite }
+    }
+
+    /// Whether the buffer must be overwritten (it holds no gradient yet).
+    #[inline]
+    pub fn overwrites(&self) -> bool {
+        self.overwrite
+    }
+
+    /// GEMM-style β for the buffer: 0.0 to overwrite, 1.0 to accumulate.
+    #[inline]
+    pub fn beta(&self) -> f32 {
+        if self.overwrite { 0.0 } else { 1.0 }
+    }
+
+    /// The buffer's elements (row-major, shaped like the input), to write or add to according to
+    /// [`InputGrad::overwrites`].
+    #[inline]
+    pub fn data(&mut self) -> &mut [f32] {
+        data_mut(self.buf)
+    }
+
+    /// [`InputGrad::data`], keeping the buffer's borrow (for passing on to a kernel).
+    #[inline]
+    pub fn into_data(self) -> &'a mut [f32] {
+        data_mut(self.buf)
+    }
+
+    /// The buffer as a tensor.
+    #[inline]
+    pub fn tensor(&mut self) -> &mut Tensor {
+        self.buf
+    }
+
+    /// The elements ready to be **added** into: zero-filled first when the buffer must be
+    /// overwritten. For kernels that only accumulate (`+=`) or write part of the buffer.
+    pub fn zero_if_overwrite(self) -> &'a mut [f32] {
+        let d = data_mut(self.buf);
+        if self.overwrite {
+            d.fill(0.0);
+        }
+        d
+    }
+
+    /// `buf = src` (overwrite) or `buf += src` (accumulate), element-wise.
+    ///
+    /// # Panics
+    /// If `src` is not as long as the buffer.
+    #[track_caller]
+    pub fn add_or_write(&mut self, src: &[f32]) {
+        let d = data_mut(self.buf);
+        assert_eq!(
+            d.len(),
+            src.len(),
+            "InputGrad::add_or_write: {} values into a buffer of {}",
+            src.len(),
+            d.len()
+        );
+        if self.overwrite {
+            d.copy_from_slice(src);
+        } else {
+            d.iter_mut().zip(src).for_each(|(o, v)| *o += v);
+        }
+    }
+
+    /// `buf[i] = v_i` (overwrite) or `buf[i] += v_i` (accumulate) for the values of `vals` in
+    /// order; `vals` must yield one value per element.
+    #[inline]
+    pub fn add_or_write_each(&mut self, vals: impl IntoIterator<Item = f32>) {
+        let d = data_mut(self.buf);
+        if self.overwrite {
+            d.iter_mut().zip(vals).for_each(|(o, v)| *o = v);
+        } else {
+            d.iter_mut().zip(vals).for_each(|(o, v)| *o += v);
+        }
+    }
+}
+
 /// The backward of one op.
 pub trait Backward {
-    /// The op's name, for error messages.
+    /// The op's name, for error messages and profiles.
     fn name(&self) -> &'static str;
 
-    /// Adds `∂loss/∂input` for every input that needs a gradient.
+    /// Back-propagates `dout` (`∂loss/∂out`, shaped like `out`) into the gradients of the inputs.
     ///
-    /// `inputs[i]` are the input values, `out` the output value and `dout` `∂loss/∂out` (shaped
-    /// like `out`). `dinputs[i]` is `Some` exactly for the inputs that need a gradient; it is
-    /// shaped like `inputs[i]` and must be **added** to.
-    fn backward(&self, inputs: &[&Tensor], out: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]);
-
-    /// [`Backward::backward`], except that the gradient buffers flagged in `fresh` hold
-    /// unspecified values and must be **overwritten** (the others are added to, as usual).
-    ///
-    /// The tape calls this one: a value's first gradient arrives in a recycled buffer rather
-    /// than a zero-filled one. The default zero-fills the fresh buffers and calls `backward`;
-    /// ops on hot paths override it to write them directly, saving a fill and a read of every
-    /// element.
-    fn backward_fresh(
-        &self,
-        inputs: &[&Tensor],
-        out: &Tensor,
-        dout: &Tensor,
-        dinputs: &mut [Option<&mut Tensor>],
-        fresh: &[bool],
-    ) {
-        for (d, &f) in dinputs.iter_mut().zip(fresh) {
-            if let (Some(d), true) = (d.as_deref_mut(), f) {
-                d.fill(0.0);
-            }
-        }
-        self.backward(inputs, out, dout, dinputs);
-    }
+    /// `inputs` are the input values and `out` the output value; read them by name through the
+    /// op's saved [`Slot`]s. `grads[i]` is `Some` exactly for the inputs that need a gradient,
+    /// shaped like `inputs[i]`: take it with [`Slot::grad`] and write it as its
+    /// [`InputGrad`] says — **overwrite** a fresh buffer, **add** into one that already holds
+    /// gradient (β = 0 or 1).
+    fn backward(&self, inputs: &[&Tensor], out: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]);
 }
 
 enum Source {
@@ -317,8 +439,12 @@ impl<'p> Tape<'p> {
                     Source::Value(t) => t,
                     Source::Param(id) => self.params.value(*id),
                 };
-                let mut refs: Vec<Option<&mut Tensor>> = dins.iter_mut().map(|d| d.as_mut()).collect();
-                node.op.backward_fresh(&inputs, out_val, &dout, &mut refs, &fresh);
+                let mut slots: Vec<Option<InputGrad<'_>>> = dins
+                    .iter_mut()
+                    .zip(&fresh)
+                    .map(|(d, &f)| d.as_mut().map(|t| InputGrad::new(t, f)))
+                    .collect();
+                node.op.backward(&inputs, out_val, &dout, &mut slots);
             }
             for (i, (&v, d)) in node.inputs.iter().zip(dins).enumerate() {
                 let Some(d) = d else { continue };

@@ -2,6 +2,7 @@
 //! layout so kernels can take its data as a slice.
 
 use ndarray::IxDyn;
+use ssm_kernel::pool;
 
 /// An n-dimensional `f32` array in row-major layout.
 pub type Tensor = ndarray::ArrayD<f32>;
@@ -24,7 +25,7 @@ pub fn zeros(shape: &[usize]) -> Tensor {
 /// zero-fill of [`zeros`], a full pass over memory per activation.
 pub fn for_overwrite(shape: &[usize]) -> Tensor {
     let n: usize = shape.iter().product();
-    from_vec(shape, crate::ops::pool::take_for_overwrite(n))
+    from_vec(shape, pool::take_for_overwrite(n))
 }
 
 /// A copy of `t` (same shape, row-major) in a pooled buffer.
@@ -38,7 +39,7 @@ pub fn pooled_copy(t: &Tensor) -> Tensor {
 /// temporary.
 pub fn recycle(t: Tensor) {
     let (v, _) = t.into_raw_vec_and_offset();
-    crate::ops::pool::give(v);
+    pool::give(v);
 }
 
 /// A tensor of `shape` holding `data` (row-major).

@@ -15,6 +15,8 @@
 
 use std::path::{Path, PathBuf};
 
+use ssm_kernel::rng::SplitMix64;
+
 use crate::tokenizer::Tokenizer;
 
 /// Training data that cannot be read or is too small.
@@ -270,37 +272,34 @@ pub fn val_batches(
     })
 }
 
-/// SplitMix64 (Steele, Lea & Flood 2014): a 64-bit state advanced by a Weyl sequence and mixed.
-/// Small, fast, statistically good for sampling data, and its whole state is one `u64`, so a
-/// trainer checkpoints it with [`Rng::state`] and resumes with [`Rng::from_state`].
+/// The data sampler's generator: [`SplitMix64`] (Steele, Lea & Flood 2014), the workspace's one
+/// generator, plus the draws sampling needs. Small, fast, statistically good for sampling data,
+/// and its whole state is one `u64`, so a trainer checkpoints it with [`Rng::state`] and resumes
+/// with [`Rng::from_state`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rng {
-    state: u64,
+    inner: SplitMix64,
 }
 
 impl Rng {
     /// A generator seeded with `seed` (every seed, including 0, is fine).
     pub fn new(seed: u64) -> Self {
-        Self { state: seed }
+        Self { inner: SplitMix64::new(seed) }
     }
 
     /// The generator whose [`Rng::state`] was `state`: it continues the same sequence.
     pub fn from_state(state: u64) -> Self {
-        Self { state }
+        Self { inner: SplitMix64::from_state(state) }
     }
 
     /// The whole state.
     pub fn state(&self) -> u64 {
-        self.state
+        self.inner.state()
     }
 
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
+        self.inner.next_u64()
     }
 
     /// A uniform integer in `0..n`, without modulo bias (Lemire's multiply-shift with

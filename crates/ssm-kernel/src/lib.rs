@@ -8,6 +8,14 @@
 //! - [`mamba2`]: the Mamba-2 scan (per-head scalar `A`), sequential and chunked (SSD) forms,
 //!   forward, backward and step.
 //! - [`conv`]: the causal depthwise 1-D convolution with optional fused SiLU.
+//! - [`norm`]: RMSNorm and the gated, grouped RMSNorm of Mamba-2, forward and backward.
+//! - [`matvec`]: few-row products `x · Wᵀ` for decode steps.
+//! - [`xent`]: softmax cross-entropy over rows, forward and backward.
+//! - [`lti`]: the linear time-invariant recurrence of the non-selective baseline.
+//!
+//! Smaller pieces: [`activation`] (the scalar activations), [`simd`] (their vector forms and a
+//! dot product), [`cols`] (column blocks of fused projections), [`par`] (task and row-block
+//! scheduling), [`pool`] (reused buffers), [`gemm`], and [`rng`] (the workspace's SplitMix64).
 //!
 //! The fast kernels are SIMD (`wide::f32x16` for Mamba-1, `f32x8` elsewhere) and run independent (batch, channel-block) tasks on
 //! the current rayon pool; choose the thread count with `rayon::ThreadPool::install`. The
@@ -28,18 +36,25 @@
 //! assert!((y[0] - 0.5).abs() < 1e-6);
 //! ```
 
+pub mod activation;
 pub mod check;
+pub mod cols;
 pub mod conv;
 pub mod gemm;
+pub mod lti;
 pub mod mamba1;
 pub mod mamba2;
+pub mod matvec;
+pub mod norm;
 pub mod par;
 pub mod pool;
 pub mod real;
 pub mod reference;
+pub mod rng;
 pub mod simd;
 #[doc(hidden)]
 pub mod testing;
+pub mod xent;
 
 pub use real::Real;
 

@@ -208,6 +208,15 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + tail
 }
 
+/// `out[j] = σ(z[j])` over the common length, eight lanes at a time (the SIMD [`sigmoid`]; the
+/// last partial vector is loaded and stored with zero padding).
+#[inline]
+pub fn sigmoid_slice(z: &[f32], out: &mut [f32]) {
+    for (zc, oc) in z.chunks(W).zip(out.chunks_mut(W)) {
+        store(oc, sigmoid(load(zc)));
+    }
+}
+
 /// Hints the CPU to fetch the cache line holding `s[i]` (nothing when `i` is out of bounds or
 /// on other architectures).
 ///

@@ -3,18 +3,19 @@
 
 /// Helpers that do not depend on proptest (so this module compiles without dev-dependencies).
 mod proptest_free {
-    /// A small deterministic generator (SplitMix64) for filling test tensors.
+    /// A small deterministic generator for filling test tensors: the state of a
+    /// [`SplitMix64`](crate::rng::SplitMix64), so `Rng(seed)` draws exactly
+    /// `SplitMix64::new(seed)`'s stream.
     #[derive(Clone, Debug)]
     pub struct Rng(pub u64);
 
     impl Rng {
         /// Next raw 64-bit value.
         pub fn next_u64(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
+            let mut g = crate::rng::SplitMix64::from_state(self.0);
+            let v = g.next_u64();
+            self.0 = g.state();
+            v
         }
 
         /// Uniform in [lo, hi).

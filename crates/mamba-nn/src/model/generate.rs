@@ -14,6 +14,8 @@
 
 use std::time::{Duration, Instant};
 
+use ssm_kernel::rng::SplitMix64;
+
 use super::cache::Cache;
 use super::decode::Decoder;
 use super::{MambaLM, ModelError};
@@ -51,8 +53,7 @@ pub enum SamplingError {
 #[derive(Clone, Debug)]
 pub struct Sampler {
     config: SamplingConfig,
-    /// SplitMix64 state.
-    rng: u64,
+    rng: SplitMix64,
     /// (scaled logit or weight, token) pairs, reused.
     scratch: Vec<(f32, usize)>,
 }
@@ -70,25 +71,17 @@ impl Sampler {
         if !(config.top_p > 0.0 && config.top_p <= 1.0) {
             return Err(SamplingError::TopP(config.top_p));
         }
-        Ok(Self { config, rng: seed, scratch: Vec::new() })
+        Ok(Self { config, rng: SplitMix64::new(seed), scratch: Vec::new() })
     }
 
     /// Always the most likely token.
     pub fn greedy() -> Self {
-        Self { config: SamplingConfig::default(), rng: 0, scratch: Vec::new() }
+        Self { config: SamplingConfig::default(), rng: SplitMix64::new(0), scratch: Vec::new() }
     }
 
     /// Its settings.
     pub fn config(&self) -> SamplingConfig {
         self.config
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut z = self.rng;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        z ^ (z >> 31)
     }
 
     /// The next token for one row of logits (V). Allocates nothing after the first call.
@@ -122,7 +115,7 @@ impl Sampler {
             sc.truncate(keep);
             total = sc.iter().map(|e| e.0).sum();
         }
-        let u = (self.next_u64() >> 11) as f32 / (1u64 << 53) as f32 * total;
+        let u = (self.rng.next_u64() >> 11) as f32 / (1u64 << 53) as f32 * total;
         let mut acc = 0.0f32;
         let mut pick = sc.last().map_or(0, |e| e.1);
         for e in sc.iter() {

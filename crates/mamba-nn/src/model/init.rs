@@ -2,27 +2,22 @@
 //! `mixer_seq_simple.py::_init_weights`); each layer states its own init through
 //! [`Init`](super::builder::Init).
 
-/// A small deterministic generator (SplitMix64) with uniform and normal draws.
+use ssm_kernel::rng::SplitMix64;
+
+/// The workspace's [`SplitMix64`] with uniform and normal draws, seeded apart from the data and
+/// sampling streams.
 #[derive(Clone, Debug)]
-pub struct InitRng(u64);
+pub struct InitRng(SplitMix64);
 
 impl InitRng {
     /// A generator seeded with `seed`.
     pub fn new(seed: u64) -> Self {
-        Self(seed ^ 0x5DEE_CE66_D1CE_4E5B)
-    }
-
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        Self(SplitMix64::new(seed ^ 0x5DEE_CE66_D1CE_4E5B))
     }
 
     /// Uniform in [0, 1).
     pub fn unit(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+        (self.0.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// Uniform in [lo, hi).

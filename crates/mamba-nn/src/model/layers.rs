@@ -4,7 +4,6 @@
 use ssm_kernel::conv::{ConvArgs, ConvDims, conv1d_step};
 
 use super::builder::{Init, ParamBuilder};
-use super::rows;
 use crate::checkpoint::CheckpointError;
 use crate::ops;
 use crate::params::{ParamId, ParamStore};
@@ -58,7 +57,7 @@ impl Linear {
     /// Decode: `out` (m, out) = `x` (m, in) · Wᵀ (+ b) for a few rows `m`.
     pub fn step(&self, p: &ParamStore, x: &[f32], m: usize, out: &mut [f32]) {
         let b = self.bias.map(|b| data(p.value(b)));
-        rows::linear_rows(
+        ssm_kernel::matvec::linear_rows(
             x,
             data(p.value(self.weight)),
             b,
@@ -140,7 +139,7 @@ impl RmsNorm {
     /// Decode: rows of `x` (m, d) → `out` (m, d).
     pub fn step(&self, p: &ParamStore, x: &[f32], out: &mut [f32]) {
         let w = data(p.value(self.weight));
-        rows::rms_rows(x, w, w.len(), self.eps, out);
+        ssm_kernel::norm::rms_rows(x, w, w.len(), self.eps, out);
     }
 }
 

@@ -3,6 +3,8 @@
 //! No convolution and no gate: nothing in the layer depends on the input's content, which is
 //! what the Mamba paper's selective-copying contrast is about.
 
+use ssm_kernel::lti::{LtiArgs, LtiDims, lti_final_state, lti_step};
+
 use super::builder::{Init, ParamBuilder};
 use super::layers::Linear;
 use super::mamba1::kaiming;
@@ -53,18 +55,10 @@ impl Mixer for LtiMixer {
     fn forward(&self, tape: &mut Tape, u: Var, state: Option<&mut LayerCache>) -> Var {
         let x = self.in_proj.forward(tape, u);
         if let Some(st) = state {
-            // h_L, run over x (B, L, D) from zero.
             let xv = tape.value(x);
-            let (l, dim) = (xv.shape()[1], xv.shape()[2]);
+            let dims = LtiDims::new(xv.shape()[0], xv.shape()[1], xv.shape()[2]);
             let (a, b) = (data(tape.params().value(self.a)), data(tape.params().value(self.b)));
-            for (seq, h) in data(xv).chunks_exact(l * dim).zip(st.ssm.chunks_exact_mut(dim)) {
-                h.fill(0.0);
-                for row in seq.chunks_exact(dim) {
-                    for k in 0..dim {
-                        h[k] = a[k] * h[k] + b[k] * row[k];
-                    }
-                }
-            }
+            lti_final_state(&dims, a, b, data(xv), &mut st.ssm);
         }
         let (a, b) = (tape.param(self.a), tape.param(self.b));
         let (c, d) = (tape.param(self.c), tape.param(self.d));
@@ -100,14 +94,8 @@ impl Mixer for LtiMixer {
         self.in_proj.step(p, u, bsz, x);
         let y = carve(&mut s, bsz * di);
         let v = |id: ParamId| data(p.value(id));
-        let (a, b, c, d) = (v(self.a), v(self.b), v(self.c), v(self.d));
-        for ((h, x), y) in cache.ssm.chunks_exact_mut(di).zip(x.chunks_exact(di)).zip(y.chunks_exact_mut(di))
-        {
-            for k in 0..di {
-                h[k] = a[k] * h[k] + b[k] * x[k];
-                y[k] = c[k] * h[k] + d[k] * x[k];
-            }
-        }
+        let args = LtiArgs { x, a: v(self.a), b: v(self.b), c: v(self.c), d: v(self.d) };
+        lti_step(&args, &mut cache.ssm, y);
         self.out_proj.step(p, y, bsz, out);
     }
 }

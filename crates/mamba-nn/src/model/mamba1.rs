@@ -7,13 +7,13 @@ use ssm_kernel::mamba1::{self, Scan1Args, Scan1Dims};
 use super::builder::{Init, ParamBuilder};
 use super::layers::{Conv1d, Linear};
 use super::mixer::{LayerCache, Mixer, carve};
-use super::rows::cols;
 use crate::checkpoint::CheckpointError;
 use crate::config::MambaConfig;
 use crate::ops;
 use crate::params::{ParamId, ParamStore};
 use crate::tape::{Tape, Var};
 use crate::tensor::data;
+use ssm_kernel::cols::row_cols as cols;
 
 /// Mamba-1's parameters (Hugging Face names) and sizes.
 #[derive(Clone, Debug)]
@@ -99,25 +99,18 @@ impl Mixer for Mamba1Mixer {
         let dt_bias = tape.param(self.dt_proj.bias.expect("dt_proj has a bias"));
         let a_log = tape.param(self.a_log);
         let d = tape.param(self.d);
+        let scan = ops::Scan1Vars::new(x, delta, a_log, b, c)
+            .with_d(d)
+            .with_z(z)
+            .with_delta_bias(dt_bias)
+            .with_delta_softplus(true);
         let y = match state {
             Some(st) => {
-                let (y, h) = ops::selective_scan1_with_state(
-                    tape,
-                    x,
-                    delta,
-                    a_log,
-                    b,
-                    c,
-                    Some(d),
-                    Some(z),
-                    Some(dt_bias),
-                    None,
-                    true,
-                );
+                let (y, h) = ops::selective_scan1_with_state(tape, scan);
                 st.ssm.copy_from_slice(data(&h));
                 y
             }
-            None => ops::selective_scan1(tape, x, delta, a_log, b, c, Some(d), Some(z), Some(dt_bias), true),
+            None => ops::selective_scan1(tape, scan),
         };
         self.out_proj.forward(tape, y)
     }
@@ -128,7 +121,10 @@ impl Mixer for Mamba1Mixer {
 
     /// `A = −exp(A_log)`, (d_inner, N).
     fn decode_consts(&self, p: &ParamStore) -> Vec<f32> {
-        data(p.value(self.a_log)).iter().map(|v| -v.exp()).collect()
+        let a_log = data(p.value(self.a_log));
+        let mut a = vec![0.0; a_log.len()];
+        ssm_kernel::activation::neg_exp(a_log, &mut a);
+        a
     }
 
     fn scratch_len(&self, batch: usize) -> usize {
@@ -161,7 +157,7 @@ impl Mixer for Mamba1Mixer {
         let cm = cols(dbc, r + 2 * n, r + n, n, carve(&mut s, bsz * n));
         let delta = carve(&mut s, bsz * di);
         let w_dt = data(p.value(self.dt_proj.weight));
-        super::rows::linear_rows(dt, w_dt, None, (bsz, r, di), delta);
+        ssm_kernel::matvec::linear_rows(dt, w_dt, None, (bsz, r, di), delta);
         let y = carve(&mut s, bsz * di);
         let args = Scan1Args {
             u: xc,

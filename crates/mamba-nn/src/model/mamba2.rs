@@ -10,13 +10,15 @@ use super::builder::{Init, ParamBuilder};
 use super::layers::{Conv1d, Linear};
 use super::mamba1::kaiming;
 use super::mixer::{LayerCache, Mixer, carve};
-use super::rows::{cols, rms_rows, silu};
 use crate::checkpoint::CheckpointError;
 use crate::config::MambaConfig;
 use crate::ops::{self, Mamba2Params, Mamba2Spec};
 use crate::params::{ParamId, ParamStore};
 use crate::tape::{Tape, Var};
 use crate::tensor::data;
+use ssm_kernel::activation::silu;
+use ssm_kernel::cols::row_cols as cols;
+use ssm_kernel::norm::rms_rows;
 
 /// Mamba-2's parameters (Hugging Face names) and sizes.
 #[derive(Clone, Debug)]
@@ -58,6 +60,7 @@ impl Mamba2Mixer {
             ngroups: cfg.ngroups,
             dstate: cfg.d_state,
             eps: cfg.norm_eps,
+            chunk_size: cfg.chunk_size,
         };
         Ok(Self { in_proj, conv1d, dt_bias, a_log, d: d_skip, norm, out_proj, spec })
     }
@@ -101,7 +104,10 @@ impl Mixer for Mamba2Mixer {
 
     /// `A = −exp(A_log)`, (H).
     fn decode_consts(&self, p: &ParamStore) -> Vec<f32> {
-        data(p.value(self.a_log)).iter().map(|v| -v.exp()).collect()
+        let a_log = data(p.value(self.a_log));
+        let mut a = vec![0.0; a_log.len()];
+        ssm_kernel::activation::neg_exp(a_log, &mut a);
+        a
     }
 
     fn scratch_len(&self, batch: usize) -> usize {
@@ -118,7 +124,7 @@ impl Mixer for Mamba2Mixer {
         scratch: &mut [f32],
         out: &mut [f32],
     ) {
-        let Mamba2Spec { nheads: h, headdim: hp, ngroups: g, dstate: n, eps } = self.spec;
+        let Mamba2Spec { nheads: h, headdim: hp, ngroups: g, dstate: n, eps, .. } = self.spec;
         let (di, cd, gn, pd) = (self.d_inner(), self.conv1d.channels, self.gn(), self.in_proj.d_out);
         let bsz = u.len() / self.in_proj.d_in;
         let mut s = scratch;

@@ -26,7 +26,6 @@ pub mod lti;
 pub mod mamba1;
 pub mod mamba2;
 pub mod mixer;
-mod rows;
 
 pub use block::{Backbone, Block};
 pub use builder::{Init, ParamBuilder};

@@ -1,128 +1,70 @@
 //! Element-wise activations: `silu`, `softplus`, `exp`.
 
-use crate::tape::{Backward, Tape, Var};
-use crate::tensor::{Tensor, data, data_mut};
+use ssm_kernel::activation::{silu_grad, softplus_grad};
 
-/// Logistic sigmoid `1 / (1 + e^{−v})`.
-#[inline]
-pub(crate) fn sigmoid(v: f32) -> f32 {
-    1.0 / (1.0 + (-v).exp())
-}
-
-/// `v · σ(v)`.
-#[inline]
-pub(crate) fn silu_f(v: f32) -> f32 {
-    v * sigmoid(v)
-}
-
-/// `out[j] = σ(z[j])` for a whole row, eight lanes at a time (SIMD `exp`).
-pub(crate) fn sigmoid_row(z: &[f32], out: &mut [f32]) {
-    use ssm_kernel::simd::{self, W};
-    for (zc, oc) in z.chunks(W).zip(out.chunks_mut(W)) {
-        simd::store(oc, simd::sigmoid(simd::load(zc)));
-    }
-}
-
-/// `d silu / dv = σ(v) · (1 + v · (1 − σ(v)))`.
-#[inline]
-pub(crate) fn silu_grad(v: f32) -> f32 {
-    let s = sigmoid(v);
-    s * (1.0 + v * (1.0 - s))
-}
+use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var};
+use crate::tensor::{Tensor, data, data_mut, for_overwrite};
 
 /// Applies `f` element-wise into a new tensor shaped like `x`.
 fn map(x: &Tensor, f: impl Fn(f32) -> f32) -> Tensor {
-    let mut y = crate::tensor::for_overwrite(x.shape());
-    for (o, &v) in crate::tensor::data_mut(&mut y).iter_mut().zip(crate::tensor::data(x)) {
+    let mut y = for_overwrite(x.shape());
+    for (o, &v) in data_mut(&mut y).iter_mut().zip(data(x)) {
         *o = f(v);
     }
     y
 }
 
-/// `dx += dy ⊙ g(x, y)` element-wise, when `dx` is wanted.
-fn chain(
-    inputs: &[&Tensor],
-    out: &Tensor,
-    dout: &Tensor,
-    dinputs: &mut [Option<&mut Tensor>],
-    g: impl Fn(f32, f32) -> f32,
-) {
-    if let Some(dx) = dinputs[0].as_deref_mut() {
-        let it = data(inputs[0]).iter().zip(data(out)).zip(data(dout));
-        for (gx, ((&x, &y), &dy)) in data_mut(dx).iter_mut().zip(it) {
-            *gx += dy * g(x, y);
-        }
-    }
+/// Pushes the element-wise op `f(x)` with the backward `g`.
+fn unary(tape: &mut Tape, x: Var, f: impl Fn(f32) -> f32, name: &'static str, g: fn(f32, f32) -> f32) -> Var {
+    let y = map(tape.value(x), f);
+    let mut inputs = InputList::new();
+    let x = inputs.push(x);
+    tape.push(y, inputs.vars(), Elementwise { x, name, g })
 }
 
-/// `y = silu(x) = x · σ(x)` element-wise. Shapes: `y` like `x`.
-pub fn silu(tape: &mut Tape, x: Var) -> Var {
-    let y = map(tape.value(x), silu_f);
-    tape.push(y, &[x], SiluBackward)
+/// The backward of an element-wise op: `dx (+)= dy ⊙ g(x, y)`. Saved: the input's position,
+/// the op's name and its derivative `g(x, y)` (nothing else: the input and output are on the
+/// tape).
+struct Elementwise {
+    x: Slot,
+    name: &'static str,
+    g: fn(f32, f32) -> f32,
 }
 
-/// Nothing saved: `dx += dy · σ(x)(1 + x(1 − σ(x)))`.
-struct SiluBackward;
-
-impl Backward for SiluBackward {
+impl Backward for Elementwise {
     fn name(&self) -> &'static str {
-        "silu"
+        self.name
     }
 
-    fn backward(&self, inputs: &[&Tensor], out: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
-        chain(inputs, out, dout, dinputs, |x, _| silu_grad(x));
+    fn backward(&self, inputs: &[&Tensor], out: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {
+        let Some(mut dx) = self.x.grad(grads) else { return };
+        let x = data(self.x.value(inputs));
+        let g = self.g;
+        dx.add_or_write_each(x.iter().zip(data(out)).zip(data(dout)).map(|((&x, &y), &dy)| dy * g(x, y)));
     }
 }
 
-/// Softplus as PyTorch computes it (threshold 20): `x` for `x > 20`, else `ln(1 + eˣ)`.
-#[inline]
-pub(crate) fn softplus_f(v: f32) -> f32 {
-    if v > 20.0 { v } else { v.exp().ln_1p() }
+/// `y = silu(x) = x · σ(x)` element-wise. Shapes: `y` like `x`. Backward:
+/// `dx = dy · σ(x)(1 + x(1 − σ(x)))`.
+pub fn silu(tape: &mut Tape, x: Var) -> Var {
+    unary(tape, x, ssm_kernel::activation::silu, "silu", |x, _| silu_grad(x))
 }
 
 /// `y = softplus(x)` element-wise (`x` passes through above 20, as in PyTorch). Shapes: `y`
-/// like `x`.
+/// like `x`. Backward: `dx = dy · σ(x)` (`dy` above the threshold).
 pub fn softplus(tape: &mut Tape, x: Var) -> Var {
-    let y = map(tape.value(x), softplus_f);
-    tape.push(y, &[x], SoftplusBackward)
+    unary(tape, x, ssm_kernel::activation::softplus, "softplus", |x, _| softplus_grad(x))
 }
 
-/// Nothing saved: `dx += dy · σ(x)` (`dy` above the threshold).
-struct SoftplusBackward;
-
-impl Backward for SoftplusBackward {
-    fn name(&self) -> &'static str {
-        "softplus"
-    }
-
-    fn backward(&self, inputs: &[&Tensor], out: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
-        chain(inputs, out, dout, dinputs, |x, _| if x > 20.0 { 1.0 } else { sigmoid(x) });
-    }
-}
-
-/// `y = eˣ` element-wise. Shapes: `y` like `x`.
+/// `y = eˣ` element-wise. Shapes: `y` like `x`. Backward: `dx = dy · y`.
 pub fn exp(tape: &mut Tape, x: Var) -> Var {
-    let y = map(tape.value(x), f32::exp);
-    tape.push(y, &[x], ExpBackward)
-}
-
-/// Nothing saved (the output is on the tape): `dx += dy · y`.
-struct ExpBackward;
-
-impl Backward for ExpBackward {
-    fn name(&self) -> &'static str {
-        "exp"
-    }
-
-    fn backward(&self, inputs: &[&Tensor], out: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
-        chain(inputs, out, dout, dinputs, |_, y| y);
-    }
+    unary(tape, x, f32::exp, "exp", |_, y| y)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::check::{check_op, random};
+    use crate::ops::check::{check_accumulates, check_op, random};
     use crate::params::ParamStore;
     use crate::tensor::from_vec;
 
@@ -164,5 +106,12 @@ mod tests {
         let x = tape.constant(from_vec(&[3], vec![20.5, 100.0, -100.0]));
         let y = softplus(&mut tape, x);
         assert_eq!(data(tape.value(y)), &[20.5, 100.0, (-100.0f32).exp()]);
+    }
+
+    #[test]
+    fn fresh_and_accumulated_gradients() {
+        check_accumulates(vec![random(&[3, 7], 4) * 3.0], |t, v| silu(t, v[0]));
+        check_accumulates(vec![random(&[3, 7], 5) * 3.0], |t, v| softplus(t, v[0]));
+        check_accumulates(vec![random(&[3, 7], 6)], |t, v| exp(t, v[0]));
     }
 }

@@ -47,9 +47,11 @@ pub fn check_op(
     }
 }
 
-/// Checks that an op both **overwrites** a fresh gradient buffer and **adds** to one that
-/// already holds a gradient: the gradients of `op(x) + op(x)` (the second use of every input
-/// finds the first one's gradient in place) must be exactly twice those of `op(x)`.
+/// Checks that an op's backward honours both modes of its [`InputGrad`](crate::tape::InputGrad)s:
+/// it **overwrites** a fresh gradient buffer (the tape hands the first gradient of a value over
+/// in a recycled buffer, NaN-poisoned in test builds) and **adds** to one that already holds a
+/// gradient. The gradients of `op(x) + op(x)` — the later use of every input (back-propagated
+/// first) overwrites, the other accumulates — must be exactly twice those of `op(x)`.
 #[track_caller]
 pub fn check_accumulates(inputs: Vec<Tensor>, op: impl Fn(&mut Tape, &[Var]) -> Var) {
     let grads_of = |twice: bool| {

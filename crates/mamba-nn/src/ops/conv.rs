@@ -3,7 +3,7 @@
 
 use ssm_kernel::conv::{ConvArgs, ConvDims, ConvGrads, ConvOut, conv1d_bwd, conv1d_fwd};
 
-use crate::tape::{Backward, Tape, Var};
+use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, for_overwrite};
 
 /// `y[b, t, c] = bias[c] + Σ_k w[c, k] · x[b, t − (K−1) + k, c]` (x = 0 before the start), then
@@ -43,14 +43,37 @@ pub fn conv1d(tape: &mut Tape, x: Var, w: Var, bias: Option<Var>, silu: bool) ->
     // The kernel writes every output.
     let mut y = for_overwrite(xv.shape());
     conv1d_fwd(&dims, &args, ConvOut { y: data_mut(&mut y), state_out: None });
-    let inputs: Vec<Var> = [Some(x), Some(w), bias].into_iter().flatten().collect();
-    tape.push(y, &inputs, Conv1dBackward { dims, silu })
+    let mut inputs = InputList::new();
+    let at = ConvInputs { x: inputs.push(x), w: inputs.push(w), bias: inputs.push_opt(bias) };
+    tape.push(y, inputs.vars(), Conv1dBackward { at, dims, silu })
 }
 
-/// Saved: the dims and the SiLU flag (the kernel recomputes the pre-activation from `x`).
+/// Where `conv1d`'s inputs sit in its input list.
+#[derive(Clone, Copy, Debug)]
+struct ConvInputs {
+    x: Slot,
+    w: Slot,
+    bias: Option<Slot>,
+}
+
+/// Saved: the inputs' positions, the dims and the SiLU flag (the kernel recomputes the
+/// pre-activation from `x`).
 struct Conv1dBackward {
+    at: ConvInputs,
     dims: ConvDims,
     silu: bool,
+}
+
+/// The gradient buffer of `slot` ready to be added into, or a zeroed scratch of `n` values in
+/// `scratch` when that input needs no gradient (the kernel always writes `dx` and `dweight`).
+fn or_scratch<'a>(slot: Option<InputGrad<'a>>, scratch: &'a mut Vec<f32>, n: usize) -> &'a mut [f32] {
+    match slot {
+        Some(g) => g.zero_if_overwrite(),
+        None => {
+            scratch.resize(n, 0.0);
+            scratch
+        }
+    }
 }
 
 impl Backward for Conv1dBackward {
@@ -58,33 +81,20 @@ impl Backward for Conv1dBackward {
         "conv1d"
     }
 
-    fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
-        let dims = &self.dims;
+    /// `ssm_kernel::conv::conv1d_bwd`, which adds into every gradient (fresh buffers are zeroed
+    /// first).
+    fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {
+        let (dims, at) = (&self.dims, self.at);
         let args = ConvArgs {
-            x: data(inputs[0]),
-            weight: data(inputs[1]),
-            bias: inputs.get(2).map(|b| data(b)),
+            x: data(at.x.value(inputs)),
+            weight: data(at.w.value(inputs)),
+            bias: at.bias.map(|b| data(b.value(inputs))),
             silu: self.silu,
         };
-        let [dx, dw, rest @ ..] = dinputs else { unreachable!("conv1d has at least two inputs") };
-        // The kernel always writes dx and dweight: scratch for the ones not wanted.
-        let mut sx = Vec::new();
-        let mut sw = Vec::new();
-        let dx = match dx.as_deref_mut() {
-            Some(t) => data_mut(t),
-            None => {
-                sx.resize(dims.n_blc(), 0.0);
-                &mut sx[..]
-            }
-        };
-        let dweight = match dw.as_deref_mut() {
-            Some(t) => data_mut(t),
-            None => {
-                sw.resize(dims.n_ck(), 0.0);
-                &mut sw[..]
-            }
-        };
-        let dbias = rest.first_mut().and_then(|d| d.as_deref_mut()).map(data_mut);
+        let (mut sx, mut sw) = (Vec::new(), Vec::new());
+        let dx = or_scratch(at.x.grad(grads), &mut sx, dims.n_blc());
+        let dweight = or_scratch(at.w.grad(grads), &mut sw, dims.n_ck());
+        let dbias = at.bias.and_then(|b| b.grad(grads)).map(InputGrad::zero_if_overwrite);
         conv1d_bwd(dims, &args, data(dout), ConvGrads { dx, dweight, dbias });
     }
 }
@@ -92,7 +102,7 @@ impl Backward for Conv1dBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::check::{check_op, random};
+    use crate::ops::check::{check_accumulates, check_op, random};
     use crate::params::ParamStore;
     use crate::tensor::zeros;
 
@@ -147,5 +157,11 @@ mod tests {
         let x = tape.constant(zeros(&[1, 2, 3]));
         let w = tape.constant(zeros(&[4, 1, 4]));
         conv1d(&mut tape, x, w, None, false);
+    }
+
+    #[test]
+    fn fresh_and_accumulated_gradients() {
+        let ins = vec![random(&[2, 7, 5], 1), random(&[5, 1, 4], 2), random(&[5], 3)];
+        check_accumulates(ins, |t, v| conv1d(t, v[0], v[1], Some(v[2]), true));
     }
 }

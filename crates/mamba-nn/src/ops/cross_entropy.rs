@@ -1,13 +1,12 @@
 //! Fused softmax cross-entropy over the last dimension, and the causal language-model loss.
 
-use ssm_kernel::simd::{self, V, W};
+use ssm_kernel::xent::{xent_bwd, xent_fwd};
 
-use crate::ops::rows::for_row_blocks;
-use crate::tape::{Backward, Tape, Var};
-use crate::tensor::{Tensor, data, data_mut, from_vec, rows_cols};
+use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var};
+use crate::tensor::{Tensor, data, from_vec, rows_cols};
 
 /// Targets equal to this are skipped (PyTorch's default `ignore_index`).
-pub const IGNORE_INDEX: i64 = -100;
+pub const IGNORE_INDEX: i64 = ssm_kernel::xent::IGNORE_INDEX;
 
 /// Mean cross-entropy `−log softmax(logits)[target]` over the rows whose target is not
 /// [`IGNORE_INDEX`].
@@ -15,7 +14,7 @@ pub const IGNORE_INDEX: i64 = -100;
 /// Shapes: `logits` (…, V), `targets` one per row (the product of the leading dimensions), the
 /// result a scalar of shape (1). Each row's log-softmax is one fused pass (max, Σ exp); only the
 /// per-row log-sum-exp is saved. The backward adds `(softmax − onehot) · dloss / count`. Rows
-/// run in parallel when `rows · V ≥ 65 536`.
+/// run in parallel when `rows · V ≥ 65 536`. The numerics are [`ssm_kernel::xent`]'s.
 ///
 /// When every target is ignored the loss is `0` with zero gradient (PyTorch returns NaN).
 ///
@@ -38,60 +37,19 @@ pub fn cross_entropy(tape: &mut Tape, logits: Var, targets: &[i64]) -> Var {
     {
         panic!("cross_entropy: target {t} (row {pos}) out of range for {v} classes");
     }
-    let x = data(lv);
-    // Per block: (Σ loss in f64, count), and every row's log-sum-exp.
-    let blocks = for_row_blocks(rows, v, [], |range, []| {
-        let mut lse = Vec::with_capacity(range.len());
-        let (mut sum, mut count) = (0.0f64, 0usize);
-        for r in range {
-            let row = &x[r * v..(r + 1) * v];
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let l = m + sum_exp_shifted(row, m).ln();
-            lse.push(l);
-            if targets[r] != IGNORE_INDEX {
-                sum += (l - row[targets[r] as usize]) as f64;
-                count += 1;
-            }
-        }
-        (sum, count, lse)
-    });
-    let (mut sum, mut count) = (0.0f64, 0usize);
-    let mut lse = Vec::with_capacity(rows);
-    for (s, c, l) in blocks {
-        sum += s;
-        count += c;
-        lse.extend(l);
-    }
+    let mut lse = vec![0.0f32; rows];
+    let (sum, count) = xent_fwd(v, data(lv), targets, &mut lse);
     let loss = if count == 0 { 0.0 } else { (sum / count as f64) as f32 };
-    let saved = CrossEntropyBackward { targets: targets.to_vec(), lse, count, v };
-    tape.push(from_vec(&[1], vec![loss]), &[logits], saved)
+    let mut inputs = InputList::new();
+    let logits = inputs.push(logits);
+    let saved = CrossEntropyBackward { logits, targets: targets.to_vec(), lse, count, v };
+    tape.push(from_vec(&[1], vec![loss]), inputs.vars(), saved)
 }
 
-/// `Σ_j exp(row[j] − m)`, SIMD over the row (the vectorised `exp` of [`ssm_kernel::simd`]).
-fn sum_exp_shifted(row: &[f32], m: f32) -> f32 {
-    let mv = V::splat(m);
-    let mut acc = V::ZERO;
-    let mut chunks = row.chunks_exact(W);
-    for ch in &mut chunks {
-        acc += simd::exp(simd::load(ch) - mv);
-    }
-    acc.reduce_add() + chunks.remainder().iter().map(|&a| (a - m).exp()).sum::<f32>()
-}
-
-/// `d[j] += g · exp(row[j] − l)`: adds `g · softmax(row)` when `l` is the row's log-sum-exp.
-fn add_scaled_exp_shifted(d: &mut [f32], row: &[f32], l: f32, g: f32) {
-    let (lv, gv) = (V::splat(l), V::splat(g));
-    let split = row.len() - row.len() % W;
-    for (dc, rc) in d[..split].chunks_exact_mut(W).zip(row[..split].chunks_exact(W)) {
-        simd::add_store(dc, gv * simd::exp(simd::load(rc) - lv));
-    }
-    for (dd, &a) in d[split..].iter_mut().zip(&row[split..]) {
-        *dd += g * (a - l).exp();
-    }
-}
-
-/// Saved: the targets, every row's log-sum-exp, the number of counted rows and `V`.
+/// Saved: the logits' position, the targets, every row's log-sum-exp, the number of counted
+/// rows and `V`.
 struct CrossEntropyBackward {
+    logits: Slot,
     targets: Vec<i64>,
     lse: Vec<f32>,
     count: usize,
@@ -103,25 +61,16 @@ impl Backward for CrossEntropyBackward {
         "cross_entropy"
     }
 
-    fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
-        let Some(dx) = dinputs[0].as_deref_mut() else { return };
+    /// `dx += (softmax − onehot) · dloss / count` on the scored rows; a fresh `dx` is zeroed
+    /// first (ignored rows get no gradient).
+    fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {
+        let Some(dx) = self.logits.grad(grads) else { return };
+        let dx = dx.zero_if_overwrite();
         if self.count == 0 {
             return;
         }
-        let (x, v) = (data(inputs[0]), self.v);
         let g = data(dout)[0] / self.count as f32;
-        for_row_blocks(self.lse.len(), v, [Some(data_mut(dx))], |range, [dxb]| {
-            let dxb = dxb.expect("dx is wanted");
-            for (i, r) in range.enumerate() {
-                let t = self.targets[r];
-                if t == IGNORE_INDEX {
-                    continue;
-                }
-                let (row, drow) = (&x[r * v..(r + 1) * v], &mut dxb[i * v..(i + 1) * v]);
-                add_scaled_exp_shifted(drow, row, self.lse[r], g);
-                drow[t as usize] -= g;
-            }
-        });
+        xent_bwd(self.v, data(self.logits.value(inputs)), &self.targets, &self.lse, g, dx);
     }
 }
 

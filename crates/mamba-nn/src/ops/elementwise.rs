@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use crate::tape::{Backward, Tape, Var};
+use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, for_overwrite, pooled_copy, rows_cols};
 
 /// Element-wise loops over at least this many values run in parallel blocks of this size.
@@ -50,40 +50,30 @@ pub fn add(tape: &mut Tape, a: Var, b: Var) -> Var {
             *o = p + q;
         }
     });
-    tape.push(y, &[a, b], AddBackward)
+    let mut inputs = InputList::new();
+    let (a, b) = (inputs.push(a), inputs.push(b));
+    tape.push(y, inputs.vars(), AddBackward { a, b })
 }
 
-/// Nothing saved: `da += dy`, `db += dy`.
-struct AddBackward;
+/// Saved: the inputs' positions. `da (+)= dy`, `db (+)= dy` (a fresh buffer is a copy of `dy`).
+struct AddBackward {
+    a: Slot,
+    b: Slot,
+}
 
 impl Backward for AddBackward {
     fn name(&self) -> &'static str {
         "add"
     }
 
-    fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
-        for d in dinputs.iter_mut().flatten() {
-            let g = data(dout);
-            zip_blocks(data_mut(d), g, g, |d, g, _| add_into(d, g));
-        }
-    }
-
-    /// A fresh gradient buffer is a copy of `dy`.
-    fn backward_fresh(
-        &self,
-        _: &[&Tensor],
-        _: &Tensor,
-        dout: &Tensor,
-        dinputs: &mut [Option<&mut Tensor>],
-        fresh: &[bool],
-    ) {
-        for (d, &f) in dinputs.iter_mut().zip(fresh) {
-            let Some(d) = d.as_deref_mut() else { continue };
-            let g = data(dout);
-            if f {
-                zip_blocks(data_mut(d), g, g, |d, g, _| d.copy_from_slice(g));
+    fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {
+        let g = data(dout);
+        for slot in [self.a, self.b] {
+            let Some(mut d) = slot.grad(grads) else { continue };
+            if d.overwrites() {
+                zip_blocks(d.data(), g, g, |d, g, _| d.copy_from_slice(g));
             } else {
-                zip_blocks(data_mut(d), g, g, |d, g, _| add_into(d, g));
+                zip_blocks(d.data(), g, g, |d, g, _| add_into(d, g));
             }
         }
     }
@@ -112,11 +102,16 @@ pub fn add_broadcast_last(tape: &mut Tape, x: Var, b: Var) -> Var {
             add_into(row, data(bv));
         }
     }
-    tape.push(y, &[x, b], AddBroadcastLastBackward { d })
+    let mut inputs = InputList::new();
+    let (x, b) = (inputs.push(x), inputs.push(b));
+    tape.push(y, inputs.vars(), AddBroadcastLastBackward { x, b, d })
 }
 
-/// Saved: the broadcast length `d`.
+/// Saved: the inputs' positions and the broadcast length `d`. `dx (+)= dy`,
+/// `db (+)= Σ_rows dy`.
 struct AddBroadcastLastBackward {
+    x: Slot,
+    b: Slot,
     d: usize,
 }
 
@@ -125,17 +120,17 @@ impl Backward for AddBroadcastLastBackward {
         "add_broadcast_last"
     }
 
-    fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
+    fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {
         let dy = data(dout);
-        if let Some(dx) = dinputs[0].as_deref_mut() {
-            add_into(data_mut(dx), dy);
+        if let Some(mut dx) = self.x.grad(grads) {
+            dx.add_or_write(dy);
         }
-        if let Some(db) = dinputs[1].as_deref_mut()
-            && self.d > 0
-        {
-            let db = data_mut(db);
-            for row in dy.chunks_exact(self.d) {
-                add_into(db, row);
+        if let Some(db) = self.b.grad(grads) {
+            let db = db.zero_if_overwrite();
+            if self.d > 0 {
+                for row in dy.chunks_exact(self.d) {
+                    add_into(db, row);
+                }
             }
         }
     }
@@ -155,24 +150,29 @@ pub fn mul(tape: &mut Tape, a: Var, b: Var) -> Var {
     for (o, v) in data_mut(&mut y).iter_mut().zip(data(bv)) {
         *o *= v;
     }
-    tape.push(y, &[a, b], MulBackward)
+    let mut inputs = InputList::new();
+    let (a, b) = (inputs.push(a), inputs.push(b));
+    tape.push(y, inputs.vars(), MulBackward { a, b })
 }
 
-/// Nothing saved (the inputs are on the tape): `da += dy ⊙ b`, `db += dy ⊙ a`.
-struct MulBackward;
+/// Saved: the inputs' positions (their values are on the tape). `da (+)= dy ⊙ b`,
+/// `db (+)= dy ⊙ a`.
+struct MulBackward {
+    a: Slot,
+    b: Slot,
+}
 
 impl Backward for MulBackward {
     fn name(&self) -> &'static str {
         "mul"
     }
 
-    fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
+    fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {
         let dy = data(dout);
-        for (i, other) in [(0, 1), (1, 0)] {
-            if let Some(d) = dinputs[i].as_deref_mut() {
-                for ((g, &y), &o) in data_mut(d).iter_mut().zip(dy).zip(data(inputs[other])) {
-                    *g += y * o;
-                }
+        for (slot, other) in [(self.a, self.b), (self.b, self.a)] {
+            if let Some(mut d) = slot.grad(grads) {
+                let o = data(other.value(inputs));
+                d.add_or_write_each(dy.iter().zip(o).map(|(&y, &o)| y * o));
             }
         }
     }
@@ -183,11 +183,14 @@ impl Backward for MulBackward {
 /// Shapes: `x` and `y` the same (any rank).
 pub fn scale(tape: &mut Tape, x: Var, s: f32) -> Var {
     let y = tape.value(x) * s;
-    tape.push(y, &[x], ScaleBackward { s })
+    let mut inputs = InputList::new();
+    let x = inputs.push(x);
+    tape.push(y, inputs.vars(), ScaleBackward { x, s })
 }
 
-/// Saved: the factor `s`.
+/// Saved: the input's position and the factor `s`. `dx (+)= s · dy`.
 struct ScaleBackward {
+    x: Slot,
     s: f32,
 }
 
@@ -196,11 +199,10 @@ impl Backward for ScaleBackward {
         "scale"
     }
 
-    fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
-        if let Some(dx) = dinputs[0].as_deref_mut() {
-            for (g, &d) in data_mut(dx).iter_mut().zip(data(dout)) {
-                *g += self.s * d;
-            }
+    fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {
+        if let Some(mut dx) = self.x.grad(grads) {
+            let s = self.s;
+            dx.add_or_write_each(data(dout).iter().map(|&d| s * d));
         }
     }
 }
@@ -298,6 +300,14 @@ mod tests {
         let dp: Vec<f32> = (0..3).map(|i| xs[i] + 2.0 * ps[i]).collect();
         assert_eq!(data(tape.grad(x).unwrap()), dx.as_slice());
         assert_eq!(data(grads.get(p)), dp.as_slice());
+    }
+
+    #[test]
+    fn small_ops_fresh_and_accumulated_gradients() {
+        let ins = vec![random(&[4, 7], 1), random(&[4, 7], 2), random(&[7], 3)];
+        check_accumulates(ins.clone(), |t, v| mul(t, v[0], v[1]));
+        check_accumulates(ins.clone(), |t, v| scale(t, v[0], -1.5));
+        check_accumulates(vec![ins[0].clone(), ins[2].clone()], |t, v| add_broadcast_last(t, v[0], v[1]));
     }
 
     #[test]

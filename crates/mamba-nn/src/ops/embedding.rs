@@ -1,6 +1,6 @@
 //! Token embedding lookup with a sparse backward.
 
-use crate::tape::{Backward, Tape, Var};
+use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, for_overwrite};
 
 /// `y[b, l, :] = weight[ids[b, l], :]`.
@@ -33,11 +33,15 @@ pub fn embedding(tape: &mut Tape, ids: &[usize], ids_shape: &[usize], weight: Va
         }
     }
     let ids = if tape.is_recording() && tape.needs_grad(weight) { ids.to_vec() } else { Vec::new() };
-    tape.push(y, &[weight], EmbeddingBackward { ids, d })
+    let mut inputs = InputList::new();
+    let weight = inputs.push(weight);
+    tape.push(y, inputs.vars(), EmbeddingBackward { weight, ids, d })
 }
 
-/// Saved: the token ids (only when the weight needs a gradient) and the embedding width.
+/// Saved: the weight's position, the token ids (only when the weight needs a gradient) and the
+/// embedding width.
 struct EmbeddingBackward {
+    weight: Slot,
     ids: Vec<usize>,
     d: usize,
 }
@@ -47,12 +51,13 @@ impl Backward for EmbeddingBackward {
         "embedding"
     }
 
-    fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
+    /// `dW[id] += dy[row]` for each row; a fresh `dW` is zeroed first (rows of absent tokens
+    /// get no gradient).
+    fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {
         let d = self.d;
-        if let Some(dw) = dinputs[0].as_deref_mut()
-            && d > 0
-        {
-            let dw = data_mut(dw);
+        let Some(dw) = self.weight.grad(grads) else { return };
+        let dw = dw.zero_if_overwrite();
+        if d > 0 {
             for (g, &id) in data(dout).chunks_exact(d).zip(&self.ids) {
                 for (a, b) in dw[id * d..(id + 1) * d].iter_mut().zip(g) {
                     *a += b;

@@ -2,7 +2,7 @@
 
 use ssm_kernel::gemm::gemm_par as gemm;
 
-use crate::tape::{Backward, Tape, Var};
+use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, for_overwrite, rows_cols, zeros};
 
 /// `y = x Wᵀ (+ b)`.
@@ -31,23 +31,32 @@ pub fn linear(tape: &mut Tape, x: Var, w: Var, b: Option<Var>) -> Var {
     // β = 0 overwrites every element of y (when k > 0; an empty product leaves it zero).
     let mut y = if k > 0 { for_overwrite(&out_shape) } else { zeros(&out_shape) };
     gemm((m, k, n), 1.0, data(xv), (k, 1), data(wv), (1, k), 0.0, data_mut(&mut y), (n, 1));
-    let mut inputs = vec![x, w];
+    let mut inputs = InputList::new();
+    let at = LinearInputs { x: inputs.push(x), w: inputs.push(w), b: inputs.push_opt(b) };
     if let Some(b) = b {
         let bv = tape.value(b);
         assert_eq!(bv.shape(), &[n], "linear: bias must be ({n}), got {:?}", bv.shape());
-        let bias = data(bv).to_vec();
+        let bias = data(bv);
         for row in data_mut(&mut y).chunks_exact_mut(n) {
-            for (o, bb) in row.iter_mut().zip(&bias) {
+            for (o, bb) in row.iter_mut().zip(bias) {
                 *o += bb;
             }
         }
-        inputs.push(b);
     }
-    tape.push(y, &inputs, LinearBackward { m, k, n })
+    tape.push(y, inputs.vars(), LinearBackward { at, m, k, n })
 }
 
-/// Saved sizes: `m` rows, `k` in-features, `n` out-features.
+/// Where `linear`'s inputs sit in its input list.
+#[derive(Clone, Copy, Debug)]
+struct LinearInputs {
+    x: Slot,
+    w: Slot,
+    b: Option<Slot>,
+}
+
+/// Saved: the inputs' positions and the sizes, `m` rows, `k` in-features, `n` out-features.
 struct LinearBackward {
+    at: LinearInputs,
     m: usize,
     k: usize,
     n: usize,
@@ -58,45 +67,32 @@ impl Backward for LinearBackward {
         "linear"
     }
 
-    fn backward(&self, inputs: &[&Tensor], out: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
-        self.backward_fresh(inputs, out, dout, dinputs, &[false; 3]);
-    }
-
-    /// A fresh `dx` is written by the GEMM with β = 0 (no zero-fill, no read).
-    fn backward_fresh(
+    /// `dx` and `dW` are GEMMs with the slot's β (a fresh buffer is written, not zero-filled and
+    /// read); `db` sums the rows of `dy`.
+    fn backward(
         &self,
         inputs: &[&Tensor],
         _out: &Tensor,
         dout: &Tensor,
-        dinputs: &mut [Option<&mut Tensor>],
-        fresh: &[bool],
+        grads: &mut [Option<InputGrad<'_>>],
     ) {
-        let LinearBackward { m, k, n } = *self;
-        let (x, w, dy) = (data(inputs[0]), data(inputs[1]), data(dout));
+        let LinearBackward { at, m, k, n } = *self;
+        let (x, w, dy) = (data(at.x.value(inputs)), data(at.w.value(inputs)), data(dout));
         // dx (m, k) (+)= dy (m, n) · W (n, k)
-        if let Some(dx) = dinputs[0].as_deref_mut() {
-            let dx = data_mut(dx);
-            if fresh[0] && n == 0 {
-                dx.fill(0.0);
-            }
-            let beta = if fresh[0] { 0.0 } else { 1.0 };
+        if let Some(dx) = at.x.grad(grads) {
+            let beta = dx.beta();
+            let dx = if n == 0 { dx.zero_if_overwrite() } else { dx.into_data() };
             gemm((m, n, k), 1.0, dy, (n, 1), w, (k, 1), beta, dx, (k, 1));
         }
         // dW (n, k) (+)= dyᵀ (n, m) · x (m, k)
-        if let Some(dw) = dinputs[1].as_deref_mut() {
-            let dw = data_mut(dw);
-            if fresh[1] && m == 0 {
-                dw.fill(0.0);
-            }
-            let beta = if fresh[1] { 0.0 } else { 1.0 };
+        if let Some(dw) = at.w.grad(grads) {
+            let beta = dw.beta();
+            let dw = if m == 0 { dw.zero_if_overwrite() } else { dw.into_data() };
             gemm((n, m, k), 1.0, dy, (1, n), x, (k, 1), beta, dw, (k, 1));
         }
         // db (n) (+)= Σ_rows dy
-        if let Some(Some(db)) = dinputs.get_mut(2).map(|d| d.as_deref_mut()) {
-            let db = data_mut(db);
-            if fresh.get(2) == Some(&true) {
-                db.fill(0.0);
-            }
+        if let Some(db) = at.b.and_then(|b| b.grad(grads)) {
+            let db = db.zero_if_overwrite();
             for row in dy.chunks_exact(n) {
                 for (g, d) in db.iter_mut().zip(row) {
                     *g += d;

@@ -3,11 +3,14 @@
 //! parameters that do not depend on the input (contrast with the selective scan, where Δ, B and
 //! C are functions of `x_t`). Stable when `|A| < 1`.
 
-use crate::tape::{Backward, Tape, Var};
+use ssm_kernel::lti::{LtiArgs, LtiDims, LtiGrads, lti_bwd, lti_fwd};
+use ssm_kernel::pool;
+
+use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, for_overwrite};
 
 /// `y = LTI(x)` with per-channel vectors `a`, `b`, `c`, `d` (each (D)); `x` and `y` are
-/// (B, L, D).
+/// (B, L, D). The numerics are [`ssm_kernel::lti`]'s.
 ///
 /// # Panics
 /// If `x` is not 3-D or a vector's length is not `D`.
@@ -15,35 +18,45 @@ use crate::tensor::{Tensor, data, data_mut, for_overwrite};
 pub fn lti_scan(tape: &mut Tape, x: Var, a: Var, b: Var, c: Var, d: Var) -> Var {
     let xv = tape.value(x);
     assert_eq!(xv.ndim(), 3, "lti_scan: x must be (B, L, D), got {:?}", xv.shape());
-    let (bsz, l, dim) = (xv.shape()[0], xv.shape()[1], xv.shape()[2]);
+    let dims = LtiDims::new(xv.shape()[0], xv.shape()[1], xv.shape()[2]);
     for (name, v) in [("a", a), ("b", b), ("c", c), ("d", d)] {
         let s = tape.value(v).shape();
-        assert_eq!(s, &[dim], "lti_scan: `{name}` must be ({dim}) for x {:?}, got {s:?}", xv.shape());
+        assert_eq!(
+            s,
+            &[dims.dim],
+            "lti_scan: `{name}` must be ({}) for x {:?}, got {s:?}",
+            dims.dim,
+            xv.shape()
+        );
     }
-    let (av, bv, cv, dv) =
-        (data(tape.value(a)), data(tape.value(b)), data(tape.value(c)), data(tape.value(d)));
-    let xs = data(xv);
-    let mut y = for_overwrite(&[bsz, l, dim]);
-    let ys = data_mut(&mut y);
-    let mut h = vec![0.0f32; dim];
-    for bi in 0..bsz {
-        h.fill(0.0);
-        for t in 0..l {
-            let row = (bi * l + t) * dim;
-            for k in 0..dim {
-                let xk = xs[row + k];
-                h[k] = av[k] * h[k] + bv[k] * xk;
-                ys[row + k] = cv[k] * h[k] + dv[k] * xk;
-            }
-        }
-    }
-    tape.push(y, &[x, a, b, c, d], LtiBackward { bsz, l, dim })
+    let mut inputs = InputList::new();
+    let at = LtiInputs {
+        x: inputs.push(x),
+        a: inputs.push(a),
+        b: inputs.push(b),
+        c: inputs.push(c),
+        d: inputs.push(d),
+    };
+    let mut y = for_overwrite(xv.shape());
+    let val = |v: Var| data(tape.value(v));
+    lti_fwd(&dims, &LtiArgs { x: data(xv), a: val(a), b: val(b), c: val(c), d: val(d) }, data_mut(&mut y));
+    tape.push(y, inputs.vars(), LtiBackward { at, dims })
 }
 
+/// Where `lti_scan`'s inputs sit in its input list.
+#[derive(Clone, Copy, Debug)]
+struct LtiInputs {
+    x: Slot,
+    a: Slot,
+    b: Slot,
+    c: Slot,
+    d: Slot,
+}
+
+/// Saved: the inputs' positions and the sizes (the kernel recomputes the states).
 struct LtiBackward {
-    bsz: usize,
-    l: usize,
-    dim: usize,
+    at: LtiInputs,
+    dims: LtiDims,
 }
 
 impl Backward for LtiBackward {
@@ -51,49 +64,42 @@ impl Backward for LtiBackward {
         "lti_scan"
     }
 
-    /// Recomputes the states, then the reverse recurrence `g_t = C·dy_t + A·g_{t+1}`.
+    /// [`lti_bwd`], which adds into every gradient (fresh buffers are zeroed first; a pooled
+    /// scratch stands in for an input that needs none).
     fn backward(
         &self,
         inputs: &[&Tensor],
         _out: &Tensor,
         dout: &Tensor,
-        dinputs: &mut [Option<&mut Tensor>],
+        grads: &mut [Option<InputGrad<'_>>],
     ) {
-        let LtiBackward { bsz, l, dim } = *self;
-        let (xs, a, b, c, d) =
-            (data(inputs[0]), data(inputs[1]), data(inputs[2]), data(inputs[3]), data(inputs[4]));
-        let dy = data(dout);
-        let mut gx = vec![0.0f32; xs.len()];
-        let (mut ga, mut gb, mut gc, mut gd) =
-            (vec![0.0f32; dim], vec![0.0f32; dim], vec![0.0f32; dim], vec![0.0f32; dim]);
-        let mut hs = vec![0.0f32; (l + 1) * dim];
-        let mut g = vec![0.0f32; dim];
-        for bi in 0..bsz {
-            for t in 0..l {
-                let row = (bi * l + t) * dim;
-                for k in 0..dim {
-                    hs[(t + 1) * dim + k] = a[k] * hs[t * dim + k] + b[k] * xs[row + k];
-                }
-            }
-            g.fill(0.0);
-            for t in (0..l).rev() {
-                let row = (bi * l + t) * dim;
-                for k in 0..dim {
-                    let (x, dyk, h, hp) = (xs[row + k], dy[row + k], hs[(t + 1) * dim + k], hs[t * dim + k]);
-                    gc[k] += dyk * h;
-                    gd[k] += dyk * x;
-                    g[k] += c[k] * dyk;
-                    ga[k] += g[k] * hp;
-                    gb[k] += g[k] * x;
-                    gx[row + k] += g[k] * b[k] + d[k] * dyk;
-                    g[k] *= a[k];
-                }
-            }
+        let (at, dims) = (self.at, self.dims);
+        let val = |s: Slot| data(s.value(inputs));
+        let args = LtiArgs { x: val(at.x), a: val(at.a), b: val(at.b), c: val(at.c), d: val(at.d) };
+        let mut scratch: [Vec<f32>; 5] = Default::default();
+        let [sx, sa, sb, sc, sd] = &mut scratch;
+        let g = LtiGrads {
+            dx: or_scratch(at.x.grad(grads), sx, dims.n_bld()),
+            da: or_scratch(at.a.grad(grads), sa, dims.dim),
+            db: or_scratch(at.b.grad(grads), sb, dims.dim),
+            dc: or_scratch(at.c.grad(grads), sc, dims.dim),
+            dd: or_scratch(at.d.grad(grads), sd, dims.dim),
+        };
+        lti_bwd(&dims, &args, data(dout), g);
+        for v in scratch {
+            pool::give(v);
         }
-        for (slot, src) in dinputs.iter_mut().zip([&gx, &ga, &gb, &gc, &gd]) {
-            if let Some(t) = slot.as_deref_mut() {
-                data_mut(t).iter_mut().zip(src.iter()).for_each(|(o, v)| *o += v);
-            }
+    }
+}
+
+/// The gradient buffer of `slot`, ready to be added into, or a zeroed pooled scratch of `n`
+/// values in `scratch` when that input needs no gradient.
+fn or_scratch<'a>(slot: Option<InputGrad<'a>>, scratch: &'a mut Vec<f32>, n: usize) -> &'a mut [f32] {
+    match slot {
+        Some(g) => g.zero_if_overwrite(),
+        None => {
+            *scratch = pool::take(n);
+            scratch
         }
     }
 }
@@ -101,7 +107,7 @@ impl Backward for LtiBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::check::{check_op, random};
+    use crate::ops::check::{check_accumulates, check_op, random};
     use crate::tensor::zeros;
 
     fn reference(v: &[Vec<f64>], (bsz, l, dim): (usize, usize, usize)) -> Vec<f64> {
@@ -144,5 +150,13 @@ mod tests {
         let v = tape.constant(zeros(&[5]));
         let c = tape.constant(zeros(&[4]));
         lti_scan(&mut tape, x, v, v, c, v);
+    }
+
+    #[test]
+    fn fresh_and_accumulated_gradients() {
+        let (bsz, l, dim) = (2, 6, 3);
+        let a = random(&[dim], 4) * 0.9;
+        let ins = vec![random(&[bsz, l, dim], 1), a, random(&[dim], 5), random(&[dim], 6), random(&[dim], 7)];
+        check_accumulates(ins, |t, v| lti_scan(t, v[0], v[1], v[2], v[3], v[4]));
     }
 }

@@ -10,21 +10,24 @@
 //! gradient exactly once. The math is unchanged; the test checks it against finite differences
 //! and against the composition of the separate ops.
 
-use rayon::prelude::*;
+use ssm_kernel::cols::{Cols, ColsMut, gather, scatter};
 use ssm_kernel::conv::{ConvArgs, ConvDims, ConvGrads, ConvOut, conv_state, conv1d_bwd, conv1d_fwd};
 use ssm_kernel::mamba2::{
     self, MixerDims, MixerGrads, MixerOut, MixerParams, Scan2Args, Scan2Dims, Scan2Grads, Scan2Out,
     mixer_bwd, mixer_fwd,
 };
 
-use crate::ops::pool;
-use crate::ops::rmsnorm::{Cols, NormDims, norm_backward, norm_forward};
-use crate::ops::scan::neg_exp;
-use crate::tape::{Backward, Tape, Var};
+use ssm_kernel::norm::{NormArgs, NormDims, NormGrads, norm_bwd, norm_fwd};
+use ssm_kernel::pool;
+
+use crate::ops::scan::{finish_da, neg_exp};
+use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, for_overwrite, from_vec};
 
 /// Sizes of the Mamba-2 core: `H` heads of `P` channels (`d_inner = H·P`), `G` groups of `B`/`C`
-/// of `N` states each, and the gated norm's `eps` (its groups are the `G` groups of `d_inner`).
+/// of `N` states each, the gated norm's `eps` (its groups are the `G` groups of `d_inner`), and
+/// the chunk length of the chunked (SSD) scan (the config's `chunk_size`; used when the separate
+/// kernels run and [`ssm_kernel::mamba2::use_ssd`] picks SSD).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Mamba2Spec {
     /// `H`.
@@ -37,6 +40,8 @@ pub struct Mamba2Spec {
     pub dstate: usize,
     /// The gated RMSNorm's epsilon.
     pub eps: f32,
+    /// Steps per SSD chunk (at least 1; [`ssm_kernel::mamba2::AUTO_CHUNK`] is the default).
+    pub chunk_size: usize,
 }
 
 impl Mamba2Spec {
@@ -70,7 +75,8 @@ impl Mamba2Spec {
     }
 }
 
-/// The core's parameters (PyTorch / HF names in brackets).
+/// The core's parameters, as HF names them (`conv1d.weight`, …): the required ones in
+/// [`Mamba2Params::new`], the optional conv bias by [`Mamba2Params::with_conv_b`].
 #[derive(Clone, Copy, Debug)]
 pub struct Mamba2Params {
     /// `conv1d.weight`, (C, 1, K) or (C, K) with `C = d_inner + 2·G·N`.
@@ -85,6 +91,18 @@ pub struct Mamba2Params {
     pub d: Var,
     /// `norm.weight`, (d_inner).
     pub norm_w: Var,
+}
+
+impl Mamba2Params {
+    /// The required parameters; no conv bias.
+    pub fn new(conv_w: Var, dt_bias: Var, a_log: Var, d: Var, norm_w: Var) -> Self {
+        Self { conv_w, conv_b: None, dt_bias, a_log, d, norm_w }
+    }
+
+    /// With the conv bias `conv1d.bias` (C).
+    pub fn with_conv_b(self, conv_b: Var) -> Self {
+        Self { conv_b: Some(conv_b), ..self }
+    }
 }
 
 /// The recurrent state a prefill leaves: the conv state (B, C, K) — the last `K` conv inputs of
@@ -128,41 +146,6 @@ pub fn mamba2_core_with_state(
     (y, st.expect("the state was requested"))
 }
 
-/// `rows` rows of `width` columns starting at column `offset` of `src` (rows `stride` apart),
-/// as a dense (rows, width) buffer from the pool.
-fn gather(src: &[f32], stride: usize, offset: usize, width: usize, rows: usize) -> Vec<f32> {
-    let mut out = pool::take_for_overwrite(rows * width);
-    if width > 0 {
-        out.par_chunks_mut(width * 64).enumerate().for_each(|(blk, o)| {
-            for (i, row) in o.chunks_exact_mut(width).enumerate() {
-                let r = blk * 64 + i;
-                row.copy_from_slice(&src[r * stride + offset..][..width]);
-            }
-        });
-    }
-    out
-}
-
-/// `dst[r, offset..offset + width] += src[r, ..]` for every row (dst rows `stride` apart), or
-/// `=` when `overwrite`.
-fn scatter(dst: &mut [f32], stride: usize, offset: usize, src: &[f32], width: usize, overwrite: bool) {
-    if width == 0 {
-        return;
-    }
-    dst.par_chunks_mut(stride * 64).zip(src.par_chunks(width * 64)).for_each(|(d, s)| {
-        for (drow, srow) in d.chunks_exact_mut(stride).zip(s.chunks_exact(width)) {
-            let drow = &mut drow[offset..offset + width];
-            if overwrite {
-                drow.copy_from_slice(srow);
-            } else {
-                for (o, v) in drow.iter_mut().zip(srow) {
-                    *o += v;
-                }
-            }
-        }
-    });
-}
-
 /// The three conv channel blocks: (first channel, count) of `x`, `B` and `C`.
 fn conv_blocks(spec: &Mamba2Spec) -> [(usize, usize); 3] {
     let (di, gn) = (spec.d_inner(), spec.gn());
@@ -193,6 +176,7 @@ fn core(
         "{OP}: ngroups {} must divide nheads {h}",
         spec.ngroups
     );
+    assert!(spec.chunk_size >= 1, "{OP}: chunk_size must be at least 1");
     let cwv = tape.value(prm.conv_w);
     let k = match *cwv.shape() {
         [c, 1, k] | [c, k] if c == cd => k,
@@ -231,7 +215,7 @@ fn core(
         width: k,
     };
     let fused = match path {
-        Path::Auto => mdims.supported() && bsz >= rayon::current_num_threads(),
+        Path::Auto => mdims.use_fused(),
         Path::Split => false,
         Path::Fused => true,
     };
@@ -262,14 +246,34 @@ fn core(
         },
         ssm: from_vec(&[bsz, h, spec.headdim, spec.dstate], h_last.unwrap_or_default()),
     });
-    let mut inputs = vec![proj, prm.conv_w, prm.dt_bias, prm.a_log, prm.d, prm.norm_w];
-    inputs.extend(prm.conv_b);
-    (tape.push(out, &inputs, Mamba2CoreBackward { spec, k, rows: bsz * l, saved }), state)
+    let mut inputs = InputList::new();
+    let at = CoreInputs {
+        proj: inputs.push(proj),
+        conv_w: inputs.push(prm.conv_w),
+        dt_bias: inputs.push(prm.dt_bias),
+        a_log: inputs.push(prm.a_log),
+        d: inputs.push(prm.d),
+        norm_w: inputs.push(prm.norm_w),
+        conv_b: inputs.push_opt(prm.conv_b),
+    };
+    (tape.push(out, inputs.vars(), Mamba2CoreBackward { at, spec, k, rows: bsz * l, saved }), state)
 }
 
-/// Which kernels run the core: the fused per-batch-row kernel when the dims allow it and there
-/// are at least as many batch rows as threads (its tasks are batch rows), else the separate
-/// conv / scan / norm kernels (whose tasks are (batch, head) pairs and row blocks).
+/// Where the core's inputs sit in its input list.
+#[derive(Clone, Copy, Debug)]
+struct CoreInputs {
+    proj: Slot,
+    conv_w: Slot,
+    dt_bias: Slot,
+    a_log: Slot,
+    d: Slot,
+    norm_w: Slot,
+    conv_b: Option<Slot>,
+}
+
+/// Which kernels run the core: by [`MixerDims::use_fused`] (the fused per-batch-row kernel when
+/// the dims allow it and there are at least as many batch rows as threads), or one of the two
+/// forced (tests).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
     Auto,
@@ -330,12 +334,10 @@ fn split_forward(
     let [ox, _, _, odt] = spec.offsets();
     let [wx, wb, wc, wdt] = spec.widths();
     // x | B | C before the conv, and dt, as dense buffers.
-    let conv_in = [
-        gather(pd, dp, ox, wx, rows),
-        gather(pd, dp, ox + wx, wb, rows),
-        gather(pd, dp, ox + wx + wb, wc, rows),
-    ];
-    let dt = gather(pd, dp, odt, wdt, rows);
+    let cols = |offset: usize| Cols { data: pd, stride: dp, offset };
+    let conv_in =
+        [gather(cols(ox), wx, rows), gather(cols(ox + wx), wb, rows), gather(cols(ox + wx + wb), wc, rows)];
+    let dt = gather(cols(odt), wdt, rows);
     let conv_out: [Vec<f32>; 3] = std::array::from_fn(|i| {
         let (c0, nc) = conv_blocks(&spec)[i];
         let dims = ConvDims::new(bsz, l, nc, k);
@@ -352,16 +354,16 @@ fn split_forward(
         ..Scan2Args::new(&conv_out[0], &dt, w.a, &conv_out[1], &conv_out[2])
     };
     let mut y = pool::take_for_overwrite(rows * di);
-    mamba2::scan_fwd_auto(&dims, &args, Scan2Out { y: &mut y, h_last });
-    let nd = NormDims { rows, d: di, gs: di / spec.ngroups, eps: spec.eps };
-    let z = Cols { data: pd, stride: dp, offset: 0 };
-    let rstd = norm_forward(nd, &y, Some(z), w.norm_w, out);
+    mamba2::scan_fwd_auto(&dims, spec.chunk_size, &args, Scan2Out { y: &mut y, h_last });
+    let nd = NormDims::new(rows, di, di / spec.ngroups, spec.eps);
+    let rstd = norm_fwd(&nd, &NormArgs::new(&y, w.norm_w).with_gate(cols(0)), out);
     Saved::Split(Box::new(SplitSaved { dims, conv_in, conv_out, dt, y, nd, rstd }))
 }
 
-/// What the backward needs besides the inputs (proj, conv_w, dt_bias, A_log, D, norm_w[,
-/// conv_b]).
+/// What the backward needs besides the inputs: their positions, the sizes and the path's saved
+/// values.
 struct Mamba2CoreBackward {
+    at: CoreInputs,
     spec: Mamba2Spec,
     k: usize,
     rows: usize,
@@ -406,11 +408,11 @@ impl Drop for Mamba2CoreBackward {
     }
 }
 
-/// The gradient slot `i` as a slice, or a zeroed pooled scratch of `n` values (given back by
-/// the caller) when that input needs no gradient.
-fn slot_or_scratch<'a>(slot: Option<&'a mut Tensor>, scratch: &'a mut Vec<f32>, n: usize) -> &'a mut [f32] {
+/// The gradient buffer of `slot`, ready to be added into, or a zeroed pooled scratch of `n`
+/// values in `scratch` (given back by the caller) when that input needs no gradient.
+fn or_scratch<'a>(slot: Option<InputGrad<'a>>, scratch: &'a mut Vec<f32>, n: usize) -> &'a mut [f32] {
     match slot {
-        Some(t) => data_mut(t),
+        Some(g) => g.zero_if_overwrite(),
         None => {
             *scratch = pool::take(n);
             scratch
@@ -423,53 +425,44 @@ impl Backward for Mamba2CoreBackward {
         "mamba2_core"
     }
 
-    fn backward(&self, inputs: &[&Tensor], out: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
-        self.backward_fresh(inputs, out, dout, dinputs, &[false; 7]);
-    }
-
     /// A fresh gradient of the projection is written column block by column block (every
-    /// column is written exactly once), without a zero-fill.
-    fn backward_fresh(
-        &self,
-        inputs: &[&Tensor],
-        _: &Tensor,
-        dout: &Tensor,
-        dinputs: &mut [Option<&mut Tensor>],
-        fresh: &[bool],
-    ) {
-        for (d, &f) in dinputs.iter_mut().zip(fresh).skip(1) {
-            if let (Some(d), true) = (d.as_deref_mut(), f) {
-                d.fill(0.0);
-            }
-        }
-        let ow = fresh[0];
-        let (spec, k, rows) = (self.spec, self.k, self.rows);
+    /// column is written exactly once), without a zero-fill; the parameters' gradients are added
+    /// to (zeroed first when fresh).
+    fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {
+        let (at, spec, k, rows) = (self.at, self.spec, self.k, self.rows);
         let (dp, cd) = (spec.proj_dim(), spec.conv_dim());
-        let [dproj, dcw, ddt_bias, da_log, dd, dnorm_w, rest @ ..] = dinputs else {
-            unreachable!("mamba2_core has at least six inputs")
-        };
+        let val = |s: Slot| data(s.value(inputs));
         let mut scratch: [Vec<f32>; 5] = Default::default();
         let [s0, s1, s2, s3, s4] = &mut scratch;
-        let a = neg_exp(data(inputs[3]));
+        let a = neg_exp(val(at.a_log));
         let mut da = pool::take(spec.nheads);
+        let dproj = at.proj.grad(grads);
+        let ow = dproj.as_ref().is_some_and(InputGrad::overwrites);
+        let da_log = at.a_log.grad(grads);
         let g = Grads {
-            dproj: slot_or_scratch(dproj.as_deref_mut(), s0, rows * dp),
-            dcw: slot_or_scratch(dcw.as_deref_mut(), s1, cd * k),
-            dcb: rest.first_mut().and_then(|s| s.as_deref_mut()).map(data_mut),
-            ddt_bias: slot_or_scratch(ddt_bias.as_deref_mut(), s2, spec.nheads),
+            dproj: match dproj {
+                Some(g) => g.into_data(),
+                None => {
+                    *s0 = pool::take(rows * dp);
+                    s0
+                }
+            },
+            dcw: or_scratch(at.conv_w.grad(grads), s1, cd * k),
+            dcb: at.conv_b.and_then(|b| b.grad(grads)).map(InputGrad::zero_if_overwrite),
+            ddt_bias: or_scratch(at.dt_bias.grad(grads), s2, spec.nheads),
             da: &mut da,
-            dd: slot_or_scratch(dd.as_deref_mut(), s3, spec.nheads),
-            dnorm_w: slot_or_scratch(dnorm_w.as_deref_mut(), s4, spec.d_inner()),
+            dd: or_scratch(at.d.grad(grads), s3, spec.nheads),
+            dnorm_w: or_scratch(at.norm_w.grad(grads), s4, spec.d_inner()),
         };
         let w = Weights {
-            cw: data(inputs[1]),
-            cb: inputs.get(6).map(|b| data(b)),
-            dt_bias: data(inputs[2]),
+            cw: val(at.conv_w),
+            cb: at.conv_b.map(val),
+            dt_bias: val(at.dt_bias),
             a: &a,
-            d: data(inputs[4]),
-            norm_w: data(inputs[5]),
+            d: val(at.d),
+            norm_w: val(at.norm_w),
         };
-        let (pd, dy) = (data(inputs[0]), data(dout));
+        let (pd, dy) = (val(at.proj), data(dout));
         match &self.saved {
             Saved::Fused { dims, rstd, y } => {
                 let grads = MixerGrads {
@@ -486,13 +479,7 @@ impl Backward for Mamba2CoreBackward {
             }
             split => split_backward(spec, k, split, pd, &w, dy, g, ow),
         }
-        if let Some(dal) = da_log.as_deref_mut() {
-            for ((g, &ga), &av) in data_mut(dal).iter_mut().zip(&da).zip(&a) {
-                *g += ga * av;
-            }
-        }
-        pool::give(da);
-        pool::give(a);
+        finish_da(da_log, da, a);
         for v in scratch {
             pool::give(v);
         }
@@ -528,9 +515,15 @@ fn split_backward(
     let (dp, di, rows) = (spec.proj_dim(), spec.d_inner(), nd.rows);
     let Grads { dproj, dcw, mut dcb, ddt_bias, da, dd, dnorm_w } = g;
     let mut dy = pool::take_for_overwrite(rows * di);
-    let z = Cols { data: pd, stride: dp, offset: 0 };
-    let io = (&y[..], Some(z), w.norm_w);
-    norm_backward(*nd, io, rstd, dout, Some(&mut dy), Some(dnorm_w), Some((dproj, dp, 0)), (true, ow));
+    let args = NormArgs::new(y, w.norm_w).with_gate(Cols { data: pd, stride: dp, offset: 0 });
+    let ng = NormGrads {
+        dx: Some(&mut dy),
+        overwrite_dx: true,
+        dw: Some(dnorm_w),
+        dz: Some(ColsMut { data: &mut *dproj, stride: dp, offset: 0 }),
+        overwrite_dz: ow,
+    };
+    norm_bwd(nd, &args, rstd, dout, ng);
 
     // Scan: gradients of the conv outputs and of dt.
     let args = Scan2Args {
@@ -554,11 +547,11 @@ fn split_backward(
             ddelta_bias: Some(ddt_bias),
             dh0: None,
         };
-        mamba2::scan_bwd_auto(dims, &args, &dy, None, grads);
+        mamba2::scan_bwd_auto(dims, spec.chunk_size, &args, &dy, None, grads);
     }
     pool::give(dy);
     let [ox, _, _, odt] = spec.offsets();
-    scatter(dproj, dp, odt, &ddt, spec.nheads, ow);
+    scatter(ColsMut { data: &mut *dproj, stride: dp, offset: odt }, &ddt, spec.nheads, ow);
     pool::give(ddt);
 
     // Conv, per channel block, then into the projection's x | B | C columns.
@@ -572,7 +565,7 @@ fn split_backward(
             dbias: dcb.as_deref_mut().map(|b| &mut b[c0..c0 + nc]),
         };
         conv1d_bwd(&cdims, &args, &dconv_out[i], grads);
-        scatter(dproj, dp, ox + c0, &dx, nc, ow);
+        scatter(ColsMut { data: &mut *dproj, stride: dp, offset: ox + c0 }, &dx, nc, ow);
         pool::give(dx);
     }
     for v in dconv_out {
@@ -584,13 +577,13 @@ fn split_backward(
 mod tests {
     use super::*;
     use crate::ops::check::{check_accumulates, check_op, random};
-    use crate::ops::{conv1d, gated_rms_norm, narrow_last, reshape, selective_scan2};
+    use crate::ops::{Scan2Vars, conv1d, gated_rms_norm, narrow_last, reshape, selective_scan2};
     use crate::params::{Grads, ParamStore};
     use ssm_kernel::reference;
 
     /// A spec with two groups of two heads, `P = 3`, `N = 2`, and conv width 3.
     fn small() -> (Mamba2Spec, usize) {
-        (Mamba2Spec { nheads: 4, headdim: 3, ngroups: 2, dstate: 2, eps: 1e-5 }, 3)
+        (Mamba2Spec { nheads: 4, headdim: 3, ngroups: 2, dstate: 2, eps: 1e-5, chunk_size: 32 }, 3)
     }
 
     fn inputs(spec: &Mamba2Spec, k: usize, bsz: usize, l: usize) -> Vec<Tensor> {
@@ -607,7 +600,7 @@ mod tests {
     }
 
     fn params(v: &[Var]) -> Mamba2Params {
-        Mamba2Params { conv_w: v[1], conv_b: Some(v[6]), dt_bias: v[2], a_log: v[3], d: v[4], norm_w: v[5] }
+        Mamba2Params::new(v[1], v[2], v[3], v[4], v[5]).with_conv_b(v[6])
     }
 
     /// f64 reference: the split, `reference::conv` + SiLU, `reference::mamba2` and the gated norm
@@ -674,7 +667,7 @@ mod tests {
     #[test]
     fn fused_backward_matches_finite_differences() {
         // The smallest dims the fused kernel takes: P = 8, G·N = 8; K = 3, L = 7.
-        let spec = Mamba2Spec { nheads: 2, headdim: 8, ngroups: 2, dstate: 4, eps: 1e-5 };
+        let spec = Mamba2Spec { nheads: 2, headdim: 8, ngroups: 2, dstate: 4, eps: 1e-5, chunk_size: 32 };
         let (k, bsz, l) = (3, 2, 7);
         check_op(
             inputs(&spec, k, bsz, l),
@@ -697,7 +690,9 @@ mod tests {
         let x = reshape(t, x, &[bsz, l, h, spec.headdim]);
         let b = reshape(t, b, &[bsz, l, spec.ngroups, spec.dstate]);
         let c = reshape(t, c, &[bsz, l, spec.ngroups, spec.dstate]);
-        let y = selective_scan2(t, x, dt, v[3], b, c, Some(v[4]), None, Some(v[2]), true);
+        let args =
+            Scan2Vars::new(x, dt, v[3], b, c).with_d(v[4]).with_delta_bias(v[2]).with_delta_softplus(true);
+        let y = selective_scan2(t, args.with_chunk_size(spec.chunk_size));
         let y = reshape(t, y, &[bsz, l, di]);
         gated_rms_norm(t, y, z, v[5], di / spec.ngroups, spec.eps)
     }
@@ -712,7 +707,7 @@ mod tests {
     }
 
     fn equals_the_composed_ops(path: Path) {
-        let spec = Mamba2Spec { nheads: 4, headdim: 16, ngroups: 2, dstate: 8, eps: 1e-5 };
+        let spec = Mamba2Spec { nheads: 4, headdim: 16, ngroups: 2, dstate: 8, eps: 1e-5, chunk_size: 32 };
         let (k, bsz, l) = (4, 3, 150);
         let ins = inputs(&spec, k, bsz, l);
         let run = |fused: bool| {
@@ -770,7 +765,7 @@ mod tests {
 
     #[test]
     fn fresh_and_accumulated_gradients() {
-        let spec = Mamba2Spec { nheads: 4, headdim: 16, ngroups: 2, dstate: 8, eps: 1e-5 };
+        let spec = Mamba2Spec { nheads: 4, headdim: 16, ngroups: 2, dstate: 8, eps: 1e-5, chunk_size: 32 };
         for path in [Path::Split, Path::Fused] {
             check_accumulates(inputs(&spec, 4, 2, 70), |t, v| run(t, v, spec, path));
         }
@@ -778,7 +773,7 @@ mod tests {
 
     #[test]
     fn fused_and_split_final_states_agree() {
-        let spec = Mamba2Spec { nheads: 4, headdim: 16, ngroups: 2, dstate: 8, eps: 1e-5 };
+        let spec = Mamba2Spec { nheads: 4, headdim: 16, ngroups: 2, dstate: 8, eps: 1e-5, chunk_size: 32 };
         let ins = inputs(&spec, 4, 3, 40);
         let state = |path: Path| {
             let store = ParamStore::new();

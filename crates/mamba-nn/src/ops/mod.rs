@@ -1,7 +1,9 @@
 //! Differentiable ops. Each file holds one op: its forward (a function taking the [`Tape`]
-//! and input [`Var`]s), its [`Backward`] struct (holding only what the backward needs), and its
-//! tests — including an f64 central-difference check of the backward against an f64 reference
-//! forward written in the test.
+//! and input [`Var`]s), its [`Backward`] struct (holding only what the backward needs, with its
+//! inputs' positions by name), and its tests — including an f64 central-difference check of the
+//! backward against an f64 reference forward written in the test. The numerics are
+//! `ssm_kernel`'s: an op checks shapes, calls the kernels on its tensors' slices and records
+//! the node.
 //!
 //! [`Tape`]: crate::tape::Tape
 //! [`Var`]: crate::tape::Var
@@ -17,9 +19,7 @@ pub mod embedding;
 pub mod linear;
 pub mod lti;
 pub mod mamba2_core;
-pub(crate) use ssm_kernel::pool;
 pub mod rmsnorm;
-mod rows;
 pub mod scan;
 pub mod shape;
 
@@ -32,5 +32,8 @@ pub use linear::linear;
 pub use lti::lti_scan;
 pub use mamba2_core::{Mamba2Params, Mamba2Spec, Mamba2State, mamba2_core, mamba2_core_with_state};
 pub use rmsnorm::{gated_rms_norm, rms_norm};
-pub use scan::{selective_scan1, selective_scan1_with_state, selective_scan2, selective_scan2_with_state};
+pub use scan::{
+    Scan1Vars, Scan2Vars, selective_scan1, selective_scan1_with_state, selective_scan2,
+    selective_scan2_with_state,
+};
 pub use shape::{concat_last, narrow_last, reshape};

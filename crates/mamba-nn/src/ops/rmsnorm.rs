@@ -1,14 +1,10 @@
-//! RMSNorm and Mamba-2's gated, grouped RMSNorm, fused: one pass per row, the reciprocal RMS of
-//! each row (group) saved for the backward.
+//! RMSNorm and Mamba-2's gated, grouped RMSNorm as tape ops, on [`ssm_kernel::norm`]: one fused
+//! pass per row, the reciprocal RMS of each row (group) saved for the backward.
 
-use ssm_kernel::par::SharedMut;
-use ssm_kernel::pool::F32Buf;
-use ssm_kernel::simd::dot;
+use ssm_kernel::cols::{Cols, ColsMut};
+use ssm_kernel::norm::{NormArgs, NormDims, NormGrads, norm_bwd, norm_fwd};
 
-use crate::ops::activation::sigmoid_row;
-use crate::ops::pool;
-use crate::ops::rows::{block_rows, for_row_blocks, for_row_blocks_strided};
-use crate::tape::{Backward, Tape, Var};
+use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, for_overwrite, rows_cols};
 
 /// `y = x · rsqrt(mean(x²) + eps) · w`, the mean taken over the last dimension.
@@ -46,192 +42,6 @@ pub fn gated_rms_norm(tape: &mut Tape, x: Var, z: Var, w: Var, group_size: usize
     norm(tape, "gated_rms_norm", x, Some(z), w, group_size, eps)
 }
 
-/// A column block of a row-major matrix: row `r` is `data[r·stride + offset..][..len]`. Lets
-/// the gated norm read its gate `z` straight out of a fused projection (and write `dz` into its
-/// gradient) without a copy.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Cols<'a> {
-    pub data: &'a [f32],
-    pub stride: usize,
-    pub offset: usize,
-}
-
-/// The sizes of a (gated) RMSNorm over rows of `d` values in groups of `gs`.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct NormDims {
-    pub rows: usize,
-    pub d: usize,
-    pub gs: usize,
-    pub eps: f32,
-}
-
-/// Forward of the (gated) RMSNorm: `x` (rows, d), gate rows from `z`, `w` (d); writes `y`
-/// (rows, d) and returns the reciprocal RMS of every (row, group), row-major.
-pub(crate) fn norm_forward(nd: NormDims, x: &[f32], z: Option<Cols>, w: &[f32], y: &mut [f32]) -> Vec<f32> {
-    let NormDims { rows, d, gs, eps } = nd;
-    let ng = d / gs;
-    let blocks = for_row_blocks(rows, d, [Some(y)], |range, [yb]| {
-        let yb = yb.expect("y is always written");
-        let mut rstd = Vec::with_capacity(range.len() * ng);
-        let mut sig = if z.is_some() { vec![0.0f32; d] } else { Vec::new() };
-        for (i, r) in range.enumerate() {
-            let (xr, yr) = (&x[r * d..(r + 1) * d], &mut yb[i * d..(i + 1) * d]);
-            // v = x ⊙ silu(z) (or x), written into y, then scaled in place.
-            match z {
-                Some(z) => {
-                    let zr = &z.data[r * z.stride + z.offset..][..d];
-                    sigmoid_row(zr, &mut sig);
-                    for (((o, &a), &g), &sg) in yr.iter_mut().zip(xr).zip(zr).zip(&sig) {
-                        *o = a * g * sg;
-                    }
-                }
-                None => yr.copy_from_slice(xr),
-            }
-            for (yg, wg) in yr.chunks_exact_mut(gs).zip(w.chunks_exact(gs)) {
-                let rs = 1.0 / (dot(yg, yg) / gs as f32 + eps).sqrt();
-                for (o, &wi) in yg.iter_mut().zip(wg) {
-                    *o *= rs * wi;
-                }
-                rstd.push(rs);
-            }
-        }
-        rstd
-    });
-    blocks.concat()
-}
-
-/// Per-row scratch of the backward: `v` (the gated input), `s = silu(z)`, `sg` (σ(z), then
-/// silu'(z)) and `dv`, the gradient of `v`.
-struct Scratch {
-    v: F32Buf,
-    s: F32Buf,
-    sg: F32Buf,
-    dv: F32Buf,
-}
-
-/// Backward of [`norm_forward`] for upstream `dy` (rows, d): adds into `dx` (rows, d), `dw` (d)
-/// and the gate gradient `dz` (rows `dz_stride` apart, starting at column `dz_offset` of its
-/// slice) — or writes `dx` / `dz` when `overwrite.0` / `overwrite.1`. Per group, with `v` the gated input, `r` its reciprocal RMS and `gw = dy ⊙ w`:
-/// `dv = r·gw − (r³/gs)·v·Σ(gw ⊙ v)`, `dw += dy ⊙ v · r`; through the gate
-/// `dx = dv ⊙ silu(z)`, `dz = dv ⊙ x ⊙ silu'(z)`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn norm_backward(
-    nd: NormDims,
-    (x, z, w): (&[f32], Option<Cols>, &[f32]),
-    rstd: &[f32],
-    dy: &[f32],
-    dx: Option<&mut [f32]>,
-    dw: Option<&mut [f32]>,
-    dz: Option<(&mut [f32], usize, usize)>,
-    overwrite: (bool, bool),
-) {
-    let NormDims { rows, d, gs, .. } = nd;
-    let ng = d / gs;
-    let want_dw = dw.is_some();
-    let (dz, dz_stride, dz_off) = match dz {
-        Some((s, stride, off)) => (Some(s), stride, off),
-        None => (None, d, 0),
-    };
-    // Each block's d weight partial is a slice of one buffer taken here and given back below, so
-    // the partials stay in this thread's pool step after step; row scratch comes from the pool of
-    // the thread running the block.
-    let per = block_rows(rows, d);
-    let nblocks = rows.div_ceil(per);
-    let mut partials = if want_dw { pool::take(nblocks * d) } else { Vec::new() };
-    let shared = SharedMut::new(&mut partials);
-    for_row_blocks_strided(rows, d, [d, dz_stride], [dx, dz], |range, [mut dxb, mut dzb]| {
-        let dwp: &mut [f32] = if want_dw {
-            // SAFETY: blocks start `per` rows apart, so each block owns its own d values.
-            unsafe { shared.slice(range.start / per * d, d) }
-        } else {
-            &mut []
-        };
-        let gated = if z.is_some() { d } else { 0 };
-        let mut sc = Scratch {
-            v: F32Buf::zeroed(gated),
-            s: F32Buf::zeroed(gated),
-            sg: F32Buf::zeroed(gated),
-            dv: F32Buf::zeroed(d),
-        };
-        for (i, r) in range.enumerate() {
-            let (xr, gr) = (&x[r * d..(r + 1) * d], &dy[r * d..(r + 1) * d]);
-            // v = x ⊙ silu(z), with silu(z) and silu'(z) from one SIMD sigmoid per element.
-            if let Some(z) = z {
-                let zr = &z.data[r * z.stride + z.offset..][..d];
-                sigmoid_row(zr, &mut sc.sg);
-                for ((((vi, si), gi), &a), &g) in
-                    sc.v.iter_mut().zip(&mut sc.s).zip(&mut sc.sg).zip(xr).zip(zr)
-                {
-                    let sig = *gi;
-                    *si = g * sig;
-                    *vi = a * *si;
-                    *gi = sig * (1.0 + g * (1.0 - sig));
-                }
-            }
-            let v: &[f32] = if z.is_some() { &sc.v } else { xr };
-            for g in 0..ng {
-                let rs = rstd[r * ng + g];
-                let cols = g * gs..(g + 1) * gs;
-                // Group slices, so the loops below run over zipped slices and vectorise.
-                let (gg, wg, vg) = (&gr[cols.clone()], &w[cols.clone()], &v[cols.clone()]);
-                let dvg = &mut sc.dv[cols.clone()];
-                for ((o, &a), &b) in dvg.iter_mut().zip(gg).zip(wg) {
-                    *o = a * b;
-                }
-                let k = rs * rs * rs / gs as f32 * dot(dvg, vg);
-                for (o, &c) in dvg.iter_mut().zip(vg) {
-                    *o = rs * *o - k * c;
-                }
-                if want_dw {
-                    for ((o, &a), &b) in dwp[cols].iter_mut().zip(gg).zip(vg) {
-                        *o += a * b * rs;
-                    }
-                }
-            }
-            match (dxb.as_deref_mut(), z, overwrite.0) {
-                (Some(dxb), Some(_), false) => {
-                    for ((o, &a), &b) in dxb[i * d..(i + 1) * d].iter_mut().zip(&sc.dv).zip(&sc.s) {
-                        *o += a * b;
-                    }
-                }
-                (Some(dxb), Some(_), true) => {
-                    for ((o, &a), &b) in dxb[i * d..(i + 1) * d].iter_mut().zip(&sc.dv).zip(&sc.s) {
-                        *o = a * b;
-                    }
-                }
-                (Some(dxb), None, false) => {
-                    for (o, &a) in dxb[i * d..(i + 1) * d].iter_mut().zip(&sc.dv) {
-                        *o += a;
-                    }
-                }
-                (Some(dxb), None, true) => dxb[i * d..(i + 1) * d].copy_from_slice(&sc.dv),
-                (None, ..) => {}
-            }
-            if let Some(dzb) = dzb.as_deref_mut() {
-                let row = &mut dzb[i * dz_stride + dz_off..][..d];
-                let it = row.iter_mut().zip(&sc.dv).zip(xr).zip(&sc.sg);
-                if overwrite.1 {
-                    for (((o, &a), &b), &c) in it {
-                        *o = a * b * c;
-                    }
-                } else {
-                    for (((o, &a), &b), &c) in it {
-                        *o += a * b * c;
-                    }
-                }
-            }
-        }
-    });
-    if let Some(dw) = dw {
-        for p in partials.chunks_exact(d) {
-            for (g, v) in dw.iter_mut().zip(p) {
-                *g += v;
-            }
-        }
-    }
-    pool::give(partials);
-}
-
 #[track_caller]
 fn norm(tape: &mut Tape, op: &'static str, x: Var, z: Option<Var>, w: Var, gs: usize, eps: f32) -> Var {
     let (xv, wv) = (tape.value(x), tape.value(w));
@@ -242,20 +52,32 @@ fn norm(tape: &mut Tape, op: &'static str, x: Var, z: Option<Var>, w: Var, gs: u
         "{op}: group size {gs} must divide the last dimension of x {:?}",
         xv.shape()
     );
-    let nd = NormDims { rows, d, gs, eps };
-    let zc = z.map(|z| Cols { data: data(tape.value(z)), stride: d, offset: 0 });
+    let nd = NormDims::new(rows, d, gs, eps);
+    let mut args = NormArgs::new(data(xv), data(wv));
+    if let Some(z) = z {
+        args = args.with_gate(Cols::dense(data(tape.value(z)), d));
+    }
     let mut y = for_overwrite(xv.shape());
-    let rstd = norm_forward(nd, data(xv), zc, data(wv), data_mut(&mut y));
-    let inputs: Vec<Var> = match z {
-        Some(z) => vec![x, w, z],
-        None => vec![x, w],
-    };
-    tape.push(y, &inputs, RmsNormBackward { op, nd, rstd })
+    let rstd = norm_fwd(&nd, &args, data_mut(&mut y));
+    let mut inputs = InputList::new();
+    let at = NormInputs { x: inputs.push(x), w: inputs.push(w), z: inputs.push_opt(z) };
+    tape.push(y, inputs.vars(), RmsNormBackward { op, at, nd, rstd })
 }
 
-/// Saved: the sizes and the reciprocal RMS of every (row, group).
+/// Where a norm's inputs sit in its input list.
+#[derive(Clone, Copy, Debug)]
+struct NormInputs {
+    x: Slot,
+    w: Slot,
+    /// The gate (gated norm only).
+    z: Option<Slot>,
+}
+
+/// Saved: the op's name, the inputs' positions, the sizes and the reciprocal RMS of every
+/// (row, group).
 struct RmsNormBackward {
     op: &'static str,
+    at: NormInputs,
     nd: NormDims,
     rstd: Vec<f32>,
 }
@@ -265,32 +87,24 @@ impl Backward for RmsNormBackward {
         self.op
     }
 
-    fn backward(&self, inputs: &[&Tensor], out: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
-        self.backward_fresh(inputs, out, dout, dinputs, &[false; 3]);
-    }
-
-    /// See [`norm_backward`]; fresh `dx` / `dz` buffers are written, not added to.
-    fn backward_fresh(
-        &self,
-        inputs: &[&Tensor],
-        _: &Tensor,
-        dout: &Tensor,
-        dinputs: &mut [Option<&mut Tensor>],
-        fresh: &[bool],
-    ) {
-        let d = self.nd.d;
-        if let (Some(dw), true) = (dinputs[1].as_deref_mut(), fresh[1]) {
-            dw.fill(0.0);
+    /// [`norm_bwd`]: `dx` and `dz` are written in place when fresh (no zero-fill), `dw` is
+    /// added to.
+    fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {
+        let (at, d) = (self.at, self.nd.d);
+        let mut args = NormArgs::new(data(at.x.value(inputs)), data(at.w.value(inputs)));
+        if let Some(z) = at.z {
+            args = args.with_gate(Cols::dense(data(z.value(inputs)), d));
         }
-        let z = inputs.get(2).map(|z| Cols { data: data(z), stride: d, offset: 0 });
-        let (dx_slot, rest) = dinputs.split_at_mut(1);
-        let (dw_slot, dz_slot) = rest.split_at_mut(1);
-        let dx = dx_slot[0].as_deref_mut().map(data_mut);
-        let dw = dw_slot[0].as_deref_mut().map(data_mut);
-        let dz = dz_slot.first_mut().and_then(|s| s.as_deref_mut()).map(|t| (data_mut(t), d, 0));
-        let io = (data(inputs[0]), z, data(inputs[1]));
-        let overwrite = (fresh[0], fresh.get(2) == Some(&true));
-        norm_backward(self.nd, io, &self.rstd, data(dout), dx, dw, dz, overwrite);
+        let dx = at.x.grad(grads);
+        let dz = at.z.and_then(|z| z.grad(grads));
+        let g = NormGrads {
+            overwrite_dx: dx.as_ref().is_some_and(InputGrad::overwrites),
+            dx: dx.map(InputGrad::into_data),
+            dw: at.w.grad(grads).map(InputGrad::zero_if_overwrite),
+            overwrite_dz: dz.as_ref().is_some_and(InputGrad::overwrites),
+            dz: dz.map(|g| ColsMut { data: g.into_data(), stride: d, offset: 0 }),
+        };
+        norm_bwd(&self.nd, &args, &self.rstd, data(dout), g);
     }
 }
 

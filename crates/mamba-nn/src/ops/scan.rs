@@ -2,30 +2,51 @@
 //! [`ssm_kernel::mamba1`] and [`ssm_kernel::mamba2`].
 //!
 //! Both take `A_log` and form `A = −exp(A_log)` inside, so the parameter gradient is
-//! `dA_log = dA ⊙ A`. Memory policy: the Mamba-1 node keeps the forward's chunk checkpoints
-//! ((B, ⌈L/32⌉, D, N) states) so its backward skips a forward pass; the Mamba-2 node keeps
-//! nothing but its dims and lets [`ssm_kernel::mamba2::scan_bwd_auto`] recompute.
+//! `dA_log = dA ⊙ A`. Their inputs are argument structs in the kernels' style: the required
+//! `Var`s in `new(..)`, the optional ones as builder methods (or public fields):
+//!
+//! ```no_run
+//! # use mamba_nn::ops::{Scan1Vars, selective_scan1};
+//! # fn f(tape: &mut mamba_nn::tape::Tape, [u, dt, a_log, b, c, d, z, bias]: [mamba_nn::tape::Var; 8]) {
+//! let args = Scan1Vars::new(u, dt, a_log, b, c).with_d(d).with_z(z).with_delta_bias(bias).with_delta_softplus(true);
+//! let y = selective_scan1(tape, args);
+//! # }
+//! ```
+//!
+//! Memory policy: the Mamba-1 node keeps the forward's chunk checkpoints ((B, ⌈L/32⌉, D, N)
+//! states) so its backward skips a forward pass; the Mamba-2 node keeps nothing but its dims and
+//! lets [`ssm_kernel::mamba2::scan_bwd_auto`] recompute.
 
 use ssm_kernel::mamba1::{self, Scan1Args, Scan1Dims, Scan1Grads, Scan1Out};
-use ssm_kernel::mamba2::{self, Scan2Args, Scan2Dims, Scan2Grads, Scan2Out};
+use ssm_kernel::mamba2::{self, AUTO_CHUNK, Scan2Args, Scan2Dims, Scan2Grads, Scan2Out};
+use ssm_kernel::pool;
 
-use crate::ops::pool;
-use crate::tape::{Backward, Tape, Var};
+use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, for_overwrite, from_vec};
 
-/// `A = −exp(A_log)` in a buffer from this thread's [`pool`](crate::ops::pool) (give it back
-/// with [`pool::give`]).
+/// `A = −exp(A_log)` ([`ssm_kernel::activation::neg_exp`]) in a buffer from this thread's
+/// [`pool`] (give it back with [`pool::give`]).
 pub(crate) fn neg_exp(a_log: &[f32]) -> Vec<f32> {
-    let mut a = pool::take(a_log.len());
-    a.iter_mut().zip(a_log).for_each(|(o, v)| *o = -v.exp());
+    let mut a = pool::take_for_overwrite(a_log.len());
+    ssm_kernel::activation::neg_exp(a_log, &mut a);
     a
 }
 
-/// The gradient buffer of `slot`, or a zeroed scratch of `n` values in `scratch` when the input
-/// needs no gradient (the kernels always write their required gradients).
-fn or_scratch<'a>(slot: Option<&'a mut [f32]>, scratch: &'a mut Vec<f32>, n: usize) -> &'a mut [f32] {
+/// `dA_log (+)= dA ⊙ A` (as `A = −exp(A_log)`), then gives the pooled `dA` and `A` back.
+pub(crate) fn finish_da(da_log: Option<InputGrad>, da: Vec<f32>, a: Vec<f32>) {
+    if let Some(mut dal) = da_log {
+        dal.add_or_write_each(da.iter().zip(&a).map(|(&ga, &av)| ga * av));
+    }
+    pool::give(da);
+    pool::give(a);
+}
+
+/// The gradient buffer of `slot`, ready to be added into, or a zeroed scratch of `n` values in
+/// `scratch` when the input needs no gradient (the kernels always write their required
+/// gradients, and add into them).
+fn or_scratch<'a>(slot: Option<InputGrad<'a>>, scratch: &'a mut Vec<f32>, n: usize) -> &'a mut [f32] {
     match slot {
-        Some(s) => s,
+        Some(g) => g.zero_if_overwrite(),
         None => {
             scratch.clear();
             scratch.resize(n, 0.0);
@@ -34,141 +55,227 @@ fn or_scratch<'a>(slot: Option<&'a mut [f32]>, scratch: &'a mut Vec<f32>, n: usi
     }
 }
 
-/// Positions of the optional inputs in a scan node's input list.
-#[derive(Clone, Copy, Debug, Default)]
-struct Optional {
-    d: Option<usize>,
-    z: Option<usize>,
-    delta_bias: Option<usize>,
-    h0: Option<usize>,
-}
-
-impl Optional {
-    /// Appends the present optional inputs to `inputs`, recording where each went.
-    fn push(
-        inputs: &mut Vec<Var>,
-        d: Option<Var>,
-        z: Option<Var>,
-        bias: Option<Var>,
-        h0: Option<Var>,
-    ) -> Self {
-        let mut at = |v: Option<Var>| {
-            v.map(|v| {
-                inputs.push(v);
-                inputs.len() - 1
-            })
-        };
-        Self { d: at(d), z: at(z), delta_bias: at(bias), h0: at(h0) }
-    }
-
-    /// The optional inputs' values, `[d, z, delta_bias, h0]`.
-    fn values<'a>(self, inputs: &[&'a Tensor]) -> [Option<&'a [f32]>; 4] {
-        [self.d, self.z, self.delta_bias, self.h0].map(|i| i.map(|i| data(inputs[i])))
-    }
-
-    /// Every gradient slot of a scan node as a flat slice: the five required inputs in order
-    /// (x or u, Δ, A_log, B, C) and the optional ones as `[d, z, delta_bias, h0]`.
-    fn slots<'a>(self, dinputs: &'a mut [Option<&mut Tensor>]) -> Slots<'a> {
-        let mut all: Vec<Option<&'a mut [f32]>> =
-            dinputs.iter_mut().map(|s| s.as_deref_mut().map(data_mut)).collect();
-        let mut take = |i: Option<usize>| i.and_then(|i| all[i].take());
-        let required = [0, 1, 2, 3, 4].map(|i| take(Some(i)));
-        let optional = [self.d, self.z, self.delta_bias, self.h0].map(&mut take);
-        Slots { required, optional }
-    }
-}
-
-/// See [`Optional::slots`].
-struct Slots<'a> {
-    required: [Option<&'a mut [f32]>; 5],
-    optional: [Option<&'a mut [f32]>; 4],
-}
-
-/// `dA_log += dA ⊙ A` (as `A = −exp(A_log)`), then returns the pooled `A` and `dA`.
-fn finish_da(da_log: Option<&mut [f32]>, da: Vec<f32>, a: Vec<f32>) {
-    if let Some(dal) = da_log {
-        for ((g, &ga), &av) in dal.iter_mut().zip(&da).zip(&a) {
-            *g += ga * av;
-        }
-    }
-    pool::give(da);
-    pool::give(a);
-}
-
 /// Panics unless `t` has shape `want`, naming the op, the argument and both shapes.
 #[track_caller]
 fn expect_shape(op: &str, name: &str, t: &Tensor, want: &[usize], layout: &str) {
     assert_eq!(t.shape(), want, "{op}: {name} must be {layout} = {want:?}, got {:?}", t.shape());
 }
 
+/// The inputs of a Mamba-1 selective scan ([`selective_scan1`]), as [`Scan1Args`] names them:
+/// `u`, `delta`, `A_log`, `B`, `C` required, the skip `D`, the gate `z`, the Δ bias and the
+/// initial state `h0` optional, and whether Δ goes through softplus.
+#[derive(Clone, Copy, Debug)]
+pub struct Scan1Vars {
+    /// Input `u`, (B, L, D).
+    pub u: Var,
+    /// Time steps before bias and softplus, (B, L, D).
+    pub delta: Var,
+    /// `A_log`, (D, N); the scan uses `A = −exp(A_log)`.
+    pub a_log: Var,
+    /// `B`, (B, L, N) or (B, L, G, N) with `G` dividing `D`.
+    pub b: Var,
+    /// `C`, shaped like `B`.
+    pub c: Var,
+    /// The skip `D`, (D).
+    pub d: Option<Var>,
+    /// The gate `z`, (B, L, D): `y ← y · silu(z)`.
+    pub z: Option<Var>,
+    /// Added to `delta` before the softplus, (D).
+    pub delta_bias: Option<Var>,
+    /// `Δ = softplus(delta + delta_bias)` when set, else `delta + delta_bias`.
+    pub delta_softplus: bool,
+    /// The initial state, (B, D, N); zero when `None`.
+    pub h0: Option<Var>,
+}
+
+impl Scan1Vars {
+    /// The required inputs; no `D`, gate, bias, softplus or initial state.
+    pub fn new(u: Var, delta: Var, a_log: Var, b: Var, c: Var) -> Self {
+        Self { u, delta, a_log, b, c, d: None, z: None, delta_bias: None, delta_softplus: false, h0: None }
+    }
+
+    /// With the skip `D` (D).
+    pub fn with_d(self, d: Var) -> Self {
+        Self { d: Some(d), ..self }
+    }
+
+    /// With the gate `z` (B, L, D).
+    pub fn with_z(self, z: Var) -> Self {
+        Self { z: Some(z), ..self }
+    }
+
+    /// With the Δ bias (D).
+    pub fn with_delta_bias(self, delta_bias: Var) -> Self {
+        Self { delta_bias: Some(delta_bias), ..self }
+    }
+
+    /// With `Δ = softplus(delta + bias)` (`true`) or without the softplus.
+    pub fn with_delta_softplus(self, on: bool) -> Self {
+        Self { delta_softplus: on, ..self }
+    }
+
+    /// With the initial state `h0` (B, D, N).
+    pub fn with_h0(self, h0: Var) -> Self {
+        Self { h0: Some(h0), ..self }
+    }
+}
+
+/// The inputs of a Mamba-2 selective scan ([`selective_scan2`]), as [`Scan2Args`] names them,
+/// plus the SSD chunk length its backward (and an SSD forward) uses.
+#[derive(Clone, Copy, Debug)]
+pub struct Scan2Vars {
+    /// Input `x`, (B, L, H, P).
+    pub x: Var,
+    /// Time steps before bias and softplus, (B, L, H).
+    pub delta: Var,
+    /// `A_log`, (H); the scan uses `A = −exp(A_log)`.
+    pub a_log: Var,
+    /// `B`, (B, L, G, N) with `G` dividing `H`.
+    pub b: Var,
+    /// `C`, shaped like `B`.
+    pub c: Var,
+    /// The skip `D`, (H).
+    pub d: Option<Var>,
+    /// The gate `z`, (B, L, H, P): `y ← y · silu(z)`.
+    pub z: Option<Var>,
+    /// Added to `delta` before the softplus, (H).
+    pub delta_bias: Option<Var>,
+    /// `Δ = softplus(delta + delta_bias)` when set, else `delta + delta_bias`.
+    pub delta_softplus: bool,
+    /// The initial state, (B, H, P, N); zero when `None`.
+    pub h0: Option<Var>,
+    /// Steps per chunk when the chunked (SSD) kernel runs (see
+    /// [`ssm_kernel::mamba2::use_ssd`]); the result does not depend on it beyond rounding.
+    pub chunk_size: usize,
+}
+
+impl Scan2Vars {
+    /// The required inputs; no `D`, gate, bias, softplus or initial state, chunks of
+    /// [`AUTO_CHUNK`].
+    pub fn new(x: Var, delta: Var, a_log: Var, b: Var, c: Var) -> Self {
+        Self {
+            x,
+            delta,
+            a_log,
+            b,
+            c,
+            d: None,
+            z: None,
+            delta_bias: None,
+            delta_softplus: false,
+            h0: None,
+            chunk_size: AUTO_CHUNK,
+        }
+    }
+
+    /// With the skip `D` (H).
+    pub fn with_d(self, d: Var) -> Self {
+        Self { d: Some(d), ..self }
+    }
+
+    /// With the gate `z` (B, L, H, P).
+    pub fn with_z(self, z: Var) -> Self {
+        Self { z: Some(z), ..self }
+    }
+
+    /// With the Δ bias (H).
+    pub fn with_delta_bias(self, delta_bias: Var) -> Self {
+        Self { delta_bias: Some(delta_bias), ..self }
+    }
+
+    /// With `Δ = softplus(delta + bias)` (`true`) or without the softplus.
+    pub fn with_delta_softplus(self, on: bool) -> Self {
+        Self { delta_softplus: on, ..self }
+    }
+
+    /// With the initial state `h0` (B, H, P, N).
+    pub fn with_h0(self, h0: Var) -> Self {
+        Self { h0: Some(h0), ..self }
+    }
+
+    /// With SSD chunks of `chunk_size` steps (at least 1).
+    pub fn with_chunk_size(self, chunk_size: usize) -> Self {
+        Self { chunk_size, ..self }
+    }
+}
+
+/// Where a scan node's inputs sit in its input list (`x` is Mamba-1's `u`).
+#[derive(Clone, Copy, Debug)]
+struct ScanInputs {
+    x: Slot,
+    delta: Slot,
+    a_log: Slot,
+    b: Slot,
+    c: Slot,
+    d: Option<Slot>,
+    z: Option<Slot>,
+    delta_bias: Option<Slot>,
+    h0: Option<Slot>,
+}
+
+impl ScanInputs {
+    /// Lists the inputs in order, required first.
+    #[allow(clippy::too_many_arguments)]
+    fn list(
+        inputs: &mut InputList,
+        [x, delta, a_log, b, c]: [Var; 5],
+        [d, z, delta_bias, h0]: [Option<Var>; 4],
+    ) -> Self {
+        Self {
+            x: inputs.push(x),
+            delta: inputs.push(delta),
+            a_log: inputs.push(a_log),
+            b: inputs.push(b),
+            c: inputs.push(c),
+            d: inputs.push_opt(d),
+            z: inputs.push_opt(z),
+            delta_bias: inputs.push_opt(delta_bias),
+            h0: inputs.push_opt(h0),
+        }
+    }
+
+    /// The values of the optional inputs `[d, z, delta_bias, h0]`.
+    fn optional<'a>(&self, inputs: &[&'a Tensor]) -> [Option<&'a [f32]>; 4] {
+        [self.d, self.z, self.delta_bias, self.h0].map(|s| s.map(|s| data(s.value(inputs))))
+    }
+
+    /// The gradients of the optional inputs `[d, z, delta_bias, h0]`, ready to be added into.
+    fn optional_grads<'g>(&self, grads: &mut [Option<InputGrad<'g>>]) -> [Option<&'g mut [f32]>; 4] {
+        [self.d, self.z, self.delta_bias, self.h0]
+            .map(|s| s.and_then(|s| s.grad(grads)).map(InputGrad::zero_if_overwrite))
+    }
+}
+
 /// Mamba-1 selective scan, `y` (B, L, D).
 ///
 /// With `Δ = softplus(delta + delta_bias)` (softplus and bias optional) and `A = −exp(A_log)`:
 /// `h_t = exp(Δ_t A) ⊙ h_{t−1} + Δ_t u_t B_t`, `y_t = ⟨h_t, C_t⟩ + D u_t`, then
-/// `y_t ← y_t · silu(z_t)` when a gate is given; `h_{−1} = 0`.
-///
-/// Shapes: `u`, `delta` (B, L, D); `a_log` (D, N); `b`, `c` (B, L, N) or (B, L, G, N) with `G`
-/// dividing `D`; `d`, `delta_bias` (D); `z` (B, L, D).
+/// `y_t ← y_t · silu(z_t)` when a gate is given; `h_{−1} = h0` (zero when absent). Shapes are
+/// on [`Scan1Vars`].
 ///
 /// # Panics
 /// If the shapes disagree (the message names the argument and both shapes).
 #[track_caller]
-pub fn selective_scan1(
-    tape: &mut Tape,
-    u: Var,
-    delta: Var,
-    a_log: Var,
-    b: Var,
-    c: Var,
-    d: Option<Var>,
-    z: Option<Var>,
-    delta_bias: Option<Var>,
-    softplus: bool,
-) -> Var {
-    scan1(tape, u, delta, a_log, b, c, d, z, delta_bias, None, softplus, false).0
+pub fn selective_scan1(tape: &mut Tape, args: Scan1Vars) -> Var {
+    scan1(tape, args, false).0
 }
 
-/// [`selective_scan1`] from an initial state `h0` (B, D, N) (zero when `None`; differentiable),
-/// also returning the final state `h_L` (B, D, N) as a plain tensor. The final state is a
-/// constant: no gradient flows back through it (use it to carry state across documents or to
-/// start recurrent generation).
+/// [`selective_scan1`], also returning the final state `h_L` (B, D, N) as a plain tensor. The
+/// final state is a constant: no gradient flows back through it (use it to carry state across
+/// documents or to start recurrent generation); `h0` is differentiable.
 ///
 /// # Panics
-/// As [`selective_scan1`], and if `h0` is not (B, D, N).
+/// As [`selective_scan1`].
 #[track_caller]
-pub fn selective_scan1_with_state(
-    tape: &mut Tape,
-    u: Var,
-    delta: Var,
-    a_log: Var,
-    b: Var,
-    c: Var,
-    d: Option<Var>,
-    z: Option<Var>,
-    delta_bias: Option<Var>,
-    h0: Option<Var>,
-    softplus: bool,
-) -> (Var, Tensor) {
-    let (y, h) = scan1(tape, u, delta, a_log, b, c, d, z, delta_bias, h0, softplus, true);
+pub fn selective_scan1_with_state(tape: &mut Tape, args: Scan1Vars) -> (Var, Tensor) {
+    let (y, h) = scan1(tape, args, true);
     (y, h.expect("the final state was requested"))
 }
 
 #[track_caller]
-fn scan1(
-    tape: &mut Tape,
-    u: Var,
-    delta: Var,
-    a_log: Var,
-    b: Var,
-    c: Var,
-    d: Option<Var>,
-    z: Option<Var>,
-    delta_bias: Option<Var>,
-    h0: Option<Var>,
-    softplus: bool,
-    want_state: bool,
-) -> (Var, Option<Tensor>) {
+fn scan1(tape: &mut Tape, v: Scan1Vars, want_state: bool) -> (Var, Option<Tensor>) {
     const OP: &str = "selective_scan1";
+    let Scan1Vars { u, delta, a_log, b, c, d, z, delta_bias, delta_softplus, h0 } = v;
     let uv = tape.value(u);
     assert_eq!(uv.ndim(), 3, "{OP}: u must be (B, L, D), got {:?}", uv.shape());
     let (bsz, l, dim) = (uv.shape()[0], uv.shape()[1], uv.shape()[2]);
@@ -204,9 +311,9 @@ fn scan1(
         }
     }
     let dims = Scan1Dims::new(bsz, l, dim, n).with_groups(g);
-    let mut inputs = vec![u, delta, a_log, b, c];
-    let opt = Optional::push(&mut inputs, d, z, delta_bias, h0);
-    let tracked = tape.is_recording() && inputs.iter().any(|&v| tape.needs_grad(v));
+    let mut inputs = InputList::new();
+    let at = ScanInputs::list(&mut inputs, [u, delta, a_log, b, c], [d, z, delta_bias, h0]);
+    let tracked = tape.is_recording() && inputs.vars().iter().any(|&v| tape.needs_grad(v));
     let a = neg_exp(data(av));
     let val = |v: Option<Var>| v.map(|v| data(tape.value(v)));
     let args = Scan1Args {
@@ -218,7 +325,7 @@ fn scan1(
         d: val(d),
         z: val(z),
         delta_bias: val(delta_bias),
-        delta_softplus: softplus,
+        delta_softplus,
         h0: val(h0),
     };
     let mut y = for_overwrite(uv.shape());
@@ -232,15 +339,15 @@ fn scan1(
     mamba1::scan_fwd(&dims, &args, out);
     pool::give(a);
     let h_last = h_last.map(|h| from_vec(&[bsz, dim, n], h));
-    (tape.push(y, &inputs, Scan1Backward { dims, opt, softplus, checkpoints }), h_last)
+    (tape.push(y, inputs.vars(), Scan1Backward { at, dims, delta_softplus, checkpoints }), h_last)
 }
 
-/// Saved: dims, where the optional inputs are, the softplus flag and the forward's chunk
-/// checkpoints (B, ⌈L/32⌉, D, N).
+/// Saved: the inputs' positions, dims, the softplus flag and the forward's chunk checkpoints
+/// (B, ⌈L/32⌉, D, N).
 struct Scan1Backward {
+    at: ScanInputs,
     dims: Scan1Dims,
-    opt: Optional,
-    softplus: bool,
+    delta_softplus: bool,
     checkpoints: Vec<f32>,
 }
 
@@ -256,38 +363,42 @@ impl Backward for Scan1Backward {
         "selective_scan1"
     }
 
-    fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
-        let dims = &self.dims;
-        let a = neg_exp(data(inputs[2]));
-        let [d, z, delta_bias, h0] = self.opt.values(inputs);
+    /// `ssm_kernel::mamba1::scan_bwd_with_checkpoints`, which adds into every gradient (fresh
+    /// buffers are zeroed first); `dA_log` from `dA`.
+    fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {
+        let (dims, at) = (&self.dims, self.at);
+        let val = |s: Slot| data(s.value(inputs));
+        let a = neg_exp(val(at.a_log));
+        let [d, z, delta_bias, h0] = at.optional(inputs);
         let args = Scan1Args {
-            u: data(inputs[0]),
-            delta: data(inputs[1]),
+            u: val(at.x),
+            delta: val(at.delta),
             a: &a,
-            b: data(inputs[3]),
-            c: data(inputs[4]),
+            b: val(at.b),
+            c: val(at.c),
             d,
             z,
             delta_bias,
-            delta_softplus: self.softplus,
+            delta_softplus: self.delta_softplus,
             h0,
         };
-        let Slots { required: [du, ddelta, da_log, db, dc], optional: [dd, dz, ddelta_bias, dh0] } =
-            self.opt.slots(dinputs);
         let mut da = pool::take(a.len());
         let (mut s0, mut s1, mut s3, mut s4) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let grads = Scan1Grads {
-            du: or_scratch(du, &mut s0, dims.n_bld()),
-            ddelta: or_scratch(ddelta, &mut s1, dims.n_bld()),
+        let da_log = at.a_log.grad(grads);
+        let g = Scan1Grads {
+            du: or_scratch(at.x.grad(grads), &mut s0, dims.n_bld()),
+            ddelta: or_scratch(at.delta.grad(grads), &mut s1, dims.n_bld()),
             da: &mut da,
-            db: or_scratch(db, &mut s3, dims.n_blgn()),
-            dc: or_scratch(dc, &mut s4, dims.n_blgn()),
-            dd,
-            dz,
-            ddelta_bias,
-            dh0,
+            db: or_scratch(at.b.grad(grads), &mut s3, dims.n_blgn()),
+            dc: or_scratch(at.c.grad(grads), &mut s4, dims.n_blgn()),
+            dd: None,
+            dz: None,
+            ddelta_bias: None,
+            dh0: None,
         };
-        mamba1::scan_bwd_with_checkpoints(dims, &args, &self.checkpoints, data(dout), None, grads);
+        let [dd, dz, ddelta_bias, dh0] = at.optional_grads(grads);
+        let g = Scan1Grads { dd, dz, ddelta_bias, dh0, ..g };
+        mamba1::scan_bwd_with_checkpoints(dims, &args, &self.checkpoints, data(dout), None, g);
         finish_da(da_log, da, a);
     }
 }
@@ -296,69 +407,32 @@ impl Backward for Scan1Backward {
 ///
 /// With `Δ = softplus(delta + delta_bias)` (softplus and bias optional), `A = −exp(A_log)` and
 /// head `h` in group `g = h / (H/G)`: `h_t = exp(Δ_t A_h) h_{t−1} + Δ_t x_t ⊗ B_t[g]`,
-/// `y_t = h_t C_t[g] + D_h x_t`, then `y_t ← y_t · silu(z_t)` when a gate is given; `h_{−1} = 0`.
-///
-/// Shapes: `x` (B, L, H, P); `delta` (B, L, H); `a_log`, `d`, `delta_bias` (H); `b`, `c`
-/// (B, L, G, N) with `G` dividing `H`; `z` (B, L, H, P).
+/// `y_t = h_t C_t[g] + D_h x_t`, then `y_t ← y_t · silu(z_t)` when a gate is given;
+/// `h_{−1} = h0` (zero when absent). Shapes are on [`Scan2Vars`].
 ///
 /// # Panics
 /// If the shapes disagree (the message names the argument and both shapes).
 #[track_caller]
-pub fn selective_scan2(
-    tape: &mut Tape,
-    x: Var,
-    delta: Var,
-    a_log: Var,
-    b: Var,
-    c: Var,
-    d: Option<Var>,
-    z: Option<Var>,
-    delta_bias: Option<Var>,
-    softplus: bool,
-) -> Var {
-    scan2(tape, x, delta, a_log, b, c, d, z, delta_bias, None, softplus, false).0
+pub fn selective_scan2(tape: &mut Tape, args: Scan2Vars) -> Var {
+    scan2(tape, args, false).0
 }
 
-/// [`selective_scan2`] from an initial state `h0` (B, H, P, N) (zero when `None`;
-/// differentiable), also returning the final state `h_L` (B, H, P, N) — HF's `ssm_state`
+/// [`selective_scan2`], also returning the final state `h_L` (B, H, P, N) — HF's `ssm_state`
 /// layout — as a plain tensor through which no gradient flows.
 ///
 /// # Panics
-/// As [`selective_scan2`], and if `h0` is not (B, H, P, N).
+/// As [`selective_scan2`].
 #[track_caller]
-pub fn selective_scan2_with_state(
-    tape: &mut Tape,
-    x: Var,
-    delta: Var,
-    a_log: Var,
-    b: Var,
-    c: Var,
-    d: Option<Var>,
-    z: Option<Var>,
-    delta_bias: Option<Var>,
-    h0: Option<Var>,
-    softplus: bool,
-) -> (Var, Tensor) {
-    let (y, h) = scan2(tape, x, delta, a_log, b, c, d, z, delta_bias, h0, softplus, true);
+pub fn selective_scan2_with_state(tape: &mut Tape, args: Scan2Vars) -> (Var, Tensor) {
+    let (y, h) = scan2(tape, args, true);
     (y, h.expect("the final state was requested"))
 }
 
 #[track_caller]
-fn scan2(
-    tape: &mut Tape,
-    x: Var,
-    delta: Var,
-    a_log: Var,
-    b: Var,
-    c: Var,
-    d: Option<Var>,
-    z: Option<Var>,
-    delta_bias: Option<Var>,
-    h0: Option<Var>,
-    softplus: bool,
-    want_state: bool,
-) -> (Var, Option<Tensor>) {
+fn scan2(tape: &mut Tape, v: Scan2Vars, want_state: bool) -> (Var, Option<Tensor>) {
     const OP: &str = "selective_scan2";
+    let Scan2Vars { x, delta, a_log, b, c, d, z, delta_bias, delta_softplus, h0, chunk_size } = v;
+    assert!(chunk_size >= 1, "{OP}: chunk_size must be at least 1");
     let xv = tape.value(x);
     assert_eq!(xv.ndim(), 4, "{OP}: x must be (B, L, H, P), got {:?}", xv.shape());
     let (bsz, l, h, p) = (xv.shape()[0], xv.shape()[1], xv.shape()[2], xv.shape()[3]);
@@ -385,8 +459,8 @@ fn scan2(
         }
     }
     let dims = Scan2Dims::new(bsz, l, h, p, n).with_groups(g);
-    let mut inputs = vec![x, delta, a_log, b, c];
-    let opt = Optional::push(&mut inputs, d, z, delta_bias, h0);
+    let mut inputs = InputList::new();
+    let at = ScanInputs::list(&mut inputs, [x, delta, a_log, b, c], [d, z, delta_bias, h0]);
     let a = neg_exp(data(tape.value(a_log)));
     let val = |v: Option<Var>| v.map(|v| data(tape.value(v)));
     let args = Scan2Args {
@@ -398,23 +472,25 @@ fn scan2(
         d: val(d),
         z: val(z),
         delta_bias: val(delta_bias),
-        delta_softplus: softplus,
+        delta_softplus,
         h0: val(h0),
     };
     let mut y = for_overwrite(xv.shape());
     let mut h_last = want_state.then(|| vec![0.0f32; dims.n_bhpn()]);
-    mamba2::scan_fwd_auto(&dims, &args, Scan2Out { y: data_mut(&mut y), h_last: h_last.as_deref_mut() });
+    let out = Scan2Out { y: data_mut(&mut y), h_last: h_last.as_deref_mut() };
+    mamba2::scan_fwd_auto(&dims, chunk_size, &args, out);
     pool::give(a);
     let h_last = h_last.map(|s| from_vec(&[bsz, h, p, n], s));
-    (tape.push(y, &inputs, Scan2Backward { dims, opt, softplus }), h_last)
+    (tape.push(y, inputs.vars(), Scan2Backward { at, dims, delta_softplus, chunk_size }), h_last)
 }
 
-/// Saved: dims, where the optional inputs are and the softplus flag (the backward recomputes
-/// the states).
+/// Saved: the inputs' positions, dims, the softplus flag and the SSD chunk length (the backward
+/// recomputes the states).
 struct Scan2Backward {
+    at: ScanInputs,
     dims: Scan2Dims,
-    opt: Optional,
-    softplus: bool,
+    delta_softplus: bool,
+    chunk_size: usize,
 }
 
 impl Backward for Scan2Backward {
@@ -422,38 +498,42 @@ impl Backward for Scan2Backward {
         "selective_scan2"
     }
 
-    fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
-        let dims = &self.dims;
-        let a = neg_exp(data(inputs[2]));
-        let [d, z, delta_bias, h0] = self.opt.values(inputs);
+    /// `ssm_kernel::mamba2::scan_bwd_auto`, which adds into every gradient (fresh buffers are
+    /// zeroed first); `dA_log` from `dA`.
+    fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {
+        let (dims, at) = (&self.dims, self.at);
+        let val = |s: Slot| data(s.value(inputs));
+        let a = neg_exp(val(at.a_log));
+        let [d, z, delta_bias, h0] = at.optional(inputs);
         let args = Scan2Args {
-            x: data(inputs[0]),
-            delta: data(inputs[1]),
+            x: val(at.x),
+            delta: val(at.delta),
             a: &a,
-            b: data(inputs[3]),
-            c: data(inputs[4]),
+            b: val(at.b),
+            c: val(at.c),
             d,
             z,
             delta_bias,
-            delta_softplus: self.softplus,
+            delta_softplus: self.delta_softplus,
             h0,
         };
-        let Slots { required: [dx, ddelta, da_log, db, dc], optional: [dd, dz, ddelta_bias, dh0] } =
-            self.opt.slots(dinputs);
         let mut da = pool::take(a.len());
         let (mut s0, mut s1, mut s3, mut s4) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let grads = Scan2Grads {
-            dx: or_scratch(dx, &mut s0, dims.n_blhp()),
-            ddelta: or_scratch(ddelta, &mut s1, dims.n_blh()),
+        let da_log = at.a_log.grad(grads);
+        let g = Scan2Grads {
+            dx: or_scratch(at.x.grad(grads), &mut s0, dims.n_blhp()),
+            ddelta: or_scratch(at.delta.grad(grads), &mut s1, dims.n_blh()),
             da: &mut da,
-            db: or_scratch(db, &mut s3, dims.n_blgn()),
-            dc: or_scratch(dc, &mut s4, dims.n_blgn()),
-            dd,
-            dz,
-            ddelta_bias,
-            dh0,
+            db: or_scratch(at.b.grad(grads), &mut s3, dims.n_blgn()),
+            dc: or_scratch(at.c.grad(grads), &mut s4, dims.n_blgn()),
+            dd: None,
+            dz: None,
+            ddelta_bias: None,
+            dh0: None,
         };
-        mamba2::scan_bwd_auto(dims, &args, data(dout), None, grads);
+        let [dd, dz, ddelta_bias, dh0] = at.optional_grads(grads);
+        let g = Scan2Grads { dd, dz, ddelta_bias, dh0, ..g };
+        mamba2::scan_bwd_auto(dims, self.chunk_size, &args, data(dout), None, g);
         finish_da(da_log, da, a);
     }
 }
@@ -461,7 +541,7 @@ impl Backward for Scan2Backward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::check::{check_op, random};
+    use crate::ops::check::{check_accumulates, check_op, random};
     use crate::params::ParamStore;
     use crate::tensor::zeros;
     use ssm_kernel::reference;
@@ -481,6 +561,15 @@ mod tests {
         let mut y = vec![0.0; dims.n_bld()];
         reference::mamba1::scan_fwd(&dims, &args, Scan1Out::new(&mut y));
         y
+    }
+
+    /// The node on every input of `inputs1`: D, gate, bias and softplus.
+    fn vars1(v: &[Var]) -> Scan1Vars {
+        Scan1Vars::new(v[0], v[1], v[2], v[3], v[4])
+            .with_d(v[5])
+            .with_z(v[6])
+            .with_delta_bias(v[7])
+            .with_delta_softplus(true)
     }
 
     fn inputs1(bsz: usize, l: usize, dim: usize, n: usize, bc_shape: &[usize]) -> Vec<Tensor> {
@@ -503,7 +592,7 @@ mod tests {
         let dims = Scan1Dims::new(bsz, l, dim, n);
         check_op(
             inputs1(bsz, l, dim, n, &[bsz, l, n]),
-            |t, v| selective_scan1(t, v[0], v[1], v[2], v[3], v[4], Some(v[5]), Some(v[6]), Some(v[7]), true),
+            |t, v| selective_scan1(t, vars1(v)),
             |x| ref1(x, dims),
             1e-3,
         );
@@ -518,19 +607,7 @@ mod tests {
         check_op(
             inputs,
             |t, v| {
-                let (y, _) = selective_scan1_with_state(
-                    t,
-                    v[0],
-                    v[1],
-                    v[2],
-                    v[3],
-                    v[4],
-                    Some(v[5]),
-                    Some(v[6]),
-                    Some(v[7]),
-                    Some(v[8]),
-                    true,
-                );
+                let (y, _) = selective_scan1_with_state(t, vars1(v).with_h0(v[8]));
                 y
             },
             |x| ref1(x, dims),
@@ -546,19 +623,8 @@ mod tests {
         let store = ParamStore::new();
         let mut tape = Tape::new(&store);
         let v: Vec<Var> = ins.iter().map(|t| tape.leaf(t.clone())).collect();
-        let (_, h) = selective_scan1_with_state(
-            &mut tape,
-            v[0],
-            v[1],
-            v[2],
-            v[3],
-            v[4],
-            Some(v[5]),
-            None,
-            None,
-            None,
-            false,
-        );
+        let (_, h) =
+            selective_scan1_with_state(&mut tape, Scan1Vars::new(v[0], v[1], v[2], v[3], v[4]).with_d(v[5]));
         let x: Vec<Vec<f64>> = ins.iter().map(|t| data(t).iter().map(|&a| a as f64).collect()).collect();
         let a: Vec<f64> = x[2].iter().map(|v| -v.exp()).collect();
         let args = Scan1Args { d: Some(&x[5]), ..Scan1Args::new(&x[0], &x[1], &a, &x[3], &x[4]) };
@@ -604,19 +670,12 @@ mod tests {
             check_op(
                 inputs,
                 |t, v| {
-                    let (y, hl) = selective_scan2_with_state(
-                        t,
-                        v[0],
-                        v[1],
-                        v[2],
-                        v[3],
-                        v[4],
-                        Some(v[5]),
-                        Some(v[6]),
-                        Some(v[7]),
-                        v.get(8).copied(),
-                        true,
-                    );
+                    let args = Scan2Vars::new(v[0], v[1], v[2], v[3], v[4])
+                        .with_d(v[5])
+                        .with_z(v[6])
+                        .with_delta_bias(v[7])
+                        .with_delta_softplus(true);
+                    let (y, hl) = selective_scan2_with_state(t, Scan2Vars { h0: v.get(8).copied(), ..args });
                     assert_eq!(hl.shape(), &[bsz, h, p, n]);
                     y
                 },
@@ -635,7 +694,7 @@ mod tests {
         let dl = tape.constant(zeros(&[2, 5, 4]));
         let a = tape.constant(zeros(&[3, 2]));
         let b = tape.constant(zeros(&[2, 5, 2]));
-        selective_scan1(&mut tape, u, dl, a, b, b, None, None, None, true);
+        selective_scan1(&mut tape, Scan1Vars::new(u, dl, a, b, b).with_delta_softplus(true));
     }
 
     #[test]
@@ -649,6 +708,53 @@ mod tests {
         let dl = tape.constant(zeros(&[1, 4, 3]));
         let a = tape.constant(zeros(&[3]));
         let b = tape.constant(zeros(&[1, 4, 2, 5]));
-        selective_scan2(&mut tape, x, dl, a, b, b, None, None, None, true);
+        selective_scan2(&mut tape, Scan2Vars::new(x, dl, a, b, b).with_delta_softplus(true));
+    }
+
+    /// Both write modes of every gradient slot, for both scans; Mamba-2 on dims whose backward
+    /// takes the SSD path (N·P > 4096, L ≥ 64) at two chunk lengths, which must agree.
+    #[test]
+    fn fresh_and_accumulated_gradients() {
+        let (bsz, l, dim, n) = (1, 40, 3, 4);
+        let mut ins = inputs1(bsz, l, dim, n, &[bsz, l, n]);
+        ins.push(random(&[bsz, dim, n], 9));
+        check_accumulates(ins, |t, v| selective_scan1_with_state(t, vars1(v).with_h0(v[8])).0);
+        let (bsz, l, h, p, n, g) = (1, 70, 2, 64, 80, 1);
+        let ins = vec![
+            random(&[bsz, l, h, p], 1),
+            random(&[bsz, l, h], 2) - 1.0,
+            random(&[h], 3) * 0.5,
+            random(&[bsz, l, g, n], 4),
+            random(&[bsz, l, g, n], 5),
+            random(&[h], 6),
+            random(&[bsz, l, h, p], 7),
+            random(&[h], 8) * 0.5,
+        ];
+        assert!(ssm_kernel::mamba2::use_ssd(&Scan2Dims::new(bsz, l, h, p, n), true));
+        let build = |q: usize| {
+            move |t: &mut Tape, v: &[Var]| {
+                let args = Scan2Vars::new(v[0], v[1], v[2], v[3], v[4])
+                    .with_d(v[5])
+                    .with_z(v[6])
+                    .with_delta_bias(v[7])
+                    .with_delta_softplus(true)
+                    .with_chunk_size(q);
+                selective_scan2(t, args)
+            }
+        };
+        check_accumulates(ins.clone(), build(32));
+        let grads = |q: usize| {
+            let store = ParamStore::new();
+            let mut tape = Tape::new(&store);
+            let v: Vec<Var> = ins.iter().map(|t| tape.leaf(t.clone())).collect();
+            let y = build(q)(&mut tape, &v);
+            let seed = random(tape.value(y).shape(), 3);
+            tape.backward_from(y, seed, &mut crate::params::Grads::new(&store));
+            v.iter().map(|&x| data(tape.grad(x).unwrap()).to_vec()).collect::<Vec<_>>()
+        };
+        for (i, (a, b)) in grads(32).iter().zip(grads(256)).enumerate() {
+            let b: Vec<f64> = b.iter().map(|&v| v as f64).collect();
+            ssm_kernel::testing::assert_rel_max(&format!("chunk 32 vs 256, d(input {i})"), a, &b, 1e-4, 1e-3);
+        }
     }
 }

@@ -1,7 +1,7 @@
 //! Shape ops: `reshape`, `narrow_last` (a column slice of the last dimension) and
 //! `concat_last`.
 
-use crate::tape::{Backward, Tape, Var};
+use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var};
 use crate::tensor::{Tensor, data, data_mut, for_overwrite, rows_cols};
 
 /// `y = x` viewed with shape `new_shape` (same elements, row-major order kept; the data is
@@ -22,22 +22,24 @@ pub fn reshape(tape: &mut Tape, x: Var, new_shape: &[usize]) -> Var {
     );
     let mut y = for_overwrite(new_shape);
     data_mut(&mut y).copy_from_slice(data(xv));
-    tape.push(y, &[x], ReshapeBackward)
+    let mut inputs = InputList::new();
+    let x = inputs.push(x);
+    tape.push(y, inputs.vars(), ReshapeBackward { x })
 }
 
-/// Nothing saved: `dx += dy` in flat order.
-struct ReshapeBackward;
+/// Saved: the input's position. `dx (+)= dy` in flat order.
+struct ReshapeBackward {
+    x: Slot,
+}
 
 impl Backward for ReshapeBackward {
     fn name(&self) -> &'static str {
         "reshape"
     }
 
-    fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
-        if let Some(dx) = dinputs[0].as_deref_mut() {
-            for (g, d) in data_mut(dx).iter_mut().zip(data(dout)) {
-                *g += d;
-            }
+    fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {
+        if let Some(mut dx) = self.x.grad(grads) {
+            dx.add_or_write(data(dout));
         }
     }
 }
@@ -69,11 +71,15 @@ pub fn narrow_last(tape: &mut Tape, x: Var, start: usize, len: usize) -> Var {
         }
     }
     debug_assert_eq!(y.len(), rows * len);
-    tape.push(y, &[x], NarrowLastBackward { start, len, d })
+    let mut inputs = InputList::new();
+    let x = inputs.push(x);
+    tape.push(y, inputs.vars(), NarrowLastBackward { x, start, len, d })
 }
 
-/// Saved: the column range and the input's last dimension.
+/// Saved: the input's position, the column range and the input's last dimension. `dx[…, range]
+/// (+)= dy`; a fresh `dx` gets zeros in the other columns.
 struct NarrowLastBackward {
+    x: Slot,
     start: usize,
     len: usize,
     d: usize,
@@ -84,12 +90,22 @@ impl Backward for NarrowLastBackward {
         "narrow_last"
     }
 
-    fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
-        let NarrowLastBackward { start, len, d } = *self;
-        if let Some(dx) = dinputs[0].as_deref_mut()
-            && len > 0
-        {
-            for (dst, src) in data_mut(dx).chunks_exact_mut(d).zip(data(dout).chunks_exact(len)) {
+    fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {
+        let NarrowLastBackward { x, start, len, d } = *self;
+        let Some(mut dx) = x.grad(grads) else { return };
+        let overwrite = dx.overwrites();
+        if len == 0 || d == 0 {
+            if overwrite {
+                dx.data().fill(0.0);
+            }
+            return;
+        }
+        for (dst, src) in dx.data().chunks_exact_mut(d).zip(data(dout).chunks_exact(len)) {
+            if overwrite {
+                dst[..start].fill(0.0);
+                dst[start..start + len].copy_from_slice(src);
+                dst[start + len..].fill(0.0);
+            } else {
                 for (g, s) in dst[start..start + len].iter_mut().zip(src) {
                     *g += s;
                 }
@@ -133,11 +149,14 @@ pub fn concat_last(tape: &mut Tape, xs: &[Var]) -> Var {
         }
         off += w;
     }
-    tape.push(y, xs, ConcatLastBackward { widths })
+    let mut inputs = InputList::new();
+    let parts = xs.iter().map(|&x| inputs.push(x)).collect();
+    tape.push(y, inputs.vars(), ConcatLastBackward { parts, widths })
 }
 
-/// Saved: the inputs' last dimensions.
+/// Saved: the parts' positions and last dimensions. `dparts[i] (+)= dy[…, its columns]`.
 struct ConcatLastBackward {
+    parts: Vec<Slot>,
     widths: Vec<usize>,
 }
 
@@ -146,17 +165,21 @@ impl Backward for ConcatLastBackward {
         "concat_last"
     }
 
-    fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, dinputs: &mut [Option<&mut Tensor>]) {
+    fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {
         let total: usize = self.widths.iter().sum();
         let dy = data(dout);
         let rows = dy.len().checked_div(total).unwrap_or(0);
         let mut off = 0;
-        for (dx, &w) in dinputs.iter_mut().zip(&self.widths) {
-            if let Some(dx) = dx.as_deref_mut() {
-                let dx = data_mut(dx);
+        for (&part, &w) in self.parts.iter().zip(&self.widths) {
+            if let Some(mut dx) = part.grad(grads) {
+                let overwrite = dx.overwrites();
+                let dx = dx.data();
                 for r in 0..rows {
-                    for (g, s) in dx[r * w..(r + 1) * w].iter_mut().zip(&dy[r * total + off..]) {
-                        *g += s;
+                    let (dst, src) = (&mut dx[r * w..(r + 1) * w], &dy[r * total + off..][..w]);
+                    if overwrite {
+                        dst.copy_from_slice(src);
+                    } else {
+                        dst.iter_mut().zip(src).for_each(|(g, s)| *g += s);
                     }
                 }
             }
@@ -168,7 +191,7 @@ impl Backward for ConcatLastBackward {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ops::check::{check_op, random};
+    use crate::ops::check::{check_accumulates, check_op, random};
     use crate::params::ParamStore;
     use crate::tensor::zeros;
 
@@ -243,5 +266,13 @@ mod tests {
         let a = tape.constant(zeros(&[2, 3]));
         let b = tape.constant(zeros(&[3, 3]));
         concat_last(&mut tape, &[a, b]);
+    }
+
+    #[test]
+    fn fresh_and_accumulated_gradients() {
+        let x = vec![random(&[3, 10], 1)];
+        check_accumulates(x.clone(), |t, v| reshape(t, v[0], &[2, 5, 3]));
+        check_accumulates(x.clone(), |t, v| narrow_last(t, v[0], 2, 5));
+        check_accumulates(vec![random(&[3, 2], 2), random(&[3, 4], 3)], |t, v| concat_last(t, v));
     }
 }

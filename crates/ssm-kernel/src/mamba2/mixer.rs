@@ -92,6 +92,15 @@ impl MixerDims {
             && self.dstate >= 1
     }
 
+    /// Whether a caller should run the fused [`mixer_fwd`] / [`mixer_bwd`] rather than the
+    /// separate conv, scan and norm kernels: when the dims are [`MixerDims::supported`] and
+    /// there are at least as many batch rows as threads in the current rayon pool. The fused
+    /// kernels' tasks are batch rows; with fewer rows than threads the separate kernels, whose
+    /// tasks are (batch, head) pairs and row blocks, keep every thread busy.
+    pub fn use_fused(&self) -> bool {
+        self.supported() && self.batch >= rayon::current_num_threads()
+    }
+
     #[track_caller]
     fn check(&self, kernel: &str) {
         check_dims(kernel, self.supported(), "P and G·N must be multiples of 8, G must divide H, 1 ≤ K ≤ 8");

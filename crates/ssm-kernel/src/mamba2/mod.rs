@@ -31,9 +31,11 @@
 //!   the work inside a chunk is matrix products (see [`ssd_fwd`] for the algorithm and
 //!   [`ssd_bwd`] for the hand-derived backward).
 //! - [`scan_fwd_auto`], [`scan_bwd_auto`]: pick one of the two by the rule documented on
-//!   [`use_ssd`] (sequential forward; SSD backward for large `N·P`).
+//!   [`use_ssd`] (sequential forward; SSD backward for large `N·P`), with the caller's SSD chunk
+//!   length ([`AUTO_CHUNK`] by default).
 //! - [`mixer_fwd`], [`mixer_bwd`]: the whole mixer core between `in_proj` and `out_proj` (conv,
-//!   scan, gated RMSNorm) fused per batch row, for the training step.
+//!   scan, gated RMSNorm) fused per batch row, for the training step; [`MixerDims::use_fused`]
+//!   says when to prefer them over the separate kernels.
 //!
 //! All fast kernels are `f32`; [`crate::reference::mamba2`] holds the generic naive loops they are
 //! tested against.

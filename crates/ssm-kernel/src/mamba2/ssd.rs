@@ -488,7 +488,8 @@ pub fn ssd_bwd(
     parts.finish(dims, db, dc);
 }
 
-/// SSD chunk size used by the `*_auto` kernels.
+/// The default SSD chunk length `Q`: what callers without a preference (or a model config's
+/// `chunk_size`) pass to [`scan_fwd_auto`] / [`scan_bwd_auto`].
 pub const AUTO_CHUNK: usize = 32;
 
 /// Whether the `*_auto` kernels use SSD (`true`) or the sequential kernel for these dims.
@@ -506,25 +507,28 @@ pub fn use_ssd(dims: &Scan2Dims, backward: bool) -> bool {
     backward && dims.dstate * dims.headdim > 4096 && dims.seqlen >= 64
 }
 
-/// Forward scan by whichever of [`super::scan_fwd`] and [`ssd_fwd`] (chunk [`AUTO_CHUNK`]) is
-/// expected to be faster, by [`use_ssd`] (currently always the sequential kernel).
+/// Forward scan by whichever of [`super::scan_fwd`] and [`ssd_fwd`] (chunks of `chunk_size`
+/// steps, e.g. [`AUTO_CHUNK`] or a model's `chunk_size`) is expected to be faster, by
+/// [`use_ssd`] (currently always the sequential kernel). Both give the same result up to
+/// rounding, whatever `chunk_size`.
 #[track_caller]
-pub fn scan_fwd_auto(dims: &Scan2Dims, args: &Scan2Args<f32>, out: Scan2Out<f32>) {
-    if use_ssd(dims, false) { ssd_fwd(dims, AUTO_CHUNK, args, out) } else { super::scan_fwd(dims, args, out) }
+pub fn scan_fwd_auto(dims: &Scan2Dims, chunk_size: usize, args: &Scan2Args<f32>, out: Scan2Out<f32>) {
+    if use_ssd(dims, false) { ssd_fwd(dims, chunk_size, args, out) } else { super::scan_fwd(dims, args, out) }
 }
 
-/// Backward scan by whichever of [`super::scan_bwd`] and [`ssd_bwd`] (chunk [`AUTO_CHUNK`]) is
-/// expected to be faster, by [`use_ssd`].
+/// Backward scan by whichever of [`super::scan_bwd`] and [`ssd_bwd`] (chunks of `chunk_size`
+/// steps) is expected to be faster, by [`use_ssd`].
 #[track_caller]
 pub fn scan_bwd_auto(
     dims: &Scan2Dims,
+    chunk_size: usize,
     args: &Scan2Args<f32>,
     dy: &[f32],
     dh_last: Option<&[f32]>,
     grads: Scan2Grads<f32>,
 ) {
     if use_ssd(dims, true) {
-        ssd_bwd(dims, AUTO_CHUNK, args, dy, dh_last, grads)
+        ssd_bwd(dims, chunk_size, args, dy, dh_last, grads)
     } else {
         super::scan_bwd(dims, args, dy, dh_last, grads)
     }

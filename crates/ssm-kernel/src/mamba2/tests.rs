@@ -478,14 +478,14 @@ fn auto_kernels_match_reference() {
     let mut yf = vec![0.0f32; dims.n_blhp()];
     let mut hlf = vec![0.0f32; dims.n_bhpn()];
     let out = Scan2Out { y: &mut yf, h_last: Some(&mut hlf) };
-    scan_fwd_auto(&dims, &d32.args(), out);
+    scan_fwd_auto(&dims, AUTO_CHUNK, &d32.args(), out);
     assert_rel_max("auto y", &yf, &y, 1e-4, 1.0);
     assert_rel_max("auto h_last", &hlf, &hl, 1e-4, 1.0);
     let (w, w2) = loss_weights(&dims, 21);
     let want = ref_bwd(&dims, &d, &w, &w2);
     let mut g = zero_grads(&dims);
     let (w, w2) = (to_f32(&w), to_f32(&w2));
-    scan_bwd_auto(&dims, &d32.args(), &w, Some(&w2), grads_view(&mut g));
+    scan_bwd_auto(&dims, AUTO_CHUNK, &d32.args(), &w, Some(&w2), grads_view(&mut g));
     for i in 0..9 {
         assert_rel_max(&format!("auto {}", GRAD_NAMES[i]), &g[i], &want[i], 3e-4, 1e-2);
     }

@@ -1,0 +1,146 @@
+//! Products of a few rows with a weight matrix, for decode steps: `out = x · Wᵀ (+ b)`.
+//!
+//! A decode step multiplies a handful of rows (one per sequence) by each weight matrix, where a
+//! GEMM's packing costs more than the product. [`matvec_rows`] computes every output as one
+//! SIMD dot product ([`crate::simd::dot`]) of a row of `x` with a contiguous row of `W`,
+//! splitting the outputs over the current rayon pool when the matrix is large;
+//! [`linear_rows`] picks it or the GEMM by the number of rows and adds the bias.
+//!
+//! # Layouts (row-major)
+//!
+//! | array | layout |
+//! |---|---|
+//! | `x` | (m, k) |
+//! | `w` | (n, k) — PyTorch's `Linear.weight` |
+//! | `b` | (n) |
+//! | `out` | (m, n) |
+//!
+//! ```
+//! use ssm_kernel::matvec::matvec_rows;
+//! let x = [1.0f32, 2.0];                 // (1, 2)
+//! let w = [1.0f32, 0.0, 0.0, 1.0, 1.0, 1.0]; // (3, 2)
+//! let mut out = [0.0f32; 3];
+//! matvec_rows(&x, &w, (1, 2, 3), &mut out);
+//! assert_eq!(out, [1.0, 2.0, 3.0]);
+//! ```
+
+use rayon::prelude::*;
+
+use crate::gemm::gemm;
+use crate::simd::dot;
+
+/// At least this many weights (`n · k`) split a row's outputs over the rayon pool.
+pub const PAR_MIN_WEIGHTS: usize = 1 << 17;
+
+/// Rows of `x` up to which [`linear_rows`] uses [`matvec_rows`] instead of the GEMM.
+pub const MATVEC_MAX_ROWS: usize = 4;
+
+/// Outputs per parallel task of [`matvec_rows`].
+const OUTS_PER_TASK: usize = 64;
+
+#[track_caller]
+fn check(kernel: &str, x: &[f32], w: &[f32], (m, k, n): (usize, usize, usize), out: &[f32]) {
+    assert_eq!(x.len(), m * k, "{kernel}: x must be (m, k) = ({m}, {k}), got {} values", x.len());
+    assert_eq!(w.len(), n * k, "{kernel}: w must be (n, k) = ({n}, {k}), got {} values", w.len());
+    assert_eq!(out.len(), m * n, "{kernel}: out must be (m, n) = ({m}, {n}), got {} values", out.len());
+}
+
+/// `out[r, j] = ⟨x[r, :], w[j, :]⟩` for every row `r < m` and output `j < n`: one SIMD dot
+/// product per output, the outputs of a row split over the current rayon pool in tasks of 64
+/// when `n · k ≥` [`PAR_MIN_WEIGHTS`]. `out` is overwritten.
+///
+/// # Panics
+/// If a length disagrees with `(m, k, n)`.
+#[track_caller]
+pub fn matvec_rows(x: &[f32], w: &[f32], (m, k, n): (usize, usize, usize), out: &mut [f32]) {
+    check("matvec_rows", x, w, (m, k, n), out);
+    if n == 0 {
+        return;
+    }
+    for r in 0..m {
+        let xr = &x[r * k..(r + 1) * k];
+        let row = &mut out[r * n..(r + 1) * n];
+        if n * k >= PAR_MIN_WEIGHTS {
+            row.par_chunks_mut(OUTS_PER_TASK).enumerate().for_each(|(c, oc)| {
+                for (jj, o) in oc.iter_mut().enumerate() {
+                    let j = c * OUTS_PER_TASK + jj;
+                    *o = dot(xr, &w[j * k..(j + 1) * k]);
+                }
+            });
+        } else {
+            for (j, o) in row.iter_mut().enumerate() {
+                *o = dot(xr, &w[j * k..(j + 1) * k]);
+            }
+        }
+    }
+}
+
+/// `out (m, n) = x (m, k) · Wᵀ (+ b)`: [`matvec_rows`] for at most [`MATVEC_MAX_ROWS`] rows,
+/// else the GEMM; then the bias is added to every row. `out` is overwritten.
+///
+/// # Panics
+/// If a length disagrees with `(m, k, n)` or `b` is not (n).
+#[track_caller]
+pub fn linear_rows(
+    x: &[f32],
+    w: &[f32],
+    b: Option<&[f32]>,
+    (m, k, n): (usize, usize, usize),
+    out: &mut [f32],
+) {
+    check("linear_rows", x, w, (m, k, n), out);
+    if m <= MATVEC_MAX_ROWS {
+        matvec_rows(x, w, (m, k, n), out);
+    } else {
+        if k == 0 {
+            out.fill(0.0);
+        }
+        gemm((m, k, n), 1.0, x, (k, 1), w, (1, k), 0.0, out, (n, 1));
+    }
+    if let Some(b) = b {
+        assert_eq!(b.len(), n, "linear_rows: b must be (n) = ({n}), got {} values", b.len());
+        for row in out.chunks_exact_mut(n) {
+            row.iter_mut().zip(b).for_each(|(o, v)| *o += v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testing::{Rng, assert_rel_max, to_f32};
+
+    fn naive(x: &[f32], w: &[f32], b: Option<&[f32]>, (m, k, n): (usize, usize, usize)) -> Vec<f64> {
+        let mut out = vec![0.0; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                let s: f64 = (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64).sum();
+                out[r * n + j] = s + b.map_or(0.0, |b| b[j] as f64);
+            }
+        }
+        out
+    }
+
+    /// Odd sizes (partial SIMD chunks, a last partial task), the parallel split, and the GEMM
+    /// path of `linear_rows`.
+    #[test]
+    fn match_naive_loop() {
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
+        for (m, k, n) in
+            [(1, 1, 1), (1, 7, 3), (3, 17, 5), (2, 33, 129), (1, 513, 300), (4, 64, 2100), (6, 19, 23)]
+        {
+            let mut r = Rng((m * 1000 + k * 10 + n) as u64);
+            let x = to_f32(&r.vec(m * k, -1.0, 1.0));
+            let w = to_f32(&r.vec(n * k, -1.0, 1.0));
+            let b = to_f32(&r.vec(n, -1.0, 1.0));
+            if m <= MATVEC_MAX_ROWS {
+                let mut out = vec![f32::NAN; m * n];
+                pool.install(|| matvec_rows(&x, &w, (m, k, n), &mut out));
+                assert_rel_max("matvec_rows", &out, &naive(&x, &w, None, (m, k, n)), 1e-5, 1.0);
+            }
+            let mut out = vec![f32::NAN; m * n];
+            pool.install(|| linear_rows(&x, &w, Some(&b), (m, k, n), &mut out));
+            assert_rel_max("linear_rows", &out, &naive(&x, &w, Some(&b), (m, k, n)), 1e-5, 1.0);
+        }
+    }
+}
