@@ -337,16 +337,6 @@ impl<'p> Tape<'p> {
         self.add(Source::Param(id), rec, None)
     }
 
-    /// Parameter `name`.
-    ///
-    /// # Panics
-    /// If there is no such parameter (a model-building bug).
-    #[track_caller]
-    pub fn param_named(&mut self, name: &str) -> Var {
-        let id = self.params.id(name).unwrap_or_else(|| panic!("no parameter named `{name}`"));
-        self.param(id)
-    }
-
     /// The value of `v`.
     pub fn value(&self, v: Var) -> &Tensor {
         match &self.arena.entries[v.0].src {

@@ -294,8 +294,8 @@ pub fn norm_bwd(dims: &NormDims, args: &NormArgs, rstd: &[f32], dy: &[f32], grad
 
 /// RMSNorm of the few rows of a decode step, on the calling thread: each row of `x` (rows, d),
 /// `d = w.len()`, is normalised over groups of `group` channels and scaled by `w` (d) into
-/// `out` (rows, d): `out = x · rsqrt(mean_group(x²) + eps) · w`. No gate (apply it to `x`
-/// first) and no saved state.
+/// `out` (rows, d): `out = x · rsqrt(mean_group(x²) + eps) · w`. No saved state; the gated form
+/// is [`gated_rms_rows`].
 ///
 /// # Panics
 /// If `group` does not divide `d`, or `x` and `out` are not whole rows of the same length.
@@ -320,6 +320,21 @@ pub fn rms_rows(x: &[f32], w: &[f32], group: usize, eps: f32, out: &mut [f32]) {
             row.iter_mut().zip(w).for_each(|(o, g)| *o *= g);
         }
     }
+}
+
+/// The gated RMSNorm of a decode step's rows (Mamba-2's output norm): `v = x · silu(z)` with
+/// `x`, `z` (rows, d), then `out = v · rsqrt(mean_group(v²) + eps) · w` over groups of `group`
+/// channels, `w` (d). `x` is overwritten with `v`.
+///
+/// # Panics
+/// If `group` does not divide `d`, or `x`, `z` and `out` are not whole rows of the same length.
+#[track_caller]
+pub fn gated_rms_rows(x: &mut [f32], z: &[f32], w: &[f32], group: usize, eps: f32, out: &mut [f32]) {
+    assert_eq!(x.len(), z.len(), "gated_rms_rows: x has {} values, the gate z {}", x.len(), z.len());
+    for (v, &g) in x.iter_mut().zip(z) {
+        *v *= crate::activation::silu(g);
+    }
+    rms_rows(x, w, group, eps, out);
 }
 
 #[cfg(test)]
@@ -426,6 +441,23 @@ mod tests {
             let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
             let w64: Vec<f64> = w.iter().map(|&v| v as f64).collect();
             assert_rel_max("rms_rows", &out, &reference(&x64, None, &w64, d, group, 1e-5), 1e-5, 1.0);
+        }
+    }
+
+    #[test]
+    fn gated_rms_rows_matches_naive_loop() {
+        for (rows, d, group) in [(1usize, 8usize, 4usize), (3, 12, 12), (2, 33, 11)] {
+            let mut r = Rng(100 + d as u64);
+            let mut x = to_f32(&r.vec(rows * d, -2.0, 2.0));
+            let z = to_f32(&r.vec(rows * d, -3.0, 3.0));
+            let w = to_f32(&r.vec(d, 0.5, 1.5));
+            let x64: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+            let z64: Vec<f64> = z.iter().map(|&v| v as f64).collect();
+            let w64: Vec<f64> = w.iter().map(|&v| v as f64).collect();
+            let mut out = vec![f32::NAN; rows * d];
+            gated_rms_rows(&mut x, &z, &w, group, 1e-5, &mut out);
+            let want = reference(&x64, Some(&z64), &w64, d, group, 1e-5);
+            assert_rel_max("gated_rms_rows", &out, &want, 1e-5, 1.0);
         }
     }
 }

@@ -16,9 +16,8 @@ use crate::ops::{self, Mamba2Params, Mamba2Spec};
 use crate::params::{ParamId, ParamStore};
 use crate::tape::{Tape, Var};
 use crate::tensor::data;
-use ssm_kernel::activation::silu;
 use ssm_kernel::cols::row_cols as cols;
-use ssm_kernel::norm::rms_rows;
+use ssm_kernel::norm::gated_rms_rows;
 
 /// Mamba-2's parameters (Hugging Face names) and sizes.
 #[derive(Clone, Debug)]
@@ -153,11 +152,8 @@ impl Mixer for Mamba2Mixer {
         };
         mamba2::scan_step(&Scan2Dims::new(bsz, 1, h, hp, n).with_groups(g), &args, &mut cache.ssm, y);
         // Gated RMSNorm over groups of d_inner / G channels.
-        for (yv, zv) in y.iter_mut().zip(z) {
-            *yv *= silu(*zv);
-        }
         let normed = carve(&mut s, bsz * di);
-        rms_rows(y, data(p.value(self.norm)), di / g, eps, normed);
+        gated_rms_rows(y, z, data(p.value(self.norm)), di / g, eps, normed);
         self.out_proj.step(p, normed, bsz, out);
     }
 }
