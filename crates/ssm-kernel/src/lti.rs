@@ -217,22 +217,8 @@ pub fn lti_bwd(dims: &LtiDims, args: &LtiArgs, dy: &[f32], grads: LtiGrads) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reference::lti::lti as reference;
     use crate::testing::{Rng, assert_rel_max, numeric_grad, to_f32};
-
-    fn reference(x: &[f64], [a, b, c, d]: [&[f64]; 4], (bsz, l, dim): (usize, usize, usize)) -> Vec<f64> {
-        let mut y = vec![0.0; bsz * l * dim];
-        for bi in 0..bsz {
-            for k in 0..dim {
-                let mut h = 0.0;
-                for t in 0..l {
-                    let i = (bi * l + t) * dim + k;
-                    h = a[k] * h + b[k] * x[i];
-                    y[i] = c[k] * h + d[k] * x[i];
-                }
-            }
-        }
-        y
-    }
 
     #[test]
     fn forward_and_backward_match_reference() {

@@ -340,25 +340,8 @@ pub fn gated_rms_rows(x: &mut [f32], z: &[f32], w: &[f32], group: usize, eps: f3
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::reference::norm::rms_norm as reference;
     use crate::testing::{Rng, assert_rel_max, numeric_grad, to_f32};
-
-    /// f64 reference of the (gated, grouped) norm, on dense rows.
-    fn reference(x: &[f64], z: Option<&[f64]>, w: &[f64], d: usize, gs: usize, eps: f64) -> Vec<f64> {
-        let v: Vec<f64> = match z {
-            Some(z) => x.iter().zip(z).map(|(a, g)| a * g / (1.0 + (-g).exp())).collect(),
-            None => x.to_vec(),
-        };
-        let mut y = vec![0.0; x.len()];
-        for (row, vr) in v.chunks(d).enumerate() {
-            for (g, vg) in vr.chunks(gs).enumerate() {
-                let r = 1.0 / (vg.iter().map(|a| a * a).sum::<f64>() / gs as f64 + eps).sqrt();
-                for (j, a) in vg.iter().enumerate() {
-                    y[row * d + g * gs + j] = a * r * w[g * gs + j];
-                }
-            }
-        }
-        y
-    }
 
     /// Forward and every gradient against the f64 reference and its central differences, the
     /// gate read from (and `dz` written into) a strided column block, in both write modes; small

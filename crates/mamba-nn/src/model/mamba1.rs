@@ -6,7 +6,7 @@ use ssm_kernel::mamba1::{self, Scan1Args, Scan1Dims};
 
 use super::builder::{Init, ParamBuilder};
 use super::layers::{Conv1d, Linear};
-use super::mixer::{LayerCache, Mixer, carve};
+use super::mixer::{LayerCache, Mixer, carve, neg_exp_of};
 use crate::checkpoint::CheckpointError;
 use crate::config::MambaConfig;
 use crate::ops;
@@ -121,10 +121,7 @@ impl Mixer for Mamba1Mixer {
 
     /// `A = −exp(A_log)`, (d_inner, N).
     fn decode_consts(&self, p: &ParamStore) -> Vec<f32> {
-        let a_log = data(p.value(self.a_log));
-        let mut a = vec![0.0; a_log.len()];
-        ssm_kernel::activation::neg_exp(a_log, &mut a);
-        a
+        neg_exp_of(p, self.a_log)
     }
 
     fn scratch_len(&self, batch: usize) -> usize {

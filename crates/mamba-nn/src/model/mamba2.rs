@@ -9,7 +9,7 @@ use ssm_kernel::mamba2::{self, Scan2Args, Scan2Dims};
 use super::builder::{Init, ParamBuilder};
 use super::layers::{Conv1d, Linear};
 use super::mamba1::kaiming;
-use super::mixer::{LayerCache, Mixer, carve};
+use super::mixer::{LayerCache, Mixer, carve, neg_exp_of};
 use crate::checkpoint::CheckpointError;
 use crate::config::MambaConfig;
 use crate::ops::{self, Mamba2Params, Mamba2Spec};
@@ -103,10 +103,7 @@ impl Mixer for Mamba2Mixer {
 
     /// `A = −exp(A_log)`, (H).
     fn decode_consts(&self, p: &ParamStore) -> Vec<f32> {
-        let a_log = data(p.value(self.a_log));
-        let mut a = vec![0.0; a_log.len()];
-        ssm_kernel::activation::neg_exp(a_log, &mut a);
-        a
+        neg_exp_of(p, self.a_log)
     }
 
     fn scratch_len(&self, batch: usize) -> usize {

@@ -60,3 +60,11 @@ pub(crate) fn carve<'a>(buf: &mut &'a mut [f32], n: usize) -> &'a mut [f32] {
     *buf = tail;
     head
 }
+
+/// `A = −exp(A_log)` of parameter `a_log`, for [`Mixer::decode_consts`].
+pub(crate) fn neg_exp_of(p: &ParamStore, a_log: crate::params::ParamId) -> Vec<f32> {
+    let a_log = crate::tensor::data(p.value(a_log));
+    let mut a = vec![0.0; a_log.len()];
+    ssm_kernel::activation::neg_exp(a_log, &mut a);
+    a
+}

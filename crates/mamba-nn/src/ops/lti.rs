@@ -109,22 +109,7 @@ mod tests {
     use super::*;
     use crate::ops::check::{check_accumulates, check_op, random};
     use crate::tensor::zeros;
-
-    fn reference(v: &[Vec<f64>], (bsz, l, dim): (usize, usize, usize)) -> Vec<f64> {
-        let (x, a, b, c, d) = (&v[0], &v[1], &v[2], &v[3], &v[4]);
-        let mut y = vec![0.0; bsz * l * dim];
-        for bi in 0..bsz {
-            for k in 0..dim {
-                let mut h = 0.0;
-                for t in 0..l {
-                    let i = (bi * l + t) * dim + k;
-                    h = a[k] * h + b[k] * x[i];
-                    y[i] = c[k] * h + d[k] * x[i];
-                }
-            }
-        }
-        y
-    }
+    use ssm_kernel::reference::lti::lti;
 
     #[test]
     fn backward_matches_finite_differences() {
@@ -136,7 +121,7 @@ mod tests {
         check_op(
             inputs,
             |t, v| lti_scan(t, v[0], v[1], v[2], v[3], v[4]),
-            |v| reference(v, (bsz, l, dim)),
+            |v| lti(&v[0], [&v[1], &v[2], &v[3], &v[4]], (bsz, l, dim)),
             1e-4,
         );
     }

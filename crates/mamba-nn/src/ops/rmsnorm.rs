@@ -114,24 +114,7 @@ mod tests {
     use crate::ops::check::{check_accumulates, check_op, random};
     use crate::params::ParamStore;
     use crate::tensor::zeros;
-
-    /// f64 reference of the (gated, grouped) RMSNorm.
-    fn reference(x: &[f64], z: Option<&[f64]>, w: &[f64], d: usize, gs: usize, eps: f64) -> Vec<f64> {
-        let v: Vec<f64> = match z {
-            Some(z) => x.iter().zip(z).map(|(a, g)| a * g / (1.0 + (-g).exp())).collect(),
-            None => x.to_vec(),
-        };
-        let mut y = vec![0.0; x.len()];
-        for (row, vr) in v.chunks(d).enumerate() {
-            for (g, vg) in vr.chunks(gs).enumerate() {
-                let r = 1.0 / (vg.iter().map(|a| a * a).sum::<f64>() / gs as f64 + eps).sqrt();
-                for (j, a) in vg.iter().enumerate() {
-                    y[row * d + g * gs + j] = a * r * w[g * gs + j];
-                }
-            }
-        }
-        y
-    }
+    use ssm_kernel::reference::norm::rms_norm as reference;
 
     #[test]
     fn rms_norm_backward_matches_finite_differences() {
