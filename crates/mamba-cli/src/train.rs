@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use mamba_nn::config::{Arch, MambaConfig};
@@ -10,6 +10,7 @@ use mamba_nn::model::MambaLM;
 use mamba_train::data::TextData;
 use mamba_train::tasks::Task;
 use mamba_train::tokenizer::{ByteTokenizer, Tokenizer, load_tokenizer};
+use mamba_train::run_dir::RunDir;
 use mamba_train::trainer::{Metrics, Objective, Progress, StepInfo, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 
@@ -87,6 +88,10 @@ pub struct TrainArgs {
     /// Evaluate, write metrics and checkpoint every N steps.
     #[arg(long, default_value_t = 200)]
     eval_every: u64,
+    /// Checkpoints to keep under <out>/checkpoints (the newest ones). Each is published whole:
+    /// a crash at any moment leaves the previous one complete for --resume.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    keep_checkpoints: u64,
     /// Seed of the initialisation and the data sampler.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -171,7 +176,14 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
             .with_context(|| format!("cannot resume: reading {}", src_path.display()))?;
         let source: Source = serde_json::from_str(&text)
             .with_context(|| format!("{}: not a source description", src_path.display()))?;
-        let mut t = Trainer::resume(&dir)?;
+        let run = RunDir::open(&dir)?;
+        let mut t = Trainer::resume_run(run)?;
+        if let Some((ck, skipped)) = t.resumed_from() {
+            for note in skipped {
+                eprintln!("skipping an incomplete checkpoint: {note}");
+            }
+            eprintln!("resuming from {}", ck.path.display());
+        }
         if let Some(b) = a.time_budget {
             t.config.time_budget = Some(b);
         }
@@ -188,13 +200,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
             (None, None) => Source::Builtin,
         };
         let dir = a.out.clone().unwrap_or_else(next_run_dir);
-        if dir.join("trainer.json").exists() {
-            bail!(
-                "{} already holds a run; pass --resume to continue it, or choose another --out",
-                dir.display()
-            );
-        }
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let run = RunDir::create(&dir)?;
         if let Some(tj) = &a.tokenizer {
             std::fs::copy(tj, dir.join("tokenizer.json"))
                 .with_context(|| format!("copying {}", tj.display()))?;
@@ -232,6 +238,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
             time_budget,
             eval_every: a.eval_every,
             seed: a.seed,
+            keep_checkpoints: a.keep_checkpoints as usize,
             ..TrainConfig::default()
         };
         eprintln!(
@@ -249,7 +256,7 @@ pub fn run(a: TrainArgs) -> anyhow::Result<()> {
             },
             dir.display()
         );
-        (Trainer::new(model, tc, &dir)?, source, obj)
+        (Trainer::with_run(model, tc, run), source, obj)
     };
     let dir = trainer.dir().to_path_buf();
     let bar = ProgressBar::new(trainer.config.steps.unwrap_or(1000));

@@ -11,13 +11,15 @@
 //!   on the fly, with token accuracy.
 //! - [`sample`]: text around the library's generation loop (the end-of-training sample, and
 //!   streaming tokens to text).
-//! - [`trainer`]: the training loop with metrics, plots and exact resume.
+//! - [`trainer`]: the training loop with metrics, plots and exact resume; [`run_dir`]: the run
+//!   directory's lock and its atomically published checkpoints.
 //!
 //! It builds on [`mamba_nn`] for the models, their parameters and gradients, and safetensors I/O.
 
 pub mod data;
 pub mod optim;
 pub mod plot;
+pub mod run_dir;
 pub mod sample;
 pub mod tasks;
 pub mod tokenizer;

@@ -2,18 +2,19 @@
 //! periodic evaluation, `metrics.jsonl`, a loss-curve plot, and atomic checkpoints from which a
 //! run resumes exactly.
 //!
-//! A run directory holds, after every evaluation:
+//! A run directory ([`RunDir`]) holds, after every evaluation, a checkpoint
+//! `checkpoints/step-N/` published whole (see [`crate::run_dir`]) with:
 //!
 //! | file | what |
 //! |---|---|
-//! | `config.json`, `model.safetensors` | the model in Hugging Face layout (loads in transformers) |
+//! | `config.json`, `model.safetensors` | the model in Hugging Face layout (loads in transformers); also linked at the top of the run directory |
 //! | `optimizer.safetensors` | AdamW moments (`exp_avg.<param>`, `exp_avg_sq.<param>`) |
-//! | `trainer.json` | step, tokens, elapsed time, RNG state, the training config and the data source |
-//! | `metrics.jsonl` | one JSON object per evaluation (appended) |
-//! | `loss.svg` | train and validation loss against tokens seen |
+//! | `trainer.json` | step, tokens, elapsed time, RNG state, the training config and the curves |
+//! | `manifest.json` | the step and every file's size |
 //!
-//! Every file is written to a temporary name and renamed, so a crash leaves the previous
-//! checkpoint intact.
+//! and at its top `metrics.jsonl` (one JSON object per evaluation, appended after the checkpoint
+//! is published) and `loss.svg`. A crash at any moment leaves the previous checkpoint complete,
+//! and a resume continues exactly from the newest complete one.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{DataError, Rng, TextData, sample_batch, val_batches};
 use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_grad_norm};
 use crate::plot::{Series, svg};
+use crate::run_dir::{Checkpoint, RunDir, RunDirError};
 use crate::tasks::{Task, accuracy};
 use crate::tokenizer::Tokenizer;
 
@@ -75,6 +77,13 @@ pub struct TrainConfig {
     pub eval_tokens: usize,
     /// Seed of the data sampler.
     pub seed: u64,
+    /// Checkpoints kept in `checkpoints/` (the newest ones; at least 1).
+    #[serde(default = "default_keep")]
+    pub keep_checkpoints: usize,
+}
+
+fn default_keep() -> usize {
+    2
 }
 
 impl Default for TrainConfig {
@@ -93,6 +102,7 @@ impl Default for TrainConfig {
             eval_every: 200,
             eval_tokens: 100_000,
             seed: 0,
+            keep_checkpoints: default_keep(),
         }
     }
 }
@@ -181,6 +191,9 @@ pub enum TrainError {
         /// The run directory.
         dir: PathBuf,
     },
+    /// The run directory cannot be claimed, opened or checkpointed.
+    #[error(transparent)]
+    RunDir(#[from] RunDirError),
     /// `trainer.json` is unusable.
     #[error("cannot resume from {path}: {reason}")]
     Resume {
@@ -218,7 +231,9 @@ pub struct Trainer {
     elapsed_before: f64,
     /// The run's hyper-parameters.
     pub config: TrainConfig,
-    dir: PathBuf,
+    run: RunDir,
+    /// The checkpoint this trainer resumed from, and why any newer one was skipped.
+    resumed: Option<(Checkpoint, Vec<String>)>,
     train_curve: Vec<(f64, f64)>,
     val_curve: Vec<(f64, f64)>,
 }
@@ -228,17 +243,22 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
 }
 
 impl Trainer {
-    /// A new run of `model` into directory `dir` (created).
+    /// A new run of `model` into directory `dir`, which it claims ([`RunDir::create`]: absent or
+    /// empty, then locked).
     pub fn new(model: MambaLM, config: TrainConfig, dir: impl Into<PathBuf>) -> Result<Self, TrainError> {
-        let dir = dir.into();
-        std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        Ok(Self::with_run(model, config, RunDir::create(dir)?))
+    }
+
+    /// A new run of `model` in the run directory `run` (claimed by the caller, who may have put
+    /// its data description there first).
+    pub fn with_run(model: MambaLM, config: TrainConfig, run: RunDir) -> Self {
         let opt = AdamW::new(
             &model.params,
             AdamWConfig { lr: config.lr, weight_decay: config.weight_decay, ..Default::default() },
         );
         let grads = Grads::new(&model.params);
         let rng = Rng::new(config.seed);
-        Ok(Self {
+        Self {
             model,
             opt,
             grads,
@@ -247,23 +267,32 @@ impl Trainer {
             tokens: 0,
             elapsed_before: 0.0,
             config,
-            dir,
+            run,
+            resumed: None,
             train_curve: Vec::new(),
             val_curve: Vec::new(),
-        })
+        }
     }
 
-    /// Reopens the run in `dir` exactly where its last checkpoint left it: model, optimizer
-    /// moments, step, token count, sampler RNG and curves.
+    /// Reopens the run in `dir` ([`RunDir::open`]) exactly where its newest complete checkpoint
+    /// left it.
     pub fn resume(dir: impl Into<PathBuf>) -> Result<Self, TrainError> {
-        let dir = dir.into();
-        let path = dir.join("trainer.json");
+        Self::resume_run(RunDir::open(dir)?)
+    }
+
+    /// Continues the run in `run` from its newest complete checkpoint ([`RunDir::latest`]):
+    /// model, optimizer moments, step, token count, sampler RNG and curves. Lines of
+    /// `metrics.jsonl` from after that checkpoint are dropped.
+    pub fn resume_run(run: RunDir) -> Result<Self, TrainError> {
+        let (ck, skipped) = run.latest()?;
+        let path = ck.path.join("trainer.json");
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
         let st: TrainerState = serde_json::from_str(&text)
             .map_err(|e| TrainError::Resume { path: path.clone(), reason: e.to_string() })?;
-        let model = MambaLM::from_pretrained(&dir)?;
-        let mut t = Self::new(model, st.config, &dir)?;
-        let opt_file = TensorFile::open(dir.join("optimizer.safetensors"))?;
+        let model = MambaLM::from_pretrained(&ck.path)?;
+        let opt_file = TensorFile::open(ck.path.join("optimizer.safetensors"))?;
+        drop_metrics_after(&run.path().join("metrics.jsonl"), st.step)?;
+        let mut t = Self::with_run(model, st.config, run);
         t.opt.load_state(&opt_file, st.step)?;
         t.step = st.step;
         t.tokens = st.tokens;
@@ -271,12 +300,19 @@ impl Trainer {
         t.rng = Rng::from_state(st.rng);
         t.train_curve = st.train_curve;
         t.val_curve = st.val_curve;
+        t.resumed = Some((ck, skipped));
         Ok(t)
+    }
+
+    /// The checkpoint this trainer resumed from and, for each newer checkpoint that was not
+    /// complete, why it was skipped.
+    pub fn resumed_from(&self) -> Option<&(Checkpoint, Vec<String>)> {
+        self.resumed.as_ref()
     }
 
     /// The run directory.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.run.path()
     }
 
     /// One optimizer step (with gradient accumulation); returns the mean loss.
@@ -304,7 +340,7 @@ impl Trainer {
                     step: self.step + 1,
                     what: "loss",
                     value,
-                    dir: self.dir.clone(),
+                    dir: self.dir().to_path_buf(),
                 });
             }
             total += value;
@@ -317,7 +353,7 @@ impl Trainer {
                 step: self.step + 1,
                 what: "gradient norm",
                 value: norm,
-                dir: self.dir.clone(),
+                dir: self.dir().to_path_buf(),
             });
         }
         self.opt.step(&mut self.model.params, &self.grads, lr);
@@ -368,9 +404,6 @@ impl Trainer {
 
     /// Writes the checkpoint files, `metrics.jsonl` line and plot (see the module docs).
     fn checkpoint(&self, m: &Metrics) -> Result<(), TrainError> {
-        self.model.save_pretrained(&self.dir)?;
-        let opt: Vec<(String, &mamba_nn::tensor::Tensor)> = self.opt.state();
-        write_tensors(self.dir.join("optimizer.safetensors"), opt, None)?;
         let st = TrainerState {
             step: self.step,
             tokens: self.tokens,
@@ -381,8 +414,13 @@ impl Trainer {
             val_curve: self.val_curve.clone(),
         };
         let json = serde_json::to_vec_pretty(&st).expect("trainer state serialises");
-        write_atomic(&self.dir.join("trainer.json"), &json)?;
-        let path = self.dir.join("metrics.jsonl");
+        self.run.save(self.step, self.config.keep_checkpoints, |tmp| -> Result<(), TrainError> {
+            self.model.save_pretrained(tmp)?;
+            write_tensors(tmp.join("optimizer.safetensors"), self.opt.state(), None)?;
+            write_atomic(&tmp.join("trainer.json"), &json)?;
+            Ok(())
+        })?;
+        let path = self.dir().join("metrics.jsonl");
         let mut f =
             std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io_err(&path))?;
         let line = serde_json::to_string(m).expect("metrics serialise");
@@ -396,7 +434,7 @@ impl Trainer {
                 Series { name: "validation", color: "#d62728", points: &self.val_curve },
             ],
         );
-        write_atomic(&self.dir.join("loss.svg"), plot.as_bytes())?;
+        write_atomic(&self.dir().join("loss.svg"), plot.as_bytes())?;
         Ok(())
     }
 
@@ -511,4 +549,23 @@ impl Trainer {
         self.checkpoint(&m)?;
         Ok(m)
     }
+}
+
+/// Rewrites `metrics.jsonl` without the lines of steps after `step` (written after a checkpoint
+/// that a crash then lost, or after the one a resume starts from).
+fn drop_metrics_after(path: &Path, step: u64) -> Result<(), TrainError> {
+    let Ok(text) = std::fs::read_to_string(path) else { return Ok(()) };
+    let keep: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            let s = serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v.get("step")?.as_u64());
+            s.is_none_or(|s| s <= step)
+        })
+        .collect();
+    if keep.len() != text.lines().count() {
+        let mut out = keep.join("\n");
+        out.push('\n');
+        write_atomic(path, out.as_bytes())?;
+    }
+    Ok(())
 }

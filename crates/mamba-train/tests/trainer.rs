@@ -77,11 +77,23 @@ fn resume_continues_exactly() {
         (straight.step, straight.tokens, straight.val_loss)
     );
     assert_eq!(resumed.train_loss, straight.train_loss);
-    // Both directories hold a full checkpoint and one metrics line per evaluation.
+    // Both directories hold the model at the top, two complete checkpoints (the newest two),
+    // and one metrics line per evaluation.
     for d in [&d1, &d2] {
-        for f in ["config.json", "model.safetensors", "optimizer.safetensors", "trainer.json", "loss.svg"] {
+        for f in ["config.json", "model.safetensors", "loss.svg", "checkpoints/latest"] {
             assert!(d.join(f).exists(), "{} missing in {}", f, d.display());
         }
+        for step in ["step-00000003", "step-00000006"] {
+            for f in ["config.json", "model.safetensors", "optimizer.safetensors", "trainer.json", "manifest.json"] {
+                let p = d.join("checkpoints").join(step).join(f);
+                assert!(p.exists(), "{} missing", p.display());
+            }
+        }
+        assert_eq!(
+            std::fs::read(d.join("model.safetensors")).unwrap(),
+            std::fs::read(d.join("checkpoints/step-00000006/model.safetensors")).unwrap(),
+            "the top-level model is the latest checkpoint's"
+        );
         let m = metrics(d);
         assert_eq!(m.iter().map(|m| m.step).collect::<Vec<_>>(), vec![3, 6]);
         assert!(m.iter().all(|m| m.val_loss.is_finite() && m.tokens_per_s > 0.0));
