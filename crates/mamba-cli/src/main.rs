@@ -74,7 +74,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", message(&e));
             ExitCode::FAILURE
         }
     }
@@ -90,4 +90,18 @@ fn in_pool(threads: usize, f: impl FnOnce() -> anyhow::Result<()> + Send) -> any
         .build()
         .map_err(|e| anyhow::anyhow!("cannot start {threads} worker threads: {e}"))?;
     pool.install(f)
+}
+
+/// The error and its causes, joined by `: `, each cause left out when the text before it already
+/// says it (the library's errors include their cause in their own message).
+fn message(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg += ": ";
+            msg += &c;
+        }
+    }
+    msg
 }

@@ -8,9 +8,9 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mamba_nn::config::{Arch, MambaConfig};
 use mamba_nn::model::MambaLM;
 use mamba_train::data::TextData;
+use mamba_train::run_dir::RunDir;
 use mamba_train::tasks::Task;
 use mamba_train::tokenizer::{ByteTokenizer, Tokenizer, load_tokenizer};
-use mamba_train::run_dir::RunDir;
 use mamba_train::trainer::{Metrics, Objective, Progress, StepInfo, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 

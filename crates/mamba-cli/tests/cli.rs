@@ -143,7 +143,11 @@ fn task_run_writes_metrics_and_resumes() {
     assert!(stdout(&r).contains("final validation accuracy"), "{}", stdout(&r));
     // The same --out without --resume is refused, naming the directory.
     let again = mamba(&[&["train", "--out", o, "--steps", "2"][..], &common[..]].concat());
-    assert!(!again.status.success() && stderr(&again).contains("already holds a training run"), "{}", stderr(&again));
+    assert!(
+        !again.status.success() && stderr(&again).contains("already holds a training run"),
+        "{}",
+        stderr(&again)
+    );
     let r = mamba(&["train", "--out", o, "--resume", "--steps", "4"]);
     assert!(r.status.success(), "{}", stderr(&r));
     assert!(stderr(&r).contains("resuming") && stderr(&r).contains("at step 2"), "{}", stderr(&r));

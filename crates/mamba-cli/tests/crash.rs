@@ -112,7 +112,11 @@ fn killed_training_resumes_bit_identically() {
             kills += 1;
         }
         let r = resume(&out, None);
-        assert!(r.status.success(), "resume after a kill at step {step}: {}", String::from_utf8_lossy(&r.stderr));
+        assert!(
+            r.status.success(),
+            "resume after a kill at step {step}: {}",
+            String::from_utf8_lossy(&r.stderr)
+        );
         let got = std::fs::read(out.join("model.safetensors")).unwrap();
         assert!(got == want, "kill {attempts} (checkpoint at step {step}): the resumed run's model differs");
         assert_eq!(check_latest(&out), Some(30));
@@ -155,5 +159,50 @@ fn a_second_trainer_on_a_directory_in_use_is_refused() {
     let r = resume(&out, Some("1"));
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     assert!(check_latest(&out).is_some());
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// Unmounts on drop, so a failing test leaves no mount behind.
+struct Mount(PathBuf);
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_fails_the_save_and_keeps_the_last_checkpoint() {
+    let base = tmp("full");
+    let mnt = base.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=900k", "tmpfs", mnt.to_str().unwrap()])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a small tmpfs here (needs root and mount permission)");
+        return;
+    }
+    let _guard = Mount(mnt.clone());
+    let data = base.join("corpus.txt");
+    corpus(&data);
+    let out = mnt.join("run");
+    // Each checkpoint is about 0.36 MB: a third does not fit beside the two kept.
+    let o = train_cmd(&data, &out, "1000").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "training on a full disk succeeded");
+    assert!(err.contains("No space left on device"), "{err}");
+    let step = check_latest(&out).expect("a complete checkpoint survives the full disk");
+    assert!(step >= 1, "{err}");
+    let stale: Vec<_> = std::fs::read_dir(out.join("checkpoints"))
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
+    assert!(stale.is_empty(), "the failed checkpoint's temporaries were left: {stale:?}");
+    assert_eq!(err.matches("No space left on device").count(), 1, "the cause once: {err}");
+    drop(_guard);
     let _ = std::fs::remove_dir_all(&base);
 }

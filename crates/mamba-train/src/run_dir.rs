@@ -32,17 +32,15 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, thiserror::Error)]
 pub enum RunDirError {
     /// A file system operation failed.
-    #[error("{path}: {source}")]
+    #[error("{path}: {cause}")]
     Io {
         /// The file or directory.
         path: PathBuf,
         /// The cause.
-        source: std::io::Error,
+        cause: std::io::Error,
     },
     /// A new run was asked for in a directory that already holds one.
-    #[error(
-        "{dir} already holds a training run; pass --resume to continue it, or choose another --out"
-    )]
+    #[error("{dir} already holds a training run; pass --resume to continue it, or choose another --out")]
     RunExists {
         /// The directory.
         dir: PathBuf,
@@ -86,7 +84,7 @@ pub enum RunDirError {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RunDirError + '_ {
-    move |source| RunDirError::Io { path: path.to_path_buf(), source }
+    move |cause| RunDirError::Io { path: path.to_path_buf(), cause }
 }
 
 /// `manifest.json` of a checkpoint.
@@ -118,7 +116,8 @@ const CHECKPOINTS: &str = "checkpoints";
 const LATEST: &str = "latest";
 const LOCK: &str = ".lock";
 /// The files every checkpoint holds besides its manifest.
-pub const CHECKPOINT_FILES: [&str; 4] = ["config.json", "model.safetensors", "optimizer.safetensors", "trainer.json"];
+pub const CHECKPOINT_FILES: [&str; 4] =
+    ["config.json", "model.safetensors", "optimizer.safetensors", "trainer.json"];
 
 fn step_name(step: u64) -> String {
     format!("step-{step:08}")
@@ -147,7 +146,8 @@ impl RunDir {
             found.sort();
             if !found.is_empty() {
                 let shown: Vec<String> = found.iter().take(4).map(|n| format!("`{n}`")).collect();
-                let more = if found.len() > 4 { format!(" and {} more", found.len() - 4) } else { String::new() };
+                let more =
+                    if found.len() > 4 { format!(" and {} more", found.len() - 4) } else { String::new() };
                 return Err(RunDirError::NotARun { dir, found: format!("{}{more}", shown.join(", ")) });
             }
         }
@@ -179,7 +179,7 @@ impl RunDir {
         match file.try_lock() {
             Ok(()) => Ok(Self { dir, _lock: file }),
             Err(TryLockError::WouldBlock) => Err(RunDirError::Locked { dir, lock: path }),
-            Err(TryLockError::Error(source)) => Err(RunDirError::Io { path, source }),
+            Err(TryLockError::Error(cause)) => Err(RunDirError::Io { path, cause }),
         }
     }
 
@@ -302,7 +302,8 @@ impl RunDir {
     /// step. The reason when it is not.
     pub fn check(&self, step: u64) -> Result<Checkpoint, String> {
         let path = self.checkpoints().join(step_name(step));
-        let text = fs::read_to_string(path.join("manifest.json")).map_err(|e| format!("manifest.json: {e}"))?;
+        let text =
+            fs::read_to_string(path.join("manifest.json")).map_err(|e| format!("manifest.json: {e}"))?;
         let m: Manifest = serde_json::from_str(&text).map_err(|e| format!("manifest.json: {e}"))?;
         if m.step != step {
             return Err(format!("manifest.json says step {}", m.step));
@@ -360,7 +361,7 @@ fn sync_dir(dir: &Path) -> Result<(), RunDirError> {
             let _ = f.sync_all();
             Ok(())
         }
-        Err(source) => Err(RunDirError::Io { path: dir.into(), source }),
+        Err(cause) => Err(RunDirError::Io { path: dir.into(), cause }),
     }
 }
 
@@ -369,10 +370,14 @@ fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunDirError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let mut f = File::create(&tmp).map_err(io(&tmp))?;
-    f.write_all(bytes).map_err(io(&tmp))?;
-    f.sync_all().map_err(io(&tmp))?;
-    fs::rename(&tmp, path).map_err(io(path))
+    let written = File::create(&tmp)
+        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
+        .map_err(io(&tmp))
+        .and_then(|()| fs::rename(&tmp, path).map_err(io(path)));
+    if written.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    written
 }
 
 /// Makes `dst` the same file as `src`: a hard link (a copy where links are not supported) made
@@ -382,11 +387,15 @@ fn link_atomic(src: &Path, dst: &Path) -> Result<(), RunDirError> {
     let name = dst.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
     let _ = fs::remove_file(&tmp);
-    if fs::hard_link(src, &tmp).is_err() {
-        fs::copy(src, &tmp).map_err(io(&tmp))?;
-        File::open(&tmp).and_then(|f| f.sync_all()).map_err(io(&tmp))?;
+    let linked = match fs::hard_link(src, &tmp) {
+        Ok(()) => Ok(()),
+        Err(_) => fs::copy(src, &tmp).and_then(|_| File::open(&tmp)?.sync_all()).map_err(io(&tmp)),
     }
-    fs::rename(&tmp, dst).map_err(io(dst))
+    .and_then(|()| fs::rename(&tmp, dst).map_err(io(dst)));
+    if linked.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    linked
 }
 
 #[cfg(test)]
@@ -416,7 +425,7 @@ mod tests {
         let d = tmp("publish");
         let run = RunDir::create(&d).unwrap();
         for step in 1..=4 {
-            let c = run.save(step, 2, |t| write_all(t, step, &vec![step as u8; 10])).unwrap();
+            let c = run.save(step, 2, |t| write_all(t, step, &[step as u8; 10])).unwrap();
             assert_eq!(c.step, step);
         }
         let mut steps = run.steps().unwrap();
@@ -452,7 +461,10 @@ mod tests {
         fs::create_dir_all(d.join("checkpoints/.tmp-step-00000009-1")).unwrap();
         fs::write(d.join(".model.safetensors.tmp-77"), b"x").unwrap();
         let run = RunDir::open(&d).unwrap();
-        assert!(!d.join("checkpoints/.tmp-step-00000009-1").exists() && !d.join(".model.safetensors.tmp-77").exists());
+        assert!(
+            !d.join("checkpoints/.tmp-step-00000009-1").exists()
+                && !d.join(".model.safetensors.tmp-77").exists()
+        );
         assert!(matches!(run.latest(), Err(RunDirError::NoCheckpoint { .. })));
         drop(run);
         // A directory holding something else is refused, naming what it holds.

@@ -84,7 +84,9 @@ fn resume_continues_exactly() {
             assert!(d.join(f).exists(), "{} missing in {}", f, d.display());
         }
         for step in ["step-00000003", "step-00000006"] {
-            for f in ["config.json", "model.safetensors", "optimizer.safetensors", "trainer.json", "manifest.json"] {
+            for f in
+                ["config.json", "model.safetensors", "optimizer.safetensors", "trainer.json", "manifest.json"]
+            {
                 let p = d.join("checkpoints").join(step).join(f);
                 assert!(p.exists(), "{} missing", p.display());
             }
