@@ -24,7 +24,7 @@ pub struct EvalArgs {
     #[arg(long)]
     tokens: Option<PathBuf>,
     /// Tokens per sequence when scoring --data.
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, default_value_t = 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..))]
     seq_len: usize,
     /// Print one JSON line: {"loss": x, "tokens": n, "ppl": p} (plus "bits_per_byte" for --data).
     #[arg(long)]
@@ -69,8 +69,9 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         }
         (None, None) => bail!("give --data PATH or --tokens FILE.json"),
     };
+    let input = a.data.as_ref().or(a.tokens.as_ref()).map(|p| p.display().to_string()).unwrap_or_default();
     for (i, s) in seqs.iter().enumerate() {
-        model.check_ids(s).with_context(|| format!("sequence {i}"))?;
+        model.check_ids(s).with_context(|| format!("{input}: sequence {i}"))?;
     }
     let (mut nll, mut n) = (0.0f64, 0usize);
     for s in &seqs {
@@ -79,7 +80,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         n += k;
     }
     if n == 0 {
-        bail!("nothing to score: every sequence has fewer than 2 tokens");
+        bail!("nothing to score in {input}: every sequence has fewer than 2 tokens");
     }
     let loss = nll / n as f64;
     let ppl = loss.exp();
@@ -91,12 +92,12 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         if let Some(b) = bpb {
             line["bits_per_byte"] = serde_json::json!(b);
         }
-        println!("{line}");
+        outln!("{line}");
     } else {
-        println!("loss          {loss:.6} nats per token ({n} tokens)");
-        println!("perplexity    {ppl:.4}");
+        outln!("loss          {loss:.6} nats per token ({n} tokens)");
+        outln!("perplexity    {ppl:.4}");
         if let Some(b) = bpb {
-            println!("bits per byte {b:.4}");
+            outln!("bits per byte {b:.4}");
         }
     }
     Ok(())

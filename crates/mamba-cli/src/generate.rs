@@ -22,17 +22,17 @@ pub struct GenerateArgs {
     /// Token ids to continue, comma-separated (e.g. 1,2,3).
     #[arg(long, value_delimiter = ',')]
     prompt_ids: Option<Vec<usize>>,
-    /// Tokens to generate.
-    #[arg(long, default_value_t = 200)]
-    max_new_tokens: usize,
+    /// Tokens to generate (at most 100,000,000; nothing is allocated up front for them).
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=100_000_000))]
+    max_new_tokens: u64,
     /// Sampling temperature; 0 is greedy.
-    #[arg(long, default_value_t = 0.8)]
+    #[arg(long, default_value_t = 0.8, value_parser = crate::flags::non_negative_f32, allow_hyphen_values = true)]
     temperature: f32,
     /// Sample only among the k most likely tokens (0: no limit).
     #[arg(long, default_value_t = 0)]
     top_k: usize,
     /// Sample only among the most likely tokens whose probability adds up to p (1: no limit).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, value_parser = crate::flags::probability, allow_hyphen_values = true)]
     top_p: f32,
     /// Seed of the sampler: the same model, prompt, settings and seed give the same text.
     #[arg(long, default_value_t = 0)]
@@ -62,7 +62,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
         bail!("the prompt is empty after tokenization; give --prompt TEXT or --prompt-ids");
     }
     model.check_ids(&prompt).context("--prompt-ids")?;
-    let mut generation = model.generate(&prompt, a.max_new_tokens, sampler)?;
+    let mut generation = model.generate(&prompt, a.max_new_tokens as usize, sampler)?;
     let mut stdout = std::io::stdout().lock();
     if a.json {
         let tokens: Vec<usize> = generation.by_ref().collect();

@@ -26,15 +26,15 @@ pub fn run(a: InfoArgs) -> anyhow::Result<()> {
         Arch::Lti => "LTI baseline (a time-invariant recurrence, no selection: h = A·h + B·x, y = C·h + D·x)",
     };
     let n = model.params.num_elements();
-    println!("model        {}", a.model.display());
-    println!("architecture {arch}");
-    println!("layers       {}", c.n_layer);
-    println!("d_model      {} (d_inner {})", c.d_model, c.d_inner());
-    println!("d_state      {}", c.d_state);
-    println!("d_conv       {}", c.d_conv);
+    outln!("model        {}", a.model.display());
+    outln!("architecture {arch}");
+    outln!("layers       {}", c.n_layer);
+    outln!("d_model      {} (d_inner {})", c.d_model, c.d_inner());
+    outln!("d_state      {}", c.d_state);
+    outln!("d_conv       {}", c.d_conv);
     match c.arch {
-        Arch::Mamba1 => println!("dt_rank      {}", c.dt_rank),
-        Arch::Mamba2 => println!(
+        Arch::Mamba1 => outln!("dt_rank      {}", c.dt_rank),
+        Arch::Mamba2 => outln!(
             "heads        {} × {} (groups {}, chunk {})",
             c.nheads(),
             c.headdim,
@@ -43,15 +43,15 @@ pub fn run(a: InfoArgs) -> anyhow::Result<()> {
         ),
         Arch::Lti => {}
     }
-    println!("vocab        {}", c.vocab_size);
-    println!("lm_head      {}", if c.tie_embeddings { "tied to the embedding" } else { "separate" });
-    println!("parameters   {n} ({:.2} M)", n as f64 / 1e6);
-    println!("memory       {:.1} MiB of f32 weights", n as f64 * 4.0 / (1 << 20) as f64);
+    outln!("vocab        {}", c.vocab_size);
+    outln!("lm_head      {}", if c.tie_embeddings { "tied to the embedding" } else { "separate" });
+    outln!("parameters   {n} ({:.2} M)", n as f64 / 1e6);
+    outln!("memory       {:.1} MiB of f32 weights", n as f64 * 4.0 / (1 << 20) as f64);
     let state: usize = match c.arch {
         Arch::Mamba1 => c.d_inner() * c.d_state,
         Arch::Mamba2 => c.nheads() * c.headdim * c.d_state,
         Arch::Lti => c.d_inner(),
     } + if c.arch == Arch::Lti { 0 } else { c.conv_dim() * c.d_conv };
-    println!("state        {:.1} KiB per sequence for generation", (state * c.n_layer * 4) as f64 / 1024.0);
+    outln!("state        {:.1} KiB per sequence for generation", (state * c.n_layer * 4) as f64 / 1024.0);
     Ok(())
 }

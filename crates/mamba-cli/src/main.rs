@@ -8,15 +8,24 @@
 //! mamba info --model runs/run-001
 //! ```
 
+/// `println!` that returns the write error (a closed pipe) to the caller instead of panicking.
+macro_rules! outln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*)?
+    }};
+}
+
 mod corpus;
 mod eval;
+mod flags;
 mod generate;
 mod info;
 mod train;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 /// Train, run and inspect Mamba and Mamba-2 language models on the CPU.
 #[derive(Parser, Debug)]
@@ -55,7 +64,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = Cli::command().get_matches();
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // Which `train` flags were given, as opposed to defaulted: `--resume` checks them.
+    let train_matches = matches.subcommand_matches("train").cloned().unwrap_or_default();
     // Training and prefill allocate and free the same large activations every step: keep freed
     // memory in the heap rather than returning it to the system and faulting it back in.
     mamba_nn::tensor::keep_freed_memory();
@@ -66,13 +78,15 @@ fn main() -> ExitCode {
         Command::Info(_) => 1,
     };
     let result = in_pool(threads, move || match cli.command {
-        Command::Train(a) => train::run(a),
+        Command::Train(a) => train::run(a, &train_matches),
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Info(a) => info::run(a),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // The reader of our output went away (`mamba generate | head -1`): nothing to report.
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", message(&e));
             ExitCode::FAILURE
@@ -104,4 +118,10 @@ fn message(e: &anyhow::Error) -> String {
         }
     }
     msg
+}
+
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }

@@ -206,3 +206,36 @@ fn a_full_disk_fails_the_save_and_keeps_the_last_checkpoint() {
     drop(_guard);
     let _ = std::fs::remove_dir_all(&base);
 }
+
+#[test]
+fn ctrl_c_checkpoints_and_says_how_to_resume() {
+    let base = tmp("sigint");
+    std::fs::create_dir_all(&base).unwrap();
+    let data = base.join("corpus.txt");
+    corpus(&data);
+    let out = base.join("run");
+    let mut child = train_cmd(&data, &out, "1000000").spawn().unwrap();
+    let t0 = Instant::now();
+    while check_latest(&out).is_none_or(|s| s < 3) {
+        assert!(t0.elapsed() < Duration::from_secs(60), "no checkpoint written");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let killed = Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "a clean non-zero exit, not a signal: {err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let step: u64 = err
+        .split("stopped at step ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no step in: {err}"));
+    assert!(err.contains(&format!("mamba train --out {} --resume", out.display())), "{err}");
+    assert_eq!(check_latest(&out), Some(step), "the checkpoint of the step it stopped at");
+    let r = resume(&out, Some(&(step + 2).to_string()));
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(check_latest(&out), Some(step + 2));
+    let _ = std::fs::remove_dir_all(&base);
+}

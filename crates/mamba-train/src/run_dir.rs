@@ -192,6 +192,11 @@ impl RunDir {
         self.dir.join(CHECKPOINTS)
     }
 
+    /// Where checkpoint `step` is (or would be) published: `checkpoints/step-N`.
+    pub fn checkpoint_path(&self, step: u64) -> PathBuf {
+        self.checkpoints().join(step_name(step))
+    }
+
     /// Removes what an interrupted checkpoint leaves: `checkpoints/.tmp-*` directories and
     /// `.<name>.tmp-*` files.
     fn remove_temporaries(&self) -> Result<(), RunDirError> {

@@ -148,6 +148,11 @@ pub struct StepInfo {
 pub trait Progress {
     /// After every optimizer step.
     fn on_step(&mut self, _info: &StepInfo) {}
+    /// Asked before every step: `true` makes the trainer evaluate, checkpoint and return
+    /// [`TrainError::Interrupted`] (the CLI answers Ctrl-C this way).
+    fn stop_requested(&self) -> bool {
+        false
+    }
     /// After every evaluation.
     fn on_eval(&mut self, _m: &Metrics) {}
 }
@@ -188,6 +193,20 @@ pub enum TrainError {
         what: &'static str,
         /// The value.
         value: f64,
+        /// The run directory.
+        dir: PathBuf,
+    },
+    /// Training was asked to stop ([`Progress::stop_requested`]); a checkpoint of this step was
+    /// written first.
+    #[error(
+        "stopped at step {step} on request; checkpoint saved in {checkpoint}. Continue with: \
+         mamba train --out {dir} --resume"
+    )]
+    Interrupted {
+        /// The step.
+        step: u64,
+        /// The checkpoint written.
+        checkpoint: PathBuf,
         /// The run directory.
         dir: PathBuf,
     },
@@ -457,7 +476,12 @@ impl Trainer {
         let mut eval_cost = 0.0f64;
         let mut last: Option<Metrics> = None;
         let mut lr = 0.0f32;
+        let mut stopped = false;
         loop {
+            if progress.stop_requested() {
+                stopped = true;
+                break;
+            }
             let run_s = start.elapsed().as_secs_f64();
             let spent = self.elapsed_before + run_s;
             let steps_run = self.step - start_step;
@@ -511,6 +535,11 @@ impl Trainer {
                 m
             }
         };
+        if stopped {
+            let dir = self.dir().to_path_buf();
+            let checkpoint = self.run.checkpoint_path(self.step);
+            return Err(TrainError::Interrupted { step: self.step, checkpoint, dir });
+        }
         Ok(m)
     }
 

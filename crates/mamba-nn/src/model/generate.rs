@@ -92,15 +92,17 @@ impl Sampler {
         }
         let mut sc = std::mem::take(&mut self.scratch);
         sc.clear();
-        sc.extend(logits.iter().enumerate().map(|(i, &l)| (l / s.temperature, i)));
+        sc.extend(logits.iter().enumerate().map(|(i, &l)| (l, i)));
         sc.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
         if s.top_k > 0 {
             sc.truncate(s.top_k.min(sc.len()));
         }
+        // Weights exp((l − max) / T): the difference is taken before dividing, so however small
+        // T is, every exponent is ≤ 0 and the best token weighs 1 (no overflow to ∞ − ∞).
         let max = sc[0].0;
         let mut total = 0.0f32;
         for e in sc.iter_mut() {
-            e.0 = (e.0 - max).exp();
+            e.0 = ((e.0 - max) / s.temperature).exp();
             total += e.0;
         }
         if s.top_p < 1.0 {
@@ -267,6 +269,19 @@ mod tests {
             seen[all.pick(&logits)] = true;
         }
         assert!(seen.iter().all(|&s| s));
+    }
+
+    #[test]
+    fn tiny_temperatures_are_greedy() {
+        let logits = [1.0f32, 3.0, -2.0, 2.999];
+        for t in [1e-3f32, 1e-20, 1e-38, f32::MIN_POSITIVE] {
+            let mut s = Sampler::new(SamplingConfig { temperature: t, ..Default::default() }, 3).unwrap();
+            assert!((0..100).all(|_| s.pick(&logits) == 1), "temperature {t}");
+        }
+        // Huge logits too.
+        let big = [3e38f32, -3e38, 1e38];
+        let mut s = Sampler::new(SamplingConfig { temperature: 1e-30, ..Default::default() }, 3).unwrap();
+        assert_eq!(s.pick(&big), 0);
     }
 
     #[test]
