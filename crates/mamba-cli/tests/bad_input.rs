@@ -162,7 +162,7 @@ fn all_cases(d: &Path) -> Vec<Case> {
         let mut args = generate(&extra);
         if name.starts_with("a prompt id") {
             args =
-                vec!["generate", "--model", g, "--prompt-ids", "1,x"].iter().map(|s| s.to_string()).collect();
+                ["generate", "--model", g, "--prompt-ids", "1,x"].iter().map(|s| s.to_string()).collect();
         }
         cases.push(Case { name: format!("generate: {name}"), args, expect: vec![expect.into()] });
     }
