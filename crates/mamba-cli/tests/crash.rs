@@ -214,7 +214,7 @@ fn ctrl_c_checkpoints_and_says_how_to_resume() {
     let data = base.join("corpus.txt");
     corpus(&data);
     let out = base.join("run");
-    let mut child = train_cmd(&data, &out, "1000000").spawn().unwrap();
+    let child = train_cmd(&data, &out, "1000000").spawn().unwrap();
     let t0 = Instant::now();
     while check_latest(&out).is_none_or(|s| s < 3) {
         assert!(t0.elapsed() < Duration::from_secs(60), "no checkpoint written");
