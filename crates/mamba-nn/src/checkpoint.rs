@@ -106,8 +106,8 @@ impl TensorFile {
     /// [`CheckpointError::Format`] naming the file and, where there is one, the tensor.
     pub fn from_bytes(path: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self, CheckpointError> {
         let path = path.into();
-        let index = Self::index(&bytes)
-            .map_err(|reason| CheckpointError::Format { path: path.clone(), reason })?;
+        let index =
+            Self::index(&bytes).map_err(|reason| CheckpointError::Format { path: path.clone(), reason })?;
         Ok(Self { path, bytes, index })
     }
 
@@ -172,7 +172,10 @@ impl TensorFile {
                 return Err(format!("tensors `{prev}` and `{name}` overlap (bytes {}..{at})", r.start));
             }
             if r.start > at {
-                return Err(format!("bytes {at}..{} of the data belong to no tensor (before `{name}`)", r.start));
+                return Err(format!(
+                    "bytes {at}..{} of the data belong to no tensor (before `{name}`)",
+                    r.start
+                ));
             }
             at = r.end;
             prev = name;

@@ -630,8 +630,14 @@ mod tests {
             with("hidden_size", json!(1_000_000_000u64)),
             "config cfg.json: `hidden_size` = 1000000000: must be at most 32768 (the limit this crate accepts)"
         );
-        assert!(with("vocab_size", json!(1_000_000_000_000u64)).contains("`vocab_size` = 1000000000000: must be at most 1048576"));
-        assert!(with("num_hidden_layers", json!(1_000_000_000u64)).contains("`num_hidden_layers` = 1000000000: must be at most 1024"));
+        assert!(
+            with("vocab_size", json!(1_000_000_000_000u64))
+                .contains("`vocab_size` = 1000000000000: must be at most 1048576")
+        );
+        assert!(
+            with("num_hidden_layers", json!(1_000_000_000u64))
+                .contains("`num_hidden_layers` = 1000000000: must be at most 1024")
+        );
         assert!(with("state_size", json!(1u64 << 40)).contains("`state_size`"));
         assert!(with("expand", json!(u64::MAX)).contains("`expand`"));
         assert!(with("conv_kernel", json!(1u64 << 33)).contains("`conv_kernel`"));
@@ -659,9 +665,10 @@ mod tests {
         assert!(m2("n_groups", json!(1u64 << 50)).contains("`n_groups`"));
         assert!(m2("chunk_size", json!(1u64 << 50)).contains("`chunk_size`"));
         assert!(m2("num_heads", json!(u64::MAX)).contains("`num_heads`"));
-        let e = parse(json!({"d_model": 64, "n_layer": 1, "vocab_size": u64::MAX, "pad_vocab_size_multiple": 8}))
-            .unwrap_err()
-            .to_string();
+        let e =
+            parse(json!({"d_model": 64, "n_layer": 1, "vocab_size": u64::MAX, "pad_vocab_size_multiple": 8}))
+                .unwrap_err()
+                .to_string();
         assert!(e.contains("`pad_vocab_size_multiple`"), "{e}");
         let e = parse(json!([1, 2])).unwrap_err().to_string();
         assert_eq!(e, "config cfg.json: `(top level)` = an array: expected a JSON object");
@@ -684,7 +691,9 @@ mod tests {
 
     #[test]
     fn num_params_matches_the_built_model() {
-        for mut c in [MambaConfig::mamba1(50, 16, 2), MambaConfig::mamba2(50, 32, 2), MambaConfig::mamba1(50, 16, 3)] {
+        for mut c in
+            [MambaConfig::mamba1(50, 16, 2), MambaConfig::mamba2(50, 32, 2), MambaConfig::mamba1(50, 16, 3)]
+        {
             c.headdim = 16;
             c.d_state = 8;
             for (bias, tie) in [(false, true), (true, false)] {

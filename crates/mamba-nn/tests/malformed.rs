@@ -78,25 +78,37 @@ fn malformed_safetensors_are_errors_naming_the_file_and_the_fault() {
     assert!(parse_err(with_header("[1, 2]", b"")).contains("the header is not a JSON object"));
     let deep = format!("{}{}", "[".repeat(100_000), "]".repeat(100_000));
     assert!(parse_err(with_header(&deep, b"")).contains("the header is not a JSON object"));
-    let e = parse_err(with_header(r#"{"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}}"#, &[0; 8]));
+    let e =
+        parse_err(with_header(r#"{"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 16]}}"#, &[0; 8]));
     assert!(e.contains("tensor `t`: data_offsets [0, 16] are outside the 8 data bytes"), "{e}");
-    let e = parse_err(with_header(r#"{"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}"#, &[0; 8]));
-    assert!(e.contains("tensor `t`: shape [3] of F32 needs 96 bits but data_offsets [0, 8] hold 8 bytes"), "{e}");
+    let e =
+        parse_err(with_header(r#"{"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}"#, &[0; 8]));
+    assert!(
+        e.contains("tensor `t`: shape [3] of F32 needs 96 bits but data_offsets [0, 8] hold 8 bytes"),
+        "{e}"
+    );
     let huge = r#"{"t": {"dtype": "F32", "shape": [4294967296, 4294967296, 16], "data_offsets": [0, 0]}}"#;
-    assert!(parse_err(with_header(huge, b"")).contains("tensor `t`: shape [4294967296, 4294967296, 16] has too many elements"));
+    assert!(
+        parse_err(with_header(huge, b""))
+            .contains("tensor `t`: shape [4294967296, 4294967296, 16] has too many elements")
+    );
     let e = parse_err(with_header(
         r#"{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
             "b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}"#,
         &[0; 12],
     ));
     assert!(e.contains("tensors `a` and `b` overlap"), "{e}");
-    let e = parse_err(with_header(r#"{"t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}"#, &[0; 8]));
+    let e =
+        parse_err(with_header(r#"{"t": {"dtype": "F32", "shape": [1], "data_offsets": [4, 8]}}"#, &[0; 8]));
     assert!(e.contains("bytes 0..4 of the data belong to no tensor"), "{e}");
-    let e = parse_err(with_header(r#"{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}"#, &[0; 8]));
+    let e =
+        parse_err(with_header(r#"{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}"#, &[0; 8]));
     assert!(e.contains("the tensors cover 4 bytes but the data has 8"), "{e}");
-    let e = parse_err(with_header(r#"{"t": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}"#, &[0; 4]));
+    let e =
+        parse_err(with_header(r#"{"t": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}"#, &[0; 4]));
     assert!(e.contains("tensor `t`: invalid entry"), "{e}");
-    let e = parse_err(with_header(r#"{"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}"#, &[0; 4]));
+    let e =
+        parse_err(with_header(r#"{"t": {"dtype": "F32", "shape": [-1], "data_offsets": [0, 4]}}"#, &[0; 4]));
     assert!(e.contains("tensor `t`: invalid entry"), "{e}");
     let e = parse_err(with_header(r#"{"__metadata__": {"k": 1}}"#, b""));
     assert!(e.contains("`__metadata__`"), "{e}");
@@ -156,14 +168,20 @@ fn config_and_weights_must_agree_before_anything_is_allocated() {
     let t = std::time::Instant::now();
     set_config(&d, "hidden_size", json!(1_000_000_000u64));
     let e = MambaLM::from_pretrained(&d).unwrap_err().to_string();
-    assert!(e.contains(&format!("config {}: `hidden_size` = 1000000000: must be at most", cfg.display())), "{e}");
+    assert!(
+        e.contains(&format!("config {}: `hidden_size` = 1000000000: must be at most", cfg.display())),
+        "{e}"
+    );
     set_config(&d, "hidden_size", json!(8192));
     set_config(&d, "vocab_size", json!(300_000));
     set_config(&d, "time_step_rank", json!(512));
     let e = MambaLM::from_pretrained(&d).unwrap_err().to_string();
     assert_eq!(
         e,
-        format!("{}: tensor `backbone.embeddings.weight` has shape [20, 8], expected [300000, 8192]", st.display())
+        format!(
+            "{}: tensor `backbone.embeddings.weight` has shape [20, 8], expected [300000, 8192]",
+            st.display()
+        )
     );
     assert!(t.elapsed().as_secs_f64() < 1.0, "took {:?}", t.elapsed());
     std::fs::remove_dir_all(&d).unwrap();
@@ -204,12 +222,26 @@ fn non_finite_weights_are_refused_unless_allowed() {
 /// One random edit of a valid file.
 #[derive(Clone, Debug)]
 enum Mutation {
-    Flip { at: usize, bit: u8 },
-    Truncate { at: usize },
-    Splice { at: usize, garbage: Vec<u8> },
-    Overwrite { at: usize, garbage: Vec<u8> },
+    Flip {
+        at: usize,
+        bit: u8,
+    },
+    Truncate {
+        at: usize,
+    },
+    Splice {
+        at: usize,
+        garbage: Vec<u8>,
+    },
+    Overwrite {
+        at: usize,
+        garbage: Vec<u8>,
+    },
     /// Replaces the `k`-th run of digits in the header by `value`.
-    Number { k: usize, value: u64 },
+    Number {
+        k: usize,
+        value: u64,
+    },
 }
 
 fn mutation() -> impl Strategy<Value = Mutation> {

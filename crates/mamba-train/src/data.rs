@@ -113,7 +113,9 @@ pub enum TokenFileError {
         found: String,
     },
     /// A token id is not a non-negative integer.
-    #[error("{path}: sequence {index}, position {pos}: expected a non-negative integer token id, found {found}")]
+    #[error(
+        "{path}: sequence {index}, position {pos}: expected a non-negative integer token id, found {found}"
+    )]
     BadId {
         /// The file.
         path: PathBuf,

@@ -114,11 +114,13 @@ impl HfTokenizer {
         // Syntax first, with serde_json's line and column: the `tokenizers` crate panics on some
         // syntax errors inside the "decoder" object (below).
         serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| parse(e.to_string()))?;
-        // `tokenizers` 0.22.2 panics (`DecoderWrapper::deserialize`: `.expect("Helper")`,
-        // decoders/mod.rs:90) instead of returning an error for some malformed "decoder"
-        // values, so its parser runs under `catch_unwind` and a panic becomes an error naming the
-        // file. (The process's panic hook still prints the crate's message to stderr.) Found by
-        // `tests/malformed.rs`; no panic in this crate's own code is caught this way.
+        // `tokenizers` 0.22.2 panics instead of returning an error when its decoder deserializer
+        // fails (`DecoderWrapper::deserialize`: `.expect("Helper")`, decoders/mod.rs:90); the
+        // property tests in `tests/malformed.rs` hit it with syntax errors inside "decoder",
+        // which the check above now refuses first. Its parser still runs under `catch_unwind`
+        // so that any other input reaching that `expect` becomes an error naming the file (the
+        // process's panic hook still prints the crate's message). Only the crate's call is
+        // guarded; no panic of our own code is caught this way.
         let loaded = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes)).map_err(|p| {
             let msg = p
                 .downcast_ref::<String>()
