@@ -50,14 +50,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let model =
         MambaLM::from_pretrained(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
     let (seqs, bytes): (Vec<Vec<usize>>, Option<usize>) = match (&a.data, &a.tokens) {
-        (_, Some(path)) => {
-            let text =
-                std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-            let seqs: Vec<Vec<usize>> = serde_json::from_str(&text).with_context(|| {
-                format!("{}: expected a JSON array of arrays of token ids", path.display())
-            })?;
-            (seqs, None)
-        }
+        (_, Some(path)) => (mamba_train::data::read_token_file(path)?, None),
         (Some(path), None) => {
             if a.seq_len < 2 {
                 bail!("--seq-len must be at least 2, got {}", a.seq_len);

@@ -75,30 +75,117 @@ pub struct TensorFile {
     path: PathBuf,
     bytes: Vec<u8>,
     /// name → (dtype, shape, byte range)
-    index: BTreeMap<String, (Dtype, Vec<usize>, std::ops::Range<usize>)>,
+    index: BTreeMap<String, Entry>,
 }
 
+/// Largest safetensors header accepted (100 MB, the `safetensors` crate's own limit).
+pub const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+/// One tensor's entry in a header: dtype, shape and byte range within the file.
+type Entry = (Dtype, Vec<usize>, std::ops::Range<usize>);
+
 impl TensorFile {
-    /// Reads and indexes `path`.
+    /// Reads and indexes `path` (see [`TensorFile::from_bytes`] for the checks).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, CheckpointError> {
         let path = path.as_ref().to_path_buf();
         let bytes =
             std::fs::read(&path).map_err(|source| CheckpointError::Io { path: path.clone(), source })?;
-        let index = {
-            let st = SafeTensors::deserialize(&bytes)
-                .map_err(|e| CheckpointError::Format { path: path.clone(), reason: e.to_string() })?;
-            let base = bytes.as_ptr() as usize;
-            st.iter()
-                .map(|(name, view)| {
-                    let start = view.data().as_ptr() as usize - base;
-                    (
-                        name.to_string(),
-                        (view.dtype(), view.shape().to_vec(), start..start + view.data().len()),
-                    )
-                })
-                .collect()
-        };
+        Self::from_bytes(path, bytes)
+    }
+
+    /// Indexes the safetensors file `bytes`; `path` names it in errors.
+    ///
+    /// Never panics and allocates nothing sized by the header's numbers: the 8-byte header length
+    /// is checked against the file and [`MAX_HEADER_BYTES`] before the header is read; every
+    /// tensor's dtype, shape and offsets are checked (shape product and byte size with checked
+    /// arithmetic, the byte range inside the data and of exactly the size the dtype and shape
+    /// give, ranges neither overlapping nor leaving gaps) before the `safetensors` crate parses
+    /// the file again as a cross-check.
+    ///
+    /// # Errors
+    /// [`CheckpointError::Format`] naming the file and, where there is one, the tensor.
+    pub fn from_bytes(path: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self, CheckpointError> {
+        let path = path.into();
+        let index =
+            Self::index(&bytes).map_err(|reason| CheckpointError::Format { path: path.clone(), reason })?;
         Ok(Self { path, bytes, index })
+    }
+
+    /// The index of `bytes`, or why it is not a safetensors file.
+    fn index(bytes: &[u8]) -> Result<BTreeMap<String, Entry>, String> {
+        let Some((len_bytes, rest)) = bytes.split_first_chunk::<8>() else {
+            return Err(format!("the file is {} bytes, shorter than the 8-byte header length", bytes.len()));
+        };
+        let n = u64::from_le_bytes(*len_bytes);
+        if n > rest.len() as u64 {
+            return Err(format!("the header length {n} exceeds the {} bytes after it", rest.len()));
+        }
+        if n > MAX_HEADER_BYTES {
+            return Err(format!("the header length {n} exceeds the limit {MAX_HEADER_BYTES}"));
+        }
+        let (header, data) = rest.split_at(n as usize);
+        let header = std::str::from_utf8(header).map_err(|e| format!("the header is not UTF-8: {e}"))?;
+        let entries: BTreeMap<String, serde_json::Value> =
+            serde_json::from_str(header).map_err(|e| format!("the header is not a JSON object: {e}"))?;
+        let base = 8 + n as usize;
+        let mut index = BTreeMap::new();
+        for (name, v) in entries {
+            if name == "__metadata__" {
+                if !v.is_object() || v.as_object().is_some_and(|m| m.values().any(|x| !x.is_string())) {
+                    return Err("`__metadata__` is not an object of strings".into());
+                }
+                continue;
+            }
+            let info: safetensors::tensor::TensorInfo = serde_json::from_value(v)
+                .map_err(|e| format!("tensor `{name}`: invalid entry (dtype, shape, data_offsets): {e}"))?;
+            let (s, e) = info.data_offsets;
+            if s > e || e > data.len() {
+                return Err(format!(
+                    "tensor `{name}`: data_offsets [{s}, {e}] are outside the {} data bytes",
+                    data.len()
+                ));
+            }
+            let elements = info.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+            let bits = elements.and_then(|x| x.checked_mul(info.dtype.bitsize()));
+            let Some(bits) = bits else {
+                return Err(format!("tensor `{name}`: shape {:?} has too many elements", info.shape));
+            };
+            if bits % 8 != 0 || bits / 8 != e - s {
+                return Err(format!(
+                    "tensor `{name}`: shape {:?} of {:?} needs {} bits but data_offsets [{s}, {e}] hold {} bytes",
+                    info.shape,
+                    info.dtype,
+                    bits,
+                    e - s
+                ));
+            }
+            index.insert(name, (info.dtype, info.shape, base + s..base + e));
+        }
+        // The ranges must tile the data exactly: no overlap, no gap, nothing after the last.
+        let mut ranges: Vec<(&str, std::ops::Range<usize>)> =
+            index.iter().map(|(n, (_, _, r))| (n.as_str(), r.start - base..r.end - base)).collect();
+        ranges.sort_by_key(|(_, r)| (r.start, r.end));
+        let mut at = 0;
+        let mut prev = "";
+        for (name, r) in &ranges {
+            if r.start < at {
+                return Err(format!("tensors `{prev}` and `{name}` overlap (bytes {}..{at})", r.start));
+            }
+            if r.start > at {
+                return Err(format!(
+                    "bytes {at}..{} of the data belong to no tensor (before `{name}`)",
+                    r.start
+                ));
+            }
+            at = r.end;
+            prev = name;
+        }
+        if at != data.len() {
+            return Err(format!("the tensors cover {at} bytes but the data has {}", data.len()));
+        }
+        // Cross-check with the reference parser (it must agree after the checks above).
+        SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+        Ok(index)
     }
 
     /// The file's path.
@@ -121,7 +208,7 @@ impl TensorFile {
         self.index.get(name).map(|(_, s, _)| s.as_slice())
     }
 
-    fn entry(&self, name: &str) -> Result<&(Dtype, Vec<usize>, std::ops::Range<usize>), CheckpointError> {
+    fn entry(&self, name: &str) -> Result<&Entry, CheckpointError> {
         self.index.get(name).ok_or_else(|| CheckpointError::Missing {
             path: self.path.clone(),
             tensor: name.to_string(),

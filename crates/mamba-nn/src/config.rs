@@ -1,11 +1,47 @@
 //! Model configuration: reads Hugging Face `config.json` files in either key family
 //! (transformers' `hidden_size`/`num_hidden_layers`/`state_size`/… or the original
 //! `d_model`/`n_layer`/`ssm_cfg`/…) and writes the transformers form.
+//!
+//! # Limits
+//!
+//! [`MambaConfig::validate`] (called by every constructor that reads a file) refuses sizes
+//! beyond generous limits before anything is allocated from them, so a corrupt or hostile
+//! `config.json` fails with an error naming the file, the field, the value and the limit.
+//! The limits ([`MAX_VOCAB_SIZE`] = 2^20, [`MAX_D_MODEL`] = 2^15, [`MAX_LAYERS`] = 1024,
+//! [`MAX_D_STATE`] = 4096, [`MAX_EXPAND`] = 64, [`MAX_D_CONV`] = 1024, [`MAX_HEADDIM`] = 2^14,
+//! [`MAX_CHUNK_SIZE`] = 2^16, at most [`MAX_TENSOR_ELEMENTS`] = 2^34 elements in any tensor and
+//! [`MAX_PARAMS`] = 2^36 parameters in all) are several times those of every published Mamba
+//! (up to Falcon-Mamba 7B and Codestral-Mamba 7B: vocabulary ≤ 65 024, hidden size 4096,
+//! 64 layers). Every product is computed with checked arithmetic.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
+
+/// Largest `vocab_size` accepted (2^20; published Mamba vocabularies are at most ~256k).
+pub const MAX_VOCAB_SIZE: usize = 1 << 20;
+/// Largest `hidden_size` / `d_model` (and `time_step_rank`) accepted (2^15; Falcon-Mamba 7B and
+/// Codestral-Mamba use 4096).
+pub const MAX_D_MODEL: usize = 1 << 15;
+/// Largest `num_hidden_layers` accepted (Codestral-Mamba has 64 layers, Falcon-Mamba 7B 64).
+pub const MAX_LAYERS: usize = 1024;
+/// Largest `state_size` accepted (Mamba-1 uses 16, Mamba-2 128).
+pub const MAX_D_STATE: usize = 4096;
+/// Largest `expand` accepted (every published model uses 2).
+pub const MAX_EXPAND: usize = 64;
+/// Largest `conv_kernel` accepted (every published model uses 4).
+pub const MAX_D_CONV: usize = 1024;
+/// Largest Mamba-2 `head_dim` accepted (published models use 64).
+pub const MAX_HEADDIM: usize = 1 << 14;
+/// Largest Mamba-2 `chunk_size` accepted (published models use 256).
+pub const MAX_CHUNK_SIZE: usize = 1 << 16;
+/// Most elements in any one tensor (2^34, 64 GiB as f32; a 7B model's largest is ~2^28).
+pub const MAX_TENSOR_ELEMENTS: u64 = 1 << 34;
+/// Most parameters in a model (2^36 ≈ 69 billion; the largest published Mamba has ~7.3 billion).
+pub const MAX_PARAMS: u64 = 1 << 36;
+/// Largest `config.json` read (1 MiB; real ones are a few KiB).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
 
 /// Which mixer the blocks use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,7 +202,80 @@ impl MambaConfig {
         }
     }
 
-    /// Checks that the sizes fit together; the error names the field.
+    /// Number of parameters of the model this config describes (embedding, every block,
+    /// `norm_f`, and `lm_head` when untied), or `None` if the count overflows `u64`.
+    pub fn num_params(&self) -> Option<u64> {
+        let (total, _) = self.tensor_sizes()?;
+        Some(total)
+    }
+
+    /// The total parameter count and the largest tensor (its name and element count), with
+    /// checked arithmetic: `None` on overflow.
+    fn tensor_sizes(&self) -> Option<(u64, (&'static str, u64))> {
+        let u = |x: usize| x as u64;
+        let mul = |a: u64, b: u64| a.checked_mul(b);
+        let (v, d, n, k) = (u(self.vocab_size), u(self.d_model), u(self.d_state), u(self.d_conv));
+        let di = mul(u(self.expand), d)?;
+        let bias = |x: u64| if self.bias { x } else { 0 };
+        let conv_bias = |x: u64| if self.conv_bias { x } else { 0 };
+        // (name, elements) of every tensor of one block, then of the whole model.
+        let mut per_layer: Vec<(&'static str, u64)> = vec![("norm.weight", d)];
+        match self.arch {
+            Arch::Mamba1 => {
+                let r = u(self.dt_rank);
+                let xw = r.checked_add(mul(2, n)?)?;
+                per_layer.extend([
+                    ("mixer.in_proj.weight", mul(mul(2, di)?, d)?),
+                    ("mixer.in_proj.bias", bias(mul(2, di)?)),
+                    ("mixer.conv1d.weight", mul(di, k)?),
+                    ("mixer.conv1d.bias", conv_bias(di)),
+                    ("mixer.x_proj.weight", mul(xw, di)?),
+                    ("mixer.dt_proj.weight", mul(di, r)?),
+                    ("mixer.dt_proj.bias", di),
+                    ("mixer.A_log", mul(di, n)?),
+                    ("mixer.D", di),
+                ]);
+            }
+            Arch::Mamba2 => {
+                let (p, g) = (u(self.headdim), u(self.ngroups));
+                let h = di.checked_div(p)?;
+                let conv_dim = di.checked_add(mul(mul(2, g)?, n)?)?;
+                let in_dim = di.checked_add(conv_dim)?.checked_add(h)?;
+                per_layer.extend([
+                    ("mixer.in_proj.weight", mul(in_dim, d)?),
+                    ("mixer.in_proj.bias", bias(in_dim)),
+                    ("mixer.conv1d.weight", mul(conv_dim, k)?),
+                    ("mixer.conv1d.bias", conv_bias(conv_dim)),
+                    ("mixer.dt_bias", h),
+                    ("mixer.A_log", h),
+                    ("mixer.D", h),
+                    ("mixer.norm.weight", di),
+                ]);
+            }
+            Arch::Lti => per_layer.extend([
+                ("mixer.in_proj.weight", mul(di, d)?),
+                ("mixer.in_proj.bias", bias(di)),
+                ("mixer.lti_A", di),
+                ("mixer.lti_B", di),
+                ("mixer.lti_C", di),
+                ("mixer.D", di),
+            ]),
+        }
+        per_layer.extend([("mixer.out_proj.weight", mul(d, di)?), ("mixer.out_proj.bias", bias(d))]);
+        let layer_total = per_layer.iter().try_fold(0u64, |a, &(_, x)| a.checked_add(x))?;
+        let emb = mul(v, d)?;
+        let head = if self.tie_embeddings { 0 } else { emb };
+        let total = mul(layer_total, u(self.n_layer))?.checked_add(emb)?.checked_add(head)?.checked_add(d)?;
+        let largest = per_layer
+            .into_iter()
+            .chain([("backbone.embeddings.weight", emb)])
+            .max_by_key(|&(_, x)| x)
+            .expect("at least one tensor");
+        Some((total, largest))
+    }
+
+    /// Checks that every size is within the [limits](self#limits) and that the sizes fit
+    /// together; the error names the field, its value and the limit.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_at(Path::new("<in memory>"))
     }
@@ -178,27 +287,27 @@ impl MambaConfig {
             value: value.to_string(),
             reason: reason.to_string(),
         };
-        for (field, v) in [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.d_model),
-            ("num_hidden_layers", self.n_layer),
-            ("state_size", self.d_state),
-            ("expand", self.expand),
-            ("conv_kernel", self.d_conv),
-        ] {
+        let in_range = |field: &'static str, v: usize, max: usize| {
             if v == 0 {
-                return Err(bad(field, v, "must be at least 1"));
+                Err(bad(field, v, "must be at least 1"))
+            } else if v > max {
+                Err(bad(field, v, &format!("must be at most {max} (the limit this crate accepts)")))
+            } else {
+                Ok(())
             }
-        }
+        };
+        in_range("vocab_size", self.vocab_size, MAX_VOCAB_SIZE)?;
+        in_range("hidden_size", self.d_model, MAX_D_MODEL)?;
+        in_range("num_hidden_layers", self.n_layer, MAX_LAYERS)?;
+        in_range("state_size", self.d_state, MAX_D_STATE)?;
+        in_range("expand", self.expand, MAX_EXPAND)?;
+        in_range("conv_kernel", self.d_conv, MAX_D_CONV)?;
         match self.arch {
-            Arch::Mamba1 => {
-                if self.dt_rank == 0 {
-                    return Err(bad("time_step_rank", 0, "must be at least 1"));
-                }
-            }
+            Arch::Mamba1 => in_range("time_step_rank", self.dt_rank, MAX_D_MODEL)?,
             Arch::Lti => {}
             Arch::Mamba2 => {
-                if self.headdim == 0 || !self.d_inner().is_multiple_of(self.headdim) {
+                in_range("head_dim", self.headdim, MAX_HEADDIM)?;
+                if !self.d_inner().is_multiple_of(self.headdim) {
                     let why = format!("must divide d_inner = expand · hidden_size = {}", self.d_inner());
                     return Err(bad("head_dim", self.headdim, &why));
                 }
@@ -206,10 +315,59 @@ impl MambaConfig {
                     let why = format!("must divide the number of heads {}", self.nheads());
                     return Err(bad("n_groups", self.ngroups, &why));
                 }
-                if self.chunk_size == 0 {
-                    return Err(bad("chunk_size", 0, "must be at least 1"));
-                }
+                in_range("chunk_size", self.chunk_size, MAX_CHUNK_SIZE)?;
             }
+        }
+        let real = |field: &'static str, v: f32, ok: bool, what: &str| {
+            if v.is_finite() && ok {
+                Ok(())
+            } else {
+                Err(ConfigError::Invalid {
+                    path: path.to_path_buf(),
+                    field,
+                    value: v.to_string(),
+                    reason: format!("must be a finite number {what}"),
+                })
+            }
+        };
+        real("layer_norm_epsilon", self.norm_eps, self.norm_eps >= 0.0, "≥ 0")?;
+        real("time_step_min", self.dt_min, self.dt_min > 0.0, "> 0")?;
+        real("time_step_max", self.dt_max, self.dt_max >= self.dt_min, "≥ time_step_min")?;
+        real("time_step_floor", self.dt_init_floor, self.dt_init_floor >= 0.0, "≥ 0")?;
+        let too_big = |field: &'static str, value: String, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            field,
+            value,
+            reason,
+        };
+        let Some((total, (name, largest))) = self.tensor_sizes() else {
+            return Err(too_big(
+                "num_hidden_layers",
+                self.n_layer.to_string(),
+                "the parameter count overflows a 64-bit integer".into(),
+            ));
+        };
+        if largest > MAX_TENSOR_ELEMENTS {
+            let (field, value) = if name == "backbone.embeddings.weight" {
+                ("vocab_size", self.vocab_size)
+            } else {
+                ("hidden_size", self.d_model)
+            };
+            return Err(too_big(
+                field,
+                value.to_string(),
+                format!(
+                    "tensor `{name}` would have {largest} elements, more than the limit \
+                     {MAX_TENSOR_ELEMENTS} (2^34)"
+                ),
+            ));
+        }
+        if total > MAX_PARAMS {
+            return Err(too_big(
+                "num_hidden_layers",
+                self.n_layer.to_string(),
+                format!("the model would have {total} parameters, more than the limit {MAX_PARAMS} (2^36)"),
+            ));
         }
         Ok(())
     }
@@ -217,8 +375,17 @@ impl MambaConfig {
     /// Reads a `config.json` of either key family and validates it.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
-        let text =
-            std::fs::read_to_string(path).map_err(|source| ConfigError::Io { path: path.into(), source })?;
+        let io = |source| ConfigError::Io { path: path.into(), source };
+        let len = std::fs::metadata(path).map_err(io)?.len();
+        if len > MAX_CONFIG_BYTES {
+            return Err(ConfigError::Invalid {
+                path: path.into(),
+                field: "(file size)",
+                value: format!("{len} bytes"),
+                reason: format!("a config.json is at most {MAX_CONFIG_BYTES} bytes"),
+            });
+        }
+        let text = std::fs::read_to_string(path).map_err(io)?;
         let v: Value =
             serde_json::from_str(&text).map_err(|source| ConfigError::Json { path: path.into(), source })?;
         Self::from_json(&v, path)
@@ -227,7 +394,14 @@ impl MambaConfig {
     /// Parses a config object (see [`MambaConfig::from_file`]); `path` is used in errors only.
     pub fn from_json(v: &Value, path: &Path) -> Result<Self, ConfigError> {
         let empty = Map::new();
-        let root = v.as_object().unwrap_or(&empty);
+        let Some(root) = v.as_object() else {
+            return Err(ConfigError::Invalid {
+                path: path.into(),
+                field: "(top level)",
+                value: json_kind(v).into(),
+                reason: "expected a JSON object".into(),
+            });
+        };
         let ssm = root.get("ssm_cfg").and_then(Value::as_object).unwrap_or(&empty);
         let get = |names: &[&str]| -> Option<&Value> {
             names.iter().find_map(|n| root.get(*n).or_else(|| ssm.get(*n))).filter(|v| !v.is_null())
@@ -268,7 +442,12 @@ impl MambaConfig {
         if let Some(m) = usize_of(&["pad_vocab_size_multiple"])?.filter(|&m| m > 1)
             && root.get("hidden_size").is_none()
         {
-            vocab_size = vocab_size.div_ceil(m) * m;
+            vocab_size = vocab_size.div_ceil(m).checked_mul(m).ok_or_else(|| ConfigError::Invalid {
+                path: path.into(),
+                field: "pad_vocab_size_multiple",
+                value: m.to_string(),
+                reason: format!("padding vocab_size = {vocab_size} to a multiple overflows"),
+            })?;
         }
         let mut cfg = match arch {
             Arch::Mamba1 | Arch::Lti => Self { arch, ..Self::mamba1(vocab_size, d_model, 1) },
@@ -290,22 +469,22 @@ impl MambaConfig {
         cfg.dt_min = f32_of(&["time_step_min", "dt_min"], cfg.dt_min);
         cfg.dt_max = f32_of(&["time_step_max", "dt_max"], cfg.dt_max);
         cfg.dt_init_floor = f32_of(&["time_step_floor", "dt_init_floor"], cfg.dt_init_floor);
+        cfg.validate_at(path)?;
         if arch == Arch::Mamba2
             && let Some(h) = usize_of(&["num_heads", "nheads"])?
-            && h * cfg.headdim != cfg.d_inner()
+            && h.checked_mul(cfg.headdim) != Some(cfg.d_inner())
         {
             return Err(ConfigError::Invalid {
                 path: path.into(),
                 field: "num_heads",
                 value: h.to_string(),
                 reason: format!(
-                    "num_heads · head_dim = {} must equal expand · hidden_size = {}",
-                    h * cfg.headdim,
+                    "num_heads · head_dim = {h} · {} must equal expand · hidden_size = {}",
+                    cfg.headdim,
                     cfg.d_inner()
                 ),
             });
         }
-        cfg.validate_at(path)?;
         Ok(cfg)
     }
 
@@ -353,6 +532,18 @@ impl MambaConfig {
             }
         }
         v
+    }
+}
+
+/// A short name of a JSON value's type, for error messages.
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
 
@@ -425,6 +616,96 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert_eq!(e, "config cfg.json: `vocab_size` = \"x\": expected a non-negative integer");
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_naming_field_value_and_limit() {
+        let base = || json!({"vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2});
+        let with = |k: &str, v: Value| {
+            let mut c = base();
+            c[k] = v;
+            parse(c).unwrap_err().to_string()
+        };
+        assert_eq!(
+            with("hidden_size", json!(1_000_000_000u64)),
+            "config cfg.json: `hidden_size` = 1000000000: must be at most 32768 (the limit this crate accepts)"
+        );
+        assert!(
+            with("vocab_size", json!(1_000_000_000_000u64))
+                .contains("`vocab_size` = 1000000000000: must be at most 1048576")
+        );
+        assert!(
+            with("num_hidden_layers", json!(1_000_000_000u64))
+                .contains("`num_hidden_layers` = 1000000000: must be at most 1024")
+        );
+        assert!(with("state_size", json!(1u64 << 40)).contains("`state_size`"));
+        assert!(with("expand", json!(u64::MAX)).contains("`expand`"));
+        assert!(with("conv_kernel", json!(1u64 << 33)).contains("`conv_kernel`"));
+        assert!(with("time_step_rank", json!(1u64 << 20)).contains("`time_step_rank`"));
+        assert!(with("layer_norm_epsilon", json!(-1.0)).contains("`layer_norm_epsilon`"));
+        assert!(with("time_step_min", json!(1e300)).contains("`time_step_min` = inf"));
+        // Each size within its limit, but the embedding too large.
+        let e = parse(json!({"vocab_size": 1 << 20, "hidden_size": 1 << 15, "num_hidden_layers": 1}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("`vocab_size` = 1048576: tensor `backbone.embeddings.weight` would have"), "{e}");
+        // Each tensor within its limit, but too many parameters.
+        let e = parse(json!({"vocab_size": 256, "hidden_size": 1 << 15, "num_hidden_layers": 1024}))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("parameters, more than the limit 68719476736 (2^36)"), "{e}");
+        // Mamba-2 sizes and the original keys' padding.
+        let m2 = |k: &str, v: Value| {
+            let mut c = json!({"model_type": "mamba2", "vocab_size": 256, "hidden_size": 64,
+                "num_hidden_layers": 1, "head_dim": 16});
+            c[k] = v;
+            parse(c).unwrap_err().to_string()
+        };
+        assert!(m2("head_dim", json!(0)).contains("`head_dim` = 0: must be at least 1"));
+        assert!(m2("n_groups", json!(1u64 << 50)).contains("`n_groups`"));
+        assert!(m2("chunk_size", json!(1u64 << 50)).contains("`chunk_size`"));
+        assert!(m2("num_heads", json!(u64::MAX)).contains("`num_heads`"));
+        let e =
+            parse(json!({"d_model": 64, "n_layer": 1, "vocab_size": u64::MAX, "pad_vocab_size_multiple": 8}))
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("`pad_vocab_size_multiple`"), "{e}");
+        let e = parse(json!([1, 2])).unwrap_err().to_string();
+        assert_eq!(e, "config cfg.json: `(top level)` = an array: expected a JSON object");
+    }
+
+    #[test]
+    fn published_7b_configs_are_accepted() {
+        // Falcon-Mamba 7B and Codestral-Mamba 7B (Mamba-2), as their config.json state them.
+        let falcon = parse(json!({"model_type": "mamba", "vocab_size": 65024, "hidden_size": 4096,
+            "num_hidden_layers": 64, "state_size": 16, "expand": 16, "conv_kernel": 4,
+            "time_step_rank": 256, "tie_word_embeddings": false}))
+        .unwrap();
+        assert!(falcon.num_params().unwrap() > 7_000_000_000);
+        let codestral = parse(json!({"model_type": "mamba2", "vocab_size": 32768, "hidden_size": 4096,
+            "num_hidden_layers": 64, "state_size": 128, "expand": 2, "head_dim": 64, "num_heads": 128,
+            "n_groups": 8, "chunk_size": 256, "tie_word_embeddings": false}))
+        .unwrap();
+        assert!(codestral.num_params().unwrap() > 7_000_000_000);
+    }
+
+    #[test]
+    fn num_params_matches_the_built_model() {
+        for mut c in
+            [MambaConfig::mamba1(50, 16, 2), MambaConfig::mamba2(50, 32, 2), MambaConfig::mamba1(50, 16, 3)]
+        {
+            c.headdim = 16;
+            c.d_state = 8;
+            for (bias, tie) in [(false, true), (true, false)] {
+                c.bias = bias;
+                c.tie_embeddings = tie;
+                let m = crate::model::MambaLM::new(c.clone(), 0).unwrap();
+                assert_eq!(c.num_params(), Some(m.params.num_elements() as u64), "{c:?}");
+            }
+        }
+        let lti = MambaConfig { arch: Arch::Lti, ..MambaConfig::mamba1(50, 16, 2) };
+        let m = crate::model::MambaLM::new(lti.clone(), 0).unwrap();
+        assert_eq!(lti.num_params(), Some(m.params.num_elements() as u64));
     }
 
     #[test]

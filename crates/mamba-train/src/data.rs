@@ -74,6 +74,105 @@ pub enum DataError {
     },
 }
 
+/// A token file (`mamba eval --tokens`) that cannot be read or is not a JSON array of arrays
+/// of token ids.
+#[derive(Debug, thiserror::Error)]
+pub enum TokenFileError {
+    /// The file could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not JSON.
+    #[error("{path} is not valid JSON (expected an array of arrays of token ids): {source}")]
+    Json {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: serde_json::Error,
+    },
+    /// The top level is not an array.
+    #[error("{path}: expected a JSON array of arrays of token ids, found {found}")]
+    NotArray {
+        /// The file.
+        path: PathBuf,
+        /// What the file holds instead.
+        found: String,
+    },
+    /// A sequence is not an array.
+    #[error("{path}: sequence {index}: expected an array of token ids, found {found}")]
+    NotSequence {
+        /// The file.
+        path: PathBuf,
+        /// The sequence's index.
+        index: usize,
+        /// What it holds instead.
+        found: String,
+    },
+    /// A token id is not a non-negative integer.
+    #[error(
+        "{path}: sequence {index}, position {pos}: expected a non-negative integer token id, found {found}"
+    )]
+    BadId {
+        /// The file.
+        path: PathBuf,
+        /// The sequence's index.
+        index: usize,
+        /// The position in the sequence.
+        pos: usize,
+        /// The value found.
+        found: String,
+    },
+}
+
+/// Reads a token file: a JSON array of arrays of token ids, each inner array one sequence (the
+/// format of `mamba eval --tokens FILE`). Ids are not checked against a vocabulary here
+/// (see `MambaLM::check_ids`).
+///
+/// # Errors
+/// [`TokenFileError`] naming the file and, for a bad element, the sequence index, the position
+/// and what was expected.
+pub fn read_token_file(path: &Path) -> Result<Vec<Vec<usize>>, TokenFileError> {
+    let bytes = std::fs::read(path).map_err(|source| TokenFileError::Io { path: path.into(), source })?;
+    parse_token_file(path, &bytes)
+}
+
+/// Parses the bytes of a token file (see [`read_token_file`]); `path` is used in errors only.
+pub fn parse_token_file(path: &Path, bytes: &[u8]) -> Result<Vec<Vec<usize>>, TokenFileError> {
+    use serde_json::Value;
+    let v: Value =
+        serde_json::from_slice(bytes).map_err(|source| TokenFileError::Json { path: path.into(), source })?;
+    let short = |v: &Value| {
+        let s = v.to_string();
+        if s.len() > 40 { format!("{}…", s.chars().take(40).collect::<String>()) } else { s }
+    };
+    let Value::Array(seqs) = v else {
+        return Err(TokenFileError::NotArray { path: path.into(), found: short(&v) });
+    };
+    seqs.iter()
+        .enumerate()
+        .map(|(index, s)| {
+            let Value::Array(ids) = s else {
+                return Err(TokenFileError::NotSequence { path: path.into(), index, found: short(s) });
+            };
+            ids.iter()
+                .enumerate()
+                .map(|(pos, id)| {
+                    id.as_u64().and_then(|x| usize::try_from(x).ok()).ok_or_else(|| TokenFileError::BadId {
+                        path: path.into(),
+                        index,
+                        pos,
+                        found: short(id),
+                    })
+                })
+                .collect()
+        })
+        .collect()
+}
+
 /// The text files under `path`: `path` itself if it is a file; for a directory, every regular
 /// file below it, recursively, skipping names that start with `.`, sorted by their path (so the
 /// order is the same on every machine).

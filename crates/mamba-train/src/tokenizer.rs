@@ -101,8 +101,35 @@ impl HfTokenizer {
     /// Loads the `tokenizer.json` at `path`.
     pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
         let bytes = std::fs::read(path).map_err(|source| TokenizerError::Io { path: path.into(), source })?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| TokenizerError::Parse { path: path.into(), reason: e.to_string() })?;
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// Parses the contents of a `tokenizer.json`; `path` names it in errors and is its
+    /// [`Tokenizer::name`].
+    ///
+    /// # Errors
+    /// [`TokenizerError::Parse`] naming the file for anything the `tokenizers` crate refuses.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> Result<Self, TokenizerError> {
+        let parse = |reason: String| TokenizerError::Parse { path: path.into(), reason };
+        // Syntax first, with serde_json's line and column: the `tokenizers` crate panics on some
+        // syntax errors inside the "decoder" object (below).
+        serde_json::from_slice::<serde::de::IgnoredAny>(bytes).map_err(|e| parse(e.to_string()))?;
+        // `tokenizers` 0.22.2 panics instead of returning an error when its decoder deserializer
+        // fails (`DecoderWrapper::deserialize`: `.expect("Helper")`, decoders/mod.rs:90); the
+        // property tests in `tests/malformed.rs` hit it with syntax errors inside "decoder",
+        // which the check above now refuses first. Its parser still runs under `catch_unwind`
+        // so that any other input reaching that `expect` becomes an error naming the file (the
+        // process's panic hook still prints the crate's message). Only the crate's call is
+        // guarded; no panic of our own code is caught this way.
+        let loaded = std::panic::catch_unwind(|| tokenizers::Tokenizer::from_bytes(bytes)).map_err(|p| {
+            let msg = p
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| p.downcast_ref::<&str>().copied())
+                .unwrap_or("a panic");
+            parse(format!("the tokenizers crate panicked while parsing it: {msg}"))
+        })?;
+        let inner = loaded.map_err(|e| parse(e.to_string()))?;
         Ok(Self { inner, name: path.display().to_string() })
     }
 }

@@ -66,6 +66,36 @@ pub enum ModelError {
     /// Generation was asked to continue an empty prompt.
     #[error("the prompt is empty: generation needs at least one token to continue")]
     EmptyPrompt,
+    /// `config.json` and the weights file disagree on the number of layers.
+    #[error(
+        "{config} says num_hidden_layers = {config_layers}, but {weights} holds {file_layers} \
+         layer(s) (tensors `backbone.layers.{{i}}.*`)"
+    )]
+    LayerCount {
+        /// The config file.
+        config: PathBuf,
+        /// The weights file.
+        weights: PathBuf,
+        /// Layers the config states.
+        config_layers: usize,
+        /// Layers in the weights file (one more than the largest layer index found).
+        file_layers: usize,
+    },
+    /// A weight is NaN or infinite (refused unless [`LoadOptions::allow_non_finite`]).
+    #[error(
+        "{path}: tensor `{tensor}` has {count} non-finite value(s) (NaN or ±inf); {others} other \
+         tensor(s) have some too"
+    )]
+    NonFinite {
+        /// The weights file.
+        path: PathBuf,
+        /// The first tensor (in parameter order) holding a non-finite value.
+        tensor: String,
+        /// How many of its values are NaN or infinite.
+        count: usize,
+        /// How many other tensors hold non-finite values.
+        others: usize,
+    },
     /// A token id is outside the vocabulary.
     #[error("token id {id} at position {pos} is outside the vocabulary (size {vocab})")]
     TokenOutOfRange {
@@ -76,6 +106,15 @@ pub enum ModelError {
         /// The vocabulary size.
         vocab: usize,
     },
+}
+
+/// How [`MambaLM::from_pretrained_with`] treats what it loads.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Accept weights that are NaN or infinite (for tools that inspect a damaged checkpoint).
+    /// By default ([`MambaLM::from_pretrained`]) such weights are refused with
+    /// [`ModelError::NonFinite`].
+    pub allow_non_finite: bool,
 }
 
 /// A Mamba language model: its config, its parameters and the layers that index them.
@@ -135,15 +174,45 @@ impl MambaLM {
 
     /// Loads a Hugging Face model directory (`config.json` + `model.safetensors`), Mamba or
     /// Mamba-2, with `lm_head.weight` absent, tied or separate. Tensors in the file that the model
-    /// does not use are ignored.
+    /// does not use are ignored; weights that are NaN or infinite are refused. Same as
+    /// [`MambaLM::from_pretrained_with`] with the default [`LoadOptions`].
     pub fn from_pretrained(dir: impl AsRef<Path>) -> Result<Self, ModelError> {
+        Self::from_pretrained_with(dir, LoadOptions::default())
+    }
+
+    /// [`MambaLM::from_pretrained`] with `options`.
+    ///
+    /// Nothing is allocated from the config's sizes before they are checked: the config is
+    /// validated against its [limits](crate::config#limits), the weights file is indexed
+    /// ([`TensorFile::from_bytes`]'s checks), the number of layers in the file must equal the
+    /// config's, and each tensor's shape is checked against the config before it is decoded.
+    ///
+    /// # Errors
+    /// [`ModelError::Config`], [`ModelError::NoWeights`], [`ModelError::Checkpoint`] (an invalid
+    /// file, or a tensor missing or of another shape), [`ModelError::LayerCount`], and
+    /// [`ModelError::NonFinite`] unless `options.allow_non_finite`.
+    pub fn from_pretrained_with(dir: impl AsRef<Path>, options: LoadOptions) -> Result<Self, ModelError> {
         let dir = dir.as_ref();
-        let mut config = MambaConfig::from_file(dir.join("config.json"))?;
+        let config_path = dir.join("config.json");
+        let mut config = MambaConfig::from_file(&config_path)?;
         let weights = dir.join("model.safetensors");
         if !weights.exists() {
             return Err(ModelError::NoWeights { dir: dir.into() });
         }
         let file = TensorFile::open(&weights)?;
+        let file_layers = file
+            .names()
+            .filter_map(|n| n.strip_prefix("backbone.layers.")?.split('.').next()?.parse::<usize>().ok())
+            .max()
+            .map_or(0, |i| i.saturating_add(1));
+        if file_layers != config.n_layer {
+            return Err(ModelError::LayerCount {
+                config: config_path,
+                weights,
+                config_layers: config.n_layer,
+                file_layers,
+            });
+        }
         // A tied config with a separate lm_head in the file, or an untied one without: trust
         // the file.
         if config.tie_embeddings && file.contains("lm_head.weight") {
@@ -158,6 +227,16 @@ impl MambaLM {
         let mut params = ParamStore::new();
         let mut b = ParamBuilder::load(&mut params, &file, aliases);
         let (embeddings, backbone, lm_head) = Self::layers(&config, &mut b)?;
+        if !options.allow_non_finite {
+            let mut bad = params.iter().filter_map(|(_, p)| {
+                let count = p.value.iter().filter(|v| !v.is_finite()).count();
+                (count > 0).then(|| (p.name.clone(), count))
+            });
+            if let Some((tensor, count)) = bad.next() {
+                let others = bad.count();
+                return Err(ModelError::NonFinite { path: weights, tensor, count, others });
+            }
+        }
         Ok(Self { config, params, embeddings, backbone, lm_head })
     }
 
