@@ -98,7 +98,18 @@ fn model_cases(d: &Path) -> Vec<(String, PathBuf, Vec<String>)> {
 
     let m = model_copy(d, "config-more-layers");
     set_config(&m, "num_hidden_layers", 3u64.into());
-    add("more layers than the weights", m, &["backbone.layers.2", "model.safetensors"]);
+    add("more layers than the weights", m, &["num_hidden_layers", "model.safetensors"]);
+
+    let m = model_copy(d, "config-fewer-layers");
+    set_config(&m, "num_hidden_layers", 1u64.into());
+    add("fewer layers than the weights", m, &["num_hidden_layers", "model.safetensors"]);
+
+    let m = d.join("nan-weights");
+    let mut model = mamba_nn::model::MambaLM::from_pretrained(fixture("mamba1")).unwrap();
+    let id = model.params.id("backbone.layers.1.mixer.out_proj.weight").unwrap();
+    model.params.value_mut(id).as_slice_mut().unwrap()[..3].fill(f32::NAN);
+    model.save_pretrained(&m).unwrap();
+    add("NaN in the weights", m, &["backbone.layers.1.mixer.out_proj.weight", "3"]);
 
     let m = model_copy(d, "config-wrong-width");
     set_config(&m, "hidden_size", 40u64.into());
@@ -161,8 +172,7 @@ fn all_cases(d: &Path) -> Vec<Case> {
     ] {
         let mut args = generate(&extra);
         if name.starts_with("a prompt id") {
-            args =
-                ["generate", "--model", g, "--prompt-ids", "1,x"].iter().map(|s| s.to_string()).collect();
+            args = ["generate", "--model", g, "--prompt-ids", "1,x"].iter().map(|s| s.to_string()).collect();
         }
         cases.push(Case { name: format!("generate: {name}"), args, expect: vec![expect.into()] });
     }
