@@ -76,6 +76,12 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         bail!("nothing to score in {input}: every sequence has fewer than 2 tokens");
     }
     let loss = nll / n as f64;
+    if !loss.is_finite() {
+        bail!(
+            "the loss on {input} is {loss} (not finite): the model's outputs overflow on this input; \
+             no score is printed"
+        );
+    }
     let ppl = loss.exp();
     // With --data every predicted token is counted against the bytes it covers (the first
     // token of each sequence is not predicted, so this is a slight over-estimate per sequence).
