@@ -204,73 +204,29 @@ impl MambaConfig {
 
     /// Number of parameters of the model this config describes (embedding, every block,
     /// `norm_f`, and `lm_head` when untied), or `None` if the count overflows `u64`.
+    ///
+    /// # Panics
+    /// If a size is beyond the per-field limits ([`MambaConfig::validate`] rejects those).
     pub fn num_params(&self) -> Option<u64> {
         let (total, _) = self.tensor_sizes()?;
         Some(total)
     }
 
     /// The total parameter count and the largest tensor (its name and element count), with
-    /// checked arithmetic: `None` on overflow.
-    fn tensor_sizes(&self) -> Option<(u64, (&'static str, u64))> {
-        let u = |x: usize| x as u64;
-        let mul = |a: u64, b: u64| a.checked_mul(b);
-        let (v, d, n, k) = (u(self.vocab_size), u(self.d_model), u(self.d_state), u(self.d_conv));
-        let di = mul(u(self.expand), d)?;
-        let bias = |x: u64| if self.bias { x } else { 0 };
-        let conv_bias = |x: u64| if self.conv_bias { x } else { 0 };
-        // (name, elements) of every tensor of one block, then of the whole model.
-        let mut per_layer: Vec<(&'static str, u64)> = vec![("norm.weight", d)];
-        match self.arch {
-            Arch::Mamba1 => {
-                let r = u(self.dt_rank);
-                let xw = r.checked_add(mul(2, n)?)?;
-                per_layer.extend([
-                    ("mixer.in_proj.weight", mul(mul(2, di)?, d)?),
-                    ("mixer.in_proj.bias", bias(mul(2, di)?)),
-                    ("mixer.conv1d.weight", mul(di, k)?),
-                    ("mixer.conv1d.bias", conv_bias(di)),
-                    ("mixer.x_proj.weight", mul(xw, di)?),
-                    ("mixer.dt_proj.weight", mul(di, r)?),
-                    ("mixer.dt_proj.bias", di),
-                    ("mixer.A_log", mul(di, n)?),
-                    ("mixer.D", di),
-                ]);
+    /// checked arithmetic: `None` on overflow. The shapes come from the model's own layer
+    /// constructors ([`MambaLM::param_shapes`](crate::model::MambaLM::param_shapes)), so there is
+    /// no second description of the model to keep in step; call it only once the per-field
+    /// limits hold.
+    fn tensor_sizes(&self) -> Option<(u64, (String, u64))> {
+        let mut total = 0u64;
+        let mut largest = (String::new(), 0u64);
+        for (name, shape) in crate::model::MambaLM::param_shapes(self) {
+            let n = shape.iter().try_fold(1u64, |a, &d| a.checked_mul(d as u64))?;
+            total = total.checked_add(n)?;
+            if n > largest.1 {
+                largest = (name, n);
             }
-            Arch::Mamba2 => {
-                let (p, g) = (u(self.headdim), u(self.ngroups));
-                let h = di.checked_div(p)?;
-                let conv_dim = di.checked_add(mul(mul(2, g)?, n)?)?;
-                let in_dim = di.checked_add(conv_dim)?.checked_add(h)?;
-                per_layer.extend([
-                    ("mixer.in_proj.weight", mul(in_dim, d)?),
-                    ("mixer.in_proj.bias", bias(in_dim)),
-                    ("mixer.conv1d.weight", mul(conv_dim, k)?),
-                    ("mixer.conv1d.bias", conv_bias(conv_dim)),
-                    ("mixer.dt_bias", h),
-                    ("mixer.A_log", h),
-                    ("mixer.D", h),
-                    ("mixer.norm.weight", di),
-                ]);
-            }
-            Arch::Lti => per_layer.extend([
-                ("mixer.in_proj.weight", mul(di, d)?),
-                ("mixer.in_proj.bias", bias(di)),
-                ("mixer.lti_A", di),
-                ("mixer.lti_B", di),
-                ("mixer.lti_C", di),
-                ("mixer.D", di),
-            ]),
         }
-        per_layer.extend([("mixer.out_proj.weight", mul(d, di)?), ("mixer.out_proj.bias", bias(d))]);
-        let layer_total = per_layer.iter().try_fold(0u64, |a, &(_, x)| a.checked_add(x))?;
-        let emb = mul(v, d)?;
-        let head = if self.tie_embeddings { 0 } else { emb };
-        let total = mul(layer_total, u(self.n_layer))?.checked_add(emb)?.checked_add(head)?.checked_add(d)?;
-        let largest = per_layer
-            .into_iter()
-            .chain([("backbone.embeddings.weight", emb)])
-            .max_by_key(|&(_, x)| x)
-            .expect("at least one tensor");
         Some((total, largest))
     }
 

@@ -26,6 +26,7 @@ use std::fs::{self, File, TryLockError};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
+use mamba_nn::checkpoint::{CheckpointError, write_atomic};
 use serde::{Deserialize, Serialize};
 
 /// A run directory that cannot be claimed, opened or checkpointed.
@@ -370,19 +371,13 @@ fn sync_dir(dir: &Path) -> Result<(), RunDirError> {
     }
 }
 
-/// Writes `bytes` to a temporary file beside `path`, fsyncs it and renames it over `path`.
+/// [`write_atomic`] (temporary file, fsync, rename; no temporary left on failure) with this
+/// module's error.
 fn write_file_atomic(path: &Path, bytes: &[u8]) -> Result<(), RunDirError> {
-    let dir = path.parent().unwrap_or(Path::new("."));
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-    let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let written = File::create(&tmp)
-        .and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()))
-        .map_err(io(&tmp))
-        .and_then(|()| fs::rename(&tmp, path).map_err(io(path)));
-    if written.is_err() {
-        let _ = fs::remove_file(&tmp);
-    }
-    written
+    write_atomic(path, bytes).map_err(|e| match e {
+        CheckpointError::Io { path, source } => RunDirError::Io { path, cause: source },
+        other => RunDirError::Io { path: path.into(), cause: std::io::Error::other(other.to_string()) },
+    })
 }
 
 /// Makes `dst` the same file as `src`: a hard link (a copy where links are not supported) made

@@ -56,6 +56,11 @@ pub enum Init {
 }
 
 impl Init {
+    /// PyTorch's default `Linear` / `Conv1d` init for `fan_in`, times `scale`.
+    pub const fn kaiming(fan_in: usize, scale: f32) -> Self {
+        Init::Kaiming { fan_in, scale }
+    }
+
     /// A tensor of `shape` drawn from `rng`.
     pub fn draw(self, rng: &mut InitRng, shape: &[usize]) -> Tensor {
         let n: usize = shape.iter().product();
@@ -96,6 +101,9 @@ enum Source<'f> {
     Init(InitRng),
     /// A checkpoint, by name (or one of the names `aliases` gives).
     Load { file: &'f TensorFile, aliases: fn(&str) -> Vec<String> },
+    /// No values: only each parameter's full name and shape are recorded (the store is not
+    /// touched), so a config's sizes can be checked before anything is allocated.
+    Plan(Vec<(String, Vec<usize>)>),
 }
 
 /// The source a builder reads from: owned by the root builder, borrowed by scoped ones.
@@ -125,6 +133,21 @@ impl<'a, 'f> ParamBuilder<'a, 'f> {
     /// differ (conv weights are (C, 1, K) in PyTorch and may be stored as (C, K)).
     pub fn load(store: &'a mut ParamStore, file: &'f TensorFile, aliases: fn(&str) -> Vec<String>) -> Self {
         Self { store, source: SourceRef::Owned(Source::Load { file, aliases }), prefix: String::new() }
+    }
+
+    /// A root builder that records names and shapes only ([`ParamBuilder::into_plan`]); the
+    /// ids it returns index the plan, not `store`, which stays empty.
+    pub(crate) fn plan(store: &'a mut ParamStore) -> Self {
+        Self { store, source: SourceRef::Owned(Source::Plan(Vec::new())), prefix: String::new() }
+    }
+
+    /// The (full name, shape) of every parameter a [`ParamBuilder::plan`] builder registered,
+    /// in registration order.
+    pub(crate) fn into_plan(self) -> Vec<(String, Vec<usize>)> {
+        match self.source {
+            SourceRef::Owned(Source::Plan(p)) => p,
+            _ => Vec::new(),
+        }
     }
 
     fn source(&mut self) -> &mut Source<'f> {
@@ -159,6 +182,10 @@ impl<'a, 'f> ParamBuilder<'a, 'f> {
     pub fn param(&mut self, name: &str, shape: &[usize], init: Init) -> Result<ParamId, CheckpointError> {
         let full = self.full_name(name);
         let value = match self.source() {
+            Source::Plan(plan) => {
+                plan.push((full, shape.to_vec()));
+                return Ok(ParamId(plan.len() - 1));
+            }
             Source::Init(rng) => init.draw(rng, shape),
             Source::Load { file, aliases } => file.f32_as(&full, &aliases(&full), shape)?,
         };
@@ -173,7 +200,7 @@ impl<'a, 'f> ParamBuilder<'a, 'f> {
             SourceRef::Borrowed(s) => &**s,
         };
         match source {
-            Source::Init(_) => true,
+            Source::Init(_) | Source::Plan(_) => true,
             Source::Load { file, .. } => file.contains(&self.full_name(name)),
         }
     }

@@ -7,7 +7,6 @@ use ssm_kernel::lti::{LtiArgs, LtiDims, lti_final_state, lti_step};
 
 use super::builder::{Init, ParamBuilder};
 use super::layers::Linear;
-use super::mamba1::kaiming;
 use super::mixer::{LayerCache, Mixer, carve};
 use crate::checkpoint::CheckpointError;
 use crate::config::MambaConfig;
@@ -40,13 +39,13 @@ impl LtiMixer {
     /// `C` ~ U(±1), `D = 1`.
     pub fn new(b: &mut ParamBuilder, cfg: &MambaConfig) -> Result<Self, CheckpointError> {
         let (d, di) = (cfg.d_model, cfg.d_inner());
-        let in_proj = Linear::new(&mut b.pp("in_proj"), (di, d), cfg.bias, kaiming(d, 1.0))?;
+        let in_proj = Linear::new(&mut b.pp("in_proj"), (di, d), cfg.bias, Init::kaiming(d, 1.0))?;
         let a = b.param("lti_A", &[di], Init::Uniform(0.5, 0.99))?;
         let bv = b.param("lti_B", &[di], Init::Uniform(-1.0, 1.0))?;
         let c = b.param("lti_C", &[di], Init::Uniform(-1.0, 1.0))?;
         let d_skip = b.param("D", &[di], Init::Const(1.0))?;
         let scale = 1.0 / (cfg.n_layer as f32).sqrt();
-        let out_proj = Linear::new(&mut b.pp("out_proj"), (d, di), cfg.bias, kaiming(di, scale))?;
+        let out_proj = Linear::new(&mut b.pp("out_proj"), (d, di), cfg.bias, Init::kaiming(di, scale))?;
         Ok(Self { in_proj, a, b: bv, c, d: d_skip, out_proj, d_inner: di })
     }
 }

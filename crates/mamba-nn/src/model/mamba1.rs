@@ -45,9 +45,9 @@ impl Mamba1Mixer {
     /// reference initialisation.
     pub fn new(b: &mut ParamBuilder, cfg: &MambaConfig) -> Result<Self, CheckpointError> {
         let (d, di, n, r) = (cfg.d_model, cfg.d_inner(), cfg.d_state, cfg.dt_rank);
-        let in_proj = Linear::new(&mut b.pp("in_proj"), (2 * di, d), cfg.bias, kaiming(d, 1.0))?;
+        let in_proj = Linear::new(&mut b.pp("in_proj"), (2 * di, d), cfg.bias, Init::kaiming(d, 1.0))?;
         let conv1d = Conv1d::new(&mut b.pp("conv1d"), di, cfg.d_conv, cfg.conv_bias)?;
-        let x_proj = Linear::new(&mut b.pp("x_proj"), (r + 2 * n, di), false, kaiming(di, 1.0))?;
+        let x_proj = Linear::new(&mut b.pp("x_proj"), (r + 2 * n, di), false, Init::kaiming(di, 1.0))?;
         let dt_proj = {
             let mut p = b.pp("dt_proj");
             let bound = (r as f64).powf(-0.5);
@@ -60,7 +60,7 @@ impl Mamba1Mixer {
         let d_skip = b.param("D", &[di], Init::Const(1.0))?;
         // Pre-norm residual rescale: out_proj divided by √n_layer.
         let scale = 1.0 / (cfg.n_layer as f32).sqrt();
-        let out_proj = Linear::new(&mut b.pp("out_proj"), (d, di), cfg.bias, kaiming(di, scale))?;
+        let out_proj = Linear::new(&mut b.pp("out_proj"), (d, di), cfg.bias, Init::kaiming(di, scale))?;
         Ok(Self {
             in_proj,
             conv1d,
@@ -74,10 +74,6 @@ impl Mamba1Mixer {
             dt_rank: r,
         })
     }
-}
-
-pub(crate) fn kaiming(fan_in: usize, scale: f32) -> Init {
-    Init::Kaiming { fan_in, scale }
 }
 
 impl Mixer for Mamba1Mixer {

@@ -8,7 +8,6 @@ use ssm_kernel::mamba2::{self, Scan2Args, Scan2Dims};
 
 use super::builder::{Init, ParamBuilder};
 use super::layers::{Conv1d, Linear};
-use super::mamba1::kaiming;
 use super::mixer::{LayerCache, Mixer, carve, neg_exp_of};
 use crate::checkpoint::CheckpointError;
 use crate::config::MambaConfig;
@@ -44,7 +43,8 @@ impl Mamba2Mixer {
     /// Registers the mixer's parameters in scope `b` with the reference initialisation.
     pub fn new(b: &mut ParamBuilder, cfg: &MambaConfig) -> Result<Self, CheckpointError> {
         let (d, di, h) = (cfg.d_model, cfg.d_inner(), cfg.nheads());
-        let in_proj = Linear::new(&mut b.pp("in_proj"), (cfg.in_proj_dim(), d), cfg.bias, kaiming(d, 1.0))?;
+        let in_proj =
+            Linear::new(&mut b.pp("in_proj"), (cfg.in_proj_dim(), d), cfg.bias, Init::kaiming(d, 1.0))?;
         let conv1d = Conv1d::new(&mut b.pp("conv1d"), cfg.conv_dim(), cfg.d_conv, cfg.conv_bias)?;
         let dt = Init::DtBias { min: cfg.dt_min, max: cfg.dt_max, floor: cfg.dt_init_floor };
         let dt_bias = b.param("dt_bias", &[h], dt)?;
@@ -52,7 +52,7 @@ impl Mamba2Mixer {
         let d_skip = b.param("D", &[h], Init::Const(1.0))?;
         let norm = b.param("norm.weight", &[di], Init::Const(1.0))?;
         let scale = 1.0 / (cfg.n_layer as f32).sqrt();
-        let out_proj = Linear::new(&mut b.pp("out_proj"), (d, di), cfg.bias, kaiming(di, scale))?;
+        let out_proj = Linear::new(&mut b.pp("out_proj"), (d, di), cfg.bias, Init::kaiming(di, scale))?;
         let spec = Mamba2Spec {
             nheads: h,
             headdim: cfg.headdim,

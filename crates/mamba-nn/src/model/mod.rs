@@ -161,6 +161,16 @@ impl MambaLM {
         Ok((embeddings, backbone, Linear { weight, bias: None, d_in: d, d_out: v }))
     }
 
+    /// The (full name, shape) of every parameter of a model of `config`, in registration order,
+    /// from the same layer constructors that build it — nothing is allocated. `config` must have
+    /// passed its per-field limits ([`MambaConfig::validate`] checks them first).
+    pub fn param_shapes(config: &MambaConfig) -> Vec<(String, Vec<usize>)> {
+        let mut unused = ParamStore::new();
+        let mut b = ParamBuilder::plan(&mut unused);
+        Self::layers(config, &mut b).expect("planning reads no file");
+        b.into_plan()
+    }
+
     /// A freshly initialised model (the reference initialisation: each layer's constructor
     /// states its parameters' init), drawn from `seed`.
     pub fn new(config: MambaConfig, seed: u64) -> Result<Self, ConfigError> {
