@@ -1,14 +1,13 @@
 //! `mamba eval`: next-token cross-entropy exactly as transformers computes it with
 //! `labels = input_ids` (logits[:, :-1] against ids[:, 1:]), summed over every sequence and
-//! divided by the number of predicted tokens.
+//! divided by the number of predicted tokens. Sequences run through the chunked prefill path
+//! (no tape), so memory does not grow with `--seq-len`.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use mamba_nn::model::MambaLM;
-use mamba_nn::tape::Tape;
-use mamba_nn::tensor::data;
+use mamba_nn::model::{Cache, Decoder, MambaLM};
 use mamba_train::tokenizer::load_tokenizer;
 
 /// Arguments of `mamba eval`.
@@ -26,6 +25,10 @@ pub struct EvalArgs {
     /// Tokens per sequence when scoring --data.
     #[arg(long, default_value_t = 1024, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..))]
     seq_len: usize,
+    /// Score the whole input as one stream: each sequence starts from the state the previous
+    /// one left (and its first token is predicted) instead of from the empty state.
+    #[arg(long)]
+    carry_state: bool,
     /// Print one JSON line: {"loss": x, "tokens": n, "ppl": p} (plus "bits_per_byte" for --data).
     #[arg(long)]
     json: bool,
@@ -34,15 +37,14 @@ pub struct EvalArgs {
     pub threads: usize,
 }
 
-/// Sum of next-token negative log-likelihoods of `seq` and the number of predictions.
-fn score(model: &MambaLM, seq: &[usize]) -> (f64, usize) {
+/// Sum of next-token negative log-likelihoods of `seq` and the number of predictions, run in
+/// chunks through `dec` (bounded memory for any length) from the state in `cache`.
+fn score(dec: &mut Decoder, cache: &mut Cache, seq: &[usize]) -> (f64, usize) {
     if seq.len() < 2 {
         return (0.0, 0);
     }
-    let mut tape = Tape::inference(&model.params);
-    let (_, loss) = model.forward_loss(&mut tape, seq, 1, seq.len());
     let n = seq.len() - 1;
-    (data(tape.value(loss))[0] as f64 * n as f64, n)
+    (dec.score(&seq[..n], &seq[1..], cache), n)
 }
 
 /// Scores the sequences and prints the loss, perplexity and bits per byte.
@@ -67,10 +69,20 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         model.check_ids(s).with_context(|| format!("{input}: sequence {i}"))?;
     }
     let (mut nll, mut n) = (0.0f64, 0usize);
-    for s in &seqs {
-        let (l, k) = score(&model, s);
-        nll += l;
-        n += k;
+    let mut dec = Decoder::new(&model, 1);
+    let mut cache = Cache::new(&model, 1);
+    if a.carry_state {
+        // One stream: each sequence continues the previous one's state, and its first token is
+        // predicted from the previous sequence's last.
+        let stream: Vec<usize> = seqs.concat();
+        (nll, n) = score(&mut dec, &mut cache, &stream);
+    } else {
+        for s in &seqs {
+            cache.reset();
+            let (l, k) = score(&mut dec, &mut cache, s);
+            nll += l;
+            n += k;
+        }
     }
     if n == 0 {
         bail!("nothing to score in {input}: every sequence has fewer than 2 tokens");

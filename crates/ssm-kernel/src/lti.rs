@@ -108,6 +108,34 @@ pub fn lti_step(args: &LtiArgs, h: &mut [f32], y: &mut [f32]) {
     }
 }
 
+/// The recurrence over a chunk `x` (B, L, D) continuing from the state `h` (B, D) — the state
+/// after the previous chunk, zero for a fresh sequence — writing `y` (B, L, D) and leaving in `h`
+/// the state after the chunk's last step. Equal to `L` calls of [`lti_step`].
+///
+/// # Panics
+/// If a length disagrees with `dims`.
+#[track_caller]
+pub fn lti_chunk(dims: &LtiDims, args: &LtiArgs, h: &mut [f32], y: &mut [f32]) {
+    args.check("lti_chunk", dims);
+    let LtiDims { batch, seqlen: l, dim } = *dims;
+    assert_eq!(y.len(), dims.n_bld(), "lti_chunk: y must be (B, L, D) = {dims:?}");
+    assert_eq!(h.len(), batch * dim, "lti_chunk: h must be (B, D) = ({batch}, {dim})");
+    if l == 0 || dim == 0 {
+        return;
+    }
+    let LtiArgs { x, a, b, c, d } = *args;
+    for ((hb, xs), ys) in
+        h.chunks_exact_mut(dim).zip(x.chunks_exact(l * dim)).zip(y.chunks_exact_mut(l * dim))
+    {
+        for (xr, yr) in xs.chunks_exact(dim).zip(ys.chunks_exact_mut(dim)) {
+            for k in 0..dim {
+                hb[k] = a[k] * hb[k] + b[k] * xr[k];
+                yr[k] = c[k] * hb[k] + d[k] * xr[k];
+            }
+        }
+    }
+}
+
 /// Inputs: `x` (B, L, D) and the per-channel `a`, `b`, `c`, `d` (D).
 #[derive(Clone, Copy, Debug)]
 pub struct LtiArgs<'a> {
@@ -218,7 +246,7 @@ pub fn lti_bwd(dims: &LtiDims, args: &LtiArgs, dy: &[f32], grads: LtiGrads) {
 mod tests {
     use super::*;
     use crate::reference::lti::lti as reference;
-    use crate::testing::{Rng, assert_rel_max, numeric_grad, to_f32};
+    use crate::testing::{Rng, assert_rel_max, numeric_grad, to_f32, to_f64};
 
     #[test]
     fn forward_and_backward_match_reference() {
@@ -249,6 +277,52 @@ mod tests {
                 loss(&x, &q)
             });
             assert_rel_max(&format!("d param {i}"), &less1(&dp[i]), &want, 1e-4, 1e-3);
+        }
+    }
+
+    /// A sequence cut into chunks of every size, the state carried, equals the whole forward.
+    #[test]
+    fn chunks_carrying_the_state_match_the_sequence_forward() {
+        let (bsz, l, dim) = (2, 11, 5);
+        let dims = LtiDims::new(bsz, l, dim);
+        let mut r = Rng(7);
+        let v = |r: &mut Rng, n, lo, hi| to_f32(&r.vec(n, lo, hi));
+        let x = v(&mut r, dims.n_bld(), -1.0, 1.0);
+        let (a, b, c, d) = (
+            v(&mut r, dim, 0.5, 0.99),
+            v(&mut r, dim, -1.0, 1.0),
+            v(&mut r, dim, -1.0, 1.0),
+            v(&mut r, dim, -1.0, 1.0),
+        );
+        let mut whole = vec![0.0; dims.n_bld()];
+        lti_fwd(&dims, &LtiArgs { x: &x, a: &a, b: &b, c: &c, d: &d }, &mut whole);
+        let mut last = vec![0.0; bsz * dim];
+        lti_final_state(&dims, &a, &b, &x, &mut last);
+        for chunk in 1..=l {
+            let mut h = vec![0.0; bsz * dim];
+            let mut y = vec![f32::NAN; dims.n_bld()];
+            for t0 in (0..l).step_by(chunk) {
+                let lc = chunk.min(l - t0);
+                let rows = |v: &[f32]| -> Vec<f32> {
+                    (0..bsz)
+                        .flat_map(|bi| v[(bi * l + t0) * dim..(bi * l + t0 + lc) * dim].to_vec())
+                        .collect()
+                };
+                let xc = rows(&x);
+                let mut yc = vec![0.0; bsz * lc * dim];
+                lti_chunk(
+                    &LtiDims::new(bsz, lc, dim),
+                    &LtiArgs { x: &xc, a: &a, b: &b, c: &c, d: &d },
+                    &mut h,
+                    &mut yc,
+                );
+                for bi in 0..bsz {
+                    y[(bi * l + t0) * dim..(bi * l + t0 + lc) * dim]
+                        .copy_from_slice(&yc[bi * lc * dim..(bi + 1) * lc * dim]);
+                }
+            }
+            assert_rel_max(&format!("chunk {chunk}: y"), &y, &to_f64(&whole), 1e-6, 1e-6);
+            assert_rel_max(&format!("chunk {chunk}: h"), &h, &to_f64(&last), 1e-6, 1e-6);
         }
     }
 

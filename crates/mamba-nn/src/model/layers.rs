@@ -67,6 +67,33 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// Prefill: `out` (m, out) = `x` (m, in) · Wᵀ (+ b) for any number of rows — the decode
+    /// product for a few rows, the multi-threaded GEMM for a chunk.
+    pub fn rows(&self, p: &ParamStore, x: &[f32], m: usize, out: &mut [f32]) {
+        if m <= ssm_kernel::matvec::MATVEC_MAX_ROWS {
+            return self.step(p, x, m, out);
+        }
+        let (k, n) = (self.d_in, self.d_out);
+        let out = &mut out[..m * n];
+        ssm_kernel::gemm::gemm_par(
+            (m, k, n),
+            1.0,
+            x,
+            (k, 1),
+            data(p.value(self.weight)),
+            (1, k),
+            0.0,
+            out,
+            (n, 1),
+        );
+        if let Some(b) = self.bias {
+            let b = data(p.value(b));
+            out.chunks_exact_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(o, v)| *o += v));
+        }
+    }
+}
+
 /// The causal depthwise convolution with SiLU, `conv1d.weight` (C, 1, K) and `conv1d.bias` (C).
 #[derive(Clone, Copy, Debug)]
 pub struct Conv1d {
@@ -112,6 +139,22 @@ impl Conv1d {
             silu: true,
         };
         conv1d_step(&dims, &args, state, out);
+    }
+}
+
+impl Conv1d {
+    /// Prefill: `x` (B, L, C) — the chunk's conv inputs — → `out` (B, L, C), the `K − 1` inputs
+    /// before the chunk taken from `state` (B, C, K), which is left holding the last `K`.
+    pub fn prefill(&self, p: &ParamStore, x: &[f32], batch: usize, state: &mut [f32], out: &mut [f32]) {
+        let l = x.len() / (batch * self.channels).max(1);
+        let dims = ConvDims::new(batch, l, self.channels, self.width);
+        let args = ConvArgs {
+            x,
+            weight: data(p.value(self.weight)),
+            bias: self.bias.map(|b| data(p.value(b))),
+            silu: true,
+        };
+        ssm_kernel::conv::conv1d_chunk(&dims, &args, state, out);
     }
 }
 

@@ -3,7 +3,7 @@
 //! No convolution and no gate: nothing in the layer depends on the input's content, which is
 //! what the Mamba paper's selective-copying contrast is about.
 
-use ssm_kernel::lti::{LtiArgs, LtiDims, lti_final_state, lti_step};
+use ssm_kernel::lti::{LtiArgs, LtiDims, lti_chunk, lti_final_state, lti_step};
 
 use super::builder::{Init, ParamBuilder};
 use super::layers::Linear;
@@ -71,6 +71,32 @@ impl Mixer for LtiMixer {
 
     fn decode_consts(&self, _: &ParamStore) -> Vec<f32> {
         Vec::new()
+    }
+
+    fn prefill_scratch_len(&self, batch: usize, len: usize) -> usize {
+        2 * batch * len * self.d_inner
+    }
+
+    fn prefill(
+        &self,
+        p: &ParamStore,
+        _: &[f32],
+        u: &[f32],
+        len: usize,
+        cache: &mut LayerCache,
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let di = self.d_inner;
+        let rows = u.len() / self.in_proj.d_in;
+        let mut s = scratch;
+        let x = carve(&mut s, rows * di);
+        self.in_proj.rows(p, u, rows, x);
+        let y = carve(&mut s, rows * di);
+        let v = |id: ParamId| data(p.value(id));
+        let args = LtiArgs { x, a: v(self.a), b: v(self.b), c: v(self.c), d: v(self.d) };
+        lti_chunk(&LtiDims::new(rows / len, len, di), &args, &mut cache.ssm, y);
+        self.out_proj.rows(p, y, rows, out);
     }
 
     fn scratch_len(&self, batch: usize) -> usize {

@@ -2,7 +2,7 @@
 //! `dt, B, C = x_proj(x)`; `Δ = softplus(dt_proj(dt))`; `y = scan(x, Δ, A, B, C, D) · silu(z)`;
 //! `out_proj(y)`, with `A = −exp(A_log)` per channel and state.
 
-use ssm_kernel::mamba1::{self, Scan1Args, Scan1Dims};
+use ssm_kernel::mamba1::{self, Scan1Args, Scan1Dims, Scan1Out};
 
 use super::builder::{Init, ParamBuilder};
 use super::layers::{Conv1d, Linear};
@@ -118,6 +118,59 @@ impl Mixer for Mamba1Mixer {
     /// `A = −exp(A_log)`, (d_inner, N).
     fn decode_consts(&self, p: &ParamStore) -> Vec<f32> {
         neg_exp_of(p, self.a_log)
+    }
+
+    fn prefill_scratch_len(&self, batch: usize, len: usize) -> usize {
+        let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
+        batch * (len * (2 * di + 6 * di + 2 * (r + 2 * n)) + di * n)
+    }
+
+    fn prefill(
+        &self,
+        p: &ParamStore,
+        neg_a: &[f32],
+        u: &[f32],
+        len: usize,
+        cache: &mut LayerCache,
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
+        let rows = u.len() / self.in_proj.d_in;
+        let bsz = rows / len;
+        let mut s = scratch;
+        let proj = carve(&mut s, rows * 2 * di);
+        self.in_proj.rows(p, u, rows, proj);
+        let x = cols(proj, 2 * di, 0, di, carve(&mut s, rows * di));
+        let z = cols(proj, 2 * di, di, di, carve(&mut s, rows * di));
+        let xc = carve(&mut s, rows * di);
+        self.conv1d.prefill(p, x, bsz, &mut cache.conv, xc);
+        let dbc = carve(&mut s, rows * (r + 2 * n));
+        self.x_proj.rows(p, xc, rows, dbc);
+        let dt = cols(dbc, r + 2 * n, 0, r, carve(&mut s, rows * r));
+        let bm = cols(dbc, r + 2 * n, r, n, carve(&mut s, rows * n));
+        let cm = cols(dbc, r + 2 * n, r + n, n, carve(&mut s, rows * n));
+        let delta = carve(&mut s, rows * di);
+        let dt_only = Linear { bias: None, ..self.dt_proj };
+        dt_only.rows(p, dt, rows, delta);
+        let h0 = carve(&mut s, bsz * di * n);
+        h0.copy_from_slice(&cache.ssm);
+        let y = carve(&mut s, rows * di);
+        let args = Scan1Args {
+            u: xc,
+            delta,
+            a: neg_a,
+            b: bm,
+            c: cm,
+            d: Some(data(p.value(self.d))),
+            z: Some(z),
+            delta_bias: self.dt_proj.bias.map(|b| data(p.value(b))),
+            delta_softplus: true,
+            h0: Some(h0),
+        };
+        let dims = Scan1Dims::new(bsz, len, di, n);
+        mamba1::scan_fwd(&dims, &args, Scan1Out::with_state(y, &mut cache.ssm));
+        self.out_proj.rows(p, y, rows, out);
     }
 
     fn scratch_len(&self, batch: usize) -> usize {

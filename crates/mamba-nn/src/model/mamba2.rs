@@ -4,7 +4,7 @@
 //! `d_inner / G` channels. Everything between the projections is one fused tape node
 //! ([`ops::mamba2_core`]).
 
-use ssm_kernel::mamba2::{self, Scan2Args, Scan2Dims};
+use ssm_kernel::mamba2::{self, Scan2Args, Scan2Dims, Scan2Out};
 
 use super::builder::{Init, ParamBuilder};
 use super::layers::{Conv1d, Linear};
@@ -104,6 +104,62 @@ impl Mixer for Mamba2Mixer {
     /// `A = −exp(A_log)`, (H).
     fn decode_consts(&self, p: &ParamStore) -> Vec<f32> {
         neg_exp_of(p, self.a_log)
+    }
+
+    fn prefill_scratch_len(&self, batch: usize, len: usize) -> usize {
+        let (di, cd, h, gn) = (self.d_inner(), self.conv1d.channels, self.spec.nheads, self.gn());
+        let s = &self.spec;
+        batch
+            * (len * (self.in_proj.d_out + 2 * cd + di + 2 * gn + h + 3 * di)
+                + s.nheads * s.headdim * s.dstate)
+    }
+
+    fn prefill(
+        &self,
+        p: &ParamStore,
+        neg_a: &[f32],
+        u: &[f32],
+        len: usize,
+        cache: &mut LayerCache,
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let Mamba2Spec { nheads: h, headdim: hp, ngroups: g, dstate: n, eps, chunk_size } = self.spec;
+        let (di, cd, gn, pd) = (self.d_inner(), self.conv1d.channels, self.gn(), self.in_proj.d_out);
+        let rows = u.len() / self.in_proj.d_in;
+        let bsz = rows / len;
+        let mut s = scratch;
+        let proj = carve(&mut s, rows * pd);
+        self.in_proj.rows(p, u, rows, proj);
+        let xbc = cols(proj, pd, di, cd, carve(&mut s, rows * cd));
+        let xc = carve(&mut s, rows * cd);
+        self.conv1d.prefill(p, xbc, bsz, &mut cache.conv, xc);
+        let x = cols(xc, cd, 0, di, carve(&mut s, rows * di));
+        let bm = cols(xc, cd, di, gn, carve(&mut s, rows * gn));
+        let cm = cols(xc, cd, di + gn, gn, carve(&mut s, rows * gn));
+        let delta = cols(proj, pd, di + cd, h, carve(&mut s, rows * h));
+        let z = cols(proj, pd, 0, di, carve(&mut s, rows * di));
+        let h0 = carve(&mut s, bsz * h * hp * n);
+        h0.copy_from_slice(&cache.ssm);
+        let y = carve(&mut s, rows * di);
+        let args = Scan2Args {
+            x,
+            delta,
+            a: neg_a,
+            b: bm,
+            c: cm,
+            d: Some(data(p.value(self.d))),
+            z: None,
+            delta_bias: Some(data(p.value(self.dt_bias))),
+            delta_softplus: true,
+            h0: Some(h0),
+        };
+        let dims = Scan2Dims::new(bsz, len, h, hp, n).with_groups(g);
+        let out_y = Scan2Out { y: &mut *y, h_last: Some(&mut cache.ssm) };
+        mamba2::scan_fwd_auto(&dims, chunk_size, &args, out_y);
+        let normed = carve(&mut s, rows * di);
+        gated_rms_rows(y, z, data(p.value(self.norm)), di / g, eps, normed);
+        self.out_proj.rows(p, normed, rows, out);
     }
 
     fn scratch_len(&self, batch: usize) -> usize {

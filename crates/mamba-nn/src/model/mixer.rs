@@ -38,6 +38,25 @@ pub trait Mixer: Send + Sync + Debug {
     /// to every [`Mixer::step`] as `consts`.
     fn decode_consts(&self, params: &ParamStore) -> Vec<f32>;
 
+    /// Scratch floats [`Mixer::prefill`] needs for a chunk of `batch` sequences × `len` tokens.
+    fn prefill_scratch_len(&self, batch: usize, len: usize) -> usize;
+
+    /// The parallel forward on a chunk, without a tape: `x` (B, len, d_model) → `out`
+    /// (B, len, d_model), continuing from the state in `cache` (zero for fresh sequences) and
+    /// leaving in it the state after the chunk's last token. Equal, to rounding, to `len` calls
+    /// of [`Mixer::step`], at the speed of the parallel forward; memory is `scratch`, at least
+    /// [`Mixer::prefill_scratch_len`] floats, whatever the sequence's length.
+    fn prefill(
+        &self,
+        params: &ParamStore,
+        consts: &[f32],
+        x: &[f32],
+        len: usize,
+        cache: &mut LayerCache,
+        scratch: &mut [f32],
+        out: &mut [f32],
+    );
+
     /// Scratch floats [`Mixer::step`] needs for `batch` sequences.
     fn scratch_len(&self, batch: usize) -> usize;
 

@@ -31,7 +31,7 @@ pub use block::{Backbone, Block};
 pub use builder::{Init, ParamBuilder};
 pub use cache::Cache;
 pub use continuous::MambaModel;
-pub use decode::Decoder;
+pub use decode::{DEFAULT_PREFILL_CHUNK, Decoder};
 pub use generate::{Generation, Sampler, SamplingConfig, SamplingError, argmax};
 pub use layers::{Conv1d, Embedding, Linear, RmsNorm};
 pub use lti::LtiMixer;

@@ -13,8 +13,9 @@ use rayon::prelude::*;
 use wide::f32x8;
 
 use super::types::{ConvArgs, ConvDims, ConvGrads, ConvOut, check_step, check_upstream};
+use crate::check::check_len;
 use crate::par::SharedMut;
-use crate::pool::F32Buf;
+use crate::pool::{self, F32Buf};
 use crate::simd::{self, W};
 
 /// Minimum rows per (batch, time block) task: the backward recomputes `K − 1` halo rows per
@@ -439,6 +440,48 @@ pub(crate) fn conv1d_fwd_tb(dims: &ConvDims, args: &ConvArgs<f32>, out: ConvOut<
         let yb = unsafe { ys.slice((b * l + t0) * c, (t1 - t0) * c) };
         dispatch_width!(k, fwd_rows(k, c, &p, args.silu, xb, t0, t1, yb));
     });
+}
+
+/// Forward conv over a chunk of `L` new inputs `args.x` (B, L, C) that continues a sequence:
+/// the `K − 1` inputs before the chunk come from `state` (B, C, K) — the conv state after the
+/// previous chunk (as [`conv_state`] and [`conv1d_step`] keep it; all zero for a fresh sequence)
+/// — and `state` is left holding the last `K` inputs after the chunk. `y` (B, L, C) is
+/// overwritten. Equal to `L` calls of [`conv1d_step`], at the speed of [`conv1d_fwd`] (it runs on
+/// the chunk with its history prepended).
+///
+/// # Panics
+/// If a length disagrees with `dims`.
+#[track_caller]
+pub fn conv1d_chunk(dims: &ConvDims, args: &ConvArgs<f32>, state: &mut [f32], y: &mut [f32]) {
+    const K: &str = "conv::conv1d_chunk";
+    args.check(K, dims);
+    check_len(K, "state", dims.bck(), state.len(), dims.n_bck());
+    check_len(K, "y", dims.blc(), y.len(), dims.n_blc());
+    let ConvDims { batch, seqlen: l, channels: c, width: k } = *dims;
+    if l == 0 || c == 0 {
+        return;
+    }
+    let lp = l + k - 1;
+    let padded = ConvDims::new(batch, lp, c, k);
+    let mut xp = pool::take_for_overwrite(padded.n_blc());
+    for b in 0..batch {
+        let xb = &mut xp[b * lp * c..(b + 1) * lp * c];
+        for kk in 1..k {
+            let row = &mut xb[(kk - 1) * c..kk * c];
+            for (ch, v) in row.iter_mut().enumerate() {
+                *v = state[(b * c + ch) * k + kk];
+            }
+        }
+        xb[(k - 1) * c..].copy_from_slice(&args.x[b * l * c..(b + 1) * l * c]);
+    }
+    let mut yp = pool::take_for_overwrite(padded.n_blc());
+    let pargs = ConvArgs { x: &xp, ..*args };
+    conv1d_fwd(&padded, &pargs, ConvOut { y: &mut yp, state_out: Some(state) });
+    for b in 0..batch {
+        y[b * l * c..(b + 1) * l * c].copy_from_slice(&yp[(b * lp + k - 1) * c..(b + 1) * lp * c]);
+    }
+    pool::give(xp);
+    pool::give(yp);
 }
 
 /// Backward conv: adds the gradients of `Σ dy·y` into `grads`. `dy` is (B, L, C); the

@@ -29,7 +29,7 @@
 mod fast;
 mod types;
 
-pub use fast::{conv_state, conv1d_bwd, conv1d_fwd, conv1d_step};
+pub use fast::{conv_state, conv1d_bwd, conv1d_chunk, conv1d_fwd, conv1d_step};
 pub use types::{ConvArgs, ConvDims, ConvGrads, ConvOut};
 pub(crate) use types::{check_step, check_upstream};
 

@@ -152,6 +152,32 @@ fn check_step_matches_forward(cs: &Case) {
     assert_close("reference step state", &st64, &st_full, 0.0, 0.0);
 }
 
+/// The sequence cut into chunks of `chunk` steps, each run by [`conv1d_chunk`] with the state
+/// carried, equals the reference forward over the whole sequence (outputs and final state).
+fn check_chunks_match_reference(cs: &Case, chunk: usize) {
+    let dims = &cs.dims;
+    let (b, l, c, k) = (dims.batch, dims.seqlen, dims.channels, dims.width);
+    let d = Data::new(dims, cs.seed);
+    let args = d.args(cs.bias, cs.silu);
+    let (want, want_state) = ref_fwd(dims, &Args64::new(&args).args());
+    let mut state = vec![0.0f32; dims.n_bck()];
+    let mut y = vec![f32::NAN; dims.n_blc()];
+    for t0 in (0..l).step_by(chunk) {
+        let lc = chunk.min(l - t0);
+        let rows = |v: &[f32]| -> Vec<f32> {
+            (0..b).flat_map(|bb| v[(bb * l + t0) * c..(bb * l + t0 + lc) * c].to_vec()).collect()
+        };
+        let xc = rows(&d.x);
+        let mut yc = vec![f32::NAN; b * lc * c];
+        conv1d_chunk(&ConvDims::new(b, lc, c, k), &ConvArgs { x: &xc, ..args }, &mut state, &mut yc);
+        for bb in 0..b {
+            y[(bb * l + t0) * c..(bb * l + t0 + lc) * c].copy_from_slice(&yc[bb * lc * c..(bb + 1) * lc * c]);
+        }
+    }
+    assert_close(&format!("chunks of {chunk}: y"), &y, &want, 1e-5, 1e-5);
+    assert_close(&format!("chunks of {chunk}: state"), &state, &want_state, 0.0, 0.0);
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(cases(16)))]
 
@@ -168,6 +194,11 @@ proptest! {
     #[test]
     fn step_by_step_matches_forward_and_reference(cs in case()) {
         check_step_matches_forward(&cs);
+    }
+
+    #[test]
+    fn chunks_carrying_the_state_match_reference(cs in case(), chunk in 1usize..=12) {
+        check_chunks_match_reference(&cs, chunk);
     }
 }
 
