@@ -69,13 +69,60 @@ pub enum CheckpointError {
     },
 }
 
-/// The tensors of one safetensors file, decoded.
+/// The tensors of a safetensors checkpoint — one file, or the shards of a sharded one — indexed
+/// by name and decoded on request.
+///
+/// [`TensorFile::open`] memory-maps the file: a tensor's bytes are read from the page cache when
+/// it is decoded, and the pages are released right after, so loading a model holds one copy of
+/// its weights in memory, not two. [`TensorFile::read`] reads the file into memory instead.
 #[derive(Debug)]
 pub struct TensorFile {
+    /// The file, or the shard index (`model.safetensors.index.json`).
     path: PathBuf,
-    bytes: Vec<u8>,
-    /// name → (dtype, shape, byte range)
-    index: BTreeMap<String, Entry>,
+    shards: Vec<Shard>,
+    /// name → (shard, dtype, shape, byte range within the shard)
+    index: BTreeMap<String, (usize, Entry)>,
+}
+
+/// One safetensors file.
+#[derive(Debug)]
+struct Shard {
+    path: PathBuf,
+    bytes: Bytes,
+}
+
+/// A file's bytes: read into memory or mapped.
+#[derive(Debug)]
+enum Bytes {
+    Owned(Vec<u8>),
+    Mapped(memmap2::Mmap),
+}
+
+impl Bytes {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Owned(v) => v,
+            Bytes::Mapped(m) => m,
+        }
+    }
+
+    /// Lets the kernel drop the mapped pages of `range` (they are read again from the file if
+    /// touched again); a no-op for bytes in memory.
+    fn release(&self, range: &std::ops::Range<usize>) {
+        #[cfg(unix)]
+        if let Bytes::Mapped(m) = self
+            && !range.is_empty()
+        {
+            // SAFETY: the mapping is read-only and file-backed, so MADV_DONTNEED only drops clean
+            // pages that are faulted in again from the file on the next access; no data the
+            // program wrote is discarded and no reference sees changed contents.
+            let _ = unsafe {
+                m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, range.start, range.len())
+            };
+        }
+        #[cfg(not(unix))]
+        let _ = range;
+    }
 }
 
 /// Largest safetensors header accepted (100 MB, the `safetensors` crate's own limit).
@@ -85,12 +132,96 @@ pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 type Entry = (Dtype, Vec<usize>, std::ops::Range<usize>);
 
 impl TensorFile {
-    /// Reads and indexes `path` (see [`TensorFile::from_bytes`] for the checks).
+    /// Memory-maps and indexes `path` (see [`TensorFile::from_bytes`] for the checks). The file
+    /// must not be truncated while the `TensorFile` lives (the checkpoints this workspace
+    /// writes are replaced by a rename, never rewritten in place).
     pub fn open(path: impl AsRef<Path>) -> Result<Self, CheckpointError> {
+        let path = path.as_ref().to_path_buf();
+        let shard = Shard::map(&path)?;
+        Self::single(shard)
+    }
+
+    /// Reads `path` into memory and indexes it (see [`TensorFile::from_bytes`] for the checks).
+    pub fn read(path: impl AsRef<Path>) -> Result<Self, CheckpointError> {
         let path = path.as_ref().to_path_buf();
         let bytes =
             std::fs::read(&path).map_err(|source| CheckpointError::Io { path: path.clone(), source })?;
         Self::from_bytes(path, bytes)
+    }
+
+    /// Opens a sharded checkpoint from its index, Hugging Face's `model.safetensors.index.json`:
+    /// `{"weight_map": {"tensor name": "shard file name", …}}`, the shards in the index's
+    /// directory. Every shard is mapped and checked as [`TensorFile::open`] does; a tensor must
+    /// be in the shard the index names and in no other.
+    ///
+    /// # Errors
+    /// [`CheckpointError::Io`] for an unreadable index or shard, [`CheckpointError::Format`] for
+    /// an invalid index (not JSON, no `weight_map`, a shard name that is not a plain file name),
+    /// an invalid shard, or a tensor found in two shards; [`CheckpointError::Missing`] when a
+    /// shard lacks a tensor the index puts there.
+    pub fn open_sharded(index: impl AsRef<Path>) -> Result<Self, CheckpointError> {
+        let path = index.as_ref().to_path_buf();
+        let format = |reason: String| CheckpointError::Format { path: path.clone(), reason };
+        let text = std::fs::read_to_string(&path)
+            .map_err(|source| CheckpointError::Io { path: path.clone(), source })?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| format(format!("the shard index is not JSON: {e}")))?;
+        let Some(map) = json.get("weight_map").and_then(|m| m.as_object()) else {
+            return Err(format("the shard index has no `weight_map` object".into()));
+        };
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let mut names: Vec<&str> = Vec::new();
+        for (tensor, file) in map {
+            let Some(file) = file.as_str() else {
+                return Err(format(format!("`weight_map` entry `{tensor}` is not a file name")));
+            };
+            let plain = Path::new(file).file_name().is_some_and(|f| f == std::ffi::OsStr::new(file));
+            if !plain || file == ".." {
+                return Err(format(format!(
+                    "`weight_map` entry `{tensor}` names `{file}`, not a file in the index's directory"
+                )));
+            }
+            if !names.contains(&file) {
+                names.push(file);
+            }
+        }
+        if names.is_empty() {
+            return Err(format("the shard index's `weight_map` is empty".into()));
+        }
+        let shards = names.iter().map(|f| Shard::map(&dir.join(f))).collect::<Result<Vec<_>, _>>()?;
+        let mut index = BTreeMap::new();
+        for (i, shard) in shards.iter().enumerate() {
+            let own = Self::index(shard.bytes.as_slice())
+                .map_err(|reason| CheckpointError::Format { path: shard.path.clone(), reason })?;
+            for (name, entry) in own {
+                if let Some((j, _)) = index.get(&name) {
+                    let other: &Shard = &shards[*j];
+                    return Err(CheckpointError::Format {
+                        path: shard.path.clone(),
+                        reason: format!("tensor `{name}` is also in {}", other.path.display()),
+                    });
+                }
+                index.insert(name, (i, entry));
+            }
+        }
+        for (tensor, file) in map {
+            let i = names.iter().position(|n| Some(*n) == file.as_str()).expect("listed above");
+            if index.get(tensor).is_none_or(|(j, _)| *j != i) {
+                return Err(CheckpointError::Missing {
+                    path: shards[i].path.clone(),
+                    tensor: tensor.clone(),
+                    hint: format!(" (the shard index {} puts it there)", path.display()),
+                });
+            }
+        }
+        Ok(Self { path, shards, index })
+    }
+
+    fn single(shard: Shard) -> Result<Self, CheckpointError> {
+        let index = Self::index(shard.bytes.as_slice())
+            .map_err(|reason| CheckpointError::Format { path: shard.path.clone(), reason })?;
+        let index = index.into_iter().map(|(n, e)| (n, (0, e))).collect();
+        Ok(Self { path: shard.path.clone(), shards: vec![shard], index })
     }
 
     /// Indexes the safetensors file `bytes`; `path` names it in errors.
@@ -105,10 +236,7 @@ impl TensorFile {
     /// # Errors
     /// [`CheckpointError::Format`] naming the file and, where there is one, the tensor.
     pub fn from_bytes(path: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self, CheckpointError> {
-        let path = path.into();
-        let index =
-            Self::index(&bytes).map_err(|reason| CheckpointError::Format { path: path.clone(), reason })?;
-        Ok(Self { path, bytes, index })
+        Self::single(Shard { path: path.into(), bytes: Bytes::Owned(bytes) })
     }
 
     /// The index of `bytes`, or why it is not a safetensors file.
@@ -188,9 +316,19 @@ impl TensorFile {
         Ok(index)
     }
 
-    /// The file's path.
+    /// The file's path (the shard index's for a sharded checkpoint).
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Number of files (1 unless sharded).
+    pub fn num_shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// Whether the files are memory-mapped ([`TensorFile::open`]) rather than read.
+    pub fn is_mapped(&self) -> bool {
+        self.shards.iter().all(|s| matches!(s.bytes, Bytes::Mapped(_)))
     }
 
     /// Tensor names, sorted.
@@ -205,21 +343,26 @@ impl TensorFile {
 
     /// The shape of `name`.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
-        self.index.get(name).map(|(_, s, _)| s.as_slice())
+        self.index.get(name).map(|(_, (_, s, _))| s.as_slice())
     }
 
-    fn entry(&self, name: &str) -> Result<&Entry, CheckpointError> {
-        self.index.get(name).ok_or_else(|| CheckpointError::Missing {
-            path: self.path.clone(),
-            tensor: name.to_string(),
-            hint: String::new(),
-        })
+    /// The shard holding `name` and its entry.
+    fn entry(&self, name: &str) -> Result<(&Shard, &Entry), CheckpointError> {
+        match self.index.get(name) {
+            Some((i, e)) => Ok((&self.shards[*i], e)),
+            None => Err(CheckpointError::Missing {
+                path: self.path.clone(),
+                tensor: name.to_string(),
+                hint: String::new(),
+            }),
+        }
     }
 
-    /// Tensor `name` as f32 (from f32, f64, f16 or bf16), any shape.
+    /// Tensor `name` as f32 (from f32, f64, f16 or bf16), any shape. A mapped file's pages of
+    /// the tensor are released once it is decoded.
     pub fn f32(&self, name: &str) -> Result<Tensor, CheckpointError> {
-        let (dtype, shape, range) = self.entry(name)?;
-        let raw = &self.bytes[range.clone()];
+        let (shard, (dtype, shape, range)) = self.entry(name)?;
+        let raw = &shard.bytes.as_slice()[range.clone()];
         let values: Vec<f32> = match dtype {
             Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
             Dtype::F64 => {
@@ -232,22 +375,23 @@ impl TensorFile {
             Dtype::F16 => raw.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
             other => {
                 return Err(CheckpointError::Dtype {
-                    path: self.path.clone(),
+                    path: shard.path.clone(),
                     tensor: name.into(),
                     expected: "a float type (F32, F64, F16, BF16)",
                     found: format!("{other:?}"),
                 });
             }
         };
+        shard.bytes.release(range);
         Ok(from_vec(shape, values))
     }
 
     /// Tensor `name` as f32, checked to have `expected` shape.
     pub fn f32_shaped(&self, name: &str, expected: &[usize]) -> Result<Tensor, CheckpointError> {
-        let (_, shape, _) = self.entry(name)?;
+        let (shard, (_, shape, _)) = self.entry(name)?;
         if shape != expected {
             return Err(CheckpointError::Shape {
-                path: self.path.clone(),
+                path: shard.path.clone(),
                 tensor: name.into(),
                 expected: expected.to_vec(),
                 found: shape.clone(),
@@ -278,11 +422,11 @@ impl TensorFile {
             };
             return Err(CheckpointError::Missing { path: self.path.clone(), tensor: name.into(), hint });
         };
-        let fshape = self.shape(found).expect("present");
+        let (shard, (_, fshape, _)) = self.entry(found)?;
         let squeeze = |s: &[usize]| s.iter().copied().filter(|&d| d != 1).collect::<Vec<_>>();
         if fshape != shape && squeeze(fshape) != squeeze(shape) {
             return Err(CheckpointError::Shape {
-                path: self.path.clone(),
+                path: shard.path.clone(),
                 tensor: found.into(),
                 expected: shape.to_vec(),
                 found: fshape.to_vec(),
@@ -294,8 +438,8 @@ impl TensorFile {
 
     /// Tensor `name` as i64 values (from I64 or I32) with its shape.
     pub fn i64(&self, name: &str) -> Result<(Vec<usize>, Vec<i64>), CheckpointError> {
-        let (dtype, shape, range) = self.entry(name)?;
-        let raw = &self.bytes[range.clone()];
+        let (shard, (dtype, shape, range)) = self.entry(name)?;
+        let raw = &shard.bytes.as_slice()[range.clone()];
         let values = match dtype {
             Dtype::I64 => raw.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap())).collect(),
             Dtype::I32 => {
@@ -303,7 +447,7 @@ impl TensorFile {
             }
             other => {
                 return Err(CheckpointError::Dtype {
-                    path: self.path.clone(),
+                    path: shard.path.clone(),
                     tensor: name.into(),
                     expected: "an integer type (I64, I32)",
                     found: format!("{other:?}"),
@@ -311,6 +455,25 @@ impl TensorFile {
             }
         };
         Ok((shape.clone(), values))
+    }
+}
+
+impl Shard {
+    /// Maps `path` read-only (files too short to hold a header are read instead, so they get
+    /// the same "not a safetensors file" error).
+    fn map(path: &Path) -> Result<Self, CheckpointError> {
+        let io = |source| CheckpointError::Io { path: path.into(), source };
+        let file = std::fs::File::open(path).map_err(io)?;
+        let len = file.metadata().map_err(io)?.len();
+        let bytes = if len < 8 {
+            Bytes::Owned(std::fs::read(path).map_err(io)?)
+        } else {
+            // SAFETY: the map is read-only; its contents change only if another process rewrites
+            // the file in place while it is loaded, which the checkpoints written here never do
+            // (they are replaced by a rename).
+            Bytes::Mapped(unsafe { memmap2::Mmap::map(&file) }.map_err(io)?)
+        };
+        Ok(Self { path: path.into(), bytes })
     }
 }
 

@@ -213,7 +213,9 @@ fn non_finite_weights_are_refused_unless_allowed() {
             st.display()
         )
     );
-    let m2 = MambaLM::from_pretrained_with(&d, LoadOptions { allow_non_finite: true }).unwrap();
+    let m2 =
+        MambaLM::from_pretrained_with(&d, LoadOptions { allow_non_finite: true, ..LoadOptions::default() })
+            .unwrap();
     let w = m2.params.value(m2.params.id("backbone.layers.1.mixer.x_proj.weight").unwrap());
     assert!(w.iter().next().unwrap().is_nan());
     std::fs::remove_dir_all(&d).unwrap();

@@ -58,7 +58,7 @@ pub enum ModelError {
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
     /// The directory has no weights file.
-    #[error("{dir}: no model.safetensors found")]
+    #[error("{dir}: no model.safetensors (or model.safetensors.index.json with its shards) found")]
     NoWeights {
         /// The directory.
         dir: PathBuf,
@@ -109,12 +109,22 @@ pub enum ModelError {
 }
 
 /// How [`MambaLM::from_pretrained_with`] treats what it loads.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoadOptions {
     /// Accept weights that are NaN or infinite (for tools that inspect a damaged checkpoint).
     /// By default ([`MambaLM::from_pretrained`]) such weights are refused with
     /// [`ModelError::NonFinite`].
     pub allow_non_finite: bool,
+    /// Memory-map the weights file ([`TensorFile::open`], the default) rather than read it
+    /// into memory first ([`TensorFile::read`]): the model is then never held twice while it
+    /// loads. Sharded checkpoints are always mapped.
+    pub mmap: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { allow_non_finite: false, mmap: true }
+    }
 }
 
 /// A Mamba language model: its config, its parameters and the layers that index them.
@@ -205,11 +215,8 @@ impl MambaLM {
         let dir = dir.as_ref();
         let config_path = dir.join("config.json");
         let mut config = MambaConfig::from_file(&config_path)?;
-        let weights = dir.join("model.safetensors");
-        if !weights.exists() {
-            return Err(ModelError::NoWeights { dir: dir.into() });
-        }
-        let file = TensorFile::open(&weights)?;
+        let file = Self::open_weights(dir, &options)?;
+        let weights = file.path().to_path_buf();
         let file_layers = file
             .names()
             .filter_map(|n| n.strip_prefix("backbone.layers.")?.split('.').next()?.parse::<usize>().ok())
@@ -248,6 +255,20 @@ impl MambaLM {
             }
         }
         Ok(Self { config, params, embeddings, backbone, lm_head })
+    }
+
+    /// The weights of model directory `dir`: `model.safetensors`, or the shards listed in
+    /// `model.safetensors.index.json`; mapped or read as `options.mmap` says.
+    fn open_weights(dir: &Path, options: &LoadOptions) -> Result<TensorFile, ModelError> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        Ok(if single.exists() {
+            if options.mmap { TensorFile::open(&single)? } else { TensorFile::read(&single)? }
+        } else if index.exists() {
+            TensorFile::open_sharded(&index)?
+        } else {
+            return Err(ModelError::NoWeights { dir: dir.into() });
+        })
     }
 
     /// Saves `config.json` and `model.safetensors` in the layout transformers'
