@@ -190,6 +190,28 @@ fn all_cases(d: &Path) -> Vec<Case> {
         std::fs::write(&p, body).unwrap();
         p.to_str().unwrap().to_string()
     };
+    cases.push(case(
+        "generate: a stop id outside the vocabulary",
+        &["generate", "--model", g, "--prompt-ids", "1,2", "--stop-id", "99999"],
+        &["--stop-id", "99999", "vocabulary"],
+    ));
+    for (name, body, expect) in [
+        ("an empty prompt file", "", &["empty-prompts.txt", "no prompts"][..]),
+        ("an empty line in a prompt file", "one\n\nthree\n", &["blank-line.txt", "line 2", "empty"][..]),
+    ] {
+        let file = tokens(if name.contains("line") { "blank-line.txt" } else { "empty-prompts.txt" }, body);
+        cases.push(case(
+            &format!("generate: {name}"),
+            &["generate", "--model", g, "--prompt-file", &file],
+            expect,
+        ));
+    }
+    let absent = d.join("no-such-prompts.txt");
+    cases.push(case(
+        "generate: a prompt file that does not exist",
+        &["generate", "--model", g, "--prompt-file", absent.to_str().unwrap()],
+        &["no-such-prompts.txt"],
+    ));
     for (name, body, expect) in [
         ("not JSON", "[[1, 2", "not-json.json"),
         ("a negative id", "[[1, -2, 3]]", "negative.json"),

@@ -181,3 +181,47 @@ fn streamed_text_is_the_decoded_tokens() {
     assert_eq!(stdout(&streamed), want);
     assert!(stderr(&streamed).contains("new tokens at"), "{}", stderr(&streamed));
 }
+
+/// `--prompt-file` generates every line as one batch; each result equals the line generated
+/// alone with `--prompt` (greedy and sampled), and `--stop-id` ends a sequence at that token.
+#[test]
+fn prompt_file_batches_equal_single_prompts() {
+    let dir = fixture("mamba2-g2");
+    let m = dir.to_str().unwrap();
+    let lines = ["The quick", "a", "Once upon a time, there"];
+    let file = tmp("prompts.txt");
+    std::fs::write(&file, lines.join("\n") + "\n").unwrap();
+    let f = file.to_str().unwrap();
+    for sampling in [&["--temperature", "0"][..], &["--temperature", "0.9", "--seed", "3"][..]] {
+        let run = |extra: &[&str]| -> serde_json::Value {
+            let mut args = vec!["generate", "--model", m, "--max-new-tokens", "7", "--json"];
+            args.extend_from_slice(sampling);
+            args.extend_from_slice(extra);
+            let o = mamba(&args);
+            assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+            serde_json::from_str(stdout(&o).trim()).unwrap()
+        };
+        let batch = run(&["--prompt-file", f]);
+        let results = batch["results"].as_array().unwrap();
+        assert_eq!(results.len(), lines.len());
+        for (line, got) in lines.iter().zip(results) {
+            let alone = run(&["--prompt", line]);
+            assert_eq!(got["tokens"], alone["tokens"], "{line:?} {sampling:?}");
+            assert_eq!(got["text"], alone["text"], "{line:?}");
+        }
+        assert!(batch["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+        // Stop at the first prompt's third token: it ends there, the others only if they
+        // produce that token.
+        let stop = results[0]["tokens"][2].as_u64().unwrap().to_string();
+        let stopped = run(&["--prompt-file", f, "--stop-id", &stop]);
+        for (full, got) in results.iter().zip(stopped["results"].as_array().unwrap()) {
+            let full: Vec<u64> =
+                full["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+            let end = full.iter().position(|t| t.to_string() == stop).map_or(full.len(), |i| i + 1);
+            let got: Vec<u64> =
+                got["tokens"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+            assert_eq!(got, full[..end], "stop id {stop}");
+        }
+    }
+    let _ = std::fs::remove_file(&file);
+}

@@ -246,3 +246,42 @@ fn chunked_scoring_equals_the_full_forward_loss() {
         }
     }
 }
+
+/// Prompts of different lengths generated as one batch — one of them finishing early, one with
+/// no budget, one stopped by the stop token — give each prompt exactly the tokens it gets alone,
+/// greedy and sampled; finished sequences leave the batch.
+#[test]
+fn batched_generation_equals_one_prompt_at_a_time() {
+    use mamba_nn::model::Request;
+    for (name, model) in models() {
+        let prompts: [&[usize]; 4] =
+            [&[3, 17, 5, 29, 11, 2, 8], &[9], &[4, 4, 21], &[30, 1, 12, 7, 7, 19, 25, 33, 2, 6, 14]];
+        let budgets = [12, 4, 0, 9];
+        let requests: Vec<Request> = prompts.iter().zip(budgets).map(|(p, n)| Request::new(p, n)).collect();
+        let cfg = SamplingConfig { temperature: 0.9, top_k: 0, top_p: 1.0 };
+        for sampler in [Sampler::greedy(), Sampler::new(cfg, 42).unwrap()] {
+            let alone: Vec<Vec<usize>> = requests
+                .iter()
+                .map(|r| model.generate(r.prompt, r.max_new_tokens, sampler.clone()).unwrap().collect())
+                .collect();
+            let mut g = model.generate_batch(&requests, sampler.clone(), None).unwrap();
+            assert_eq!(g.active(), 3, "{name}: the request with no budget is finished at once");
+            let mut active = vec![];
+            while g.step().is_some() {
+                active.push(g.active());
+            }
+            assert_eq!(g.tokens(), &alone[..], "{name}: batched vs alone ({:?})", sampler.config());
+            // Rows leave as their budgets run out: 3 rows until request 1 (4 tokens) ends, …
+            assert_eq!(active[3], 2, "{name}: {active:?}");
+            assert_eq!(active[8], 1, "{name}: {active:?}");
+            assert_eq!(*active.last().unwrap(), 0, "{name}: {active:?}");
+            // A stop token ends a sequence when it is produced (and is kept as its last token).
+            let stop = alone[0][5];
+            let out = model.generate_batch(&requests, sampler.clone(), Some(stop)).unwrap().run();
+            for (got, want) in out.tokens.iter().zip(&alone) {
+                let end = want.iter().position(|&t| t == stop).map_or(want.len(), |i| i + 1);
+                assert_eq!(got, &want[..end], "{name}: stop token {stop}");
+            }
+        }
+    }
+}

@@ -37,3 +37,52 @@ impl Cache {
         }
     }
 }
+
+impl Cache {
+    /// Copies sequence `src_row` of `src` into row `row` of this cache (a prompt prefilled on
+    /// its own joining a batch).
+    ///
+    /// # Panics
+    /// If a row is out of range or the caches belong to different models.
+    #[track_caller]
+    pub fn copy_row(&mut self, row: usize, src: &Cache, src_row: usize) {
+        assert!(
+            row < self.batch && src_row < src.batch,
+            "copy_row: row {row} of {} from row {src_row} of {}",
+            self.batch,
+            src.batch
+        );
+        assert_eq!(self.layers.len(), src.layers.len(), "copy_row: caches of different models");
+        for (dst, s) in self.layers.iter_mut().zip(&src.layers) {
+            for (d, sv, (db, sb)) in [
+                (&mut dst.conv, &s.conv, (self.batch, src.batch)),
+                (&mut dst.ssm, &s.ssm, (self.batch, src.batch)),
+            ] {
+                let n = sv.len() / sb;
+                assert_eq!(d.len() / db, n, "copy_row: caches of different models");
+                d[row * n..(row + 1) * n].copy_from_slice(&sv[src_row * n..(src_row + 1) * n]);
+            }
+        }
+    }
+
+    /// Removes sequence `row`, moving the last sequence into its place (so the other rows keep
+    /// their order except the last); the batch shrinks by one. No allocation.
+    ///
+    /// # Panics
+    /// If `row` is out of range.
+    #[track_caller]
+    pub fn swap_remove_row(&mut self, row: usize) {
+        let b = self.batch;
+        assert!(row < b, "swap_remove_row: row {row} of a batch of {b}");
+        for l in &mut self.layers {
+            for v in [&mut l.conv, &mut l.ssm] {
+                let n = v.len() / b;
+                if row != b - 1 {
+                    v.copy_within((b - 1) * n..b * n, row * n);
+                }
+                v.truncate((b - 1) * n);
+            }
+        }
+        self.batch -= 1;
+    }
+}

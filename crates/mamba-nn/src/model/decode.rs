@@ -56,7 +56,7 @@ pub const DEFAULT_PREFILL_CHUNK: usize = 512;
 const HEAD_ROWS: usize = 64;
 
 impl<'m> Decoder<'m> {
-    /// A decoder for `batch` sequences of `model`.
+    /// A decoder for caches of up to `batch` sequences of `model`.
     pub fn new(model: &'m MambaLM, batch: usize) -> Self {
         let p = &model.params;
         let layers = &model.backbone.layers;
@@ -89,16 +89,22 @@ impl<'m> Decoder<'m> {
         self.model
     }
 
-    /// Number of sequences.
+    /// The most sequences a cache may hold for this decoder (each call runs the cache's batch).
     pub fn batch(&self) -> usize {
         self.batch
     }
 
+    /// The batch of `cache`, checked against the decoder's capacity and the logits buffer.
     #[track_caller]
-    fn check(&self, what: &str, cache: &Cache, logits: &[f32]) {
-        let (b, v) = (self.batch, self.model.config.vocab_size);
-        assert_eq!(cache.batch, b, "{what}: a cache of batch {} for a decoder of batch {b}", cache.batch);
+    fn check(&self, what: &str, cache: &Cache, logits: &[f32]) -> usize {
+        let (b, v) = (cache.batch, self.model.config.vocab_size);
+        assert!(
+            b <= self.batch,
+            "{what}: a cache of batch {b} for a decoder of at most {} sequences",
+            self.batch
+        );
         assert_eq!(logits.len(), b * v, "{what}: logits buffer of {} for (B, V) = ({b}, {v})", logits.len());
+        b
     }
 
     /// Tokens per sequence that [`Decoder::prefill`] and [`Decoder::score`] run through the
@@ -125,8 +131,8 @@ impl<'m> Decoder<'m> {
     /// outside the vocabulary (check with [`MambaLM::check_ids`]).
     #[track_caller]
     pub fn prefill(&mut self, ids: &[usize], cache: &mut Cache, logits: &mut [f32]) {
-        let (bsz, d) = (self.batch, self.model.config.d_model);
-        self.check("prefill", cache, logits);
+        let d = self.model.config.d_model;
+        let bsz = self.check("prefill", cache, logits);
         assert!(
             !ids.is_empty() && ids.len().is_multiple_of(bsz),
             "prefill: {} ids do not make {bsz} non-empty rows",
@@ -146,8 +152,9 @@ impl<'m> Decoder<'m> {
             }
         }
         let m = self.model;
-        m.backbone.norm_f.step(&m.params, &self.r, &mut self.h);
-        m.lm_head.step(&m.params, &self.h, bsz, logits);
+        let n = bsz * d;
+        m.backbone.norm_f.step(&m.params, &self.r[..n], &mut self.h[..n]);
+        m.lm_head.step(&m.params, &self.h[..n], bsz, logits);
     }
 
     /// Scores sequences: `inputs` (B, L) run through the model as [`Decoder::prefill`] runs
@@ -160,8 +167,12 @@ impl<'m> Decoder<'m> {
     /// vocabulary.
     #[track_caller]
     pub fn score(&mut self, inputs: &[usize], targets: &[usize], cache: &mut Cache) -> f64 {
-        let (bsz, d, v) = (self.batch, self.model.config.d_model, self.model.config.vocab_size);
-        assert_eq!(cache.batch, bsz, "score: a cache of batch {} for a decoder of batch {bsz}", cache.batch);
+        let (bsz, d, v) = (cache.batch, self.model.config.d_model, self.model.config.vocab_size);
+        assert!(
+            bsz <= self.batch,
+            "score: a cache of batch {bsz} for a decoder of at most {} sequences",
+            self.batch
+        );
         assert!(
             !inputs.is_empty() && inputs.len().is_multiple_of(bsz) && targets.len() == inputs.len(),
             "score: {} inputs and {} targets do not make {bsz} equal non-empty rows",
@@ -204,7 +215,7 @@ impl<'m> Decoder<'m> {
     /// Runs tokens `t0..t0 + lc` of every row of `ids` (B, l) through the blocks, continuing
     /// from `cache`; leaves the residual stream (B, lc, d_model) in `self.ph`.
     fn forward_chunk(&mut self, ids: &[usize], l: usize, t0: usize, lc: usize, cache: &mut Cache) {
-        let (bsz, d) = (self.batch, self.model.config.d_model);
+        let (bsz, d) = (cache.batch, self.model.config.d_model);
         let m = self.model;
         let p = &m.params;
         let rows = bsz * lc;
@@ -241,17 +252,18 @@ impl<'m> Decoder<'m> {
     /// vocabulary.
     #[track_caller]
     pub fn step(&mut self, ids: &[usize], cache: &mut Cache, logits: &mut [f32]) {
-        let bsz = self.batch;
-        assert_eq!(ids.len(), bsz, "step: {} ids for a decoder of batch {bsz}", ids.len());
-        self.check("step", cache, logits);
+        let bsz = self.check("step", cache, logits);
+        assert_eq!(ids.len(), bsz, "step: {} ids for a cache of batch {bsz}", ids.len());
         let m = self.model;
         let p = &m.params;
-        m.embeddings.step(p, ids, &mut self.h);
+        let n = bsz * m.config.d_model;
+        let (h, r, out) = (&mut self.h[..n], &mut self.r[..n], &mut self.out[..n]);
+        m.embeddings.step(p, ids, h);
         for ((block, consts), state) in m.backbone.layers.iter().zip(&self.consts).zip(&mut cache.layers) {
-            let bufs = StepBufs { r: &mut self.r, out: &mut self.out, scratch: &mut self.scratch };
-            block.step(p, consts, &mut self.h, state, bufs);
+            let bufs = StepBufs { r: &mut *r, out: &mut *out, scratch: &mut self.scratch };
+            block.step(p, consts, h, state, bufs);
         }
-        m.backbone.norm_f.step(p, &self.h, &mut self.r);
-        m.lm_head.step(p, &self.r, bsz, logits);
+        m.backbone.norm_f.step(p, h, r);
+        m.lm_head.step(p, r, bsz, logits);
     }
 }

@@ -14,6 +14,7 @@
 //! tied to the embedding unless the config unties it. Parameters carry their Hugging Face names
 //! (`backbone.layers.{i}.mixer.in_proj.weight`, …), so checkpoints load and save by name.
 
+pub mod batch;
 pub mod block;
 pub mod builder;
 pub mod cache;
@@ -27,6 +28,7 @@ pub mod mamba1;
 pub mod mamba2;
 pub mod mixer;
 
+pub use batch::{BatchGeneration, BatchOutput, Request};
 pub use block::{Backbone, Block};
 pub use builder::{Init, ParamBuilder};
 pub use cache::Cache;
