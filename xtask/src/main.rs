@@ -1,6 +1,8 @@
 //! Project automation, run as `cargo xtask <task>` (the alias in `.cargo/config.toml`).
 //!
 //! Tasks:
+//! - `bench generate`: inference against candle and llama.cpp ([`generate`]).
+//! - `machine [THREADS]`: this machine's DRAM read bandwidth and f32 FMA peak ([`machine`]).
 //! - `bench [FILTER]`: runs `cargo bench -p mamba-benches -- [FILTER]` (criterion's filter is a
 //!   regex on the bench id), then reads this run's criterion results
 //!   (`<target>/criterion/**/new/{benchmark,estimates}.json`) and writes
@@ -15,6 +17,9 @@ use std::process::{Command, ExitCode};
 use std::time::SystemTime;
 
 use anyhow::{Context, Result, bail};
+
+mod generate;
+mod machine;
 use serde_json::{Value, json};
 
 const USAGE: &str = "\
@@ -23,6 +28,13 @@ usage: cargo xtask <task>
 tasks:
   bench [FILTER]   run the criterion benches (FILTER: regex on the bench id, e.g. `conv/fwd/`),
                    then write target/bench/report.json and target/bench/report.md
+  bench generate [--peer DIR] [--runs N]
+                   decode and prefill speed of the mamba binary against candle and llama.cpp on
+                   the peer kit's models (DIR, default $MAMBA_PEER or ../peer), with the DRAM
+                   bound measured in the same run; writes target/bench/generate.{json,md}
+  machine [THREADS]
+                   measure this machine's DRAM read bandwidth and f32 FMA peak on 1 thread and
+                   on THREADS (default 2)
 ";
 
 /// Performance targets: bench id and the minimum elements/s.
@@ -44,7 +56,18 @@ const TORCH: &[(&str, &str, f64)] = &[
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.first().map(String::as_str) {
+        Some("bench") if args.get(1).map(String::as_str) == Some("generate") => {
+            generate::bench(&root(), &args[2..])
+        }
         Some("bench") if args.len() <= 2 => bench(args.get(1).map(String::as_str)),
+        Some("machine") if args.len() <= 2 => match args.get(1).map(|t| t.parse::<usize>()) {
+            None => Ok(print!("{}", machine::report(&machine::measure(2)))),
+            Some(Ok(t)) if t >= 1 => Ok(print!("{}", machine::report(&machine::measure(t)))),
+            Some(_) => {
+                eprint!("machine: THREADS must be a whole number ≥ 1, got {}\n\n{USAGE}", args[1]);
+                return ExitCode::from(2);
+            }
+        },
         Some("help" | "-h" | "--help") => {
             print!("{USAGE}");
             return ExitCode::SUCCESS;

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use mamba_nn::model::{Cache, Decoder, MambaLM};
+use mamba_nn::model::{Cache, Decoder, LoadOptions, MambaLM};
 use mamba_train::tokenizer::load_tokenizer;
 
 /// Arguments of `mamba eval`.
@@ -32,6 +32,11 @@ pub struct EvalArgs {
     /// Print one JSON line: {"loss": x, "tokens": n, "ppl": p} (plus "bits_per_byte" for --data).
     #[arg(long)]
     json: bool,
+    /// Precision of the weight matrices (projections, embedding, LM head): f32, bf16, f16 or
+    /// q8 (8-bit with a scale per 32 weights); the SSM parameters and the state stay f32.
+    /// Default: the checkpoint's own (f32, or bf16 / f16 for a 16-bit checkpoint).
+    #[arg(long, value_parser = crate::flags::weight_format)]
+    dtype: Option<mamba_nn::model::WeightFormat>,
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -49,8 +54,9 @@ fn score(dec: &mut Decoder, cache: &mut Cache, seq: &[usize]) -> (f64, usize) {
 
 /// Scores the sequences and prints the loss, perplexity and bits per byte.
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
-    let model =
-        MambaLM::from_pretrained(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let options = LoadOptions { dtype: a.dtype, ..LoadOptions::default() };
+    let model = MambaLM::from_pretrained_with(&a.model, options)
+        .with_context(|| format!("loading {}", a.model.display()))?;
     let (seqs, bytes): (Vec<Vec<usize>>, Option<usize>) = match (&a.data, &a.tokens) {
         (_, Some(path)) => (mamba_train::data::read_token_file(path)?, None),
         (Some(path), None) => {

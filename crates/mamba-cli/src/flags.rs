@@ -58,3 +58,8 @@ mod tests {
         }
     }
 }
+
+/// `--dtype`: a weight format (`f32`, `bf16`, `f16`, `q8`).
+pub fn weight_format(s: &str) -> Result<mamba_nn::model::WeightFormat, String> {
+    s.parse::<mamba_nn::model::WeightFormat>().map_err(|e| e.to_string())
+}

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use mamba_nn::model::{MambaLM, Request, Sampler, SamplingConfig};
+use mamba_nn::model::{LoadOptions, MambaLM, Request, Sampler, SamplingConfig};
 use mamba_train::sample::TextStream;
 use mamba_train::tokenizer::{Tokenizer, load_tokenizer};
 
@@ -45,11 +45,17 @@ pub struct GenerateArgs {
     #[arg(long, default_value_t = 0)]
     seed: u64,
     /// Print one JSON line at the end instead of streaming text:
-    /// {"tokens": [new ids], "text": "…", "prefill_tokens_per_s": x, "decode_tokens_per_s": y};
+    /// {"tokens": [new ids], "text": "…", "prefill_tokens_per_s": x, "decode_tokens_per_s": y,
+    /// "weight_bytes_per_token": bytes of weights a decode step reads};
     /// with --prompt-file, {"results": [{"tokens": […], "text": "…"}, …], "prefill_tokens_per_s":
     /// x, "decode_tokens_per_s": y} with y the aggregate rate over the batch.
     #[arg(long)]
     json: bool,
+    /// Precision of the weight matrices (projections, embedding, LM head): f32, bf16, f16 or
+    /// q8 (8-bit with a scale per 32 weights); the SSM parameters and the state stay f32.
+    /// Default: the checkpoint's own (f32, or bf16 / f16 for a 16-bit checkpoint).
+    #[arg(long, value_parser = crate::flags::weight_format)]
+    dtype: Option<mamba_nn::model::WeightFormat>,
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -59,8 +65,9 @@ pub struct GenerateArgs {
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let sampling = SamplingConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
     let sampler = Sampler::new(sampling, a.seed).context("--temperature / --top-p")?;
-    let model =
-        MambaLM::from_pretrained(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    let options = LoadOptions { dtype: a.dtype, ..LoadOptions::default() };
+    let model = MambaLM::from_pretrained_with(&a.model, options)
+        .with_context(|| format!("loading {}", a.model.display()))?;
     let tok = load_tokenizer(&a.model)?;
     if let Some(stop) = a.stop_id {
         model.check_ids(&[stop]).context("--stop-id")?;
@@ -96,6 +103,7 @@ pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
             "text": tok.decode(&tokens),
             "prefill_tokens_per_s": generation.prefill_tokens_per_s(),
             "decode_tokens_per_s": generation.decode_tokens_per_s(),
+            "weight_bytes_per_token": model.weight_bytes_per_token(),
         });
         writeln!(stdout, "{line}")?;
         return Ok(());
@@ -153,6 +161,7 @@ fn run_batch(
             "results": results,
             "prefill_tokens_per_s": out.prefill_tokens_per_s,
             "decode_tokens_per_s": out.decode_tokens_per_s,
+            "weight_bytes_per_token": model.weight_bytes_per_token(),
         });
         writeln!(stdout, "{line}")?;
         return Ok(());

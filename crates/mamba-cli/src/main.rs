@@ -68,9 +68,13 @@ fn main() -> ExitCode {
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Which `train` flags were given, as opposed to defaulted: `--resume` checks them.
     let train_matches = matches.subcommand_matches("train").cloned().unwrap_or_default();
-    // Training and prefill allocate and free the same large activations every step: keep freed
-    // memory in the heap rather than returning it to the system and faulting it back in.
-    mamba_nn::tensor::keep_freed_memory();
+    // Training allocates and frees the same large activations every step: keep freed memory in
+    // the heap rather than returning it to the system and faulting it back in. Inference reuses
+    // its own buffers, and loading a model frees large temporaries (f32 tensors turned into
+    // bf16 / q8) that must go back to the system, so it keeps the default.
+    if matches!(cli.command, Command::Train(_)) {
+        mamba_nn::tensor::keep_freed_memory();
+    }
     let threads = match &cli.command {
         Command::Train(a) => a.threads,
         Command::Generate(a) => a.threads,

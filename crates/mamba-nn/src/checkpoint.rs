@@ -341,6 +341,11 @@ impl TensorFile {
         self.index.contains_key(name)
     }
 
+    /// The dtype `name` is stored in.
+    pub fn dtype(&self, name: &str) -> Option<Dtype> {
+        self.index.get(name).map(|(_, (d, _, _))| *d)
+    }
+
     /// The shape of `name`.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
         self.index.get(name).map(|(_, (_, s, _))| s.as_slice())

@@ -1,8 +1,11 @@
-//! Named parameters and their preallocated gradients.
+//! Named parameters and their preallocated gradients, and the reduced-precision (packed) form
+//! of the weight matrices that inference can run from.
 
 use std::collections::HashMap;
 
-use crate::tensor::{Tensor, zeros};
+use ssm_kernel::qweight::{QMatrix, WeightFormat};
+
+use crate::tensor::{Tensor, data, zeros};
 
 /// A parameter's index in its [`ParamStore`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -21,10 +24,31 @@ pub struct Param {
 }
 
 /// Every parameter of a model, in creation order, addressable by id or by name.
+///
+/// Weight matrices (registered with [`ParamStore::mark_matrix`]: projections, embedding, LM
+/// head) can be *packed* into a [`WeightFormat`] for inference ([`ParamStore::pack_matrices`]):
+/// the f32 value is then dropped and [`ParamStore::weight`] serves the packed matrix, which the
+/// decode and prefill paths multiply directly. A store with packed weights is inference-only:
+/// the tape refuses it ([`ParamStore::is_packed`]).
 #[derive(Clone, Debug, Default)]
 pub struct ParamStore {
     params: Vec<Param>,
     index: HashMap<String, ParamId>,
+    /// Per parameter: whether it is a weight matrix, and its packed form.
+    matrix: Vec<bool>,
+    packed: Vec<Option<QMatrix>>,
+    /// The format matrices are packed into as they are registered (loading straight into a
+    /// reduced precision, one tensor at a time).
+    pack_on_add: Option<WeightFormat>,
+}
+
+/// A weight matrix as inference reads it: the f32 parameter value, or its packed form.
+#[derive(Clone, Copy, Debug)]
+pub enum Weight<'a> {
+    /// Row-major f32 values.
+    F32(&'a [f32]),
+    /// Packed ([`ParamStore::pack_matrices`]).
+    Packed(&'a QMatrix),
 }
 
 impl ParamStore {
@@ -43,7 +67,90 @@ impl ParamStore {
         let id = ParamId(self.params.len());
         assert!(self.index.insert(name.clone(), id).is_none(), "parameter `{name}` added twice");
         self.params.push(Param { name, value, decay });
+        self.matrix.push(false);
+        self.packed.push(None);
         id
+    }
+
+    /// Marks parameter `id` (2-D or more: (n, k…)) as a weight matrix inference may pack; packs
+    /// it at once if a format was set with [`ParamStore::pack_matrices_on_add`].
+    pub fn mark_matrix(&mut self, id: ParamId) {
+        self.matrix[id.0] = true;
+        if let Some(f) = self.pack_on_add {
+            self.pack(id, f);
+        }
+    }
+
+    /// Packs every weight matrix registered from now on into `format` as it is added (a model
+    /// loads straight into that precision, never holding all its f32 matrices at once).
+    pub fn pack_matrices_on_add(&mut self, format: WeightFormat) {
+        self.pack_on_add = (format != WeightFormat::F32).then_some(format);
+    }
+
+    /// Packs every weight matrix into `format` (`F32` leaves them as they are). A matrix holding
+    /// a non-finite value stays f32 (quantizing it would be meaningless; loading reports such
+    /// weights). Returns the number of matrices packed.
+    ///
+    /// # Panics
+    /// If the matrices are already packed into another format.
+    #[track_caller]
+    pub fn pack_matrices(&mut self, format: WeightFormat) -> usize {
+        if format == WeightFormat::F32 {
+            return 0;
+        }
+        let ids: Vec<ParamId> = (0..self.params.len()).filter(|&i| self.matrix[i]).map(ParamId).collect();
+        ids.into_iter().filter(|&id| self.pack(id, format)).count()
+    }
+
+    /// Packs `id`; `false` when it holds a non-finite value (left f32).
+    #[track_caller]
+    fn pack(&mut self, id: ParamId, format: WeightFormat) -> bool {
+        if let Some(q) = &self.packed[id.0] {
+            assert_eq!(
+                q.format(),
+                format,
+                "`{}` is already packed as {}",
+                self.params[id.0].name,
+                q.format()
+            );
+            return true;
+        }
+        let value = &self.params[id.0].value;
+        let v = data(value);
+        if v.iter().any(|x| !x.is_finite()) {
+            return false;
+        }
+        let n = value.shape()[0];
+        let k = v.len() / n.max(1);
+        self.packed[id.0] = Some(QMatrix::quantize(v, n, k, format));
+        self.params[id.0].value = zeros(&[0]);
+        true
+    }
+
+    /// Whether any parameter is packed (then only the inference paths can run the model).
+    pub fn is_packed(&self) -> bool {
+        self.packed.iter().any(Option::is_some)
+    }
+
+    /// Whether parameter `id` is packed.
+    pub fn is_packed_param(&self, id: ParamId) -> bool {
+        self.packed[id.0].is_some()
+    }
+
+    /// Weight matrix `id` as inference reads it.
+    pub fn weight(&self, id: ParamId) -> Weight<'_> {
+        match &self.packed[id.0] {
+            Some(q) => Weight::Packed(q),
+            None => Weight::F32(data(&self.params[id.0].value)),
+        }
+    }
+
+    /// Bytes of parameter `id` as stored (packed or f32).
+    pub fn stored_bytes(&self, id: ParamId) -> usize {
+        match &self.packed[id.0] {
+            Some(q) => q.size_bytes(),
+            None => self.params[id.0].value.len() * 4,
+        }
     }
 
     /// The parameter `id`.
@@ -81,9 +188,11 @@ impl ParamStore {
         self.params.is_empty()
     }
 
-    /// Total number of scalars.
+    /// Total number of scalars (packed matrices included).
     pub fn num_elements(&self) -> usize {
-        self.params.iter().map(|p| p.value.len()).sum()
+        let own =
+            |(p, q): (&Param, &Option<QMatrix>)| q.as_ref().map_or(p.value.len(), |q| q.rows() * q.cols());
+        self.params.iter().zip(&self.packed).map(own).sum()
     }
 }
 

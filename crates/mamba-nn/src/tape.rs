@@ -332,7 +332,14 @@ impl<'p> Tape<'p> {
     }
 
     /// Parameter `id`, read in place (no copy); its gradient goes to [`Grads`].
+    #[track_caller]
     pub fn param(&mut self, id: ParamId) -> Var {
+        assert!(
+            !self.params.is_packed_param(id),
+            "the tape needs f32 weights, but `{}` is packed for inference; run the model through \
+             `Decoder`, or load it without a reduced-precision dtype",
+            self.params.get(id).name
+        );
         let rec = self.record;
         self.add(Source::Param(id), rec, None)
     }

@@ -234,3 +234,76 @@ fn mamba2_recurrent_inference_matches_on_both_core_paths() {
         });
     }
 }
+
+/// Max |got − want| over all logits, and max |want|.
+fn max_dev(got: &[f32], want: &[f32]) -> (f32, f32) {
+    let d = got.iter().zip(want).map(|(g, w)| (g - w).abs()).fold(0f32, f32::max);
+    (d, want.iter().fold(0f32, |m, w| m.max(w.abs())))
+}
+
+/// The models with their weight matrices in bf16, f16 and q8 against transformers' f32 logits:
+/// the chunked prefill of the first half, then recurrent steps, every logit within the bound
+/// stated per format (relative to the largest logit); and greedy generation from the fixture
+/// prompt in bf16 and f16 gives transformers' tokens.
+#[test]
+fn reduced_precision_weights_stay_close_to_transformers() {
+    use mamba_nn::model::{LoadOptions, WeightFormat};
+    // Bounds on max |Δlogit| / max |logit|. Measured worst over the four fixtures: bf16 1.06e-2,
+    // f16 1.68e-3, q8 2.88e-2 (tiny models: d_model 64, so few terms average the rounding out).
+    let bounds = [(WeightFormat::Bf16, 2e-2f32), (WeightFormat::F16, 3e-3), (WeightFormat::Q8, 5e-2)];
+    for case in ["mamba1", "mamba1-untied", "mamba2-g1", "mamba2-g2"] {
+        let dir = fixture_dir(case);
+        let fx = TensorFile::open(dir.join("fixtures.safetensors")).unwrap();
+        let (shape, ids) = fx.i64("input_ids").unwrap();
+        let (batch, seqlen) = (shape[0], shape[1]);
+        let full = data(&fx.f32("logits").unwrap()).to_vec();
+        for (format, bound) in bounds {
+            let model = MambaLM::from_pretrained_with(
+                &dir,
+                LoadOptions { dtype: Some(format), ..LoadOptions::default() },
+            )
+            .unwrap();
+            assert!(model.params.is_packed(), "{case} {format}: nothing packed");
+            let v = model.config.vocab_size;
+            let half = seqlen / 2;
+            let head: Vec<usize> = (0..batch)
+                .flat_map(|b| ids[b * seqlen..b * seqlen + half].iter().map(|&t| t as usize))
+                .collect();
+            let mut dec = Decoder::new(&model, batch).with_prefill_chunk(5);
+            let mut cache = Cache::new(&model, batch);
+            let mut logits = vec![0.0f32; batch * v];
+            let (mut got, mut want) = (Vec::new(), Vec::new());
+            dec.prefill(&head, &mut cache, &mut logits);
+            let mut take = |t: usize, logits: &[f32]| {
+                got.extend_from_slice(logits);
+                for b in 0..batch {
+                    want.extend_from_slice(&full[(b * seqlen + t) * v..(b * seqlen + t + 1) * v]);
+                }
+            };
+            take(half - 1, &logits);
+            for t in half..seqlen {
+                let col: Vec<usize> = (0..batch).map(|b| ids[b * seqlen + t] as usize).collect();
+                dec.step(&col, &mut cache, &mut logits);
+                take(t, &logits);
+            }
+            let (d, scale) = max_dev(&got, &want);
+            eprintln!(
+                "{case} {format}: max |Δlogit| {d:.3e} (max |logit| {scale:.2}, ratio {:.2e})",
+                d / scale
+            );
+            assert!(
+                d <= bound * scale,
+                "{case} {format}: max |Δlogit| {d:.3e} exceeds {bound:e} × {scale:.3}"
+            );
+            if format != WeightFormat::Q8 {
+                let (_, prompt) = fx.i64("gen_prompt").unwrap();
+                let (_, want_tokens) = fx.i64("gen_tokens").unwrap();
+                let prompt: Vec<usize> = prompt.iter().map(|&t| t as usize).collect();
+                let n_new = want_tokens.len() - prompt.len();
+                let tokens: Vec<usize> = model.generate(&prompt, n_new, Sampler::greedy()).unwrap().collect();
+                let want_new: Vec<usize> = want_tokens[prompt.len()..].iter().map(|&t| t as usize).collect();
+                assert_eq!(tokens, want_new, "{case} {format}: greedy tokens differ from transformers'");
+            }
+        }
+    }
+}

@@ -1,7 +1,8 @@
 //! What the models allocate, counted by a global allocator that tallies every allocation made
 //! (on any thread) while counting is switched on:
 //!
-//! - a recurrent `Decoder::step` allocates nothing at all, for Mamba-1, Mamba-2 and the LTI baseline;
+//! - a recurrent `Decoder::step` allocates nothing at all, for Mamba-1, Mamba-2 and the LTI
+//!   baseline, batches of 1, 3 and 4, with f32, bf16, f16 and q8 weight matrices;
 //! - after the first training step (forward, loss, backward into preallocated `Grads`), a step
 //!   allocates no parameter-sized buffer — no gradient, per-task partial gradient or repacked
 //!   weight: those come from the buffer pools, and parameter gradients accumulate in place.
@@ -18,7 +19,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 
 use mamba_nn::config::{Arch, MambaConfig};
-use mamba_nn::model::{Cache, Decoder, MambaLM};
+use mamba_nn::model::{Cache, Decoder, MambaLM, WeightFormat};
 use mamba_nn::params::Grads;
 use mamba_nn::tape::Tape;
 
@@ -152,9 +153,15 @@ fn recurrent_step_allocates_nothing() {
     let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().expect("a rayon pool");
     // Every worker started (threads allocate as they start).
     pool.broadcast(|_| ());
-    for (name, cfg) in configs() {
-        let model = MambaLM::new(cfg, 3).expect("valid config");
-        for batch in [1, 3] {
+    let formats = [WeightFormat::F32, WeightFormat::Bf16, WeightFormat::F16, WeightFormat::Q8];
+    // Plus one model wide enough that the projections split their outputs over the pool.
+    let wide = ("mamba1, d_model 256", MambaConfig::mamba1(61, 256, 1));
+    let all = configs().into_iter().chain([wide]);
+    for ((name, cfg), format) in all.flat_map(|c| formats.map(|f| (c.clone(), f))) {
+        let mut model = MambaLM::new(cfg, 3).expect("valid config");
+        model.pack_weights(format);
+        let name = format!("{name} ({format})");
+        for batch in [1, 3, 4] {
             let mut dec = Decoder::new(&model, batch);
             let mut cache = Cache::new(&model, batch);
             let mut logits = vec![0.0f32; batch * model.config.vocab_size];

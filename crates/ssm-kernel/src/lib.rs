@@ -10,6 +10,8 @@
 //! - [`conv`]: the causal depthwise 1-D convolution with optional fused SiLU.
 //! - [`norm`]: RMSNorm and the gated, grouped RMSNorm of Mamba-2, forward and backward.
 //! - [`matvec`]: few-row products `x · Wᵀ` for decode steps.
+//! - [`qweight`]: weight matrices stored as bf16, f16 or 8-bit blocks for inference, multiplied
+//!   with f32 activations in f32 (decode mat-vec and prefill linear).
 //! - [`xent`]: softmax cross-entropy over rows, forward and backward.
 //! - [`lti`]: the linear time-invariant recurrence of the non-selective baseline.
 //!
@@ -48,6 +50,7 @@ pub mod matvec;
 pub mod norm;
 pub mod par;
 pub mod pool;
+pub mod qweight;
 pub mod real;
 pub mod reference;
 pub mod rng;

@@ -193,6 +193,16 @@ impl<'a, 'f> ParamBuilder<'a, 'f> {
         Ok(self.store.add(full, value, decay))
     }
 
+    /// [`ParamBuilder::param`] for a weight matrix (a projection, the embedding, the LM head):
+    /// marked so inference may run it in a reduced precision ([`ParamStore::mark_matrix`]).
+    pub fn matrix(&mut self, name: &str, shape: &[usize], init: Init) -> Result<ParamId, CheckpointError> {
+        let id = self.param(name, shape, init)?;
+        if !matches!(self.source(), Source::Plan(_)) {
+            self.store.mark_matrix(id);
+        }
+        Ok(id)
+    }
+
     /// Whether the checkpoint holds `name` in this scope (always `true` when initialising).
     pub fn has(&self, name: &str) -> bool {
         let source = match &self.source {

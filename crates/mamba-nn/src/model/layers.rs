@@ -6,9 +6,10 @@ use ssm_kernel::conv::{ConvArgs, ConvDims, conv1d_step};
 use super::builder::{Init, ParamBuilder};
 use crate::checkpoint::CheckpointError;
 use crate::ops;
-use crate::params::{ParamId, ParamStore};
+use crate::params::{ParamId, ParamStore, Weight};
 use crate::tape::{Tape, Var};
 use crate::tensor::data;
+use ssm_kernel::qweight::{QMATVEC_MAX_ROWS, qlinear, qmatvec_f32};
 
 /// `y = x Wᵀ (+ b)` with `weight` (out, in) and `bias` (out) — PyTorch's `nn.Linear`.
 #[derive(Clone, Copy, Debug)]
@@ -31,7 +32,7 @@ impl Linear {
         bias: bool,
         init: Init,
     ) -> Result<Self, CheckpointError> {
-        let weight = b.param("weight", &[d_out, d_in], init)?;
+        let weight = b.matrix("weight", &[d_out, d_in], init)?;
         let bias = if bias { Some(b.param("bias", &[d_out], Init::Const(0.0))?) } else { None };
         Ok(Self { weight, bias, d_in, d_out })
     }
@@ -42,7 +43,7 @@ impl Linear {
         (d_out, d_in): (usize, usize),
     ) -> Result<Self, CheckpointError> {
         let init = Init::Kaiming { fan_in: d_in, scale: 1.0 };
-        let weight = b.param("weight", &[d_out, d_in], init)?;
+        let weight = b.matrix("weight", &[d_out, d_in], init)?;
         let bias = Some(b.param("bias", &[d_out], init)?);
         Ok(Self { weight, bias, d_in, d_out })
     }
@@ -54,42 +55,30 @@ impl Linear {
         ops::linear(tape, x, w, b)
     }
 
-    /// Decode: `out` (m, out) = `x` (m, in) · Wᵀ (+ b) for a few rows `m`.
+    /// Decode: `out` (m, out) = `x` (m, in) · Wᵀ (+ b) for a few rows `m`, reading each weight
+    /// once for all rows, from the f32 or the packed weight.
     pub fn step(&self, p: &ParamStore, x: &[f32], m: usize, out: &mut [f32]) {
-        let b = self.bias.map(|b| data(p.value(b)));
-        ssm_kernel::matvec::linear_rows(
-            x,
-            data(p.value(self.weight)),
-            b,
-            (m, self.d_in, self.d_out),
-            &mut out[..m * self.d_out],
-        );
+        self.rows(p, x, m, out);
     }
-}
 
-impl Linear {
-    /// Prefill: `out` (m, out) = `x` (m, in) · Wᵀ (+ b) for any number of rows — the decode
-    /// product for a few rows, the multi-threaded GEMM for a chunk.
+    /// `out` (m, out) = `x` (m, in) · Wᵀ (+ b) for any number of rows — the few-row product for
+    /// decode, the multi-threaded GEMM for a prefill chunk — from the f32 or the packed weight.
     pub fn rows(&self, p: &ParamStore, x: &[f32], m: usize, out: &mut [f32]) {
-        if m <= ssm_kernel::matvec::MATVEC_MAX_ROWS {
-            return self.step(p, x, m, out);
-        }
         let (k, n) = (self.d_in, self.d_out);
         let out = &mut out[..m * n];
-        ssm_kernel::gemm::gemm_par(
-            (m, k, n),
-            1.0,
-            x,
-            (k, 1),
-            data(p.value(self.weight)),
-            (1, k),
-            0.0,
-            out,
-            (n, 1),
-        );
-        if let Some(b) = self.bias {
-            let b = data(p.value(b));
-            out.chunks_exact_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(o, v)| *o += v));
+        let b = self.bias.map(|b| data(p.value(b)));
+        match p.weight(self.weight) {
+            Weight::Packed(q) => qlinear(x, q, b, m, out),
+            Weight::F32(w) => {
+                if m <= QMATVEC_MAX_ROWS {
+                    qmatvec_f32(x, w, (m, k, n), out);
+                } else {
+                    ssm_kernel::gemm::gemm_par((m, k, n), 1.0, x, (k, 1), w, (1, k), 0.0, out, (n, 1));
+                }
+                if let Some(b) = b {
+                    out.chunks_exact_mut(n).for_each(|row| row.iter_mut().zip(b).for_each(|(o, v)| *o += v));
+                }
+            }
         }
     }
 }
@@ -200,7 +189,7 @@ pub struct Embedding {
 impl Embedding {
     /// Registers `weight` (V, d).
     pub fn new(b: &mut ParamBuilder, vocab: usize, dim: usize) -> Result<Self, CheckpointError> {
-        Ok(Self { weight: b.param("weight", &[vocab, dim], Init::Normal(0.02))?, vocab, dim })
+        Ok(Self { weight: b.matrix("weight", &[vocab, dim], Init::Normal(0.02))?, vocab, dim })
     }
 
     /// Rows of `weight` for token ids `ids` laid out as `shape` → (shape…, d), on the tape.
@@ -215,14 +204,19 @@ impl Embedding {
     /// If an id is outside the vocabulary.
     #[track_caller]
     pub fn step(&self, p: &ParamStore, ids: &[usize], out: &mut [f32]) {
-        let (w, d) = (data(p.value(self.weight)), self.dim);
+        let d = self.dim;
+        let w = p.weight(self.weight);
         for (b, &id) in ids.iter().enumerate() {
             assert!(
                 id < self.vocab,
                 "embedding: token id {id} is outside the vocabulary (size {})",
                 self.vocab
             );
-            out[b * d..(b + 1) * d].copy_from_slice(&w[id * d..(id + 1) * d]);
+            let row = &mut out[b * d..(b + 1) * d];
+            match w {
+                Weight::F32(w) => row.copy_from_slice(&w[id * d..(id + 1) * d]),
+                Weight::Packed(q) => q.dequantize_row(id, row),
+            }
         }
     }
 }

@@ -51,7 +51,7 @@ impl Mamba1Mixer {
         let dt_proj = {
             let mut p = b.pp("dt_proj");
             let bound = (r as f64).powf(-0.5);
-            let weight = p.param("weight", &[di, r], Init::Uniform(-bound, bound))?;
+            let weight = p.matrix("weight", &[di, r], Init::Uniform(-bound, bound))?;
             let dt = Init::DtBias { min: cfg.dt_min, max: cfg.dt_max, floor: cfg.dt_init_floor };
             let bias = p.param("bias", &[di], dt)?;
             Linear { weight, bias: Some(bias), d_in: r, d_out: di }
@@ -202,8 +202,7 @@ impl Mixer for Mamba1Mixer {
         let bm = cols(dbc, r + 2 * n, r, n, carve(&mut s, bsz * n));
         let cm = cols(dbc, r + 2 * n, r + n, n, carve(&mut s, bsz * n));
         let delta = carve(&mut s, bsz * di);
-        let w_dt = data(p.value(self.dt_proj.weight));
-        ssm_kernel::matvec::linear_rows(dt, w_dt, None, (bsz, r, di), delta);
+        Linear { bias: None, ..self.dt_proj }.step(p, dt, bsz, delta);
         let y = carve(&mut s, bsz * di);
         let args = Scan1Args {
             u: xc,

@@ -49,6 +49,7 @@ use crate::ops;
 use crate::params::ParamStore;
 use crate::tape::{Tape, Var};
 use init::InitRng;
+pub use ssm_kernel::qweight::WeightFormat;
 
 /// A model directory that cannot be loaded or saved.
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +66,13 @@ pub enum ModelError {
         /// The directory.
         dir: PathBuf,
     },
+    /// The weight matrices are packed for inference ([`MambaLM::pack_weights`]), and the
+    /// operation needs the f32 weights.
+    #[error(
+        "the model's weight matrices are packed for inference (a reduced-precision dtype); saving \
+         and training need the f32 weights: load the model again without one"
+    )]
+    Packed,
     /// Generation was asked to continue an empty prompt.
     #[error("the prompt is empty: generation needs at least one token to continue")]
     EmptyPrompt,
@@ -121,11 +129,17 @@ pub struct LoadOptions {
     /// into memory first ([`TensorFile::read`]): the model is then never held twice while it
     /// loads. Sharded checkpoints are always mapped.
     pub mmap: bool,
+    /// The precision of the weight matrices (projections, embedding, LM head), packed tensor
+    /// by tensor as they load ([`ParamStore::pack_matrices`]); `None` keeps the checkpoint's
+    /// own: BF16 or F16 matrices stay 16-bit, anything else is f32. The SSM parameters, conv,
+    /// norms and biases are always f32. A packed model runs through [`Decoder`] only (prefill,
+    /// decode, scoring), not the tape.
+    pub dtype: Option<WeightFormat>,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { allow_non_finite: false, mmap: true }
+        Self { allow_non_finite: false, mmap: true, dtype: Some(WeightFormat::F32) }
     }
 }
 
@@ -168,7 +182,7 @@ impl MambaLM {
         let weight = if config.tie_embeddings {
             embeddings.weight
         } else {
-            b.param("lm_head.weight", &[v, d], Init::Normal(0.02))?
+            b.matrix("lm_head.weight", &[v, d], Init::Normal(0.02))?
         };
         Ok((embeddings, backbone, Linear { weight, bias: None, d_in: d, d_out: v }))
     }
@@ -244,6 +258,8 @@ impl MambaLM {
             }
         }
         let mut params = ParamStore::new();
+        let dtype = options.dtype.unwrap_or_else(|| Self::stored_format(&file));
+        params.pack_matrices_on_add(dtype);
         let mut b = ParamBuilder::load(&mut params, &file, aliases);
         let (embeddings, backbone, lm_head) = Self::layers(&config, &mut b)?;
         if !options.allow_non_finite {
@@ -257,6 +273,42 @@ impl MambaLM {
             }
         }
         Ok(Self { config, params, embeddings, backbone, lm_head })
+    }
+
+    /// The format the checkpoint stores its matrices in (its embedding's dtype): 16-bit stays
+    /// 16-bit, anything else is f32.
+    fn stored_format(file: &TensorFile) -> WeightFormat {
+        let emb = ["backbone.embeddings.weight", "backbone.embedding.weight"]
+            .into_iter()
+            .find(|n| file.contains(n));
+        match emb.and_then(|n| file.dtype(n)) {
+            Some(safetensors::Dtype::BF16) => WeightFormat::Bf16,
+            Some(safetensors::Dtype::F16) => WeightFormat::F16,
+            _ => WeightFormat::F32,
+        }
+    }
+
+    /// Packs the weight matrices into `format` for inference (see [`LoadOptions::dtype`]); a
+    /// no-op for `F32`. Returns the number of matrices packed.
+    ///
+    /// # Panics
+    /// If they are already packed into another format.
+    pub fn pack_weights(&mut self, format: WeightFormat) -> usize {
+        self.params.pack_matrices(format)
+    }
+
+    /// Bytes of weights one decode step reads: every parameter as stored, except that an
+    /// embedding not tied to the LM head is read one row per token.
+    pub fn weight_bytes_per_token(&self) -> usize {
+        let emb = self.embeddings.weight;
+        let tied = self.lm_head.weight == emb;
+        let all: usize = self.params.iter().map(|(id, _)| self.params.stored_bytes(id)).sum();
+        if tied {
+            all
+        } else {
+            all - self.params.stored_bytes(emb)
+                + self.params.stored_bytes(emb) / self.config.vocab_size.max(1)
+        }
     }
 
     /// The weights of model directory `dir`: `model.safetensors`, or the shards listed in
@@ -278,6 +330,9 @@ impl MambaLM {
     /// atomically.
     pub fn save_pretrained(&self, dir: impl AsRef<Path>) -> Result<(), ModelError> {
         let dir = dir.as_ref();
+        if self.params.is_packed() {
+            return Err(ModelError::Packed);
+        }
         std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io { path: dir.into(), source })?;
         let cfg = serde_json::to_vec_pretty(&self.config.to_hf_json()).expect("a JSON value serialises");
         write_atomic(&dir.join("config.json"), &cfg)?;
