@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
+use ssm_kernel::qweight::{QMatrix, QStorage, WeightFormat};
+
 use crate::params::ParamStore;
 use crate::tensor::{Tensor, data, from_vec};
 
@@ -368,24 +370,13 @@ impl TensorFile {
     pub fn f32(&self, name: &str) -> Result<Tensor, CheckpointError> {
         let (shard, (dtype, shape, range)) = self.entry(name)?;
         let raw = &shard.bytes.as_slice()[range.clone()];
-        let values: Vec<f32> = match dtype {
-            Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-            Dtype::F64 => {
-                raw.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect()
-            }
-            Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
-                .collect(),
-            Dtype::F16 => raw.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
-            other => {
-                return Err(CheckpointError::Dtype {
-                    path: shard.path.clone(),
-                    tensor: name.into(),
-                    expected: "a float type (F32, F64, F16, BF16)",
-                    found: format!("{other:?}"),
-                });
-            }
+        let Some(values) = decode(*dtype, raw) else {
+            return Err(CheckpointError::Dtype {
+                path: shard.path.clone(),
+                tensor: name.into(),
+                expected: "a float type (F32, F64, F16, BF16)",
+                found: format!("{dtype:?}"),
+            });
         };
         shard.bytes.release(range);
         Ok(from_vec(shape, values))
@@ -418,7 +409,20 @@ impl TensorFile {
     /// [`CheckpointError::Missing`] (naming the aliases tried), [`CheckpointError::Shape`] or
     /// [`CheckpointError::Dtype`].
     pub fn f32_as(&self, name: &str, aliases: &[String], shape: &[usize]) -> Result<Tensor, CheckpointError> {
-        let Some(found) = self.find(name, aliases) else {
+        let found = self.resolve(name, aliases, shape)?;
+        let t = self.f32(found)?;
+        Ok(from_vec(shape, t.into_raw_vec_and_offset().0))
+    }
+
+    /// The name under which the file holds `name` (or an alias), checked to have `shape` up to
+    /// singleton dimensions.
+    fn resolve<'s>(
+        &'s self,
+        name: &str,
+        aliases: &'s [String],
+        shape: &[usize],
+    ) -> Result<&'s str, CheckpointError> {
+        let Some(found) = self.find_owned(name, aliases) else {
             let hint = if aliases.is_empty() {
                 String::new()
             } else {
@@ -437,8 +441,87 @@ impl TensorFile {
                 found: fshape.to_vec(),
             });
         }
-        let t = self.f32(found)?;
-        Ok(from_vec(shape, t.into_raw_vec_and_offset().0))
+        Ok(found)
+    }
+
+    /// [`TensorFile::find`] returning the file's own copy of the name.
+    fn find_owned(&self, name: &str, aliases: &[String]) -> Option<&str> {
+        std::iter::once(name)
+            .chain(aliases.iter().map(String::as_str))
+            .find_map(|c| self.index.get_key_value(c).map(|(k, _)| k.as_str()))
+    }
+
+    /// Matrix `name` (or an alias) of `shape` (n, …) packed into `format`, decoded and packed a
+    /// block of rows at a time, so no f32 copy of the whole matrix is ever made (a mapped file's
+    /// pages are released block by block). `Ok(None)` if it holds a non-finite value: such a
+    /// matrix is not packed (load it with [`TensorFile::f32_as`]; the model loader reports it).
+    ///
+    /// # Errors
+    /// As [`TensorFile::f32_as`].
+    pub fn packed_as(
+        &self,
+        name: &str,
+        aliases: &[String],
+        shape: &[usize],
+        format: WeightFormat,
+    ) -> Result<Option<QMatrix>, CheckpointError> {
+        let found = self.resolve(name, aliases, shape)?;
+        let n = shape.first().copied().unwrap_or(1);
+        let k: usize = shape.iter().skip(1).product();
+        // About 4 MB of f32 per block.
+        let block = ((1 << 20) / k.max(1)).clamp(1, n.max(1));
+        let mut parts: Option<QStorage> = None;
+        for r0 in (0..n).step_by(block) {
+            let rows = block.min(n - r0);
+            let vals = self.f32_rows(found, r0..r0 + rows)?;
+            if vals.iter().any(|v| !v.is_finite()) {
+                return Ok(None);
+            }
+            let q = QMatrix::quantize(&vals, rows, k, format).into_storage();
+            parts = Some(match (parts, q) {
+                (None, q) => q,
+                (Some(QStorage::F32(mut a)), QStorage::F32(b)) => {
+                    a.extend(b);
+                    QStorage::F32(a)
+                }
+                (Some(QStorage::Bf16(mut a)), QStorage::Bf16(b)) => {
+                    a.extend(b);
+                    QStorage::Bf16(a)
+                }
+                (Some(QStorage::F16(mut a)), QStorage::F16(b)) => {
+                    a.extend(b);
+                    QStorage::F16(a)
+                }
+                (Some(QStorage::Q8 { q: mut a, scales: mut s }), QStorage::Q8 { q: b, scales: t }) => {
+                    a.extend(b);
+                    s.extend(t);
+                    QStorage::Q8 { q: a, scales: s }
+                }
+                _ => unreachable!("every block is packed in one format"),
+            });
+        }
+        let storage = parts.unwrap_or_else(|| QMatrix::quantize(&[], 0, k, format).into_storage());
+        Ok(Some(QMatrix::from_storage(storage, n, k)))
+    }
+
+    /// Rows `rows` of tensor `name` (its first dimension) as f32; a mapped file's pages of those
+    /// rows are released once decoded.
+    pub fn f32_rows(&self, name: &str, rows: std::ops::Range<usize>) -> Result<Vec<f32>, CheckpointError> {
+        let (shard, (dtype, shape, range)) = self.entry(name)?;
+        let n = shape.first().copied().unwrap_or(1);
+        let row: usize = shape.iter().skip(1).product();
+        assert!(rows.start <= rows.end && rows.end <= n, "f32_rows: rows {rows:?} of `{name}` with {n} rows");
+        let width = dtype.bitsize() / 8;
+        let sub = range.start + rows.start * row * width..range.start + rows.end * row * width;
+        let values =
+            decode(*dtype, &shard.bytes.as_slice()[sub.clone()]).ok_or_else(|| CheckpointError::Dtype {
+                path: shard.path.clone(),
+                tensor: name.into(),
+                expected: "a float type (F32, F64, F16, BF16)",
+                found: format!("{dtype:?}"),
+            })?;
+        shard.bytes.release(&sub);
+        Ok(values)
     }
 
     /// Tensor `name` as i64 values (from I64 or I32) with its shape.
@@ -480,6 +563,20 @@ impl Shard {
         };
         Ok(Self { path: path.into(), bytes })
     }
+}
+
+/// Little-endian `raw` values of a float `dtype` as f32 (`None` for other dtypes).
+fn decode(dtype: Dtype, raw: &[u8]) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => raw.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+        Dtype::F64 => raw.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
+        Dtype::BF16 => raw
+            .chunks_exact(2)
+            .map(|b| f32::from_bits((u16::from_le_bytes([b[0], b[1]]) as u32) << 16))
+            .collect(),
+        Dtype::F16 => raw.chunks_exact(2).map(|b| f16_to_f32(u16::from_le_bytes([b[0], b[1]]))).collect(),
+        _ => return None,
+    })
 }
 
 /// IEEE half to f32.

@@ -72,6 +72,24 @@ impl ParamStore {
         id
     }
 
+    /// Adds weight matrix `name` already packed (loaded straight into a reduced precision); its
+    /// f32 value is empty.
+    ///
+    /// # Panics
+    /// If a parameter of that name exists.
+    #[track_caller]
+    pub fn add_packed(&mut self, name: impl Into<String>, q: QMatrix, decay: bool) -> ParamId {
+        let id = self.add(name, zeros(&[0]), decay);
+        self.matrix[id.0] = true;
+        self.packed[id.0] = Some(q);
+        id
+    }
+
+    /// The format matrices are packed into as they are added, if any.
+    pub fn packing_on_add(&self) -> Option<WeightFormat> {
+        self.pack_on_add
+    }
+
     /// Marks parameter `id` (2-D or more: (n, k…)) as a weight matrix inference may pack; packs
     /// it at once if a format was set with [`ParamStore::pack_matrices_on_add`].
     pub fn mark_matrix(&mut self, id: ParamId) {

@@ -221,3 +221,30 @@ fn sixteen_bit_checkpoints_load_as_their_values() {
         }
     }
 }
+
+/// Loading straight into a reduced precision (packed block by block from the file) gives exactly
+/// the matrices that packing the f32 model gives, for every format — here with an embedding of
+/// more rows than one block (40,000 × 32).
+#[test]
+fn loading_packed_equals_packing_after_loading() {
+    use mamba_nn::model::WeightFormat;
+    use mamba_nn::params::Weight;
+    let model = MambaLM::new(MambaConfig::mamba1(40_000, 32, 1), 5).unwrap();
+    let dir = tmpdir("packed");
+    model.save_pretrained(&dir).unwrap();
+    for format in [WeightFormat::Bf16, WeightFormat::F16, WeightFormat::Q8] {
+        let loaded =
+            MambaLM::from_pretrained_with(&dir, LoadOptions { dtype: Some(format), ..LoadOptions::default() }).unwrap();
+        let mut packed = MambaLM::from_pretrained(&dir).unwrap();
+        let n = packed.pack_weights(format);
+        assert!(n >= 5, "{format}: {n} matrices packed");
+        for ((id, p), (id2, _)) in loaded.params.iter().zip(packed.params.iter()) {
+            match (loaded.params.weight(id), packed.params.weight(id2)) {
+                (Weight::Packed(a), Weight::Packed(b)) => assert!(a == b, "{format}: `{}` differs", p.name),
+                (Weight::F32(a), Weight::F32(b)) => assert_eq!(a, b, "{format}: `{}`", p.name),
+                _ => panic!("{format}: `{}` packed in one model only", p.name),
+            }
+        }
+        assert!(loaded.weight_bytes_per_token() < model.weight_bytes_per_token() * 2 / 3, "{format}");
+    }
+}

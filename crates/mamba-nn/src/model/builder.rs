@@ -196,6 +196,15 @@ impl<'a, 'f> ParamBuilder<'a, 'f> {
     /// [`ParamBuilder::param`] for a weight matrix (a projection, the embedding, the LM head):
     /// marked so inference may run it in a reduced precision ([`ParamStore::mark_matrix`]).
     pub fn matrix(&mut self, name: &str, shape: &[usize], init: Init) -> Result<ParamId, CheckpointError> {
+        // Loading into a reduced precision: decode and pack block by block.
+        if let Some(format) = self.store.packing_on_add() {
+            let full = self.full_name(name);
+            if let Source::Load { file, aliases } = self.source()
+                && let Some(q) = file.packed_as(&full, &aliases(&full), shape, format)?
+            {
+                return Ok(self.store.add_packed(full, q, true));
+            }
+        }
         let id = self.param(name, shape, init)?;
         if !matches!(self.source(), Source::Plan(_)) {
             self.store.mark_matrix(id);
