@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
-use ssm_kernel::qweight::{QMatrix, QStorage, WeightFormat};
+use ssm_kernel::qweight::{Q8_BLOCK, QMatrix, QStorage, WeightFormat};
 
 use crate::params::ParamStore;
 use crate::tensor::{Tensor, data, from_vec};
@@ -468,39 +468,34 @@ impl TensorFile {
         let found = self.resolve(name, aliases, shape)?;
         let n = shape.first().copied().unwrap_or(1);
         let k: usize = shape.iter().skip(1).product();
-        // About 4 MB of f32 per block.
-        let block = ((1 << 20) / k.max(1)).clamp(1, n.max(1));
-        let mut parts: Option<QStorage> = None;
+        // About 1 MB of f32 per block.
+        let block = ((1 << 18) / k.max(1)).clamp(1, n.max(1));
+        // The storage is allocated once at its final size and filled block by block.
+        let nb = k.div_ceil(Q8_BLOCK);
+        let mut storage = match format {
+            WeightFormat::F32 => QStorage::F32(Vec::with_capacity(n * k)),
+            WeightFormat::Bf16 => QStorage::Bf16(Vec::with_capacity(n * k)),
+            WeightFormat::F16 => QStorage::F16(Vec::with_capacity(n * k)),
+            WeightFormat::Q8 => {
+                QStorage::Q8 { q: Vec::with_capacity(n * k), scales: Vec::with_capacity(n * nb) }
+            }
+        };
         for r0 in (0..n).step_by(block) {
             let rows = block.min(n - r0);
             let vals = self.f32_rows(found, r0..r0 + rows)?;
             if vals.iter().any(|v| !v.is_finite()) {
                 return Ok(None);
             }
-            let q = QMatrix::quantize(&vals, rows, k, format).into_storage();
-            parts = Some(match (parts, q) {
-                (None, q) => q,
-                (Some(QStorage::F32(mut a)), QStorage::F32(b)) => {
-                    a.extend(b);
-                    QStorage::F32(a)
-                }
-                (Some(QStorage::Bf16(mut a)), QStorage::Bf16(b)) => {
-                    a.extend(b);
-                    QStorage::Bf16(a)
-                }
-                (Some(QStorage::F16(mut a)), QStorage::F16(b)) => {
-                    a.extend(b);
-                    QStorage::F16(a)
-                }
-                (Some(QStorage::Q8 { q: mut a, scales: mut s }), QStorage::Q8 { q: b, scales: t }) => {
+            match (&mut storage, QMatrix::quantize(&vals, rows, k, format).into_storage()) {
+                (QStorage::F32(a), QStorage::F32(b)) => a.extend(b),
+                (QStorage::Bf16(a), QStorage::Bf16(b)) | (QStorage::F16(a), QStorage::F16(b)) => a.extend(b),
+                (QStorage::Q8 { q: a, scales: s }, QStorage::Q8 { q: b, scales: t }) => {
                     a.extend(b);
                     s.extend(t);
-                    QStorage::Q8 { q: a, scales: s }
                 }
                 _ => unreachable!("every block is packed in one format"),
-            });
+            }
         }
-        let storage = parts.unwrap_or_else(|| QMatrix::quantize(&[], 0, k, format).into_storage());
         Ok(Some(QMatrix::from_storage(storage, n, k)))
     }
 

@@ -224,7 +224,7 @@ fn sixteen_bit_checkpoints_load_as_their_values() {
 
 /// Loading straight into a reduced precision (packed block by block from the file) gives exactly
 /// the matrices that packing the f32 model gives, for every format — here with an embedding of
-/// more rows than one block (40,000 × 32).
+/// more rows than one block (40,000 × 32; a block is 8,192 rows).
 #[test]
 fn loading_packed_equals_packing_after_loading() {
     use mamba_nn::model::WeightFormat;
@@ -233,8 +233,11 @@ fn loading_packed_equals_packing_after_loading() {
     let dir = tmpdir("packed");
     model.save_pretrained(&dir).unwrap();
     for format in [WeightFormat::Bf16, WeightFormat::F16, WeightFormat::Q8] {
-        let loaded =
-            MambaLM::from_pretrained_with(&dir, LoadOptions { dtype: Some(format), ..LoadOptions::default() }).unwrap();
+        let loaded = MambaLM::from_pretrained_with(
+            &dir,
+            LoadOptions { dtype: Some(format), ..LoadOptions::default() },
+        )
+        .unwrap();
         let mut packed = MambaLM::from_pretrained(&dir).unwrap();
         let n = packed.pack_weights(format);
         assert!(n >= 5, "{format}: {n} matrices packed");
