@@ -61,8 +61,14 @@ fn main() -> ExitCode {
         }
         Some("bench") if args.len() <= 2 => bench(args.get(1).map(String::as_str)),
         Some("machine") if args.len() <= 2 => match args.get(1).map(|t| t.parse::<usize>()) {
-            None => Ok(print!("{}", machine::report(&machine::measure(2)))),
-            Some(Ok(t)) if t >= 1 => Ok(print!("{}", machine::report(&machine::measure(t)))),
+            None => {
+                print!("{}", machine::report(&machine::measure(2)));
+                Ok(())
+            }
+            Some(Ok(t)) if t >= 1 => {
+                print!("{}", machine::report(&machine::measure(t)));
+                Ok(())
+            }
             Some(_) => {
                 eprint!("machine: THREADS must be a whole number ≥ 1, got {}\n\n{USAGE}", args[1]);
                 return ExitCode::from(2);

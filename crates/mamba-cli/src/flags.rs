@@ -40,6 +40,11 @@ pub fn probability(s: &str) -> Result<f32, String> {
     if v > 0.0 && v <= 1.0 { Ok(v) } else { Err(format!("must be in (0, 1], got {s}")) }
 }
 
+/// `--dtype`: a weight format (`f32`, `bf16`, `f16`, `q8`).
+pub fn weight_format(s: &str) -> Result<mamba_nn::model::WeightFormat, String> {
+    s.parse::<mamba_nn::model::WeightFormat>().map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,9 +62,4 @@ mod tests {
             assert!(probability(bad).is_err(), "{bad}");
         }
     }
-}
-
-/// `--dtype`: a weight format (`f32`, `bf16`, `f16`, `q8`).
-pub fn weight_format(s: &str) -> Result<mamba_nn::model::WeightFormat, String> {
-    s.parse::<mamba_nn::model::WeightFormat>().map_err(|e| e.to_string())
 }
