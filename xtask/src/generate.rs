@@ -94,107 +94,56 @@ fn vocab_of(model: &Path) -> Result<u64> {
     cfg["vocab_size"].as_u64().context("config.json has no vocab_size")
 }
 
-/// Our decode rate (median of `runs`), bytes per token and peak RSS.
-fn ours_decode(bin: &Path, model: &Path, dtype: &str, runs: usize) -> Result<Row> {
-    let ids = prompt_ids(16, vocab_of(model)?);
-    let (mut rates, mut bytes, mut rss) = (Vec::new(), 0.0, 0.0f64);
+/// Runs `mamba generate ARGS --json` `runs` times: the median of its `field`, its last
+/// `weight_bytes_per_token` and the largest peak RSS.
+fn ours(bin: &Path, args: &[&str], field: &str, runs: usize) -> Result<Row> {
+    let (mut rates, mut bytes, mut rss) = (Vec::new(), None, 0.0f64);
     for _ in 0..runs {
-        let (out, peak) = run_measured(Command::new(bin).args([
-            "generate",
-            "--model",
-            &model.to_string_lossy(),
-            "--prompt-ids",
-            &ids,
-            "--max-new-tokens",
-            "128",
-            "--temperature",
-            "0",
-            "--threads",
-            THREADS,
-            "--dtype",
-            dtype,
-            "--json",
-        ]))?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("generate").args(args).args(["--temperature", "0", "--threads", THREADS, "--json"]);
+        let (out, peak) = run_measured(&mut cmd)?;
         let v: Value = serde_json::from_str(out.trim()).context("generate --json output")?;
-        rates.push(v["decode_tokens_per_s"].as_f64().context("decode_tokens_per_s")?);
-        bytes = v["weight_bytes_per_token"].as_f64().context("weight_bytes_per_token")?;
+        rates.push(v[field].as_f64().with_context(|| format!("no {field} in {v}"))?);
+        bytes = v["weight_bytes_per_token"].as_f64();
         rss = rss.max(peak);
     }
     Ok(Row {
         what: String::new(),
         tokens_per_s: median(rates),
-        bytes_per_token: Some(bytes),
+        bytes_per_token: bytes,
         peak_rss: Some(rss),
         note: String::new(),
     })
 }
 
-/// Our aggregate decode rate for a batch of `n` prompts of 16 bytes.
+/// Our batch-1 decode rate with weights in `dtype`.
+fn ours_decode(bin: &Path, model: &Path, dtype: &str, runs: usize) -> Result<Row> {
+    let ids = prompt_ids(16, vocab_of(model)?);
+    let m = model.to_string_lossy();
+    let args = ["--model", &m, "--prompt-ids", &ids, "--max-new-tokens", "128", "--dtype", dtype];
+    ours(bin, &args, "decode_tokens_per_s", runs)
+}
+
+/// Our aggregate decode rate for a batch of `n` prompts of 20 bytes.
 fn ours_batch(bin: &Path, model: &Path, n: usize, runs: usize, dir: &Path) -> Result<Row> {
     let file = dir.join(format!("prompts-{n}.txt"));
     let lines: Vec<String> = (0..n).map(|i| format!("prompt {i:>2} of the batch")).collect();
     std::fs::write(&file, lines.join("\n") + "\n")?;
-    let mut rates = Vec::new();
-    let mut rss = 0.0f64;
-    for _ in 0..runs {
-        let (out, peak) = run_measured(Command::new(bin).args([
-            "generate",
-            "--model",
-            &model.to_string_lossy(),
-            "--prompt-file",
-            &file.to_string_lossy(),
-            "--max-new-tokens",
-            "128",
-            "--temperature",
-            "0",
-            "--threads",
-            THREADS,
-            "--json",
-        ]))?;
-        let v: Value = serde_json::from_str(out.trim())?;
-        rates.push(v["decode_tokens_per_s"].as_f64().context("decode_tokens_per_s")?);
-        rss = rss.max(peak);
-    }
-    Ok(Row {
-        what: String::new(),
-        tokens_per_s: median(rates),
-        bytes_per_token: None,
-        peak_rss: Some(rss),
-        note: String::new(),
-    })
+    let (m, f) = (model.to_string_lossy(), file.to_string_lossy());
+    let args = ["--model", &m, "--prompt-file", &f, "--max-new-tokens", "128"];
+    let mut row = ours(bin, &args, "decode_tokens_per_s", runs)?;
+    row.bytes_per_token = None;
+    Ok(row)
 }
 
-/// Our prefill rate for a prompt of `n` bytes (byte-level: `n` tokens) and the peak RSS.
+/// Our prefill rate for a prompt of `n` bytes (byte-level: `n` tokens).
 fn ours_prefill(bin: &Path, model: &Path, n: usize, runs: usize) -> Result<Row> {
     let text: String = (0..n).map(|i| (b'a' + ((i * 7 + i / 13) % 26) as u8) as char).collect();
-    let mut rates = Vec::new();
-    let mut rss = 0.0f64;
-    for _ in 0..runs {
-        let (out, peak) = run_measured(Command::new(bin).args([
-            "generate",
-            "--model",
-            &model.to_string_lossy(),
-            "--prompt",
-            &text,
-            "--max-new-tokens",
-            "1",
-            "--temperature",
-            "0",
-            "--threads",
-            THREADS,
-            "--json",
-        ]))?;
-        let v: Value = serde_json::from_str(out.trim())?;
-        rates.push(v["prefill_tokens_per_s"].as_f64().context("prefill_tokens_per_s")?);
-        rss = rss.max(peak);
-    }
-    Ok(Row {
-        what: String::new(),
-        tokens_per_s: median(rates),
-        bytes_per_token: None,
-        peak_rss: Some(rss),
-        note: String::new(),
-    })
+    let m = model.to_string_lossy();
+    let args = ["--model", &m, "--prompt", &text, "--max-new-tokens", "1"];
+    let mut row = ours(bin, &args, "prefill_tokens_per_s", runs)?;
+    row.bytes_per_token = None;
+    Ok(row)
 }
 
 fn candle(bin: &Path, model: &Path, runs: usize) -> Result<f64> {

@@ -108,18 +108,7 @@ pub fn linear_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::testing::{Rng, assert_rel_max, to_f32};
-
-    fn naive(x: &[f32], w: &[f32], b: Option<&[f32]>, (m, k, n): (usize, usize, usize)) -> Vec<f64> {
-        let mut out = vec![0.0; m * n];
-        for r in 0..m {
-            for j in 0..n {
-                let s: f64 = (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64).sum();
-                out[r * n + j] = s + b.map_or(0.0, |b| b[j] as f64);
-            }
-        }
-        out
-    }
+    use crate::testing::{Rng, assert_rel_max, naive_linear as naive, to_f32};
 
     /// Odd sizes (partial SIMD chunks, a last partial task), the parallel split, and the GEMM
     /// path of `linear_rows`.

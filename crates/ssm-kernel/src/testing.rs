@@ -124,3 +124,15 @@ pub fn dot(w: &[f64], y: &[f64]) -> f64 {
 pub fn cases(default: u32) -> u32 {
     std::env::var("PROPTEST_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
+
+/// `x (m, k) · Wᵀ (+ b)` in f64 for `w` (n, k): the oracle of the mat-vec kernels.
+pub fn naive_linear(x: &[f32], w: &[f32], b: Option<&[f32]>, (m, k, n): (usize, usize, usize)) -> Vec<f64> {
+    let mut out = vec![0.0; m * n];
+    for r in 0..m {
+        for j in 0..n {
+            let s: f64 = (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64).sum();
+            out[r * n + j] = s + b.map_or(0.0, |b| b[j] as f64);
+        }
+    }
+    out
+}

@@ -3,7 +3,7 @@
 //! No convolution and no gate: nothing in the layer depends on the input's content, which is
 //! what the Mamba paper's selective-copying contrast is about.
 
-use ssm_kernel::lti::{LtiArgs, LtiDims, lti_chunk, lti_final_state, lti_step};
+use ssm_kernel::lti::{LtiArgs, LtiDims, lti_chunk, lti_final_state};
 
 use super::builder::{Init, ParamBuilder};
 use super::layers::Linear;
@@ -103,24 +103,16 @@ impl Mixer for LtiMixer {
         2 * batch * self.d_inner
     }
 
+    /// A chunk of one token (`lti_chunk` over one step is exactly `lti_step`).
     fn step(
         &self,
         p: &ParamStore,
-        _: &[f32],
+        consts: &[f32],
         u: &[f32],
         cache: &mut LayerCache,
         scratch: &mut [f32],
         out: &mut [f32],
     ) {
-        let di = self.d_inner;
-        let bsz = u.len() / self.in_proj.d_in;
-        let mut s = scratch;
-        let x = carve(&mut s, bsz * di);
-        self.in_proj.step(p, u, bsz, x);
-        let y = carve(&mut s, bsz * di);
-        let v = |id: ParamId| data(p.value(id));
-        let args = LtiArgs { x, a: v(self.a), b: v(self.b), c: v(self.c), d: v(self.d) };
-        lti_step(&args, &mut cache.ssm, y);
-        self.out_proj.step(p, y, bsz, out);
+        self.prefill(p, consts, u, 1, cache, scratch, out);
     }
 }

@@ -122,7 +122,7 @@ impl Mixer for Mamba1Mixer {
 
     fn prefill_scratch_len(&self, batch: usize, len: usize) -> usize {
         let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
-        batch * (len * (2 * di + 6 * di + 2 * (r + 2 * n)) + di * n)
+        batch * (len * (7 * di + 2 * (r + 2 * n)) + di * n)
     }
 
     fn prefill(
@@ -135,47 +135,12 @@ impl Mixer for Mamba1Mixer {
         scratch: &mut [f32],
         out: &mut [f32],
     ) {
-        let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
-        let rows = u.len() / self.in_proj.d_in;
-        let bsz = rows / len;
-        let mut s = scratch;
-        let proj = carve(&mut s, rows * 2 * di);
-        self.in_proj.rows(p, u, rows, proj);
-        let x = cols(proj, 2 * di, 0, di, carve(&mut s, rows * di));
-        let z = cols(proj, 2 * di, di, di, carve(&mut s, rows * di));
-        let xc = carve(&mut s, rows * di);
-        self.conv1d.prefill(p, x, bsz, &mut cache.conv, xc);
-        let dbc = carve(&mut s, rows * (r + 2 * n));
-        self.x_proj.rows(p, xc, rows, dbc);
-        let dt = cols(dbc, r + 2 * n, 0, r, carve(&mut s, rows * r));
-        let bm = cols(dbc, r + 2 * n, r, n, carve(&mut s, rows * n));
-        let cm = cols(dbc, r + 2 * n, r + n, n, carve(&mut s, rows * n));
-        let delta = carve(&mut s, rows * di);
-        let dt_only = Linear { bias: None, ..self.dt_proj };
-        dt_only.rows(p, dt, rows, delta);
-        let h0 = carve(&mut s, bsz * di * n);
-        h0.copy_from_slice(&cache.ssm);
-        let y = carve(&mut s, rows * di);
-        let args = Scan1Args {
-            u: xc,
-            delta,
-            a: neg_a,
-            b: bm,
-            c: cm,
-            d: Some(data(p.value(self.d))),
-            z: Some(z),
-            delta_bias: self.dt_proj.bias.map(|b| data(p.value(b))),
-            delta_softplus: true,
-            h0: Some(h0),
-        };
-        let dims = Scan1Dims::new(bsz, len, di, n);
-        mamba1::scan_fwd(&dims, &args, Scan1Out::with_state(y, &mut cache.ssm));
-        self.out_proj.rows(p, y, rows, out);
+        self.run(p, neg_a, u, Some(len), cache, scratch, out);
     }
 
     fn scratch_len(&self, batch: usize) -> usize {
         let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
-        batch * (2 * di + 2 * di + di + (r + 2 * n) + r + 2 * n + di + di)
+        batch * (7 * di + 2 * (r + 2 * n))
     }
 
     fn step(
@@ -187,24 +152,47 @@ impl Mixer for Mamba1Mixer {
         scratch: &mut [f32],
         out: &mut [f32],
     ) {
+        self.run(p, neg_a, u, None, cache, scratch, out);
+    }
+}
+
+impl Mamba1Mixer {
+    /// [`Mixer::prefill`] of `len` tokens per sequence (`Some(len)`: conv and scan over the
+    /// chunk from the state), or [`Mixer::step`] (`None`: one row per sequence, the recurrent
+    /// conv and scan steps). The projections are the same code for both.
+    fn run(
+        &self,
+        p: &ParamStore,
+        neg_a: &[f32],
+        u: &[f32],
+        len: Option<usize>,
+        cache: &mut LayerCache,
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
         let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
-        let bsz = u.len() / self.in_proj.d_in;
+        let rows = u.len() / self.in_proj.d_in;
+        let bsz = rows / len.unwrap_or(1);
         let mut s = scratch;
-        let proj = carve(&mut s, bsz * 2 * di);
-        self.in_proj.step(p, u, bsz, proj);
-        let x = cols(proj, 2 * di, 0, di, carve(&mut s, bsz * di));
-        let z = cols(proj, 2 * di, di, di, carve(&mut s, bsz * di));
-        let xc = carve(&mut s, bsz * di);
-        self.conv1d.step(p, x, bsz, &mut cache.conv, xc);
-        let dbc = carve(&mut s, bsz * (r + 2 * n));
-        self.x_proj.step(p, xc, bsz, dbc);
-        let dt = cols(dbc, r + 2 * n, 0, r, carve(&mut s, bsz * r));
-        let bm = cols(dbc, r + 2 * n, r, n, carve(&mut s, bsz * n));
-        let cm = cols(dbc, r + 2 * n, r + n, n, carve(&mut s, bsz * n));
-        let delta = carve(&mut s, bsz * di);
-        Linear { bias: None, ..self.dt_proj }.step(p, dt, bsz, delta);
-        let y = carve(&mut s, bsz * di);
-        let args = Scan1Args {
+        let proj = carve(&mut s, rows * 2 * di);
+        self.in_proj.rows(p, u, rows, proj);
+        let x = cols(proj, 2 * di, 0, di, carve(&mut s, rows * di));
+        let z = cols(proj, 2 * di, di, di, carve(&mut s, rows * di));
+        let xc = carve(&mut s, rows * di);
+        match len {
+            Some(_) => self.conv1d.prefill(p, x, bsz, &mut cache.conv, xc),
+            None => self.conv1d.step(p, x, bsz, &mut cache.conv, xc),
+        }
+        let dbc = carve(&mut s, rows * (r + 2 * n));
+        self.x_proj.rows(p, xc, rows, dbc);
+        let dt = cols(dbc, r + 2 * n, 0, r, carve(&mut s, rows * r));
+        let bm = cols(dbc, r + 2 * n, r, n, carve(&mut s, rows * n));
+        let cm = cols(dbc, r + 2 * n, r + n, n, carve(&mut s, rows * n));
+        let delta = carve(&mut s, rows * di);
+        // dt_proj's bias is Δ's bias inside the scan's softplus.
+        Linear { bias: None, ..self.dt_proj }.rows(p, dt, rows, delta);
+        let y = carve(&mut s, rows * di);
+        let mut args = Scan1Args {
             u: xc,
             delta,
             a: neg_a,
@@ -216,8 +204,17 @@ impl Mixer for Mamba1Mixer {
             delta_softplus: true,
             h0: None,
         };
-        mamba1::scan_step(&Scan1Dims::new(bsz, 1, di, n), &args, &mut cache.ssm, y);
-        self.out_proj.step(p, y, bsz, out);
+        match len {
+            Some(len) => {
+                let h0 = carve(&mut s, bsz * di * n);
+                h0.copy_from_slice(&cache.ssm);
+                args.h0 = Some(h0);
+                let dims = Scan1Dims::new(bsz, len, di, n);
+                mamba1::scan_fwd(&dims, &args, Scan1Out::with_state(y, &mut cache.ssm));
+            }
+            None => mamba1::scan_step(&Scan1Dims::new(bsz, 1, di, n), &args, &mut cache.ssm, y),
+        }
+        self.out_proj.rows(p, y, rows, out);
     }
 }
 

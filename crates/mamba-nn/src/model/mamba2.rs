@@ -124,42 +124,7 @@ impl Mixer for Mamba2Mixer {
         scratch: &mut [f32],
         out: &mut [f32],
     ) {
-        let Mamba2Spec { nheads: h, headdim: hp, ngroups: g, dstate: n, eps, chunk_size } = self.spec;
-        let (di, cd, gn, pd) = (self.d_inner(), self.conv1d.channels, self.gn(), self.in_proj.d_out);
-        let rows = u.len() / self.in_proj.d_in;
-        let bsz = rows / len;
-        let mut s = scratch;
-        let proj = carve(&mut s, rows * pd);
-        self.in_proj.rows(p, u, rows, proj);
-        let xbc = cols(proj, pd, di, cd, carve(&mut s, rows * cd));
-        let xc = carve(&mut s, rows * cd);
-        self.conv1d.prefill(p, xbc, bsz, &mut cache.conv, xc);
-        let x = cols(xc, cd, 0, di, carve(&mut s, rows * di));
-        let bm = cols(xc, cd, di, gn, carve(&mut s, rows * gn));
-        let cm = cols(xc, cd, di + gn, gn, carve(&mut s, rows * gn));
-        let delta = cols(proj, pd, di + cd, h, carve(&mut s, rows * h));
-        let z = cols(proj, pd, 0, di, carve(&mut s, rows * di));
-        let h0 = carve(&mut s, bsz * h * hp * n);
-        h0.copy_from_slice(&cache.ssm);
-        let y = carve(&mut s, rows * di);
-        let args = Scan2Args {
-            x,
-            delta,
-            a: neg_a,
-            b: bm,
-            c: cm,
-            d: Some(data(p.value(self.d))),
-            z: None,
-            delta_bias: Some(data(p.value(self.dt_bias))),
-            delta_softplus: true,
-            h0: Some(h0),
-        };
-        let dims = Scan2Dims::new(bsz, len, h, hp, n).with_groups(g);
-        let out_y = Scan2Out { y: &mut *y, h_last: Some(&mut cache.ssm) };
-        mamba2::scan_fwd_auto(&dims, chunk_size, &args, out_y);
-        let normed = carve(&mut s, rows * di);
-        gated_rms_rows(y, z, data(p.value(self.norm)), di / g, eps, normed);
-        self.out_proj.rows(p, normed, rows, out);
+        self.run(p, neg_a, u, Some(len), cache, scratch, out);
     }
 
     fn scratch_len(&self, batch: usize) -> usize {
@@ -176,22 +141,44 @@ impl Mixer for Mamba2Mixer {
         scratch: &mut [f32],
         out: &mut [f32],
     ) {
-        let Mamba2Spec { nheads: h, headdim: hp, ngroups: g, dstate: n, eps, .. } = self.spec;
+        self.run(p, neg_a, u, None, cache, scratch, out);
+    }
+}
+
+impl Mamba2Mixer {
+    /// [`Mixer::prefill`] of `len` tokens per sequence (`Some(len)`: conv and scan over the
+    /// chunk from the state), or [`Mixer::step`] (`None`: one row per sequence, the recurrent
+    /// conv and scan steps). The projections, column splits and gated norm are shared.
+    fn run(
+        &self,
+        p: &ParamStore,
+        neg_a: &[f32],
+        u: &[f32],
+        len: Option<usize>,
+        cache: &mut LayerCache,
+        scratch: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let Mamba2Spec { nheads: h, headdim: hp, ngroups: g, dstate: n, eps, chunk_size } = self.spec;
         let (di, cd, gn, pd) = (self.d_inner(), self.conv1d.channels, self.gn(), self.in_proj.d_out);
-        let bsz = u.len() / self.in_proj.d_in;
+        let rows = u.len() / self.in_proj.d_in;
+        let bsz = rows / len.unwrap_or(1);
         let mut s = scratch;
-        let proj = carve(&mut s, bsz * pd);
-        self.in_proj.step(p, u, bsz, proj);
-        let xbc = cols(proj, pd, di, cd, carve(&mut s, bsz * cd));
-        let xc = carve(&mut s, bsz * cd);
-        self.conv1d.step(p, xbc, bsz, &mut cache.conv, xc);
-        let x = cols(xc, cd, 0, di, carve(&mut s, bsz * di));
-        let bm = cols(xc, cd, di, gn, carve(&mut s, bsz * gn));
-        let cm = cols(xc, cd, di + gn, gn, carve(&mut s, bsz * gn));
-        let delta = cols(proj, pd, di + cd, h, carve(&mut s, bsz * h));
-        let z = cols(proj, pd, 0, di, carve(&mut s, bsz * di));
-        let y = carve(&mut s, bsz * di);
-        let args = Scan2Args {
+        let proj = carve(&mut s, rows * pd);
+        self.in_proj.rows(p, u, rows, proj);
+        let xbc = cols(proj, pd, di, cd, carve(&mut s, rows * cd));
+        let xc = carve(&mut s, rows * cd);
+        match len {
+            Some(_) => self.conv1d.prefill(p, xbc, bsz, &mut cache.conv, xc),
+            None => self.conv1d.step(p, xbc, bsz, &mut cache.conv, xc),
+        }
+        let x = cols(xc, cd, 0, di, carve(&mut s, rows * di));
+        let bm = cols(xc, cd, di, gn, carve(&mut s, rows * gn));
+        let cm = cols(xc, cd, di + gn, gn, carve(&mut s, rows * gn));
+        let delta = cols(proj, pd, di + cd, h, carve(&mut s, rows * h));
+        let z = cols(proj, pd, 0, di, carve(&mut s, rows * di));
+        let y = carve(&mut s, rows * di);
+        let mut args = Scan2Args {
             x,
             delta,
             a: neg_a,
@@ -203,10 +190,23 @@ impl Mixer for Mamba2Mixer {
             delta_softplus: true,
             h0: None,
         };
-        mamba2::scan_step(&Scan2Dims::new(bsz, 1, h, hp, n).with_groups(g), &args, &mut cache.ssm, y);
+        match len {
+            Some(len) => {
+                let h0 = carve(&mut s, bsz * h * hp * n);
+                h0.copy_from_slice(&cache.ssm);
+                args.h0 = Some(h0);
+                let dims = Scan2Dims::new(bsz, len, h, hp, n).with_groups(g);
+                let out_y = Scan2Out { y: &mut *y, h_last: Some(&mut cache.ssm) };
+                mamba2::scan_fwd_auto(&dims, chunk_size, &args, out_y);
+            }
+            None => {
+                let dims = Scan2Dims::new(bsz, 1, h, hp, n).with_groups(g);
+                mamba2::scan_step(&dims, &args, &mut cache.ssm, y);
+            }
+        }
         // Gated RMSNorm over groups of d_inner / G channels.
-        let normed = carve(&mut s, bsz * di);
+        let normed = carve(&mut s, rows * di);
         gated_rms_rows(y, z, data(p.value(self.norm)), di / g, eps, normed);
-        self.out_proj.step(p, normed, bsz, out);
+        self.out_proj.rows(p, normed, rows, out);
     }
 }

@@ -2,19 +2,7 @@ use proptest::prelude::*;
 
 use super::*;
 use crate::matvec::matvec_rows;
-use crate::testing::{Rng, assert_rel_max, cases, to_f32};
-
-/// `x · Wᵀ (+ b)` in f64 for `w` (n, k) f32 (the dequantized weights).
-fn naive(x: &[f32], w: &[f32], b: Option<&[f32]>, (m, k, n): (usize, usize, usize)) -> Vec<f64> {
-    let mut out = vec![0.0; m * n];
-    for r in 0..m {
-        for j in 0..n {
-            let s: f64 = (0..k).map(|i| x[r * k + i] as f64 * w[j * k + i] as f64).sum();
-            out[r * n + j] = s + b.map_or(0.0, |b| b[j] as f64);
-        }
-    }
-    out
-}
+use crate::testing::{Rng, assert_rel_max, cases, naive_linear as naive, to_f32};
 
 fn pool(threads: usize) -> rayon::ThreadPool {
     rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap()
