@@ -99,6 +99,9 @@ pub fn linear_rows(
     }
     if let Some(b) = b {
         assert_eq!(b.len(), n, "linear_rows: b must be (n) = ({n}), got {} values", b.len());
+        if n == 0 {
+            return;
+        }
         for row in out.chunks_exact_mut(n) {
             row.iter_mut().zip(b).for_each(|(o, v)| *o += v);
         }
