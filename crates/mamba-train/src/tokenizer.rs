@@ -130,14 +130,20 @@ impl HfTokenizer {
             parse(format!("the tokenizers crate panicked while parsing it: {msg}"))
         })?;
         let inner = loaded.map_err(|e| parse(e.to_string()))?;
+        // A model can load and still fail on every word outside its vocabulary (a WordLevel or
+        // BPE model whose `unk_token` is not in its vocab): encode a probe of such words now,
+        // so the file is refused here rather than `encode` failing later.
+        if let Err(e) = inner.encode_fast("probe ☃ \u{10FFFD}𝔘 zq", false) {
+            return Err(parse(format!("it cannot encode text outside its vocabulary: {e}")));
+        }
         Ok(Self { inner, name: path.display().to_string() })
     }
 }
 
 impl Tokenizer for HfTokenizer {
     /// # Panics
-    /// If the `tokenizers` crate reports an encoding error (it does not for a loaded model
-    /// without truncation or padding constraints).
+    /// If the `tokenizers` crate reports an encoding error (loading refuses a model that fails
+    /// on words outside its vocabulary, the one such error seen).
     #[track_caller]
     fn encode(&self, text: &str) -> Vec<usize> {
         match self.inner.encode_fast(text, false) {

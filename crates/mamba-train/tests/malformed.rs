@@ -72,6 +72,12 @@ fn malformed_tokenizer_files_are_errors_naming_the_file() {
         let e = load(bad.as_bytes()).expect_err(bad);
         assert!(e.starts_with(&format!("{TOK} is not a valid tokenizer.json: ")), "{e}");
     }
+    // Loads, but cannot encode a word outside its vocabulary: its unk_token is not in the
+    // vocab (found by the mutation test below).
+    let no_unk = WORDLEVEL.replace(r#""[UNK]": 0, "#, "");
+    let e = load(no_unk.as_bytes()).unwrap_err();
+    assert!(e.starts_with(&format!("{TOK} is not a valid tokenizer.json: ")), "{e}");
+    assert!(e.contains("cannot encode text outside its vocabulary"), "{e}");
     // A decoder of the wrong type.
     let odd_decoder = WORDLEVEL.replace(r#""decoder": null"#, r#""decoder": 5"#);
     let e = load(odd_decoder.as_bytes()).unwrap_err();
