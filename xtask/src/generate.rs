@@ -36,7 +36,18 @@ struct Row {
     bytes_per_token: Option<f64>,
     /// Peak resident memory of the process, bytes (our rows).
     peak_rss: Option<f64>,
-    note: String,
+}
+
+impl Row {
+    /// A peer's row (no memory figure).
+    fn peer(what: String, tokens_per_s: f64, bytes_per_token: Option<f64>) -> Self {
+        Self { what, tokens_per_s, bytes_per_token, peak_rss: None }
+    }
+}
+
+/// The bytes per token of our decode row for `model` in `dtype`, if it ran.
+fn our_bytes(rows: &[Row], model: &str, dtype: &str) -> Option<f64> {
+    rows.iter().find(|r| r.what == format!("ours: {model} {dtype} decode")).and_then(|r| r.bytes_per_token)
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -107,13 +118,7 @@ fn ours(bin: &Path, args: &[&str], field: &str, runs: usize) -> Result<Row> {
         bytes = v["weight_bytes_per_token"].as_f64();
         rss = rss.max(peak);
     }
-    Ok(Row {
-        what: String::new(),
-        tokens_per_s: median(rates),
-        bytes_per_token: bytes,
-        peak_rss: Some(rss),
-        note: String::new(),
-    })
+    Ok(Row { what: String::new(), tokens_per_s: median(rates), bytes_per_token: bytes, peak_rss: Some(rss) })
 }
 
 /// Our batch-1 decode rate with weights in `dtype`.
@@ -235,11 +240,10 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
 
     let (m, s, m2) = (out_models.join("mamba-M"), out_models.join("mamba-S"), out_models.join("mamba2-M"));
     let mut rows: Vec<Row> = Vec::new();
-    let mut push = |what: &str, r: Result<Row>, note: &str| match r {
+    let mut push = |what: &str, r: Result<Row>| match r {
         Ok(mut r) => {
             eprintln!("xtask: {what}: {:.1} tokens/s", r.tokens_per_s);
             r.what = what.into();
-            r.note = note.into();
             rows.push(r);
         }
         Err(e) => eprintln!("xtask: {what}: skipped ({e:#})"),
@@ -247,39 +251,30 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
     for (name, model) in [("Mamba-1 M", &m), ("Mamba-1 S", &s), ("Mamba-2 M", &m2)] {
         let dtypes: &[&str] = if name == "Mamba-1 M" { &["f32", "bf16", "f16", "q8"] } else { &["f32"] };
         for dt in dtypes {
-            push(&format!("ours: {name} {dt} decode"), ours_decode(&bin, model, dt, runs), "");
+            push(&format!("ours: {name} {dt} decode"), ours_decode(&bin, model, dt, runs));
         }
     }
-    push("ours: Mamba-1 M f32 batch 8 decode (aggregate)", ours_batch(&bin, &m, 8, runs, &work), "");
+    push("ours: Mamba-1 M f32 batch 8 decode (aggregate)", ours_batch(&bin, &m, 8, runs, &work));
     for n in [2048, 16384] {
-        push(&format!("ours: Mamba-1 M f32 prefill {n}"), ours_prefill(&bin, &m, n, runs.min(2)), "");
+        push(&format!("ours: Mamba-1 M f32 prefill {n}"), ours_prefill(&bin, &m, n, runs.min(2)));
     }
     // Measured after our rows: a child's peak RSS includes the high-water mark the process had
     // when it forked, and the measurement maps a 1 GiB buffer.
     eprintln!("xtask: measuring the machine");
     let mach = machine::measure(2);
     eprint!("{}", machine::report(&mach));
-    let m_bytes = |rows: &[Row], dt: &str| {
-        rows.iter().find(|r| r.what == format!("ours: Mamba-1 M {dt} decode")).and_then(|r| r.bytes_per_token)
-    };
     let candle_bin = peer.join("candle-bench/target/release/candle-bench");
     let mut peer_rows = Vec::new();
     if candle_bin.is_file() {
         for (name, model, dt) in
             [("Mamba-1 M", &m, "f32"), ("Mamba-1 S", &s, "f32"), ("Mamba-2 M", &m2, "f32")]
         {
-            let bytes = rows
-                .iter()
-                .find(|r| r.what == format!("ours: {name} {dt} decode"))
-                .and_then(|r| r.bytes_per_token);
             match candle(&candle_bin, model, runs) {
-                Ok(t) => peer_rows.push(Row {
-                    what: format!("candle: {name} f32 decode"),
-                    tokens_per_s: t,
-                    bytes_per_token: bytes,
-                    peak_rss: None,
-                    note: String::new(),
-                }),
+                Ok(t) => peer_rows.push(Row::peer(
+                    format!("candle: {name} f32 decode"),
+                    t,
+                    our_bytes(&rows, name, dt),
+                )),
                 Err(e) => eprintln!("xtask: candle {name}: skipped ({e:#})"),
             }
         }
@@ -295,25 +290,17 @@ pub fn bench(root: &Path, args: &[String]) -> Result<()> {
                 continue;
             }
             match llama(&llama_bin, &gguf, 0, 128, runs) {
-                Ok(t) => peer_rows.push(Row {
-                    what: format!("llama.cpp: Mamba-1 M {q} decode"),
-                    tokens_per_s: t,
-                    bytes_per_token: m_bytes(&rows, ours),
-                    peak_rss: None,
-                    note: String::new(),
-                }),
+                Ok(t) => peer_rows.push(Row::peer(
+                    format!("llama.cpp: Mamba-1 M {q} decode"),
+                    t,
+                    our_bytes(&rows, "Mamba-1 M", ours),
+                )),
                 Err(e) => eprintln!("xtask: llama.cpp {q}: skipped ({e:#})"),
             }
         }
         let gguf = out_models.join("gguf/mamba-M-f32.gguf");
         if let Ok(t) = llama(&llama_bin, &gguf, 2048, 0, runs.min(2)) {
-            peer_rows.push(Row {
-                what: "llama.cpp: Mamba-1 M f32 prefill 2048".into(),
-                tokens_per_s: t,
-                bytes_per_token: None,
-                peak_rss: None,
-                note: String::new(),
-            });
+            peer_rows.push(Row::peer("llama.cpp: Mamba-1 M f32 prefill 2048".into(), t, None));
         }
     } else {
         eprintln!("xtask: {} not found: no llama.cpp rows", llama_bin.display());
@@ -362,7 +349,7 @@ fn markdown(rows: &[Row], m: &machine::Machine) -> String {
             _ => ("–".into(), "–".into()),
         };
         let rss = r.peak_rss.map_or("–".into(), |b| format!("{:.2} GB", b / 1e9));
-        let _ = writeln!(s, "| {}{} | {:.1} | {mb} | {share} | {rss} |", r.what, r.note, r.tokens_per_s);
+        let _ = writeln!(s, "| {} | {:.1} | {mb} | {share} | {rss} |", r.what, r.tokens_per_s);
     }
     s
 }
