@@ -98,6 +98,18 @@ pub fn assert_rel_max<A: Copy + Into<f64>, B: Copy + Into<f64>>(
     );
 }
 
+/// `max_c Σ |x[i]|` over the elements `i` of channel `c = (i / inner) % channels`, for `x` laid
+/// out as (…, channels, inner): the size of the summands of a gradient reduced to one value per
+/// channel. Such a sum can cancel to near zero while its f32 rounding stays relative to the
+/// summands, so this is the floor at which reduced gradients are compared.
+pub fn channel_abs_sum(x: &[f64], channels: usize, inner: usize) -> f64 {
+    let mut sums = vec![0.0f64; channels];
+    for (i, v) in x.iter().enumerate() {
+        sums[(i / inner) % channels] += v.abs();
+    }
+    sums.into_iter().fold(0.0, f64::max)
+}
+
 /// Central-difference gradient of a scalar function `f` with respect to `x[i]` for every `i`.
 pub fn numeric_grad(x: &[f64], eps: f64, mut f: impl FnMut(&[f64]) -> f64) -> Vec<f64> {
     let mut xs = x.to_vec();

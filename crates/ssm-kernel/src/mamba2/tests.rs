@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::mamba1::{Scan1Args, Scan1Dims, Scan1Out};
 use crate::reference::{mamba1 as ref1, mamba2 as ref2};
-use crate::testing::{Rng, assert_close, assert_rel_max, cases, dot, numeric_grad, to_f32};
+use crate::testing::{Rng, assert_close, assert_rel_max, cases, channel_abs_sum, dot, numeric_grad, to_f32};
 
 /// Which optional inputs a test problem carries.
 #[derive(Clone, Copy, Debug)]
@@ -209,12 +209,33 @@ fn check_fwd(k: Kern, dims: &Scan2Dims, d: &Data<f64>) {
     assert_rel_max(&format!("{k:?} h_last"), &hlf, &hl, 1e-4, 1.0);
 }
 
+/// The floor of the relative check for each gradient of the loss `Σ w·y + Σ w2·h_last`, given
+/// the reference gradients `want`.
+///
+/// Gradients reduced over positions (`dD`, `dΔ_bias`) can cancel to near zero while their f32
+/// rounding stays relative to their summands ([`channel_abs_sum`]). The fast backward forms `dA`
+/// from the carried inner product `M(t) = ⟨h_{t−1}, G_t⟩`, updated by differences of sums over
+/// `P·N` products, so `dA` (exactly zero for one step without `h0`) is compared at the scale
+/// of `Σ|h_last ⊙ w2|`.
+fn grad_floors(dims: &Scan2Dims, d: &Data<f64>, w: &[f64], w2: &[f64], want: &Grads<f64>) -> [f64; 9] {
+    let (h, p) = (dims.nheads, dims.headdim);
+    let (_, hl) = ref_fwd(dims, d);
+    let mut floors = [1e-2f64; 9];
+    floors[2] = floors[2].max(hl.iter().zip(w2).map(|(h, g)| (h * g).abs()).sum());
+    let dy_x: Vec<f64> = w.iter().zip(&d.x).map(|(w, x)| w * x).collect();
+    // With the gate, |silu(z)| < 2 for the drawn z.
+    floors[5] = floors[5].max(channel_abs_sum(&dy_x, h, p) * 2.0);
+    floors[7] = floors[7].max(channel_abs_sum(&want[1], h, 1));
+    floors
+}
+
 fn check_bwd(k: Kern, dims: &Scan2Dims, d: &Data<f64>, seed: u64) {
     let (w, w2) = loss_weights(dims, seed);
     let want = ref_bwd(dims, d, &w, &w2);
     let got = fast_bwd(k, dims, &d.f32(), &to_f32(&w), &to_f32(&w2));
+    let floors = grad_floors(dims, d, &w, &w2, &want);
     for i in 0..9 {
-        assert_rel_max(&format!("{k:?} {}", GRAD_NAMES[i]), &got[i], &want[i], 3e-4, 1e-2);
+        assert_rel_max(&format!("{k:?} {}", GRAD_NAMES[i]), &got[i], &want[i], 3e-4, floors[i]);
     }
 }
 
@@ -484,9 +505,10 @@ fn auto_kernels_match_reference() {
     let (w, w2) = loss_weights(&dims, 21);
     let want = ref_bwd(&dims, &d, &w, &w2);
     let mut g = zero_grads(&dims);
+    let floors = grad_floors(&dims, &d, &w, &w2, &want);
     let (w, w2) = (to_f32(&w), to_f32(&w2));
     scan_bwd_auto(&dims, AUTO_CHUNK, &d32.args(), &w, Some(&w2), grads_view(&mut g));
     for i in 0..9 {
-        assert_rel_max(&format!("auto {}", GRAD_NAMES[i]), &g[i], &want[i], 3e-4, 1e-2);
+        assert_rel_max(&format!("auto {}", GRAD_NAMES[i]), &g[i], &want[i], 3e-4, floors[i]);
     }
 }
