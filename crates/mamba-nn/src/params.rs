@@ -21,6 +21,9 @@ pub struct Param {
     /// Whether AdamW applies weight decay to it (no decay for `A_log`, `D`, dt biases, norms and
     /// biases).
     pub decay: bool,
+    /// Whether training updates it. A frozen parameter (a base weight under a LoRA adapter)
+    /// gets no gradient buffer, no gradient on the tape and no optimizer state.
+    pub trainable: bool,
 }
 
 /// Every parameter of a model, in creation order, addressable by id or by name.
@@ -66,7 +69,7 @@ impl ParamStore {
         let name = name.into();
         let id = ParamId(self.params.len());
         assert!(self.index.insert(name.clone(), id).is_none(), "parameter `{name}` added twice");
-        self.params.push(Param { name, value, decay });
+        self.params.push(Param { name, value, decay, trainable: true });
         self.matrix.push(false);
         self.packed.push(None);
         id
@@ -171,6 +174,31 @@ impl ParamStore {
         }
     }
 
+    /// Removes every parameter from the `len`-th on (the ids of those before stay valid).
+    pub fn truncate(&mut self, len: usize) {
+        for p in self.params.drain(len.min(self.params.len())..) {
+            self.index.remove(&p.name);
+        }
+        self.matrix.truncate(len);
+        self.packed.truncate(len);
+    }
+
+    /// Freezes or unfreezes parameter `id` (see [`Param::trainable`]). Gradient buffers and
+    /// optimizer state are sized when they are made ([`Grads::new`]), so set this before.
+    pub fn set_trainable(&mut self, id: ParamId, trainable: bool) {
+        self.params[id.0].trainable = trainable;
+    }
+
+    /// Whether parameter `id` is trained.
+    pub fn is_trainable(&self, id: ParamId) -> bool {
+        self.params[id.0].trainable
+    }
+
+    /// The trainable parameters with their ids, in creation order.
+    pub fn trainable(&self) -> impl Iterator<Item = (ParamId, &Param)> {
+        self.iter().filter(|(_, p)| p.trainable)
+    }
+
     /// The parameter `id`.
     pub fn get(&self, id: ParamId) -> &Param {
         &self.params[id.0]
@@ -214,16 +242,18 @@ impl ParamStore {
     }
 }
 
-/// One gradient tensor per parameter, shaped like it, allocated once and accumulated into.
+/// One gradient tensor per trainable parameter, shaped like it, allocated once and accumulated
+/// into (a frozen parameter's is empty).
 #[derive(Clone, Debug)]
 pub struct Grads {
     grads: Vec<Tensor>,
 }
 
 impl Grads {
-    /// Zero gradients for every parameter of `store`.
+    /// Zero gradients for every trainable parameter of `store` (empty ones for frozen ones).
     pub fn new(store: &ParamStore) -> Self {
-        Self { grads: store.params.iter().map(|p| zeros(p.value.shape())).collect() }
+        let shape = |p: &Param| if p.trainable { zeros(p.value.shape()) } else { zeros(&[0]) };
+        Self { grads: store.params.iter().map(shape).collect() }
     }
 
     /// Sets every gradient to zero (no allocation).

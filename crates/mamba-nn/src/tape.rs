@@ -331,7 +331,9 @@ impl<'p> Tape<'p> {
         self.add(Source::Value(t), rec, None)
     }
 
-    /// Parameter `id`, read in place (no copy); its gradient goes to [`Grads`].
+    /// Parameter `id`, read in place (no copy); its gradient goes to [`Grads`] — unless it is
+    /// frozen ([`ParamStore::set_trainable`]): then it is a constant, and ops that read only
+    /// constants are not recorded.
     #[track_caller]
     pub fn param(&mut self, id: ParamId) -> Var {
         assert!(
@@ -340,7 +342,7 @@ impl<'p> Tape<'p> {
              `Decoder`, or load it without a reduced-precision dtype",
             self.params.get(id).name
         );
-        let rec = self.record;
+        let rec = self.record && self.params.is_trainable(id);
         self.add(Source::Param(id), rec, None)
     }
 

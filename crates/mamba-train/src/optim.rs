@@ -76,13 +76,13 @@ pub struct AdamW {
 }
 
 impl AdamW {
-    /// Zero moments for every parameter of `store`, step count 0.
+    /// Zero moments for every trainable parameter of `store` (frozen ones get none), step count 0.
     pub fn new(store: &ParamStore, config: AdamWConfig) -> Self {
         let mut ids = Vec::with_capacity(store.len());
         let mut names = Vec::with_capacity(store.len());
         let mut exp_avg = Vec::with_capacity(store.len());
         let mut exp_avg_sq = Vec::with_capacity(store.len());
-        for (id, p) in store.iter() {
+        for (id, p) in store.trainable() {
             ids.push(id);
             names.push(p.name.clone());
             exp_avg.push(zeros(p.value.shape()));
@@ -104,11 +104,11 @@ impl AdamW {
     /// number of parameters, or a parameter whose shape changed).
     #[track_caller]
     pub fn step(&mut self, store: &mut ParamStore, grads: &Grads, lr: f32) {
+        let trainable = store.trainable().count();
         assert_eq!(
-            store.len(),
+            trainable,
             self.ids.len(),
-            "AdamW::step: the store has {} parameters, the optimiser was built for {}",
-            store.len(),
+            "AdamW::step: the store has {trainable} trainable parameters, the optimiser was built for {}",
             self.ids.len()
         );
         self.step += 1;
@@ -182,21 +182,21 @@ impl AdamW {
 /// Scales every gradient in place so that their global L2 norm is at most `max_norm`, and returns
 /// the norm before clipping.
 ///
-/// The norm `√(Σ g²)` over all gradients of `store`'s parameters is accumulated in f64. When it
-/// exceeds `max_norm`, every gradient is multiplied by `max_norm / norm` (as PyTorch's
-/// `clip_grad_norm_`, without its `1e-6` in the denominator). A non-finite norm (NaN or ∞) is
+/// The norm `√(Σ g²)` over the gradients of `store`'s trainable parameters is accumulated in
+/// f64. When it exceeds `max_norm`, every gradient is multiplied by `max_norm / norm` (as
+/// PyTorch's `clip_grad_norm_`, without its `1e-6` in the denominator). A non-finite norm (NaN or ∞) is
 /// returned as is and nothing is scaled, so the caller can detect it and skip the step.
 ///
 /// `store` supplies the parameter ids: [`Grads`] exposes its tensors only by [`ParamId`].
 pub fn clip_grad_norm(store: &ParamStore, grads: &mut Grads, max_norm: f32) -> f32 {
     let mut sum = 0.0f64;
-    for (id, _) in store.iter() {
+    for (id, _) in store.trainable() {
         sum += data(grads.get(id)).iter().map(|&g| (g as f64) * (g as f64)).sum::<f64>();
     }
     let norm = sum.sqrt();
     if norm.is_finite() && norm > max_norm as f64 {
         let scale = (max_norm as f64 / norm) as f32;
-        for (id, _) in store.iter() {
+        for (id, _) in store.trainable() {
             data_mut(grads.get_mut(id)).iter_mut().for_each(|g| *g *= scale);
         }
     }

@@ -4,6 +4,7 @@
 use ssm_kernel::conv::{ConvArgs, ConvDims, conv1d_step};
 
 use super::builder::{Init, ParamBuilder};
+use super::lora::Lora;
 use crate::checkpoint::CheckpointError;
 use crate::ops;
 use crate::params::{ParamId, ParamStore, Weight};
@@ -11,7 +12,8 @@ use crate::tape::{Tape, Var};
 use crate::tensor::data;
 use ssm_kernel::qweight::{QMATVEC_MAX_ROWS, qlinear, qmatvec_f32};
 
-/// `y = x Wᵀ (+ b)` with `weight` (out, in) and `bias` (out) — PyTorch's `nn.Linear`.
+/// `y = x Wᵀ (+ b)` with `weight` (out, in) and `bias` (out) — PyTorch's `nn.Linear` — plus,
+/// when a LoRA adapter is attached, `scale · (x Aᵀ) Bᵀ` ([`Lora`]).
 #[derive(Clone, Copy, Debug)]
 pub struct Linear {
     /// `weight`, (out, in).
@@ -22,6 +24,8 @@ pub struct Linear {
     pub d_in: usize,
     /// Output features.
     pub d_out: usize,
+    /// A low-rank adapter added to the product, if any ([`MambaLM::add_lora`](super::MambaLM::add_lora)).
+    pub lora: Option<Lora>,
 }
 
 impl Linear {
@@ -34,7 +38,7 @@ impl Linear {
     ) -> Result<Self, CheckpointError> {
         let weight = b.matrix("weight", &[d_out, d_in], init)?;
         let bias = if bias { Some(b.param("bias", &[d_out], Init::Const(0.0))?) } else { None };
-        Ok(Self { weight, bias, d_in, d_out })
+        Ok(Self { weight, bias, d_in, d_out, lora: None })
     }
 
     /// PyTorch's default `Linear`: weight and bias both U(±1/√in).
@@ -45,14 +49,21 @@ impl Linear {
         let init = Init::Kaiming { fan_in: d_in, scale: 1.0 };
         let weight = b.matrix("weight", &[d_out, d_in], init)?;
         let bias = Some(b.param("bias", &[d_out], init)?);
-        Ok(Self { weight, bias, d_in, d_out })
+        Ok(Self { weight, bias, d_in, d_out, lora: None })
     }
 
     /// `x` (…, in) → (…, out) on the tape.
     pub fn forward(&self, tape: &mut Tape, x: Var) -> Var {
         let w = tape.param(self.weight);
         let b = self.bias.map(|b| tape.param(b));
-        ops::linear(tape, x, w, b)
+        let y = ops::linear(tape, x, w, b);
+        match &self.lora {
+            Some(lora) => {
+                let delta = lora.forward(tape, x);
+                ops::add(tape, y, delta)
+            }
+            None => y,
+        }
     }
 
     /// Decode: `out` (m, out) = `x` (m, in) · Wᵀ (+ b) for a few rows `m`, reading each weight
@@ -63,7 +74,17 @@ impl Linear {
 
     /// `out` (m, out) = `x` (m, in) · Wᵀ (+ b) for any number of rows — the few-row product for
     /// decode, the multi-threaded GEMM for a prefill chunk — from the f32 or the packed weight.
+    /// An unmerged adapter adds its term (allocating its (m, rank) intermediate); serving merges
+    /// adapters into the weights instead ([`MambaLM::merge_lora`](super::MambaLM::merge_lora)).
     pub fn rows(&self, p: &ParamStore, x: &[f32], m: usize, out: &mut [f32]) {
+        self.base_rows(p, x, m, out);
+        if let Some(lora) = &self.lora {
+            lora.add_rows(p, x, m, self.d_in, &mut out[..m * self.d_out]);
+        }
+    }
+
+    /// [`Linear::rows`] without the adapter.
+    fn base_rows(&self, p: &ParamStore, x: &[f32], m: usize, out: &mut [f32]) {
         let (k, n) = (self.d_in, self.d_out);
         let out = &mut out[..m * n];
         let b = self.bias.map(|b| data(p.value(b)));

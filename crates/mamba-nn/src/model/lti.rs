@@ -3,6 +3,8 @@
 //! No convolution and no gate: nothing in the layer depends on the input's content, which is
 //! what the Mamba paper's selective-copying contrast is about.
 
+use std::sync::Arc;
+
 use ssm_kernel::lti::{LtiArgs, LtiDims, lti_chunk, lti_final_state};
 
 use super::builder::{Init, ParamBuilder};
@@ -51,6 +53,18 @@ impl LtiMixer {
 }
 
 impl Mixer for LtiMixer {
+    fn linears(&self) -> Vec<(&'static str, Linear)> {
+        vec![("in_proj", self.in_proj), ("out_proj", self.out_proj)]
+    }
+
+    fn with_linears(&self, f: &mut dyn FnMut(&'static str, &mut Linear)) -> Arc<dyn Mixer> {
+        let mut m = self.clone();
+        for (name, l) in [("in_proj", &mut m.in_proj), ("out_proj", &mut m.out_proj)] {
+            f(name, l);
+        }
+        Arc::new(m)
+    }
+
     fn forward(&self, tape: &mut Tape, u: Var, state: Option<&mut LayerCache>) -> Var {
         let x = self.in_proj.forward(tape, u);
         if let Some(st) = state {

@@ -2,6 +2,8 @@
 //! `dt, B, C = x_proj(x)`; `Δ = softplus(dt_proj(dt))`; `y = scan(x, Δ, A, B, C, D) · silu(z)`;
 //! `out_proj(y)`, with `A = −exp(A_log)` per channel and state.
 
+use std::sync::Arc;
+
 use ssm_kernel::mamba1::{self, Scan1Args, Scan1Dims, Scan1Out};
 
 use super::builder::{Init, ParamBuilder};
@@ -54,7 +56,7 @@ impl Mamba1Mixer {
             let weight = p.matrix("weight", &[di, r], Init::Uniform(-bound, bound))?;
             let dt = Init::DtBias { min: cfg.dt_min, max: cfg.dt_max, floor: cfg.dt_init_floor };
             let bias = p.param("bias", &[di], dt)?;
-            Linear { weight, bias: Some(bias), d_in: r, d_out: di }
+            Linear { weight, bias: Some(bias), d_in: r, d_out: di, lora: None }
         };
         let a_log = b.param("A_log", &[di, n], Init::S4dReal)?;
         let d_skip = b.param("D", &[di], Init::Const(1.0))?;
@@ -77,6 +79,28 @@ impl Mamba1Mixer {
 }
 
 impl Mixer for Mamba1Mixer {
+    fn linears(&self) -> Vec<(&'static str, Linear)> {
+        vec![
+            ("in_proj", self.in_proj),
+            ("x_proj", self.x_proj),
+            ("dt_proj", self.dt_proj),
+            ("out_proj", self.out_proj),
+        ]
+    }
+
+    fn with_linears(&self, f: &mut dyn FnMut(&'static str, &mut Linear)) -> Arc<dyn Mixer> {
+        let mut m = self.clone();
+        for (name, l) in [
+            ("in_proj", &mut m.in_proj),
+            ("x_proj", &mut m.x_proj),
+            ("dt_proj", &mut m.dt_proj),
+            ("out_proj", &mut m.out_proj),
+        ] {
+            f(name, l);
+        }
+        Arc::new(m)
+    }
+
     fn forward(&self, tape: &mut Tape, u: Var, mut state: Option<&mut LayerCache>) -> Var {
         let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
         let xz = self.in_proj.forward(tape, u);
@@ -90,8 +114,8 @@ impl Mixer for Mamba1Mixer {
         let dt = ops::narrow_last(tape, dbc, 0, r);
         let b = ops::narrow_last(tape, dbc, r, n);
         let c = ops::narrow_last(tape, dbc, r + n, n);
-        let w_dt = tape.param(self.dt_proj.weight);
-        let delta = ops::linear(tape, dt, w_dt, None);
+        // dt_proj's bias is added inside the scan's softplus.
+        let delta = Linear { bias: None, ..self.dt_proj }.forward(tape, dt);
         let dt_bias = tape.param(self.dt_proj.bias.expect("dt_proj has a bias"));
         let a_log = tape.param(self.a_log);
         let d = tape.param(self.d);

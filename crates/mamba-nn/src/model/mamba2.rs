@@ -4,6 +4,8 @@
 //! `d_inner / G` channels. Everything between the projections is one fused tape node
 //! ([`ops::mamba2_core`]).
 
+use std::sync::Arc;
+
 use ssm_kernel::mamba2::{self, Scan2Args, Scan2Dims, Scan2Out};
 
 use super::builder::{Init, ParamBuilder};
@@ -74,6 +76,18 @@ impl Mamba2Mixer {
 }
 
 impl Mixer for Mamba2Mixer {
+    fn linears(&self) -> Vec<(&'static str, Linear)> {
+        vec![("in_proj", self.in_proj), ("out_proj", self.out_proj)]
+    }
+
+    fn with_linears(&self, f: &mut dyn FnMut(&'static str, &mut Linear)) -> Arc<dyn Mixer> {
+        let mut m = self.clone();
+        for (name, l) in [("in_proj", &mut m.in_proj), ("out_proj", &mut m.out_proj)] {
+            f(name, l);
+        }
+        Arc::new(m)
+    }
+
     fn forward(&self, tape: &mut Tape, u: Var, state: Option<&mut LayerCache>) -> Var {
         let proj = self.in_proj.forward(tape, u);
         let prm = Mamba2Params {

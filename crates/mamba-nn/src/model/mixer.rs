@@ -8,7 +8,9 @@
 //! [`Block::new`](super::block::Block::new).
 
 use std::fmt::Debug;
+use std::sync::Arc;
 
+use super::layers::Linear;
 use crate::params::ParamStore;
 use crate::tape::{Tape, Var};
 
@@ -59,6 +61,14 @@ pub trait Mixer: Send + Sync + Debug {
 
     /// Scratch floats [`Mixer::step`] needs for `batch` sequences.
     fn scratch_len(&self, batch: usize) -> usize;
+
+    /// The layer's projections by module name (`in_proj`, `x_proj`, `dt_proj`, `out_proj`), in
+    /// that order — what a LoRA adapter can target.
+    fn linears(&self) -> Vec<(&'static str, Linear)>;
+
+    /// A copy of the layer with `f` applied to each of its projections (attaching or removing
+    /// adapters).
+    fn with_linears(&self, f: &mut dyn FnMut(&'static str, &mut Linear)) -> Arc<dyn Mixer>;
 
     /// One time step: `x` (B, d_model) — one row per sequence — to `out` (B, d_model), updating
     /// `cache`. `scratch` holds at least [`Mixer::scratch_len`] floats. Allocates nothing.

@@ -23,6 +23,7 @@ pub mod decode;
 pub mod generate;
 pub mod init;
 pub mod layers;
+pub mod lora;
 pub mod lti;
 pub mod mamba1;
 pub mod mamba2;
@@ -36,6 +37,7 @@ pub use continuous::MambaModel;
 pub use decode::{DEFAULT_PREFILL_CHUNK, Decoder};
 pub use generate::{Generation, Sampler, SamplingConfig, SamplingError, argmax};
 pub use layers::{Conv1d, Embedding, Linear, RmsNorm};
+pub use lora::{AdapterError, Adapters, Lora, LoraConfig};
 pub use lti::LtiMixer;
 pub use mamba1::Mamba1Mixer;
 pub use mamba2::Mamba2Mixer;
@@ -73,6 +75,15 @@ pub enum ModelError {
          and training need the f32 weights: load the model again without one"
     )]
     Packed,
+    /// The model has LoRA adapters, or an adapter could not be built or read.
+    #[error(transparent)]
+    Adapter(#[from] AdapterError),
+    /// Saving a model whose adapters are not merged.
+    #[error(
+        "the model has LoRA adapters: save them with save_adapter, or merge them into the weights \
+         (merge_lora) to save a plain model"
+    )]
+    AdaptersAttached,
     /// Generation was asked to continue an empty prompt.
     #[error("the prompt is empty: generation needs at least one token to continue")]
     EmptyPrompt,
@@ -156,6 +167,9 @@ pub struct MambaLM {
     pub backbone: Backbone,
     /// `lm_head`, (V, d_model) without bias: the embedding matrix itself when tied.
     pub lm_head: Linear,
+    /// LoRA adapters on the mixers' projections, if attached ([`MambaLM::add_lora`],
+    /// [`MambaLM::load_adapter`]); the base parameters are then frozen.
+    pub lora: Option<Adapters>,
 }
 
 /// Other names a checkpoint may give a tensor: the original state-spaces checkpoints call the
@@ -184,7 +198,7 @@ impl MambaLM {
         } else {
             b.matrix("lm_head.weight", &[v, d], Init::Normal(0.02))?
         };
-        Ok((embeddings, backbone, Linear { weight, bias: None, d_in: d, d_out: v }))
+        Ok((embeddings, backbone, Linear { weight, bias: None, d_in: d, d_out: v, lora: None }))
     }
 
     /// The (full name, shape) of every parameter of a model of `config`, in registration order,
@@ -205,7 +219,7 @@ impl MambaLM {
         let mut b = ParamBuilder::init(&mut params, InitRng::new(seed));
         let (embeddings, backbone, lm_head) =
             Self::layers(&config, &mut b).expect("random initialisation reads no file");
-        Ok(Self { config, params, embeddings, backbone, lm_head })
+        Ok(Self { config, params, embeddings, backbone, lm_head, lora: None })
     }
 
     /// Loads a Hugging Face model directory (`config.json` + `model.safetensors`), Mamba or
@@ -272,7 +286,7 @@ impl MambaLM {
                 return Err(ModelError::NonFinite { path: weights, tensor, count, others });
             }
         }
-        Ok(Self { config, params, embeddings, backbone, lm_head })
+        Ok(Self { config, params, embeddings, backbone, lm_head, lora: None })
     }
 
     /// The format the checkpoint stores its matrices in (its embedding's dtype): 16-bit stays
@@ -332,6 +346,9 @@ impl MambaLM {
         let dir = dir.as_ref();
         if self.params.is_packed() {
             return Err(ModelError::Packed);
+        }
+        if self.lora.is_some() {
+            return Err(ModelError::AdaptersAttached);
         }
         std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io { path: dir.into(), source })?;
         let cfg = serde_json::to_vec_pretty(&self.config.to_hf_json()).expect("a JSON value serialises");

@@ -1,0 +1,564 @@
+//! LoRA adapters (Hu et al., 2021) on the mixers' projections, stored in PEFT's format.
+//!
+//! An adapter on a [`Linear`](super::Linear) with weight `W` (out, in) adds `scale · (x Aᵀ) Bᵀ` to its output,
+//! with `A` (r, in), `B` (out, r) and `scale = α / r` (or `α / √r`, rsLoRA), so the layer
+//! computes `x (W + scale · B A)ᵀ`. [`MambaLM::add_lora`] freezes every base parameter and adds
+//! `A` drawn as PyTorch's default `Linear` init (U(±1/√in), PEFT's `init_lora_weights=True`)
+//! and `B = 0`, so a fresh adapter leaves the model's output unchanged. Training then updates
+//! only the adapters: the frozen weights get no gradient buffer and no optimizer state.
+//!
+//! On disk an adapter is a PEFT directory: `adapter_config.json` (`peft_type: "LORA"`, `r`,
+//! `lora_alpha`, `target_modules`, `base_model_name_or_path`, …) and `adapter_model.safetensors`
+//! with the keys `base_model.model.<module>.lora_A.weight` / `lora_B.weight`, e.g.
+//! `base_model.model.backbone.layers.0.mixer.in_proj.lora_A.weight` — what
+//! `PeftModel.from_pretrained` loads onto the transformers model. [`MambaLM::merge_lora`] folds
+//! the adapters into the weights (`W ← W + scale · B A`) for serving or `mamba merge`.
+//!
+//! The modules an adapter can target are the mixers' projections ([`Mixer::linears`]): for
+//! Mamba-1 `in_proj`, `x_proj`, `dt_proj` (its product, before Δ's bias and softplus) and
+//! `out_proj`; for Mamba-2 `in_proj` and `out_proj`. PEFT itself refuses `out_proj` on Mamba
+//! models (its CUDA fast path bypasses the module); here every projection runs through
+//! [`Linear`](super::Linear), so all are allowed.
+//!
+//! [`Mixer::linears`]: super::mixer::Mixer::linears
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+use ssm_kernel::gemm::gemm_par as gemm;
+
+use super::builder::Init;
+use super::init::InitRng;
+use super::{MambaLM, ModelError};
+use crate::checkpoint::{CheckpointError, TensorFile, write_atomic, write_tensors};
+use crate::config::Arch;
+use crate::ops;
+use crate::params::ParamId;
+use crate::tape::{Tape, Var};
+use crate::tensor::{Tensor, data, data_mut};
+
+/// The adapter of one [`Linear`]: `scale · (x Aᵀ) Bᵀ`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Lora {
+    /// `lora_A.weight`, (rank, in).
+    pub a: ParamId,
+    /// `lora_B.weight`, (out, rank).
+    pub b: ParamId,
+    /// The rank `r`.
+    pub rank: usize,
+    /// `α / r` (or `α / √r`).
+    pub scale: f32,
+}
+
+impl Lora {
+    /// The adapter's term for `x` (…, in) → (…, out) on the tape.
+    pub fn forward(&self, tape: &mut Tape, x: Var) -> Var {
+        let (a, b) = (tape.param(self.a), tape.param(self.b));
+        lora_term(tape, x, a, b, self.scale)
+    }
+
+    /// `out` (m, out) += `scale · (x Aᵀ) Bᵀ` for `x` (m, `d_in`) rows.
+    pub fn add_rows(&self, p: &crate::params::ParamStore, x: &[f32], m: usize, d_in: usize, out: &mut [f32]) {
+        let (r, a, b) = (self.rank, data(p.value(self.a)), data(p.value(self.b)));
+        let n = b.len() / r.max(1);
+        let mut t = vec![0.0f32; m * r];
+        gemm((m, d_in, r), self.scale, x, (d_in, 1), a, (1, d_in), 0.0, &mut t, (r, 1));
+        gemm((m, r, n), 1.0, &t, (r, 1), b, (1, r), 1.0, out, (n, 1));
+    }
+}
+
+/// `scale · (x Aᵀ) Bᵀ` on the tape: `x` (…, in), `a` (r, in), `b` (out, r) → (…, out). The
+/// scale is applied to the (…, r) intermediate, the smallest tensor.
+pub fn lora_term(tape: &mut Tape, x: Var, a: Var, b: Var, scale: f32) -> Var {
+    let t = ops::linear(tape, x, a, None);
+    let t = ops::scale(tape, t, scale);
+    ops::linear(tape, t, b, None)
+}
+
+/// How [`MambaLM::add_lora`] builds adapters.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoraConfig {
+    /// Rank `r` (≥ 1).
+    pub rank: usize,
+    /// `α`: the adapter's output is scaled by `α / r`.
+    pub alpha: f32,
+    /// Module names to adapt in every layer (`in_proj`, `x_proj`, `dt_proj`, `out_proj`).
+    pub targets: Vec<String>,
+    /// rsLoRA's scale `α / √r` instead of `α / r`.
+    pub rslora: bool,
+}
+
+impl LoraConfig {
+    /// `α / r`, or `α / √r` with rsLoRA.
+    pub fn scale(&self) -> f32 {
+        let r = self.rank as f32;
+        if self.rslora { self.alpha / r.sqrt() } else { self.alpha / r }
+    }
+}
+
+/// An adapter that cannot be built, read or used, naming the file and field.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// A target that is not one of the layer's projections.
+    #[error("LoRA target `{target}` is not a projection of a {arch} layer; choose from {valid}")]
+    UnknownTarget {
+        /// The name given.
+        target: String,
+        /// The model family.
+        arch: &'static str,
+        /// The names that exist.
+        valid: String,
+    },
+    /// An impossible setting.
+    #[error("LoRA {field} = {value}: {reason}")]
+    Invalid {
+        /// The setting.
+        field: &'static str,
+        /// Its value.
+        value: String,
+        /// What is expected.
+        reason: String,
+    },
+    /// The model already has adapters.
+    #[error("the model already has LoRA adapters; merge them (merge_lora) before adding others")]
+    AlreadyAttached,
+    /// The operation needs adapters and the model has none.
+    #[error("the model has no LoRA adapters")]
+    NoAdapter,
+    /// `adapter_config.json` is unreadable or asks for something this crate does not do.
+    #[error("{path}: {reason}")]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A tensor of `adapter_model.safetensors` that names no adaptable module or has the
+    /// wrong shape.
+    #[error("{path}: tensor `{tensor}`: {reason}")]
+    Tensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        tensor: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// The adapters attached to a model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Adapters {
+    /// Their settings.
+    pub config: LoraConfig,
+    /// Parameters of the store before the adapters were added (the base model's); the
+    /// adapters' own follow.
+    pub base_params: usize,
+    /// Every adapted module by full name (`backbone.layers.0.mixer.in_proj`), with its adapter.
+    pub modules: Vec<(String, Lora)>,
+}
+
+/// Names of the adapter files in a PEFT directory.
+pub const ADAPTER_CONFIG: &str = "adapter_config.json";
+/// See [`ADAPTER_CONFIG`].
+pub const ADAPTER_WEIGHTS: &str = "adapter_model.safetensors";
+/// PEFT's prefix of every adapter tensor (a `PeftModelForCausalLM` wrapping a `LoraModel`).
+const PEFT_PREFIX: &str = "base_model.model.";
+
+fn arch_name(arch: Arch) -> &'static str {
+    match arch {
+        Arch::Mamba1 => "Mamba-1",
+        Arch::Mamba2 => "Mamba-2",
+        Arch::Lti => "LTI",
+    }
+}
+
+impl MambaLM {
+    /// The projections an adapter can target in this model's layers (see the [module
+    /// docs](self)).
+    pub fn lora_targets(&self) -> Vec<&'static str> {
+        self.backbone
+            .layers
+            .first()
+            .map_or_else(Vec::new, |b| b.mixer.linears().into_iter().map(|(n, _)| n).collect())
+    }
+
+    /// Freezes every parameter and attaches fresh adapters (`A` ~ U(±1/√in), `B = 0`) to the
+    /// `config.targets` projections of every layer; the model's outputs are unchanged until
+    /// the adapters are trained. Returns the number of adapted modules.
+    ///
+    /// # Errors
+    /// A target that is not a projection of this model's layers, a zero rank or a non-finite
+    /// α, or adapters already attached.
+    pub fn add_lora(&mut self, config: &LoraConfig, seed: u64) -> Result<usize, AdapterError> {
+        self.check_lora_config(config)?;
+        let mut rng = InitRng::new(seed);
+        let r = config.rank;
+        self.attach(config, |_, (n, k)| {
+            Ok(Some((
+                Init::kaiming(k, 1.0).draw(&mut rng, &[r, k]),
+                Init::Const(0.0).draw(&mut rng, &[n, r]),
+            )))
+        })
+    }
+
+    fn check_lora_config(&self, config: &LoraConfig) -> Result<(), AdapterError> {
+        if self.lora.is_some() {
+            return Err(AdapterError::AlreadyAttached);
+        }
+        if config.rank == 0 {
+            return Err(AdapterError::Invalid {
+                field: "rank",
+                value: "0".into(),
+                reason: "the rank must be at least 1".into(),
+            });
+        }
+        if !config.alpha.is_finite() {
+            return Err(AdapterError::Invalid {
+                field: "alpha",
+                value: config.alpha.to_string(),
+                reason: "α must be a finite number".into(),
+            });
+        }
+        let valid = self.lora_targets();
+        if config.targets.is_empty() {
+            return Err(AdapterError::Invalid {
+                field: "targets",
+                value: "(none)".into(),
+                reason: format!("name at least one of {}", valid.join(", ")),
+            });
+        }
+        for t in &config.targets {
+            if !valid.contains(&t.as_str()) {
+                return Err(AdapterError::UnknownTarget {
+                    target: t.clone(),
+                    arch: arch_name(self.config.arch),
+                    valid: valid.join(", "),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Freezes the base and attaches an adapter to every targeted module for which `values`
+    /// gives `(A, B)` (`values(module, (out, in))`; `None` skips the module).
+    fn attach(
+        &mut self,
+        config: &LoraConfig,
+        mut values: impl FnMut(&str, (usize, usize)) -> Result<Option<(Tensor, Tensor)>, AdapterError>,
+    ) -> Result<usize, AdapterError> {
+        let base_params = self.params.len();
+        let frozen: Vec<ParamId> = self.params.iter().map(|(id, _)| id).collect();
+        for id in frozen {
+            self.params.set_trainable(id, false);
+        }
+        let mut modules = Vec::new();
+        let mut failed = None;
+        let store = &mut self.params;
+        for (i, block) in self.backbone.layers.iter_mut().enumerate() {
+            block.mixer = block.mixer.with_linears(&mut |name, lin| {
+                if failed.is_some() || !config.targets.iter().any(|t| t == name) {
+                    return;
+                }
+                let module = format!("backbone.layers.{i}.mixer.{name}");
+                match values(&module, (lin.d_out, lin.d_in)) {
+                    Ok(Some((a, b))) => {
+                        let rank = a.shape()[0];
+                        let scale = if config.rslora {
+                            config.alpha / (rank as f32).sqrt()
+                        } else {
+                            config.alpha / rank as f32
+                        };
+                        let a = store.add(format!("{module}.lora_A.weight"), a, true);
+                        let b = store.add(format!("{module}.lora_B.weight"), b, true);
+                        let lora = Lora { a, b, rank, scale };
+                        lin.lora = Some(lora);
+                        modules.push((module, lora));
+                    }
+                    Ok(None) => {}
+                    Err(e) => failed = Some(e),
+                }
+            });
+        }
+        if let Some(e) = failed {
+            self.remove_adapters(base_params);
+            return Err(e);
+        }
+        let count = modules.len();
+        self.lora = Some(Adapters { config: config.clone(), base_params, modules });
+        Ok(count)
+    }
+
+    /// Detaches every adapter, drops the adapter parameters (the last ones of the store) and
+    /// unfreezes the base.
+    fn remove_adapters(&mut self, base_params: usize) {
+        for block in &mut self.backbone.layers {
+            block.mixer = block.mixer.with_linears(&mut |_, lin| lin.lora = None);
+        }
+        self.params.truncate(base_params);
+        let ids: Vec<ParamId> = self.params.iter().map(|(id, _)| id).collect();
+        for id in ids {
+            self.params.set_trainable(id, true);
+        }
+        self.lora = None;
+    }
+
+    /// Folds every adapter into its weight, `W ← W + scale · B A` (in f32), and removes the
+    /// adapters: the model then computes what it computed with them, at the base model's cost,
+    /// and saves as a plain model ([`MambaLM::save_pretrained`]).
+    ///
+    /// # Errors
+    /// [`ModelError::Packed`] when the weights are packed (merge before packing).
+    pub fn merge_lora(&mut self) -> Result<(), ModelError> {
+        let Some(ad) = self.lora.clone() else { return Err(AdapterError::NoAdapter.into()) };
+        if self.params.is_packed() {
+            return Err(ModelError::Packed);
+        }
+        for (_, l) in &ad.modules {
+            let (a, b) = (self.params.value(l.a).clone(), self.params.value(l.b).clone());
+            let weight = self.backbone_weight_of(l);
+            let w = data_mut(self.params.value_mut(weight));
+            let (n, r) = (b.shape()[0], l.rank);
+            let k = a.shape()[1];
+            // W (n, k) += scale · B (n, r) · A (r, k)
+            gemm((n, r, k), l.scale, data(&b), (r, 1), data(&a), (k, 1), 1.0, w, (k, 1));
+        }
+        self.remove_adapters(ad.base_params);
+        Ok(())
+    }
+
+    /// The weight of the projection that `lora` adapts.
+    fn backbone_weight_of(&self, lora: &Lora) -> ParamId {
+        self.backbone
+            .layers
+            .iter()
+            .flat_map(|b| b.mixer.linears())
+            .find_map(|(_, lin)| (lin.lora.as_ref() == Some(lora)).then_some(lin.weight))
+            .expect("every attached adapter sits on a projection")
+    }
+
+    /// Writes the adapters as a PEFT adapter directory (`adapter_config.json`,
+    /// `adapter_model.safetensors`); `base` is recorded as `base_model_name_or_path`.
+    ///
+    /// # Errors
+    /// No adapters attached; a file cannot be written.
+    pub fn save_adapter(&self, dir: impl AsRef<Path>, base: &str) -> Result<(), ModelError> {
+        let dir = dir.as_ref();
+        let ad = self.lora.as_ref().ok_or(AdapterError::NoAdapter)?;
+        std::fs::create_dir_all(dir).map_err(|source| CheckpointError::Io { path: dir.into(), source })?;
+        let c = &ad.config;
+        let config = json!({
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": base,
+            "r": c.rank,
+            "lora_alpha": c.alpha,
+            "target_modules": c.targets,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": false,
+            "use_rslora": c.rslora,
+            "use_dora": false,
+            "init_lora_weights": true,
+            "inference_mode": true,
+            "modules_to_save": Value::Null,
+            "rank_pattern": {},
+            "alpha_pattern": {},
+        });
+        let text = serde_json::to_vec_pretty(&config).expect("a JSON value serialises");
+        write_atomic(&dir.join(ADAPTER_CONFIG), &text)?;
+        let tensors = ad.modules.iter().flat_map(|(m, l)| {
+            [
+                (format!("{PEFT_PREFIX}{m}.lora_A.weight"), self.params.value(l.a)),
+                (format!("{PEFT_PREFIX}{m}.lora_B.weight"), self.params.value(l.b)),
+            ]
+        });
+        let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
+        write_tensors(dir.join(ADAPTER_WEIGHTS), tensors, Some(meta))?;
+        Ok(())
+    }
+
+    /// Reads a PEFT LoRA adapter directory and attaches it (the base frozen): `r`,
+    /// `lora_alpha` and `use_rslora` from `adapter_config.json`, the modules and their values
+    /// from the tensors of `adapter_model.safetensors`.
+    ///
+    /// # Errors
+    /// A missing or malformed file; a setting this crate does not implement (DoRA, trained
+    /// biases, `fan_in_fan_out`, per-module α, `modules_to_save`, embedding adapters); a tensor
+    /// naming no projection of this model or shaped for another one.
+    pub fn load_adapter(&mut self, dir: impl AsRef<Path>) -> Result<usize, ModelError> {
+        let dir = dir.as_ref();
+        let config = read_adapter_config(&dir.join(ADAPTER_CONFIG))?;
+        let wpath = dir.join(ADAPTER_WEIGHTS);
+        let file = TensorFile::open(&wpath)?;
+        // Every tensor must be an A or B of an adaptable module, each module with both.
+        let valid = self.lora_targets();
+        let mut modules: Vec<String> = Vec::new();
+        for name in file.names() {
+            let bad = |reason: String| AdapterError::Tensor {
+                path: wpath.clone(),
+                tensor: name.to_string(),
+                reason,
+            };
+            let module = name
+                .strip_prefix(PEFT_PREFIX)
+                .and_then(|n| n.strip_suffix(".lora_A.weight").or_else(|| n.strip_suffix(".lora_B.weight")))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "expected `{PEFT_PREFIX}<module>.lora_A.weight` or `.lora_B.weight` (embedding \
+                         adapters and other PEFT types are not supported)"
+                    ))
+                })?;
+            module
+                .strip_prefix("backbone.layers.")
+                .and_then(|rest| rest.split_once(".mixer."))
+                .filter(|(i, t)| {
+                    i.parse::<usize>().is_ok_and(|i| i < self.config.n_layer) && valid.contains(t)
+                })
+                .ok_or_else(|| {
+                    bad(format!(
+                        "`{module}` is not an adaptable module of this {}-layer {} model \
+                         (backbone.layers.<i>.mixer.<{}>)",
+                        self.config.n_layer,
+                        arch_name(self.config.arch),
+                        valid.join("|")
+                    ))
+                })?;
+            if !modules.iter().any(|m| m == module) {
+                modules.push(module.to_string());
+            }
+        }
+        if modules.is_empty() {
+            return Err(AdapterError::Tensor {
+                path: wpath,
+                tensor: "(none)".into(),
+                reason: "the file holds no LoRA tensors".into(),
+            }
+            .into());
+        }
+        let mut cfg = config;
+        cfg.targets = valid
+            .iter()
+            .filter(|t| modules.iter().any(|m| m.ends_with(&format!(".{t}"))))
+            .map(|t| t.to_string())
+            .collect();
+        self.check_lora_config(&cfg)?;
+        let read = |module: &str, (n, k): (usize, usize)| -> Result<Option<(Tensor, Tensor)>, AdapterError> {
+            if !modules.iter().any(|m| m == module) {
+                return Ok(None);
+            }
+            let an = format!("{PEFT_PREFIX}{module}.lora_A.weight");
+            let bn = format!("{PEFT_PREFIX}{module}.lora_B.weight");
+            let tensor_err = |tensor: &str, reason: String| AdapterError::Tensor {
+                path: wpath.clone(),
+                tensor: tensor.to_string(),
+                reason,
+            };
+            for t in [&an, &bn] {
+                if !file.contains(t) {
+                    return Err(tensor_err(
+                        t,
+                        "missing (every adapted module needs lora_A and lora_B)".into(),
+                    ));
+                }
+            }
+            let a = file.f32(&an).map_err(|e| tensor_err(&an, e.to_string()))?;
+            let r = if a.ndim() == 2 { a.shape()[0] } else { 0 };
+            if r == 0 || a.shape() != [r, k] {
+                return Err(tensor_err(&an, format!("shape {:?}, expected (r, {k}) with r ≥ 1", a.shape())));
+            }
+            let b = file.f32(&bn).map_err(|e| tensor_err(&bn, e.to_string()))?;
+            if b.shape() != [n, r] {
+                return Err(tensor_err(&bn, format!("shape {:?}, expected ({n}, {r})", b.shape())));
+            }
+            Ok(Some((a, b)))
+        };
+        Ok(self.attach(&cfg, read)?)
+    }
+}
+
+/// Reads the settings of a PEFT `adapter_config.json` that this crate can apply.
+fn read_adapter_config(path: &Path) -> Result<LoraConfig, AdapterError> {
+    let err = |reason: String| AdapterError::Config { path: path.into(), reason };
+    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read it: {e}")))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| err(format!("not valid JSON: {e}")))?;
+    let get = |k: &str| v.get(k).filter(|x| !x.is_null());
+    match get("peft_type").and_then(Value::as_str) {
+        Some("LORA") => {}
+        other => {
+            return Err(err(format!(
+                "`peft_type` is {}; only LoRA adapters (\"LORA\") are supported",
+                other.map_or("missing".to_string(), |s| format!("{s:?}"))
+            )));
+        }
+    }
+    let rank = get("r").and_then(Value::as_u64).filter(|&r| r >= 1).ok_or_else(|| {
+        err(format!(
+            "`r` is {}, expected a positive integer",
+            get("r").map_or("missing".into(), Value::to_string)
+        ))
+    })?;
+    let alpha = match get("lora_alpha") {
+        None => 8.0,
+        Some(a) => a.as_f64().ok_or_else(|| err(format!("`lora_alpha` is {a}, expected a number")))? as f32,
+    };
+    let flag = |k: &str| get(k).and_then(Value::as_bool).unwrap_or(false);
+    for (k, why) in [
+        ("use_dora", "DoRA adapters are not supported"),
+        ("fan_in_fan_out", "weights stored (in, out) are not supported"),
+    ] {
+        if flag(k) {
+            return Err(err(format!("`{k}` is true: {why}")));
+        }
+    }
+    if let Some(b) = get("bias").and_then(Value::as_str).filter(|b| *b != "none") {
+        return Err(err(format!(
+            "`bias` is {b:?}: adapters that train biases are not supported (\"none\" only)"
+        )));
+    }
+    for k in ["alpha_pattern", "modules_to_save", "trainable_token_indices"] {
+        let set = get(k).is_some_and(|x| {
+            x.as_object().is_none_or(|o| !o.is_empty()) && x.as_array().is_none_or(|a| !a.is_empty())
+        });
+        if set {
+            return Err(err(format!("`{k}` is set ({}): not supported", get(k).expect("checked"))));
+        }
+    }
+    Ok(LoraConfig { rank: rank as usize, alpha, targets: Vec::new(), rslora: flag("use_rslora") })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ops::check::{check_op, random};
+
+    /// f64 reference: `x Wᵀ + s (x Aᵀ) Bᵀ`.
+    fn reference(v: &[Vec<f64>], (m, k, n, r): (usize, usize, usize, usize), s: f64) -> Vec<f64> {
+        let (x, w, a, b) = (&v[0], &v[1], &v[2], &v[3]);
+        let mut y = vec![0.0; m * n];
+        for i in 0..m {
+            let t: Vec<f64> = (0..r).map(|q| (0..k).map(|j| x[i * k + j] * a[q * k + j]).sum()).collect();
+            for o in 0..n {
+                let base: f64 = (0..k).map(|j| x[i * k + j] * w[o * k + j]).sum();
+                y[i * n + o] = base + s * (0..r).map(|q| t[q] * b[o * r + q]).sum::<f64>();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn adapted_linear_backward_matches_finite_differences() {
+        let (m, k, n, r, s) = (5, 7, 6, 3, 2.5f32);
+        let inputs = vec![random(&[m, k], 1), random(&[n, k], 2), random(&[r, k], 3), random(&[n, r], 4)];
+        check_op(
+            inputs,
+            |tape, v| {
+                let base = ops::linear(tape, v[0], v[1], None);
+                let delta = lora_term(tape, v[0], v[2], v[3], s);
+                ops::add(tape, base, delta)
+            },
+            |v| reference(v, (m, k, n, r), s as f64),
+            1e-4,
+        );
+    }
+}
