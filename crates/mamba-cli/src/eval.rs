@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::Args;
-use mamba_nn::model::{Cache, Decoder, LoadOptions, MambaLM};
+use mamba_nn::model::{Cache, Decoder};
 use mamba_train::tokenizer::load_tokenizer;
 
 /// Arguments of `mamba eval`.
@@ -37,6 +37,10 @@ pub struct EvalArgs {
     /// Default: the checkpoint's own (f32, or bf16 / f16 for a 16-bit checkpoint).
     #[arg(long, value_parser = crate::flags::weight_format)]
     dtype: Option<mamba_nn::model::WeightFormat>,
+    /// A LoRA adapter directory (PEFT format, e.g. a `mamba train --lora-rank` run) to apply to
+    /// --model: merged into the weights at load, so it runs at the base model's speed.
+    #[arg(long)]
+    adapter: Option<std::path::PathBuf>,
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -54,9 +58,7 @@ fn score(dec: &mut Decoder, cache: &mut Cache, seq: &[usize]) -> (f64, usize) {
 
 /// Scores the sequences and prints the loss, perplexity and bits per byte.
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
-    let options = LoadOptions { dtype: a.dtype, ..LoadOptions::default() };
-    let model = MambaLM::from_pretrained_with(&a.model, options)
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let model = crate::model_dir::load(&a.model, a.adapter.as_deref(), a.dtype)?;
     let (seqs, bytes): (Vec<Vec<usize>>, Option<usize>) = match (&a.data, &a.tokens) {
         (_, Some(path)) => (mamba_train::data::read_token_file(path)?, None),
         (Some(path), None) => {

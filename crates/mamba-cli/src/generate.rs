@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use mamba_nn::model::{LoadOptions, MambaLM, Request, Sampler, SamplingConfig};
+use mamba_nn::model::{MambaLM, Request, Sampler, SamplingConfig};
 use mamba_train::sample::TextStream;
 use mamba_train::tokenizer::{Tokenizer, load_tokenizer};
 
@@ -56,6 +56,10 @@ pub struct GenerateArgs {
     /// Default: the checkpoint's own (f32, or bf16 / f16 for a 16-bit checkpoint).
     #[arg(long, value_parser = crate::flags::weight_format)]
     dtype: Option<mamba_nn::model::WeightFormat>,
+    /// A LoRA adapter directory (PEFT format, e.g. a `mamba train --lora-rank` run) to apply to
+    /// --model: merged into the weights at load, so it runs at the base model's speed.
+    #[arg(long)]
+    adapter: Option<std::path::PathBuf>,
     /// Worker threads (0: one per core).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
@@ -65,9 +69,7 @@ pub struct GenerateArgs {
 pub fn run(a: GenerateArgs) -> anyhow::Result<()> {
     let sampling = SamplingConfig { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p };
     let sampler = Sampler::new(sampling, a.seed).context("--temperature / --top-p")?;
-    let options = LoadOptions { dtype: a.dtype, ..LoadOptions::default() };
-    let model = MambaLM::from_pretrained_with(&a.model, options)
-        .with_context(|| format!("loading {}", a.model.display()))?;
+    let model = crate::model_dir::load(&a.model, a.adapter.as_deref(), a.dtype)?;
     let tok = load_tokenizer(&a.model)?;
     if let Some(stop) = a.stop_id {
         model.check_ids(&[stop]).context("--stop-id")?;

@@ -21,6 +21,8 @@ mod eval;
 mod flags;
 mod generate;
 mod info;
+mod merge;
+mod model_dir;
 mod train;
 
 use std::process::ExitCode;
@@ -40,7 +42,9 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
         mamba train --data input.txt --time-budget 180\n  \
         mamba generate --model runs/run-001 --prompt \"ROMEO:\" --max-new-tokens 200\n  \
         mamba eval --model runs/run-001 --data held_out.txt\n  \
-        mamba info --model runs/run-001\n\n\
+        mamba info --model runs/run-001\n  \
+        mamba train --from runs/run-001 --data mine.txt --lora-rank 8   # fine-tune a LoRA adapter\n  \
+        mamba merge --model runs/run-001 --adapter runs/run-002 --out merged\n\n\
         A model directory is what `mamba train` writes, or any Hugging Face Mamba / Mamba-2 checkpoint\n\
         (config.json + model.safetensors, and tokenizer.json when it is not byte-level).\n\
         `mamba <command> --help` lists a command's options."
@@ -61,6 +65,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// Show a model's architecture, parameter count and memory.
     Info(info::InfoArgs),
+    /// Merge a LoRA adapter into its base model's weights, writing a plain model directory.
+    Merge(merge::MergeArgs),
 }
 
 fn main() -> ExitCode {
@@ -80,12 +86,14 @@ fn main() -> ExitCode {
         Command::Generate(a) => a.threads,
         Command::Eval(a) => a.threads,
         Command::Info(_) => 1,
+        Command::Merge(_) => 0,
     };
     let result = in_pool(threads, move || match cli.command {
         Command::Train(a) => train::run(a, &train_matches),
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Info(a) => info::run(a),
+        Command::Merge(a) => merge::run(a),
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,

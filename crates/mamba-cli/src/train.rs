@@ -9,7 +9,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use mamba_nn::config::{Arch, MambaConfig};
-use mamba_nn::model::MambaLM;
+use mamba_nn::model::{LoadOptions, LoraConfig, MambaLM, WeightFormat};
 use mamba_train::data::TextData;
 use mamba_train::run_dir::RunDir;
 use mamba_train::tasks::Task;
@@ -59,6 +59,26 @@ pub struct TrainArgs {
     /// given, must match the run's own settings.
     #[arg(long, requires = "out")]
     resume: bool,
+    /// Fine-tune a trained model instead of starting from random weights: a `mamba train` run or
+    /// any Hugging Face Mamba / Mamba-2 directory (config.json + safetensors, converted to f32;
+    /// its tokenizer.json when present, else bytes). Its architecture and vocabulary are kept
+    /// (architecture flags, if given, must match it) and checkpoints load where it did.
+    #[arg(long, value_name = "DIR", conflicts_with_all = ["task", "tokenizer", "resume"])]
+    from: Option<PathBuf>,
+    /// Train a LoRA adapter of this rank on the --from model, which stays frozen: only the
+    /// adapters get gradients and optimizer state, and checkpoints hold only them, as a PEFT
+    /// adapter directory (run it with `--model BASE --adapter RUN`, or `mamba merge`).
+    #[arg(long, value_name = "R", requires = "from", value_parser = crate::flags::at_least_one())]
+    lora_rank: Option<usize>,
+    /// LoRA α: the adapters' output is scaled by α / rank (default: the rank, a scale of 1).
+    #[arg(long, requires = "lora_rank", value_parser = crate::flags::positive_f32, allow_hyphen_values = true)]
+    lora_alpha: Option<f32>,
+    /// Comma-separated projections to adapt in every layer — Mamba-1: in_proj, x_proj, dt_proj,
+    /// out_proj; Mamba-2: in_proj, out_proj. Default: those PEFT accepts on Mamba models
+    /// (in_proj,x_proj,dt_proj for Mamba-1, in_proj for Mamba-2); PEFT refuses out_proj, so an
+    /// adapter with it runs here but does not load in PEFT.
+    #[arg(long, requires = "lora_rank", value_delimiter = ',')]
+    lora_targets: Option<Vec<String>>,
     /// Model family.
     #[arg(long, value_enum, default_value_t = ArchArg::Mamba1)]
     arch: ArchArg,
@@ -86,8 +106,9 @@ pub struct TrainArgs {
     /// Peak learning rate (warmup, then cosine decay to a tenth of it).
     #[arg(long, default_value_t = 2e-3, value_parser = crate::flags::positive_f32, allow_hyphen_values = true)]
     lr: f32,
-    /// Stop after N optimizer steps (default: 2000, unless --time-budget).
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Stop after N optimizer steps (default: 2000, unless --time-budget). 0 evaluates and
+    /// checkpoints the starting model (e.g. a --from model) without training it.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..))]
     steps: Option<u64>,
     /// Stop when SECS seconds are spent, including the final evaluation.
     #[arg(long, value_name = "SECS", value_parser = crate::flags::positive_f64, allow_hyphen_values = true)]
@@ -107,7 +128,39 @@ pub struct TrainArgs {
     pub threads: usize,
 }
 
-/// What a run trains on, saved as `source.json` so `--resume` needs no repeat of it.
+/// What a run trains on and what it starts from, saved as `source.json` so `--resume` needs no
+/// repeat of it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct SourceFile {
+    /// The training data.
+    data: Source,
+    /// The trained model the run started from (`--from`), and its adapter settings.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    from: Option<Base>,
+}
+
+/// A `--from` model.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct Base {
+    /// Its directory (absolute).
+    dir: PathBuf,
+    /// LoRA rank, α and targets, when the run trains an adapter on it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    lora: Option<(usize, f32, Vec<String>)>,
+}
+
+impl SourceFile {
+    /// Reads `source.json` (also the older form that held only the data source).
+    fn read(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot resume: reading {}", path.display()))?;
+        serde_json::from_str::<SourceFile>(&text)
+            .or_else(|_| serde_json::from_str::<Source>(&text).map(|data| SourceFile { data, from: None }))
+            .with_context(|| format!("{}: not a source description", path.display()))
+    }
+}
+
+/// The training data of a run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum Source {
     /// Text at a path, bytes or a tokenizer.json (copied into the run directory).
@@ -157,6 +210,82 @@ fn objective(source: &Source, tokenizer_json: &Path) -> anyhow::Result<Objective
             Objective::Text { data, tokenizer }
         }
     })
+}
+
+/// A new model of the architecture the flags give, for a vocabulary of `vocab`.
+fn new_model(a: &TrainArgs, vocab: usize) -> anyhow::Result<MambaLM> {
+    let mut cfg = match a.arch {
+        ArchArg::Mamba1 => MambaConfig::mamba1(vocab, a.d_model, a.n_layer),
+        ArchArg::Mamba2 => MambaConfig { chunk_size: 64, ..MambaConfig::mamba2(vocab, a.d_model, a.n_layer) },
+        ArchArg::Lti => MambaConfig { arch: Arch::Lti, ..MambaConfig::mamba1(vocab, a.d_model, a.n_layer) },
+    };
+    (cfg.d_state, cfg.expand, cfg.headdim) = (a.d_state, a.expand, a.headdim);
+    cfg.validate().context("model configuration")?;
+    Ok(MambaLM::new(cfg, a.seed)?)
+}
+
+/// The `--from` model in `base` (f32), checked against the architecture flags given and the
+/// data's vocabulary, with fresh LoRA adapters when `--lora-rank` asks for them.
+fn start_from(a: &TrainArgs, m: &ArgMatches, base: &Path, obj: &Objective) -> anyhow::Result<MambaLM> {
+    let options = LoadOptions { dtype: Some(WeightFormat::F32), ..LoadOptions::default() };
+    let mut model =
+        MambaLM::from_pretrained_with(base, options).with_context(|| format!("--from {}", base.display()))?;
+    let c = &model.config;
+    let mut conflicts = Vec::new();
+    let mut check = |id: &str, given_v: String, model_v: String| {
+        if given(m, id) && given_v != model_v {
+            conflicts.push(format!("--{} {given_v} (the model has {model_v})", id.replace('_', "-")));
+        }
+    };
+    check("arch", flag_value(a.arch), flag_value(arch_arg(c.arch)));
+    check("d_model", a.d_model.to_string(), c.d_model.to_string());
+    check("n_layer", a.n_layer.to_string(), c.n_layer.to_string());
+    check("d_state", a.d_state.to_string(), c.d_state.to_string());
+    check("expand", a.expand.to_string(), c.expand.to_string());
+    check("headdim", a.headdim.to_string(), c.headdim.to_string());
+    if !conflicts.is_empty() {
+        bail!(
+            "--from {} keeps that model's architecture; these flags disagree with it: {}. Drop them",
+            base.display(),
+            conflicts.join(", ")
+        );
+    }
+    let vocab = match obj {
+        Objective::Text { tokenizer, .. } => tokenizer.vocab_size(),
+        Objective::Task(t) => t.vocab_size(),
+    };
+    if vocab > c.vocab_size {
+        bail!(
+            "--from {}: the data's tokenizer has {vocab} tokens but the model's vocabulary only {}",
+            base.display(),
+            c.vocab_size
+        );
+    }
+    if let Some(rank) = a.lora_rank {
+        let default_targets: &[&str] = match c.arch {
+            Arch::Mamba1 => &["in_proj", "x_proj", "dt_proj"],
+            Arch::Mamba2 | Arch::Lti => &["in_proj"],
+        };
+        let targets =
+            a.lora_targets.clone().unwrap_or_else(|| default_targets.iter().map(|t| t.to_string()).collect());
+        let cfg = LoraConfig { rank, alpha: a.lora_alpha.unwrap_or(rank as f32), targets, rslora: false };
+        model.add_lora(&cfg, a.seed).context("--lora-targets / --lora-rank")?;
+    }
+    Ok(model)
+}
+
+/// How `--arch` spells `arch` on the command line.
+fn flag_value(arch: ArchArg) -> String {
+    arch.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string())
+}
+
+/// The `--arch` value of a model family.
+fn arch_arg(arch: Arch) -> ArchArg {
+    match arch {
+        Arch::Mamba1 => ArchArg::Mamba1,
+        Arch::Mamba2 => ArchArg::Mamba2,
+        Arch::Lti => ArchArg::Lti,
+    }
 }
 
 /// A progress bar with loss, tokens/s and ETA.
@@ -216,18 +345,14 @@ fn task_defaults(a: &mut TrainArgs, m: &ArgMatches) {
 /// run has value)`.
 fn resume_conflicts(a: &TrainArgs, m: &ArgMatches, t: &Trainer, source: &Source) -> Vec<String> {
     let (c, tc) = (&t.model.config, &t.config);
-    let arch = match c.arch {
-        Arch::Mamba1 => ArchArg::Mamba1,
-        Arch::Mamba2 => ArchArg::Mamba2,
-        Arch::Lti => ArchArg::Lti,
-    };
+    let arch = arch_arg(c.arch);
     let mut out = Vec::new();
     let mut check = |id: &str, given_v: String, run_v: String| {
         if given(m, id) && given_v != run_v {
             out.push(format!("--{} {given_v} (the run has {run_v})", id.replace('_', "-")));
         }
     };
-    check("arch", format!("{:?}", a.arch), format!("{arch:?}"));
+    check("arch", flag_value(a.arch), flag_value(arch));
     check("d_model", a.d_model.to_string(), c.d_model.to_string());
     check("n_layer", a.n_layer.to_string(), c.n_layer.to_string());
     check("d_state", a.d_state.to_string(), c.d_state.to_string());
@@ -275,11 +400,7 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
     let (mut trainer, source, obj) = if a.resume {
         let dir = a.out.clone().expect("clap requires --out with --resume");
         let run = RunDir::open(&dir)?;
-        let src_path = dir.join("source.json");
-        let text = std::fs::read_to_string(&src_path)
-            .with_context(|| format!("cannot resume: reading {}", src_path.display()))?;
-        let source: Source = serde_json::from_str(&text)
-            .with_context(|| format!("{}: not a source description", src_path.display()))?;
+        let source = SourceFile::read(&dir.join("source.json"))?.data;
         let mut t = Trainer::resume_run(run)?;
         let conflicts = resume_conflicts(&a, m, &t, &source);
         if !conflicts.is_empty() {
@@ -310,20 +431,47 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
         let obj = objective(&source, &dir.join("tokenizer.json"))?;
         (t, source, obj)
     } else {
+        // A --from model's own tokenizer, when it has one.
+        let base =
+            a.from.as_ref().map(|d| d.canonicalize().with_context(|| format!("--from {}", d.display())));
+        let base = base.transpose()?;
+        let tokenizer_json = match &base {
+            Some(b) => Some(b.join("tokenizer.json")).filter(|t| t.exists()),
+            None => a.tokenizer.clone(),
+        };
         let source = match (&a.data, a.task) {
-            (Some(p), _) => Source::Text { path: p.clone(), hf_tokenizer: a.tokenizer.is_some() },
+            (Some(p), _) => Source::Text { path: p.clone(), hf_tokenizer: tokenizer_json.is_some() },
             (None, Some(t)) => Source::Task(t),
+            (None, None) if tokenizer_json.is_some() => {
+                bail!(
+                    "the --from model has its own tokenizer; give --data (the built-in corpus is byte-level)"
+                )
+            }
             (None, None) => Source::Builtin,
         };
-        // The data first: a missing or unusable file leaves no run directory behind.
-        let obj = objective(&source, a.tokenizer.as_deref().unwrap_or(Path::new("tokenizer.json")))?;
+        // The data and the starting model first: a missing or unusable file leaves no run
+        // directory behind.
+        let obj = objective(&source, tokenizer_json.as_deref().unwrap_or(Path::new("tokenizer.json")))?;
+        let pretrained = match &base {
+            Some(b) => Some(start_from(&a, m, b, &obj)?),
+            None => None,
+        };
         let dir = a.out.clone().unwrap_or_else(next_run_dir);
         let run = RunDir::create(&dir)?;
-        if let Some(tj) = &a.tokenizer {
-            std::fs::copy(tj, dir.join("tokenizer.json"))
-                .with_context(|| format!("copying {}", tj.display()))?;
+        match (&base, &a.tokenizer) {
+            (Some(b), _) => crate::model_dir::copy_tokenizer_files(b, &dir)?,
+            (None, Some(tj)) => {
+                std::fs::copy(tj, dir.join("tokenizer.json"))
+                    .with_context(|| format!("copying {}", tj.display()))?;
+            }
+            (None, None) => {}
         }
-        std::fs::write(dir.join("source.json"), serde_json::to_vec_pretty(&source)?)
+        let lora = pretrained
+            .as_ref()
+            .and_then(|m| m.lora.as_ref())
+            .map(|l| (l.config.rank, l.config.alpha, l.config.targets.clone()));
+        let file = SourceFile { data: source.clone(), from: base.clone().map(|dir| Base { dir, lora }) };
+        std::fs::write(dir.join("source.json"), serde_json::to_vec_pretty(&file)?)
             .with_context(|| format!("writing {}", dir.join("source.json").display()))?;
         let (steps, time_budget) = match (a.steps, a.time_budget, &source) {
             (None, None, Source::Builtin) => (None, Some(100.0)),
@@ -334,18 +482,10 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
             Objective::Text { tokenizer, .. } => (tokenizer.vocab_size(), a.seq_len),
             Objective::Task(t) => (t.vocab_size(), t.seq_len()),
         };
-        let mut cfg = match a.arch {
-            ArchArg::Mamba1 => MambaConfig::mamba1(vocab, a.d_model, a.n_layer),
-            ArchArg::Mamba2 => {
-                MambaConfig { chunk_size: 64, ..MambaConfig::mamba2(vocab, a.d_model, a.n_layer) }
-            }
-            ArchArg::Lti => {
-                MambaConfig { arch: Arch::Lti, ..MambaConfig::mamba1(vocab, a.d_model, a.n_layer) }
-            }
+        let model = match pretrained {
+            Some(m) => m,
+            None => new_model(&a, vocab)?,
         };
-        (cfg.d_state, cfg.expand, cfg.headdim) = (a.d_state, a.expand, a.headdim);
-        cfg.validate().context("model configuration")?;
-        let model = MambaLM::new(cfg, a.seed)?;
         let tc = TrainConfig {
             seq_len,
             batch_size: a.batch_size,
@@ -358,14 +498,25 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
             keep_checkpoints: a.keep_checkpoints as usize,
             ..TrainConfig::default()
         };
-        eprintln!(
-            "training {} ({:.2} M parameters) on {} into {}",
-            match a.arch {
-                ArchArg::Mamba1 => "Mamba",
-                ArchArg::Mamba2 => "Mamba-2",
-                ArchArg::Lti => "the LTI baseline",
+        let what = match (&base, &model.lora) {
+            (Some(b), Some(l)) => format!(
+                "LoRA adapters (rank {}, on {}) of {}",
+                l.config.rank,
+                l.config.targets.join(", "),
+                b.display()
+            ),
+            (Some(b), None) => b.display().to_string(),
+            (None, _) => match model.config.arch {
+                Arch::Mamba1 => "Mamba".to_string(),
+                Arch::Mamba2 => "Mamba-2".to_string(),
+                Arch::Lti => "the LTI baseline".to_string(),
             },
+        };
+        let trainable: usize = model.params.trainable().map(|(_, p)| p.value.len()).sum();
+        eprintln!(
+            "training {what} ({:.2} M parameters, {:.2} M trained) on {} into {}",
             model.params.num_elements() as f64 / 1e6,
+            trainable as f64 / 1e6,
             match &source {
                 Source::Text { path, .. } => path.display().to_string(),
                 Source::Task(t) => format!("the {t:?} task"),
@@ -373,7 +524,12 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
             },
             dir.display()
         );
-        (Trainer::with_run(model, tc, run), source, obj)
+        let trainer = Trainer::with_run(model, tc, run);
+        let trainer = match base {
+            Some(b) => trainer.with_base(b),
+            None => trainer,
+        };
+        (trainer, source, obj)
     };
     let dir = trainer.dir().to_path_buf();
     let bar = ProgressBar::new(trainer.config.steps.unwrap_or(1000));
@@ -406,6 +562,17 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
         std::fs::write(dir.join("sample.txt"), &sample)
             .with_context(|| format!("writing {}", dir.join("sample.txt").display()))?;
     }
-    outln!("run directory {} (metrics.jsonl, loss.svg, model in Hugging Face layout)", dir.display());
+    match (trainer.model.lora.is_some(), trainer.base()) {
+        (true, Some(b)) => outln!(
+            "run directory {} (metrics.jsonl, loss.svg, the LoRA adapter in PEFT layout: run it with \
+             --model {} --adapter {}, or merge it with mamba merge)",
+            dir.display(),
+            b.display(),
+            dir.display()
+        ),
+        _ => {
+            outln!("run directory {} (metrics.jsonl, loss.svg, model in Hugging Face layout)", dir.display())
+        }
+    }
     Ok(())
 }

@@ -96,6 +96,28 @@ pub struct MambaConfig {
     pub dt_max: f32,
     /// Floor of the initial Δ.
     pub dt_init_floor: f32,
+    /// The special token ids `config.json` records, kept from a loaded checkpoint.
+    #[serde(default)]
+    pub special_tokens: SpecialTokens,
+}
+
+/// `bos_token_id`, `eos_token_id` and `pad_token_id` of `config.json` (what transformers'
+/// generation uses); `None` is written as `null`. A new model has those of the transformers
+/// defaults for Mamba (0, none, 0); a loaded one keeps its checkpoint's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SpecialTokens {
+    /// `bos_token_id`.
+    pub bos: Option<u64>,
+    /// `eos_token_id` (also the end-of-document token).
+    pub eos: Option<u64>,
+    /// `pad_token_id`.
+    pub pad: Option<u64>,
+}
+
+impl Default for SpecialTokens {
+    fn default() -> Self {
+        Self { bos: Some(0), eos: None, pad: Some(0) }
+    }
 }
 
 /// A `config.json` that cannot be used, naming the file and the field.
@@ -164,6 +186,7 @@ impl MambaConfig {
             dt_min: 1e-3,
             dt_max: 1e-1,
             dt_init_floor: 1e-4,
+            special_tokens: SpecialTokens::default(),
         }
     }
 
@@ -425,6 +448,17 @@ impl MambaConfig {
         cfg.dt_min = f32_of(&["time_step_min", "dt_min"], cfg.dt_min);
         cfg.dt_max = f32_of(&["time_step_max", "dt_max"], cfg.dt_max);
         cfg.dt_init_floor = f32_of(&["time_step_floor", "dt_init_floor"], cfg.dt_init_floor);
+        // A present key keeps its value (`null` → none); an absent one the default.
+        let token_id = |name: &str, default: Option<u64>| match root.get(name) {
+            None => default,
+            Some(v) => v.as_u64(),
+        };
+        let d = SpecialTokens::default();
+        cfg.special_tokens = SpecialTokens {
+            bos: token_id("bos_token_id", d.bos),
+            eos: token_id("eos_token_id", d.eos),
+            pad: token_id("pad_token_id", d.pad),
+        };
         cfg.validate_at(path)?;
         if arch == Arch::Mamba2
             && let Some(h) = usize_of(&["num_heads", "nheads"])?
@@ -462,9 +496,9 @@ impl MambaConfig {
             "time_step_max": self.dt_max,
             "time_step_floor": self.dt_init_floor,
             "tie_word_embeddings": self.tie_embeddings,
-            "pad_token_id": 0,
-            "bos_token_id": 0,
-            "eos_token_id": null,
+            "pad_token_id": self.special_tokens.pad,
+            "bos_token_id": self.special_tokens.bos,
+            "eos_token_id": self.special_tokens.eos,
             "torch_dtype": "float32",
         });
         let m = v.as_object_mut().expect("an object");
@@ -521,6 +555,24 @@ mod tests {
             (Arch::Mamba1, 203, 64, 2, 8, 3, 5)
         );
         assert_eq!((c.d_inner(), c.in_proj_dim(), c.conv_dim()), (128, 256, 128));
+    }
+
+    #[test]
+    fn special_token_ids_are_kept_and_default_when_absent() {
+        let mut v = json!({"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 100,
+            "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": null});
+        let c = parse(v.clone()).unwrap();
+        assert_eq!(c.special_tokens, SpecialTokens { bos: Some(1), eos: Some(2), pad: None });
+        let back = c.to_hf_json();
+        assert_eq!(
+            (&back["bos_token_id"], &back["eos_token_id"], &back["pad_token_id"]),
+            (&json!(1), &json!(2), &Value::Null)
+        );
+        assert_eq!(parse(back).unwrap(), c, "round trip");
+        for k in ["bos_token_id", "eos_token_id", "pad_token_id"] {
+            v.as_object_mut().unwrap().remove(k);
+        }
+        assert_eq!(parse(v).unwrap().special_tokens, SpecialTokens::default());
     }
 
     #[test]

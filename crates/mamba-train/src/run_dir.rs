@@ -116,9 +116,19 @@ pub struct RunDir {
 const CHECKPOINTS: &str = "checkpoints";
 const LATEST: &str = "latest";
 const LOCK: &str = ".lock";
-/// The files every checkpoint holds besides its manifest.
-pub const CHECKPOINT_FILES: [&str; 4] =
-    ["config.json", "model.safetensors", "optimizer.safetensors", "trainer.json"];
+/// The files every checkpoint holds besides its manifest and its model.
+pub const CHECKPOINT_FILES: [&str; 2] = ["optimizer.safetensors", "trainer.json"];
+/// The model files of a checkpoint: a whole model, or (a LoRA run) a PEFT adapter. One of the
+/// two pairs must be complete; both are linked at the top of the run directory.
+pub const MODEL_FILES: [[&str; 2]; 2] =
+    [["config.json", "model.safetensors"], ["adapter_config.json", "adapter_model.safetensors"]];
+
+/// The files checkpoint directory `dir` must hold: [`CHECKPOINT_FILES`] and the first pair of
+/// [`MODEL_FILES`] it has any file of (the whole model when it has neither).
+fn required_files(dir: &Path) -> Vec<&'static str> {
+    let pair = MODEL_FILES.iter().find(|p| p.iter().any(|f| dir.join(f).exists())).unwrap_or(&MODEL_FILES[0]);
+    pair.iter().chain(CHECKPOINT_FILES.iter()).copied().collect()
+}
 
 fn step_name(step: u64) -> String {
     format!("step-{step:08}")
@@ -216,7 +226,7 @@ impl RunDir {
     }
 
     /// Writes checkpoint `step`: `write(tmp)` fills a fresh temporary directory with
-    /// [`CHECKPOINT_FILES`]; then the manifest is added, everything fsynced, the directory
+    /// [`CHECKPOINT_FILES`] and one pair of [`MODEL_FILES`]; then the manifest is added, everything fsynced, the directory
     /// published as `checkpoints/step-N`, `latest` pointed at it, the top-level model files
     /// linked to it, and all but the newest `keep` (at least 1) checkpoints removed.
     ///
@@ -243,7 +253,7 @@ impl RunDir {
     /// Adds the manifest and fsyncs every file and the directory.
     fn seal(&self, tmp: &Path, step: u64) -> Result<(), RunDirError> {
         let mut files = Vec::new();
-        for name in CHECKPOINT_FILES {
+        for name in required_files(tmp) {
             let p = tmp.join(name);
             let f = File::open(&p).map_err(io(&p))?;
             f.sync_all().map_err(io(&p))?;
@@ -272,7 +282,7 @@ impl RunDir {
         sync_dir(&ck)?;
         write_file_atomic(&ck.join(LATEST), format!("{}\n", step_name(step)).as_bytes())?;
         sync_dir(&ck)?;
-        for name in ["config.json", "model.safetensors"] {
+        for name in required_files(&path).into_iter().filter(|n| !CHECKPOINT_FILES.contains(n)) {
             link_atomic(&path.join(name), &self.dir.join(name))?;
         }
         sync_dir(&self.dir)?;
@@ -314,7 +324,7 @@ impl RunDir {
         if m.step != step {
             return Err(format!("manifest.json says step {}", m.step));
         }
-        for name in CHECKPOINT_FILES {
+        for name in required_files(&path) {
             let want = m.files.iter().find(|(n, _)| n == name).map(|f| f.1);
             let Some(want) = want else { return Err(format!("manifest.json does not list {name}")) };
             let got = fs::metadata(path.join(name)).map_err(|e| format!("{name}: {e}"))?.len();
@@ -409,10 +419,14 @@ mod tests {
     }
 
     fn write_all(dir: &Path, step: u64, model: &[u8]) -> Result<(), RunDirError> {
-        for name in CHECKPOINT_FILES {
+        write_with(dir, step, model, MODEL_FILES[0])
+    }
+
+    fn write_with(dir: &Path, step: u64, model: &[u8], pair: [&str; 2]) -> Result<(), RunDirError> {
+        for name in pair.into_iter().chain(CHECKPOINT_FILES) {
             let bytes = match name {
                 "trainer.json" => format!("{{\"step\": {step}}}").into_bytes(),
-                "model.safetensors" => model.to_vec(),
+                "model.safetensors" | "adapter_model.safetensors" => model.to_vec(),
                 _ => b"{}".to_vec(),
             };
             fs::write(dir.join(name), bytes).map_err(io(dir))?;
@@ -443,6 +457,26 @@ mod tests {
         let (c, skipped) = run.latest().unwrap();
         assert_eq!(c.step, 3);
         assert!(skipped[0].contains("model.safetensors has 5 bytes, the manifest says 10"), "{skipped:?}");
+        drop(run);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn adapter_checkpoints_publish_the_adapter_pair() {
+        let d = tmp("adapter");
+        let run = RunDir::create(&d).unwrap();
+        run.save(1, 2, |t| write_with(t, 1, &[7; 6], MODEL_FILES[1])).unwrap();
+        assert_eq!(fs::read(d.join("adapter_model.safetensors")).unwrap(), vec![7u8; 6]);
+        assert!(d.join("adapter_config.json").exists() && !d.join("model.safetensors").exists());
+        // Half an adapter is not a checkpoint.
+        let e = run
+            .save(2, 2, |t| {
+                write_with(t, 2, &[8; 6], MODEL_FILES[1])?;
+                fs::remove_file(t.join("adapter_model.safetensors")).map_err(io(t))
+            })
+            .unwrap_err();
+        assert!(e.to_string().contains("adapter_model.safetensors"), "{e}");
+        assert_eq!(run.latest().unwrap().0.step, 1);
         drop(run);
         fs::remove_dir_all(&d).unwrap();
     }

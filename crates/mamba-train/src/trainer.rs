@@ -8,7 +8,8 @@
 //! | file | what |
 //! |---|---|
 //! | `config.json`, `model.safetensors` | the model in Hugging Face layout (loads in transformers); also linked at the top of the run directory |
-//! | `optimizer.safetensors` | AdamW moments (`exp_avg.<param>`, `exp_avg_sq.<param>`) |
+//! | `adapter_config.json`, `adapter_model.safetensors` | instead, when the model has LoRA adapters: the PEFT adapter (the base stays where [`Trainer::with_base`] says) |
+//! | `optimizer.safetensors` | AdamW moments (`exp_avg.<param>`, `exp_avg_sq.<param>`) of the trainable parameters |
 //! | `trainer.json` | step, tokens, elapsed time, RNG state, the training config and the curves |
 //! | `manifest.json` | the step and every file's size |
 //!
@@ -21,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use mamba_nn::checkpoint::{CheckpointError, TensorFile, write_atomic, write_tensors};
+use mamba_nn::model::lora::ADAPTER_CONFIG;
 use mamba_nn::model::{MambaLM, ModelError};
 use mamba_nn::ops;
 use mamba_nn::params::Grads;
@@ -234,6 +236,10 @@ struct TrainerState {
     /// (tokens, train loss) and (tokens, val loss) history for the plot.
     train_curve: Vec<(f64, f64)>,
     val_curve: Vec<(f64, f64)>,
+    /// The pretrained model the run started from, if any (a LoRA run's checkpoints hold only
+    /// the adapter, and resuming reads the base from here).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    base: Option<PathBuf>,
 }
 
 /// A model, its optimizer and the loop state of one run directory.
@@ -255,6 +261,7 @@ pub struct Trainer {
     resumed: Option<(Checkpoint, Vec<String>)>,
     train_curve: Vec<(f64, f64)>,
     val_curve: Vec<(f64, f64)>,
+    base: Option<PathBuf>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
@@ -290,7 +297,21 @@ impl Trainer {
             resumed: None,
             train_curve: Vec::new(),
             val_curve: Vec::new(),
+            base: None,
         }
+    }
+
+    /// Records `dir` as the pretrained model this run started from (in `trainer.json`, and as
+    /// an adapter's `base_model_name_or_path`). A run whose model has LoRA adapters checkpoints
+    /// only the adapters, and resumes by loading this base and the adapter on top.
+    pub fn with_base(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.base = Some(dir.into());
+        self
+    }
+
+    /// The pretrained model the run started from, if any.
+    pub fn base(&self) -> Option<&Path> {
+        self.base.as_deref()
     }
 
     /// Reopens the run in `dir` ([`RunDir::open`]) exactly where its newest complete checkpoint
@@ -308,7 +329,22 @@ impl Trainer {
         let text = std::fs::read_to_string(&path).map_err(io_err(&path))?;
         let st: TrainerState = serde_json::from_str(&text)
             .map_err(|e| TrainError::Resume { path: path.clone(), reason: e.to_string() })?;
-        let model = MambaLM::from_pretrained(&ck.path)?;
+        let model = if ck.path.join(ADAPTER_CONFIG).exists() {
+            let base = st.base.as_ref().ok_or_else(|| TrainError::Resume {
+                path: path.clone(),
+                reason: "the checkpoint holds a LoRA adapter, but no base model is recorded".into(),
+            })?;
+            let mut m = MambaLM::from_pretrained(base).map_err(|e| TrainError::Resume {
+                path: base.clone(),
+                reason: format!(
+                    "the run's base model (its LoRA adapter applies to it) cannot be loaded: {e}"
+                ),
+            })?;
+            m.load_adapter(&ck.path)?;
+            m
+        } else {
+            MambaLM::from_pretrained(&ck.path)?
+        };
         let opt_file = TensorFile::open(ck.path.join("optimizer.safetensors"))?;
         drop_metrics_after(&run.path().join("metrics.jsonl"), st.step)?;
         let mut t = Self::with_run(model, st.config, run);
@@ -319,6 +355,7 @@ impl Trainer {
         t.rng = Rng::from_state(st.rng);
         t.train_curve = st.train_curve;
         t.val_curve = st.val_curve;
+        t.base = st.base;
         t.resumed = Some((ck, skipped));
         Ok(t)
     }
@@ -431,10 +468,16 @@ impl Trainer {
             config: self.config.clone(),
             train_curve: self.train_curve.clone(),
             val_curve: self.val_curve.clone(),
+            base: self.base.clone(),
         };
         let json = serde_json::to_vec_pretty(&st).expect("trainer state serialises");
         self.run.save(self.step, self.config.keep_checkpoints, |tmp| -> Result<(), TrainError> {
-            self.model.save_pretrained(tmp)?;
+            if self.model.lora.is_some() {
+                let base = self.base.as_ref().map_or(String::new(), |b| b.display().to_string());
+                self.model.save_adapter(tmp, &base)?;
+            } else {
+                self.model.save_pretrained(tmp)?;
+            }
             write_tensors(tmp.join("optimizer.safetensors"), self.opt.state(), None)?;
             write_atomic(&tmp.join("trainer.json"), &json)?;
             Ok(())

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use mamba_nn::config::MambaConfig;
-use mamba_nn::model::MambaLM;
+use mamba_nn::model::{LoraConfig, MambaLM};
 use mamba_nn::tensor::data;
 use mamba_train::data::TextData;
 use mamba_train::tasks::Task;
@@ -104,6 +104,65 @@ fn resume_continues_exactly() {
     assert!(straight.val_loss < initial - 0.1, "val loss {} from {initial}", straight.val_loss);
     let _ = std::fs::remove_dir_all(&d1);
     let _ = std::fs::remove_dir_all(&d2);
+}
+
+/// A LoRA run: only the adapters train (the base parameters end bit-identical), the
+/// checkpoints hold the PEFT adapter and the adapters' optimizer state only, and a resume (base
+/// loaded from where `with_base` recorded it, adapter on top) continues exactly.
+#[test]
+fn lora_runs_train_only_the_adapters_and_resume_exactly() {
+    let obj = text_objective();
+    let base_dir = tmp("lora-base");
+    let base = tiny_model(4);
+    base.save_pretrained(&base_dir).unwrap();
+    let lora =
+        LoraConfig { rank: 2, alpha: 4.0, targets: vec!["in_proj".into(), "out_proj".into()], rslora: false };
+    let adapted = || {
+        let mut m = MambaLM::from_pretrained(&base_dir).unwrap();
+        m.add_lora(&lora, 7).unwrap();
+        m
+    };
+    let d1 = tmp("lora-straight");
+    // Adapters start at B = 0 and learn slowly on a random base: a larger step.
+    let lora_config = |steps| TrainConfig { lr: 3e-2, min_lr: 3e-3, ..config(steps) };
+    let mut t = Trainer::new(adapted(), lora_config(6), &d1).unwrap().with_base(&base_dir);
+    let (initial, _) = t.evaluate(&obj);
+    let straight = t.run(&obj, &mut Silent).unwrap();
+    assert!(straight.val_loss < initial - 0.05, "val loss {} from {initial}", straight.val_loss);
+    for (id, p) in base.params.iter() {
+        assert_eq!(data(&t.model.params.value(id).clone()), data(&p.value), "frozen {} changed", p.name);
+    }
+    let opt =
+        mamba_nn::checkpoint::TensorFile::open(d1.join("checkpoints/step-00000006/optimizer.safetensors"))
+            .unwrap();
+    let names: Vec<&str> = opt.names().collect();
+    assert_eq!(names.len(), 2 * 2 * 2, "exp_avg and exp_avg_sq of A and B of two projections: {names:?}");
+    assert!(names.iter().all(|n| n.contains(".lora_")), "{names:?}");
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        assert!(d1.join(f).exists() && d1.join("checkpoints/step-00000006").join(f).exists(), "{f}");
+    }
+    assert!(!d1.join("model.safetensors").exists(), "a LoRA run does not copy the base");
+    let adapter = |m: &MambaLM| -> Vec<Vec<f32>> {
+        m.params.trainable().map(|(_, p)| data(&p.value).to_vec()).collect()
+    };
+    let straight_adapter = adapter(&t.model);
+    let d2 = tmp("lora-resumed");
+    let mut a = Trainer::new(adapted(), lora_config(3), &d2).unwrap().with_base(&base_dir);
+    a.run(&obj, &mut Silent).unwrap();
+    drop(a);
+    let mut b = Trainer::resume(&d2).unwrap();
+    assert_eq!(b.base(), Some(base_dir.as_path()));
+    b.config.steps = Some(6);
+    let resumed = b.run(&obj, &mut Silent).unwrap();
+    assert_eq!(adapter(&b.model), straight_adapter, "adapters after resume differ");
+    assert_eq!((resumed.val_loss, resumed.train_loss), (straight.val_loss, straight.train_loss));
+    // The trained adapter, loaded onto the base, is what the trainer evaluated.
+    let mut loaded = MambaLM::from_pretrained(&base_dir).unwrap();
+    loaded.load_adapter(&d1).unwrap();
+    assert_eq!(adapter(&loaded), straight_adapter);
+    for d in [d1, d2, base_dir] {
+        let _ = std::fs::remove_dir_all(d);
+    }
 }
 
 #[test]

@@ -29,7 +29,7 @@ use ssm_kernel::gemm::gemm_par as gemm;
 
 use super::builder::Init;
 use super::init::InitRng;
-use super::{MambaLM, ModelError};
+use super::{LoadOptions, MambaLM, ModelError, WeightFormat};
 use crate::checkpoint::{CheckpointError, TensorFile, write_atomic, write_tensors};
 use crate::config::Arch;
 use crate::ops;
@@ -376,6 +376,30 @@ impl MambaLM {
         let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
         write_tensors(dir.join(ADAPTER_WEIGHTS), tensors, Some(meta))?;
         Ok(())
+    }
+
+    /// [`MambaLM::from_pretrained_with`] plus the PEFT adapter in `adapter` merged into the
+    /// weights ([`MambaLM::merge_lora`]) before they are packed into `options.dtype` (default:
+    /// the checkpoint's own format): serving an adapter costs nothing over the base model.
+    ///
+    /// # Errors
+    /// As [`MambaLM::from_pretrained_with`] and [`MambaLM::load_adapter`].
+    pub fn from_pretrained_with_adapter(
+        dir: impl AsRef<Path>,
+        adapter: impl AsRef<Path>,
+        options: LoadOptions,
+    ) -> Result<Self, ModelError> {
+        let dir = dir.as_ref();
+        let dtype = match options.dtype {
+            Some(d) => d,
+            None => Self::stored_format(&Self::open_weights(dir, &options)?),
+        };
+        let mut m =
+            Self::from_pretrained_with(dir, LoadOptions { dtype: Some(WeightFormat::F32), ..options })?;
+        m.load_adapter(adapter)?;
+        m.merge_lora()?;
+        m.pack_weights(dtype);
+        Ok(m)
     }
 
     /// Reads a PEFT LoRA adapter directory and attaches it (the base frozen): `r`,
