@@ -74,9 +74,10 @@ pub struct TrainArgs {
     #[arg(long, requires = "lora_rank", value_parser = crate::flags::positive_f32, allow_hyphen_values = true)]
     lora_alpha: Option<f32>,
     /// Comma-separated projections to adapt in every layer — Mamba-1: in_proj, x_proj, dt_proj,
-    /// out_proj; Mamba-2: in_proj, out_proj. Default: those PEFT accepts on Mamba models
-    /// (in_proj,x_proj,dt_proj for Mamba-1, in_proj for Mamba-2); PEFT refuses out_proj, so an
-    /// adapter with it runs here but does not load in PEFT.
+    /// out_proj; Mamba-2: in_proj, out_proj. Default: those an adapter loaded in PEFT really
+    /// applies (in_proj,x_proj for Mamba-1, in_proj for Mamba-2). All run here; PEFT refuses
+    /// out_proj on Mamba models, and transformers' Mamba reads dt_proj's weight directly, so
+    /// PEFT ignores a dt_proj adapter unless it is merged (`mamba merge`).
     #[arg(long, requires = "lora_rank", value_delimiter = ',')]
     lora_targets: Option<Vec<String>>,
     /// Model family.
@@ -263,7 +264,7 @@ fn start_from(a: &TrainArgs, m: &ArgMatches, base: &Path, obj: &Objective) -> an
     }
     if let Some(rank) = a.lora_rank {
         let default_targets: &[&str] = match c.arch {
-            Arch::Mamba1 => &["in_proj", "x_proj", "dt_proj"],
+            Arch::Mamba1 => &["in_proj", "x_proj"],
             Arch::Mamba2 | Arch::Lti => &["in_proj"],
         };
         let targets =

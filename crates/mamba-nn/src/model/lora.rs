@@ -16,9 +16,12 @@
 //!
 //! The modules an adapter can target are the mixers' projections ([`Mixer::linears`]): for
 //! Mamba-1 `in_proj`, `x_proj`, `dt_proj` (its product, before Δ's bias and softplus) and
-//! `out_proj`; for Mamba-2 `in_proj` and `out_proj`. PEFT itself refuses `out_proj` on Mamba
-//! models (its CUDA fast path bypasses the module); here every projection runs through
-//! [`Linear`](super::Linear), so all are allowed.
+//! `out_proj`; for Mamba-2 `in_proj` and `out_proj`. Here every projection runs through
+//! [`Linear`](super::Linear), so all are allowed. PEFT refuses `out_proj` on Mamba models (its
+//! CUDA fast path bypasses the module), and transformers' Mamba-1 multiplies by
+//! `dt_proj.weight` directly, so PEFT silently ignores an unmerged `dt_proj` adapter (checked
+//! with transformers 5.24 / PEFT 0.21 by `scripts/check_peft_adapter.py`): adapters meant for
+//! PEFT target `in_proj` and `x_proj` (Mamba-1) or `in_proj` (Mamba-2).
 //!
 //! [`Mixer::linears`]: super::mixer::Mixer::linears
 
