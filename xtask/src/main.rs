@@ -306,6 +306,32 @@ fn markdown(rows: &[Row], filter: Option<&str>) -> String {
         let _ = writeln!(s, "| {name} | ≥ {} {unit} | {measured} | {result} |", fmt(min));
     }
 
+    let lora = rows.iter().filter_map(|r| {
+        let full = find(rows, &r.name.replace("/finetune_lora", "/finetune_full"))?;
+        r.name.ends_with("/finetune_lora").then_some((r, full))
+    });
+    let mut lora = lora.peekable();
+    if lora.peek().is_some() {
+        let _ = writeln!(
+            s,
+            "\n## Fine-tuning: LoRA against full\n\nA whole step (forward, loss, backward, clipping, \
+             AdamW), tokens/s; LoRA trains rank-8 adapters on `in_proj` and `x_proj` with the base \
+             frozen.\n"
+        );
+        let _ = writeln!(s, "| model | full tokens/s | LoRA tokens/s | LoRA vs full |");
+        let _ = writeln!(s, "|---|---:|---:|---:|");
+        for (l, f) in lora {
+            let model = l.name.trim_end_matches("/finetune_lora");
+            let _ = writeln!(
+                s,
+                "| {model} | {} | {} | {:.2}× |",
+                fmt_rate(f.elements_per_s),
+                fmt_rate(l.elements_per_s),
+                f.median_ns / l.median_ns
+            );
+        }
+    }
+
     let _ = writeln!(
         s,
         "\n## PyTorch for context\n\nPyTorch `selective_scan_ref`, B8 L256 D512 N16, on this machine kind \

@@ -117,6 +117,10 @@ pub struct TrainArgs {
     /// Evaluate, write metrics and checkpoint every N steps.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
     eval_every: u64,
+    /// Validation tokens scored at each evaluation (text; fewer make evaluating a large model
+    /// quicker and noisier).
+    #[arg(long, default_value_t = 100_000, value_parser = crate::flags::at_least_one())]
+    eval_tokens: usize,
     /// Checkpoints to keep under <out>/checkpoints (the newest ones). Each is published whole:
     /// a crash at any moment leaves the previous one complete for --resume.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
@@ -365,6 +369,7 @@ fn resume_conflicts(a: &TrainArgs, m: &ArgMatches, t: &Trainer, source: &Source)
     check("batch_size", a.batch_size.to_string(), tc.batch_size.to_string());
     check("lr", a.lr.to_string(), tc.lr.to_string());
     check("eval_every", a.eval_every.to_string(), tc.eval_every.to_string());
+    check("eval_tokens", a.eval_tokens.to_string(), tc.eval_tokens.to_string());
     check("seed", a.seed.to_string(), tc.seed.to_string());
     let (run_data, run_task) = match source {
         Source::Text { path, .. } => (path.display().to_string(), "none".to_string()),
@@ -495,6 +500,7 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
             steps,
             time_budget,
             eval_every: a.eval_every,
+            eval_tokens: a.eval_tokens,
             seed: a.seed,
             keep_checkpoints: a.keep_checkpoints as usize,
             ..TrainConfig::default()
