@@ -182,3 +182,63 @@ fn a_lora_run_applied_as_adapter_equals_its_merge() {
     }
     let _ = std::fs::remove_file(&data);
 }
+
+/// A word-level tokenizer.json over the words of [`text_file`].
+const WORDLEVEL: &str = r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+    "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+    "model": {"type": "WordLevel", "unk_token": "[UNK]", "vocab": {"[UNK]": 0, "to": 1, "be": 2, "or": 3,
+        "not": 4, ".": 5, "the": 6, "rest": 7, "is": 8, "silence": 9, "so": 10, "it": 11, "goes": 12, ";": 13}}}"#;
+
+#[test]
+fn from_a_model_with_a_tokenizer_trains_on_its_tokens_and_carries_its_files() {
+    let base = tmp("tok-base");
+    std::fs::create_dir_all(&base).unwrap();
+    for f in ["config.json", "model.safetensors"] {
+        std::fs::copy(fixture("mamba2-g2").join(f), base.join(f)).unwrap();
+    }
+    std::fs::write(base.join("tokenizer.json"), WORDLEVEL).unwrap();
+    std::fs::write(base.join("tokenizer_config.json"), r#"{"model_max_length": 2048}"#).unwrap();
+    let data = text_file("tok");
+    let out = tmp("tok-run");
+    // Without --data there is nothing to tokenize with the model's tokenizer.
+    let o = mamba(&["train", "--from", s(&base), "--out", s(&out)]);
+    assert!(!o.status.success() && stderr(&o).contains("give --data"), "{}", stderr(&o));
+    let o = mamba(&[
+        "train",
+        "--from",
+        s(&base),
+        "--data",
+        s(&data),
+        "--steps",
+        "2",
+        "--eval-every",
+        "2",
+        "--seq-len",
+        "8",
+        "--batch-size",
+        "2",
+        "--out",
+        s(&out),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        assert_eq!(
+            std::fs::read(out.join(f)).unwrap(),
+            std::fs::read(base.join(f)).unwrap(),
+            "{f} carried over"
+        );
+    }
+    let src: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("source.json")).unwrap()).unwrap();
+    assert_eq!(src["data"]["Text"]["hf_tokenizer"], true, "{src}");
+    // The run scores text with the model's tokenizer: the same token count as the base.
+    let words = eval_loss(&["--model", s(&out), "--data", s(&data)]);
+    assert!(words.is_finite());
+    let o = mamba(&["eval", "--json", "--seq-len", "32", "--model", s(&out), "--data", s(&data)]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["tokens"].as_u64(), Some(2600 - 2600usize.div_ceil(32) as u64), "word tokens, not bytes");
+    for d in [base, out] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+    let _ = std::fs::remove_file(&data);
+}

@@ -197,6 +197,10 @@ fn the_peft_directory_round_trips() {
         assert_eq!(n, (targets.len() - 1) * 2, "{name}");
         let x = ids(1, 7);
         assert_eq!(logits(&loaded, &x, 1), logits(&m, &x, 1), "{name}: loaded adapter");
+        // Loading the adapter directory as a model says what it is and how to use it.
+        let e = MambaLM::from_pretrained(&dir).unwrap_err();
+        assert!(matches!(&e, ModelError::IsAdapter { base, .. } if base == "some/base"), "{e}");
+        assert!(e.to_string().contains("--model some/base --adapter"), "{e}");
         // A plain save refuses an unmerged adapter rather than dropping it.
         assert!(matches!(m.save_pretrained(tmp("refuse")), Err(ModelError::AdaptersAttached)));
         std::fs::remove_dir_all(&dir).unwrap();

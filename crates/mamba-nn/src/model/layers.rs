@@ -56,13 +56,12 @@ impl Linear {
     pub fn forward(&self, tape: &mut Tape, x: Var) -> Var {
         let w = tape.param(self.weight);
         let b = self.bias.map(|b| tape.param(b));
-        let y = ops::linear(tape, x, w, b);
         match &self.lora {
-            Some(lora) => {
-                let delta = lora.forward(tape, x);
-                ops::add(tape, y, delta)
+            Some(l) => {
+                let (a, bm) = (tape.param(l.a), tape.param(l.b));
+                ops::linear_lora(tape, x, w, b, a, bm, l.scale)
             }
-            None => y,
+            None => ops::linear(tape, x, w, b),
         }
     }
 

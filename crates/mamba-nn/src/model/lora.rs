@@ -35,9 +35,7 @@ use super::init::InitRng;
 use super::{LoadOptions, MambaLM, ModelError, WeightFormat};
 use crate::checkpoint::{CheckpointError, TensorFile, write_atomic, write_tensors};
 use crate::config::Arch;
-use crate::ops;
 use crate::params::ParamId;
-use crate::tape::{Tape, Var};
 use crate::tensor::{Tensor, data, data_mut};
 
 /// The adapter of one [`Linear`]: `scale · (x Aᵀ) Bᵀ`.
@@ -54,12 +52,6 @@ pub struct Lora {
 }
 
 impl Lora {
-    /// The adapter's term for `x` (…, in) → (…, out) on the tape.
-    pub fn forward(&self, tape: &mut Tape, x: Var) -> Var {
-        let (a, b) = (tape.param(self.a), tape.param(self.b));
-        lora_term(tape, x, a, b, self.scale)
-    }
-
     /// `out` (m, out) += `scale · (x Aᵀ) Bᵀ` for `x` (m, `d_in`) rows.
     pub fn add_rows(&self, p: &crate::params::ParamStore, x: &[f32], m: usize, d_in: usize, out: &mut [f32]) {
         let (r, a, b) = (self.rank, data(p.value(self.a)), data(p.value(self.b)));
@@ -68,14 +60,6 @@ impl Lora {
         gemm((m, d_in, r), self.scale, x, (d_in, 1), a, (1, d_in), 0.0, &mut t, (r, 1));
         gemm((m, r, n), 1.0, &t, (r, 1), b, (1, r), 1.0, out, (n, 1));
     }
-}
-
-/// `scale · (x Aᵀ) Bᵀ` on the tape: `x` (…, in), `a` (r, in), `b` (out, r) → (…, out). The
-/// scale is applied to the (…, r) intermediate, the smallest tensor.
-pub fn lora_term(tape: &mut Tape, x: Var, a: Var, b: Var, scale: f32) -> Var {
-    let t = ops::linear(tape, x, a, None);
-    let t = ops::scale(tape, t, scale);
-    ops::linear(tape, t, b, None)
 }
 
 /// How [`MambaLM::add_lora`] builds adapters.
@@ -504,6 +488,16 @@ impl MambaLM {
     }
 }
 
+/// The `base_model_name_or_path` an adapter directory records (`BASE` when none).
+pub(crate) fn recorded_base(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join(ADAPTER_CONFIG))
+        .ok()
+        .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+        .and_then(|v| v.get("base_model_name_or_path")?.as_str().map(str::to_string))
+        .filter(|b| !b.is_empty())
+        .unwrap_or_else(|| "BASE".to_string())
+}
+
 /// Reads the settings of a PEFT `adapter_config.json` that this crate can apply.
 fn read_adapter_config(path: &Path) -> Result<LoraConfig, AdapterError> {
     let err = |reason: String| AdapterError::Config { path: path.into(), reason };
@@ -552,40 +546,4 @@ fn read_adapter_config(path: &Path) -> Result<LoraConfig, AdapterError> {
         }
     }
     Ok(LoraConfig { rank: rank as usize, alpha, targets: Vec::new(), rslora: flag("use_rslora") })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::ops::check::{check_op, random};
-
-    /// f64 reference: `x Wᵀ + s (x Aᵀ) Bᵀ`.
-    fn reference(v: &[Vec<f64>], (m, k, n, r): (usize, usize, usize, usize), s: f64) -> Vec<f64> {
-        let (x, w, a, b) = (&v[0], &v[1], &v[2], &v[3]);
-        let mut y = vec![0.0; m * n];
-        for i in 0..m {
-            let t: Vec<f64> = (0..r).map(|q| (0..k).map(|j| x[i * k + j] * a[q * k + j]).sum()).collect();
-            for o in 0..n {
-                let base: f64 = (0..k).map(|j| x[i * k + j] * w[o * k + j]).sum();
-                y[i * n + o] = base + s * (0..r).map(|q| t[q] * b[o * r + q]).sum::<f64>();
-            }
-        }
-        y
-    }
-
-    #[test]
-    fn adapted_linear_backward_matches_finite_differences() {
-        let (m, k, n, r, s) = (5, 7, 6, 3, 2.5f32);
-        let inputs = vec![random(&[m, k], 1), random(&[n, k], 2), random(&[r, k], 3), random(&[n, r], 4)];
-        check_op(
-            inputs,
-            |tape, v| {
-                let base = ops::linear(tape, v[0], v[1], None);
-                let delta = lora_term(tape, v[0], v[2], v[3], s);
-                ops::add(tape, base, delta)
-            },
-            |v| reference(v, (m, k, n, r), s as f64),
-            1e-4,
-        );
-    }
 }

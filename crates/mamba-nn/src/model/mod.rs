@@ -62,6 +62,17 @@ pub enum ModelError {
     /// `model.safetensors` is unusable.
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// The directory holds a LoRA adapter, not a model.
+    #[error(
+        "{dir} holds a LoRA adapter (adapter_config.json), not a model: apply it to its base model \
+         with --model {base} --adapter {dir} (or merge them with `mamba merge`)"
+    )]
+    IsAdapter {
+        /// The directory.
+        dir: PathBuf,
+        /// Its `base_model_name_or_path`, or a placeholder when it names none.
+        base: String,
+    },
     /// The directory has no weights file.
     #[error("{dir}: no model.safetensors (or model.safetensors.index.json with its shards) found")]
     NoWeights {
@@ -244,6 +255,9 @@ impl MambaLM {
     pub fn from_pretrained_with(dir: impl AsRef<Path>, options: LoadOptions) -> Result<Self, ModelError> {
         let dir = dir.as_ref();
         let config_path = dir.join("config.json");
+        if !config_path.exists() && dir.join(lora::ADAPTER_CONFIG).exists() {
+            return Err(ModelError::IsAdapter { dir: dir.into(), base: lora::recorded_base(dir) });
+        }
         let mut config = MambaConfig::from_file(&config_path)?;
         let file = Self::open_weights(dir, &options)?;
         let weights = file.path().to_path_buf();
