@@ -73,8 +73,9 @@ pub struct TrainArgs {
     /// LoRA α: the adapters' output is scaled by α / rank (default: the rank, a scale of 1).
     #[arg(long, requires = "lora_rank", value_parser = crate::flags::positive_f32, allow_hyphen_values = true)]
     lora_alpha: Option<f32>,
-    /// Comma-separated projections to adapt in every layer — Mamba-1: in_proj, x_proj, dt_proj,
-    /// out_proj; Mamba-2: in_proj, out_proj. Default: those an adapter loaded in PEFT really
+    /// Comma-separated modules to adapt — in every layer, Mamba-1: in_proj, x_proj, dt_proj,
+    /// out_proj; Mamba-2: in_proj, out_proj — and `embeddings`, the token embedding (worth it
+    /// when the new text uses tokens the base rarely saw). Default: those an adapter loaded in PEFT really
     /// applies (in_proj,x_proj for Mamba-1, in_proj for Mamba-2). All run here; PEFT refuses
     /// out_proj on Mamba models, and transformers' Mamba reads dt_proj's weight directly, so
     /// PEFT ignores a dt_proj adapter unless it is merged (`mamba merge`).

@@ -18,9 +18,9 @@ fn models() -> Vec<(&'static str, MambaLM, Vec<&'static str>)> {
     (m2.d_state, m2.headdim, m2.ngroups, m2.chunk_size) = (8, 16, 2, 4);
     let lti = MambaConfig { arch: Arch::Lti, ..MambaConfig::mamba1(V, 24, 2) };
     [
-        ("mamba1", m1, 1, vec!["in_proj", "x_proj", "dt_proj", "out_proj"]),
-        ("mamba2", m2, 2, vec!["in_proj", "out_proj"]),
-        ("lti", lti, 3, vec!["in_proj", "out_proj"]),
+        ("mamba1", m1, 1, vec!["in_proj", "x_proj", "dt_proj", "out_proj", "embeddings"]),
+        ("mamba2", m2, 2, vec!["in_proj", "out_proj", "embeddings"]),
+        ("lti", lti, 3, vec!["in_proj", "out_proj", "embeddings"]),
     ]
     .into_iter()
     .map(|(name, cfg, seed, t)| (name, MambaLM::new(cfg, seed).unwrap(), t))
@@ -60,10 +60,12 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
-/// Gives every adapter's B random values (as training would), deterministically.
+/// Gives every adapter's zero factor (B of a projection, A of the embedding) deterministic
+/// values, as training would.
 fn perturb_b(model: &mut MambaLM) {
-    let bs: Vec<ParamId> = model.lora.as_ref().unwrap().modules.iter().map(|(_, l)| l.b).collect();
-    for (j, b) in bs.into_iter().enumerate() {
+    let ad = &model.lora.as_ref().unwrap().modules;
+    let zeros: Vec<ParamId> = ad.iter().map(|m| if m.embedding { m.lora.a } else { m.lora.b }).collect();
+    for (j, b) in zeros.into_iter().enumerate() {
         for (i, v) in data_mut(model.params.value_mut(b)).iter_mut().enumerate() {
             *v = (((i * 31 + j * 17) % 23) as f32 / 23.0 - 0.5) * 0.3;
         }
@@ -75,17 +77,14 @@ fn a_fresh_adapter_leaves_the_logits_exactly_unchanged() {
     for (name, base, targets) in models() {
         let mut m = base.clone();
         let n = m.add_lora(&lora(&targets), 9).unwrap();
-        assert_eq!(n, targets.len() * 2, "{name}: one adapter per target per layer");
+        assert_eq!(n, (targets.len() - 1) * 2 + 1, "{name}: one per projection per layer, one embedding");
         let x = ids(2, 9);
         assert_eq!(logits(&m, &x, 2), logits(&base, &x, 2), "{name}: tape forward");
         assert_eq!(decoder_last(&m, &x[..9]), decoder_last(&base, &x[..9]), "{name}: decoder");
         // Everything of the base is frozen; only the adapters train.
         let trainable: Vec<String> = m.params.trainable().map(|(_, p)| p.name.clone()).collect();
         assert_eq!(trainable.len(), 2 * n, "{name}");
-        assert!(
-            trainable.iter().all(|t| t.contains(".lora_A.") || t.contains(".lora_B.")),
-            "{name}: {trainable:?}"
-        );
+        assert!(trainable.iter().all(|t| t.contains(".lora_")), "{name}: {trainable:?}");
     }
 }
 
@@ -102,13 +101,14 @@ fn a_trained_adapter_equals_its_merge_on_the_tape_and_in_the_decoder() {
         assert!(max_diff(&dec, &adapted[8 * V..9 * V]) < 1e-4, "{name}: decoder vs tape");
         let mut merged = m.clone();
         merged.merge_lora().unwrap();
-        assert!(merged.lora.is_none() && merged.params.len() == base.params.len(), "{name}");
-        assert!(merged.params.trainable().count() == base.params.len(), "{name}: unfrozen after merge");
+        // The adapters are gone; the tied head became its own matrix (see below).
+        assert!(merged.lora.is_none() && merged.params.len() == base.params.len() + 1, "{name}");
+        assert!(merged.params.trainable().count() == merged.params.len(), "{name}: unfrozen after merge");
         let d = max_diff(&logits(&merged, &x, 2), &adapted);
         assert!(d < 1e-4, "{name}: merged vs adapted logits differ by {d:e}");
         // The merged weight is W + scale·B·A, computed here in f64.
         let ad = m.lora.as_ref().unwrap();
-        let (module, l) = &ad.modules[0];
+        let (module, l) = (&ad.modules[0].name, &ad.modules[0].lora);
         let w_id = m.params.id(&format!("{module}.weight")).unwrap();
         let (w0, a, b) =
             (data(base.params.value(w_id)), data(m.params.value(l.a)), data(m.params.value(l.b)));
@@ -120,6 +120,12 @@ fn a_trained_adapter_equals_its_merge_on_the_tape_and_in_the_decoder() {
             let want = w0[idx] as f64 + l.scale as f64 * ba;
             assert!((got as f64 - want).abs() < 1e-6, "{name}: {module} merged[{idx}] {got} vs {want}");
         }
+        // The embedding adapter changed the lookup only: merged, the tied head keeps the base
+        // matrix (untied), and the embedding matrix moved.
+        let emb = base.embeddings.weight;
+        assert!(!merged.config.tie_embeddings && merged.lm_head.weight != emb, "{name}: head untied");
+        assert_eq!(data(merged.params.value(merged.lm_head.weight)), data(base.params.value(emb)), "{name}");
+        assert_ne!(data(merged.params.value(emb)), data(base.params.value(emb)), "{name}: embedding merged");
     }
 }
 
@@ -144,22 +150,28 @@ fn adapter_gradients_are_the_weight_gradients_through_the_chain_rule() {
         let mut merged = m.clone();
         merged.merge_lora().unwrap();
         let gm = grads_of(&merged);
-        for (module, l) in &m.lora.as_ref().unwrap().modules {
-            let w_id = m.params.id(&format!("{module}.weight")).unwrap();
+        for am in &m.lora.as_ref().unwrap().modules {
+            let (module, l, w_id) = (&am.name, &am.lora, am.weight);
             assert_eq!(g.get(w_id).len(), 0, "{name}: frozen {module}.weight has a gradient buffer");
             let (a, b, dw) = (data(m.params.value(l.a)), data(m.params.value(l.b)), data(gm.get(w_id)));
             let (r, s) = (l.rank, l.scale as f64);
-            let k = a.len() / r;
             let n = b.len() / r;
-            // dB (n, r) = s · dW (n, k) · Aᵀ; dA (r, k) = s · Bᵀ · dW.
-            let want_b: Vec<f64> = (0..n * r)
-                .map(|i| {
-                    s * (0..k).map(|j| dw[(i / r) * k + j] as f64 * a[(i % r) * k + j] as f64).sum::<f64>()
-                })
-                .collect();
-            let want_a: Vec<f64> = (0..r * k)
-                .map(|i| s * (0..n).map(|o| b[o * r + i / k] as f64 * dw[o * k + i % k] as f64).sum::<f64>())
-                .collect();
+            let dot = |len: usize, f: &dyn Fn(usize) -> f64| s * (0..len).map(f).sum::<f64>();
+            let (want_a, want_b): (Vec<f64>, Vec<f64>) = if am.embedding {
+                // W_eff (V, d) = W + s·Aᵀ (V, r)·Bᵀ: d(Aᵀ) = s·dW·B, dB (d, r) = s·dWᵀ·Aᵀ.
+                let v = a.len() / r;
+                let da =
+                    (0..v * r).map(|i| dot(n, &|j| dw[(i / r) * n + j] as f64 * b[j * r + i % r] as f64));
+                let db = (0..n * r).map(|i| dot(v, &|t| dw[t * n + i / r] as f64 * a[t * r + i % r] as f64));
+                (da.collect(), db.collect())
+            } else {
+                // dB (n, r) = s·dW (n, k)·Aᵀ; dA (r, k) = s·Bᵀ·dW.
+                let k = a.len() / r;
+                let db =
+                    (0..n * r).map(|i| dot(k, &|j| dw[(i / r) * k + j] as f64 * a[(i % r) * k + j] as f64));
+                let da = (0..r * k).map(|i| dot(n, &|o| b[o * r + i / k] as f64 * dw[o * k + i % k] as f64));
+                (da.collect(), db.collect())
+            };
             for (what, got, want) in [("B", data(g.get(l.b)), &want_b), ("A", data(g.get(l.a)), &want_a)] {
                 let scale = want.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
                 let d = got.iter().zip(want.iter()).map(|(g, w)| (*g as f64 - w).abs()).fold(0.0, f64::max);
@@ -179,7 +191,7 @@ fn tmp(tag: &str) -> std::path::PathBuf {
 fn the_peft_directory_round_trips() {
     for (name, base, targets) in models() {
         let mut m = base.clone();
-        m.add_lora(&lora(&targets[..targets.len() - 1]), 9).unwrap();
+        m.add_lora(&lora(&targets), 9).unwrap();
         perturb_b(&mut m);
         let dir = tmp(name);
         m.save_adapter(&dir, "some/base").unwrap();
@@ -194,7 +206,9 @@ fn the_peft_directory_round_trips() {
         assert!(file.contains(&a0), "{name}: PEFT key {a0}");
         let mut loaded = base.clone();
         let n = loaded.load_adapter(&dir).unwrap();
-        assert_eq!(n, (targets.len() - 1) * 2, "{name}");
+        assert_eq!(n, (targets.len() - 1) * 2 + 1, "{name}");
+        let e0 = "base_model.model.backbone.embeddings.lora_embedding_A";
+        assert_eq!(file.shape(e0).unwrap(), [3, V], "{name}: PEFT's (r, vocab) embedding A");
         let x = ids(1, 7);
         assert_eq!(logits(&loaded, &x, 1), logits(&m, &x, 1), "{name}: loaded adapter");
         // Loading the adapter directory as a model says what it is and how to use it.

@@ -204,21 +204,33 @@ pub struct Embedding {
     pub vocab: usize,
     /// Width `d`.
     pub dim: usize,
+    /// A LoRA adapter on the lookup, if any: `a` holds Aᵀ (V, r), `b` is B (d, r).
+    pub lora: Option<Lora>,
 }
 
 impl Embedding {
     /// Registers `weight` (V, d).
     pub fn new(b: &mut ParamBuilder, vocab: usize, dim: usize) -> Result<Self, CheckpointError> {
-        Ok(Self { weight: b.matrix("weight", &[vocab, dim], Init::Normal(0.02))?, vocab, dim })
+        Ok(Self { weight: b.matrix("weight", &[vocab, dim], Init::Normal(0.02))?, vocab, dim, lora: None })
     }
 
     /// Rows of `weight` for token ids `ids` laid out as `shape` → (shape…, d), on the tape.
     pub fn forward(&self, tape: &mut Tape, ids: &[usize], shape: &[usize]) -> Var {
         let w = tape.param(self.weight);
-        ops::embedding(tape, ids, shape, w)
+        let e = ops::embedding(tape, ids, shape, w);
+        match &self.lora {
+            Some(l) => {
+                let (at, b) = (tape.param(l.a), tape.param(l.b));
+                let t = ops::embedding(tape, ids, shape, at);
+                let t = ops::scale(tape, t, l.scale);
+                let u = ops::linear(tape, t, b, None);
+                ops::add(tape, e, u)
+            }
+            None => e,
+        }
     }
 
-    /// Decode: copies the rows of `ids` into `out` (len(ids), d).
+    /// Decode: copies the rows of `ids` into `out` (len(ids), d), plus the adapter's term.
     ///
     /// # Panics
     /// If an id is outside the vocabulary.
@@ -236,6 +248,13 @@ impl Embedding {
             match w {
                 Weight::F32(w) => row.copy_from_slice(&w[id * d..(id + 1) * d]),
                 Weight::Packed(q) => q.dequantize_row(id, row),
+            }
+            if let Some(l) = &self.lora {
+                let (at, b, r) = (data(p.value(l.a)), data(p.value(l.b)), l.rank);
+                let t = &at[id * r..(id + 1) * r];
+                for (o, brow) in row.iter_mut().zip(b.chunks_exact(r)) {
+                    *o += l.scale * brow.iter().zip(t).map(|(x, y)| x * y).sum::<f32>();
+                }
             }
         }
     }

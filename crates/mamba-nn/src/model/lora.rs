@@ -16,7 +16,10 @@
 //!
 //! The modules an adapter can target are the mixers' projections ([`Mixer::linears`]): for
 //! Mamba-1 `in_proj`, `x_proj`, `dt_proj` (its product, before Δ's bias and softplus) and
-//! `out_proj`; for Mamba-2 `in_proj` and `out_proj`. Here every projection runs through
+//! `out_proj`; for Mamba-2 `in_proj` and `out_proj` — and the token embedding (`embeddings`,
+//! PEFT's `lora_embedding_A` (r, vocab) / `lora_embedding_B` (d, r): a token's vector gains
+//! `scale · B A[:, id]`). As in PEFT, an embedding adapter changes the lookup only, not a tied
+//! LM head; merging it therefore unties the head (which keeps the base matrix). Here every projection runs through
 //! [`Linear`](super::Linear), so all are allowed. PEFT refuses `out_proj` on Mamba models (its
 //! CUDA fast path bypasses the module), and transformers' Mamba-1 multiplies by
 //! `dt_proj.weight` directly, so PEFT silently ignores an unmerged `dt_proj` adapter (checked
@@ -141,9 +144,29 @@ pub struct Adapters {
     /// Parameters of the store before the adapters were added (the base model's); the
     /// adapters' own follow.
     pub base_params: usize,
-    /// Every adapted module by full name (`backbone.layers.0.mixer.in_proj`), with its adapter.
-    pub modules: Vec<(String, Lora)>,
+    /// Every adapted module, in the order of the model.
+    pub modules: Vec<AdaptedModule>,
 }
+
+/// One adapted module.
+#[derive(Clone, Debug, PartialEq)]
+pub struct AdaptedModule {
+    /// Its full name (`backbone.layers.0.mixer.in_proj`, `backbone.embeddings`).
+    pub name: String,
+    /// Its adapter. For the embedding, `a` is held transposed, (vocab, r), so that a token's
+    /// row is contiguous; PEFT's `lora_embedding_A` is (r, vocab).
+    pub lora: Lora,
+    /// The weight it adapts.
+    pub weight: ParamId,
+    /// Whether it is the token embedding (`y = W[id] + scale · B Aᵀ[id]`) rather than a
+    /// projection.
+    pub embedding: bool,
+}
+
+/// The name of the token embedding as an adapter target.
+pub const EMBEDDINGS: &str = "embeddings";
+/// The token embedding's module name.
+const EMBEDDING_MODULE: &str = "backbone.embeddings";
 
 /// Names of the adapter files in a PEFT directory.
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -164,15 +187,17 @@ impl MambaLM {
     /// The projections an adapter can target in this model's layers (see the [module
     /// docs](self)).
     pub fn lora_targets(&self) -> Vec<&'static str> {
-        self.backbone
-            .layers
-            .first()
-            .map_or_else(Vec::new, |b| b.mixer.linears().into_iter().map(|(n, _)| n).collect())
+        let layer = self.backbone.layers.first();
+        let mut t: Vec<&'static str> =
+            layer.map_or_else(Vec::new, |b| b.mixer.linears().into_iter().map(|(n, _)| n).collect());
+        t.push(EMBEDDINGS);
+        t
     }
 
-    /// Freezes every parameter and attaches fresh adapters (`A` ~ U(±1/√in), `B = 0`) to the
-    /// `config.targets` projections of every layer; the model's outputs are unchanged until
-    /// the adapters are trained. Returns the number of adapted modules.
+    /// Freezes every parameter and attaches fresh adapters to the `config.targets` projections
+    /// of every layer (`A` ~ U(±1/√in), `B = 0`) and to the token embedding when `embeddings`
+    /// is a target (`A = 0`, `B` ~ N(0, 1), as PEFT draws them); the model's outputs are
+    /// unchanged until the adapters are trained. Returns the number of adapted modules.
     ///
     /// # Errors
     /// A target that is not a projection of this model's layers, a zero rank or a non-finite
@@ -181,11 +206,12 @@ impl MambaLM {
         self.check_lora_config(config)?;
         let mut rng = InitRng::new(seed);
         let r = config.rank;
-        self.attach(config, |_, (n, k)| {
-            Ok(Some((
-                Init::kaiming(k, 1.0).draw(&mut rng, &[r, k]),
-                Init::Const(0.0).draw(&mut rng, &[n, r]),
-            )))
+        self.attach(config, |module, (n, k)| {
+            Ok(Some(if module == EMBEDDING_MODULE {
+                (Init::Const(0.0).draw(&mut rng, &[r, k]), Init::Normal(1.0).draw(&mut rng, &[n, r]))
+            } else {
+                (Init::kaiming(k, 1.0).draw(&mut rng, &[r, k]), Init::Const(0.0).draw(&mut rng, &[n, r]))
+            }))
         })
     }
 
@@ -242,6 +268,9 @@ impl MambaLM {
         let mut modules = Vec::new();
         let mut failed = None;
         let store = &mut self.params;
+        let scale_of = |rank: usize| {
+            if config.rslora { config.alpha / (rank as f32).sqrt() } else { config.alpha / rank as f32 }
+        };
         for (i, block) in self.backbone.layers.iter_mut().enumerate() {
             block.mixer = block.mixer.with_linears(&mut |name, lin| {
                 if failed.is_some() || !config.targets.iter().any(|t| t == name) {
@@ -251,21 +280,37 @@ impl MambaLM {
                 match values(&module, (lin.d_out, lin.d_in)) {
                     Ok(Some((a, b))) => {
                         let rank = a.shape()[0];
-                        let scale = if config.rslora {
-                            config.alpha / (rank as f32).sqrt()
-                        } else {
-                            config.alpha / rank as f32
-                        };
                         let a = store.add(format!("{module}.lora_A.weight"), a, true);
                         let b = store.add(format!("{module}.lora_B.weight"), b, true);
-                        let lora = Lora { a, b, rank, scale };
+                        let lora = Lora { a, b, rank, scale: scale_of(rank) };
                         lin.lora = Some(lora);
-                        modules.push((module, lora));
+                        modules.push(AdaptedModule {
+                            name: module,
+                            lora,
+                            weight: lin.weight,
+                            embedding: false,
+                        });
                     }
                     Ok(None) => {}
                     Err(e) => failed = Some(e),
                 }
             });
+        }
+        let emb = self.embeddings;
+        if failed.is_none() && config.targets.iter().any(|t| t == EMBEDDINGS) {
+            match values(EMBEDDING_MODULE, (emb.dim, emb.vocab)) {
+                Ok(Some((a, b))) => {
+                    let rank = a.shape()[0];
+                    let a = store.add(format!("{EMBEDDING_MODULE}.lora_embedding_A"), transpose(&a), true);
+                    let b = store.add(format!("{EMBEDDING_MODULE}.lora_embedding_B"), b, true);
+                    let lora = Lora { a, b, rank, scale: scale_of(rank) };
+                    self.embeddings.lora = Some(lora);
+                    let name = EMBEDDING_MODULE.to_string();
+                    modules.push(AdaptedModule { name, lora, weight: emb.weight, embedding: true });
+                }
+                Ok(None) => {}
+                Err(e) => failed = Some(e),
+            }
         }
         if let Some(e) = failed {
             self.remove_adapters(base_params);
@@ -282,6 +327,7 @@ impl MambaLM {
         for block in &mut self.backbone.layers {
             block.mixer = block.mixer.with_linears(&mut |_, lin| lin.lora = None);
         }
+        self.embeddings.lora = None;
         self.params.truncate(base_params);
         let ids: Vec<ParamId> = self.params.iter().map(|(id, _)| id).collect();
         for id in ids {
@@ -301,27 +347,36 @@ impl MambaLM {
         if self.params.is_packed() {
             return Err(ModelError::Packed);
         }
-        for (_, l) in &ad.modules {
+        // A tied LM head reads the embedding matrix, which an embedding adapter does not
+        // change (PEFT adapts the lookup only): merged, the head keeps the base matrix.
+        let tied = self.lm_head.weight == self.embeddings.weight;
+        let head = ad
+            .modules
+            .iter()
+            .any(|m| m.embedding && tied)
+            .then(|| self.params.value(self.lm_head.weight).clone());
+        for m in &ad.modules {
+            let (l, r) = (m.lora, m.lora.rank);
             let (a, b) = (self.params.value(l.a).clone(), self.params.value(l.b).clone());
-            let weight = self.backbone_weight_of(l);
-            let w = data_mut(self.params.value_mut(weight));
-            let (n, r) = (b.shape()[0], l.rank);
-            let k = a.shape()[1];
-            // W (n, k) += scale · B (n, r) · A (r, k)
-            gemm((n, r, k), l.scale, data(&b), (r, 1), data(&a), (k, 1), 1.0, w, (k, 1));
+            let w = data_mut(self.params.value_mut(m.weight));
+            if m.embedding {
+                // W (V, d) += scale · Aᵀ (V, r) · Bᵀ (r, d)
+                let (v, d) = (a.shape()[0], b.shape()[0]);
+                gemm((v, r, d), l.scale, data(&a), (r, 1), data(&b), (1, r), 1.0, w, (d, 1));
+            } else {
+                // W (n, k) += scale · B (n, r) · A (r, k)
+                let (n, k) = (b.shape()[0], a.shape()[1]);
+                gemm((n, r, k), l.scale, data(&b), (r, 1), data(&a), (k, 1), 1.0, w, (k, 1));
+            }
         }
         self.remove_adapters(ad.base_params);
+        if let Some(head) = head {
+            let id = self.params.add("lm_head.weight", head, true);
+            self.params.mark_matrix(id);
+            self.lm_head.weight = id;
+            self.config.tie_embeddings = false;
+        }
         Ok(())
-    }
-
-    /// The weight of the projection that `lora` adapts.
-    fn backbone_weight_of(&self, lora: &Lora) -> ParamId {
-        self.backbone
-            .layers
-            .iter()
-            .flat_map(|b| b.mixer.linears())
-            .find_map(|(_, lin)| (lin.lora.as_ref() == Some(lora)).then_some(lin.weight))
-            .expect("every attached adapter sits on a projection")
     }
 
     /// Writes the adapters as a PEFT adapter directory (`adapter_config.json`,
@@ -354,12 +409,17 @@ impl MambaLM {
         });
         let text = serde_json::to_vec_pretty(&config).expect("a JSON value serialises");
         write_atomic(&dir.join(ADAPTER_CONFIG), &text)?;
-        let tensors = ad.modules.iter().flat_map(|(m, l)| {
-            [
-                (format!("{PEFT_PREFIX}{m}.lora_A.weight"), self.params.value(l.a)),
-                (format!("{PEFT_PREFIX}{m}.lora_B.weight"), self.params.value(l.b)),
-            ]
-        });
+        let owned: Vec<(String, Tensor)> = ad
+            .modules
+            .iter()
+            .flat_map(|m| {
+                let (a, b) = (self.params.value(m.lora.a), self.params.value(m.lora.b).clone());
+                let (n, [ka, kb]) = (&m.name, peft_keys(m.embedding));
+                let a = if m.embedding { transpose(a) } else { a.clone() };
+                [(format!("{PEFT_PREFIX}{n}{ka}"), a), (format!("{PEFT_PREFIX}{n}{kb}"), b)]
+            })
+            .collect();
+        let tensors = owned.iter().map(|(n, t)| (n.clone(), t));
         let meta = [("format".to_string(), "pt".to_string())].into_iter().collect();
         write_tensors(dir.join(ADAPTER_WEIGHTS), tensors, Some(meta))?;
         Ok(())
@@ -395,7 +455,7 @@ impl MambaLM {
     ///
     /// # Errors
     /// A missing or malformed file; a setting this crate does not implement (DoRA, trained
-    /// biases, `fan_in_fan_out`, per-module α, `modules_to_save`, embedding adapters); a tensor
+    /// biases, `fan_in_fan_out`, per-module α, `modules_to_save`); a tensor
     /// naming no projection of this model or shaped for another one.
     pub fn load_adapter(&mut self, dir: impl AsRef<Path>) -> Result<usize, ModelError> {
         let dir = dir.as_ref();
@@ -411,30 +471,38 @@ impl MambaLM {
                 tensor: name.to_string(),
                 reason,
             };
-            let module = name
-                .strip_prefix(PEFT_PREFIX)
-                .and_then(|n| n.strip_suffix(".lora_A.weight").or_else(|| n.strip_suffix(".lora_B.weight")))
-                .ok_or_else(|| {
-                    bad(format!(
-                        "expected `{PEFT_PREFIX}<module>.lora_A.weight` or `.lora_B.weight` (embedding \
-                         adapters and other PEFT types are not supported)"
-                    ))
-                })?;
-            module
-                .strip_prefix("backbone.layers.")
-                .and_then(|rest| rest.split_once(".mixer."))
-                .filter(|(i, t)| {
-                    i.parse::<usize>().is_ok_and(|i| i < self.config.n_layer) && valid.contains(t)
-                })
-                .ok_or_else(|| {
-                    bad(format!(
-                        "`{module}` is not an adaptable module of this {}-layer {} model \
-                         (backbone.layers.<i>.mixer.<{}>)",
-                        self.config.n_layer,
-                        arch_name(self.config.arch),
-                        valid.join("|")
-                    ))
-                })?;
+            let stem = name.strip_prefix(PEFT_PREFIX);
+            let projection = stem
+                .and_then(|n| n.strip_suffix(".lora_A.weight").or_else(|| n.strip_suffix(".lora_B.weight")));
+            let embedding = stem.and_then(|n| {
+                n.strip_suffix(".lora_embedding_A").or_else(|| n.strip_suffix(".lora_embedding_B"))
+            });
+            let module = projection.or(embedding).ok_or_else(|| {
+                bad(format!(
+                    "expected `{PEFT_PREFIX}<module>.lora_A.weight` / `.lora_B.weight`, or \
+                     `.lora_embedding_A` / `.lora_embedding_B` (other PEFT types are not supported)"
+                ))
+            })?;
+            let layer_projection = |m: &str| {
+                m.strip_prefix("backbone.layers.").and_then(|rest| rest.split_once(".mixer.")).is_some_and(
+                    |(i, t)| i.parse::<usize>().is_ok_and(|i| i < self.config.n_layer) && valid.contains(&t),
+                )
+            };
+            let known = match (projection, embedding) {
+                (Some(m), _) => layer_projection(m),
+                (_, Some(m)) => m == EMBEDDING_MODULE,
+                _ => false,
+            };
+            known.then_some(()).ok_or_else(|| {
+                bad(format!(
+                    "`{module}` is not an adaptable module of this {}-layer {} model \
+                         (backbone.layers.<i>.mixer.<{}>, or backbone.embeddings with \
+                         lora_embedding_A/B)",
+                    self.config.n_layer,
+                    arch_name(self.config.arch),
+                    valid.join("|")
+                ))
+            })?;
             if !modules.iter().any(|m| m == module) {
                 modules.push(module.to_string());
             }
@@ -458,8 +526,8 @@ impl MambaLM {
             if !modules.iter().any(|m| m == module) {
                 return Ok(None);
             }
-            let an = format!("{PEFT_PREFIX}{module}.lora_A.weight");
-            let bn = format!("{PEFT_PREFIX}{module}.lora_B.weight");
+            let [ka, kb] = peft_keys(module == EMBEDDING_MODULE);
+            let (an, bn) = (format!("{PEFT_PREFIX}{module}{ka}"), format!("{PEFT_PREFIX}{module}{kb}"));
             let tensor_err = |tensor: &str, reason: String| AdapterError::Tensor {
                 path: wpath.clone(),
                 tensor: tensor.to_string(),
@@ -486,6 +554,19 @@ impl MambaLM {
         };
         Ok(self.attach(&cfg, read)?)
     }
+}
+
+/// The suffixes of a module's A and B in PEFT's files.
+fn peft_keys(embedding: bool) -> [&'static str; 2] {
+    if embedding { [".lora_embedding_A", ".lora_embedding_B"] } else { [".lora_A.weight", ".lora_B.weight"] }
+}
+
+/// `t` (rows, cols) transposed into a new (cols, rows) tensor.
+fn transpose(t: &Tensor) -> Tensor {
+    let (rows, cols) = (t.shape()[0], t.shape()[1]);
+    let v = data(t);
+    let out: Vec<f32> = (0..cols * rows).map(|i| v[(i % rows) * cols + i / rows]).collect();
+    crate::tensor::from_vec(&[cols, rows], out)
 }
 
 /// The `base_model_name_or_path` an adapter directory records (`BASE` when none).

@@ -37,7 +37,7 @@ pub use continuous::MambaModel;
 pub use decode::{DEFAULT_PREFILL_CHUNK, Decoder};
 pub use generate::{Generation, Sampler, SamplingConfig, SamplingError, argmax};
 pub use layers::{Conv1d, Embedding, Linear, RmsNorm};
-pub use lora::{AdapterError, Adapters, Lora, LoraConfig};
+pub use lora::{AdaptedModule, AdapterError, Adapters, Lora, LoraConfig};
 pub use lti::LtiMixer;
 pub use mamba1::Mamba1Mixer;
 pub use mamba2::Mamba2Mixer;
