@@ -428,6 +428,8 @@ impl MambaLM {
     /// [`MambaLM::from_pretrained_with`] plus the PEFT adapter in `adapter` merged into the
     /// weights ([`MambaLM::merge_lora`]) before they are packed into `options.dtype` (default:
     /// the checkpoint's own format): serving an adapter costs nothing over the base model.
+    /// While merging, the weights are held in f32 (a 16-bit checkpoint briefly takes twice its
+    /// size).
     ///
     /// # Errors
     /// As [`MambaLM::from_pretrained_with`] and [`MambaLM::load_adapter`].
