@@ -16,7 +16,9 @@ pub struct EvalArgs {
     /// Model directory (config.json + model.safetensors; tokenizer.json if not byte-level).
     #[arg(long)]
     model: PathBuf,
-    /// Text file (or directory of text files) to score, cut into sequences of --seq-len tokens.
+    /// Text to score: a text file, cut into sequences of --seq-len tokens; or documents — a
+    /// .jsonl file (one JSON object per line, the document in its "text" field) or a directory
+    /// of text files (each one document) — each scored whole from a fresh state.
     #[arg(long, required_unless_present = "tokens", conflicts_with = "tokens")]
     data: Option<PathBuf>,
     /// JSON file holding an array of arrays of token ids; each inner array is one sequence.
@@ -29,7 +31,8 @@ pub struct EvalArgs {
     /// one left (and its first token is predicted) instead of from the empty state.
     #[arg(long)]
     carry_state: bool,
-    /// Print one JSON line: {"loss": x, "tokens": n, "ppl": p} (plus "bits_per_byte" for --data).
+    /// Print one JSON line: {"loss": x, "tokens": n, "ppl": p} (plus "bits_per_byte" for --data,
+    /// and "documents" when documents are scored one by one).
     #[arg(long)]
     json: bool,
     /// Precision of the weight matrices (projections, embedding, LM head): f32, bf16, f16 or
@@ -59,6 +62,7 @@ fn score(dec: &mut Decoder, cache: &mut Cache, seq: &[usize]) -> (f64, usize) {
 /// Scores the sequences and prints the loss, perplexity and bits per byte.
 pub fn run(a: EvalArgs) -> anyhow::Result<()> {
     let model = crate::model_dir::load(&a.model, a.adapter.as_deref(), a.dtype)?;
+    let mut documents = None;
     let (seqs, bytes): (Vec<Vec<usize>>, Option<usize>) = match (&a.data, &a.tokens) {
         (_, Some(path)) => (mamba_train::data::read_token_file(path)?, None),
         (Some(path), None) => {
@@ -66,9 +70,17 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
                 bail!("--seq-len must be at least 2, got {}", a.seq_len);
             }
             let tok = load_tokenizer(&a.model)?;
-            let text = mamba_train::data::read_text(path)?;
-            let ids = tok.encode(&text);
-            (ids.chunks(a.seq_len).map(<[usize]>::to_vec).collect(), Some(text.len()))
+            let docs = mamba_train::data::read_documents(path)?;
+            let bytes = docs.iter().map(|d| d.text.len()).sum();
+            let ids: Vec<Vec<usize>> = docs.iter().map(|d| tok.encode(&d.text)).collect();
+            if ids.len() > 1 && !a.carry_state {
+                // Documents: each one whole, from the empty state (the decoder runs it in
+                // chunks, so memory does not grow with its length).
+                documents = Some(ids.len());
+                (ids, Some(bytes))
+            } else {
+                (ids.concat().chunks(a.seq_len).map(<[usize]>::to_vec).collect(), Some(bytes))
+            }
         }
         (None, None) => bail!("give --data PATH or --tokens FILE.json"),
     };
@@ -111,9 +123,13 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
         if let Some(b) = bpb {
             line["bits_per_byte"] = serde_json::json!(b);
         }
+        if let Some(d) = documents {
+            line["documents"] = serde_json::json!(d);
+        }
         outln!("{line}");
     } else {
-        outln!("loss          {loss:.6} nats per token ({n} tokens)");
+        let docs = documents.map(|d| format!(", {d} documents each from a fresh state")).unwrap_or_default();
+        outln!("loss          {loss:.6} nats per token ({n} tokens{docs})");
         outln!("perplexity    {ppl:.4}");
         if let Some(b) = bpb {
             outln!("bits per byte {b:.4}");

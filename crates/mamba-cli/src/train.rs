@@ -40,7 +40,10 @@ pub enum TaskArg {
 /// Arguments of `mamba train`.
 #[derive(Args, Debug)]
 pub struct TrainArgs {
-    /// Text file or directory of text files to train on (byte-level tokens unless --tokenizer).
+    /// Text to train on (byte-level tokens unless --tokenizer): a text file; a directory of text
+    /// files, each one document; or a .jsonl file, one JSON object per line with the document in
+    /// its "text" field. Documents are concatenated in order (no separator, and the recurrent
+    /// state is not yet reset between them); validation holds out the last whole documents.
     #[arg(long, conflicts_with = "task")]
     data: Option<PathBuf>,
     /// Train on a synthetic task instead of text. Unless given, the model and schedule flags then

@@ -44,6 +44,19 @@ pub enum DataError {
         /// Byte offset of the first invalid sequence.
         offset: usize,
     },
+    /// A line of a `.jsonl` file is not a JSON object with a string `"text"` field.
+    #[error(
+        "{path}, line {line}: {reason} (each line of a .jsonl file must be a JSON object whose \
+         \"text\" field holds one document)"
+    )]
+    Jsonl {
+        /// The file.
+        path: PathBuf,
+        /// The line, from 1.
+        line: usize,
+        /// What is wrong.
+        reason: String,
+    },
     /// The data holds no tokens (an empty file, or a directory without non-empty files).
     #[error("{path}: no data (found {files} file(s) and 0 tokens)")]
     Empty {
@@ -217,18 +230,69 @@ fn read_file(path: &Path) -> Result<String, DataError> {
         .map_err(|e| DataError::NotUtf8 { path: path.into(), offset: e.utf8_error().valid_up_to() })
 }
 
-/// The text of a file, or of the [`text_files`] of a directory concatenated in order, with a
-/// `\n` between two files when the first does not end with one.
-pub fn read_text(path: &Path) -> Result<String, DataError> {
-    let mut text = String::new();
+/// One document of a corpus.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Document {
+    /// Where it came from, for messages: the file, or `file:line` for a `.jsonl` line.
+    pub source: String,
+    /// Its text.
+    pub text: String,
+}
+
+/// The documents under `path`: each of its [`text_files`] is one document, except a file whose
+/// name ends in `.jsonl`, which holds one document per line — a JSON object whose `"text"`
+/// field is the document, the form in which Hugging Face datasets export text. Blank lines and
+/// empty documents are skipped.
+///
+/// # Errors
+/// [`DataError::Missing`], [`DataError::Io`], [`DataError::NotUtf8`] naming the file, and
+/// [`DataError::Jsonl`] naming the file and line of a malformed `.jsonl` line.
+pub fn read_documents(path: &Path) -> Result<Vec<Document>, DataError> {
+    let mut docs = Vec::new();
     for f in text_files(path)? {
-        let t = read_file(&f)?;
-        if !text.is_empty() && !text.ends_with('\n') && !t.is_empty() {
-            text.push('\n');
+        let text = read_file(&f)?;
+        if f.extension().is_some_and(|e| e == "jsonl") {
+            for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+                let bad = |reason: String| DataError::Jsonl { path: f.clone(), line: i + 1, reason };
+                let v: serde_json::Value =
+                    serde_json::from_str(line).map_err(|e| bad(format!("not JSON: {e}")))?;
+                let text = match v.get("text") {
+                    Some(serde_json::Value::String(t)) => t.clone(),
+                    Some(other) => return Err(bad(format!("\"text\" is {other}, not a string"))),
+                    None if v.is_object() => return Err(bad("no \"text\" field".into())),
+                    None => return Err(bad(format!("expected a JSON object, found {line:.40}"))),
+                };
+                if !text.is_empty() {
+                    docs.push(Document { source: format!("{}:{}", f.display(), i + 1), text });
+                }
+            }
+        } else if !text.is_empty() {
+            docs.push(Document { source: f.display().to_string(), text });
         }
-        text.push_str(&t);
     }
-    Ok(text)
+    Ok(docs)
+}
+
+/// `text` tokenized in pieces of about [`ENCODE_CHUNK`] bytes cut after a newline.
+fn encode(tok: &dyn Tokenizer, text: &str) -> Vec<u32> {
+    let mut tokens = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let cut = if rest.len() <= ENCODE_CHUNK {
+            rest.len()
+        } else {
+            match rest.as_bytes()[ENCODE_CHUNK..].iter().position(|&b| b == b'\n') {
+                Some(i) => ENCODE_CHUNK + i + 1,
+                None => rest.len(),
+            }
+        };
+        let (piece, tail) = rest.split_at(cut);
+        tokens.extend(tok.encode(piece).into_iter().map(|id| {
+            u32::try_from(id).unwrap_or_else(|_| panic!("{}: token id {id} exceeds u32", tok.name()))
+        }));
+        rest = tail;
+    }
+    tokens
 }
 
 /// Texts are encoded in pieces of about this many bytes, cut after a newline, so a large file
@@ -240,49 +304,47 @@ const ENCODE_CHUNK: usize = 1 << 20;
 pub struct TextData {
     /// The path it was loaded from (named in errors).
     pub path: PathBuf,
-    /// The first 90% of the tokens.
+    /// The training tokens.
     pub train: Vec<u32>,
-    /// The last `⌊n/10⌋` tokens.
+    /// The validation tokens: the last whole documents, or the last `⌊n/10⌋` tokens (see
+    /// [`TextData::load`]).
     pub val: Vec<u32>,
 }
 
 impl TextData {
-    /// Reads the [`text_files`] of `path` and tokenizes them with `tok`.
+    /// Reads the documents of `path` ([`read_documents`]: a text file, a directory of them, or
+    /// `.jsonl` files) and tokenizes each on its own with `tok` (in pieces of about 1 MiB cut
+    /// after a newline); the token sequences are concatenated in order with nothing in between.
     ///
-    /// Each file is tokenized on its own (in pieces of about 1 MiB cut after a newline) and the
-    /// token sequences are concatenated in file order with nothing in between. The split is
-    /// deterministic: of `n` tokens, the last `⌊n/10⌋` are validation, the rest training.
+    /// Validation holds out whole documents: the last ones, as few as make up at least a tenth
+    /// of the tokens. With a single document — or when the last documents would make up more
+    /// than half of the tokens — it is the last `⌊n/10⌋` tokens instead. The split is
+    /// deterministic.
     ///
     /// # Errors
-    /// [`DataError::Missing`], [`DataError::Io`], [`DataError::NotUtf8`] naming the file, and
-    /// [`DataError::Empty`] when there are no tokens at all. Call [`TextData::ensure_len`] to check
-    /// the splits against a sequence length.
+    /// As [`read_documents`], and [`DataError::Empty`] when there are no tokens at all. Call
+    /// [`TextData::ensure_len`] to check the splits against a sequence length.
     pub fn load(path: &Path, tok: &dyn Tokenizer) -> Result<Self, DataError> {
-        let files = text_files(path)?;
-        let mut tokens = Vec::new();
-        for f in &files {
-            let text = read_file(f)?;
-            let mut rest = text.as_str();
-            while !rest.is_empty() {
-                let cut = if rest.len() <= ENCODE_CHUNK {
-                    rest.len()
-                } else {
-                    match rest.as_bytes()[ENCODE_CHUNK..].iter().position(|&b| b == b'\n') {
-                        Some(i) => ENCODE_CHUNK + i + 1,
-                        None => rest.len(),
-                    }
-                };
-                let (piece, tail) = rest.split_at(cut);
-                tokens.extend(tok.encode(piece).into_iter().map(|id| {
-                    u32::try_from(id).unwrap_or_else(|_| panic!("{}: token id {id} exceeds u32", tok.name()))
-                }));
-                rest = tail;
-            }
+        let docs = read_documents(path)?;
+        let files = text_files(path)?.len();
+        let docs: Vec<Vec<u32>> = docs.iter().map(|d| encode(tok, &d.text)).collect();
+        let n: usize = docs.iter().map(Vec::len).sum();
+        if n == 0 {
+            return Err(DataError::Empty { path: path.into(), files });
         }
-        Self::from_tokens(path, tokens).map_err(|e| match e {
-            DataError::Empty { path, .. } => DataError::Empty { path, files: files.len() },
-            e => e,
-        })
+        // The fewest trailing documents that hold at least a tenth of the tokens.
+        let (mut held, mut k) = (0usize, 0usize);
+        while held < n / 10 && k < docs.len() {
+            k += 1;
+            held += docs[docs.len() - k].len();
+        }
+        let whole_documents = docs.len() > 1 && held > 0 && held <= n / 2;
+        let mut tokens: Vec<u32> = docs.concat();
+        if !whole_documents {
+            return Self::from_tokens(path, tokens);
+        }
+        let val = tokens.split_off(n - held);
+        Ok(Self { path: path.into(), train: tokens, val })
     }
 
     /// Splits already tokenized data (last `⌊n/10⌋` tokens are validation); `path` is only used in
@@ -466,7 +528,8 @@ mod tests {
         std::fs::write(d.join(".hidden"), "ignored").unwrap();
         let files = text_files(&d).unwrap();
         assert_eq!(files, [d.join("a.txt"), d.join("b/sub/z.txt"), d.join("b/x.txt")]);
-        assert_eq!(read_text(&d).unwrap(), "1111\n333\n22");
+        let docs: Vec<String> = read_documents(&d).unwrap().into_iter().map(|d| d.text).collect();
+        assert_eq!(docs, ["1111", "333", "22"], "one document per file");
         let td = TextData::load(&d, &ByteTokenizer).unwrap();
         let all: Vec<u32> = "111133322".bytes().map(u32::from).collect();
         // 9 tokens: ⌊9/10⌋ = 0 validation tokens.
@@ -482,6 +545,38 @@ mod tests {
         assert_eq!(joined, text.bytes().map(u32::from).collect::<Vec<_>>());
         let again = TextData::load(&f, &ByteTokenizer).unwrap();
         assert_eq!((again.train, again.val), (td.train, td.val));
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn jsonl_documents_and_whole_document_validation() {
+        let d = tmpdir("jsonl");
+        std::fs::create_dir_all(&d).unwrap();
+        let f = d.join("docs.jsonl");
+        // 20 documents of 10..29 bytes, a blank line, an empty document, an extra field.
+        let mut lines: Vec<String> =
+            (0..20).map(|i| serde_json::json!({ "text": "x".repeat(10 + i), "id": i }).to_string()).collect();
+        lines.insert(3, String::new());
+        lines.insert(5, r#"{"text": ""}"#.into());
+        std::fs::write(&f, lines.join("\n")).unwrap();
+        let docs = read_documents(&f).unwrap();
+        assert_eq!(docs.len(), 20);
+        assert_eq!(docs[0].source, format!("{}:1", f.display()));
+        assert_eq!(docs[3].text.len(), 13);
+        let td = TextData::load(&f, &ByteTokenizer).unwrap();
+        // 390 tokens: the fewest last documents holding ≥ 39 are the last two (29 + 28).
+        assert_eq!((td.train.len(), td.val.len()), (390 - 57, 57));
+        // Malformed lines are named by file and line.
+        for (bad, want) in [
+            ("{\"text\": 3}", "line 2: \"text\" is 3, not a string"),
+            ("{\"body\": \"a\"}", "line 2: no \"text\" field"),
+            ("[1, 2]", "line 2: expected a JSON object"),
+            ("{\"text\": ", "line 2: not JSON"),
+        ] {
+            std::fs::write(&f, format!("{{\"text\": \"ok\"}}\n{bad}\n")).unwrap();
+            let e = read_documents(&f).unwrap_err().to_string();
+            assert!(e.starts_with(&f.display().to_string()) && e.contains(want), "{bad}: {e}");
+        }
         std::fs::remove_dir_all(&d).unwrap();
     }
 
