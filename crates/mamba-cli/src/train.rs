@@ -78,10 +78,10 @@ pub struct TrainArgs {
     lora_alpha: Option<f32>,
     /// Comma-separated modules to adapt — in every layer, Mamba-1: in_proj, x_proj, dt_proj,
     /// out_proj; Mamba-2: in_proj, out_proj — and `embeddings`, the token embedding (worth it
-    /// when the new text uses tokens the base rarely saw). Default: those an adapter loaded in PEFT really
-    /// applies (in_proj,x_proj for Mamba-1, in_proj for Mamba-2). All run here; PEFT refuses
-    /// out_proj on Mamba models, and transformers' Mamba reads dt_proj's weight directly, so
-    /// PEFT ignores a dt_proj adapter unless it is merged (`mamba merge`).
+    /// when the new text uses tokens the base rarely saw). Default: those an adapter loaded in
+    /// PEFT really applies (in_proj,x_proj for Mamba-1, in_proj for Mamba-2). All run here;
+    /// PEFT refuses out_proj on Mamba models, and transformers' Mamba reads dt_proj's weight
+    /// directly, so PEFT ignores a dt_proj adapter unless it is merged (`mamba merge`).
     #[arg(long, requires = "lora_rank", value_delimiter = ',')]
     lora_targets: Option<Vec<String>>,
     /// Model family.
@@ -153,9 +153,17 @@ struct SourceFile {
 struct Base {
     /// Its directory (absolute).
     dir: PathBuf,
-    /// LoRA rank, α and targets, when the run trains an adapter on it.
+    /// The adapters' settings, when the run trains LoRA adapters on it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    lora: Option<(usize, f32, Vec<String>)>,
+    lora: Option<LoraSpec>,
+}
+
+/// `--lora-rank`, `--lora-alpha` and `--lora-targets` of a run, as `source.json` records them.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+struct LoraSpec {
+    rank: usize,
+    alpha: f32,
+    targets: Vec<String>,
 }
 
 impl SourceFile {
@@ -476,10 +484,11 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
             }
             (None, None) => {}
         }
-        let lora = pretrained
-            .as_ref()
-            .and_then(|m| m.lora.as_ref())
-            .map(|l| (l.config.rank, l.config.alpha, l.config.targets.clone()));
+        let lora = pretrained.as_ref().and_then(|m| m.lora.as_ref()).map(|l| LoraSpec {
+            rank: l.config.rank,
+            alpha: l.config.alpha,
+            targets: l.config.targets.clone(),
+        });
         let file = SourceFile { data: source.clone(), from: base.clone().map(|dir| Base { dir, lora }) };
         std::fs::write(dir.join("source.json"), serde_json::to_vec_pretty(&file)?)
             .with_context(|| format!("writing {}", dir.join("source.json").display()))?;

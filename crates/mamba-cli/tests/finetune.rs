@@ -166,6 +166,12 @@ fn a_lora_run_applied_as_adapter_equals_its_merge() {
         serde_json::from_slice(&std::fs::read(run.join("adapter_config.json")).unwrap()).unwrap();
     assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some(2), Some(4.0)));
     assert!(!run.join("model.safetensors").exists(), "the run holds the adapter, not a copy of the base");
+    let src: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("source.json")).unwrap()).unwrap();
+    assert_eq!(
+        (src["from"]["lora"]["rank"].as_u64(), src["from"]["lora"]["alpha"].as_f64()),
+        (Some(2), Some(4.0))
+    );
     let base_loss = eval_loss(&["--model", s(&base), "--data", s(&data)]);
     let adapted = eval_loss(&["--model", s(&base), "--adapter", s(&run), "--data", s(&data)]);
     assert!((adapted - base_loss).abs() > 1e-4, "the adapter changes the loss: {adapted} vs {base_loss}");
