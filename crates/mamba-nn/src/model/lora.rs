@@ -89,8 +89,8 @@ impl LoraConfig {
 /// An adapter that cannot be built, read or used, naming the file and field.
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
-    /// A target that is not one of the layer's projections.
-    #[error("LoRA target `{target}` is not a projection of a {arch} layer; choose from {valid}")]
+    /// A target that is not one of the adaptable modules.
+    #[error("LoRA target `{target}` is not an adaptable module of a {arch} model; choose from {valid}")]
     UnknownTarget {
         /// The name given.
         target: String,
@@ -184,8 +184,8 @@ fn arch_name(arch: Arch) -> &'static str {
 }
 
 impl MambaLM {
-    /// The projections an adapter can target in this model's layers (see the [module
-    /// docs](self)).
+    /// The modules an adapter can target in this model: its layers' projections and
+    /// `embeddings` (see the [module docs](self)).
     pub fn lora_targets(&self) -> Vec<&'static str> {
         let layer = self.backbone.layers.first();
         let mut t: Vec<&'static str> =
@@ -200,7 +200,7 @@ impl MambaLM {
     /// unchanged until the adapters are trained. Returns the number of adapted modules.
     ///
     /// # Errors
-    /// A target that is not a projection of this model's layers, a zero rank or a non-finite
+    /// A target that is not an adaptable module of this model, a zero rank or a non-finite
     /// α, or adapters already attached.
     pub fn add_lora(&mut self, config: &LoraConfig, seed: u64) -> Result<usize, AdapterError> {
         self.check_lora_config(config)?;
