@@ -93,13 +93,20 @@ impl Sampler {
         let mut sc = std::mem::take(&mut self.scratch);
         sc.clear();
         sc.extend(logits.iter().enumerate().map(|(i, &l)| (l, i)));
-        sc.sort_unstable_by(|a, b| b.0.total_cmp(&a.0));
-        if s.top_k > 0 {
-            sc.truncate(s.top_k.min(sc.len()));
+        // Order matters only to top-k (which k) and top-p (walked from the best): the k best
+        // are selected in linear time and only they sorted; plain sampling sorts nothing (a full
+        // sort of a 50k vocabulary cost about as much as a q8 decode step's projections).
+        let best_first = |a: &(f32, usize), b: &(f32, usize)| b.0.total_cmp(&a.0);
+        if s.top_k > 0 && s.top_k < sc.len() {
+            sc.select_nth_unstable_by(s.top_k - 1, best_first);
+            sc.truncate(s.top_k);
+        }
+        if s.top_k > 0 || s.top_p < 1.0 {
+            sc.sort_unstable_by(best_first);
         }
         // Weights exp((l − max) / T): the difference is taken before dividing, so however small
         // T is, every exponent is ≤ 0 and the best token weighs 1 (no overflow to ∞ − ∞).
-        let max = sc[0].0;
+        let max = sc.iter().fold(f32::NEG_INFINITY, |m, e| m.max(e.0));
         let mut total = 0.0f32;
         for e in sc.iter_mut() {
             e.0 = ((e.0 - max) / s.temperature).exp();
