@@ -77,6 +77,13 @@ struct LinearLoraBackward {
     r: usize,
 }
 
+impl Drop for LinearLoraBackward {
+    /// `t` goes back to the buffer pool for the next step's forward.
+    fn drop(&mut self) {
+        recycle(std::mem::replace(&mut self.t, zeros(&[0])));
+    }
+}
+
 /// The gradient buffer of `g`, ready for a GEMM that sums over `depth` terms: its β, and the
 /// buffer zero-filled first when it must be overwritten but the sum is empty.
 fn target<'a>(g: InputGrad<'a>, depth: usize) -> (f32, &'a mut [f32]) {
