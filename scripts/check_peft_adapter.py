@@ -34,21 +34,9 @@ import subprocess
 import sys
 import tempfile
 
+from check_transformers_eval import loss_of
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-
-def peft_loss(model, seqs) -> tuple[float, int]:
-    import torch
-
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for row in seqs:
-            ids = row.unsqueeze(0)
-            out = model(input_ids=ids, labels=ids, use_cache=False)
-            n = ids.shape[1] - 1
-            total += float(out.loss) * n
-            count += n
-    return total / count, count
 
 
 def mamba_loss(mamba: str, base: str, adapter: str, tokens_path: str) -> dict:
@@ -103,9 +91,9 @@ def main() -> int:
         model = PeftModel.from_pretrained(
             AutoModelForCausalLM.from_pretrained(args.base_dir, dtype=torch.float32), run)
         model.eval()
-        want, count = peft_loss(model, seqs)
+        want, count = loss_of(model, seqs)
         ours = mamba_loss(args.mamba, args.base_dir, run, tokens_path)
-        base_loss, _ = peft_loss(base, seqs)
+        base_loss, _ = loss_of(base, seqs)
         diff = abs(ours["loss"] - want)
         print(f"ours → PEFT: PEFT loss {want:.6f}  mamba eval --adapter {ours['loss']:.6f}  |diff| {diff:.2e}  "
               f"(base without adapter {base_loss:.6f}; {count} predicted tokens)")
@@ -122,7 +110,7 @@ def main() -> int:
         model.eval()
         saved = os.path.join(work, "peft-adapter")
         model.save_pretrained(saved)
-        want, count = peft_loss(model, seqs)
+        want, count = loss_of(model, seqs)
         ours = mamba_loss(args.mamba, args.base_dir, saved, tokens_path)
         diff = abs(ours["loss"] - want)
         print(f"PEFT → ours: PEFT loss {want:.6f}  mamba eval --adapter {ours['loss']:.6f}  |diff| {diff:.2e}  "

@@ -24,6 +24,23 @@ import tempfile
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def loss_of(model, seqs) -> tuple[float, int]:
+    """transformers' loss with labels = inputs, summed over the rows of `seqs` (a 2-D tensor of
+    token ids) and divided by the number of predicted tokens, as `mamba eval` reports it; and
+    that number."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for row in seqs:
+            ids = row.unsqueeze(0)
+            out = model(input_ids=ids, labels=ids, use_cache=False)
+            n = ids.shape[1] - 1
+            total += float(out.loss) * n
+            count += n
+    return total / count, count
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("run_dir")
@@ -43,15 +60,7 @@ def main() -> int:
     vocab = model.config.vocab_size
     seqs = torch.randint(0, vocab, (args.sequences, args.seq_len), generator=torch.Generator().manual_seed(args.seed))
 
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for row in seqs:
-            ids = row.unsqueeze(0)
-            out = model(input_ids=ids, labels=ids, use_cache=False)
-            n = ids.shape[1] - 1
-            total += float(out.loss) * n
-            count += n
-    hf_loss = total / count
+    hf_loss, count = loss_of(model, seqs)
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(seqs.tolist(), f)
