@@ -159,6 +159,24 @@ impl<'a> InputGrad<'a> {
     }
 }
 
+/// The gradient buffer of `slot` ready to be added into (zeroed first when fresh), or — when
+/// that input needs no gradient (a constant, a frozen parameter) — `n` pooled zeros held in
+/// `scratch`, returned to the buffer pool when `scratch` is dropped. For kernels that always
+/// write every gradient they are given: a frozen weight then costs no allocation per step.
+pub fn grad_or_scratch<'a>(
+    slot: Option<InputGrad<'a>>,
+    scratch: &'a mut ssm_kernel::pool::F32Buf,
+    n: usize,
+) -> &'a mut [f32] {
+    match slot {
+        Some(g) => g.zero_if_overwrite(),
+        None => {
+            *scratch = ssm_kernel::pool::F32Buf::zeroed(n);
+            scratch
+        }
+    }
+}
+
 /// The backward of one op.
 pub trait Backward {
     /// The op's name, for error messages and profiles.

@@ -19,7 +19,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 
 use mamba_nn::config::{Arch, MambaConfig};
-use mamba_nn::model::{Cache, Decoder, MambaLM, WeightFormat};
+use mamba_nn::model::{Cache, Decoder, LoraConfig, MambaLM, WeightFormat};
 use mamba_nn::params::Grads;
 use mamba_nn::tape::Tape;
 
@@ -145,6 +145,27 @@ fn configs() -> Vec<(&'static str, MambaConfig)> {
     vec![("mamba1", m1), ("mamba2", m2), ("lti", lti)]
 }
 
+/// LoRA adapters (rank 4, B perturbed so they compute something) on every projection of
+/// `model`'s layers and on its embedding, left unmerged.
+fn attach_adapters(model: &mut MambaLM) {
+    let targets = model.lora_targets().into_iter().map(str::to_string).collect();
+    model.add_lora(&LoraConfig { rank: 4, alpha: 8.0, targets, rslora: false }, 1).expect("valid targets");
+    let zeros: Vec<_> = model
+        .lora
+        .as_ref()
+        .unwrap()
+        .modules
+        .iter()
+        .map(|m| if m.embedding { m.lora.a } else { m.lora.b })
+        .collect();
+    for id in zeros {
+        mamba_nn::tensor::data_mut(model.params.value_mut(id))
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, v)| *v = 0.01 * (i % 7) as f32);
+    }
+}
+
 #[test]
 fn recurrent_step_allocates_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -157,10 +178,16 @@ fn recurrent_step_allocates_nothing() {
     // Plus one model wide enough that the projections split their outputs over the pool.
     let wide = ("mamba1, d_model 256", MambaConfig::mamba1(61, 256, 1));
     let all = configs().into_iter().chain([wide]);
-    for ((name, cfg), format) in all.flat_map(|c| formats.map(|f| (c.clone(), f))) {
+    // Each also with unmerged LoRA adapters on every projection and the embedding.
+    let cases =
+        all.flat_map(|c| formats.map(|f| (c.clone(), f))).flat_map(|c| [(c.clone(), false), (c, true)]);
+    for (((name, cfg), format), adapted) in cases {
         let mut model = MambaLM::new(cfg, 3).expect("valid config");
+        if adapted {
+            attach_adapters(&mut model);
+        }
         model.pack_weights(format);
-        let name = format!("{name} ({format})");
+        let name = format!("{name} ({format}{})", if adapted { ", LoRA" } else { "" });
         for batch in [1, 3, 4] {
             let mut dec = Decoder::new(&model, batch);
             let mut cache = Cache::new(&model, batch);
@@ -194,8 +221,14 @@ fn training_step_allocates_no_parameter_sized_buffer_after_the_first() {
     // "after the first step" exact and the test deterministic.
     let pool = rayon::ThreadPoolBuilder::new().num_threads(1).build().expect("a rayon pool");
     pool.broadcast(|_| ());
-    for (name, cfg) in configs() {
-        let model = MambaLM::new(cfg, 4).expect("valid config");
+    let cases = configs().into_iter().flat_map(|c| [(c.clone(), false), (c, true)]);
+    for ((name, cfg), adapted) in cases {
+        let mut model = MambaLM::new(cfg, 4).expect("valid config");
+        if adapted {
+            // The frozen base's sizes stay watched: no gradient buffer may be made for them.
+            attach_adapters(&mut model);
+        }
+        let name = format!("{name}{}", if adapted { " with LoRA" } else { "" });
         let (batch, seqlen) = (2, 19);
         let ids: Vec<usize> = (0..batch * seqlen).map(|i| (i * 13 + 5) % 61).collect();
         let mut grads = Grads::new(&model.params);

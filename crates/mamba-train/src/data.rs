@@ -325,12 +325,11 @@ impl TextData {
     /// As [`read_documents`], and [`DataError::Empty`] when there are no tokens at all. Call
     /// [`TextData::ensure_len`] to check the splits against a sequence length.
     pub fn load(path: &Path, tok: &dyn Tokenizer) -> Result<Self, DataError> {
-        let docs = read_documents(path)?;
-        let files = text_files(path)?.len();
-        let docs: Vec<Vec<u32>> = docs.iter().map(|d| encode(tok, &d.text)).collect();
+        let docs: Vec<Vec<u32>> = read_documents(path)?.iter().map(|d| encode(tok, &d.text)).collect();
         let n: usize = docs.iter().map(Vec::len).sum();
         if n == 0 {
-            return Err(DataError::Empty { path: path.into(), files });
+            // Walk the files again only to say how many there were.
+            return Err(DataError::Empty { path: path.into(), files: text_files(path)?.len() });
         }
         // The fewest trailing documents that hold at least a tenth of the tokens.
         let (mut held, mut k) = (0usize, 0usize);

@@ -55,15 +55,27 @@ pub struct Lora {
 }
 
 impl Lora {
-    /// `out` (m, out) += `scale · (x Aᵀ) Bᵀ` for `x` (m, `d_in`) rows.
+    /// `out` (m, out) += `scale · (x Aᵀ) Bᵀ` for `x` (m, `d_in`) rows. The (m, r) intermediate
+    /// lives on the stack when it fits [`LORA_STACK_FLOATS`] (every decode step: m ≤ 8 rows at
+    /// r ≤ 128); a larger one (a prefill chunk) is allocated once per call.
     pub fn add_rows(&self, p: &crate::params::ParamStore, x: &[f32], m: usize, d_in: usize, out: &mut [f32]) {
         let (r, a, b) = (self.rank, data(p.value(self.a)), data(p.value(self.b)));
         let n = b.len() / r.max(1);
-        let mut t = vec![0.0f32; m * r];
-        gemm((m, d_in, r), self.scale, x, (d_in, 1), a, (1, d_in), 0.0, &mut t, (r, 1));
-        gemm((m, r, n), 1.0, &t, (r, 1), b, (1, r), 1.0, out, (n, 1));
+        let mut stack = [0.0f32; LORA_STACK_FLOATS];
+        let mut heap = Vec::new();
+        let t = if m * r <= LORA_STACK_FLOATS {
+            &mut stack[..m * r]
+        } else {
+            heap.resize(m * r, 0.0);
+            &mut heap[..]
+        };
+        gemm((m, d_in, r), self.scale, x, (d_in, 1), a, (1, d_in), 0.0, t, (r, 1));
+        gemm((m, r, n), 1.0, t, (r, 1), b, (1, r), 1.0, out, (n, 1));
     }
 }
+
+/// Floats of an adapter's (m, r) intermediate kept on the stack in [`Lora::add_rows`] (4 KiB).
+pub const LORA_STACK_FLOATS: usize = 1024;
 
 /// How [`MambaLM::add_lora`] builds adapters.
 #[derive(Clone, Debug, PartialEq)]

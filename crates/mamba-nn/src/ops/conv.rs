@@ -3,7 +3,9 @@
 
 use ssm_kernel::conv::{ConvArgs, ConvDims, ConvGrads, ConvOut, conv1d_bwd, conv1d_fwd};
 
-use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var};
+use ssm_kernel::pool::F32Buf;
+
+use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var, grad_or_scratch};
 use crate::tensor::{Tensor, data, data_mut, for_overwrite};
 
 /// `y[b, t, c] = bias[c] + Σ_k w[c, k] · x[b, t − (K−1) + k, c]` (x = 0 before the start), then
@@ -64,18 +66,6 @@ struct Conv1dBackward {
     silu: bool,
 }
 
-/// The gradient buffer of `slot` ready to be added into, or a zeroed scratch of `n` values in
-/// `scratch` when that input needs no gradient (the kernel always writes `dx` and `dweight`).
-fn or_scratch<'a>(slot: Option<InputGrad<'a>>, scratch: &'a mut Vec<f32>, n: usize) -> &'a mut [f32] {
-    match slot {
-        Some(g) => g.zero_if_overwrite(),
-        None => {
-            scratch.resize(n, 0.0);
-            scratch
-        }
-    }
-}
-
 impl Backward for Conv1dBackward {
     fn name(&self) -> &'static str {
         "conv1d"
@@ -91,9 +81,9 @@ impl Backward for Conv1dBackward {
             bias: at.bias.map(|b| data(b.value(inputs))),
             silu: self.silu,
         };
-        let (mut sx, mut sw) = (Vec::new(), Vec::new());
-        let dx = or_scratch(at.x.grad(grads), &mut sx, dims.n_blc());
-        let dweight = or_scratch(at.w.grad(grads), &mut sw, dims.n_ck());
+        let (mut sx, mut sw) = (F32Buf::default(), F32Buf::default());
+        let dx = grad_or_scratch(at.x.grad(grads), &mut sx, dims.n_blc());
+        let dweight = grad_or_scratch(at.w.grad(grads), &mut sw, dims.n_ck());
         let dbias = at.bias.and_then(|b| b.grad(grads)).map(InputGrad::zero_if_overwrite);
         conv1d_bwd(dims, &args, data(dout), ConvGrads { dx, dweight, dbias });
     }

@@ -4,9 +4,9 @@
 //! C are functions of `x_t`). Stable when `|A| < 1`.
 
 use ssm_kernel::lti::{LtiArgs, LtiDims, LtiGrads, lti_bwd, lti_fwd};
-use ssm_kernel::pool;
+use ssm_kernel::pool::F32Buf;
 
-use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var};
+use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var, grad_or_scratch};
 use crate::tensor::{Tensor, data, data_mut, for_overwrite};
 
 /// `y = LTI(x)` with per-channel vectors `a`, `b`, `c`, `d` (each (D)); `x` and `y` are
@@ -76,31 +76,15 @@ impl Backward for LtiBackward {
         let (at, dims) = (self.at, self.dims);
         let val = |s: Slot| data(s.value(inputs));
         let args = LtiArgs { x: val(at.x), a: val(at.a), b: val(at.b), c: val(at.c), d: val(at.d) };
-        let mut scratch: [Vec<f32>; 5] = Default::default();
-        let [sx, sa, sb, sc, sd] = &mut scratch;
+        let [mut sx, mut sa, mut sb, mut sc, mut sd]: [F32Buf; 5] = Default::default();
         let g = LtiGrads {
-            dx: or_scratch(at.x.grad(grads), sx, dims.n_bld()),
-            da: or_scratch(at.a.grad(grads), sa, dims.dim),
-            db: or_scratch(at.b.grad(grads), sb, dims.dim),
-            dc: or_scratch(at.c.grad(grads), sc, dims.dim),
-            dd: or_scratch(at.d.grad(grads), sd, dims.dim),
+            dx: grad_or_scratch(at.x.grad(grads), &mut sx, dims.n_bld()),
+            da: grad_or_scratch(at.a.grad(grads), &mut sa, dims.dim),
+            db: grad_or_scratch(at.b.grad(grads), &mut sb, dims.dim),
+            dc: grad_or_scratch(at.c.grad(grads), &mut sc, dims.dim),
+            dd: grad_or_scratch(at.d.grad(grads), &mut sd, dims.dim),
         };
         lti_bwd(&dims, &args, data(dout), g);
-        for v in scratch {
-            pool::give(v);
-        }
-    }
-}
-
-/// The gradient buffer of `slot`, ready to be added into, or a zeroed pooled scratch of `n`
-/// values in `scratch` when that input needs no gradient.
-fn or_scratch<'a>(slot: Option<InputGrad<'a>>, scratch: &'a mut Vec<f32>, n: usize) -> &'a mut [f32] {
-    match slot {
-        Some(g) => g.zero_if_overwrite(),
-        None => {
-            *scratch = pool::take(n);
-            scratch
-        }
     }
 }
 

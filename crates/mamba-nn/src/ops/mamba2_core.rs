@@ -18,10 +18,10 @@ use ssm_kernel::mamba2::{
 };
 
 use ssm_kernel::norm::{NormArgs, NormDims, NormGrads, norm_bwd, norm_fwd};
-use ssm_kernel::pool;
+use ssm_kernel::pool::{self, F32Buf};
 
 use crate::ops::scan::{finish_da, neg_exp};
-use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var};
+use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var, grad_or_scratch};
 use crate::tensor::{Tensor, data, data_mut, for_overwrite, from_vec};
 
 /// Sizes of the Mamba-2 core: `H` heads of `P` channels (`d_inner = H·P`), `G` groups of `B`/`C`
@@ -408,18 +408,6 @@ impl Drop for Mamba2CoreBackward {
     }
 }
 
-/// The gradient buffer of `slot`, ready to be added into, or a zeroed pooled scratch of `n`
-/// values in `scratch` (given back by the caller) when that input needs no gradient.
-fn or_scratch<'a>(slot: Option<InputGrad<'a>>, scratch: &'a mut Vec<f32>, n: usize) -> &'a mut [f32] {
-    match slot {
-        Some(g) => g.zero_if_overwrite(),
-        None => {
-            *scratch = pool::take(n);
-            scratch
-        }
-    }
-}
-
 impl Backward for Mamba2CoreBackward {
     fn name(&self) -> &'static str {
         "mamba2_core"
@@ -432,8 +420,8 @@ impl Backward for Mamba2CoreBackward {
         let (at, spec, k, rows) = (self.at, self.spec, self.k, self.rows);
         let (dp, cd) = (spec.proj_dim(), spec.conv_dim());
         let val = |s: Slot| data(s.value(inputs));
-        let mut scratch: [Vec<f32>; 5] = Default::default();
-        let [s0, s1, s2, s3, s4] = &mut scratch;
+        let mut s0 = Vec::new();
+        let [mut s1, mut s2, mut s3, mut s4]: [F32Buf; 4] = Default::default();
         let a = neg_exp(val(at.a_log));
         let mut da = pool::take(spec.nheads);
         let dproj = at.proj.grad(grads);
@@ -443,16 +431,16 @@ impl Backward for Mamba2CoreBackward {
             dproj: match dproj {
                 Some(g) => g.into_data(),
                 None => {
-                    *s0 = pool::take(rows * dp);
-                    s0
+                    s0 = pool::take(rows * dp);
+                    &mut s0
                 }
             },
-            dcw: or_scratch(at.conv_w.grad(grads), s1, cd * k),
+            dcw: grad_or_scratch(at.conv_w.grad(grads), &mut s1, cd * k),
             dcb: at.conv_b.and_then(|b| b.grad(grads)).map(InputGrad::zero_if_overwrite),
-            ddt_bias: or_scratch(at.dt_bias.grad(grads), s2, spec.nheads),
+            ddt_bias: grad_or_scratch(at.dt_bias.grad(grads), &mut s2, spec.nheads),
             da: &mut da,
-            dd: or_scratch(at.d.grad(grads), s3, spec.nheads),
-            dnorm_w: or_scratch(at.norm_w.grad(grads), s4, spec.d_inner()),
+            dd: grad_or_scratch(at.d.grad(grads), &mut s3, spec.nheads),
+            dnorm_w: grad_or_scratch(at.norm_w.grad(grads), &mut s4, spec.d_inner()),
         };
         let w = Weights {
             cw: val(at.conv_w),
@@ -480,9 +468,7 @@ impl Backward for Mamba2CoreBackward {
             split => split_backward(spec, k, split, pd, &w, dy, g, ow),
         }
         finish_da(da_log, da, a);
-        for v in scratch {
-            pool::give(v);
-        }
+        pool::give(s0);
     }
 }
 

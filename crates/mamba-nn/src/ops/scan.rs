@@ -19,9 +19,9 @@
 
 use ssm_kernel::mamba1::{self, Scan1Args, Scan1Dims, Scan1Grads, Scan1Out};
 use ssm_kernel::mamba2::{self, AUTO_CHUNK, Scan2Args, Scan2Dims, Scan2Grads, Scan2Out};
-use ssm_kernel::pool;
+use ssm_kernel::pool::{self, F32Buf};
 
-use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var};
+use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var, grad_or_scratch};
 use crate::tensor::{Tensor, data, data_mut, for_overwrite, from_vec};
 
 /// `A = −exp(A_log)` ([`ssm_kernel::activation::neg_exp`]) in a buffer from this thread's
@@ -39,20 +39,6 @@ pub(crate) fn finish_da(da_log: Option<InputGrad>, da: Vec<f32>, a: Vec<f32>) {
     }
     pool::give(da);
     pool::give(a);
-}
-
-/// The gradient buffer of `slot`, ready to be added into, or a zeroed scratch of `n` values in
-/// `scratch` when the input needs no gradient (the kernels always write their required
-/// gradients, and add into them).
-fn or_scratch<'a>(slot: Option<InputGrad<'a>>, scratch: &'a mut Vec<f32>, n: usize) -> &'a mut [f32] {
-    match slot {
-        Some(g) => g.zero_if_overwrite(),
-        None => {
-            scratch.clear();
-            scratch.resize(n, 0.0);
-            scratch
-        }
-    }
 }
 
 /// Panics unless `t` has shape `want`, naming the op, the argument and both shapes.
@@ -383,14 +369,14 @@ impl Backward for Scan1Backward {
             h0,
         };
         let mut da = pool::take(a.len());
-        let (mut s0, mut s1, mut s3, mut s4) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let [mut s0, mut s1, mut s3, mut s4]: [F32Buf; 4] = Default::default();
         let da_log = at.a_log.grad(grads);
         let g = Scan1Grads {
-            du: or_scratch(at.x.grad(grads), &mut s0, dims.n_bld()),
-            ddelta: or_scratch(at.delta.grad(grads), &mut s1, dims.n_bld()),
+            du: grad_or_scratch(at.x.grad(grads), &mut s0, dims.n_bld()),
+            ddelta: grad_or_scratch(at.delta.grad(grads), &mut s1, dims.n_bld()),
             da: &mut da,
-            db: or_scratch(at.b.grad(grads), &mut s3, dims.n_blgn()),
-            dc: or_scratch(at.c.grad(grads), &mut s4, dims.n_blgn()),
+            db: grad_or_scratch(at.b.grad(grads), &mut s3, dims.n_blgn()),
+            dc: grad_or_scratch(at.c.grad(grads), &mut s4, dims.n_blgn()),
             dd: None,
             dz: None,
             ddelta_bias: None,
@@ -518,14 +504,14 @@ impl Backward for Scan2Backward {
             h0,
         };
         let mut da = pool::take(a.len());
-        let (mut s0, mut s1, mut s3, mut s4) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let [mut s0, mut s1, mut s3, mut s4]: [F32Buf; 4] = Default::default();
         let da_log = at.a_log.grad(grads);
         let g = Scan2Grads {
-            dx: or_scratch(at.x.grad(grads), &mut s0, dims.n_blhp()),
-            ddelta: or_scratch(at.delta.grad(grads), &mut s1, dims.n_blh()),
+            dx: grad_or_scratch(at.x.grad(grads), &mut s0, dims.n_blhp()),
+            ddelta: grad_or_scratch(at.delta.grad(grads), &mut s1, dims.n_blh()),
             da: &mut da,
-            db: or_scratch(at.b.grad(grads), &mut s3, dims.n_blgn()),
-            dc: or_scratch(at.c.grad(grads), &mut s4, dims.n_blgn()),
+            db: grad_or_scratch(at.b.grad(grads), &mut s3, dims.n_blgn()),
+            dc: grad_or_scratch(at.c.grad(grads), &mut s4, dims.n_blgn()),
             dd: None,
             dz: None,
             ddelta_bias: None,
