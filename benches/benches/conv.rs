@@ -33,7 +33,7 @@ impl Problem {
 
     /// Mamba's configuration: bias and fused SiLU.
     fn args(&self) -> ConvArgs<'_, f32> {
-        ConvArgs { x: &self.x, weight: &self.w, bias: Some(&self.bias), silu: true }
+        ConvArgs { x: &self.x, weight: &self.w, bias: Some(&self.bias), silu: true, resets: None }
     }
 }
 

@@ -4,7 +4,7 @@
 //! [`Generation`] streams the same tokens as the fixed-seed sampler picks.
 
 use mamba_nn::config::{Arch, MambaConfig};
-use mamba_nn::model::{Cache, Decoder, MambaLM, Sampler, SamplingConfig, argmax};
+use mamba_nn::model::{Cache, Decoder, MambaLM, Sampler, SamplingConfig, SeqLayout, argmax};
 use mamba_nn::tape::Tape;
 use mamba_nn::tensor::data;
 
@@ -140,7 +140,7 @@ fn full_state(model: &MambaLM, ids: &[usize], batch: usize) -> Cache {
     let mut cache = Cache::new(model, batch);
     let mut tape = Tape::inference(&model.params);
     let h = model.embeddings.forward(&mut tape, ids, &[batch, ids.len() / batch]);
-    model.backbone.forward(&mut tape, h, Some(&mut cache));
+    model.backbone.forward(&mut tape, h, &SeqLayout::default(), Some(&mut cache));
     cache
 }
 

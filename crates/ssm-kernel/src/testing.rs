@@ -148,3 +148,27 @@ pub fn naive_linear(x: &[f32], w: &[f32], b: Option<&[f32]>, (m, k, n): (usize, 
     }
     out
 }
+
+/// Random sequence starts for a (B, L) problem: each position starts a new sequence with
+/// probability 1/4, so segments of length 1 and resets at `t = 0`, inside SIMD tiles and at
+/// chunk boundaries all occur across cases.
+pub fn random_resets(r: &mut Rng, n: usize) -> Vec<bool> {
+    (0..n).map(|_| r.uniform(0.0, 1.0) < 0.25).collect()
+}
+
+/// The segments `(t0, t1)` of one row of sequence starts: split before every position marked
+/// `true` (a leading segment before the first start included).
+pub fn segments(resets: &[bool]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut t0 = 0;
+    for (t, &r) in resets.iter().enumerate() {
+        if r && t > t0 {
+            out.push((t0, t));
+            t0 = t;
+        }
+    }
+    if t0 < resets.len() {
+        out.push((t0, resets.len()));
+    }
+    out
+}

@@ -9,7 +9,7 @@ use super::layers::RmsNorm;
 use super::lti::LtiMixer;
 use super::mamba1::Mamba1Mixer;
 use super::mamba2::Mamba2Mixer;
-use super::mixer::{LayerCache, Mixer};
+use super::mixer::{LayerCache, Mixer, SeqLayout};
 use crate::checkpoint::CheckpointError;
 use crate::config::{Arch, MambaConfig};
 use crate::ops;
@@ -39,11 +39,11 @@ impl Block {
         Ok(Self { norm, mixer })
     }
 
-    /// `h + mixer(norm(h))` for `h` (B, L, d_model); with `state`, the mixer's final recurrent
-    /// state is written into it.
-    pub fn forward(&self, tape: &mut Tape, h: Var, state: Option<&mut LayerCache>) -> Var {
+    /// `h + mixer(norm(h))` for `h` (B, L, d_model), restarting at `seq`'s document starts;
+    /// with `state`, the mixer's final recurrent state is written into it.
+    pub fn forward(&self, tape: &mut Tape, h: Var, seq: &SeqLayout, state: Option<&mut LayerCache>) -> Var {
         let r = self.norm.forward(tape, h);
-        let out = self.mixer.forward(tape, r, state);
+        let out = self.mixer.forward(tape, r, seq, state);
         ops::add(tape, h, out)
     }
 
@@ -92,12 +92,18 @@ impl Backbone {
         Ok(Self { layers, norm_f })
     }
 
-    /// The blocks and `norm_f` on `h` (B, L, d_model). With `cache` (batch B), every block's
-    /// final recurrent state is written into it.
-    pub fn forward(&self, tape: &mut Tape, mut h: Var, mut cache: Option<&mut Cache>) -> Var {
+    /// The blocks and `norm_f` on `h` (B, L, d_model), restarting at `seq`'s document starts.
+    /// With `cache` (batch B), every block's final recurrent state is written into it.
+    pub fn forward(
+        &self,
+        tape: &mut Tape,
+        mut h: Var,
+        seq: &SeqLayout,
+        mut cache: Option<&mut Cache>,
+    ) -> Var {
         for (i, block) in self.layers.iter().enumerate() {
             let state = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            h = block.forward(tape, h, state);
+            h = block.forward(tape, h, seq, state);
         }
         self.norm_f.forward(tape, h)
     }

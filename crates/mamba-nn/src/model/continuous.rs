@@ -5,6 +5,7 @@ use super::block::Backbone;
 use super::builder::ParamBuilder;
 use super::init::InitRng;
 use super::layers::Linear;
+use super::mixer::SeqLayout;
 use crate::config::{ConfigError, MambaConfig};
 use crate::params::ParamStore;
 use crate::tape::{Tape, Var};
@@ -75,7 +76,7 @@ impl MambaModel {
     /// `y` (B, L, output_dim) for `x` (B, L, input_dim).
     pub fn forward(&self, tape: &mut Tape, x: Var) -> Var {
         let h = self.input_proj.forward(tape, x);
-        let hf = self.backbone.forward(tape, h, None);
+        let hf = self.backbone.forward(tape, h, &SeqLayout::default(), None);
         self.output_head.forward(tape, hf)
     }
 }

@@ -130,11 +130,12 @@ impl Conv1d {
         Ok(Self { weight, bias, channels, width })
     }
 
-    /// `silu(conv(x))` for `x` (B, L, C) on the tape.
-    pub fn forward(&self, tape: &mut Tape, x: Var) -> Var {
+    /// `silu(conv(x))` for `x` (B, L, C) on the tape, restarting at the document starts
+    /// `resets` (B, L) when given.
+    pub fn forward(&self, tape: &mut Tape, x: Var, resets: Option<&ops::Resets>) -> Var {
         let w = tape.param(self.weight);
         let b = self.bias.map(|b| tape.param(b));
-        ops::conv1d(tape, x, w, b, true)
+        ops::conv1d(tape, x, w, b, true, resets)
     }
 
     /// Decode: one time step `x` (B, C) → `out` (B, C), rolling `state` (B, C, K) (the last K
@@ -146,6 +147,7 @@ impl Conv1d {
             weight: data(p.value(self.weight)),
             bias: self.bias.map(|b| data(p.value(b))),
             silu: true,
+            resets: None,
         };
         conv1d_step(&dims, &args, state, out);
     }
@@ -162,6 +164,7 @@ impl Conv1d {
             weight: data(p.value(self.weight)),
             bias: self.bias.map(|b| data(p.value(b))),
             silu: true,
+            resets: None,
         };
         ssm_kernel::conv::conv1d_chunk(&dims, &args, state, out);
     }

@@ -9,7 +9,7 @@ use ssm_kernel::lti::{LtiArgs, LtiDims, lti_chunk, lti_final_state};
 
 use super::builder::{Init, ParamBuilder};
 use super::layers::Linear;
-use super::mixer::{LayerCache, Mixer, carve};
+use super::mixer::{LayerCache, Mixer, SeqLayout, carve};
 use crate::checkpoint::CheckpointError;
 use crate::config::MambaConfig;
 use crate::ops;
@@ -65,7 +65,11 @@ impl Mixer for LtiMixer {
         Arc::new(m)
     }
 
-    fn forward(&self, tape: &mut Tape, u: Var, state: Option<&mut LayerCache>) -> Var {
+    fn forward(&self, tape: &mut Tape, u: Var, seq: &SeqLayout, state: Option<&mut LayerCache>) -> Var {
+        assert!(
+            seq.resets.is_none(),
+            "LtiMixer: the LTI baseline has no document resets; train it on one stream of text"
+        );
         let x = self.in_proj.forward(tape, u);
         if let Some(st) = state {
             let xv = tape.value(x);

@@ -8,7 +8,7 @@ use ssm_kernel::mamba1::{self, Scan1Args, Scan1Dims, Scan1Out};
 
 use super::builder::{Init, ParamBuilder};
 use super::layers::{Conv1d, Linear};
-use super::mixer::{LayerCache, Mixer, carve, neg_exp_of};
+use super::mixer::{LayerCache, Mixer, SeqLayout, carve, neg_exp_of};
 use crate::checkpoint::CheckpointError;
 use crate::config::MambaConfig;
 use crate::ops;
@@ -101,15 +101,15 @@ impl Mixer for Mamba1Mixer {
         Arc::new(m)
     }
 
-    fn forward(&self, tape: &mut Tape, u: Var, mut state: Option<&mut LayerCache>) -> Var {
+    fn forward(&self, tape: &mut Tape, u: Var, seq: &SeqLayout, mut state: Option<&mut LayerCache>) -> Var {
         let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
         let xz = self.in_proj.forward(tape, u);
         let x = ops::narrow_last(tape, xz, 0, di);
         let z = ops::narrow_last(tape, xz, di, di);
         if let Some(st) = state.as_deref_mut() {
-            conv_state(tape, x, self.conv1d.width, &mut st.conv);
+            conv_state(tape, x, self.conv1d.width, seq, &mut st.conv);
         }
-        let x = self.conv1d.forward(tape, x);
+        let x = self.conv1d.forward(tape, x, seq.resets.as_ref());
         let dbc = self.x_proj.forward(tape, x);
         let dt = ops::narrow_last(tape, dbc, 0, r);
         let b = ops::narrow_last(tape, dbc, r, n);
@@ -123,7 +123,8 @@ impl Mixer for Mamba1Mixer {
             .with_d(d)
             .with_z(z)
             .with_delta_bias(dt_bias)
-            .with_delta_softplus(true);
+            .with_delta_softplus(true)
+            .with_resets(seq.resets.clone());
         let y = match state {
             Some(st) => {
                 let (y, h) = ops::selective_scan1_with_state(tape, scan);
@@ -227,6 +228,7 @@ impl Mamba1Mixer {
             delta_bias: self.dt_proj.bias.map(|b| data(p.value(b))),
             delta_softplus: true,
             h0: None,
+            resets: None,
         };
         match len {
             Some(len) => {
@@ -244,9 +246,9 @@ impl Mamba1Mixer {
 
 /// Writes HF's conv state for the conv input `x` (B, L, C) into `st` (B, C, K): the last `k`
 /// time steps per channel, oldest first, zero where the sequence is shorter than `k`.
-pub(crate) fn conv_state(tape: &Tape, x: Var, k: usize, st: &mut [f32]) {
+pub(crate) fn conv_state(tape: &Tape, x: Var, k: usize, seq: &SeqLayout, st: &mut [f32]) {
     let xv = tape.value(x);
     let (bsz, l, c) = (xv.shape()[0], xv.shape()[1], xv.shape()[2]);
     let dims = ssm_kernel::conv::ConvDims::new(bsz, l, c, k);
-    ssm_kernel::conv::conv_state(&dims, data(xv), (c, 0), st);
+    ssm_kernel::conv::conv_state(&dims, data(xv), (c, 0), seq.resets.as_deref(), st);
 }

@@ -10,7 +10,7 @@ use ssm_kernel::mamba2::{self, Scan2Args, Scan2Dims, Scan2Out};
 
 use super::builder::{Init, ParamBuilder};
 use super::layers::{Conv1d, Linear};
-use super::mixer::{LayerCache, Mixer, carve, neg_exp_of};
+use super::mixer::{LayerCache, Mixer, SeqLayout, carve, neg_exp_of};
 use crate::checkpoint::CheckpointError;
 use crate::config::MambaConfig;
 use crate::ops::{self, Mamba2Params, Mamba2Spec};
@@ -88,7 +88,7 @@ impl Mixer for Mamba2Mixer {
         Arc::new(m)
     }
 
-    fn forward(&self, tape: &mut Tape, u: Var, state: Option<&mut LayerCache>) -> Var {
+    fn forward(&self, tape: &mut Tape, u: Var, seq: &SeqLayout, state: Option<&mut LayerCache>) -> Var {
         let proj = self.in_proj.forward(tape, u);
         let prm = Mamba2Params {
             conv_w: tape.param(self.conv1d.weight),
@@ -97,6 +97,7 @@ impl Mixer for Mamba2Mixer {
             a_log: tape.param(self.a_log),
             d: tape.param(self.d),
             norm_w: tape.param(self.norm),
+            resets: seq.resets.clone(),
         };
         let y = match state {
             Some(st) => {
@@ -203,6 +204,7 @@ impl Mamba2Mixer {
             delta_bias: Some(data(p.value(self.dt_bias))),
             delta_softplus: true,
             h0: None,
+            resets: None,
         };
         match len {
             Some(len) => {

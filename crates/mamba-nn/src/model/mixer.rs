@@ -11,6 +11,7 @@ use std::fmt::Debug;
 use std::sync::Arc;
 
 use super::layers::Linear;
+use crate::ops::Resets;
 use crate::params::ParamStore;
 use crate::tape::{Tape, Var};
 
@@ -25,13 +26,29 @@ pub struct LayerCache {
     pub ssm: Vec<f32>,
 }
 
+/// How the rows of a batch are laid out in time, beyond their tokens: what every layer's
+/// [`Mixer::forward`] needs to know besides its input.
+#[derive(Clone, Debug, Default)]
+pub struct SeqLayout {
+    /// Document starts of a packed batch, (B, L) ([`Resets`]): each layer's conv and SSM state
+    /// restart from zero there. `None`: each row is one sequence from a zero state.
+    pub resets: Option<Resets>,
+}
+
+impl SeqLayout {
+    /// Rows packed with several documents, starting where `resets` (B, L) is `true`.
+    pub fn packed(resets: impl Into<Resets>) -> Self {
+        Self { resets: Some(resets.into()) }
+    }
+}
+
 /// A sequence-mixing layer: `(B, L, d_model) → (B, L, d_model)` on the tape, and the same map
 /// one time step at a time with a fixed-size [`LayerCache`].
 pub trait Mixer: Send + Sync + Debug {
-    /// The layer on `x` (B, L, d_model) from a zero state. With `state`, also writes the state
-    /// after the last time step into it (its buffers sized by [`Mixer::cache_len`] × B); no
-    /// gradient flows through that state.
-    fn forward(&self, tape: &mut Tape, x: Var, state: Option<&mut LayerCache>) -> Var;
+    /// The layer on `x` (B, L, d_model) from a zero state, restarting at the document starts of
+    /// `seq`. With `state`, also writes the state after the last time step into it (its buffers
+    /// sized by [`Mixer::cache_len`] × B); no gradient flows through that state.
+    fn forward(&self, tape: &mut Tape, x: Var, seq: &SeqLayout, state: Option<&mut LayerCache>) -> Var;
 
     /// Lengths of one sequence's conv and SSM states.
     fn cache_len(&self) -> (usize, usize);

@@ -41,7 +41,7 @@ pub use lora::{AdaptedModule, AdapterError, Adapters, Lora, LoraConfig};
 pub use lti::LtiMixer;
 pub use mamba1::Mamba1Mixer;
 pub use mamba2::Mamba2Mixer;
-pub use mixer::{LayerCache, Mixer};
+pub use mixer::{LayerCache, Mixer, SeqLayout};
 
 use std::path::{Path, PathBuf};
 
@@ -387,6 +387,25 @@ impl MambaLM {
     /// [`MambaLM::check_ids`] first).
     #[track_caller]
     pub fn forward(&self, tape: &mut Tape, ids: &[usize], batch: usize, seqlen: usize) -> Var {
+        self.forward_seq(tape, ids, batch, seqlen, &SeqLayout::default())
+    }
+
+    /// [`MambaLM::forward`] with the rows laid out by `seq`: with document starts (a packed
+    /// batch), every layer restarts its recurrent state at each, so the logits of a document
+    /// equal those of running it alone.
+    ///
+    /// # Panics
+    /// As [`MambaLM::forward`], or if `seq.resets` is not (B, L), or resets are given to a model
+    /// with the LTI baseline mixer.
+    #[track_caller]
+    pub fn forward_seq(
+        &self,
+        tape: &mut Tape,
+        ids: &[usize],
+        batch: usize,
+        seqlen: usize,
+        seq: &SeqLayout,
+    ) -> Var {
         assert_eq!(
             ids.len(),
             batch * seqlen,
@@ -394,7 +413,7 @@ impl MambaLM {
             ids.len()
         );
         let h = self.embeddings.forward(tape, ids, &[batch, seqlen]);
-        let hf = self.backbone.forward(tape, h, None);
+        let hf = self.backbone.forward(tape, h, seq, None);
         self.lm_head.forward(tape, hf)
     }
 

@@ -5,6 +5,7 @@ use ssm_kernel::conv::{ConvArgs, ConvDims, ConvGrads, ConvOut, conv1d_bwd, conv1
 
 use ssm_kernel::pool::F32Buf;
 
+use super::{Resets, check_resets};
 use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var, grad_or_scratch};
 use crate::tensor::{Tensor, data, data_mut, for_overwrite};
 
@@ -13,12 +14,20 @@ use crate::tensor::{Tensor, data, data_mut, for_overwrite};
 /// the first `L` outputs.
 ///
 /// Shapes: `x` (B, L, C) channels-last, `w` (C, 1, K) as Hugging Face stores `conv1d.weight`, or
-/// (C, K); `bias` (C); `y` (B, L, C).
+/// (C, K); `bias` (C); `y` (B, L, C); `resets` (B, L), optional document starts (see
+/// [`Resets`]): `x` counts as zero before the start of each output's document.
 ///
 /// # Panics
 /// If the shapes disagree (the message names them).
 #[track_caller]
-pub fn conv1d(tape: &mut Tape, x: Var, w: Var, bias: Option<Var>, silu: bool) -> Var {
+pub fn conv1d(
+    tape: &mut Tape,
+    x: Var,
+    w: Var,
+    bias: Option<Var>,
+    silu: bool,
+    resets: Option<&Resets>,
+) -> Var {
     let (xv, wv) = (tape.value(x), tape.value(w));
     assert_eq!(xv.ndim(), 3, "conv1d: x must be (B, L, C), got {:?}", xv.shape());
     let (bsz, l, c) = (xv.shape()[0], xv.shape()[1], xv.shape()[2]);
@@ -40,14 +49,16 @@ pub fn conv1d(tape: &mut Tape, x: Var, w: Var, bias: Option<Var>, silu: bool) ->
             bv.shape()
         );
     }
+    check_resets("conv1d", resets, bsz, l);
     let dims = ConvDims::new(bsz, l, c, k);
-    let args = ConvArgs { x: data(xv), weight: data(wv), bias: bv.map(data), silu };
+    let args =
+        ConvArgs { x: data(xv), weight: data(wv), bias: bv.map(data), silu, resets: resets.map(|r| &r[..]) };
     // The kernel writes every output.
     let mut y = for_overwrite(xv.shape());
     conv1d_fwd(&dims, &args, ConvOut { y: data_mut(&mut y), state_out: None });
     let mut inputs = InputList::new();
     let at = ConvInputs { x: inputs.push(x), w: inputs.push(w), bias: inputs.push_opt(bias) };
-    tape.push(y, inputs.vars(), Conv1dBackward { at, dims, silu })
+    tape.push(y, inputs.vars(), Conv1dBackward { at, dims, silu, resets: resets.cloned() })
 }
 
 /// Where `conv1d`'s inputs sit in its input list.
@@ -64,6 +75,7 @@ struct Conv1dBackward {
     at: ConvInputs,
     dims: ConvDims,
     silu: bool,
+    resets: Option<Resets>,
 }
 
 impl Backward for Conv1dBackward {
@@ -80,6 +92,7 @@ impl Backward for Conv1dBackward {
             weight: data(at.w.value(inputs)),
             bias: at.bias.map(|b| data(b.value(inputs))),
             silu: self.silu,
+            resets: self.resets.as_deref(),
         };
         let (mut sx, mut sw) = (F32Buf::default(), F32Buf::default());
         let dx = grad_or_scratch(at.x.grad(grads), &mut sx, dims.n_blc());
@@ -132,7 +145,7 @@ mod tests {
             }
             check_op(
                 inputs,
-                |t, v| conv1d(t, v[0], v[1], v.get(2).copied(), silu),
+                |t, v| conv1d(t, v[0], v[1], v.get(2).copied(), silu, None),
                 |x| reference(&x[0], &x[1], x.get(2).map(|b| b.as_slice()), (bsz, l, c, k), silu),
                 1e-4,
             );
@@ -146,12 +159,12 @@ mod tests {
         let mut tape = Tape::new(&store);
         let x = tape.constant(zeros(&[1, 2, 3]));
         let w = tape.constant(zeros(&[4, 1, 4]));
-        conv1d(&mut tape, x, w, None, false);
+        conv1d(&mut tape, x, w, None, false, None);
     }
 
     #[test]
     fn fresh_and_accumulated_gradients() {
         let ins = vec![random(&[2, 7, 5], 1), random(&[5, 1, 4], 2), random(&[5], 3)];
-        check_accumulates(ins, |t, v| conv1d(t, v[0], v[1], Some(v[2]), true));
+        check_accumulates(ins, |t, v| conv1d(t, v[0], v[1], Some(v[2]), true, None));
     }
 }

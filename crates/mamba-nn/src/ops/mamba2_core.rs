@@ -20,6 +20,7 @@ use ssm_kernel::mamba2::{
 use ssm_kernel::norm::{NormArgs, NormDims, NormGrads, norm_bwd, norm_fwd};
 use ssm_kernel::pool::{self, F32Buf};
 
+use super::{Resets, check_resets};
 use crate::ops::scan::{finish_da, neg_exp};
 use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var, grad_or_scratch};
 use crate::tensor::{Tensor, data, data_mut, for_overwrite, from_vec};
@@ -76,8 +77,9 @@ impl Mamba2Spec {
 }
 
 /// The core's parameters, as HF names them (`conv1d.weight`, …): the required ones in
-/// [`Mamba2Params::new`], the optional conv bias by [`Mamba2Params::with_conv_b`].
-#[derive(Clone, Copy, Debug)]
+/// [`Mamba2Params::new`], the optional conv bias by [`Mamba2Params::with_conv_b`], and the
+/// batch's document starts by [`Mamba2Params::with_resets`].
+#[derive(Clone, Debug)]
 pub struct Mamba2Params {
     /// `conv1d.weight`, (C, 1, K) or (C, K) with `C = d_inner + 2·G·N`.
     pub conv_w: Var,
@@ -91,17 +93,25 @@ pub struct Mamba2Params {
     pub d: Var,
     /// `norm.weight`, (d_inner).
     pub norm_w: Var,
+    /// Document starts, (B, L) (see [`Resets`]): conv and scan restart from zero at each (the
+    /// separate kernels run then: the fused one has no resets).
+    pub resets: Option<Resets>,
 }
 
 impl Mamba2Params {
     /// The required parameters; no conv bias.
     pub fn new(conv_w: Var, dt_bias: Var, a_log: Var, d: Var, norm_w: Var) -> Self {
-        Self { conv_w, conv_b: None, dt_bias, a_log, d, norm_w }
+        Self { conv_w, conv_b: None, dt_bias, a_log, d, norm_w, resets: None }
     }
 
     /// With the conv bias `conv1d.bias` (C).
     pub fn with_conv_b(self, conv_b: Var) -> Self {
         Self { conv_b: Some(conv_b), ..self }
+    }
+
+    /// With document starts (B, L).
+    pub fn with_resets(self, resets: Option<Resets>) -> Self {
+        Self { resets, ..self }
     }
 }
 
@@ -193,6 +203,8 @@ fn core(
     expect("A_log", prm.a_log, h);
     expect("D", prm.d, h);
     expect("norm.weight", prm.norm_w, di);
+    check_resets(OP, prm.resets.as_ref(), bsz, l);
+    let resets = prm.resets.as_deref();
 
     let pd = data(pv);
     let (cw, cb) = (data(cwv), prm.conv_b.map(|b| data(tape.value(b))));
@@ -215,9 +227,12 @@ fn core(
         width: k,
     };
     let fused = match path {
-        Path::Auto => mdims.use_fused(),
+        Path::Auto => mdims.use_fused() && resets.is_none(),
         Path::Split => false,
-        Path::Fused => true,
+        Path::Fused => {
+            assert!(resets.is_none(), "{OP}: the fused kernel takes no resets");
+            true
+        }
     };
     let mut out = for_overwrite(&[bsz, l, di]);
     let mut h_last = want_state.then(|| vec![0.0f32; bsz * h * spec.headdim * spec.dstate]);
@@ -235,13 +250,14 @@ fn core(
         mixer_fwd(&mdims, pd, &w.mixer(spec.eps), o);
         Saved::Fused { dims: mdims, rstd, y }
     } else {
-        split_forward(spec, (bsz, l, k), pd, &w, data_mut(&mut out), h_last.as_deref_mut())
+        let resets = prm.resets.clone();
+        split_forward(spec, (bsz, l, k), pd, &w, resets, data_mut(&mut out), h_last.as_deref_mut())
     };
     pool::give(a);
     let state = want_state.then(|| Mamba2State {
         conv: {
             let mut st = vec![0.0f32; bsz * cd * k];
-            conv_state(&ConvDims::new(bsz, l, cd, k), pd, (dp, spec.offsets()[0]), &mut st);
+            conv_state(&ConvDims::new(bsz, l, cd, k), pd, (dp, spec.offsets()[0]), resets, &mut st);
             st
         },
         ssm: from_vec(&[bsz, h, spec.headdim, spec.dstate], h_last.unwrap_or_default()),
@@ -295,7 +311,13 @@ struct Weights<'a> {
 
 impl<'a> Weights<'a> {
     /// The conv (with SiLU) of channels `c0..c0 + nc` over `x` ((B, L, nc) rows), width `k`.
-    fn conv_block<'x>(&self, x: &'x [f32], c0: usize, nc: usize, k: usize) -> ConvArgs<'x, f32>
+    /// `resets` (B, L) as in [`ConvArgs`].
+    fn conv_block<'x>(
+        &self,
+        x: &'x [f32],
+        (c0, nc, k): (usize, usize, usize),
+        resets: Option<&'x [bool]>,
+    ) -> ConvArgs<'x, f32>
     where
         'a: 'x,
     {
@@ -304,6 +326,7 @@ impl<'a> Weights<'a> {
             weight: &self.cw[c0 * k..(c0 + nc) * k],
             bias: self.cb.map(|b| &b[c0..c0 + nc]),
             silu: true,
+            resets,
         }
     }
 
@@ -327,6 +350,7 @@ fn split_forward(
     (bsz, l, k): (usize, usize, usize),
     pd: &[f32],
     w: &Weights,
+    resets: Option<Resets>,
     out: &mut [f32],
     h_last: Option<&mut [f32]>,
 ) -> Saved {
@@ -341,7 +365,7 @@ fn split_forward(
     let conv_out: [Vec<f32>; 3] = std::array::from_fn(|i| {
         let (c0, nc) = conv_blocks(&spec)[i];
         let dims = ConvDims::new(bsz, l, nc, k);
-        let args = w.conv_block(&conv_in[i], c0, nc, k);
+        let args = w.conv_block(&conv_in[i], (c0, nc, k), resets.as_deref());
         let mut y = pool::take_for_overwrite(rows * nc);
         conv1d_fwd(&dims, &args, ConvOut { y: &mut y, state_out: None });
         y
@@ -351,13 +375,14 @@ fn split_forward(
         d: Some(w.d),
         delta_bias: Some(w.dt_bias),
         delta_softplus: true,
+        resets: resets.as_deref(),
         ..Scan2Args::new(&conv_out[0], &dt, w.a, &conv_out[1], &conv_out[2])
     };
     let mut y = pool::take_for_overwrite(rows * di);
     mamba2::scan_fwd_auto(&dims, spec.chunk_size, &args, Scan2Out { y: &mut y, h_last });
     let nd = NormDims::new(rows, di, di / spec.ngroups, spec.eps);
     let rstd = norm_fwd(&nd, &NormArgs::new(&y, w.norm_w).with_gate(cols(0)), out);
-    Saved::Split(Box::new(SplitSaved { dims, conv_in, conv_out, dt, y, nd, rstd }))
+    Saved::Split(Box::new(SplitSaved { dims, conv_in, conv_out, dt, y, nd, rstd, resets }))
 }
 
 /// What the backward needs besides the inputs: their positions, the sizes and the path's saved
@@ -380,6 +405,7 @@ struct SplitSaved {
     y: Vec<f32>,
     nd: NormDims,
     rstd: Vec<f32>,
+    resets: Option<Resets>,
 }
 
 enum Saved {
@@ -497,7 +523,8 @@ fn split_backward(
     ow: bool,
 ) {
     let Saved::Split(sv) = saved else { unreachable!("split_backward takes the split path's saved values") };
-    let SplitSaved { dims, conv_in, conv_out, dt, y, nd, rstd } = &**sv;
+    let SplitSaved { dims, conv_in, conv_out, dt, y, nd, rstd, resets } = &**sv;
+    let resets = resets.as_deref();
     let (dp, di, rows) = (spec.proj_dim(), spec.d_inner(), nd.rows);
     let Grads { dproj, dcw, mut dcb, ddt_bias, da, dd, dnorm_w } = g;
     let mut dy = pool::take_for_overwrite(rows * di);
@@ -516,6 +543,7 @@ fn split_backward(
         d: Some(w.d),
         delta_bias: Some(w.dt_bias),
         delta_softplus: true,
+        resets,
         ..Scan2Args::new(&conv_out[0], dt, w.a, &conv_out[1], &conv_out[2])
     };
     let mut dconv_out: [Vec<f32>; 3] = conv_blocks(&spec).map(|(_, nc)| pool::take(rows * nc));
@@ -543,7 +571,7 @@ fn split_backward(
     // Conv, per channel block, then into the projection's x | B | C columns.
     for (i, (c0, nc)) in conv_blocks(&spec).into_iter().enumerate() {
         let cdims = ConvDims::new(dims.batch, dims.seqlen, nc, k);
-        let args = w.conv_block(&conv_in[i], c0, nc, k);
+        let args = w.conv_block(&conv_in[i], (c0, nc, k), resets);
         let mut dx = pool::take(rows * nc);
         let grads = ConvGrads {
             dx: &mut dx,
@@ -599,7 +627,7 @@ mod tests {
         };
         let (z, xbc, dt) = (cols(0, di), cols(di, cd), cols(di + cd, h));
         let mut conv = vec![0.0; rows * cd];
-        let cargs = ConvArgs { x: &xbc, weight: &x[1], bias: Some(&x[6]), silu: true };
+        let cargs = ConvArgs { x: &xbc, weight: &x[1], bias: Some(&x[6]), silu: true, resets: None };
         reference::conv::conv1d_fwd(
             &ConvDims::new(bsz, l, cd, k),
             &cargs,
@@ -669,7 +697,7 @@ mod tests {
         let z = narrow_last(t, v[0], 0, di);
         let xbc = narrow_last(t, v[0], di, cd);
         let dt = narrow_last(t, v[0], di + cd, h);
-        let xbc = conv1d(t, xbc, v[1], Some(v[6]), true);
+        let xbc = conv1d(t, xbc, v[1], Some(v[6]), true, None);
         let x = narrow_last(t, xbc, 0, di);
         let b = narrow_last(t, xbc, di, gn);
         let c = narrow_last(t, xbc, di + gn, gn);

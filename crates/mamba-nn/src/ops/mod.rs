@@ -24,6 +24,24 @@ pub mod rmsnorm;
 pub mod scan;
 pub mod shape;
 
+/// Document starts of a packed batch, (B, L) row-major: `true` where a new document begins, so
+/// every recurrent state (conv inputs and SSM state) restarts from zero there — no information
+/// and no gradient crosses it. Shared (cheaply cloned) by all layers of one forward.
+pub type Resets = std::sync::Arc<[bool]>;
+
+/// Panics unless `resets` has `batch · seqlen` entries, naming the op.
+#[track_caller]
+pub(crate) fn check_resets(op: &str, resets: Option<&Resets>, batch: usize, seqlen: usize) {
+    if let Some(r) = resets {
+        assert_eq!(
+            r.len(),
+            batch * seqlen,
+            "{op}: resets must be (B, L) = ({batch}, {seqlen}), got {} entries",
+            r.len()
+        );
+    }
+}
+
 pub use activation::{exp, silu, softplus};
 pub use conv::conv1d;
 pub use cross_entropy::{IGNORE_INDEX, causal_lm_loss, cross_entropy};

@@ -21,6 +21,7 @@ use ssm_kernel::mamba1::{self, Scan1Args, Scan1Dims, Scan1Grads, Scan1Out};
 use ssm_kernel::mamba2::{self, AUTO_CHUNK, Scan2Args, Scan2Dims, Scan2Grads, Scan2Out};
 use ssm_kernel::pool::{self, F32Buf};
 
+use super::{Resets, check_resets};
 use crate::tape::{Backward, InputGrad, InputList, Slot, Tape, Var, grad_or_scratch};
 use crate::tensor::{Tensor, data, data_mut, for_overwrite, from_vec};
 
@@ -50,7 +51,7 @@ fn expect_shape(op: &str, name: &str, t: &Tensor, want: &[usize], layout: &str) 
 /// The inputs of a Mamba-1 selective scan ([`selective_scan1`]), as [`Scan1Args`] names them:
 /// `u`, `delta`, `A_log`, `B`, `C` required, the skip `D`, the gate `z`, the Δ bias and the
 /// initial state `h0` optional, and whether Δ goes through softplus.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Scan1Vars {
     /// Input `u`, (B, L, D).
     pub u: Var,
@@ -72,12 +73,15 @@ pub struct Scan1Vars {
     pub delta_softplus: bool,
     /// The initial state, (B, D, N); zero when `None`.
     pub h0: Option<Var>,
+    /// Document starts, (B, L) (see [`Resets`]): the state restarts from zero at each.
+    pub resets: Option<Resets>,
 }
 
 impl Scan1Vars {
     /// The required inputs; no `D`, gate, bias, softplus or initial state.
     pub fn new(u: Var, delta: Var, a_log: Var, b: Var, c: Var) -> Self {
-        Self { u, delta, a_log, b, c, d: None, z: None, delta_bias: None, delta_softplus: false, h0: None }
+        let (d, z, delta_bias, h0, resets) = (None, None, None, None, None);
+        Self { u, delta, a_log, b, c, d, z, delta_bias, delta_softplus: false, h0, resets }
     }
 
     /// With the skip `D` (D).
@@ -104,11 +108,16 @@ impl Scan1Vars {
     pub fn with_h0(self, h0: Var) -> Self {
         Self { h0: Some(h0), ..self }
     }
+
+    /// With document starts (B, L).
+    pub fn with_resets(self, resets: Option<Resets>) -> Self {
+        Self { resets, ..self }
+    }
 }
 
 /// The inputs of a Mamba-2 selective scan ([`selective_scan2`]), as [`Scan2Args`] names them,
 /// plus the SSD chunk length its backward (and an SSD forward) uses.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Scan2Vars {
     /// Input `x`, (B, L, H, P).
     pub x: Var,
@@ -133,6 +142,8 @@ pub struct Scan2Vars {
     /// Steps per chunk when the chunked (SSD) kernel runs (see
     /// [`ssm_kernel::mamba2::use_ssd`]); the result does not depend on it beyond rounding.
     pub chunk_size: usize,
+    /// Document starts, (B, L) (see [`Resets`]): the state restarts from zero at each.
+    pub resets: Option<Resets>,
 }
 
 impl Scan2Vars {
@@ -151,6 +162,7 @@ impl Scan2Vars {
             delta_softplus: false,
             h0: None,
             chunk_size: AUTO_CHUNK,
+            resets: None,
         }
     }
 
@@ -182,6 +194,11 @@ impl Scan2Vars {
     /// With SSD chunks of `chunk_size` steps (at least 1).
     pub fn with_chunk_size(self, chunk_size: usize) -> Self {
         Self { chunk_size, ..self }
+    }
+
+    /// With document starts (B, L).
+    pub fn with_resets(self, resets: Option<Resets>) -> Self {
+        Self { resets, ..self }
     }
 }
 
@@ -261,7 +278,7 @@ pub fn selective_scan1_with_state(tape: &mut Tape, args: Scan1Vars) -> (Var, Ten
 #[track_caller]
 fn scan1(tape: &mut Tape, v: Scan1Vars, want_state: bool) -> (Var, Option<Tensor>) {
     const OP: &str = "selective_scan1";
-    let Scan1Vars { u, delta, a_log, b, c, d, z, delta_bias, delta_softplus, h0 } = v;
+    let Scan1Vars { u, delta, a_log, b, c, d, z, delta_bias, delta_softplus, h0, resets } = v;
     let uv = tape.value(u);
     assert_eq!(uv.ndim(), 3, "{OP}: u must be (B, L, D), got {:?}", uv.shape());
     let (bsz, l, dim) = (uv.shape()[0], uv.shape()[1], uv.shape()[2]);
@@ -296,6 +313,7 @@ fn scan1(tape: &mut Tape, v: Scan1Vars, want_state: bool) -> (Var, Option<Tensor
             expect_shape(OP, name, tape.value(v), &want, layout);
         }
     }
+    check_resets(OP, resets.as_ref(), bsz, l);
     let dims = Scan1Dims::new(bsz, l, dim, n).with_groups(g);
     let mut inputs = InputList::new();
     let at = ScanInputs::list(&mut inputs, [u, delta, a_log, b, c], [d, z, delta_bias, h0]);
@@ -313,6 +331,7 @@ fn scan1(tape: &mut Tape, v: Scan1Vars, want_state: bool) -> (Var, Option<Tensor
         delta_bias: val(delta_bias),
         delta_softplus,
         h0: val(h0),
+        resets: resets.as_deref(),
     };
     let mut y = for_overwrite(uv.shape());
     let mut h_last = want_state.then(|| vec![0.0f32; dims.n_bdn()]);
@@ -325,7 +344,8 @@ fn scan1(tape: &mut Tape, v: Scan1Vars, want_state: bool) -> (Var, Option<Tensor
     mamba1::scan_fwd(&dims, &args, out);
     pool::give(a);
     let h_last = h_last.map(|h| from_vec(&[bsz, dim, n], h));
-    (tape.push(y, inputs.vars(), Scan1Backward { at, dims, delta_softplus, checkpoints }), h_last)
+    let node = Scan1Backward { at, dims, delta_softplus, checkpoints, resets };
+    (tape.push(y, inputs.vars(), node), h_last)
 }
 
 /// Saved: the inputs' positions, dims, the softplus flag and the forward's chunk checkpoints
@@ -335,6 +355,7 @@ struct Scan1Backward {
     dims: Scan1Dims,
     delta_softplus: bool,
     checkpoints: Vec<f32>,
+    resets: Option<Resets>,
 }
 
 impl Drop for Scan1Backward {
@@ -367,6 +388,7 @@ impl Backward for Scan1Backward {
             delta_bias,
             delta_softplus: self.delta_softplus,
             h0,
+            resets: self.resets.as_deref(),
         };
         let mut da = pool::take(a.len());
         let [mut s0, mut s1, mut s3, mut s4]: [F32Buf; 4] = Default::default();
@@ -417,7 +439,7 @@ pub fn selective_scan2_with_state(tape: &mut Tape, args: Scan2Vars) -> (Var, Ten
 #[track_caller]
 fn scan2(tape: &mut Tape, v: Scan2Vars, want_state: bool) -> (Var, Option<Tensor>) {
     const OP: &str = "selective_scan2";
-    let Scan2Vars { x, delta, a_log, b, c, d, z, delta_bias, delta_softplus, h0, chunk_size } = v;
+    let Scan2Vars { x, delta, a_log, b, c, d, z, delta_bias, delta_softplus, h0, chunk_size, resets } = v;
     assert!(chunk_size >= 1, "{OP}: chunk_size must be at least 1");
     let xv = tape.value(x);
     assert_eq!(xv.ndim(), 4, "{OP}: x must be (B, L, H, P), got {:?}", xv.shape());
@@ -444,6 +466,7 @@ fn scan2(tape: &mut Tape, v: Scan2Vars, want_state: bool) -> (Var, Option<Tensor
             expect_shape(OP, name, tape.value(v), &want, layout);
         }
     }
+    check_resets(OP, resets.as_ref(), bsz, l);
     let dims = Scan2Dims::new(bsz, l, h, p, n).with_groups(g);
     let mut inputs = InputList::new();
     let at = ScanInputs::list(&mut inputs, [x, delta, a_log, b, c], [d, z, delta_bias, h0]);
@@ -460,6 +483,7 @@ fn scan2(tape: &mut Tape, v: Scan2Vars, want_state: bool) -> (Var, Option<Tensor
         delta_bias: val(delta_bias),
         delta_softplus,
         h0: val(h0),
+        resets: resets.as_deref(),
     };
     let mut y = for_overwrite(xv.shape());
     let mut h_last = want_state.then(|| vec![0.0f32; dims.n_bhpn()]);
@@ -467,7 +491,8 @@ fn scan2(tape: &mut Tape, v: Scan2Vars, want_state: bool) -> (Var, Option<Tensor
     mamba2::scan_fwd_auto(&dims, chunk_size, &args, out);
     pool::give(a);
     let h_last = h_last.map(|s| from_vec(&[bsz, h, p, n], s));
-    (tape.push(y, inputs.vars(), Scan2Backward { at, dims, delta_softplus, chunk_size }), h_last)
+    let node = Scan2Backward { at, dims, delta_softplus, chunk_size, resets };
+    (tape.push(y, inputs.vars(), node), h_last)
 }
 
 /// Saved: the inputs' positions, dims, the softplus flag and the SSD chunk length (the backward
@@ -477,6 +502,7 @@ struct Scan2Backward {
     dims: Scan2Dims,
     delta_softplus: bool,
     chunk_size: usize,
+    resets: Option<Resets>,
 }
 
 impl Backward for Scan2Backward {
@@ -502,6 +528,7 @@ impl Backward for Scan2Backward {
             delta_bias,
             delta_softplus: self.delta_softplus,
             h0,
+            resets: self.resets.as_deref(),
         };
         let mut da = pool::take(a.len());
         let [mut s0, mut s1, mut s3, mut s4]: [F32Buf; 4] = Default::default();

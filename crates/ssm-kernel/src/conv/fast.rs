@@ -137,13 +137,38 @@ fn pre_act(p: &Packed, xb: &[f32], c: usize, k: usize, kmin: usize, t: usize, j:
     acc
 }
 
+/// The first tap of row `t` that reads inside its sequence: the taps reach positions
+/// `t + 1 − K ..= t` (tap `kk` reads `t + kk + 1 − K`), and those before the sequence start —
+/// position 0, or the last reset in `rb` (the batch row's (L) sequence starts) within reach —
+/// read zero.
+#[inline(always)]
+fn first_tap(k: usize, t: usize, rb: Option<&[bool]>) -> usize {
+    let lo = (t + 1).saturating_sub(k);
+    let start = rb.and_then(|r| (lo + 1..=t).rev().find(|&s| r[s])).unwrap_or(lo);
+    start + k - 1 - t
+}
+
+/// No sequence start in `rb` at positions `lo ..= hi` (always true without resets).
+#[inline(always)]
+fn no_start(rb: Option<&[bool]>, lo: usize, hi: usize) -> bool {
+    rb.is_none_or(|r| !r[lo..=hi].contains(&true))
+}
+
 /// Rows per register tile of the forward (independent SiLU chains that overlap in the core).
 const R: usize = 4;
 
-/// Forward of one row `t` of one batch row: `xb` (L, C) → `yrow` (C).
+/// Forward of one row `t` of one batch row: `xb` (L, C) → `yrow` (C); `rb` the row's (L)
+/// sequence starts.
 #[inline(always)]
-fn fwd_row(k: usize, c: usize, p: &Packed, silu: bool, xb: &[f32], t: usize, yrow: &mut [f32]) {
-    let kmin = (k - 1).saturating_sub(t);
+fn fwd_row(
+    (k, c): (usize, usize),
+    p: &Packed,
+    silu: bool,
+    (xb, rb): (&[f32], Option<&[bool]>),
+    t: usize,
+    yrow: &mut [f32],
+) {
+    let kmin = first_tap(k, t, rb);
     for j in (0..c).step_by(W) {
         let mut acc =
             if kmin == 0 { pre_act(p, xb, c, k, 0, t, j) } else { pre_act(p, xb, c, k, kmin, t, j) };
@@ -181,14 +206,15 @@ fn fwd_tile<const KS: usize>(c: usize, p: &Packed, silu: bool, xb: &[f32], t: us
     }
 }
 
-/// Forward of rows `t0..t1` of one batch row: `xb` (L, C) → `yb` (t1 − t0, C).
+/// Forward of rows `t0..t1` of one batch row: `xb` (L, C) → `yb` (t1 − t0, C); `rb` the row's
+/// (L) sequence starts.
 #[inline(always)]
 fn fwd_rows<const KS: usize>(
     k: usize,
     c: usize,
     p: &Packed,
     silu: bool,
-    xb: &[f32],
+    (xb, rb): (&[f32], Option<&[bool]>),
     t0: usize,
     t1: usize,
     yb: &mut [f32],
@@ -198,17 +224,18 @@ fn fwd_rows<const KS: usize>(
     if KS > 0 {
         while t + R <= t1 {
             let y = &mut yb[(t - t0) * c..(t - t0 + R) * c];
-            if t + 1 >= k {
+            // The tile needs every tap of its rows inside one sequence.
+            if t + 1 >= k && no_start(rb, t + 2 - k, t + R - 1) {
                 fwd_tile::<KS>(c, p, silu, xb, t, y);
                 t += R;
             } else {
-                fwd_row(k, c, p, silu, xb, t, y);
+                fwd_row((k, c), p, silu, (xb, rb), t, y);
                 t += 1;
             }
         }
     }
     while t < t1 {
-        fwd_row(k, c, p, silu, xb, t, &mut yb[(t - t0) * c..(t - t0 + 1) * c]);
+        fwd_row((k, c), p, silu, (xb, rb), t, &mut yb[(t - t0) * c..(t - t0 + 1) * c]);
         t += 1;
     }
 }
@@ -220,7 +247,7 @@ fn bwd_row(
     (c, l): (usize, usize),
     p: &Packed,
     silu: bool,
-    (xb, dyb): (&[f32], &[f32]),
+    (xb, dyb, rb): (&[f32], &[f32], Option<&[bool]>),
     (t, t0, t1): (usize, usize, usize),
     dxb: &mut [f32],
     ring: &mut [f32],
@@ -228,8 +255,14 @@ fn bwd_row(
 ) {
     let cp = p.cp;
     let slot = t % k;
-    let kmin = (k - 1).saturating_sub(t);
+    let kmin = if t < l { first_tap(k, t, rb) } else { 0 };
     let dx_row = (t + 1 >= k + t0).then(|| t + 1 - k);
+    // dx of row s = t + 1 − K sums g of rows s ..= t (row t − kk through tap kk); rows at or after
+    // a sequence start later than s do not read x[s].
+    let dx_kmin = match (dx_row, rb) {
+        (Some(s), Some(r)) => (s + 1..=t.min(l - 1)).find(|&q| r[q]).map_or(0, |q| t - q + 1),
+        _ => 0,
+    };
     for j in (0..c).step_by(W) {
         let g = if t < l {
             let dyv = ld(&dyb[t * c + j..(t + 1) * c]);
@@ -253,7 +286,7 @@ fn bwd_row(
         st(&mut ring[slot * cp + j..slot * cp + j + W], g);
         if let Some(s) = dx_row {
             let mut acc = f32x8::ZERO;
-            for kk in 0..k {
+            for kk in dx_kmin..k {
                 // row t − kk sits in slot (slot − kk) mod K
                 let r = if slot >= kk { slot - kk } else { slot + k - kk };
                 let o = r * cp + j;
@@ -360,7 +393,7 @@ fn bwd_rows<const KS: usize>(
     l: usize,
     p: &Packed,
     silu: bool,
-    xdy: (&[f32], &[f32]),
+    (xb, dyb, rb): (&[f32], &[f32], Option<&[bool]>),
     (t0, t1): (usize, usize),
     dxb: &mut [f32],
     ring: &mut [f32],
@@ -373,11 +406,12 @@ fn bwd_rows<const KS: usize>(
     // rows past the block (recomputing them; rows ≥ L have g = 0).
     let mut t = t0;
     while t < t1 + k - 1 {
-        if KS > 0 && t + 1 >= k && t + R <= t1 {
-            bwd_tile::<KS>(c, p, silu, xdy, (t, t0), dxb, ring, part);
+        // The tile needs every tap of its rows (and so every row of its dx sums) in one sequence.
+        if KS > 0 && t + 1 >= k && t + R <= t1 && no_start(rb, t + 2 - k, t + R - 1) {
+            bwd_tile::<KS>(c, p, silu, (xb, dyb), (t, t0), dxb, ring, part);
             t += R;
         } else {
-            bwd_row(k, (c, l), p, silu, xdy, (t, t0, t1), dxb, ring, part);
+            bwd_row(k, (c, l), p, silu, (xb, dyb, rb), (t, t0, t1), dxb, ring, part);
             t += 1;
         }
     }
@@ -388,17 +422,31 @@ fn bwd_rows<const KS: usize>(
 ///
 /// `x` holds the conv input's rows `row_stride` values apart, its `C` channels starting at
 /// column `offset` of each row: `(C, 0)` for a plain (B, L, C) input, or a column block of a
-/// wider matrix (the `x | B | C` columns of a Mamba-2 projection).
+/// wider matrix (the `x | B | C` columns of a Mamba-2 projection). With `resets` (B, L) (see
+/// [`ConvArgs`]), entries before the last sequence start of their batch row are zero too: the
+/// next step continues the last sequence only.
 ///
 /// # Panics
-/// If `x` is too short for the dims and strides, or `st` is not (B, C, K).
+/// If `x` is too short for the dims and strides, or `st` is not (B, C, K), or `resets` not (B, L).
 #[track_caller]
-pub fn conv_state(dims: &ConvDims, x: &[f32], (row_stride, offset): (usize, usize), st: &mut [f32]) {
+pub fn conv_state(
+    dims: &ConvDims,
+    x: &[f32],
+    (row_stride, offset): (usize, usize),
+    resets: Option<&[bool]>,
+    st: &mut [f32],
+) {
     let ConvDims { batch, seqlen: l, channels: ch, width: k } = *dims;
     assert_eq!(st.len(), batch * ch * k, "conv::conv_state: state must be (B, C, K) = {}", dims.bck());
+    if let Some(r) = resets {
+        assert_eq!(r.len(), batch * l, "conv::conv_state: resets must be (B, L) = ({batch}, {l})");
+    }
     st.fill(0.0);
     for b in 0..batch {
-        for kk in 0..k {
+        // The first position the state keeps: the last start within its K positions, if any.
+        let keep_from =
+            resets.and_then(|r| (0..k).rev().find(|&kk| l + kk >= k && r[b * l + l + kk - k])).unwrap_or(0);
+        for kk in keep_from..k {
             let Some(t) = (l + kk).checked_sub(k) else { continue };
             let row = &x[(b * l + t) * row_stride + offset..][..ch];
             for (c, &v) in row.iter().enumerate() {
@@ -422,7 +470,7 @@ pub(crate) fn conv1d_fwd_tb(dims: &ConvDims, args: &ConvArgs<f32>, out: ConvOut<
     out.check(K, dims);
     let ConvOut { y, state_out } = out;
     if let Some(st) = state_out {
-        conv_state(dims, args.x, (dims.channels, 0), st);
+        conv_state(dims, args.x, (dims.channels, 0), args.resets, st);
     }
     if dims.n_blc() == 0 {
         return;
@@ -436,9 +484,10 @@ pub(crate) fn conv1d_fwd_tb(dims: &ConvDims, args: &ConvArgs<f32>, out: ConvOut<
         let (b, blk) = (task / nblk, task % nblk);
         let (t0, t1) = (blk * tb, ((blk + 1) * tb).min(l));
         let xb = &args.x[b * l * c..(b + 1) * l * c];
+        let rb = args.resets.map(|r| &r[b * l..(b + 1) * l]);
         // SAFETY: rows t0..t1 of batch row b belong to this task alone.
         let yb = unsafe { ys.slice((b * l + t0) * c, (t1 - t0) * c) };
-        dispatch_width!(k, fwd_rows(k, c, &p, args.silu, xb, t0, t1, yb));
+        dispatch_width!(k, fwd_rows(k, c, &p, args.silu, (xb, rb), t0, t1, yb));
     });
 }
 
@@ -525,9 +574,11 @@ pub(crate) fn conv1d_bwd_tb(
             let (t0, t1) = (blk * tb, ((blk + 1) * tb).min(l));
             let xb = &args.x[b * l * c..(b + 1) * l * c];
             let dyb = &dy[b * l * c..(b + 1) * l * c];
+            let rb = args.resets.map(|r| &r[b * l..(b + 1) * l]);
             // SAFETY: rows t0..t1 of batch row b belong to this task alone.
             let dxb = unsafe { dxs.slice((b * l + t0) * c, (t1 - t0) * c) };
-            dispatch_width!(k, bwd_rows(k, c, l, &p, args.silu, (xb, dyb), (t0, t1), dxb, ring, part));
+            let xdy = (xb, dyb, rb);
+            dispatch_width!(k, bwd_rows(k, c, l, &p, args.silu, xdy, (t0, t1), dxb, ring, part));
         },
     );
     for part in parts.chunks_exact(plen) {

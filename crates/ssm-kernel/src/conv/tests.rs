@@ -5,7 +5,9 @@ use proptest::prelude::*;
 use super::fast::{conv1d_bwd_tb, conv1d_fwd_tb};
 use super::*;
 use crate::reference::conv as reference;
-use crate::testing::{Rng, assert_close, assert_rel_max, cases, dot, numeric_grad, to_f32, to_f64};
+use crate::testing::{
+    Rng, assert_close, assert_rel_max, cases, dot, numeric_grad, random_resets, segments, to_f32, to_f64,
+};
 
 /// One random problem: dims, options, rows per task, data seed.
 #[derive(Clone, Debug)]
@@ -15,6 +17,8 @@ struct Case {
     silu: bool,
     tb: usize,
     seed: u64,
+    /// With random sequence starts.
+    resets: bool,
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -27,13 +31,15 @@ fn case() -> impl Strategy<Value = Case> {
         any::<bool>(),
         prop_oneof![1usize..=9, Just(usize::MAX)],
         any::<u64>(),
+        any::<bool>(),
     )
-        .prop_map(|(b, l, c, k, bias, silu, tb, seed)| Case {
+        .prop_map(|(b, l, c, k, bias, silu, tb, seed, resets)| Case {
             dims: ConvDims::new(b, l, c, k),
             bias,
             silu,
             tb,
             seed,
+            resets,
         })
 }
 
@@ -42,6 +48,7 @@ struct Data {
     x: Vec<f32>,
     w: Vec<f32>,
     bias: Vec<f32>,
+    resets: Option<Vec<bool>>,
 }
 
 impl Data {
@@ -51,11 +58,22 @@ impl Data {
             x: to_f32(&r.vec(dims.n_blc(), -2.0, 2.0)),
             w: to_f32(&r.vec(dims.n_ck(), -1.0, 1.0)),
             bias: to_f32(&r.vec(dims.channels, -0.5, 0.5)),
+            resets: None,
         }
     }
 
+    /// [`Data::new`] with random sequence starts when `resets` is set.
+    fn with_resets(dims: &ConvDims, seed: u64, resets: bool) -> Self {
+        let mut d = Self::new(dims, seed);
+        if resets {
+            d.resets = Some(random_resets(&mut Rng(seed ^ 0x7e5e7), dims.batch * dims.seqlen));
+        }
+        d
+    }
+
     fn args(&self, bias: bool, silu: bool) -> ConvArgs<'_, f32> {
-        ConvArgs { x: &self.x, weight: &self.w, bias: bias.then_some(&self.bias[..]), silu }
+        let bias = bias.then_some(&self.bias[..]);
+        ConvArgs { x: &self.x, weight: &self.w, bias, silu, resets: self.resets.as_deref() }
     }
 }
 
@@ -65,15 +83,18 @@ struct Args64 {
     w: Vec<f64>,
     bias: Option<Vec<f64>>,
     silu: bool,
+    resets: Option<Vec<bool>>,
 }
 
 impl Args64 {
     fn new(a: &ConvArgs<f32>) -> Self {
-        Self { x: to_f64(a.x), w: to_f64(a.weight), bias: a.bias.map(to_f64), silu: a.silu }
+        let (x, w, bias) = (to_f64(a.x), to_f64(a.weight), a.bias.map(to_f64));
+        Self { x, w, bias, silu: a.silu, resets: a.resets.map(<[bool]>::to_vec) }
     }
 
     fn args(&self) -> ConvArgs<'_, f64> {
-        ConvArgs { x: &self.x, weight: &self.w, bias: self.bias.as_deref(), silu: self.silu }
+        let (bias, resets) = (self.bias.as_deref(), self.resets.as_deref());
+        ConvArgs { x: &self.x, weight: &self.w, bias, silu: self.silu, resets }
     }
 }
 
@@ -85,7 +106,7 @@ fn ref_fwd(dims: &ConvDims, a: &ConvArgs<f64>) -> (Vec<f64>, Vec<f64>) {
 }
 
 fn check_fwd(cs: &Case) {
-    let d = Data::new(&cs.dims, cs.seed);
+    let d = Data::with_resets(&cs.dims, cs.seed, cs.resets);
     let args = d.args(cs.bias, cs.silu);
     let mut y = vec![f32::NAN; cs.dims.n_blc()];
     let mut st = vec![f32::NAN; cs.dims.n_bck()];
@@ -97,7 +118,7 @@ fn check_fwd(cs: &Case) {
 
 fn check_bwd(cs: &Case) {
     let dims = &cs.dims;
-    let d = Data::new(dims, cs.seed);
+    let d = Data::with_resets(dims, cs.seed, cs.resets);
     let args = d.args(cs.bias, cs.silu);
     let mut r = Rng(cs.seed ^ 0x5eed);
     let dy = to_f32(&r.vec(dims.n_blc(), -1.0, 1.0));
@@ -212,26 +233,54 @@ fn default_blocking_on_a_long_sequence_matches_reference() {
             silu: true,
             tb: super::fast::time_block(dims),
             seed: 42 + i as u64,
+            resets: false,
         };
         check_fwd(&cs);
         check_bwd(&cs);
+        check_fwd(&Case { resets: true, ..cs.clone() });
+        check_bwd(&Case { resets: true, ..cs });
+    }
+}
+
+#[test]
+fn reference_resets_equal_running_each_segment_alone() {
+    // The meaning of a reset, checked without the reset code: every segment on its own.
+    for seed in 0..8 {
+        let dims = ConvDims::new(2, 19, 5, 4);
+        let d = Data::with_resets(&dims, 300 + seed, true);
+        let a64 = Args64::new(&d.args(true, true));
+        let (y, st) = ref_fwd(&dims, &a64.args());
+        let (l, c, k) = (dims.seqlen, dims.channels, dims.width);
+        for b in 0..2 {
+            for (t0, t1) in segments(&a64.resets.as_ref().unwrap()[b * l..(b + 1) * l]) {
+                let sd = ConvDims::new(1, t1 - t0, c, k);
+                let x = a64.x[(b * l + t0) * c..(b * l + t1) * c].to_vec();
+                let (ys, sts) = ref_fwd(&sd, &ConvArgs { x: &x, resets: None, ..a64.args() });
+                assert_close("segment y", &y[(b * l + t0) * c..(b * l + t1) * c], &ys, 0.0, 0.0);
+                if t1 == l {
+                    assert_close("final state", &st[b * c * k..(b + 1) * c * k], &sts, 0.0, 0.0);
+                }
+            }
+        }
     }
 }
 
 #[test]
 fn fast_bwd_matches_f64_finite_differences_of_reference() {
-    for (i, &(b, l, c, k, bias, silu, tb)) in [
-        (2, 6, 11, 4, true, true, 4),
-        (1, 3, 9, 4, false, true, 2),
-        (2, 9, 5, 3, true, false, 3),
-        (1, 1, 3, 2, true, true, 1),
-        (1, 7, 17, 5, false, true, 100),
+    for (i, &(b, l, c, k, bias, silu, tb, resets)) in [
+        (2, 6, 11, 4, true, true, 4, false),
+        (1, 3, 9, 4, false, true, 2, false),
+        (2, 9, 5, 3, true, false, 3, false),
+        (1, 1, 3, 2, true, true, 1, false),
+        (1, 7, 17, 5, false, true, 100, false),
+        (2, 11, 9, 4, true, true, 3, true),
+        (1, 13, 17, 4, false, true, 100, true),
     ]
     .iter()
     .enumerate()
     {
         let dims = ConvDims::new(b, l, c, k);
-        let d = Data::new(&dims, 900 + i as u64);
+        let d = Data::with_resets(&dims, 900 + i as u64, resets);
         let args = d.args(bias, silu);
         let wy = to_f32(&Rng(31 + i as u64).vec(dims.n_blc(), -1.0, 1.0));
         let mut dx = vec![0.0f32; dims.n_blc()];
@@ -247,7 +296,7 @@ fn fast_bwd_matches_f64_finite_differences_of_reference() {
         let a64 = Args64::new(&args);
         let wy64 = to_f64(&wy);
         let loss = |x: &[f64], w: &[f64], bb: Option<&[f64]>| {
-            let a = ConvArgs { x, weight: w, bias: bb, silu };
+            let a = ConvArgs { x, weight: w, bias: bb, silu, resets: a64.resets.as_deref() };
             dot(&wy64, &ref_fwd(&dims, &a).0)
         };
         let bopt = a64.bias.as_deref();

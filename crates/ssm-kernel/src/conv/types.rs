@@ -75,6 +75,10 @@ impl ConvDims {
 ///
 /// `y[b, t, c] = bias[c] + Σ_k weight[c, k] · x[b, t − (K−1) + k, c]` (x is zero before the
 /// sequence start), then `y ← silu(y)` when `silu` is set.
+///
+/// **Resets** (packed documents): with `resets` (B, L), a position `t` with `resets[b, t]` set
+/// starts a new sequence — `x` counts as zero before it for every output at `t` or later, as
+/// `causal_conv1d`'s `seq_idx` does.
 #[derive(Clone, Copy, Debug)]
 pub struct ConvArgs<'a, T> {
     /// `x`, (B, L, C).
@@ -85,12 +89,14 @@ pub struct ConvArgs<'a, T> {
     pub bias: Option<&'a [T]>,
     /// Apply SiLU to the output.
     pub silu: bool,
+    /// Sequence starts, (B, L), optional.
+    pub resets: Option<&'a [bool]>,
 }
 
 impl<'a, T> ConvArgs<'a, T> {
     /// Required inputs only: no bias, no SiLU.
     pub fn new(x: &'a [T], weight: &'a [T]) -> Self {
-        Self { x, weight, bias: None, silu: false }
+        Self { x, weight, bias: None, silu: false, resets: None }
     }
 
     /// Panics with a message naming the argument unless every length matches `dims`.
@@ -100,6 +106,8 @@ impl<'a, T> ConvArgs<'a, T> {
         check_len(kernel, "x", dims.blc(), self.x.len(), dims.n_blc());
         check_len(kernel, "weight", dims.ck(), self.weight.len(), dims.n_ck());
         check_opt_len(kernel, "bias", dims.c(), self.bias, dims.channels);
+        let bl = Layout::new("(B, L)", &[dims.batch, dims.seqlen]);
+        check_opt_len(kernel, "resets", bl, self.resets, dims.batch * dims.seqlen);
     }
 }
 

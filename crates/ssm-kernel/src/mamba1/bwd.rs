@@ -25,7 +25,9 @@
 
 use rayon::prelude::*;
 
-use super::fwd::{Prefetch, TILES_PER_BLOCK, TIME_BLOCK, advance, block_tiles, prefetch_rows, run_steps};
+use super::fwd::{
+    Prefetch, TILES_PER_BLOCK, TIME_BLOCK, advance, block_tiles, prefetch_rows, run_steps_resetting,
+};
 use super::tile::{Bc, Groups, MixedBc, StateBuf, Tile, UniformBc, dispatch_n, mixed_offsets};
 use super::{Scan1Args, Scan1Dims, Scan1Grads, check_upstream};
 use crate::par::SharedMut;
@@ -306,7 +308,8 @@ fn bwd_task<const NN: usize>(
                 acc.ckpt[(ti * nchunks + c) * n..(ti * nchunks + c + 1) * n].copy_from_slice(hs);
             }
             h.copy_from_slice(hs);
-            run_steps::<NN, false>(dims, args, &tiles[ti], b, t0, t1, h, None, (ti == 0).then_some(&pf));
+            let pf = (ti == 0).then_some(&pf);
+            run_steps_resetting::<NN, false>(dims, args, &tiles[ti], b, (t0, t1), h, None, pf);
             hs.copy_from_slice(h);
         }
     }
@@ -503,7 +506,10 @@ fn chunk_bwd_impl<const NN: usize, const VEC: bool, const NP: bool, S: Bc, F: Fn
         s
     };
 
-    // Recompute the chunk's states and decay factors.
+    // Recompute the chunk's states and decay factors. At a sequence start the state entering
+    // the step is zero and the decay is taken as 0: no dA / dΔ term from the earlier state, and
+    // the adjoint stops there.
+    let resets = args.resets.map(|r| &r[b * seqlen..(b + 1) * seqlen]);
     for t in t0..t1 {
         let j = t - t0;
         let i = (b * seqlen + t) * dim + d0;
@@ -511,7 +517,15 @@ fn chunk_bwd_impl<const NN: usize, const VEC: bool, const NP: bool, S: Bc, F: Fn
         let (dt, dsp) = tile.delta(simd::load(&args.delta[i..i + w]), sp, true);
         buf.dts[j] = dt;
         buf.dsp[j] = dsp;
-        advance::<_, false, NP>(a, h, dt, x, &bc_at(t), Some(&mut buf.abar[j * n..(j + 1) * n]));
+        let reset = resets.is_some_and(|r| r[t]);
+        if reset {
+            h.fill(V::ZERO);
+        }
+        let abar = &mut buf.abar[j * n..(j + 1) * n];
+        advance::<_, false, NP>(a, h, dt, x, &bc_at(t), Some(&mut *abar));
+        if reset {
+            abar.fill(V::ZERO);
+        }
         buf.states[j * n..(j + 1) * n].copy_from_slice(h);
     }
 

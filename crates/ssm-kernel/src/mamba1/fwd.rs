@@ -139,6 +139,35 @@ pub(crate) fn run_steps<const NN: usize, const WITH_Y: bool>(
     }
 }
 
+/// [`run_steps`] honouring `args.resets`: the steps are split before every sequence start in
+/// `t0..t1`, where the state is zeroed (see [`Scan1Args`]).
+pub(crate) fn run_steps_resetting<const NN: usize, const WITH_Y: bool>(
+    dims: &Scan1Dims,
+    args: &Scan1Args<f32>,
+    tile: &Tile,
+    b: usize,
+    (t0, t1): (usize, usize),
+    h: &mut [V],
+    y_out: Option<&SharedMut<f32>>,
+    pf: Option<&Prefetch>,
+) {
+    let Some(resets) = args.resets else {
+        return run_steps::<NN, WITH_Y>(dims, args, tile, b, t0, t1, h, y_out, pf);
+    };
+    let row = &resets[b * dims.seqlen..(b + 1) * dims.seqlen];
+    let mut s = t0;
+    for t in t0..t1 {
+        if row[t] {
+            if t > s {
+                run_steps::<NN, WITH_Y>(dims, args, tile, b, s, t, h, y_out, pf);
+            }
+            h.fill(V::ZERO);
+            s = t;
+        }
+    }
+    run_steps::<NN, WITH_Y>(dims, args, tile, b, s, t1, h, y_out, pf);
+}
+
 #[inline(always)]
 fn run_steps_impl<const NN: usize, const WITH_Y: bool, const NP: bool, S: Bc, F: Fn(usize) -> S>(
     dims: &Scan1Dims,
@@ -284,7 +313,8 @@ fn fwd_task<const NN: usize>(
                     }
                 }
             }
-            run_steps::<NN, true>(dims, args, tile, b, t0, t1, h, Some(y), (ti == 0).then_some(&pf));
+            let pf = (ti == 0).then_some(&pf);
+            run_steps_resetting::<NN, true>(dims, args, tile, b, (t0, t1), h, Some(y), pf);
             states[ti * n..(ti + 1) * n].copy_from_slice(h);
         }
     }

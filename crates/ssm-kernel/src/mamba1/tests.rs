@@ -5,7 +5,8 @@ use proptest::prelude::*;
 use super::*;
 use crate::reference::mamba1 as refk;
 use crate::testing::{
-    Rng, assert_close, assert_rel_max, cases, channel_abs_sum, dot, numeric_grad, to_f32, to_f64,
+    Rng, assert_close, assert_rel_max, cases, channel_abs_sum, dot, numeric_grad, random_resets, segments,
+    to_f32, to_f64,
 };
 
 /// A random problem in f64 (converted to f32 for the fast kernels).
@@ -22,6 +23,8 @@ struct Case {
     bias: Option<Vec<f64>>,
     softplus: bool,
     h0: Option<Vec<f64>>,
+    /// Sequence starts, (B, L).
+    resets: Option<Vec<bool>>,
     /// Upstream gradients.
     dy: Vec<f64>,
     dh_last: Option<Vec<f64>>,
@@ -33,6 +36,7 @@ struct Opts {
     bias: bool,
     h0: bool,
     dh_last: bool,
+    resets: bool,
 }
 
 impl Case {
@@ -53,6 +57,7 @@ impl Case {
             bias: o.bias.then(|| r.vec(dims.dim, -1.0, 1.0)),
             softplus,
             h0: o.h0.then(|| r.vec(nbdn, -1.0, 1.0)),
+            resets: o.resets.then(|| random_resets(&mut r, dims.batch * dims.seqlen)),
             dy: r.vec(nbld, -1.0, 1.0),
             dh_last: o.dh_last.then(|| r.vec(nbdn, -1.0, 1.0)),
         }
@@ -114,12 +119,14 @@ impl Case {
             delta_bias: self.bias.as_deref(),
             delta_softplus: self.softplus,
             h0: self.h0.as_deref(),
+            resets: self.resets.as_deref(),
         }
     }
 }
 
 impl Case32 {
-    fn args(&self, softplus: bool) -> Scan1Args<'_, f32> {
+    fn args<'a>(&'a self, case: &'a Case) -> Scan1Args<'a, f32> {
+        let softplus = case.softplus;
         Scan1Args {
             u: &self.u,
             delta: &self.delta,
@@ -131,6 +138,7 @@ impl Case32 {
             delta_bias: self.bias.as_deref(),
             delta_softplus: softplus,
             h0: self.h0.as_deref(),
+            resets: case.resets.as_deref(),
         }
     }
 }
@@ -204,7 +212,7 @@ fn ref_fwd(case: &Case) -> (Vec<f64>, Vec<f64>) {
 fn fast_fwd(case: &Case, c32: &Case32) -> (Vec<f32>, Vec<f32>) {
     let mut y = vec![0.0; case.dims.n_bld()];
     let mut hl = vec![0.0; case.dims.n_bdn()];
-    scan_fwd(&case.dims, &c32.args(case.softplus), Scan1Out::with_state(&mut y, &mut hl));
+    scan_fwd(&case.dims, &c32.args(case), Scan1Out::with_state(&mut y, &mut hl));
     (y, hl)
 }
 
@@ -216,7 +224,7 @@ fn ref_bwd(case: &Case) -> G<f64> {
 
 fn fast_bwd(case: &Case, c32: &Case32) -> G<f32> {
     let mut g = G::zeros(&case.dims);
-    scan_bwd(&case.dims, &c32.args(case.softplus), &c32.dy, c32.dh_last.as_deref(), g.view());
+    scan_bwd(&case.dims, &c32.args(case), &c32.dy, c32.dh_last.as_deref(), g.view());
     g
 }
 
@@ -283,7 +291,7 @@ proptest! {
 
     #[test]
     fn fast_forward_matches_reference((dims, d, z, bias, h0, dl, seed) in dims_strategy()) {
-        let case = Case::new(dims, Opts { d, z, bias, h0, dh_last: dl }, seed);
+        let case = Case::new(dims, Opts { d, z, bias, h0, dh_last: dl, resets: seed & 1 == 1 }, seed);
         let (y, hl) = fast_fwd(&case, &case.f32());
         let (yr, hlr) = ref_fwd(&case);
         assert_close("y", &y, &yr, 1e-4, 1e-4);
@@ -292,7 +300,7 @@ proptest! {
 
     #[test]
     fn fast_backward_matches_reference((dims, d, z, bias, h0, dl, seed) in dims_strategy()) {
-        let case = Case::new(dims, Opts { d, z, bias, h0, dh_last: dl }, seed);
+        let case = Case::new(dims, Opts { d, z, bias, h0, dh_last: dl, resets: seed & 1 == 1 }, seed);
         let g = fast_bwd(&case, &case.f32());
         let gr = ref_bwd(&case);
         // dD and dbias are sums over (batch, position) that can cancel: their floors are the
@@ -311,7 +319,7 @@ proptest! {
 
     #[test]
     fn fast_step_matches_full_scan((dims, d, z, bias, h0, _dl, seed) in dims_strategy()) {
-        let case = Case::new(dims, Opts { d, z, bias, h0, dh_last: false }, seed);
+        let case = Case::new(dims, Opts { d, z, bias, h0, dh_last: false, resets: false }, seed);
         let c32 = case.f32();
         let (y_full, h_full) = fast_fwd(&case, &c32);
         let Scan1Dims { batch, seqlen, dim, dstate: n, ngroups } = dims;
@@ -326,7 +334,7 @@ proptest! {
             let (u, dl, bb, cc) = (pick(&c32.u, dim), pick(&c32.delta, dim), pick(&c32.b, ngroups * n), pick(&c32.c, ngroups * n));
             let zz = c32.z.as_deref().map(|z| pick(z, dim));
             let args = Scan1Args { u: &u, delta: &dl, a: &c32.a, b: &bb, c: &cc, d: c32.d.as_deref(), z: zz.as_deref(),
-                delta_bias: c32.bias.as_deref(), delta_softplus: case.softplus, h0: None };
+                delta_bias: c32.bias.as_deref(), delta_softplus: case.softplus, h0: None, resets: None };
             let mut y = vec![0.0f32; batch * dim];
             scan_step(&sd, &args, &mut state, &mut y);
             // The reference step agrees too.
@@ -334,7 +342,7 @@ proptest! {
             let zz64 = zz.as_deref().map(to_f64);
             let args64 = Scan1Args { u: &u64_, delta: &dl64, a: &case.a, b: &bb64, c: &cc64,
                 d: case.d.as_deref(), z: zz64.as_deref(), delta_bias: case.bias.as_deref(),
-                delta_softplus: case.softplus, h0: None };
+                delta_softplus: case.softplus, h0: None, resets: None };
             let mut yr = vec![0.0f64; batch * dim];
             refk::scan_step(&sd, &args64, &mut state_ref, &mut yr);
             assert_close("step y vs reference step", &y, &yr, 1e-4, 1e-4);
@@ -354,19 +362,19 @@ proptest! {
     fn checkpoints_match_reference_and_feed_the_backward(
         (dims, d, z, bias, h0, dl, seed) in dims_strategy(),
     ) {
-        let case = Case::new(dims, Opts { d, z, bias, h0, dh_last: dl }, seed);
+        let case = Case::new(dims, Opts { d, z, bias, h0, dh_last: dl, resets: seed & 1 == 1 }, seed);
         let c32 = case.f32();
         let (mut y, mut y_ref) = (vec![0.0f32; dims.n_bld()], vec![0.0f64; dims.n_bld()]);
         let mut ck = vec![f32::NAN; dims.n_checkpoints()];
         let mut ck_ref = vec![f64::NAN; dims.n_checkpoints()];
         let out = Scan1Out { y: &mut y, h_last: None, checkpoints: Some(&mut ck) };
-        scan_fwd(&dims, &c32.args(case.softplus), out);
+        scan_fwd(&dims, &c32.args(&case), out);
         let out_ref = Scan1Out { y: &mut y_ref, h_last: None, checkpoints: Some(&mut ck_ref) };
         refk::scan_fwd(&dims, &case.args(), out_ref);
         assert_close("checkpoints", &ck, &ck_ref, 1e-4, 1e-4);
         let plain = fast_bwd(&case, &c32);
         let mut g = G::zeros(&dims);
-        scan_bwd_with_checkpoints(&dims, &c32.args(case.softplus), &ck, &c32.dy, c32.dh_last.as_deref(), g.view());
+        scan_bwd_with_checkpoints(&dims, &c32.args(&case), &ck, &c32.dy, c32.dh_last.as_deref(), g.view());
         for ((name, got), (_, want)) in g.named().into_iter().zip(plain.named()) {
             assert_close(name, got, want, 1e-6, 1e-6);
         }
@@ -375,16 +383,18 @@ proptest! {
 
 /// Finite-difference cases: small, covering every option and groups.
 fn fd_cases() -> Vec<Case> {
-    let all = || Opts { d: true, z: true, bias: true, h0: true, dh_last: true };
+    let all = || Opts { d: true, z: true, bias: true, h0: true, dh_last: true, resets: false };
     vec![
         Case::new(Scan1Dims::new(2, 5, 3, 2), all(), 1),
         Case::new(Scan1Dims::new(1, 7, 4, 3).with_groups(2), all(), 2),
         Case::new(
             Scan1Dims::new(1, 4, 9, 2),
-            Opts { d: false, z: false, bias: false, h0: false, dh_last: false },
+            Opts { d: false, z: false, bias: false, h0: false, dh_last: false, resets: false },
             3,
         ),
         Case::new(Scan1Dims::new(1, 3, 10, 1).with_groups(5), all(), 4),
+        Case::new(Scan1Dims::new(2, 9, 3, 2), Opts { resets: true, ..all() }, 6),
+        Case::new(Scan1Dims::new(1, 8, 4, 3).with_groups(2), Opts { resets: true, ..all() }, 7),
     ]
 }
 
@@ -405,8 +415,13 @@ fn fast_backward_matches_finite_differences_f64() {
     let mut cases = fd_cases();
     cases.push(Case::new(
         Scan1Dims::new(1, CHUNK + 9, 9, 2),
-        Opts { d: true, z: true, bias: true, h0: true, dh_last: true },
+        Opts { d: true, z: true, bias: true, h0: true, dh_last: true, resets: false },
         5,
+    ));
+    cases.push(Case::new(
+        Scan1Dims::new(1, CHUNK + 9, 9, 2),
+        Opts { d: true, z: true, bias: true, h0: true, dh_last: true, resets: true },
+        8,
     ));
     for case in cases {
         let g = fast_bwd(&case, &case.f32());
@@ -417,11 +432,57 @@ fn fast_backward_matches_finite_differences_f64() {
     }
 }
 
+/// A case cut to rows `t0..t1` of batch row `b`, starting from `h0` (absent: zero).
+fn sub_case(case: &Case, b: usize, (t0, t1): (usize, usize), h0: Option<Vec<f64>>) -> Case {
+    let Scan1Dims { seqlen, dim, dstate: n, ngroups, .. } = case.dims;
+    let rows = |v: &[f64], w: usize| v[(b * seqlen + t0) * w..(b * seqlen + t1) * w].to_vec();
+    let gn = ngroups * n;
+    Case {
+        dims: Scan1Dims::new(1, t1 - t0, dim, n).with_groups(ngroups),
+        u: rows(&case.u, dim),
+        delta: rows(&case.delta, dim),
+        b: rows(&case.b, gn),
+        c: rows(&case.c, gn),
+        z: case.z.as_deref().map(|z| rows(z, dim)),
+        h0,
+        resets: None,
+        dy: rows(&case.dy, dim),
+        dh_last: None,
+        ..case.clone()
+    }
+}
+
+#[test]
+fn reference_resets_equal_running_each_segment_alone() {
+    // The meaning of a reset, checked without the reset code: every segment run on its own.
+    for seed in 0..6 {
+        let o = Opts { d: true, z: true, bias: true, h0: true, dh_last: false, resets: true };
+        let case = Case::new(Scan1Dims::new(2, 23, 5, 3), o, 100 + seed);
+        let (y, hl) = ref_fwd(&case);
+        let Scan1Dims { seqlen, dim, dstate: n, .. } = case.dims;
+        for b in 0..2 {
+            let resets = &case.resets.as_ref().unwrap()[b * seqlen..(b + 1) * seqlen];
+            for (t0, t1) in segments(resets) {
+                // Only a first segment that is not itself a reset continues from h0.
+                let h0 = (t0 == 0 && !resets[0])
+                    .then(|| case.h0.as_ref().unwrap()[b * dim * n..(b + 1) * dim * n].to_vec());
+                let (ys, hs) = ref_fwd(&sub_case(&case, b, (t0, t1), h0));
+                let want = &y[(b * seqlen + t0) * dim..(b * seqlen + t1) * dim];
+                assert_close("segment y", want, &ys, 1e-12, 1e-12);
+                if t1 == seqlen {
+                    assert_close("final state", &hl[b * dim * n..(b + 1) * dim * n], &hs, 1e-12, 1e-12);
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn final_state_gradient_flows_into_dh0() {
     // Only dh_last is non-zero; dh0 must be ∏_t exp(Δ_t A) ⊙ dh_last (computed here by hand).
     let dims = Scan1Dims::new(1, 5, 3, 2);
-    let mut case = Case::new(dims, Opts { d: true, z: false, bias: false, h0: true, dh_last: true }, 9);
+    let mut case =
+        Case::new(dims, Opts { d: true, z: false, bias: false, h0: true, dh_last: true, resets: false }, 9);
     case.dy.fill(0.0);
     let g = fast_bwd(&case, &case.f32());
     for d in 0..3 {
@@ -442,14 +503,14 @@ fn final_state_gradient_flows_into_dh0() {
 fn backward_accumulates_into_existing_gradients() {
     let case = Case::new(
         Scan1Dims::new(1, 6, 5, 4),
-        Opts { d: true, z: true, bias: true, h0: true, dh_last: true },
+        Opts { d: true, z: true, bias: true, h0: true, dh_last: true, resets: false },
         11,
     );
     let c32 = case.f32();
     let once = fast_bwd(&case, &c32);
     let mut g = G::zeros(&case.dims);
-    scan_bwd(&case.dims, &c32.args(true), &c32.dy, c32.dh_last.as_deref(), g.view());
-    scan_bwd(&case.dims, &c32.args(true), &c32.dy, c32.dh_last.as_deref(), g.view());
+    scan_bwd(&case.dims, &c32.args(&case), &c32.dy, c32.dh_last.as_deref(), g.view());
+    scan_bwd(&case.dims, &c32.args(&case), &c32.dy, c32.dh_last.as_deref(), g.view());
     for ((name, twice), (_, one)) in g.named().into_iter().zip(once.named()) {
         let doubled: Vec<f32> = one.iter().map(|v| 2.0 * v).collect();
         assert_close(name, twice, &doubled, 1e-6, 1e-6);
@@ -461,7 +522,7 @@ fn single_thread_and_many_tasks_agree() {
     // Batch 1 splits channels over several tasks (partial dB/dC); a 1-thread pool does not.
     let case = Case::new(
         Scan1Dims::new(1, 33, 70, 4),
-        Opts { d: true, z: true, bias: true, h0: true, dh_last: true },
+        Opts { d: true, z: true, bias: true, h0: true, dh_last: true, resets: false },
         13,
     );
     let c32 = case.f32();

@@ -59,6 +59,10 @@ impl Scan1Dims {
         Layout::new("(B, L, D)", &[self.batch, self.seqlen, self.dim])
     }
 
+    fn bl(&self) -> Layout {
+        Layout::new("(B, L)", &[self.batch, self.seqlen])
+    }
+
     fn blgn(&self) -> Layout {
         Layout::new("(B, L, G, N)", &[self.batch, self.seqlen, self.ngroups, self.dstate])
     }
@@ -115,6 +119,12 @@ impl Scan1Dims {
 /// | `z` | (B, L, D), gate, optional: `y ← y · silu(z)` |
 /// | `delta_bias` | (D), added to Δ before softplus, optional |
 /// | `h0` | (B, D, N), initial state, optional (zero when absent) |
+/// | `resets` | (B, L), optional: `true` where a new sequence starts (see below) |
+///
+/// **Resets** (packed documents): where `resets[b, t]` is `true` the state entering step `t` is
+/// taken as zero — `h_t = Δ_t u_t B_t`, as at the start of a fresh sequence — so nothing before
+/// `t` reaches `t` or later, and no gradient flows back across it (a reset at `t = 0` makes
+/// `h0` unused and its gradient zero).
 #[derive(Clone, Copy, Debug)]
 pub struct Scan1Args<'a, T> {
     /// `u`, (B, L, D).
@@ -137,12 +147,26 @@ pub struct Scan1Args<'a, T> {
     pub delta_softplus: bool,
     /// Initial state, (B, D, N).
     pub h0: Option<&'a [T]>,
+    /// Sequence starts, (B, L).
+    pub resets: Option<&'a [bool]>,
 }
 
 impl<'a, T> Scan1Args<'a, T> {
     /// Required inputs only: no `D`, gate, bias, softplus or initial state.
     pub fn new(u: &'a [T], delta: &'a [T], a: &'a [T], b: &'a [T], c: &'a [T]) -> Self {
-        Self { u, delta, a, b, c, d: None, z: None, delta_bias: None, delta_softplus: false, h0: None }
+        Self {
+            u,
+            delta,
+            a,
+            b,
+            c,
+            d: None,
+            z: None,
+            delta_bias: None,
+            delta_softplus: false,
+            h0: None,
+            resets: None,
+        }
     }
 
     /// Panics with a message naming the argument unless every length matches `dims`.
@@ -158,6 +182,7 @@ impl<'a, T> Scan1Args<'a, T> {
         check_opt_len(kernel, "z", dims.bld(), self.z, dims.n_bld());
         check_opt_len(kernel, "delta_bias", dims.d(), self.delta_bias, dims.dim);
         check_opt_len(kernel, "h0", dims.bdn(), self.h0, dims.n_bdn());
+        check_opt_len(kernel, "resets", dims.bl(), self.resets, dims.batch * dims.seqlen);
     }
 }
 

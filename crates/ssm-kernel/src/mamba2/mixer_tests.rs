@@ -63,7 +63,7 @@ fn reference(dims: &MixerDims, proj: &[f64], p: &Params) -> (Vec<f64>, Vec<f64>,
     };
     let (z, xbc, dt) = (cols(proj, dp, 0, di), cols(proj, dp, di, cd), cols(proj, dp, di + cd, h));
     let mut conv = vec![0.0; rows * cd];
-    let cargs = ConvArgs { x: &xbc, weight: &p.conv_w, bias: Some(&p.conv_b), silu: true };
+    let cargs = ConvArgs { x: &xbc, weight: &p.conv_w, bias: Some(&p.conv_b), silu: true, resets: None };
     refconv::conv1d_fwd(&ConvDims::new(batch, l, cd, k), &cargs, ConvOut { y: &mut conv, state_out: None });
     let (x, b, c) = (cols(&conv, cd, 0, di), cols(&conv, cd, di, gn), cols(&conv, cd, di + gn, gn));
     let sdims = Scan2Dims::new(batch, l, h, pd, n).with_groups(g);

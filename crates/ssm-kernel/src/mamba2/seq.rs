@@ -122,7 +122,9 @@ pub fn scan_fwd(dims: &Scan2Dims, args: &Scan2Args<f32>, out: Scan2Out<f32>) {
             let ih = (b * seqlen + t) * nheads + h;
             let bc = ((b * seqlen + t) * ngroups + g) * n;
             let (dt, _) = dt_eff(args, ih, h);
-            let av = f32x8::splat((dt * a).exp());
+            // A sequence start zeroes the state entering the step: decay 0.
+            let reset = args.resets.is_some_and(|r| r[b * seqlen + t]);
+            let av = f32x8::splat(if reset { 0.0 } else { (dt * a).exp() });
             load_x(&args.x[ih * pd..ih * pd + pd], dt, &mut xv, &mut dxv);
             let (brow, crow) = (&args.b[bc..bc + n], &args.c[bc..bc + n]);
             step_state::<true>(&mut st, pv, av, brow, crow, &dxv, &mut acc);
@@ -283,7 +285,9 @@ pub fn scan_bwd(
             let steps: Vec<(f32, f32, f32)> = (0..seqlen)
                 .map(|t| {
                     let (dt, dsp) = dt_eff(args, row(t).0, h);
-                    (dt, dsp, (dt * a).exp())
+                    // A sequence start: the state entering step t is zero (decay 0).
+                    let reset = args.resets.is_some_and(|r| r[b * seqlen + t]);
+                    (dt, dsp, if reset { 0.0 } else { (dt * a).exp() })
                 })
                 .collect();
             let mut alpha = vec![0.0f64; seqlen];
@@ -357,6 +361,11 @@ pub fn scan_bwd(
                 }
                 let beta = (dt * sbs) as f64 - (dt * bcd * xdy) as f64;
                 m += alpha[t] - beta;
+                if args.resets.is_some_and(|r| r[b * seqlen + t]) {
+                    // Nothing before a sequence start reaches it: M(t) is exactly 0 (the sum
+                    // above only approaches it through rounding).
+                    m = 0.0;
+                }
                 out.da += dt as f64 * m;
                 out.dd += xdy as f64;
                 let dxrow = unsafe { dxsh.slice(ih * pd, pd) };

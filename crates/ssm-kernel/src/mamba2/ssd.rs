@@ -114,11 +114,39 @@ fn chunk_dt(
     }
 }
 
-/// Row `t` of the decay-weighted kernel: `m[s] = cb[s]·exp(cs_t − cs_s)·dt_s` for `s ≤ t`, zero
-/// after; when `l` is given it also receives `exp(cs_t − cs_s)` (zero after `t`).
+/// Sequence starts inside chunk `t0..t0 + q` of batch row `b` (see [`Scan2Args`]'s resets),
+/// as the two things the chunked form needs: `lo[t]`, the first local step of `t`'s sequence
+/// (0 when it began before the chunk), and `e0[t] = exp(cs_t)`, the decay from the chunk's
+/// entry state to step `t` — 0 once a sequence has started inside the chunk at or before `t`.
+/// Every decay `exp(cs_t − cs_s)` with `s < lo[t]` crosses a start and counts as 0.
+fn chunk_starts(starts: Option<&[bool]>, q: usize, cs: &[f32], lo: &mut [usize], e0: &mut [f32]) {
+    let mut first: Option<usize> = None;
+    for t in 0..q {
+        if starts.is_some_and(|r| r[t]) {
+            first = Some(t);
+        }
+        lo[t] = first.unwrap_or(0);
+        e0[t] = if first.is_some() { 0.0 } else { cs[t].exp() };
+    }
+}
+
+/// The resets of chunk `t0..t0 + q` of batch row `b`, if any.
+fn chunk_resets<'a>(
+    args: &Scan2Args<'a, f32>,
+    seqlen: usize,
+    b: usize,
+    t0: usize,
+    q: usize,
+) -> Option<&'a [bool]> {
+    args.resets.map(|r| &r[b * seqlen + t0..b * seqlen + t0 + q])
+}
+
+/// Row `t` of the decay-weighted kernel: `m[s] = cb[s]·exp(cs_t − cs_s)·dt_s` for
+/// `lo ≤ s ≤ t`, zero elsewhere (`lo`: the first step of `t`'s sequence, see [`chunk_starts`]);
+/// when `l` is given it also receives `exp(cs_t − cs_s)` (zero outside `lo..=t`).
 #[inline]
 fn kernel_row(
-    t: usize,
+    (t, lo): (usize, usize),
     q: usize,
     cs: &[f32],
     dt: &[f32],
@@ -139,8 +167,10 @@ fn kernel_row(
         s += W;
     }
     m[t + 1..q].fill(0.0);
+    m[..lo].fill(0.0);
     if let Some(l) = l {
         l[t + 1..q].fill(0.0);
+        l[..lo].fill(0.0);
     }
 }
 
@@ -181,6 +211,8 @@ pub fn ssd_fwd(dims: &Scan2Dims, chunk_size: usize, args: &Scan2Args<f32>, out: 
         let mut dt = vec![0.0f32; qm];
         let mut dsp = vec![0.0f32; qm];
         let mut cs = vec![0.0f32; qm];
+        let mut lo = vec![0usize; qm];
+        let mut e0 = vec![0.0f32; qm];
         let mut m = vec![0.0f32; qm * qm];
         let mut yb = vec![0.0f32; qm * pd];
         let mut bw = vec![0.0f32; qm * n];
@@ -195,9 +227,10 @@ pub fn ssd_fwd(dims: &Scan2Dims, chunk_size: usize, args: &Scan2Args<f32>, out: 
         for c in 0..ch.nch {
             let (t0, q) = ch.range(c);
             chunk_dt(dims, args, b, h, t0, q, &mut dt, &mut dsp, &mut cs);
+            chunk_starts(chunk_resets(args, seqlen, b, t0, q), q, &cs, &mut lo, &mut e0);
             let cbb = &cb[((b * ngroups + g) * ch.nch + c) * qm * qm..][..qm * qm];
             for t in 0..q {
-                kernel_row(t, q, &cs, &dt, &cbb[t * qm..], &mut m[t * qm..], None);
+                kernel_row((t, lo[t]), q, &cs, &dt, &cbb[t * qm..], &mut m[t * qm..], None);
             }
             let bc = ((b * seqlen + t0) * ngroups + g) * n;
             let xo = ((b * seqlen + t0) * nheads + h) * pd;
@@ -206,7 +239,7 @@ pub fn ssd_fwd(dims: &Scan2Dims, chunk_size: usize, args: &Scan2Args<f32>, out: 
             if !zero_state {
                 gemm((q, n, pd), 1.0, &args.c[bc..], (gn, 1), &st, (pd, 1), 0.0, &mut yb, (pd, 1));
                 for t in 0..q {
-                    let e = cs[t].exp();
+                    let e = e0[t];
                     yb[t * pd..(t + 1) * pd].iter_mut().for_each(|v| *v *= e);
                 }
                 beta = 1.0;
@@ -236,11 +269,11 @@ pub fn ssd_fwd(dims: &Scan2Dims, chunk_size: usize, args: &Scan2Args<f32>, out: 
             // Chunk-end state: S₁ = exp(cs_end) S₀ + (diag(w) B)ᵀ X.
             let ce = cs[q - 1];
             for s in 0..q {
-                let w = (ce - cs[s]).exp() * dt[s];
+                let w = if s < lo[q - 1] { 0.0 } else { (ce - cs[s]).exp() * dt[s] };
                 let br = &args.b[bc + s * gn..bc + s * gn + n];
                 bw[s * n..(s + 1) * n].iter_mut().zip(br).for_each(|(o, &v)| *o = v * w);
             }
-            let beta = if zero_state { 0.0 } else { ce.exp() };
+            let beta = if zero_state { 0.0 } else { e0[q - 1] };
             gemm((n, q, pd), 1.0, &bw, (1, n), &args.x[xo..], (hp, 1), beta, &mut st, (pd, 1));
             zero_state = false;
         }
@@ -298,6 +331,8 @@ pub fn ssd_bwd(
             let mut dt = vec![0.0f32; qm];
             let mut dsp = vec![0.0f32; qm];
             let mut cs = vec![0.0f32; qm];
+            let mut lo = vec![0usize; qm];
+            let mut e0 = vec![0.0f32; qm];
             let mut dcs = vec![0.0f32; qm];
             let mut ddt = vec![0.0f32; qm];
             let mut m = vec![0.0f32; qm * qm];
@@ -323,11 +358,12 @@ pub fn ssd_bwd(
             for c in 0..ch.nch {
                 let (t0, q) = ch.range(c);
                 chunk_dt(dims, args, b, h, t0, q, &mut dt, &mut dsp, &mut cs);
+                chunk_starts(chunk_resets(args, seqlen, b, t0, q), q, &cs, &mut lo, &mut e0);
                 let bc = ((b * seqlen + t0) * ngroups + g) * n;
                 let xo = ((b * seqlen + t0) * nheads + h) * pd;
                 let ce = cs[q - 1];
                 for s in 0..q {
-                    let w = (ce - cs[s]).exp() * dt[s];
+                    let w = if s < lo[q - 1] { 0.0 } else { (ce - cs[s]).exp() * dt[s] };
                     let br = &args.b[bc + s * gn..bc + s * gn + n];
                     bw[s * n..(s + 1) * n].iter_mut().zip(br).for_each(|(o, &v)| *o = v * w);
                 }
@@ -335,7 +371,7 @@ pub fn ssd_bwd(
                     let (prev, next) = states.split_at_mut((c + 1) * np);
                     let next = &mut next[..np];
                     next.copy_from_slice(&prev[c * np..]);
-                    gemm((n, q, pd), 1.0, &bw, (1, n), &args.x[xo..], (hp, 1), ce.exp(), next, (pd, 1));
+                    gemm((n, q, pd), 1.0, &bw, (1, n), &args.x[xo..], (hp, 1), e0[q - 1], next, (pd, 1));
                 }
             }
             if let Some(dl) = dh_last {
@@ -345,11 +381,13 @@ pub fn ssd_bwd(
                 let (t0, q) = ch.range(c);
                 let s0 = &states[c * np..(c + 1) * np];
                 chunk_dt(dims, args, b, h, t0, q, &mut dt, &mut dsp, &mut cs);
+                chunk_starts(chunk_resets(args, seqlen, b, t0, q), q, &cs, &mut lo, &mut e0);
                 dcs[..q].fill(0.0);
                 ddt[..q].fill(0.0);
                 let cbb = &cb[((b * ngroups + g) * ch.nch + c) * qm * qm..][..qm * qm];
                 for t in 0..q {
-                    kernel_row(t, q, &cs, &dt, &cbb[t * qm..], &mut m[t * qm..], Some(&mut lb[t * qm..]));
+                    let (mr, lr) = (&mut m[t * qm..], Some(&mut lb[t * qm..]));
+                    kernel_row((t, lo[t]), q, &cs, &dt, &cbb[t * qm..], mr, lr);
                 }
                 let bc = ((b * seqlen + t0) * ngroups + g) * n;
                 let xo = ((b * seqlen + t0) * nheads + h) * pd;
@@ -357,7 +395,7 @@ pub fn ssd_bwd(
                 // Y_off = diag(exp(cs)) C S₀.
                 gemm((q, n, pd), 1.0, cm, (gn, 1), s0, (pd, 1), 0.0, &mut yoff, (pd, 1));
                 for t in 0..q {
-                    let e = cs[t].exp();
+                    let e = e0[t];
                     yoff[t * pd..(t + 1) * pd].iter_mut().for_each(|v| *v *= e);
                 }
                 // Upstream through the gate.
@@ -390,7 +428,7 @@ pub fn ssd_bwd(
                     let i0 = ((b * seqlen + t0 + t) * nheads + h) * pd;
                     let (dyr, xr) = (&dyb[t * pd..(t + 1) * pd], &args.x[i0..i0 + pd]);
                     let yo = &yoff[t * pd..(t + 1) * pd];
-                    let e = cs[t].exp();
+                    let e = e0[t];
                     let mut s1 = 0.0f32;
                     for p in 0..pd {
                         ddacc += dyr[p] * xr[p];
@@ -424,7 +462,7 @@ pub fn ssd_bwd(
                 gemm((n, q, pd), 1.0, cm, (1, gn), &dys, (pd, 1), 0.0, &mut dsprev, (pd, 1));
                 // Chunk-end state.
                 let ce = cs[q - 1];
-                let ece = ce.exp();
+                let ece = e0[q - 1];
                 let mut sds = 0.0f32;
                 for i in 0..np {
                     dsprev[i] += ece * ds[i];
@@ -436,7 +474,7 @@ pub fn ssd_bwd(
                 let mut dce = 0.0f32;
                 for s in 0..q {
                     let i0 = ((b * seqlen + t0 + s) * nheads + h) * pd;
-                    let el = (ce - cs[s]).exp();
+                    let el = if s < lo[q - 1] { 0.0 } else { (ce - cs[s]).exp() };
                     let w = el * dt[s];
                     let (ur, xr) = (&ub[s * pd..(s + 1) * pd], &args.x[i0..i0 + pd]);
                     let mut dw = 0.0f32;

@@ -7,7 +7,9 @@ use proptest::prelude::*;
 use super::*;
 use crate::mamba1::{Scan1Args, Scan1Dims, Scan1Out};
 use crate::reference::{mamba1 as ref1, mamba2 as ref2};
-use crate::testing::{Rng, assert_close, assert_rel_max, cases, channel_abs_sum, dot, numeric_grad, to_f32};
+use crate::testing::{
+    Rng, assert_close, assert_rel_max, cases, channel_abs_sum, dot, numeric_grad, random_resets, to_f32,
+};
 
 /// Which optional inputs a test problem carries.
 #[derive(Clone, Copy, Debug)]
@@ -17,10 +19,13 @@ struct Opts {
     bias: bool,
     softplus: bool,
     h0: bool,
+    /// Random sequence starts.
+    resets: bool,
 }
 
-const ALL: Opts = Opts { d: true, z: true, bias: true, softplus: true, h0: true };
-const NONE: Opts = Opts { d: false, z: false, bias: false, softplus: false, h0: false };
+const ALL: Opts = Opts { d: true, z: true, bias: true, softplus: true, h0: true, resets: false };
+const NONE: Opts = Opts { d: false, z: false, bias: false, softplus: false, h0: false, resets: false };
+const ALL_RESETS: Opts = Opts { resets: true, ..ALL };
 
 /// Owned inputs of a scan.
 #[derive(Clone, Debug)]
@@ -35,6 +40,7 @@ struct Data<T> {
     bias: Option<Vec<T>>,
     h0: Option<Vec<T>>,
     softplus: bool,
+    resets: Option<Vec<bool>>,
 }
 
 impl Data<f64> {
@@ -54,6 +60,7 @@ impl Data<f64> {
             bias: o.bias.then(|| r.vec(h, if o.softplus { -1.0 } else { 0.0 }, 0.3)),
             h0: o.h0.then(|| r.vec(dims.n_bhpn(), -1.0, 1.0)),
             softplus: o.softplus,
+            resets: o.resets.then(|| random_resets(&mut r, dims.batch * dims.seqlen)),
         }
     }
 
@@ -70,6 +77,7 @@ impl Data<f64> {
             bias: self.bias.as_ref().map(f),
             h0: self.h0.as_ref().map(f),
             softplus: self.softplus,
+            resets: self.resets.clone(),
         }
     }
 
@@ -97,6 +105,7 @@ impl<T: Copy> Data<T> {
             delta_bias: self.bias.as_deref(),
             delta_softplus: self.softplus,
             h0: self.h0.as_deref(),
+            resets: self.resets.as_deref(),
             ..Scan2Args::new(&self.x, &self.delta, &self.a, &self.b, &self.c)
         }
     }
@@ -118,6 +127,7 @@ impl<T: Copy> Data<T> {
             bias: self.bias.clone(),
             h0: None,
             softplus: self.softplus,
+            resets: None,
         }
     }
 }
@@ -246,13 +256,13 @@ fn arb_case() -> impl Strategy<Value = (Scan2Dims, Opts, u64, usize)> {
         (1usize..=2, 1usize..=2),
         prop::sample::select(vec![1usize, 5, 16, 64]),
         prop::sample::select(vec![1usize, 4, 16, 64]),
-        prop::array::uniform5(any::<bool>()),
+        prop::array::uniform6(any::<bool>()),
         any::<u64>(),
         1usize..=40,
     )
         .prop_map(|((batch, l), (g, hpg), p, n, f, seed, q)| {
             let dims = Scan2Dims::new(batch, l, g * hpg, p, n).with_groups(g);
-            let o = Opts { d: f[0], z: f[1], bias: f[2], softplus: f[3], h0: f[4] };
+            let o = Opts { d: f[0], z: f[1], bias: f[2], softplus: f[3], h0: f[4], resets: f[5] };
             (dims, o, seed, q)
         })
 }
@@ -282,7 +292,7 @@ proptest! {
 
     #[test]
     fn prop_step_by_step_matches_full_scan((dims, o, seed, _q) in arb_case()) {
-        let d = Data::random(&dims, seed, o);
+        let d = Data::random(&dims, seed, Opts { resets: false, ..o });
         let (y, hl) = ref_fwd(&dims, &d);
         let d32 = d.f32();
         let one = dims.with_seqlen(1);
@@ -339,8 +349,8 @@ fn small_dims() -> [Scan2Dims; 2] {
 #[test]
 fn reference_bwd_matches_finite_differences() {
     for (k, dims) in small_dims().iter().enumerate() {
-        for (j, o) in [ALL, NONE].into_iter().enumerate() {
-            let seed = 11 + (k * 2 + j) as u64;
+        for (j, o) in [ALL, NONE, ALL_RESETS].into_iter().enumerate() {
+            let seed = 11 + (k * 3 + j) as u64;
             let d = Data::random(dims, seed, o);
             let (w, w2) = loss_weights(dims, seed);
             let g = ref_bwd(dims, &d, &w, &w2);
@@ -352,8 +362,8 @@ fn reference_bwd_matches_finite_differences() {
 #[test]
 fn fast_bwds_match_finite_differences() {
     for (k, dims) in small_dims().iter().enumerate() {
-        for (j, o) in [ALL, NONE].into_iter().enumerate() {
-            let seed = 31 + (k * 2 + j) as u64;
+        for (j, o) in [ALL, NONE, ALL_RESETS].into_iter().enumerate() {
+            let seed = 31 + (k * 3 + j) as u64;
             let d = Data::random(dims, seed, o);
             let (w, w2) = loss_weights(dims, seed);
             let (w, w2) = (to_f32(&w), to_f32(&w2));
@@ -369,15 +379,22 @@ fn fast_bwds_match_finite_differences() {
 fn ssd_chunked_equals_sequential() {
     let dims = Scan2Dims::new(2, 100, 4, 16, 8).with_groups(2);
     let d = Data::random(&dims, 5, ALL).f32();
-    let (y, hl) = fast_fwd(Kern::Seq, &dims, &d);
+    ssd_equals_sequential(&dims, &d);
+    let with_resets = Data::random(&dims, 6, ALL_RESETS).f32();
+    ssd_equals_sequential(&dims, &with_resets);
+}
+
+fn ssd_equals_sequential(dims: &Scan2Dims, d: &Data<f32>) {
+    let dims = *dims;
+    let (y, hl) = fast_fwd(Kern::Seq, &dims, d);
     let dy = to_f32(&Rng(9).vec(dims.n_blhp(), -1.0, 1.0));
     let dhl = to_f32(&Rng(10).vec(dims.n_bhpn(), -1.0, 1.0));
-    let gs = fast_bwd(Kern::Seq, &dims, &d, &dy, &dhl);
+    let gs = fast_bwd(Kern::Seq, &dims, d, &dy, &dhl);
     for q in [1, 16, 37, 64, 100, 1000] {
-        let (ys, hls) = fast_fwd(Kern::Ssd(q), &dims, &d);
+        let (ys, hls) = fast_fwd(Kern::Ssd(q), &dims, d);
         assert_rel_max(&format!("y q={q}"), &ys, &y, 1e-5, 1.0);
         assert_rel_max(&format!("h_last q={q}"), &hls, &hl, 1e-5, 1.0);
-        let g = fast_bwd(Kern::Ssd(q), &dims, &d, &dy, &dhl);
+        let g = fast_bwd(Kern::Ssd(q), &dims, d, &dy, &dhl);
         for i in 0..9 {
             assert_rel_max(&format!("{} q={q}", GRAD_NAMES[i]), &g[i], &gs[i], 1e-4, 1e-2);
         }
@@ -386,9 +403,16 @@ fn ssd_chunked_equals_sequential() {
 
 #[test]
 fn mamba2_equals_mamba1_with_repeated_a_and_delta() {
+    mamba2_equals_mamba1(ALL, 77);
+    // The two references implement resets separately; Mamba-1's is checked against running
+    // each segment alone.
+    mamba2_equals_mamba1(ALL_RESETS, 78);
+}
+
+fn mamba2_equals_mamba1(o: Opts, seed: u64) {
     let (b, l, h, p, n, g) = (2, 9, 4, 3, 5, 2);
     let dims = Scan2Dims::new(b, l, h, p, n).with_groups(g);
-    let d = Data::random(&dims, 77, ALL);
+    let d = Data::random(&dims, seed, o);
     let (y2, hl2) = ref_fwd(&dims, &d);
     let dim = h * p;
     let rep = |v: &[f64]| -> Vec<f64> { v.iter().flat_map(|&x| vec![x; p]).collect() };
@@ -402,6 +426,7 @@ fn mamba2_equals_mamba1_with_repeated_a_and_delta() {
         delta_bias: Some(&bias),
         delta_softplus: true,
         h0: d.h0.as_deref(),
+        resets: d.resets.as_deref(),
         ..Scan1Args::new(&d.x, &delta1, &a1, &d.b, &d.c)
     };
     let dims1 = Scan1Dims::new(b, l, dim, n).with_groups(g);

@@ -68,6 +68,10 @@ impl Scan2Dims {
         Layout::new("(B, L, H, P)", &[self.batch, self.seqlen, self.nheads, self.headdim])
     }
 
+    fn bl(&self) -> Layout {
+        Layout::new("(B, L)", &[self.batch, self.seqlen])
+    }
+
     fn blh(&self) -> Layout {
         Layout::new("(B, L, H)", &[self.batch, self.seqlen, self.nheads])
     }
@@ -118,6 +122,12 @@ impl Scan2Dims {
 /// | `z` | (B, L, H, P), gate, optional: `y ← y · silu(z)` |
 /// | `delta_bias` | (H), added to Δ before softplus (`dt_bias`), optional |
 /// | `h0` | (B, H, P, N), initial state (HF's `ssm_state` layout), optional (zero when absent) |
+/// | `resets` | (B, L), optional: `true` where a new sequence starts |
+///
+/// **Resets** (packed documents, the reference implementation's `seq_idx`): where
+/// `resets[b, t]` is `true` the state entering step `t` is taken as zero, so nothing before `t`
+/// reaches `t` or later and no gradient flows back across it (a reset at `t = 0` makes `h0`
+/// unused and its gradient zero).
 #[derive(Clone, Copy, Debug)]
 pub struct Scan2Args<'a, T> {
     /// `x`, (B, L, H, P).
@@ -140,12 +150,26 @@ pub struct Scan2Args<'a, T> {
     pub delta_softplus: bool,
     /// Initial state, (B, H, P, N).
     pub h0: Option<&'a [T]>,
+    /// Sequence starts, (B, L).
+    pub resets: Option<&'a [bool]>,
 }
 
 impl<'a, T> Scan2Args<'a, T> {
     /// Required inputs only: no `D`, gate, bias, softplus or initial state.
     pub fn new(x: &'a [T], delta: &'a [T], a: &'a [T], b: &'a [T], c: &'a [T]) -> Self {
-        Self { x, delta, a, b, c, d: None, z: None, delta_bias: None, delta_softplus: false, h0: None }
+        Self {
+            x,
+            delta,
+            a,
+            b,
+            c,
+            d: None,
+            z: None,
+            delta_bias: None,
+            delta_softplus: false,
+            h0: None,
+            resets: None,
+        }
     }
 
     /// Panics with a message naming the argument unless every length matches `dims`.
@@ -161,6 +185,7 @@ impl<'a, T> Scan2Args<'a, T> {
         check_opt_len(kernel, "z", dims.blhp(), self.z, dims.n_blhp());
         check_opt_len(kernel, "delta_bias", dims.h(), self.delta_bias, dims.nheads);
         check_opt_len(kernel, "h0", dims.bhpn(), self.h0, dims.n_bhpn());
+        check_opt_len(kernel, "resets", dims.bl(), self.resets, dims.batch * dims.seqlen);
     }
 }
 

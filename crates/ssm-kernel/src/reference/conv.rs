@@ -4,13 +4,19 @@ use crate::Real;
 use crate::conv::{ConvArgs, ConvDims, ConvGrads, ConvOut};
 use crate::conv::{check_step, check_upstream};
 
+/// Whether input position `s ≤ t` of batch row `b` belongs to the sequence of position `t`: no
+/// reset at any position in `s + 1 ..= t`.
+fn same_seq<T>(dims: &ConvDims, args: &ConvArgs<T>, b: usize, s: usize, t: usize) -> bool {
+    args.resets.is_none_or(|r| (s + 1..=t).all(|p| !r[b * dims.seqlen + p]))
+}
+
 /// Pre-activation output `bias[c] + Σ_k w[c, k] · x[b, t − (K−1) + k, c]`.
 fn pre<T: Real>(dims: &ConvDims, args: &ConvArgs<T>, b: usize, t: usize, c: usize) -> T {
     let ConvDims { seqlen: l, channels: ch, width: k, .. } = *dims;
     let mut acc = args.bias.map_or(T::zero(), |bias| bias[c]);
     for kk in 0..k {
-        // source time t − (K−1) + kk, skipped when negative
-        if t + kk + 1 >= k {
+        // source time t − (K−1) + kk, skipped when negative or in an earlier sequence
+        if t + kk + 1 >= k && same_seq(dims, args, b, t + kk + 1 - k, t) {
             let s = t + kk + 1 - k;
             acc += args.weight[c * k + kk] * args.x[(b * l + s) * ch + c];
         }
@@ -39,8 +45,9 @@ pub fn conv1d_fwd<T: Real>(dims: &ConvDims, args: &ConvArgs<T>, out: ConvOut<T>)
             for c in 0..ch {
                 for kk in 0..k {
                     // position L − K + kk
+                    let inside = l + kk >= k && same_seq(dims, args, b, l + kk - k, l - 1);
                     st[(b * ch + c) * k + kk] =
-                        if l + kk >= k { args.x[(b * l + l + kk - k) * ch + c] } else { T::zero() };
+                        if inside { args.x[(b * l + l + kk - k) * ch + c] } else { T::zero() };
                 }
             }
         }
@@ -67,7 +74,7 @@ pub fn conv1d_bwd<T: Real>(dims: &ConvDims, args: &ConvArgs<T>, dy: &[T], grads:
                     db[c] += g;
                 }
                 for kk in 0..k {
-                    if t + kk + 1 >= k {
+                    if t + kk + 1 >= k && same_seq(dims, args, b, t + kk + 1 - k, t) {
                         let s = (b * l + t + kk + 1 - k) * ch + c;
                         dweight[c * k + kk] += g * args.x[s];
                         dx[s] += g * args.weight[c * k + kk];
@@ -116,7 +123,7 @@ mod tests {
 
     fn fwd(dims: &ConvDims, x: &[f64], w: &[f64], bias: Option<&[f64]>, silu: bool) -> Vec<f64> {
         let mut y = vec![0.0; dims.n_blc()];
-        let args = ConvArgs { x, weight: w, bias, silu };
+        let args = ConvArgs { x, weight: w, bias, silu, resets: None };
         conv1d_fwd(dims, &args, ConvOut { y: &mut y, state_out: None });
         y
     }
@@ -154,7 +161,7 @@ mod tests {
             let mut dx = vec![0.0; dims.n_blc()];
             let mut dw = vec![0.0; dims.n_ck()];
             let mut db = vec![0.0; c];
-            let args = ConvArgs { x: &x, weight: &w, bias: bias_opt, silu };
+            let args = ConvArgs { x: &x, weight: &w, bias: bias_opt, silu, resets: None };
             conv1d_bwd(&dims, &args, &wy, ConvGrads { dx: &mut dx, dweight: &mut dw, dbias: Some(&mut db) });
             let eps = 1e-6;
             let ndx = numeric_grad(&x, eps, |x| dot(&wy, &fwd(&dims, x, &w, bias_opt, silu)));

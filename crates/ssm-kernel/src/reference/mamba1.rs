@@ -13,6 +13,11 @@ fn delta_eff<T: Real>(args: &Scan1Args<T>, i: usize, d: usize) -> (T, T) {
     if args.delta_softplus { (v.softplus(), v.softplus_grad()) } else { (v, T::one()) }
 }
 
+/// Whether flat (B, L) position `bt` starts a new sequence.
+pub(crate) fn is_reset(resets: Option<&[bool]>, bt: usize) -> bool {
+    resets.is_some_and(|r| r[bt])
+}
+
 /// Forward scan. Layouts: see [`Scan1Args`] and [`Scan1Out`].
 #[track_caller]
 pub fn scan_fwd<T: Real>(dims: &Scan1Dims, args: &Scan1Args<T>, out: Scan1Out<T>) {
@@ -35,6 +40,9 @@ pub fn scan_fwd<T: Real>(dims: &Scan1Dims, args: &Scan1Args<T>, out: Scan1Out<T>
                 if let (Some(ck), true) = (checkpoints.as_deref_mut(), t % crate::mamba1::CHUNK == 0) {
                     let at = ((b * nchunks + t / crate::mamba1::CHUNK) * dim + d) * n;
                     ck[at..at + n].copy_from_slice(&h);
+                }
+                if is_reset(args.resets, b * seqlen + t) {
+                    h.fill(T::zero());
                 }
                 let i = (b * seqlen + t) * dim + d;
                 let bc = ((b * seqlen + t) * ngroups + g) * n;
@@ -93,8 +101,10 @@ pub fn scan_bwd<T: Real>(
                 let i = (b * seqlen + t) * dim + d;
                 let bc = ((b * seqlen + t) * ngroups + grp) * n;
                 let (dt, _) = delta_eff(args, i, d);
+                let reset = is_reset(args.resets, b * seqlen + t);
                 for k in 0..n {
-                    let prev = hs[t * n + k];
+                    // A reset makes the state entering step t zero.
+                    let prev = if reset { T::zero() } else { hs[t * n + k] };
                     hs[(t + 1) * n + k] =
                         (dt * args.a[d * n + k]).exp() * prev + dt * args.u[i] * args.b[bc + k];
                 }
@@ -109,7 +119,9 @@ pub fn scan_bwd<T: Real>(
                 let (dt, ddt_draw) = delta_eff(args, i, d);
                 let x = args.u[i];
                 let h = &hs[(t + 1) * n..(t + 2) * n];
-                let hprev = &hs[t * n..(t + 1) * n];
+                let reset = is_reset(args.resets, b * seqlen + t);
+                let zeros = vec![T::zero(); n];
+                let hprev = if reset { &zeros[..] } else { &hs[t * n..(t + 1) * n] };
                 // Output before the gate.
                 let mut ypre: T = (0..n).map(|k| h[k] * args.c[bc + k]).sum();
                 let dmul = args.d.map_or(T::zero(), |dv| dv[d]);
@@ -137,7 +149,8 @@ pub fn scan_bwd<T: Real>(
                     du[i] += g[k] * dt * args.b[bc + k];
                     ddt += g[k] * (x * args.b[bc + k] + hprev[k] * a * abar);
                     da[d * n + k] += g[k] * hprev[k] * dt * abar;
-                    g[k] *= abar;
+                    // Nothing flows back across a reset.
+                    g[k] = if reset { T::zero() } else { g[k] * abar };
                 }
                 let draw = ddt * ddt_draw;
                 ddelta[i] += draw;

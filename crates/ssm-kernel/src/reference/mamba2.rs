@@ -3,6 +3,7 @@
 
 use crate::Real;
 use crate::mamba2::{Scan2Args, Scan2Dims, Scan2Grads, Scan2Out, check_upstream};
+use crate::reference::mamba1::is_reset;
 
 /// Effective Δ for element `i` (flat (B, L, H) index) of head `h`, and the derivative of the
 /// effective Δ with respect to the raw one.
@@ -21,6 +22,8 @@ fn delta_eff<T: Real>(args: &Scan2Args<T>, i: usize, h: usize) -> (T, T) {
 /// h_t[p, n] = ā_t · h_{t−1}[p, n] + Δ_t · x_t[p] · B_t[g, n]
 /// y_t[p] = Σ_n h_t[p, n] · C_t[g, n] + D[h] · x_t[p],   then y_t[p] ← y_t[p] · silu(z_t[p])
 /// ```
+///
+/// with `h_{t−1}` taken as zero where `args.resets` marks `t`.
 #[track_caller]
 pub fn scan_fwd<T: Real>(dims: &Scan2Dims, args: &Scan2Args<T>, out: Scan2Out<T>) {
     const K: &str = "reference::mamba2::scan_fwd";
@@ -43,6 +46,9 @@ pub fn scan_fwd<T: Real>(dims: &Scan2Dims, args: &Scan2Args<T>, out: Scan2Out<T>
                 let bc = ((b * seqlen + t) * ngroups + g) * n;
                 let (dt, _) = delta_eff(args, ih, h);
                 let abar = (dt * args.a[h]).exp();
+                if is_reset(args.resets, b * seqlen + t) {
+                    st.fill(T::zero());
+                }
                 for p in 0..pd {
                     let i = ih * pd + p;
                     let x = args.x[i];
@@ -112,11 +118,14 @@ pub fn scan_bwd<T: Real>(
                 let bc = ((b * seqlen + t) * ngroups + grp) * n;
                 let (dt, _) = delta_eff(args, ih, h);
                 let abar = (dt * args.a[h]).exp();
+                let reset = is_reset(args.resets, b * seqlen + t);
                 for p in 0..pd {
                     let x = args.x[ih * pd + p];
                     for k in 0..n {
                         let j = p * n + k;
-                        hs[(t + 1) * sz + j] = abar * hs[t * sz + j] + dt * x * args.b[bc + k];
+                        // A reset makes the state entering step t zero.
+                        let prev = if reset { T::zero() } else { hs[t * sz + j] };
+                        hs[(t + 1) * sz + j] = abar * prev + dt * x * args.b[bc + k];
                     }
                 }
             }
@@ -131,8 +140,10 @@ pub fn scan_bwd<T: Real>(
                 let bc = ((b * seqlen + t) * ngroups + grp) * n;
                 let (dt, ddt_draw) = delta_eff(args, ih, h);
                 let abar = (dt * a).exp();
+                let reset = is_reset(args.resets, b * seqlen + t);
                 let hcur = &hs[(t + 1) * sz..(t + 2) * sz];
-                let hprev = &hs[t * sz..(t + 1) * sz];
+                let zeros = vec![T::zero(); sz];
+                let hprev = if reset { &zeros[..] } else { &hs[t * sz..(t + 1) * sz] };
                 let mut ddt = T::zero();
                 for p in 0..pd {
                     let i = ih * pd + p;
@@ -160,7 +171,8 @@ pub fn scan_bwd<T: Real>(
                         dx[i] += gs[j] * dt * args.b[bc + k];
                         ddt += gs[j] * (x * args.b[bc + k] + hprev[j] * a * abar);
                         da[h] += gs[j] * hprev[j] * dt * abar;
-                        gs[j] *= abar;
+                        // Nothing flows back across a reset.
+                        gs[j] = if reset { T::zero() } else { gs[j] * abar };
                     }
                 }
                 let draw = ddt * ddt_draw;
