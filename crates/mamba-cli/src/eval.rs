@@ -31,6 +31,11 @@ pub struct EvalArgs {
     /// one left (and its first token is predicted) instead of from the empty state.
     #[arg(long)]
     carry_state: bool,
+    /// Precede each document with the model's end-of-document token (config.json's
+    /// eos_token_id), as `mamba train --packing reset|plain` lays documents out, so that each
+    /// document's first token is scored too.
+    #[arg(long, requires = "data", conflicts_with = "carry_state")]
+    eos_prefix: bool,
     /// Print one JSON line: {"loss": x, "tokens": n, "ppl": p} (plus "bits_per_byte" for --data,
     /// and "documents" when documents are scored one by one).
     #[arg(long)]
@@ -72,7 +77,15 @@ pub fn run(a: EvalArgs) -> anyhow::Result<()> {
             let tok = load_tokenizer(&a.model)?;
             let docs = mamba_train::data::read_documents(path)?;
             let bytes = docs.iter().map(|d| d.text.len()).sum();
-            let ids: Vec<Vec<usize>> = docs.iter().map(|d| tok.encode(&d.text)).collect();
+            let prefix = match (a.eos_prefix, model.config.special_tokens.eos) {
+                (false, _) => None,
+                (true, Some(e)) => Some(e as usize),
+                (true, None) => {
+                    bail!("--eos-prefix: {} names no eos_token_id", a.model.join("config.json").display())
+                }
+            };
+            let ids: Vec<Vec<usize>> =
+                docs.iter().map(|d| prefix.into_iter().chain(tok.encode(&d.text)).collect()).collect();
             if ids.len() > 1 && !a.carry_state {
                 // Documents: each one whole, from the empty state (the decoder runs it in
                 // chunks, so memory does not grow with its length).

@@ -11,9 +11,10 @@ use indicatif::{ProgressBar, ProgressStyle};
 use mamba_nn::config::{Arch, MambaConfig};
 use mamba_nn::model::{LoadOptions, LoraConfig, MambaLM, WeightFormat};
 use mamba_train::data::TextData;
+use mamba_train::data::read_documents;
 use mamba_train::run_dir::RunDir;
 use mamba_train::tasks::Task;
-use mamba_train::tokenizer::{ByteTokenizer, HfTokenizer, Tokenizer};
+use mamba_train::tokenizer::{BYTE_EOS, ByteTokenizer, HfTokenizer, Tokenizer};
 use mamba_train::trainer::{Metrics, Objective, Progress, StepInfo, TrainConfig, Trainer};
 use serde::{Deserialize, Serialize};
 
@@ -37,15 +38,35 @@ pub enum TaskArg {
     InductionHeads,
 }
 
+/// How `--data` with several documents is laid into training windows.
+#[derive(Clone, Copy, Debug, ValueEnum, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PackingArg {
+    /// Every document preceded by an end-of-document token, and the model's recurrent state
+    /// reset to zero at each: no document sees another.
+    Reset,
+    /// The end-of-document token between documents, but the state flows from one into the next.
+    Plain,
+    /// One stream of text: no separator, no reset.
+    Stream,
+}
+
 /// Arguments of `mamba train`.
 #[derive(Args, Debug)]
 pub struct TrainArgs {
     /// Text to train on (byte-level tokens unless --tokenizer): a text file; a directory of text
     /// files, each one document; or a .jsonl file, one JSON object per line with the document in
-    /// its "text" field. Documents are concatenated in order (no separator, and the recurrent
-    /// state is not yet reset between them); validation holds out the last whole documents.
+    /// its "text" field. Several documents are packed densely into windows as --packing says;
+    /// validation holds out the last whole documents.
     #[arg(long, conflicts_with = "task")]
     data: Option<PathBuf>,
+    /// How several documents are packed into windows: `reset` puts an end-of-document token
+    /// before each (bytes: id 256, so the vocabulary is 257; a tokenizer.json: the model's
+    /// eos_token_id) and restarts the recurrent state there; `plain` keeps the token but lets
+    /// the state flow across; `stream` concatenates the texts. Default: reset when --data holds
+    /// more than one document, else stream.
+    #[arg(long, value_enum, requires = "data")]
+    packing: Option<PackingArg>,
     /// Train on a synthetic task instead of text. Unless given, the model and schedule flags then
     /// take the settings that solve it (docs/results.md): --d-model 64 --n-layer 2
     /// --batch-size 32 --lr 3e-3 --eval-every 250 --time-budget 90.
@@ -180,12 +201,24 @@ impl SourceFile {
 /// The training data of a run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum Source {
-    /// Text at a path, bytes or a tokenizer.json (copied into the run directory).
-    Text { path: PathBuf, hf_tokenizer: bool },
+    /// Text at a path, bytes or a tokenizer.json (copied into the run directory), packed with
+    /// an end-of-document token `eos` (none in runs from before packing).
+    Text {
+        path: PathBuf,
+        hf_tokenizer: bool,
+        #[serde(default = "stream")]
+        packing: PackingArg,
+        #[serde(default)]
+        eos: Option<u32>,
+    },
     /// A synthetic task.
     Task(TaskArg),
     /// The built-in generated corpus.
     Builtin,
+}
+
+fn stream() -> PackingArg {
+    PackingArg::Stream
 }
 
 /// Size of the built-in corpus, in bytes.
@@ -217,13 +250,14 @@ fn objective(source: &Source, tokenizer_json: &Path) -> anyhow::Result<Objective
             let data = TextData::from_tokens(Path::new("<built-in arithmetic corpus>"), ids)?;
             Objective::Text { data, tokenizer }
         }
-        Source::Text { path, hf_tokenizer } => {
+        Source::Text { path, hf_tokenizer, packing, eos } => {
             let tokenizer: Box<dyn Tokenizer> = if *hf_tokenizer {
                 Box::new(HfTokenizer::from_file(tokenizer_json)?)
             } else {
                 Box::new(ByteTokenizer)
             };
-            let data = TextData::load(path, &*tokenizer)?;
+            let eos = if *packing == PackingArg::Stream { None } else { *eos };
+            let data = TextData::load(path, &*tokenizer, eos)?;
             Objective::Text { data, tokenizer }
         }
     })
@@ -289,6 +323,34 @@ fn start_from(a: &TrainArgs, m: &ArgMatches, base: &Path, obj: &Objective) -> an
         model.add_lora(&cfg, a.seed).context("--lora-targets / --lora-rank")?;
     }
     Ok(model)
+}
+
+/// How a value-enum flag is spelled on the command line.
+fn flag_value_of(v: impl ValueEnum) -> String {
+    v.to_possible_value().map_or_else(String::new, |v| v.get_name().to_string())
+}
+
+/// The end-of-document token packing with `--from base` (its config's eos_token_id) or into a
+/// new model (bytes: [`BYTE_EOS`]) uses.
+fn end_of_document(base: Option<&Path>, hf_tokenizer: bool, packing: PackingArg) -> anyhow::Result<u32> {
+    let how = flag_value_of(packing);
+    match base {
+        Some(b) => {
+            let cfg = MambaConfig::from_file(b.join("config.json"))
+                .with_context(|| format!("--from {}", b.display()))?;
+            match cfg.special_tokens.eos {
+                Some(e) => Ok(u32::try_from(e).context("eos_token_id")?),
+                None => bail!(
+                    "--packing {how} separates documents by the model's end-of-document token, but {}                      names no eos_token_id; use --packing stream",
+                    b.join("config.json").display()
+                ),
+            }
+        }
+        None if hf_tokenizer => bail!(
+            "--packing {how} with a new model and --tokenizer: which token ends a document is not              known; use --packing stream (or fine-tune a model whose config.json names its              eos_token_id with --from)"
+        ),
+        None => Ok(BYTE_EOS),
+    }
 }
 
 /// How `--arch` spells `arch` on the command line.
@@ -390,6 +452,9 @@ fn resume_conflicts(a: &TrainArgs, m: &ArgMatches, t: &Trainer, source: &Source)
     };
     check("data", a.data.as_ref().map_or("none".into(), |p| p.display().to_string()), run_data);
     check("task", a.task.map_or("none".into(), |t| format!("{t:?}")), run_task);
+    if let (Some(p), Source::Text { packing, .. }) = (a.packing, source) {
+        check("packing", flag_value_of(p), flag_value_of(*packing));
+    }
     if given(m, "tokenizer") {
         out.push("--tokenizer (the run keeps the tokenizer.json it started with)".to_string());
     }
@@ -458,7 +523,24 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
             None => a.tokenizer.clone(),
         };
         let source = match (&a.data, a.task) {
-            (Some(p), _) => Source::Text { path: p.clone(), hf_tokenizer: tokenizer_json.is_some() },
+            (Some(p), _) => {
+                let packing = match a.packing {
+                    Some(pk) => pk,
+                    None if read_documents(p)?.len() > 1 => PackingArg::Reset,
+                    None => PackingArg::Stream,
+                };
+                if packing == PackingArg::Reset && (a.arch == ArchArg::Lti && base.is_none()) {
+                    bail!(
+                        "--packing reset: the LTI baseline cannot restart its state; use --packing plain or stream"
+                    );
+                }
+                let hf_tokenizer = tokenizer_json.is_some();
+                let eos = match packing {
+                    PackingArg::Stream => None,
+                    _ => Some(end_of_document(base.as_deref(), hf_tokenizer, packing)?),
+                };
+                Source::Text { path: p.clone(), hf_tokenizer, packing, eos }
+            }
             (None, Some(t)) => Source::Task(t),
             (None, None) if tokenizer_json.is_some() => {
                 bail!(
@@ -501,10 +583,25 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
             Objective::Text { tokenizer, .. } => (tokenizer.vocab_size(), a.seq_len),
             Objective::Task(t) => (t.vocab_size(), t.seq_len()),
         };
+        let (eos, reset_token) = match &source {
+            Source::Text { packing, eos, .. } => (*eos, eos.filter(|_| *packing == PackingArg::Reset)),
+            _ => (None, None),
+        };
         let model = match pretrained {
             Some(m) => m,
-            None => new_model(&a, vocab)?,
+            None => {
+                // A byte-level model that packs documents also has the end-of-document id.
+                let vocab = eos.map_or(vocab, |e| vocab.max(e as usize + 1));
+                let mut m = new_model(&a, vocab)?;
+                m.config.special_tokens.eos = eos.map(u64::from);
+                m
+            }
         };
+        if reset_token.is_some() && model.config.arch == Arch::Lti {
+            bail!(
+                "--packing reset: the LTI baseline cannot restart its state; use --packing plain or stream"
+            );
+        }
         let tc = TrainConfig {
             seq_len,
             batch_size: a.batch_size,
@@ -516,6 +613,7 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
             eval_tokens: a.eval_tokens,
             seed: a.seed,
             keep_checkpoints: a.keep_checkpoints as usize,
+            reset_token,
             ..TrainConfig::default()
         };
         let what = match (&base, &model.lora) {

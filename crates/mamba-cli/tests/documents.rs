@@ -64,3 +64,64 @@ fn jsonl_documents_score_as_the_weighted_mean_of_each_alone() {
     );
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// The `config.json` of a run directory.
+fn run_config(run: &Path) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(run.join("config.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn training_on_documents_packs_them_with_an_end_of_document_token() {
+    let d = tmp("pack");
+    std::fs::create_dir_all(&d).unwrap();
+    let lines: Vec<String> = (0..40)
+        .map(|i| serde_json::json!({ "text": format!("speech {i}: {}", "words and more words ".repeat(3 + i % 5)) }))
+        .map(|v| v.to_string())
+        .collect();
+    let jsonl = d.join("docs.jsonl");
+    std::fs::write(&jsonl, lines.join("\n")).unwrap();
+    let train = |out: &Path, extra: &[&str]| {
+        let base = ["train", "--data", jsonl.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        let small =
+            ["--steps", "2", "--eval-every", "2", "--d-model", "16", "--n-layer", "1", "--seq-len", "32"];
+        mamba(&[&base[..], &small, extra].concat())
+    };
+    // Several documents: packed with resets by default; byte id 256 ends each document.
+    let run = d.join("reset");
+    let o = train(&run, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg = run_config(&run);
+    assert_eq!((cfg["vocab_size"].as_u64(), cfg["eos_token_id"].as_u64()), (Some(257), Some(256)));
+    let src: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("source.json")).unwrap()).unwrap();
+    assert_eq!(src["data"]["Text"]["packing"], "reset");
+    // Documents scored with the end-of-document token before each: one more target per document.
+    let plain = eval(&run, &jsonl, &[]);
+    let prefixed = eval(&run, &jsonl, &["--eos-prefix"]);
+    assert_eq!(prefixed["tokens"].as_u64(), Some(plain["tokens"].as_u64().unwrap() + 40));
+    // One stream: no separator, the byte vocabulary.
+    let run = d.join("stream");
+    let o = train(&run, &["--packing", "stream"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(run_config(&run)["vocab_size"].as_u64(), Some(256));
+    // Resets the LTI baseline cannot do, and a token nobody named, are refused before any run.
+    let run = d.join("lti");
+    let o = train(&run, &["--arch", "lti"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("--packing reset") && e.contains("LTI"), "{e}");
+    assert!(!run.exists());
+    // Resuming with another packing is refused naming both.
+    let o = mamba(&[
+        "train",
+        "--data",
+        jsonl.to_str().unwrap(),
+        "--out",
+        d.join("reset").to_str().unwrap(),
+        "--resume",
+        "--packing",
+        "plain",
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("--packing plain (the run has reset)"), "{e}");
+    std::fs::remove_dir_all(&d).unwrap();
+}

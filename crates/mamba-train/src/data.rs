@@ -309,12 +309,16 @@ pub struct TextData {
     /// The validation tokens: the last whole documents, or the last `⌊n/10⌋` tokens (see
     /// [`TextData::load`]).
     pub val: Vec<u32>,
+    /// How many documents the corpus holds.
+    pub documents: usize,
 }
 
 impl TextData {
     /// Reads the documents of `path` ([`read_documents`]: a text file, a directory of them, or
     /// `.jsonl` files) and tokenizes each on its own with `tok` (in pieces of about 1 MiB cut
-    /// after a newline); the token sequences are concatenated in order with nothing in between.
+    /// after a newline); the token sequences are concatenated in order, each preceded by the
+    /// end-of-document token `eos` when one is given (so it separates every two documents and a
+    /// window position holding it starts a document), with nothing in between otherwise.
     ///
     /// Validation holds out whole documents: the last ones, as few as make up at least a tenth
     /// of the tokens. With a single document — or when the last documents would make up more
@@ -324,8 +328,11 @@ impl TextData {
     /// # Errors
     /// As [`read_documents`], and [`DataError::Empty`] when there are no tokens at all. Call
     /// [`TextData::ensure_len`] to check the splits against a sequence length.
-    pub fn load(path: &Path, tok: &dyn Tokenizer) -> Result<Self, DataError> {
-        let docs: Vec<Vec<u32>> = read_documents(path)?.iter().map(|d| encode(tok, &d.text)).collect();
+    pub fn load(path: &Path, tok: &dyn Tokenizer, eos: Option<u32>) -> Result<Self, DataError> {
+        let docs: Vec<Vec<u32>> = read_documents(path)?
+            .iter()
+            .map(|d| eos.into_iter().chain(encode(tok, &d.text)).collect())
+            .collect();
         let n: usize = docs.iter().map(Vec::len).sum();
         if n == 0 {
             // Walk the files again only to say how many there were.
@@ -340,10 +347,10 @@ impl TextData {
         let whole_documents = docs.len() > 1 && held > 0 && held <= n / 2;
         let mut tokens: Vec<u32> = docs.concat();
         if !whole_documents {
-            return Self::from_tokens(path, tokens);
+            return Ok(Self { documents: docs.len(), ..Self::from_tokens(path, tokens)? });
         }
         let val = tokens.split_off(n - held);
-        Ok(Self { path: path.into(), train: tokens, val })
+        Ok(Self { path: path.into(), train: tokens, val, documents: docs.len() })
     }
 
     /// Splits already tokenized data (last `⌊n/10⌋` tokens are validation); `path` is only used in
@@ -354,7 +361,7 @@ impl TextData {
         }
         let n_val = tokens.len() / 10;
         let val = tokens.split_off(tokens.len() - n_val);
-        Ok(Self { path: path.into(), train: tokens, val })
+        Ok(Self { path: path.into(), train: tokens, val, documents: 1 })
     }
 
     /// Checks that each split holds at least `seq_len + 2` tokens, so that [`sample_batch`] has
@@ -529,7 +536,7 @@ mod tests {
         assert_eq!(files, [d.join("a.txt"), d.join("b/sub/z.txt"), d.join("b/x.txt")]);
         let docs: Vec<String> = read_documents(&d).unwrap().into_iter().map(|d| d.text).collect();
         assert_eq!(docs, ["1111", "333", "22"], "one document per file");
-        let td = TextData::load(&d, &ByteTokenizer).unwrap();
+        let td = TextData::load(&d, &ByteTokenizer, None).unwrap();
         let all: Vec<u32> = "111133322".bytes().map(u32::from).collect();
         // 9 tokens: ⌊9/10⌋ = 0 validation tokens.
         assert_eq!((td.train.clone(), td.val.len()), (all, 0));
@@ -537,12 +544,12 @@ mod tests {
         let f = d.join("big.txt");
         let text: String = (0..1000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
         std::fs::write(&f, &text).unwrap();
-        let td = TextData::load(&f, &ByteTokenizer).unwrap();
+        let td = TextData::load(&f, &ByteTokenizer, None).unwrap();
         assert_eq!((td.train.len(), td.val.len()), (900, 100));
         let mut joined = td.train.clone();
         joined.extend(&td.val);
         assert_eq!(joined, text.bytes().map(u32::from).collect::<Vec<_>>());
-        let again = TextData::load(&f, &ByteTokenizer).unwrap();
+        let again = TextData::load(&f, &ByteTokenizer, None).unwrap();
         assert_eq!((again.train, again.val), (td.train, td.val));
         std::fs::remove_dir_all(&d).unwrap();
     }
@@ -562,9 +569,20 @@ mod tests {
         assert_eq!(docs.len(), 20);
         assert_eq!(docs[0].source, format!("{}:1", f.display()));
         assert_eq!(docs[3].text.len(), 13);
-        let td = TextData::load(&f, &ByteTokenizer).unwrap();
+        let td = TextData::load(&f, &ByteTokenizer, None).unwrap();
         // 390 tokens: the fewest last documents holding ≥ 39 are the last two (29 + 28).
         assert_eq!((td.train.len(), td.val.len()), (390 - 57, 57));
+        assert_eq!(td.documents, 20);
+        // With an end-of-document token, every document is preceded by it and validation still
+        // holds out whole documents (each with its separator): 410 tokens, the last two 30 + 29.
+        let te = TextData::load(&f, &ByteTokenizer, Some(256)).unwrap();
+        assert_eq!((te.train.len(), te.val.len()), (410 - 59, 59));
+        assert_eq!(
+            (te.train[0], te.train[1], te.train[11], te.train[12]),
+            (256, u32::from(b'x'), 256, u32::from(b'x'))
+        );
+        assert_eq!(te.val[0], 256);
+        assert_eq!(te.train.iter().chain(&te.val).filter(|&&t| t == 256).count(), 20);
         // Malformed lines are named by file and line.
         for (bad, want) in [
             ("{\"text\": 3}", "line 2: \"text\" is 3, not a string"),
@@ -586,7 +604,7 @@ mod tests {
         let line = "the quick brown fox ∑ jumps\n";
         let text = line.repeat(2 * ENCODE_CHUNK / line.len() + 7);
         std::fs::write(&f, &text).unwrap();
-        let td = TextData::load(&f, &ByteTokenizer).unwrap();
+        let td = TextData::load(&f, &ByteTokenizer, None).unwrap();
         assert_eq!(td.train.len() + td.val.len(), text.len());
         assert!(td.train.iter().chain(&td.val).map(|&t| t as u8).eq(text.bytes()));
         std::fs::remove_dir_all(&d).unwrap();
@@ -596,29 +614,29 @@ mod tests {
     fn errors_name_the_path_and_what_is_wrong() {
         let d = tmpdir("err");
         let missing = d.join("nope.txt");
-        let e = TextData::load(&missing, &ByteTokenizer).unwrap_err().to_string();
+        let e = TextData::load(&missing, &ByteTokenizer, None).unwrap_err().to_string();
         assert_eq!(e, format!("{}: no such file or directory", missing.display()));
 
         let empty_dir = d.join("empty");
         std::fs::create_dir_all(&empty_dir).unwrap();
         std::fs::write(empty_dir.join("e.txt"), "").unwrap();
-        let e = TextData::load(&empty_dir, &ByteTokenizer).unwrap_err().to_string();
+        let e = TextData::load(&empty_dir, &ByteTokenizer, None).unwrap_err().to_string();
         assert_eq!(e, format!("{}: no data (found 1 file(s) and 0 tokens)", empty_dir.display()));
 
         let bin = d.join("bin.txt");
         std::fs::write(&bin, b"ok\xff\xfe").unwrap();
-        let e = TextData::load(&bin, &ByteTokenizer).unwrap_err().to_string();
+        let e = TextData::load(&bin, &ByteTokenizer, None).unwrap_err().to_string();
         assert_eq!(e, format!("{}: not UTF-8 text (invalid byte at offset 2)", bin.display()));
 
         let unreadable = d.join("dir.txt");
         std::fs::create_dir_all(unreadable.join("x")).unwrap();
         // A directory whose only entry is a directory holding nothing: no files, no tokens.
-        let e = TextData::load(&unreadable, &ByteTokenizer).unwrap_err().to_string();
+        let e = TextData::load(&unreadable, &ByteTokenizer, None).unwrap_err().to_string();
         assert_eq!(e, format!("{}: no data (found 0 file(s) and 0 tokens)", unreadable.display()));
 
         let small = d.join("small.txt");
         std::fs::write(&small, "x".repeat(100)).unwrap();
-        let td = TextData::load(&small, &ByteTokenizer).unwrap();
+        let td = TextData::load(&small, &ByteTokenizer, None).unwrap();
         assert!(td.ensure_len(8).is_ok()); // val has 10 = 8 + 2
         let e = td.ensure_len(9).unwrap_err().to_string();
         assert_eq!(

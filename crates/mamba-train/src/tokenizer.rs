@@ -47,12 +47,17 @@ pub enum TokenizerError {
     },
 }
 
+/// The byte-level end-of-document token: the id after the 256 bytes. Byte-level models trained on
+/// packed documents have a vocabulary of 257 and this `eos_token_id`.
+pub const BYTE_EOS: u32 = 256;
+
 /// One token per byte of the UTF-8 text: vocabulary 256, lossless for any text.
 ///
 /// Decoding turns the ids back into bytes and reads them with `String::from_utf8_lossy`, so a
 /// sequence that is not valid UTF-8 (e.g. a model's sample cut mid-character) decodes with
-/// U+FFFD in place of each invalid part. Ids `≥ 256` (a model whose vocabulary is padded) decode
-/// to U+FFFD too.
+/// U+FFFD in place of each invalid part. Id 256 — the end-of-document token of byte-level models
+/// trained on packed documents (`mamba train --packing`) — decodes to nothing; larger ids (a
+/// model whose vocabulary is padded) to U+FFFD.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ByteTokenizer;
 
@@ -66,6 +71,7 @@ impl Tokenizer for ByteTokenizer {
         for &id in ids {
             match u8::try_from(id) {
                 Ok(b) => bytes.push(b),
+                Err(_) if id == BYTE_EOS as usize => {}
                 Err(_) => bytes.extend_from_slice("\u{FFFD}".as_bytes()),
             }
         }
@@ -206,6 +212,7 @@ mod tests {
         assert_eq!(t.decode(&[b'a' as usize, 0x80, b'b' as usize]), "a\u{FFFD}b");
         assert_eq!(t.decode(&[0xe2, 0x88]), "\u{FFFD}");
         assert_eq!(t.decode(&[b'x' as usize, 300]), "x\u{FFFD}");
+        assert_eq!(t.decode(&[b'x' as usize, BYTE_EOS as usize, b'y' as usize]), "xy");
         assert_eq!(t.name(), "bytes");
     }
 

@@ -23,7 +23,7 @@ use std::time::Instant;
 
 use mamba_nn::checkpoint::{CheckpointError, TensorFile, write_atomic, write_tensors};
 use mamba_nn::model::lora::ADAPTER_CONFIG;
-use mamba_nn::model::{MambaLM, ModelError};
+use mamba_nn::model::{MambaLM, ModelError, SeqLayout};
 use mamba_nn::ops;
 use mamba_nn::params::Grads;
 use mamba_nn::tape::Tape;
@@ -82,6 +82,11 @@ pub struct TrainConfig {
     /// Checkpoints kept in `checkpoints/` (the newest ones; at least 1).
     #[serde(default = "default_keep")]
     pub keep_checkpoints: usize,
+    /// Text packed as documents separated by an end-of-document token: this token's id. Every
+    /// window position holding it starts a document, where the model's recurrent state
+    /// restarts from zero (training and validation). `None`: windows are one stream.
+    #[serde(default)]
+    pub reset_token: Option<u32>,
 }
 
 fn default_keep() -> usize {
@@ -105,7 +110,17 @@ impl Default for TrainConfig {
             eval_tokens: 100_000,
             seed: 0,
             keep_checkpoints: default_keep(),
+            reset_token: None,
         }
+    }
+}
+
+/// The rows' layout for a batch of token ids: packed documents starting at every `reset_token`
+/// (see [`TrainConfig::reset_token`]), or plain rows.
+fn layout(ids: &[usize], reset_token: Option<u32>) -> SeqLayout {
+    match reset_token {
+        Some(eos) => SeqLayout::packed(ids.iter().map(|&t| t == eos as usize).collect::<Vec<bool>>()),
+        None => SeqLayout::default(),
     }
 }
 
@@ -382,7 +397,8 @@ impl Trainer {
             let loss = match obj {
                 Objective::Text { data, .. } => {
                     let ids = sample_batch(&data.train, &mut self.rng, cfg.batch_size, cfg.seq_len);
-                    self.model.forward_loss(&mut tape, &ids, cfg.batch_size, cfg.seq_len + 1).1
+                    let seq = layout(&ids, cfg.reset_token);
+                    self.model.forward_loss_seq(&mut tape, &ids, cfg.batch_size, cfg.seq_len + 1, &seq).1
                 }
                 Objective::Task(task) => {
                     let (ids, targets) = task.batch(&mut self.rng, cfg.batch_size);
@@ -434,7 +450,8 @@ impl Trainer {
                 for ids in val_batches(&data.val, cfg.batch_size, cfg.seq_len, cfg.eval_tokens) {
                     let rows = ids.len() / (cfg.seq_len + 1);
                     let mut tape = Tape::inference(&self.model.params);
-                    let (_, loss) = self.model.forward_loss(&mut tape, &ids, rows, cfg.seq_len + 1);
+                    let seq = layout(&ids, cfg.reset_token);
+                    let (_, loss) = self.model.forward_loss_seq(&mut tape, &ids, rows, cfg.seq_len + 1, &seq);
                     let targets = rows * cfg.seq_len;
                     sum += values(tape.value(loss))[0] as f64 * targets as f64;
                     n += targets;

@@ -420,7 +420,19 @@ impl MambaLM {
     /// Logits and the mean next-token cross-entropy exactly as transformers computes it with
     /// `labels = ids`: logits[:, :-1] against ids[:, 1:].
     pub fn forward_loss(&self, tape: &mut Tape, ids: &[usize], batch: usize, seqlen: usize) -> (Var, Var) {
-        let logits = self.forward(tape, ids, batch, seqlen);
+        self.forward_loss_seq(tape, ids, batch, seqlen, &SeqLayout::default())
+    }
+
+    /// [`MambaLM::forward_loss`] with the rows laid out by `seq` (see [`MambaLM::forward_seq`]).
+    pub fn forward_loss_seq(
+        &self,
+        tape: &mut Tape,
+        ids: &[usize],
+        batch: usize,
+        seqlen: usize,
+        seq: &SeqLayout,
+    ) -> (Var, Var) {
+        let logits = self.forward_seq(tape, ids, batch, seqlen, seq);
         let loss = ops::causal_lm_loss(tape, logits, ids);
         (logits, loss)
     }
