@@ -57,7 +57,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 /// Runs `cmd`, returning its stdout and peak RSS in bytes.
-fn run_measured(cmd: &mut Command) -> Result<(String, f64)> {
+pub(crate) fn run_measured(cmd: &mut Command) -> Result<(String, f64)> {
     let child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn();
     let mut child = child.with_context(|| format!("starting {cmd:?}"))?;
     let mut out = String::new();

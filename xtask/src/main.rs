@@ -19,6 +19,7 @@ use std::time::SystemTime;
 use anyhow::{Context, Result, bail};
 
 mod generate;
+mod long;
 mod machine;
 use serde_json::{Value, json};
 
@@ -32,6 +33,10 @@ tasks:
                    decode and prefill speed of the mamba binary against candle and llama.cpp on
                    the peer kit's models (DIR, default $MAMBA_PEER or ../peer), with the DRAM
                    bound measured in the same run; writes target/bench/generate.{json,md}
+  bench long [--steps N]
+                   Mamba-1 S training at windows 256 to 65,536 (16,384 tokens per step where it
+                   fits), with and without --checkpoint-layers: tokens/s and peak RSS, each in a
+                   process of its own; writes target/bench/long.{json,md}
   machine [THREADS]
                    measure this machine's DRAM read bandwidth and f32 FMA peak on 1 thread and
                    on THREADS (default 2)
@@ -59,6 +64,7 @@ fn main() -> ExitCode {
         Some("bench") if args.get(1).map(String::as_str) == Some("generate") => {
             generate::bench(&root(), &args[2..])
         }
+        Some("bench") if args.get(1).map(String::as_str) == Some("long") => long::bench(&root(), &args[2..]),
         Some("bench") if args.len() <= 2 => bench(args.get(1).map(String::as_str)),
         Some("machine") if args.len() <= 2 => match args.get(1).map(|t| t.parse::<usize>()) {
             None => {

@@ -79,8 +79,8 @@ pub struct TrainArgs {
     #[arg(long)]
     out: Option<PathBuf>,
     /// Continue the run in --out exactly where its newest complete checkpoint stopped. With it,
-    /// only --steps, --time-budget, --keep-checkpoints and --threads may change; other flags, if
-    /// given, must match the run's own settings.
+    /// only --steps, --time-budget, --keep-checkpoints, --threads and --checkpoint-layers (to
+    /// turn it on) may change; other flags, if given, must match the run's own settings.
     #[arg(long, requires = "out")]
     resume: bool,
     /// Fine-tune a trained model instead of starting from random weights: a `mamba train` run or
@@ -129,6 +129,11 @@ pub struct TrainArgs {
     /// Sequences per batch.
     #[arg(long, default_value_t = 8, value_parser = crate::flags::at_least_one())]
     batch_size: usize,
+    /// Activation checkpointing: keep only each block's input and recompute the block in the
+    /// backward. Much less memory for long windows or large batches (docs/results.md: a 16k
+    /// window in well under half the memory) for about a third more time; same results.
+    #[arg(long)]
+    checkpoint_layers: bool,
     /// Peak learning rate (warmup, then cosine decay to a tenth of it).
     #[arg(long, default_value_t = 2e-3, value_parser = crate::flags::positive_f32, allow_hyphen_values = true)]
     lr: f32,
@@ -489,7 +494,8 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
         if !conflicts.is_empty() {
             bail!(
                 "--resume continues {} with its own settings; these flags disagree with them: {}. \
-                 Drop them (only --steps, --time-budget, --keep-checkpoints and --threads may change), \
+                 Drop them (only --steps, --time-budget, --keep-checkpoints, --threads and \
+                 --checkpoint-layers may change), \
                  or start a new run with another --out",
                 dir.display(),
                 conflicts.join(", ")
@@ -497,6 +503,10 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
         }
         if given(m, "keep_checkpoints") {
             t.config.keep_checkpoints = a.keep_checkpoints as usize;
+        }
+        if a.checkpoint_layers {
+            t.config.checkpoint_layers = true;
+            t.model.backbone.checkpoint_layers = true;
         }
         if let Some((ck, skipped)) = t.resumed_from() {
             for note in skipped {
@@ -614,6 +624,7 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
             seed: a.seed,
             keep_checkpoints: a.keep_checkpoints as usize,
             reset_token,
+            checkpoint_layers: a.checkpoint_layers,
             ..TrainConfig::default()
         };
         let what = match (&base, &model.lora) {

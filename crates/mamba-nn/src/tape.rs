@@ -190,6 +190,32 @@ pub trait Backward {
     /// [`InputGrad`] says — **overwrite** a fresh buffer, **add** into one that already holds
     /// gradient (β = 0 or 1).
     fn backward(&self, inputs: &[&Tensor], out: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]);
+
+    /// [`Backward::backward`] with the parameters and their gradients at hand, for an op that
+    /// back-propagates through a computation of its own on a tape of its own (activation
+    /// checkpointing re-runs a layer in its backward) and adds that computation's parameter
+    /// gradients straight into `params.grads`. The default ignores them.
+    fn backward_with(
+        &self,
+        params: ParamCtx<'_>,
+        inputs: &[&Tensor],
+        out: &Tensor,
+        dout: &Tensor,
+        grads: &mut [Option<InputGrad<'_>>],
+    ) {
+        let _ = params;
+        self.backward(inputs, out, dout, grads);
+    }
+}
+
+/// What [`Backward::backward_with`] gets besides the op's own values: the parameters the tape
+/// reads and the gradients of the trainable ones (which it adds into).
+pub struct ParamCtx<'a> {
+    /// The tape's parameters.
+    pub params: &'a ParamStore,
+    /// Their gradients (a parameter that is an input of the op itself is not in here while the
+    /// op runs: its gradient is one of the op's input gradients).
+    pub grads: &'a mut Grads,
 }
 
 enum Source {
@@ -238,6 +264,11 @@ pub struct Tape<'p> {
     params: &'p ParamStore,
     arena: Arena,
     record: bool,
+    /// Whether a trainable parameter was read (see [`Tape::read_trainable`]).
+    read_trainable: bool,
+    /// Whether the backward gives each value back to the buffer pool once nothing needs it
+    /// (see [`Tape::release_values_in_backward`]).
+    release: bool,
     /// Per-op timings, when profiling (see [`Tape::profiled`]).
     profile: Option<Profile>,
 }
@@ -295,7 +326,14 @@ impl Profile {
 impl<'p> Tape<'p> {
     /// A recording tape: ops with a tracked input push backward nodes.
     pub fn new(params: &'p ParamStore) -> Self {
-        Self { params, arena: Arena::default(), record: true, profile: None }
+        Self {
+            params,
+            arena: Arena::default(),
+            record: true,
+            read_trainable: false,
+            release: false,
+            profile: None,
+        }
     }
 
     /// A recording tape that also times every op's forward and backward (see [`Profile`]).
@@ -312,6 +350,15 @@ impl<'p> Tape<'p> {
     /// A non-recording tape: values only, nothing tracked, no backward possible.
     pub fn inference(params: &'p ParamStore) -> Self {
         Self { record: false, ..Self::new(params) }
+    }
+
+    /// Makes [`Tape::backward`] give every value back to the buffer pool as soon as the
+    /// backward has passed it (all its consumers and its own op are done), so the values are
+    /// gone while the gradients are made instead of both living until the tape is dropped: a
+    /// lower peak for a training step. Values read after the backward are then empty; read the
+    /// loss (or anything else) before it.
+    pub fn release_values_in_backward(&mut self) {
+        self.release = true;
     }
 
     /// The parameters this tape reads.
@@ -360,8 +407,15 @@ impl<'p> Tape<'p> {
              `Decoder`, or load it without a reduced-precision dtype",
             self.params.get(id).name
         );
-        let rec = self.record && self.params.is_trainable(id);
+        let trainable = self.params.is_trainable(id);
+        self.read_trainable |= trainable;
+        let rec = self.record && trainable;
         self.add(Source::Param(id), rec, None)
+    }
+
+    /// Whether [`Tape::param`] has read a trainable parameter on this tape (recording or not).
+    pub fn read_trainable(&self) -> bool {
+        self.read_trainable
     }
 
     /// The value of `v`.
@@ -380,7 +434,20 @@ impl<'p> Tape<'p> {
     /// Records the output `value` of an op on `inputs` with its backward `op`. The node is kept
     /// only when recording and some input needs a gradient.
     pub fn push(&mut self, value: Tensor, inputs: &[Var], op: impl Backward + 'static) -> Var {
-        let tracked = self.record && inputs.iter().any(|&v| self.needs_grad(v));
+        self.push_tracked(value, inputs, false, op)
+    }
+
+    /// [`Tape::push`] for an op that also has gradients to give to parameters it does not list
+    /// as inputs (see [`Backward::backward_with`]): with `own_params` set, the node is kept on
+    /// a recording tape even when no input needs a gradient.
+    pub fn push_tracked(
+        &mut self,
+        value: Tensor,
+        inputs: &[Var],
+        own_params: bool,
+        op: impl Backward + 'static,
+    ) -> Var {
+        let tracked = self.record && (own_params || inputs.iter().any(|&v| self.needs_grad(v)));
         let node = tracked.then(|| Node { inputs: inputs.to_vec(), op: Box::new(op) });
         self.add(Source::Value(value), tracked, node)
     }
@@ -423,8 +490,22 @@ impl<'p> Tape<'p> {
         let mut vgrads: Vec<Option<Tensor>> = (0..self.arena.entries.len()).map(|_| None).collect();
         vgrads[out.0] = Some(seed);
         for idx in (0..self.arena.entries.len()).rev() {
-            let Some(node) = &self.arena.entries[idx].node else { continue };
-            let Some(dout) = vgrads[idx].take() else { continue };
+            self.backward_node(idx, &mut vgrads, grads);
+            // Every consumer of value `idx` sits after it on the tape and is done.
+            if self.release
+                && let Source::Value(t) = &mut self.arena.entries[idx].src
+            {
+                recycle(std::mem::replace(t, zeros(&[0])));
+            }
+        }
+        self.arena.grads = vgrads;
+    }
+
+    /// The backward of entry `idx`, if it is an op that received a gradient.
+    fn backward_node(&mut self, idx: usize, vgrads: &mut [Option<Tensor>], grads: &mut Grads) {
+        {
+            let Some(node) = &self.arena.entries[idx].node else { return };
+            let Some(dout) = vgrads[idx].take() else { return };
             let started = self.profile.is_some().then(Instant::now);
             // Move each needed input gradient out of its home (parameter gradients from `grads`,
             // others from `vgrads`), let the op add into them, then put them back.
@@ -461,7 +542,8 @@ impl<'p> Tape<'p> {
                     .zip(&fresh)
                     .map(|(d, &f)| d.as_mut().map(|t| InputGrad::new(t, f)))
                     .collect();
-                node.op.backward(&inputs, out_val, &dout, &mut slots);
+                let ctx = ParamCtx { params: self.params, grads: &mut *grads };
+                node.op.backward_with(ctx, &inputs, out_val, &dout, &mut slots);
             }
             for (i, (&v, d)) in node.inputs.iter().zip(dins).enumerate() {
                 let Some(d) = d else { continue };
@@ -483,7 +565,6 @@ impl<'p> Tape<'p> {
                 e.3 += t0.elapsed();
             }
         }
-        self.arena.grads = vgrads;
     }
 
     /// The gradient of a leaf (or any non-parameter value that received one) after

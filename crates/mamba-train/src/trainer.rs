@@ -87,6 +87,11 @@ pub struct TrainConfig {
     /// restarts from zero (training and validation). `None`: windows are one stream.
     #[serde(default)]
     pub reset_token: Option<u32>,
+    /// Activation checkpointing: keep only each block's input and recompute the block in the
+    /// backward (`Backbone::checkpoint_layers`) — far less memory for long windows, for a second
+    /// forward pass. Results are unchanged.
+    #[serde(default)]
+    pub checkpoint_layers: bool,
 }
 
 fn default_keep() -> usize {
@@ -111,6 +116,7 @@ impl Default for TrainConfig {
             seed: 0,
             keep_checkpoints: default_keep(),
             reset_token: None,
+            checkpoint_layers: false,
         }
     }
 }
@@ -292,7 +298,8 @@ impl Trainer {
 
     /// A new run of `model` in the run directory `run` (claimed by the caller, who may have put
     /// its data description there first).
-    pub fn with_run(model: MambaLM, config: TrainConfig, run: RunDir) -> Self {
+    pub fn with_run(mut model: MambaLM, config: TrainConfig, run: RunDir) -> Self {
+        model.backbone.checkpoint_layers = config.checkpoint_layers;
         let opt = AdamW::new(
             &model.params,
             AdamWConfig { lr: config.lr, weight_decay: config.weight_decay, ..Default::default() },
@@ -394,6 +401,8 @@ impl Trainer {
         let mut total = 0.0f64;
         for _ in 0..accum {
             let mut tape = Tape::new(&self.model.params);
+            // The loss is read before the backward; nothing after it.
+            tape.release_values_in_backward();
             let loss = match obj {
                 Objective::Text { data, .. } => {
                     let ids = sample_batch(&data.train, &mut self.rng, cfg.batch_size, cfg.seq_len);

@@ -80,6 +80,10 @@ pub struct Backbone {
     pub layers: Vec<Block>,
     /// `norm_f`.
     pub norm_f: RmsNorm,
+    /// Activation checkpointing: on a recording tape each block keeps only its input and is
+    /// recomputed in the backward ([`super::checkpoint`]): memory of one block's activations
+    /// instead of all of them, for a second forward pass. Off by default.
+    pub checkpoint_layers: bool,
 }
 
 impl Backbone {
@@ -89,7 +93,7 @@ impl Backbone {
             .map(|i| Block::new(&mut b.pp(&format!("layers.{i}")), cfg))
             .collect::<Result<Vec<_>, _>>()?;
         let norm_f = RmsNorm::new(&mut b.pp("norm_f"), cfg.d_model, cfg.norm_eps)?;
-        Ok(Self { layers, norm_f })
+        Ok(Self { layers, norm_f, checkpoint_layers: false })
     }
 
     /// The blocks and `norm_f` on `h` (B, L, d_model), restarting at `seq`'s document starts.
@@ -103,7 +107,12 @@ impl Backbone {
     ) -> Var {
         for (i, block) in self.layers.iter().enumerate() {
             let state = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            h = block.forward(tape, h, seq, state);
+            h = match state {
+                None if self.checkpoint_layers && tape.is_recording() => {
+                    super::checkpoint::checkpointed(tape, block, h, seq)
+                }
+                state => block.forward(tape, h, seq, state),
+            };
         }
         self.norm_f.forward(tape, h)
     }

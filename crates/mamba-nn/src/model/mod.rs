@@ -7,6 +7,7 @@
 //! | [`mixer`] | the [`Mixer`] trait (forward + recurrent step) and [`LayerCache`] |
 //! | [`mamba1`], [`mamba2`], [`lti`] | the three mixer kinds |
 //! | [`block`] | the residual [`Block`] and the [`Backbone`] |
+//! | [`checkpoint`] | activation checkpointing: a block recomputed in the backward |
 //! | [`cache`], [`decode`], [`generate`] | recurrent inference: [`Cache`], [`Decoder`], [`Sampler`], [`Generation`] |
 //! | [`continuous`] | [`MambaModel`], the same blocks on continuous inputs |
 //!
@@ -18,6 +19,7 @@ pub mod batch;
 pub mod block;
 pub mod builder;
 pub mod cache;
+pub mod checkpoint;
 pub mod continuous;
 pub mod decode;
 pub mod generate;
@@ -33,6 +35,7 @@ pub use batch::{BatchGeneration, BatchOutput, Request};
 pub use block::{Backbone, Block};
 pub use builder::{Init, ParamBuilder};
 pub use cache::Cache;
+pub use checkpoint::checkpointed;
 pub use continuous::MambaModel;
 pub use decode::{DEFAULT_PREFILL_CHUNK, Decoder};
 pub use generate::{Generation, Sampler, SamplingConfig, SamplingError, argmax};
