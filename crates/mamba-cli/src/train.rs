@@ -134,6 +134,12 @@ pub struct TrainArgs {
     /// window in well under half the memory) for about a third more time; same results.
     #[arg(long)]
     checkpoint_layers: bool,
+    /// Stateful training: each of the --batch-size rows reads the training text in order, one
+    /// window after another, starting each window from the recurrent state its previous window
+    /// ended in (no gradient flows back into the previous window), so the model learns to use
+    /// context longer than --seq-len. The state restarts at document starts (--packing reset).
+    #[arg(long, conflicts_with = "task")]
+    stateful: bool,
     /// Peak learning rate (warmup, then cosine decay to a tenth of it).
     #[arg(long, default_value_t = 2e-3, value_parser = crate::flags::positive_f32, allow_hyphen_values = true)]
     lr: f32,
@@ -450,6 +456,7 @@ fn resume_conflicts(a: &TrainArgs, m: &ArgMatches, t: &Trainer, source: &Source)
     check("eval_every", a.eval_every.to_string(), tc.eval_every.to_string());
     check("eval_tokens", a.eval_tokens.to_string(), tc.eval_tokens.to_string());
     check("seed", a.seed.to_string(), tc.seed.to_string());
+    check("stateful", a.stateful.to_string(), tc.stateful.to_string());
     let (run_data, run_task) = match source {
         Source::Text { path, .. } => (path.display().to_string(), "none".to_string()),
         Source::Task(t) => ("none".to_string(), format!("{t:?}")),
@@ -625,6 +632,7 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
             keep_checkpoints: a.keep_checkpoints as usize,
             reset_token,
             checkpoint_layers: a.checkpoint_layers,
+            stateful: a.stateful,
             ..TrainConfig::default()
         };
         let what = match (&base, &model.lora) {

@@ -35,6 +35,13 @@ pub fn pooled_copy(t: &Tensor) -> Tensor {
     y
 }
 
+/// A copy of `v` in a pooled buffer.
+pub fn pooled_vec(v: &[f32]) -> Vec<f32> {
+    let mut out = pool::take_for_overwrite(v.len());
+    out.copy_from_slice(v);
+    out
+}
+
 /// Gives `t`'s buffer back to this thread's pool for a later [`for_overwrite`] or pooled
 /// temporary.
 pub fn recycle(t: Tensor) {

@@ -9,8 +9,8 @@
 //! |---|---|
 //! | `config.json`, `model.safetensors` | the model in Hugging Face layout (loads in transformers); also linked at the top of the run directory |
 //! | `adapter_config.json`, `adapter_model.safetensors` | instead, when the model has LoRA adapters: the PEFT adapter (the base stays where [`Trainer::with_base`] says) |
-//! | `optimizer.safetensors` | AdamW moments (`exp_avg.<param>`, `exp_avg_sq.<param>`) of the trainable parameters |
-//! | `trainer.json` | step, tokens, elapsed time, RNG state, the training config and the curves |
+//! | `optimizer.safetensors` | AdamW moments (`exp_avg.<param>`, `exp_avg_sq.<param>`) of the trainable parameters; for a stateful run also the recurrent state carried into the next step (`carry.layers.<i>.conv`, `carry.layers.<i>.ssm`) |
+//! | `trainer.json` | step, tokens, elapsed time, RNG state (a stateful run: each row's position), the training config and the curves |
 //! | `manifest.json` | the step and every file's size |
 //!
 //! and at its top `metrics.jsonl` (one JSON object per evaluation, appended after the checkpoint
@@ -23,11 +23,11 @@ use std::time::Instant;
 
 use mamba_nn::checkpoint::{CheckpointError, TensorFile, write_atomic, write_tensors};
 use mamba_nn::model::lora::ADAPTER_CONFIG;
-use mamba_nn::model::{MambaLM, ModelError, SeqLayout};
+use mamba_nn::model::{Cache, MambaLM, ModelError, SeqLayout};
 use mamba_nn::ops;
 use mamba_nn::params::Grads;
 use mamba_nn::tape::Tape;
-use mamba_nn::tensor::data as values;
+use mamba_nn::tensor::{Tensor, data as values, from_vec};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{DataError, Rng, TextData, sample_batch, val_batches};
@@ -92,6 +92,12 @@ pub struct TrainConfig {
     /// forward pass. Results are unchanged.
     #[serde(default)]
     pub checkpoint_layers: bool,
+    /// Stateful training (text): each batch row walks through the training tokens in order,
+    /// window after window, and each window starts from the recurrent state the row's previous
+    /// window ended in (detached: no gradient flows into the previous step), restarting at
+    /// document starts (`reset_token`) and where a row wraps around to the beginning.
+    #[serde(default)]
+    pub stateful: bool,
 }
 
 fn default_keep() -> usize {
@@ -117,6 +123,7 @@ impl Default for TrainConfig {
             keep_checkpoints: default_keep(),
             reset_token: None,
             checkpoint_layers: false,
+            stateful: false,
         }
     }
 }
@@ -261,6 +268,72 @@ struct TrainerState {
     /// the adapter, and resuming reads the base from here).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     base: Option<PathBuf>,
+    /// A stateful run: each batch row's next position in the training tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    cursors: Option<Vec<usize>>,
+}
+
+/// Where a stateful run's rows are and the state they carry (see [`TrainConfig::stateful`]).
+#[derive(Clone, Debug)]
+struct Stream {
+    /// Each row's next window start in the training tokens.
+    cursors: Vec<usize>,
+    /// The state after each row's last window, (B rows).
+    carry: Cache,
+}
+
+impl Stream {
+    /// Rows spread evenly over `n` tokens, from a zero state.
+    fn new(model: &MambaLM, n: usize, batch: usize) -> Self {
+        Self {
+            cursors: (0..batch).map(|r| r * (n / batch.max(1))).collect(),
+            carry: Cache::new(model, batch),
+        }
+    }
+
+    /// The next window of every row — inputs (B, L) and their next-token targets — advancing the
+    /// rows; a row without `L + 1` tokens left wraps to the start, from a zero state.
+    fn next(&mut self, tokens: &[u32], seq_len: usize) -> (Vec<usize>, Vec<i64>) {
+        let b = self.cursors.len();
+        let (mut inputs, mut targets) = (Vec::with_capacity(b * seq_len), Vec::with_capacity(b * seq_len));
+        for r in 0..b {
+            if self.cursors[r] + seq_len + 1 > tokens.len() {
+                self.cursors[r] = 0;
+                self.carry.reset_row(r);
+            }
+            let w = &tokens[self.cursors[r]..self.cursors[r] + seq_len + 1];
+            inputs.extend(w[..seq_len].iter().map(|&t| t as usize));
+            targets.extend(w[1..].iter().map(|&t| i64::from(t)));
+            self.cursors[r] += seq_len;
+        }
+        (inputs, targets)
+    }
+
+    /// The carried state as named tensors for a checkpoint.
+    fn tensors(&self, model: &MambaLM) -> Vec<(String, Tensor)> {
+        let b = self.carry.batch;
+        let mut out = Vec::new();
+        for (i, (l, block)) in self.carry.layers.iter().zip(&model.backbone.layers).enumerate() {
+            let (cs, ss) = block.mixer.cache_shapes();
+            out.push((format!("carry.layers.{i}.conv"), from_vec(&[vec![b], cs].concat(), l.conv.clone())));
+            out.push((format!("carry.layers.{i}.ssm"), from_vec(&[vec![b], ss].concat(), l.ssm.clone())));
+        }
+        out
+    }
+
+    /// The stream a checkpoint recorded: `cursors` from `trainer.json`, the state from `file`.
+    fn load(model: &MambaLM, cursors: Vec<usize>, file: &TensorFile) -> Result<Self, CheckpointError> {
+        let b = cursors.len();
+        let mut carry = Cache::new(model, b);
+        for (i, (l, block)) in carry.layers.iter_mut().zip(&model.backbone.layers).enumerate() {
+            let (cs, ss) = block.mixer.cache_shapes();
+            l.conv = values(&file.f32_shaped(&format!("carry.layers.{i}.conv"), &[vec![b], cs].concat())?)
+                .to_vec();
+            l.ssm =
+                values(&file.f32_shaped(&format!("carry.layers.{i}.ssm"), &[vec![b], ss].concat())?).to_vec();
+        }
+        Ok(Self { cursors, carry })
+    }
 }
 
 /// A model, its optimizer and the loop state of one run directory.
@@ -283,6 +356,8 @@ pub struct Trainer {
     train_curve: Vec<(f64, f64)>,
     val_curve: Vec<(f64, f64)>,
     base: Option<PathBuf>,
+    /// A stateful run's rows (made at its first step).
+    stream: Option<Stream>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
@@ -320,6 +395,7 @@ impl Trainer {
             train_curve: Vec::new(),
             val_curve: Vec::new(),
             base: None,
+            stream: None,
         }
     }
 
@@ -378,6 +454,9 @@ impl Trainer {
         t.train_curve = st.train_curve;
         t.val_curve = st.val_curve;
         t.base = st.base;
+        if let Some(cursors) = st.cursors {
+            t.stream = Some(Stream::load(&t.model, cursors, &opt_file)?);
+        }
         t.resumed = Some((ck, skipped));
         Ok(t)
     }
@@ -404,6 +483,25 @@ impl Trainer {
             // The loss is read before the backward; nothing after it.
             tape.release_values_in_backward();
             let loss = match obj {
+                Objective::Text { data, .. } if cfg.stateful => {
+                    let (b, l) = (cfg.batch_size, cfg.seq_len);
+                    let stream =
+                        self.stream.get_or_insert_with(|| Stream::new(&self.model, data.train.len(), b));
+                    let (inputs, targets) = stream.next(&data.train, l);
+                    let seq = layout(&inputs, cfg.reset_token);
+                    let init = stream.carry.to_tape(&self.model, &mut tape, false);
+                    let mut end = Cache::new(&self.model, b);
+                    let logits = self.model.forward_from(
+                        &mut tape,
+                        &inputs,
+                        (b, l),
+                        &seq,
+                        Some(&init),
+                        Some(&mut end),
+                    );
+                    stream.carry = end;
+                    ops::cross_entropy(&mut tape, logits, &targets)
+                }
                 Objective::Text { data, .. } => {
                     let ids = sample_batch(&data.train, &mut self.rng, cfg.batch_size, cfg.seq_len);
                     let seq = layout(&ids, cfg.reset_token);
@@ -495,8 +593,10 @@ impl Trainer {
             train_curve: self.train_curve.clone(),
             val_curve: self.val_curve.clone(),
             base: self.base.clone(),
+            cursors: self.stream.as_ref().map(|s| s.cursors.clone()),
         };
         let json = serde_json::to_vec_pretty(&st).expect("trainer state serialises");
+        let carry = self.stream.as_ref().map(|s| s.tensors(&self.model)).unwrap_or_default();
         self.run.save(self.step, self.config.keep_checkpoints, |tmp| -> Result<(), TrainError> {
             if self.model.lora.is_some() {
                 let base = self.base.as_ref().map_or(String::new(), |b| b.display().to_string());
@@ -504,7 +604,8 @@ impl Trainer {
             } else {
                 self.model.save_pretrained(tmp)?;
             }
-            write_tensors(tmp.join("optimizer.safetensors"), self.opt.state(), None)?;
+            let state = self.opt.state().into_iter().chain(carry.iter().map(|(n, t)| (n.clone(), t)));
+            write_tensors(tmp.join("optimizer.safetensors"), state, None)?;
             write_atomic(&tmp.join("trainer.json"), &json)?;
             Ok(())
         })?;

@@ -218,3 +218,46 @@ fn too_short_data_is_an_error_naming_the_source() {
     assert!(err.to_string().contains("tiny.txt"), "{err}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A stateful run (rows reading the text in order, each window from the previous one's state,
+/// restarting at an end-of-document token) resumes exactly: the carried state and the rows'
+/// positions are in the checkpoint. And it differs from a stateless run, so the state is used.
+#[test]
+fn stateful_runs_carry_the_state_and_resume_exactly() {
+    let eos = 256u32;
+    let text: String = (0..3000).map(|i| ["the cat sat. ", "a dog ran! ", "we sing.\n"][i % 3]).collect();
+    // Documents of 97 tokens, each preceded by the end-of-document id.
+    let ids: Vec<u32> = text
+        .bytes()
+        .enumerate()
+        .flat_map(|(i, b)| (i % 97 == 0).then_some(eos).into_iter().chain([u32::from(b)]))
+        .collect();
+    let text_data = TextData::from_tokens(std::path::Path::new("<test>"), ids).unwrap();
+    let obj = Objective::Text { data: text_data, tokenizer: Box::new(ByteTokenizer) };
+    let model = || MambaLM::new(MambaConfig { d_state: 4, ..MambaConfig::mamba1(257, 16, 1) }, 3).unwrap();
+    let cfg = |steps, stateful| TrainConfig { stateful, reset_token: Some(eos), ..config(steps) };
+    let params = |t: &Trainer| -> Vec<Vec<f32>> {
+        t.model.params.iter().map(|(_, p)| data(&p.value).to_vec()).collect()
+    };
+    let d1 = tmp("stateful-straight");
+    let mut t = Trainer::new(model(), cfg(6, true), &d1).unwrap();
+    let straight = t.run(&obj, &mut Silent).unwrap();
+    let straight_params = params(&t);
+    let d2 = tmp("stateful-resumed");
+    let mut a = Trainer::new(model(), cfg(3, true), &d2).unwrap();
+    a.run(&obj, &mut Silent).unwrap();
+    drop(a);
+    let mut b = Trainer::resume(&d2).unwrap();
+    b.config.steps = Some(6);
+    let resumed = b.run(&obj, &mut Silent).unwrap();
+    assert_eq!(params(&b), straight_params, "parameters after a stateful resume differ");
+    assert_eq!((resumed.train_loss, resumed.val_loss), (straight.train_loss, straight.val_loss));
+    // Without the state (and its ordered rows) the run is another one.
+    let d3 = tmp("stateless");
+    let mut c = Trainer::new(model(), cfg(6, false), &d3).unwrap();
+    c.run(&obj, &mut Silent).unwrap();
+    assert_ne!(params(&c), straight_params);
+    for d in [d1, d2, d3] {
+        let _ = std::fs::remove_dir_all(d);
+    }
+}

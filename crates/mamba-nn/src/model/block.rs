@@ -9,7 +9,7 @@ use super::layers::RmsNorm;
 use super::lti::LtiMixer;
 use super::mamba1::Mamba1Mixer;
 use super::mamba2::Mamba2Mixer;
-use super::mixer::{LayerCache, Mixer, SeqLayout};
+use super::mixer::{LayerCache, LayerInit, Mixer, SeqLayout};
 use crate::checkpoint::CheckpointError;
 use crate::config::{Arch, MambaConfig};
 use crate::ops;
@@ -98,20 +98,37 @@ impl Backbone {
 
     /// The blocks and `norm_f` on `h` (B, L, d_model), restarting at `seq`'s document starts.
     /// With `cache` (batch B), every block's final recurrent state is written into it.
-    pub fn forward(
+    pub fn forward(&self, tape: &mut Tape, h: Var, seq: &SeqLayout, cache: Option<&mut Cache>) -> Var {
+        self.forward_from(tape, h, seq, None, cache)
+    }
+
+    /// [`Backbone::forward`] with every block starting from its state in `init` (one
+    /// [`LayerInit`] per block) instead of zero — differentiable: a gradient reaches `init`'s
+    /// values like any other input's.
+    ///
+    /// # Panics
+    /// If `init` does not have one entry per block, or a state's shape is not the layer's.
+    #[track_caller]
+    pub fn forward_from(
         &self,
         tape: &mut Tape,
         mut h: Var,
         seq: &SeqLayout,
+        init: Option<&[LayerInit]>,
         mut cache: Option<&mut Cache>,
     ) -> Var {
+        if let Some(i) = init {
+            let n = self.layers.len();
+            assert_eq!(i.len(), n, "forward_from: {} initial states for {n} blocks", i.len());
+        }
         for (i, block) in self.layers.iter().enumerate() {
+            let layer_seq = init.map(|inits| SeqLayout { init: Some(inits[i]), ..seq.clone() });
+            let seq = layer_seq.as_ref().unwrap_or(seq);
             let state = cache.as_deref_mut().map(|c| &mut c.layers[i]);
-            h = match state {
-                None if self.checkpoint_layers && tape.is_recording() => {
-                    super::checkpoint::checkpointed(tape, block, h, seq)
-                }
-                state => block.forward(tape, h, seq, state),
+            h = if self.checkpoint_layers && tape.is_recording() {
+                super::checkpoint::checkpointed(tape, block, h, seq, state)
+            } else {
+                block.forward(tape, h, seq, state)
             };
         }
         self.norm_f.forward(tape, h)

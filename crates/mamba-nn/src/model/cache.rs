@@ -2,7 +2,9 @@
 //! and nothing else.
 
 use super::MambaLM;
-use super::mixer::LayerCache;
+use super::mixer::{LayerCache, LayerInit};
+use crate::tape::{Tape, Var};
+use crate::tensor::{from_vec, pooled_vec};
 
 /// The recurrent state of `batch` sequences, one [`LayerCache`] per block (Hugging Face's cache
 /// layouts: conv (B, C, K); SSM (B, d_inner, N) for Mamba-1, (B, H, P, N) for Mamba-2).
@@ -27,6 +29,34 @@ impl Cache {
             })
             .collect();
         Self { batch, layers }
+    }
+
+    /// The state as initial states for [`MambaLM::forward_from`]: copies on `tape`, as
+    /// constants (carrying a state across windows without a gradient into it) or, with
+    /// `differentiable`, as leaves whose gradients the tape keeps ([`Tape::grad`]).
+    pub fn to_tape(&self, model: &MambaLM, tape: &mut Tape, differentiable: bool) -> Vec<LayerInit> {
+        let mut put = |shape: Vec<usize>, v: &[f32]| -> Var {
+            let t = from_vec(&shape, pooled_vec(v));
+            if differentiable { tape.leaf(t) } else { tape.constant(t) }
+        };
+        self.layers
+            .iter()
+            .zip(&model.backbone.layers)
+            .map(|(l, block)| {
+                let (cs, ss) = block.mixer.cache_shapes();
+                let with_batch = |s: Vec<usize>| [vec![self.batch], s].concat();
+                LayerInit { conv: put(with_batch(cs), &l.conv), ssm: put(with_batch(ss), &l.ssm) }
+            })
+            .collect()
+    }
+
+    /// Resets row `row` to the empty state (a sequence ended; another starts there).
+    pub fn reset_row(&mut self, row: usize) {
+        for l in &mut self.layers {
+            let (c, s) = (l.conv.len() / self.batch, l.ssm.len() / self.batch);
+            l.conv[row * c..(row + 1) * c].fill(0.0);
+            l.ssm[row * s..(row + 1) * s].fill(0.0);
+        }
     }
 
     /// Resets every sequence to the empty state.

@@ -11,25 +11,42 @@
 //! one block's activations plus an input per block; the price is a second forward per block.
 
 use super::block::Block;
-use super::mixer::SeqLayout;
+use super::mixer::{LayerCache, LayerInit, SeqLayout};
 use crate::tape::{Backward, InputGrad, ParamCtx, Tape, Var};
 use crate::tensor::{Tensor, data, pooled_copy};
 
 /// `block(h)` for `h` (B, L, d_model), checkpointed: equal to `block.forward(tape, h, seq,
-/// None)` in value and in every gradient, with only `h` kept for the backward (see the module
-/// docs).
-pub fn checkpointed(tape: &mut Tape, block: &Block, h: Var, seq: &SeqLayout) -> Var {
+/// state)` in value and in every gradient — including those of `seq.init`, the initial state —
+/// with only `h` (and the initial state) kept for the backward (see the module docs). With
+/// `state`, the block's final recurrent state is written into it.
+pub fn checkpointed(
+    tape: &mut Tape,
+    block: &Block,
+    h: Var,
+    seq: &SeqLayout,
+    state: Option<&mut LayerCache>,
+) -> Var {
     let (out, own_params) = {
         let mut inner = Tape::inference(tape.params());
         let x = inner.constant(pooled_copy(tape.value(h)));
-        let y = block.forward(&mut inner, x, seq, None);
+        let init = seq.init.map(|i| LayerInit {
+            conv: inner.constant(pooled_copy(tape.value(i.conv))),
+            ssm: inner.constant(pooled_copy(tape.value(i.ssm))),
+        });
+        let y = block.forward(&mut inner, x, &SeqLayout { init, ..seq.clone() }, state);
         (pooled_copy(inner.value(y)), inner.read_trainable())
     };
-    let node = CheckpointBackward { block: block.clone(), seq: seq.clone() };
-    tape.push_tracked(out, &[h], own_params, node)
+    // The outer tape's initial-state values are inputs of the node (their gradients come back
+    // through it); the recompute makes copies of them on its own tape.
+    let node = CheckpointBackward { block: block.clone(), seq: SeqLayout { init: None, ..seq.clone() } };
+    match seq.init {
+        Some(i) => tape.push_tracked(out, &[h, i.conv, i.ssm], own_params, node),
+        None => tape.push_tracked(out, &[h], own_params, node),
+    }
 }
 
-/// Saved: the block (its parameters are read from the store at backward time) and the layout.
+/// Saved: the block (its parameters are read from the store at backward time) and the layout
+/// (without the initial state, which is among the node's inputs).
 struct CheckpointBackward {
     block: Block,
     seq: SeqLayout,
@@ -44,8 +61,8 @@ impl Backward for CheckpointBackward {
         unreachable!("the tape calls backward_with, which needs the parameters")
     }
 
-    /// Re-runs the block on a recording tape from the saved input and back-propagates `dout`
-    /// through it.
+    /// Re-runs the block on a recording tape from the saved input (and initial state) and
+    /// back-propagates `dout` through it.
     fn backward_with(
         &self,
         ctx: ParamCtx<'_>,
@@ -56,12 +73,18 @@ impl Backward for CheckpointBackward {
     ) {
         let mut inner = Tape::new(ctx.params);
         inner.release_values_in_backward();
-        let x = inner.leaf(pooled_copy(inputs[0]));
-        let y = self.block.forward(&mut inner, x, &self.seq, None);
+        let leaves: Vec<Var> = inputs.iter().map(|t| inner.leaf(pooled_copy(t))).collect();
+        let init = (leaves.len() == 3).then(|| LayerInit { conv: leaves[1], ssm: leaves[2] });
+        let seq = SeqLayout { init, ..self.seq.clone() };
+        let y = self.block.forward(&mut inner, leaves[0], &seq, None);
         inner.backward_from(y, pooled_copy(dout), ctx.grads);
-        if let Some(g) = grads[0].as_mut() {
-            let dx = inner.grad(x).expect("the block's input is a leaf of the recompute tape");
-            g.add_or_write(data(dx));
+        for (g, &v) in grads.iter_mut().zip(&leaves) {
+            match (g.as_mut(), inner.grad(v)) {
+                (Some(g), Some(d)) => g.add_or_write(data(d)),
+                // Nothing reached this input (e.g. a state every row restarts before using).
+                (Some(g), None) if g.overwrites() => g.data().fill(0.0),
+                _ => {}
+            }
         }
     }
 }

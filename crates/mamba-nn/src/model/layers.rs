@@ -131,11 +131,12 @@ impl Conv1d {
     }
 
     /// `silu(conv(x))` for `x` (B, L, C) on the tape, restarting at the document starts
-    /// `resets` (B, L) when given.
-    pub fn forward(&self, tape: &mut Tape, x: Var, resets: Option<&ops::Resets>) -> Var {
+    /// `resets` (B, L) when given, and continuing from the conv state `state0` (B, C, K) when
+    /// given.
+    pub fn forward(&self, tape: &mut Tape, x: Var, resets: Option<&ops::Resets>, state0: Option<Var>) -> Var {
         let w = tape.param(self.weight);
         let b = self.bias.map(|b| tape.param(b));
-        ops::conv1d(tape, x, w, b, true, resets)
+        ops::conv1d(tape, x, w, b, true, resets, state0)
     }
 
     /// Decode: one time step `x` (B, C) → `out` (B, C), rolling `state` (B, C, K) (the last K

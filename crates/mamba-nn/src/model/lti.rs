@@ -67,8 +67,9 @@ impl Mixer for LtiMixer {
 
     fn forward(&self, tape: &mut Tape, u: Var, seq: &SeqLayout, state: Option<&mut LayerCache>) -> Var {
         assert!(
-            seq.resets.is_none(),
-            "LtiMixer: the LTI baseline has no document resets; train it on one stream of text"
+            seq.resets.is_none() && seq.init.is_none(),
+            "LtiMixer: the LTI baseline has no document resets or initial states; train it on one \
+             stream of text from a zero state"
         );
         let x = self.in_proj.forward(tape, u);
         if let Some(st) = state {
@@ -83,8 +84,8 @@ impl Mixer for LtiMixer {
         self.out_proj.forward(tape, y)
     }
 
-    fn cache_len(&self) -> (usize, usize) {
-        (0, self.d_inner)
+    fn cache_shapes(&self) -> (Vec<usize>, Vec<usize>) {
+        (vec![0], vec![self.d_inner])
     }
 
     fn decode_consts(&self, _: &ParamStore) -> Vec<f32> {

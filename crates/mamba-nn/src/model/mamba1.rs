@@ -109,7 +109,7 @@ impl Mixer for Mamba1Mixer {
         if let Some(st) = state.as_deref_mut() {
             conv_state(tape, x, self.conv1d.width, seq, &mut st.conv);
         }
-        let x = self.conv1d.forward(tape, x, seq.resets.as_ref());
+        let x = self.conv1d.forward(tape, x, seq.resets.as_ref(), seq.init.map(|i| i.conv));
         let dbc = self.x_proj.forward(tape, x);
         let dt = ops::narrow_last(tape, dbc, 0, r);
         let b = ops::narrow_last(tape, dbc, r, n);
@@ -125,6 +125,10 @@ impl Mixer for Mamba1Mixer {
             .with_delta_bias(dt_bias)
             .with_delta_softplus(true)
             .with_resets(seq.resets.clone());
+        let scan = match seq.init {
+            Some(i) => scan.with_h0(i.ssm),
+            None => scan,
+        };
         let y = match state {
             Some(st) => {
                 let (y, h) = ops::selective_scan1_with_state(tape, scan);
@@ -136,8 +140,8 @@ impl Mixer for Mamba1Mixer {
         self.out_proj.forward(tape, y)
     }
 
-    fn cache_len(&self) -> (usize, usize) {
-        (self.d_inner * self.conv1d.width, self.d_inner * self.d_state)
+    fn cache_shapes(&self) -> (Vec<usize>, Vec<usize>) {
+        (vec![self.d_inner, self.conv1d.width], vec![self.d_inner, self.d_state])
     }
 
     /// `A = −exp(A_log)`, (d_inner, N).
@@ -245,10 +249,17 @@ impl Mamba1Mixer {
 }
 
 /// Writes HF's conv state for the conv input `x` (B, L, C) into `st` (B, C, K): the last `k`
-/// time steps per channel, oldest first, zero where the sequence is shorter than `k`.
+/// time steps per channel, oldest first — before the sequence, the initial state's (`seq.init`)
+/// or zero — cut at the last document start of `seq`.
 pub(crate) fn conv_state(tape: &Tape, x: Var, k: usize, seq: &SeqLayout, st: &mut [f32]) {
     let xv = tape.value(x);
     let (bsz, l, c) = (xv.shape()[0], xv.shape()[1], xv.shape()[2]);
     let dims = ssm_kernel::conv::ConvDims::new(bsz, l, c, k);
-    ssm_kernel::conv::conv_state(&dims, data(xv), (c, 0), seq.resets.as_deref(), st);
+    let resets = seq.resets.as_deref();
+    match seq.init {
+        Some(i) => {
+            ssm_kernel::conv::conv_state_from(&dims, data(xv), (c, 0), resets, data(tape.value(i.conv)), st)
+        }
+        None => ssm_kernel::conv::conv_state(&dims, data(xv), (c, 0), resets, st),
+    }
 }

@@ -98,6 +98,8 @@ impl Mixer for Mamba2Mixer {
             d: tape.param(self.d),
             norm_w: tape.param(self.norm),
             resets: seq.resets.clone(),
+            conv0: seq.init.map(|i| i.conv),
+            h0: seq.init.map(|i| i.ssm),
         };
         let y = match state {
             Some(st) => {
@@ -111,9 +113,9 @@ impl Mixer for Mamba2Mixer {
         self.out_proj.forward(tape, y)
     }
 
-    fn cache_len(&self) -> (usize, usize) {
+    fn cache_shapes(&self) -> (Vec<usize>, Vec<usize>) {
         let s = &self.spec;
-        (self.conv1d.channels * self.conv1d.width, s.nheads * s.headdim * s.dstate)
+        (vec![self.conv1d.channels, self.conv1d.width], vec![s.nheads, s.headdim, s.dstate])
     }
 
     /// `A = −exp(A_log)`, (H).

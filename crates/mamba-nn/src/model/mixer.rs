@@ -33,12 +33,27 @@ pub struct SeqLayout {
     /// Document starts of a packed batch, (B, L) ([`Resets`]): each layer's conv and SSM state
     /// restart from zero there. `None`: each row is one sequence from a zero state.
     pub resets: Option<Resets>,
+    /// The initial state of the layer this layout is given to (the blocks' forward sets it per
+    /// layer, see [`Backbone::forward_from`](super::Backbone::forward_from)); `None`: zero.
+    pub init: Option<LayerInit>,
+}
+
+/// A layer's initial recurrent state as values on the tape — differentiable when they are
+/// leaves or computed, constants to start from a carried state without a gradient: the conv
+/// state (B, C, K) and the SSM state (B, …) in the layouts of [`LayerCache`] with a batch axis
+/// (see [`Mixer::cache_shapes`]).
+#[derive(Clone, Copy, Debug)]
+pub struct LayerInit {
+    /// Conv state, (B, C, K).
+    pub conv: Var,
+    /// SSM state: (B, d_inner, N) for Mamba-1, (B, H, P, N) for Mamba-2.
+    pub ssm: Var,
 }
 
 impl SeqLayout {
     /// Rows packed with several documents, starting where `resets` (B, L) is `true`.
     pub fn packed(resets: impl Into<Resets>) -> Self {
-        Self { resets: Some(resets.into()) }
+        Self { resets: Some(resets.into()), init: None }
     }
 }
 
@@ -50,8 +65,15 @@ pub trait Mixer: Send + Sync + Debug {
     /// sized by [`Mixer::cache_len`] × B); no gradient flows through that state.
     fn forward(&self, tape: &mut Tape, x: Var, seq: &SeqLayout, state: Option<&mut LayerCache>) -> Var;
 
+    /// Shapes of one sequence's conv state (C, K) and SSM state ((d_inner, N) for Mamba-1,
+    /// (H, P, N) for Mamba-2).
+    fn cache_shapes(&self) -> (Vec<usize>, Vec<usize>);
+
     /// Lengths of one sequence's conv and SSM states.
-    fn cache_len(&self) -> (usize, usize);
+    fn cache_len(&self) -> (usize, usize) {
+        let (c, s) = self.cache_shapes();
+        (c.iter().product(), s.iter().product())
+    }
 
     /// Values derived from the parameters once per decoder (e.g. `A = −exp(A_log)`), passed back
     /// to every [`Mixer::step`] as `consts`.

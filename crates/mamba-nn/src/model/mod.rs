@@ -44,7 +44,7 @@ pub use lora::{AdaptedModule, AdapterError, Adapters, Lora, LoraConfig};
 pub use lti::LtiMixer;
 pub use mamba1::Mamba1Mixer;
 pub use mamba2::Mamba2Mixer;
-pub use mixer::{LayerCache, Mixer, SeqLayout};
+pub use mixer::{LayerCache, LayerInit, Mixer, SeqLayout};
 
 use std::path::{Path, PathBuf};
 
@@ -409,6 +409,27 @@ impl MambaLM {
         seqlen: usize,
         seq: &SeqLayout,
     ) -> Var {
+        self.forward_from(tape, ids, (batch, seqlen), seq, None, None)
+    }
+
+    /// [`MambaLM::forward_seq`] continuing from the recurrent state `init` (one [`LayerInit`]
+    /// per block: differentiable values on the tape, or constants from a [`Cache`] by
+    /// [`Cache::to_tape`]) and, with `end`, writing the state after the last token into it (no
+    /// gradient flows through that). Consecutive windows of a long sequence, each started from
+    /// the previous one's `end`, give the logits of the whole sequence at once.
+    ///
+    /// # Panics
+    /// As [`MambaLM::forward_seq`], or if `init` or `end` do not match the model and batch.
+    #[track_caller]
+    pub fn forward_from(
+        &self,
+        tape: &mut Tape,
+        ids: &[usize],
+        (batch, seqlen): (usize, usize),
+        seq: &SeqLayout,
+        init: Option<&[LayerInit]>,
+        end: Option<&mut Cache>,
+    ) -> Var {
         assert_eq!(
             ids.len(),
             batch * seqlen,
@@ -416,7 +437,7 @@ impl MambaLM {
             ids.len()
         );
         let h = self.embeddings.forward(tape, ids, &[batch, seqlen]);
-        let hf = self.backbone.forward(tape, h, seq, None);
+        let hf = self.backbone.forward_from(tape, h, seq, init, end);
         self.lm_head.forward(tape, hf)
     }
 

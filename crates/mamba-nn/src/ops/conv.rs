@@ -1,7 +1,9 @@
 //! Mamba's causal depthwise `conv1d` (+ bias, optional fused SiLU), on
 //! [`ssm_kernel::conv`].
 
-use ssm_kernel::conv::{ConvArgs, ConvDims, ConvGrads, ConvOut, conv1d_bwd, conv1d_fwd};
+use ssm_kernel::conv::{
+    ConvArgs, ConvDims, ConvGrads, ConvOut, conv1d_bwd, conv1d_bwd_from, conv1d_fwd, conv1d_fwd_from,
+};
 
 use ssm_kernel::pool::F32Buf;
 
@@ -15,7 +17,9 @@ use crate::tensor::{Tensor, data, data_mut, for_overwrite};
 ///
 /// Shapes: `x` (B, L, C) channels-last, `w` (C, 1, K) as Hugging Face stores `conv1d.weight`, or
 /// (C, K); `bias` (C); `y` (B, L, C); `resets` (B, L), optional document starts (see
-/// [`Resets`]): `x` counts as zero before the start of each output's document.
+/// [`Resets`]): `x` counts as zero before the start of each output's document; `state0`
+/// (B, C, K), optional and differentiable, the conv state the sequence continues from (the last
+/// `K` inputs before it, oldest first, as a decoder's cache holds them) in place of zeros.
 ///
 /// # Panics
 /// If the shapes disagree (the message names them).
@@ -27,6 +31,7 @@ pub fn conv1d(
     bias: Option<Var>,
     silu: bool,
     resets: Option<&Resets>,
+    state0: Option<Var>,
 ) -> Var {
     let (xv, wv) = (tape.value(x), tape.value(w));
     assert_eq!(xv.ndim(), 3, "conv1d: x must be (B, L, C), got {:?}", xv.shape());
@@ -50,14 +55,32 @@ pub fn conv1d(
         );
     }
     check_resets("conv1d", resets, bsz, l);
+    if let Some(s) = state0 {
+        let sv = tape.value(s);
+        assert_eq!(
+            sv.shape(),
+            &[bsz, c, k],
+            "conv1d: state0 must be (B, C, K) = ({bsz}, {c}, {k}), got {:?}",
+            sv.shape()
+        );
+    }
     let dims = ConvDims::new(bsz, l, c, k);
     let args =
         ConvArgs { x: data(xv), weight: data(wv), bias: bv.map(data), silu, resets: resets.map(|r| &r[..]) };
     // The kernel writes every output.
     let mut y = for_overwrite(xv.shape());
-    conv1d_fwd(&dims, &args, ConvOut { y: data_mut(&mut y), state_out: None });
+    let out = ConvOut { y: data_mut(&mut y), state_out: None };
+    match state0 {
+        Some(s) => conv1d_fwd_from(&dims, &args, data(tape.value(s)), out),
+        None => conv1d_fwd(&dims, &args, out),
+    }
     let mut inputs = InputList::new();
-    let at = ConvInputs { x: inputs.push(x), w: inputs.push(w), bias: inputs.push_opt(bias) };
+    let at = ConvInputs {
+        x: inputs.push(x),
+        w: inputs.push(w),
+        bias: inputs.push_opt(bias),
+        state0: inputs.push_opt(state0),
+    };
     tape.push(y, inputs.vars(), Conv1dBackward { at, dims, silu, resets: resets.cloned() })
 }
 
@@ -67,6 +90,7 @@ struct ConvInputs {
     x: Slot,
     w: Slot,
     bias: Option<Slot>,
+    state0: Option<Slot>,
 }
 
 /// Saved: the inputs' positions, the dims and the SiLU flag (the kernel recomputes the
@@ -98,7 +122,14 @@ impl Backward for Conv1dBackward {
         let dx = grad_or_scratch(at.x.grad(grads), &mut sx, dims.n_blc());
         let dweight = grad_or_scratch(at.w.grad(grads), &mut sw, dims.n_ck());
         let dbias = at.bias.and_then(|b| b.grad(grads)).map(InputGrad::zero_if_overwrite);
-        conv1d_bwd(dims, &args, data(dout), ConvGrads { dx, dweight, dbias });
+        let g = ConvGrads { dx, dweight, dbias };
+        match at.state0 {
+            Some(s) => {
+                let dstate0 = s.grad(grads).map(InputGrad::zero_if_overwrite);
+                conv1d_bwd_from(dims, &args, data(s.value(inputs)), data(dout), g, dstate0);
+            }
+            None => conv1d_bwd(dims, &args, data(dout), g),
+        }
     }
 }
 
@@ -145,11 +176,39 @@ mod tests {
             }
             check_op(
                 inputs,
-                |t, v| conv1d(t, v[0], v[1], v.get(2).copied(), silu, None),
+                |t, v| conv1d(t, v[0], v[1], v.get(2).copied(), silu, None, None),
                 |x| reference(&x[0], &x[1], x.get(2).map(|b| b.as_slice()), (bsz, l, c, k), silu),
                 1e-4,
             );
         }
+    }
+
+    #[test]
+    fn continuing_from_a_state_matches_finite_differences() {
+        // The state's last K − 1 inputs stand before the sequence: the reference runs on them
+        // prepended and keeps the last L outputs; its gradient is checked too.
+        let (bsz, l, c, k) = (2, 6, 3, 4);
+        let inputs = vec![random(&[bsz, l, c], 4), random(&[c, k], 5), random(&[bsz, c, k], 6)];
+        check_op(
+            inputs,
+            |t, v| conv1d(t, v[0], v[1], None, true, None, Some(v[2])),
+            |x| {
+                let lp = l + k - 1;
+                let mut xp = vec![0.0; bsz * lp * c];
+                for b in 0..bsz {
+                    for j in 0..k - 1 {
+                        for ch in 0..c {
+                            xp[(b * lp + j) * c + ch] = x[2][(b * c + ch) * k + j + 1];
+                        }
+                    }
+                    xp[(b * lp + k - 1) * c..(b + 1) * lp * c]
+                        .copy_from_slice(&x[0][b * l * c..(b + 1) * l * c]);
+                }
+                let yp = reference(&xp, &x[1], None, (bsz, lp, c, k), true);
+                (0..bsz).flat_map(|b| yp[(b * lp + k - 1) * c..(b + 1) * lp * c].to_vec()).collect()
+            },
+            1e-4,
+        );
     }
 
     #[test]
@@ -159,12 +218,12 @@ mod tests {
         let mut tape = Tape::new(&store);
         let x = tape.constant(zeros(&[1, 2, 3]));
         let w = tape.constant(zeros(&[4, 1, 4]));
-        conv1d(&mut tape, x, w, None, false, None);
+        conv1d(&mut tape, x, w, None, false, None, None);
     }
 
     #[test]
     fn fresh_and_accumulated_gradients() {
         let ins = vec![random(&[2, 7, 5], 1), random(&[5, 1, 4], 2), random(&[5], 3)];
-        check_accumulates(ins, |t, v| conv1d(t, v[0], v[1], Some(v[2]), true, None));
+        check_accumulates(ins, |t, v| conv1d(t, v[0], v[1], Some(v[2]), true, None, None));
     }
 }

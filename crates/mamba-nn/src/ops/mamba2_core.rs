@@ -11,7 +11,10 @@
 //! and against the composition of the separate ops.
 
 use ssm_kernel::cols::{Cols, ColsMut, gather, scatter};
-use ssm_kernel::conv::{ConvArgs, ConvDims, ConvGrads, ConvOut, conv_state, conv1d_bwd, conv1d_fwd};
+use ssm_kernel::conv::{
+    ConvArgs, ConvDims, ConvGrads, ConvOut, conv_state, conv_state_from, conv1d_bwd, conv1d_bwd_from,
+    conv1d_fwd, conv1d_fwd_from,
+};
 use ssm_kernel::mamba2::{
     self, MixerDims, MixerGrads, MixerOut, MixerParams, Scan2Args, Scan2Dims, Scan2Grads, Scan2Out,
     mixer_bwd, mixer_fwd,
@@ -96,12 +99,16 @@ pub struct Mamba2Params {
     /// Document starts, (B, L) (see [`Resets`]): conv and scan restart from zero at each (the
     /// separate kernels run then: the fused one has no resets).
     pub resets: Option<Resets>,
+    /// The conv state (B, C, K) the sequence continues from, differentiable; zero when `None`.
+    pub conv0: Option<Var>,
+    /// The SSM state (B, H, P, N) the sequence continues from, differentiable; zero when `None`.
+    pub h0: Option<Var>,
 }
 
 impl Mamba2Params {
     /// The required parameters; no conv bias.
     pub fn new(conv_w: Var, dt_bias: Var, a_log: Var, d: Var, norm_w: Var) -> Self {
-        Self { conv_w, conv_b: None, dt_bias, a_log, d, norm_w, resets: None }
+        Self { conv_w, conv_b: None, dt_bias, a_log, d, norm_w, resets: None, conv0: None, h0: None }
     }
 
     /// With the conv bias `conv1d.bias` (C).
@@ -112,6 +119,12 @@ impl Mamba2Params {
     /// With document starts (B, L).
     pub fn with_resets(self, resets: Option<Resets>) -> Self {
         Self { resets, ..self }
+    }
+
+    /// Continuing from the conv state `conv0` (B, C, K) and the SSM state `h0` (B, H, P, N)
+    /// (the separate kernels run then: the fused one starts from zero).
+    pub fn with_init(self, conv0: Var, h0: Var) -> Self {
+        Self { conv0: Some(conv0), h0: Some(h0), ..self }
     }
 }
 
@@ -205,6 +218,14 @@ fn core(
     expect("norm.weight", prm.norm_w, di);
     check_resets(OP, prm.resets.as_ref(), bsz, l);
     let resets = prm.resets.as_deref();
+    let (hd, n) = (spec.headdim, spec.dstate);
+    for (name, v, want) in [("conv0", prm.conv0, vec![bsz, cd, k]), ("h0", prm.h0, vec![bsz, h, hd, n])] {
+        if let Some(v) = v {
+            let s = tape.value(v).shape();
+            assert_eq!(s, &want[..], "{OP}: {name} must be {want:?}, got {s:?}");
+        }
+    }
+    let has_init = prm.conv0.is_some() || prm.h0.is_some();
 
     let pd = data(pv);
     let (cw, cb) = (data(cwv), prm.conv_b.map(|b| data(tape.value(b))));
@@ -216,6 +237,8 @@ fn core(
         a: &a,
         d: data(tape.value(prm.d)),
         norm_w: data(tape.value(prm.norm_w)),
+        conv0: prm.conv0.map(|v| data(tape.value(v))),
+        h0: prm.h0.map(|v| data(tape.value(v))),
     };
     let mdims = MixerDims {
         batch: bsz,
@@ -227,10 +250,10 @@ fn core(
         width: k,
     };
     let fused = match path {
-        Path::Auto => mdims.use_fused() && resets.is_none(),
+        Path::Auto => mdims.use_fused() && resets.is_none() && !has_init,
         Path::Split => false,
         Path::Fused => {
-            assert!(resets.is_none(), "{OP}: the fused kernel takes no resets");
+            assert!(resets.is_none() && !has_init, "{OP}: the fused kernel takes no resets or initial state");
             true
         }
     };
@@ -253,15 +276,19 @@ fn core(
         let resets = prm.resets.clone();
         split_forward(spec, (bsz, l, k), pd, &w, resets, data_mut(&mut out), h_last.as_deref_mut())
     };
-    pool::give(a);
     let state = want_state.then(|| Mamba2State {
         conv: {
             let mut st = vec![0.0f32; bsz * cd * k];
-            conv_state(&ConvDims::new(bsz, l, cd, k), pd, (dp, spec.offsets()[0]), resets, &mut st);
+            let cdims = ConvDims::new(bsz, l, cd, k);
+            match w.conv0 {
+                Some(s0) => conv_state_from(&cdims, pd, (dp, spec.offsets()[0]), resets, s0, &mut st),
+                None => conv_state(&cdims, pd, (dp, spec.offsets()[0]), resets, &mut st),
+            }
             st
         },
         ssm: from_vec(&[bsz, h, spec.headdim, spec.dstate], h_last.unwrap_or_default()),
     });
+    pool::give(a);
     let mut inputs = InputList::new();
     let at = CoreInputs {
         proj: inputs.push(proj),
@@ -271,6 +298,8 @@ fn core(
         d: inputs.push(prm.d),
         norm_w: inputs.push(prm.norm_w),
         conv_b: inputs.push_opt(prm.conv_b),
+        conv0: inputs.push_opt(prm.conv0),
+        h0: inputs.push_opt(prm.h0),
     };
     (tape.push(out, inputs.vars(), Mamba2CoreBackward { at, spec, k, rows: bsz * l, saved }), state)
 }
@@ -285,6 +314,8 @@ struct CoreInputs {
     d: Slot,
     norm_w: Slot,
     conv_b: Option<Slot>,
+    conv0: Option<Slot>,
+    h0: Option<Slot>,
 }
 
 /// Which kernels run the core: by [`MixerDims::use_fused`] (the fused per-batch-row kernel when
@@ -307,6 +338,9 @@ struct Weights<'a> {
     a: &'a [f32],
     d: &'a [f32],
     norm_w: &'a [f32],
+    /// The initial conv state (B, C, K) and SSM state (B, H, P, N), when given.
+    conv0: Option<&'a [f32]>,
+    h0: Option<&'a [f32]>,
 }
 
 impl<'a> Weights<'a> {
@@ -343,6 +377,25 @@ impl<'a> Weights<'a> {
     }
 }
 
+/// Channels `c0..c0 + nc` of a conv state (B, C, K) given as `(B, C, K)`: (B, nc, K), pooled.
+fn state_block(s: &[f32], (b, c, k): (usize, usize, usize), c0: usize, nc: usize) -> Vec<f32> {
+    let mut out = pool::take_for_overwrite(b * nc * k);
+    for bb in 0..b {
+        out[bb * nc * k..(bb + 1) * nc * k].copy_from_slice(&s[(bb * c + c0) * k..(bb * c + c0 + nc) * k]);
+    }
+    out
+}
+
+/// Adds a (B, nc, K) block into channels `c0..c0 + nc` of a (B, C, K) conv-state gradient.
+fn add_state_block(ds: &mut [f32], (b, c, k): (usize, usize, usize), c0: usize, nc: usize, blk: &[f32]) {
+    for bb in 0..b {
+        let dst = &mut ds[(bb * c + c0) * k..(bb * c + c0 + nc) * k];
+        for (d, v) in dst.iter_mut().zip(&blk[bb * nc * k..(bb + 1) * nc * k]) {
+            *d += v;
+        }
+    }
+}
+
 /// The forward on the separate kernels: gather `x | B | C` and `dt`, conv per block, scan,
 /// gated norm into `out`. Returns what their backward needs.
 fn split_forward(
@@ -367,7 +420,15 @@ fn split_forward(
         let dims = ConvDims::new(bsz, l, nc, k);
         let args = w.conv_block(&conv_in[i], (c0, nc, k), resets.as_deref());
         let mut y = pool::take_for_overwrite(rows * nc);
-        conv1d_fwd(&dims, &args, ConvOut { y: &mut y, state_out: None });
+        let out = ConvOut { y: &mut y, state_out: None };
+        match w.conv0 {
+            Some(s0) => {
+                let st = state_block(s0, (bsz, spec.conv_dim(), k), c0, nc);
+                conv1d_fwd_from(&dims, &args, &st, out);
+                pool::give(st);
+            }
+            None => conv1d_fwd(&dims, &args, out),
+        }
         y
     });
     let dims = Scan2Dims::new(bsz, l, h, spec.headdim, spec.dstate).with_groups(spec.ngroups);
@@ -376,6 +437,7 @@ fn split_forward(
         delta_bias: Some(w.dt_bias),
         delta_softplus: true,
         resets: resets.as_deref(),
+        h0: w.h0,
         ..Scan2Args::new(&conv_out[0], &dt, w.a, &conv_out[1], &conv_out[2])
     };
     let mut y = pool::take_for_overwrite(rows * di);
@@ -467,6 +529,8 @@ impl Backward for Mamba2CoreBackward {
             da: &mut da,
             dd: grad_or_scratch(at.d.grad(grads), &mut s3, spec.nheads),
             dnorm_w: grad_or_scratch(at.norm_w.grad(grads), &mut s4, spec.d_inner()),
+            dconv0: at.conv0.and_then(|s| s.grad(grads)).map(InputGrad::zero_if_overwrite),
+            dh0: at.h0.and_then(|s| s.grad(grads)).map(InputGrad::zero_if_overwrite),
         };
         let w = Weights {
             cw: val(at.conv_w),
@@ -475,6 +539,8 @@ impl Backward for Mamba2CoreBackward {
             a: &a,
             d: val(at.d),
             norm_w: val(at.norm_w),
+            conv0: at.conv0.map(val),
+            h0: at.h0.map(val),
         };
         let (pd, dy) = (val(at.proj), data(dout));
         match &self.saved {
@@ -507,6 +573,9 @@ struct Grads<'a> {
     da: &'a mut [f32],
     dd: &'a mut [f32],
     dnorm_w: &'a mut [f32],
+    /// Gradients of the initial states, when given and needed.
+    dconv0: Option<&'a mut [f32]>,
+    dh0: Option<&'a mut [f32]>,
 }
 
 /// The backward on the separate kernels: gated norm (dz straight into the projection's z
@@ -526,7 +595,7 @@ fn split_backward(
     let SplitSaved { dims, conv_in, conv_out, dt, y, nd, rstd, resets } = &**sv;
     let resets = resets.as_deref();
     let (dp, di, rows) = (spec.proj_dim(), spec.d_inner(), nd.rows);
-    let Grads { dproj, dcw, mut dcb, ddt_bias, da, dd, dnorm_w } = g;
+    let Grads { dproj, dcw, mut dcb, ddt_bias, da, dd, dnorm_w, mut dconv0, dh0 } = g;
     let mut dy = pool::take_for_overwrite(rows * di);
     let args = NormArgs::new(y, w.norm_w).with_gate(Cols { data: pd, stride: dp, offset: 0 });
     let ng = NormGrads {
@@ -544,6 +613,7 @@ fn split_backward(
         delta_bias: Some(w.dt_bias),
         delta_softplus: true,
         resets,
+        h0: w.h0,
         ..Scan2Args::new(&conv_out[0], dt, w.a, &conv_out[1], &conv_out[2])
     };
     let mut dconv_out: [Vec<f32>; 3] = conv_blocks(&spec).map(|(_, nc)| pool::take(rows * nc));
@@ -559,7 +629,7 @@ fn split_backward(
             dd: Some(dd),
             dz: None,
             ddelta_bias: Some(ddt_bias),
-            dh0: None,
+            dh0,
         };
         mamba2::scan_bwd_auto(dims, spec.chunk_size, &args, &dy, None, grads);
     }
@@ -578,7 +648,20 @@ fn split_backward(
             dweight: &mut dcw[c0 * k..(c0 + nc) * k],
             dbias: dcb.as_deref_mut().map(|b| &mut b[c0..c0 + nc]),
         };
-        conv1d_bwd(&cdims, &args, &dconv_out[i], grads);
+        match (w.conv0, dconv0.as_deref_mut()) {
+            (Some(s0), ds) => {
+                let shape = (dims.batch, spec.conv_dim(), k);
+                let st = state_block(s0, shape, c0, nc);
+                let mut dst = ds.as_ref().map(|_| pool::take(st.len()));
+                conv1d_bwd_from(&cdims, &args, &st, &dconv_out[i], grads, dst.as_deref_mut());
+                if let (Some(ds), Some(d)) = (ds, dst) {
+                    add_state_block(ds, shape, c0, nc, &d);
+                    pool::give(d);
+                }
+                pool::give(st);
+            }
+            (None, _) => conv1d_bwd(&cdims, &args, &dconv_out[i], grads),
+        }
         scatter(ColsMut { data: &mut *dproj, stride: dp, offset: ox + c0 }, &dx, nc, ow);
         pool::give(dx);
     }
@@ -697,7 +780,7 @@ mod tests {
         let z = narrow_last(t, v[0], 0, di);
         let xbc = narrow_last(t, v[0], di, cd);
         let dt = narrow_last(t, v[0], di + cd, h);
-        let xbc = conv1d(t, xbc, v[1], Some(v[6]), true, None);
+        let xbc = conv1d(t, xbc, v[1], Some(v[6]), true, None, None);
         let x = narrow_last(t, xbc, 0, di);
         let b = narrow_last(t, xbc, di, gn);
         let c = narrow_last(t, xbc, di + gn, gn);

@@ -431,3 +431,83 @@ fn step_rejects_seqlen_above_one() {
     let (mut st, mut y) = (vec![0.0f32; 8], vec![0.0f32; 2]);
     conv1d_step(&dims, &ConvArgs::new(&[0.0; 4], &[0.0; 8]), &mut st, &mut y);
 }
+
+/// f64 reference of [`conv1d_fwd_from`]: the reference conv on `x` with the last `K − 1`
+/// inputs of `state0` before each row (and no start there), cut back to the `L` outputs.
+fn ref_fwd_from(dims: &ConvDims, a: &ConvArgs<f64>, state0: &[f64]) -> Vec<f64> {
+    let (b, l, c, k) = (dims.batch, dims.seqlen, dims.channels, dims.width);
+    let lp = l + k - 1;
+    let mut xp = vec![0.0; b * lp * c];
+    let mut rp = vec![false; b * lp];
+    for bb in 0..b {
+        for j in 0..k - 1 {
+            for ch in 0..c {
+                xp[(bb * lp + j) * c + ch] = state0[(bb * c + ch) * k + j + 1];
+            }
+        }
+        xp[(bb * lp + k - 1) * c..(bb + 1) * lp * c].copy_from_slice(&a.x[bb * l * c..(bb + 1) * l * c]);
+        if let Some(r) = a.resets {
+            rp[bb * lp + k - 1..(bb + 1) * lp].copy_from_slice(&r[bb * l..(bb + 1) * l]);
+        }
+    }
+    let pd = ConvDims::new(b, lp, c, k);
+    let args = ConvArgs { x: &xp, resets: a.resets.map(|_| &rp[..]), ..*a };
+    let (yp, _) = ref_fwd(&pd, &args);
+    (0..b).flat_map(|bb| yp[(bb * lp + k - 1) * c..(bb + 1) * lp * c].to_vec()).collect()
+}
+
+#[test]
+fn continuing_from_a_state_matches_the_chunked_forward_and_finite_differences() {
+    for (i, &(b, l, c, k, resets)) in [
+        (2, 9, 11, 4, false),
+        (2, 9, 11, 4, true),
+        (1, 2, 5, 4, true),
+        (1, 13, 9, 3, true),
+        (2, 1, 3, 4, false),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let dims = ConvDims::new(b, l, c, k);
+        let d = Data::with_resets(&dims, 700 + i as u64, resets);
+        let args = d.args(true, true);
+        let state0 = to_f32(&Rng(40 + i as u64).vec(dims.n_bck(), -1.0, 1.0));
+        let mut y = vec![f32::NAN; dims.n_blc()];
+        let mut st = vec![f32::NAN; dims.n_bck()];
+        conv1d_fwd_from(&dims, &args, &state0, ConvOut { y: &mut y, state_out: Some(&mut st) });
+        let a64 = Args64::new(&args);
+        let s64 = to_f64(&state0);
+        assert_close("y vs reference with history", &y, &ref_fwd_from(&dims, &a64.args(), &s64), 1e-5, 1e-5);
+        let mut st2 = vec![f32::NAN; dims.n_bck()];
+        conv_state_from(&dims, &d.x, (c, 0), d.resets.as_deref(), &state0, &mut st2);
+        assert_close("conv_state_from vs the forward's state", &st2, &st, 0.0, 0.0);
+        if !resets {
+            // The chunk kernel (itself checked against step-by-step decoding) agrees.
+            let (mut st_c, mut y_c) = (state0.clone(), vec![f32::NAN; dims.n_blc()]);
+            conv1d_chunk(&dims, &args, &mut st_c, &mut y_c);
+            assert_close("y vs conv1d_chunk", &y, &y_c, 1e-6, 1e-6);
+            assert_close("state vs conv1d_chunk", &st, &st_c, 0.0, 0.0);
+        }
+        // Gradients of Σ w·y against finite differences of the f64 reference.
+        let w = to_f32(&Rng(90 + i as u64).vec(dims.n_blc(), -1.0, 1.0));
+        let (mut dx, mut dw, mut db, mut ds) = (
+            vec![0.0f32; dims.n_blc()],
+            vec![0.0f32; dims.n_ck()],
+            vec![0.0f32; c],
+            vec![0.0f32; dims.n_bck()],
+        );
+        let grads = ConvGrads { dx: &mut dx, dweight: &mut dw, dbias: Some(&mut db) };
+        conv1d_bwd_from(&dims, &args, &state0, &w, grads, Some(&mut ds));
+        let w64 = to_f64(&w);
+        let loss = |x: &[f64], wt: &[f64], s: &[f64]| {
+            let a = ConvArgs { x, weight: wt, ..a64.args() };
+            dot(&w64, &ref_fwd_from(&dims, &a, s))
+        };
+        let eps = 1e-5;
+        assert_rel_max("dx", &dx, &numeric_grad(&a64.x, eps, |x| loss(x, &a64.w, &s64)), 1e-5, 1.0);
+        assert_rel_max("dweight", &dw, &numeric_grad(&a64.w, eps, |wt| loss(&a64.x, wt, &s64)), 1e-5, 1.0);
+        let nds = numeric_grad(&s64, eps, |s| loss(&a64.x, &a64.w, s));
+        assert_rel_max("dstate0", &ds, &nds, 1e-5, 1.0);
+        assert!(nds.iter().any(|v| v.abs() > 1e-3), "the state must matter");
+    }
+}
