@@ -27,6 +27,16 @@ fn batch(b: usize, l: usize, seed: u64) -> (Vec<usize>, Vec<bool>) {
     (ids, resets)
 }
 
+/// A non-trivial recurrent state of `b` sequences: every value uniform in [-1, 1].
+fn random_state(model: &MambaLM, b: usize, seed: u64) -> Cache {
+    let mut start = Cache::new(model, b);
+    let mut r = Rng(seed);
+    for layer in &mut start.layers {
+        layer.conv.iter_mut().chain(layer.ssm.iter_mut()).for_each(|v| *v = r.uniform(-1.0, 1.0) as f32);
+    }
+    start
+}
+
 /// Columns `t0..t1` of each row of a (B, L) array.
 fn cols<T: Copy>(v: &[T], (b, l): (usize, usize), (t0, t1): (usize, usize)) -> Vec<T> {
     (0..b).flat_map(|r| v[r * l + t0..r * l + t1].to_vec()).collect()
@@ -79,13 +89,8 @@ fn initial_state_gradients_match_finite_differences() {
         let model = MambaLM::new(cfg, 4).unwrap();
         let (ids, resets) = batch(b, l, 8);
         let seq = SeqLayout::packed(resets);
-        // A non-trivial starting state.
-        let mut start = Cache::new(&model, b);
-        let mut r = Rng(21);
-        for layer in &mut start.layers {
-            layer.conv.iter_mut().for_each(|v| *v = r.uniform(-1.0, 1.0) as f32);
-            layer.ssm.iter_mut().for_each(|v| *v = r.uniform(-1.0, 1.0) as f32);
-        }
+        let start = random_state(&model, b, 21);
+        let mut r = Rng(22);
         let w: Vec<f32> = (0..b * l * V).map(|_| r.uniform(-1.0, 1.0) as f32).collect();
         // The loss Σ w·logits, accumulated in f64.
         let loss = |st: &Cache| -> f64 {
@@ -134,12 +139,7 @@ fn checkpointed_blocks_carry_and_differentiate_the_state_too() {
         let model = MambaLM::new(cfg, 6).unwrap();
         let (ids, resets) = batch(b, l, 5);
         let seq = SeqLayout::packed(resets);
-        let mut start = Cache::new(&model, b);
-        let mut r = Rng(2);
-        for layer in &mut start.layers {
-            layer.conv.iter_mut().for_each(|v| *v = r.uniform(-1.0, 1.0) as f32);
-            layer.ssm.iter_mut().for_each(|v| *v = r.uniform(-1.0, 1.0) as f32);
-        }
+        let start = random_state(&model, b, 2);
         let run = |checkpoint: bool| {
             let mut m = model.clone();
             m.backbone.checkpoint_layers = checkpoint;

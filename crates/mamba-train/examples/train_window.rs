@@ -4,10 +4,11 @@
 //!
 //! ```text
 //! cargo run --release -p mamba-train --example train_window -- --seq-len 16384 --batch 1 \
-//!     [--checkpoint-layers] [--steps 3]
+//!     [--checkpoint-layers] [--steps 3] [--n-layer 4]
 //! ```
 //!
-//! Prints one JSON line: `{"seq_len", "batch", "checkpoint_layers", "steps", "step_s" (median of
+//! `--n-layer` deepens the model (same widths). Prints one JSON line: `{"seq_len", "batch",
+//! "n_layer", "checkpoint_layers", "steps", "step_s" (median of
 //! the timed steps, after one warm-up step), "tokens_per_s"}`. Each step is a whole training
 //! step on random tokens: forward, loss, backward, clipping and AdamW.
 
@@ -35,8 +36,9 @@ fn main() {
     let seq_len: usize = arg(&args, "--seq-len", 256);
     let batch: usize = arg(&args, "--batch", 8);
     let steps: usize = arg(&args, "--steps", 3);
+    let n_layer: usize = arg(&args, "--n-layer", 4);
     let checkpoint = args.iter().any(|a| a == "--checkpoint-layers");
-    let mut model = MambaLM::new(MambaConfig::mamba1(256, 256, 4), 0).expect("the S config is valid");
+    let mut model = MambaLM::new(MambaConfig::mamba1(256, 256, n_layer), 0).expect("the S config is valid");
     model.backbone.checkpoint_layers = checkpoint;
     let mut opt = AdamW::new(&model.params, AdamWConfig::default());
     let mut grads = Grads::new(&model.params);
@@ -64,6 +66,7 @@ fn main() {
     let line = serde_json::json!({
         "seq_len": seq_len,
         "batch": batch,
+        "n_layer": n_layer,
         "checkpoint_layers": checkpoint,
         "steps": steps,
         "step_s": median,
