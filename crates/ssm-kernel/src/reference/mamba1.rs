@@ -89,6 +89,7 @@ pub fn scan_bwd<T: Real>(
     // hs[(t + 1) * n + k] = h_t[k]; hs[k] = h_{-1}[k] = h0[k].
     let mut hs = vec![T::zero(); (seqlen + 1) * n];
     let mut g = vec![T::zero(); n];
+    let zeros = vec![T::zero(); n];
     for b in 0..batch {
         for d in 0..dim {
             let grp = dims.group_of(d);
@@ -120,7 +121,6 @@ pub fn scan_bwd<T: Real>(
                 let x = args.u[i];
                 let h = &hs[(t + 1) * n..(t + 2) * n];
                 let reset = is_reset(args.resets, b * seqlen + t);
-                let zeros = vec![T::zero(); n];
                 let hprev = if reset { &zeros[..] } else { &hs[t * n..(t + 1) * n] };
                 // Output before the gate.
                 let mut ypre: T = (0..n).map(|k| h[k] * args.c[bc + k]).sum();

@@ -105,6 +105,7 @@ pub fn scan_bwd<T: Real>(
     // hs[(t + 1) * sz + ..] = h_t; hs[..sz] = h0.
     let mut hs = vec![T::zero(); (seqlen + 1) * sz];
     let mut gs = vec![T::zero(); sz];
+    let zeros = vec![T::zero(); sz];
     for b in 0..batch {
         for h in 0..nheads {
             let grp = dims.group_of(h);
@@ -142,7 +143,6 @@ pub fn scan_bwd<T: Real>(
                 let abar = (dt * a).exp();
                 let reset = is_reset(args.resets, b * seqlen + t);
                 let hcur = &hs[(t + 1) * sz..(t + 2) * sz];
-                let zeros = vec![T::zero(); sz];
                 let hprev = if reset { &zeros[..] } else { &hs[t * sz..(t + 1) * sz] };
                 let mut ddt = T::zero();
                 for p in 0..pd {
