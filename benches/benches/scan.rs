@@ -311,6 +311,7 @@ fn bench_mixer(cr: &mut Criterion) {
         d: &d,
         norm_w: &norm_w,
         eps: 1e-5,
+        resets: None,
     };
     let dout = uniform(&mut r, rows * di, -1.0, 1.0);
     let (mut out, mut rstd, mut dproj) =

@@ -7,7 +7,8 @@
 //!     [--checkpoint-layers] [--steps 3] [--n-layer 4]
 //! ```
 //!
-//! `--n-layer` deepens the model (same widths). Prints one JSON line: `{"seq_len", "batch",
+//! `--n-layer` deepens the model (same widths), `--mamba2` trains the Mamba-2 S model instead,
+//! `--packed` lays documents into the windows (starts where a random token is 0 mod 100). Prints one JSON line: `{"seq_len", "batch",
 //! "n_layer", "checkpoint_layers", "steps", "step_s" (median of
 //! the timed steps, after one warm-up step), "tokens_per_s"}`. Each step is a whole training
 //! step on random tokens: forward, loss, backward, clipping and AdamW.
@@ -15,7 +16,7 @@
 use std::time::Instant;
 
 use mamba_nn::config::MambaConfig;
-use mamba_nn::model::MambaLM;
+use mamba_nn::model::{MambaLM, SeqLayout};
 use mamba_nn::params::Grads;
 use mamba_nn::tape::Tape;
 use mamba_train::data::Rng;
@@ -38,7 +39,12 @@ fn main() {
     let steps: usize = arg(&args, "--steps", 3);
     let n_layer: usize = arg(&args, "--n-layer", 4);
     let checkpoint = args.iter().any(|a| a == "--checkpoint-layers");
-    let mut model = MambaLM::new(MambaConfig::mamba1(256, 256, n_layer), 0).expect("the S config is valid");
+    let cfg = match args.iter().any(|a| a == "--mamba2") {
+        true => MambaConfig { chunk_size: 64, ..MambaConfig::mamba2(256, 256, n_layer) },
+        false => MambaConfig::mamba1(256, 256, n_layer),
+    };
+    let packed = args.iter().any(|a| a == "--packed");
+    let mut model = MambaLM::new(cfg, 0).expect("the S config is valid");
     model.backbone.checkpoint_layers = checkpoint;
     let mut opt = AdamW::new(&model.params, AdamWConfig::default());
     let mut grads = Grads::new(&model.params);
@@ -52,7 +58,12 @@ fn main() {
         {
             let mut tape = Tape::new(&model.params);
             tape.release_values_in_backward();
-            let (_, loss) = model.forward_loss(&mut tape, &ids, batch, seq_len + 1);
+            // --packed: documents of 100 tokens on average, reset at each start.
+            let seq = match packed {
+                true => SeqLayout::packed(ids.iter().map(|&t| t % 100 == 0).collect::<Vec<bool>>()),
+                false => SeqLayout::default(),
+            };
+            let (_, loss) = model.forward_loss_seq(&mut tape, &ids, batch, seq_len + 1, &seq);
             tape.backward(loss, &mut grads);
         }
         clip_grad_norm(&model.params, &mut grads, 1.0);

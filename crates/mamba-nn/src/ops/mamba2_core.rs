@@ -96,8 +96,7 @@ pub struct Mamba2Params {
     pub d: Var,
     /// `norm.weight`, (d_inner).
     pub norm_w: Var,
-    /// Document starts, (B, L) (see [`Resets`]): conv and scan restart from zero at each (the
-    /// separate kernels run then: the fused one has no resets).
+    /// Document starts, (B, L) (see [`Resets`]): conv and scan restart from zero at each.
     pub resets: Option<Resets>,
     /// The conv state (B, C, K) the sequence continues from, differentiable; zero when `None`.
     pub conv0: Option<Var>,
@@ -250,10 +249,10 @@ fn core(
         width: k,
     };
     let fused = match path {
-        Path::Auto => mdims.use_fused() && resets.is_none() && !has_init,
+        Path::Auto => mdims.use_fused() && !has_init,
         Path::Split => false,
         Path::Fused => {
-            assert!(resets.is_none() && !has_init, "{OP}: the fused kernel takes no resets or initial state");
+            assert!(!has_init, "{OP}: the fused kernel takes no initial state");
             true
         }
     };
@@ -270,8 +269,8 @@ fn core(
             y: keep.then_some(&mut y[..]),
             h_last: h_last.as_deref_mut(),
         };
-        mixer_fwd(&mdims, pd, &w.mixer(spec.eps), o);
-        Saved::Fused { dims: mdims, rstd, y }
+        mixer_fwd(&mdims, pd, &w.mixer(spec.eps, resets), o);
+        Saved::Fused { dims: mdims, rstd, y, resets: prm.resets.clone() }
     } else {
         let resets = prm.resets.clone();
         split_forward(spec, (bsz, l, k), pd, &w, resets, data_mut(&mut out), h_last.as_deref_mut())
@@ -364,7 +363,8 @@ impl<'a> Weights<'a> {
         }
     }
 
-    fn mixer(&self, eps: f32) -> MixerParams<'_> {
+    /// The fused kernel's parameters, with the batch's starts `resets` (B, L).
+    fn mixer<'r>(&'r self, eps: f32, resets: Option<&'r [bool]>) -> MixerParams<'r> {
         MixerParams {
             conv_w: self.cw,
             conv_b: self.cb,
@@ -373,6 +373,7 @@ impl<'a> Weights<'a> {
             d: self.d,
             norm_w: self.norm_w,
             eps,
+            resets,
         }
     }
 }
@@ -474,8 +475,8 @@ enum Saved {
     /// See [`SplitSaved`].
     Split(Box<SplitSaved>),
     /// The fused kernel's reciprocal RMS and pre-norm scan output (it recomputes everything
-    /// else from `proj`).
-    Fused { dims: MixerDims, rstd: Vec<f32>, y: Vec<f32> },
+    /// else from `proj`), and the batch's starts.
+    Fused { dims: MixerDims, rstd: Vec<f32>, y: Vec<f32>, resets: Option<Resets> },
 }
 
 /// The saved buffers go back to the pool for the next step's forward.
@@ -544,7 +545,7 @@ impl Backward for Mamba2CoreBackward {
         };
         let (pd, dy) = (val(at.proj), data(dout));
         match &self.saved {
-            Saved::Fused { dims, rstd, y } => {
+            Saved::Fused { dims, rstd, y, resets } => {
                 let grads = MixerGrads {
                     dproj: g.dproj,
                     overwrite_dproj: ow,
@@ -555,7 +556,7 @@ impl Backward for Mamba2CoreBackward {
                     dd: g.dd,
                     dnorm_w: g.dnorm_w,
                 };
-                mixer_bwd(dims, pd, &w.mixer(spec.eps), (rstd, y), dy, grads);
+                mixer_bwd(dims, pd, &w.mixer(spec.eps, resets.as_deref()), (rstd, y), dy, grads);
             }
             split => split_backward(spec, k, split, pd, &w, dy, g, ow),
         }
@@ -865,6 +866,35 @@ mod tests {
         let spec = Mamba2Spec { nheads: 4, headdim: 16, ngroups: 2, dstate: 8, eps: 1e-5, chunk_size: 32 };
         for path in [Path::Split, Path::Fused] {
             check_accumulates(inputs(&spec, 4, 2, 70), |t, v| run(t, v, spec, path));
+        }
+    }
+
+    /// With document starts, the fused kernel gives the split kernels' values and gradients
+    /// (each side checked against running documents alone or finite differences elsewhere).
+    #[test]
+    fn fused_and_split_agree_with_document_starts() {
+        let spec = Mamba2Spec { nheads: 4, headdim: 16, ngroups: 2, dstate: 8, eps: 1e-5, chunk_size: 32 };
+        let (bsz, l) = (3, 53);
+        let ins = inputs(&spec, 4, bsz, l);
+        let resets: Resets =
+            (0..bsz * l).map(|i| [0, 1, 17, 18, 40].contains(&(i % l))).collect::<Vec<_>>().into();
+        let run = |path: Path| {
+            let store = ParamStore::new();
+            let mut tape = Tape::new(&store);
+            let v: Vec<Var> = ins.iter().map(|t| tape.leaf(t.clone())).collect();
+            let out =
+                core(&mut tape, v[0], params(&v).with_resets(Some(resets.clone())), spec, false, path).0;
+            let y = data(tape.value(out)).to_vec();
+            tape.backward_from(out, random(tape.value(out).shape(), 12), &mut Grads::new(&store));
+            let g: Vec<Vec<f32>> =
+                v.iter().map(|&x| data(tape.grad(x).expect("a gradient")).to_vec()).collect();
+            (y, g)
+        };
+        let ((y1, g1), (y0, g0)) = (run(Path::Fused), run(Path::Split));
+        let f64s = |v: &[f32]| v.iter().map(|&a| a as f64).collect::<Vec<_>>();
+        ssm_kernel::testing::assert_rel_max("out", &y1, &f64s(&y0), 1e-5, 1e-3);
+        for (i, (a, b)) in g1.iter().zip(&g0).enumerate() {
+            ssm_kernel::testing::assert_rel_max(&format!("d(input {i})"), a, &f64s(b), 1e-4, 1e-3);
         }
     }
 

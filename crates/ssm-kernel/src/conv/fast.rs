@@ -142,7 +142,7 @@ fn pre_act(p: &Packed, xb: &[f32], c: usize, k: usize, kmin: usize, t: usize, j:
 /// position 0, or the last reset in `rb` (the batch row's (L) sequence starts) within reach —
 /// read zero.
 #[inline(always)]
-fn first_tap(k: usize, t: usize, rb: Option<&[bool]>) -> usize {
+pub(crate) fn first_tap(k: usize, t: usize, rb: Option<&[bool]>) -> usize {
     let lo = (t + 1).saturating_sub(k);
     let start = rb.and_then(|r| (lo + 1..=t).rev().find(|&s| r[s])).unwrap_or(lo);
     start + k - 1 - t

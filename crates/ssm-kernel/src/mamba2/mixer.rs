@@ -35,6 +35,7 @@ use super::common::{blocks, state_out};
 use super::seq::{adjoint_block, load_x, step_state};
 use crate::Real;
 use crate::check::{check_dims, check_len, check_opt_len};
+use crate::conv::first_tap;
 use crate::pool::{self, F32Buf};
 use crate::simd::{self, W, dot};
 
@@ -125,6 +126,9 @@ pub struct MixerParams<'a> {
     pub norm_w: &'a [f32],
     /// Gated-norm epsilon.
     pub eps: f32,
+    /// Sequence starts, (B, L), optional: conv and scan restart from zero at each (as in
+    /// [`Scan2Args`](super::Scan2Args) and [`ConvArgs`](crate::conv::ConvArgs)).
+    pub resets: Option<&'a [bool]>,
 }
 
 impl MixerParams<'_> {
@@ -138,6 +142,7 @@ impl MixerParams<'_> {
         }
         let di = dims.d_inner();
         check_len(kernel, "norm_w", format_args!("(d_inner) = ({di})"), self.norm_w.len(), di);
+        check_opt_len(kernel, "resets", "(B, L)", self.resets, dims.batch * dims.seqlen);
     }
 }
 
@@ -199,16 +204,24 @@ impl Conv {
     }
 
     /// Row `t` of the conv over the `x | B | C` columns (from `off`) of `proj_b`, one batch row
-    /// of the projection ((L, dp) flat): the SiLU output into `post` (C) and, when given, the
-    /// pre-activation and its sigmoid into `pre` (C each).
+    /// of the projection ((L, dp) flat), with the taps from `kmin` on (the earlier ones fall
+    /// before the row's sequence start, see [`first_tap`]): the SiLU output into `post` (C) and,
+    /// when given, the pre-activation and its sigmoid into `pre` (C each).
     #[inline(always)]
-    fn row(&self, proj_b: &[f32], dp: usize, off: usize, t: usize, post: &mut [f32], pre: Pre) {
+    fn row(
+        &self,
+        proj_b: &[f32],
+        (dp, off): (usize, usize),
+        (t, kmin): (usize, usize),
+        post: &mut [f32],
+        pre: Pre,
+    ) {
         match self.k {
-            1 => self.row_k::<1>(proj_b, dp, off, t, post, pre),
-            2 => self.row_k::<2>(proj_b, dp, off, t, post, pre),
-            3 => self.row_k::<3>(proj_b, dp, off, t, post, pre),
-            4 => self.row_k::<4>(proj_b, dp, off, t, post, pre),
-            _ => self.row_k::<0>(proj_b, dp, off, t, post, pre),
+            1 => self.row_k::<1>(proj_b, dp, off, (t, kmin), post, pre),
+            2 => self.row_k::<2>(proj_b, dp, off, (t, kmin), post, pre),
+            3 => self.row_k::<3>(proj_b, dp, off, (t, kmin), post, pre),
+            4 => self.row_k::<4>(proj_b, dp, off, (t, kmin), post, pre),
+            _ => self.row_k::<0>(proj_b, dp, off, (t, kmin), post, pre),
         }
     }
 
@@ -220,13 +233,12 @@ impl Conv {
         proj_b: &[f32],
         dp: usize,
         off: usize,
-        t: usize,
+        (t, kmin): (usize, usize),
         post: &mut [f32],
         mut pre: Pre,
     ) {
         const Q: usize = 4;
         let (c, k) = (self.c, if KS == 0 { self.k } else { KS });
-        let kmin = (k - 1).saturating_sub(t);
         let mut j = 0;
         while j < c {
             let q = ((c - j) / W).min(Q);
@@ -252,6 +264,23 @@ impl Conv {
             j += q * W;
         }
     }
+}
+
+/// A sequence start at row `t` (of the batch row's starts `rb`) makes every head's decay 0: the
+/// state entering the step is zero.
+#[inline(always)]
+fn restart_at(rb: Option<&[bool]>, t: usize, steps: &mut [(f32, f32, f32)]) {
+    if rb.is_some_and(|r| r[t]) {
+        steps.iter_mut().for_each(|s| s.2 = 0.0);
+    }
+}
+
+/// The first tap `kk` whose row `t + K − 1 − kk` reads input row `t`: rows at or after the
+/// first sequence start after `t` (in `rb`, within the `L` rows) do not.
+#[inline(always)]
+fn first_reader_tap(k: usize, l: usize, t: usize, rb: Option<&[bool]>) -> usize {
+    let last = (t + k - 1).min(l - 1);
+    rb.and_then(|r| (t + 1..=last).find(|&q| r[q])).map_or(0, |q| t + k - q)
 }
 
 /// Δ, ∂Δ/∂Δ_raw and `ā = exp(Δ·A)` of every head at projection row `row`; eight heads at a time
@@ -399,6 +428,7 @@ pub fn mixer_fwd(dims: &MixerDims, proj: &[f32], p: &MixerParams, o: MixerOut) {
         .enumerate()
         .for_each(|(b, ((ob, rb), (hl, yk)))| {
             let proj_b = &proj[b * l * dp..(b + 1) * l * dp];
+            let starts = p.resets.map(|r| &r[b * l..(b + 1) * l]);
             let mut st = vec![f32x8::ZERO; h * sz];
             let mut xbc = F32Buf::zeroed(TB * cd);
             let mut steps = vec![(0.0f32, 0.0f32, 0.0f32); TB * h];
@@ -407,11 +437,15 @@ pub fn mixer_fwd(dims: &MixerDims, proj: &[f32], p: &MixerParams, o: MixerOut) {
             for t0 in (0..l).step_by(TB) {
                 let nt = TB.min(l - t0);
                 for i in 0..nt {
-                    simd::prefetch_range_l2(proj_b, (t0 + i + PF) * dp, dp);
-                    conv.row(proj_b, dp, ox, t0 + i, &mut xbc[i * cd..(i + 1) * cd], None);
+                    let t = t0 + i;
+                    simd::prefetch_range_l2(proj_b, (t + PF) * dp, dp);
+                    let kmin = first_tap(conv.k, t, starts);
+                    conv.row(proj_b, (dp, ox), (t, kmin), &mut xbc[i * cd..(i + 1) * cd], None);
                 }
                 for i in 0..nt {
-                    head_steps(&proj_b[(t0 + i) * dp..], odt, p, &mut steps[i * h..(i + 1) * h]);
+                    let hs = &mut steps[i * h..(i + 1) * h];
+                    head_steps(&proj_b[(t0 + i) * dp..], odt, p, hs);
+                    restart_at(starts, t0 + i, hs);
                 }
                 // The scan output goes where the backward keeps it, if it does, else into `out`.
                 for hh in 0..h {
@@ -518,6 +552,7 @@ pub fn mixer_bwd(
         .enumerate()
         .map(|(b, (dpb, (pb, wb)))| {
             let proj_b = &proj[b * l * dp..(b + 1) * l * dp];
+            let starts = p.resets.map(|r| &r[b * l..(b + 1) * l]);
             let dout_b = &dout[b * l * di..(b + 1) * l * di];
             let y_b = &y[b * l * di..(b + 1) * l * di];
             let (dconv_w, rest) = pb.split_at_mut(k * cd);
@@ -545,8 +580,10 @@ pub fn mixer_bwd(
                     simd::prefetch_range_l2(proj_b, (t + PF) * dp, dp);
                     simd::prefetch_range_l2(dout_b, (t + TB) * di, di);
                     let xr = &mut xbc[i * cd..(i + 1) * cd];
-                    conv.row(proj_b, dp, ox, t, xr, None);
-                    head_steps(&proj_b[t * dp..], odt, p, &mut steps[t * h..(t + 1) * h]);
+                    conv.row(proj_b, (dp, ox), (t, first_tap(k, t, starts)), xr, None);
+                    let hs = &mut steps[t * h..(t + 1) * h];
+                    head_steps(&proj_b[t * dp..], odt, p, hs);
+                    restart_at(starts, t, hs);
                     for g in 0..ng {
                         let (bo, co) = (di + g * n, di + gn + g * n);
                         bdc[t * ng + g] = dot(&xr[bo..bo + n], &xr[co..co + n]);
@@ -642,7 +679,8 @@ pub fn mixer_bwd(
                         simd::prefetch_range_l2(proj_b, tp * dp, dp);
                     }
                     let (xr, pr) = (&mut xbc[i * cd..(i + 1) * cd], &mut pre[i * cd..(i + 1) * cd]);
-                    conv.row(proj_b, dp, ox, t, xr, Some((pr, &mut sgm[i * cd..(i + 1) * cd])));
+                    let pre = Some((pr, &mut sgm[i * cd..(i + 1) * cd]));
+                    conv.row(proj_b, (dp, ox), (t, first_tap(k, t, starts)), xr, pre);
                     let dr = &mut dxbc[i * cd..(i + 1) * cd];
                     dr[di..di + gn].fill(0.0);
                     dr[di + gn..].copy_from_slice(&dcb[t * gn..(t + 1) * gn]);
@@ -680,6 +718,10 @@ pub fn mixer_bwd(
                         let (sbs, bcd) = (dot(brow, &sn), bdc[t * ng + g]);
                         let beta = (dt * sbs) as f64 - (dt * bcd * xdy) as f64;
                         m[hh] += alpha[t * h + hh] - beta;
+                        if starts.is_some_and(|r| r[t]) {
+                            // Nothing before a start reaches it: M(t) is exactly 0.
+                            m[hh] = 0.0;
+                        }
                         let draw = (p.a[hh] as f64 * m[hh] + sbs as f64) as f32 * dsp;
                         e[0] += dt as f64 * m[hh];
                         e[1] += xdy as f64;
@@ -694,7 +736,6 @@ pub fn mixer_bwd(
                 }
                 // Conv backward of the block's rows, last first, one channel vector at a time so
                 // its d weight / d bias sums stay in registers across the block.
-                let kmin0 = (k - 1).saturating_sub(t0);
                 for j in (0..cd).step_by(W) {
                     let mut dw = [f32x8::ZERO; MAX_K];
                     let mut db = f32x8::ZERO;
@@ -711,14 +752,15 @@ pub fn mixer_bwd(
                             * a.mul_add(f32x8::ONE - sg, f32x8::ONE);
                         simd::store_full(&mut ring[(t % k) * cd + j..], gpre);
                         db += gpre;
-                        let kmin = if i == 0 { kmin0 } else { (k - 1).saturating_sub(t) };
-                        for kk in kmin..k {
+                        for kk in first_tap(k, t, starts)..k {
                             let xin = simd::load_full(&proj_b[(t + kk + 1 - k) * dp + ox + j..]);
                             dw[kk] = gpre.mul_add(xin, dw[kk]);
                         }
-                        // d x_in[t] = Σ_kk g[t + K − 1 − kk] · w[kk], rows past the end zero.
+                        // d x_in[t] = Σ_kk g[t + K − 1 − kk] · w[kk], rows past the end zero and
+                        // rows from the next sequence start on not reading x_in[t].
                         let mut dxin = f32x8::ZERO;
-                        for (kk, &w) in wj.iter().enumerate().take(k) {
+                        let kk0 = first_reader_tap(k, l, t, starts);
+                        for (kk, &w) in wj.iter().enumerate().take(k).skip(kk0) {
                             let r = t + k - 1 - kk;
                             if r < l {
                                 dxin = simd::load_full(&ring[(r % k) * cd + j..]).mul_add(w, dxin);

@@ -7,7 +7,7 @@ use proptest::prelude::*;
 use super::*;
 use crate::conv::{ConvArgs, ConvDims, ConvOut};
 use crate::reference::{conv as refconv, mamba2 as ref2};
-use crate::testing::{Rng, assert_close, assert_rel_max, cases, dot, numeric_grad, to_f32};
+use crate::testing::{Rng, assert_close, assert_rel_max, cases, dot, numeric_grad, random_resets, to_f32};
 
 /// Owned parameters: conv weight (C, K), conv bias (C), dt_bias, a, d (H), norm weight (d_inner).
 #[derive(Clone, Debug)]
@@ -18,7 +18,12 @@ struct Params {
     a: Vec<f64>,
     d: Vec<f64>,
     norm_w: Vec<f64>,
+    /// Sequence starts, (B, L).
+    resets: Option<Vec<bool>>,
 }
+
+/// The f32 parameters (conv_w, conv_b, dt_bias, a, d, norm_w) and the starts.
+type P32 = ([Vec<f32>; 6], Option<Vec<bool>>);
 
 const EPS: f64 = 1e-5;
 
@@ -33,23 +38,33 @@ impl Params {
             a: r.vec(h, -2.0, -0.3),
             d: r.vec(h, -1.0, 1.0),
             norm_w: r.vec(dims.d_inner(), 0.5, 1.5),
+            resets: None,
         }
     }
 
-    fn f32(&self) -> [Vec<f32>; 6] {
-        [&self.conv_w, &self.conv_b, &self.dt_bias, &self.a, &self.d, &self.norm_w].map(|v| to_f32(v))
+    /// With random sequence starts.
+    fn with_resets(self, dims: &MixerDims, seed: u64) -> Self {
+        Self { resets: Some(random_resets(&mut Rng(seed ^ 0x5e7), dims.batch * dims.seqlen)), ..self }
+    }
+
+    fn f32(&self) -> P32 {
+        let v =
+            [&self.conv_w, &self.conv_b, &self.dt_bias, &self.a, &self.d, &self.norm_w].map(|v| to_f32(v));
+        (v, self.resets.clone())
     }
 }
 
-fn view<'a>(p: &'a [Vec<f32>; 6]) -> MixerParams<'a> {
+fn view(p: &P32) -> MixerParams<'_> {
+    let (v, resets) = p;
     MixerParams {
-        conv_w: &p[0],
-        conv_b: Some(&p[1]),
-        dt_bias: &p[2],
-        a: &p[3],
-        d: &p[4],
-        norm_w: &p[5],
+        conv_w: &v[0],
+        conv_b: Some(&v[1]),
+        dt_bias: &v[2],
+        a: &v[3],
+        d: &v[4],
+        norm_w: &v[5],
         eps: EPS as f32,
+        resets: resets.as_deref(),
     }
 }
 
@@ -63,7 +78,8 @@ fn reference(dims: &MixerDims, proj: &[f64], p: &Params) -> (Vec<f64>, Vec<f64>,
     };
     let (z, xbc, dt) = (cols(proj, dp, 0, di), cols(proj, dp, di, cd), cols(proj, dp, di + cd, h));
     let mut conv = vec![0.0; rows * cd];
-    let cargs = ConvArgs { x: &xbc, weight: &p.conv_w, bias: Some(&p.conv_b), silu: true, resets: None };
+    let resets = p.resets.as_deref();
+    let cargs = ConvArgs { x: &xbc, weight: &p.conv_w, bias: Some(&p.conv_b), silu: true, resets };
     refconv::conv1d_fwd(&ConvDims::new(batch, l, cd, k), &cargs, ConvOut { y: &mut conv, state_out: None });
     let (x, b, c) = (cols(&conv, cd, 0, di), cols(&conv, cd, di, gn), cols(&conv, cd, di + gn, gn));
     let sdims = Scan2Dims::new(batch, l, h, pd, n).with_groups(g);
@@ -71,6 +87,7 @@ fn reference(dims: &MixerDims, proj: &[f64], p: &Params) -> (Vec<f64>, Vec<f64>,
         d: Some(&p.d),
         delta_bias: Some(&p.dt_bias),
         delta_softplus: true,
+        resets,
         ..Scan2Args::new(&x, &dt, &p.a, &b, &c)
     };
     let (mut y, mut hl) = (vec![0.0; rows * di], vec![0.0; batch * h * pd * n]);
@@ -92,7 +109,7 @@ fn reference(dims: &MixerDims, proj: &[f64], p: &Params) -> (Vec<f64>, Vec<f64>,
 }
 
 /// (out, rstd, h_last, y) of the f32 kernel, every buffer starting NaN.
-fn fwd32(dims: &MixerDims, proj: &[f32], p: &[Vec<f32>; 6]) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
+fn fwd32(dims: &MixerDims, proj: &[f32], p: &P32) -> (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>) {
     let rows = dims.batch * dims.seqlen;
     let mut out = vec![f32::NAN; rows * dims.d_inner()];
     let mut rstd = vec![f32::NAN; rows * dims.ngroups];
@@ -105,10 +122,11 @@ fn fwd32(dims: &MixerDims, proj: &[f32], p: &[Vec<f32>; 6]) -> (Vec<f32>, Vec<f3
 
 /// The gradients of `Σ w·out` as one vector per input: proj, conv_w, conv_b, dt_bias, a, d,
 /// norm_w. `dproj` starts NaN when `overwrite` (every element must be written), else zero.
-fn bwd32(dims: &MixerDims, proj: &[f32], p: &[Vec<f32>; 6], w: &[f32], overwrite: bool) -> Vec<Vec<f32>> {
+fn bwd32(dims: &MixerDims, proj: &[f32], p: &P32, w: &[f32], overwrite: bool) -> Vec<Vec<f32>> {
     let (_, rstd, _, y) = fwd32(dims, proj, p);
+    let v = &p.0;
     let mut g: Vec<Vec<f32>> =
-        [proj.len(), p[0].len(), p[1].len(), p[2].len(), p[3].len(), p[4].len(), p[5].len()]
+        [proj.len(), v[0].len(), v[1].len(), v[2].len(), v[3].len(), v[4].len(), v[5].len()]
             .iter()
             .map(|&n| vec![0.0; n])
             .collect();
@@ -154,6 +172,7 @@ proptest! {
     fn prop_fwd_matches_reference((dims, seed) in arb_dims()) {
         let proj = Rng(seed ^ 1).vec(dims.batch * dims.seqlen * dims.proj_dim(), -1.5, 1.5);
         let p = Params::random(&dims, seed);
+        let p = if seed & 1 == 1 { p.with_resets(&dims, seed) } else { p };
         let (out, rstd, hl, y) = fwd32(&dims, &to_f32(&proj), &p.f32());
         let (wo, wr, wh, wy) = reference(&dims, &proj, &p);
         assert_close("out", &out, &wo, 1e-4, 1e-5);
@@ -167,25 +186,30 @@ proptest! {
     #[test]
     fn prop_overwrite_equals_add((dims, seed) in arb_dims()) {
         let proj = to_f32(&Rng(seed ^ 1).vec(dims.batch * dims.seqlen * dims.proj_dim(), -1.5, 1.5));
-        let p = Params::random(&dims, seed).f32();
+        let p = Params::random(&dims, seed);
+        let p = if seed & 1 == 1 { p.with_resets(&dims, seed) } else { p }.f32();
         let w = to_f32(&Rng(seed ^ 2).vec(dims.batch * dims.seqlen * dims.d_inner(), -1.0, 1.0));
         let (a, b) = (bwd32(&dims, &proj, &p, &w, true), bwd32(&dims, &proj, &p, &w, false));
         prop_assert_eq!(a, b);
     }
 }
 
-/// Every gradient against central differences of the f64 reference, at two sizes: one block
-/// with K = 3 and two groups, and L = 21 (two blocks) with one group and K = 4.
+/// Every gradient against central differences of the f64 reference: one block with K = 3 and
+/// two groups; L = 21 (two blocks) with one group and K = 4, without and with sequence starts;
+/// L = 37 with starts, K = 2 and two groups.
 #[test]
 fn bwd_matches_finite_differences() {
     let cases = [
-        MixerDims { batch: 2, seqlen: 7, nheads: 2, headdim: 8, dstate: 4, ngroups: 2, width: 3 },
-        MixerDims { batch: 1, seqlen: 21, nheads: 2, headdim: 8, dstate: 8, ngroups: 1, width: 4 },
+        (MixerDims { batch: 2, seqlen: 7, nheads: 2, headdim: 8, dstate: 4, ngroups: 2, width: 3 }, false),
+        (MixerDims { batch: 1, seqlen: 21, nheads: 2, headdim: 8, dstate: 8, ngroups: 1, width: 4 }, false),
+        (MixerDims { batch: 2, seqlen: 21, nheads: 2, headdim: 8, dstate: 8, ngroups: 1, width: 4 }, true),
+        (MixerDims { batch: 1, seqlen: 37, nheads: 4, headdim: 8, dstate: 4, ngroups: 2, width: 2 }, true),
     ];
-    for (ci, dims) in cases.iter().enumerate() {
+    for (ci, (dims, resets)) in cases.iter().enumerate() {
         let seed = 40 + ci as u64;
         let proj = Rng(seed).vec(dims.batch * dims.seqlen * dims.proj_dim(), -1.5, 1.5);
         let p = Params::random(dims, seed);
+        let p = if *resets { p.with_resets(dims, seed) } else { p };
         let w = Rng(seed ^ 7).vec(dims.batch * dims.seqlen * dims.d_inner(), -1.0, 1.0);
         let got = bwd32(dims, &to_f32(&proj), &p.f32(), &to_f32(&w), false);
         let loss = |proj: &[f64], p: &Params| dot(&w, &reference(dims, proj, p).0);
