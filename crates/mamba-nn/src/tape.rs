@@ -503,67 +503,62 @@ impl<'p> Tape<'p> {
 
     /// The backward of entry `idx`, if it is an op that received a gradient.
     fn backward_node(&mut self, idx: usize, vgrads: &mut [Option<Tensor>], grads: &mut Grads) {
+        let Some(node) = &self.arena.entries[idx].node else { return };
+        let Some(dout) = vgrads[idx].take() else { return };
+        let started = self.profile.is_some().then(Instant::now);
+        // Move each needed input gradient out of its home (parameter gradients from `grads`,
+        // others from `vgrads`), let the op add into them, then put them back.
+        let mut dins: Vec<Option<Tensor>> = Vec::with_capacity(node.inputs.len());
+        let mut fresh = vec![false; node.inputs.len()];
+        for (i, &v) in node.inputs.iter().enumerate() {
+            let e = &self.arena.entries[v.0];
+            if !e.needs_grad {
+                dins.push(None);
+                continue;
+            }
+            let repeated = node.inputs[..i].contains(&v);
+            let shape = match &e.src {
+                Source::Value(t) => t.shape(),
+                Source::Param(id) => self.params.value(*id).shape(),
+            };
+            dins.push(Some(match (&e.src, repeated) {
+                (_, true) => zeros(shape),
+                (Source::Param(id), false) => grads.take(*id),
+                (Source::Value(_), false) => vgrads[v.0].take().unwrap_or_else(|| {
+                    fresh[i] = true;
+                    for_overwrite(shape)
+                }),
+            }));
+        }
         {
-            let Some(node) = &self.arena.entries[idx].node else { return };
-            let Some(dout) = vgrads[idx].take() else { return };
-            let started = self.profile.is_some().then(Instant::now);
-            // Move each needed input gradient out of its home (parameter gradients from `grads`,
-            // others from `vgrads`), let the op add into them, then put them back.
-            let mut dins: Vec<Option<Tensor>> = Vec::with_capacity(node.inputs.len());
-            let mut fresh = vec![false; node.inputs.len()];
-            for (i, &v) in node.inputs.iter().enumerate() {
-                let e = &self.arena.entries[v.0];
-                if !e.needs_grad {
-                    dins.push(None);
-                    continue;
+            let inputs: Vec<&Tensor> = node.inputs.iter().map(|&v| self.value(v)).collect();
+            let out_val = match &self.arena.entries[idx].src {
+                Source::Value(t) => t,
+                Source::Param(id) => self.params.value(*id),
+            };
+            let mut slots: Vec<Option<InputGrad<'_>>> =
+                dins.iter_mut().zip(&fresh).map(|(d, &f)| d.as_mut().map(|t| InputGrad::new(t, f))).collect();
+            let ctx = ParamCtx { params: self.params, grads: &mut *grads };
+            node.op.backward_with(ctx, &inputs, out_val, &dout, &mut slots);
+        }
+        for (i, (&v, d)) in node.inputs.iter().zip(dins).enumerate() {
+            let Some(d) = d else { continue };
+            let first = node.inputs[..i].iter().position(|&u| u == v);
+            match (first, &self.arena.entries[v.0].src) {
+                // A repeated input: add into the first occurrence's buffer, which is home
+                // again only after this loop, so accumulate into where it now lives.
+                (Some(_), Source::Param(id)) => *grads.get_mut(*id) += &d,
+                (Some(_), Source::Value(_)) => {
+                    *vgrads[v.0].as_mut().expect("first occurrence was put back") += &d;
                 }
-                let repeated = node.inputs[..i].contains(&v);
-                let shape = match &e.src {
-                    Source::Value(t) => t.shape(),
-                    Source::Param(id) => self.params.value(*id).shape(),
-                };
-                dins.push(Some(match (&e.src, repeated) {
-                    (_, true) => zeros(shape),
-                    (Source::Param(id), false) => grads.take(*id),
-                    (Source::Value(_), false) => vgrads[v.0].take().unwrap_or_else(|| {
-                        fresh[i] = true;
-                        for_overwrite(shape)
-                    }),
-                }));
+                (None, Source::Param(id)) => grads.put(*id, d),
+                (None, Source::Value(_)) => vgrads[v.0] = Some(d),
             }
-            {
-                let inputs: Vec<&Tensor> = node.inputs.iter().map(|&v| self.value(v)).collect();
-                let out_val = match &self.arena.entries[idx].src {
-                    Source::Value(t) => t,
-                    Source::Param(id) => self.params.value(*id),
-                };
-                let mut slots: Vec<Option<InputGrad<'_>>> = dins
-                    .iter_mut()
-                    .zip(&fresh)
-                    .map(|(d, &f)| d.as_mut().map(|t| InputGrad::new(t, f)))
-                    .collect();
-                let ctx = ParamCtx { params: self.params, grads: &mut *grads };
-                node.op.backward_with(ctx, &inputs, out_val, &dout, &mut slots);
-            }
-            for (i, (&v, d)) in node.inputs.iter().zip(dins).enumerate() {
-                let Some(d) = d else { continue };
-                let first = node.inputs[..i].iter().position(|&u| u == v);
-                match (first, &self.arena.entries[v.0].src) {
-                    // A repeated input: add into the first occurrence's buffer, which is home
-                    // again only after this loop, so accumulate into where it now lives.
-                    (Some(_), Source::Param(id)) => *grads.get_mut(*id) += &d,
-                    (Some(_), Source::Value(_)) => {
-                        *vgrads[v.0].as_mut().expect("first occurrence was put back") += &d;
-                    }
-                    (None, Source::Param(id)) => grads.put(*id, d),
-                    (None, Source::Value(_)) => vgrads[v.0] = Some(d),
-                }
-            }
-            recycle(dout);
-            if let (Some(p), Some(t0)) = (&mut self.profile, started) {
-                let e = p.entry(node.op.name());
-                e.3 += t0.elapsed();
-            }
+        }
+        recycle(dout);
+        if let (Some(p), Some(t0)) = (&mut self.profile, started) {
+            let e = p.entry(node.op.name());
+            e.3 += t0.elapsed();
         }
     }
 
