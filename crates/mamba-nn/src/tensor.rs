@@ -30,9 +30,7 @@ pub fn for_overwrite(shape: &[usize]) -> Tensor {
 
 /// A copy of `t` (same shape, row-major) in a pooled buffer.
 pub fn pooled_copy(t: &Tensor) -> Tensor {
-    let mut y = for_overwrite(t.shape());
-    data_mut(&mut y).copy_from_slice(data(t));
-    y
+    from_vec(t.shape(), pooled_vec(data(t)))
 }
 
 /// A copy of `v` in a pooled buffer.

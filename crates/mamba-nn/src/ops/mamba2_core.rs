@@ -378,23 +378,10 @@ impl<'a> Weights<'a> {
     }
 }
 
-/// Channels `c0..c0 + nc` of a conv state (B, C, K) given as `(B, C, K)`: (B, nc, K), pooled.
-fn state_block(s: &[f32], (b, c, k): (usize, usize, usize), c0: usize, nc: usize) -> Vec<f32> {
-    let mut out = pool::take_for_overwrite(b * nc * k);
-    for bb in 0..b {
-        out[bb * nc * k..(bb + 1) * nc * k].copy_from_slice(&s[(bb * c + c0) * k..(bb * c + c0 + nc) * k]);
-    }
-    out
-}
-
-/// Adds a (B, nc, K) block into channels `c0..c0 + nc` of a (B, C, K) conv-state gradient.
-fn add_state_block(ds: &mut [f32], (b, c, k): (usize, usize, usize), c0: usize, nc: usize, blk: &[f32]) {
-    for bb in 0..b {
-        let dst = &mut ds[(bb * c + c0) * k..(bb * c + c0 + nc) * k];
-        for (d, v) in dst.iter_mut().zip(&blk[bb * nc * k..(bb + 1) * nc * k]) {
-            *d += v;
-        }
-    }
+/// Channels `c0..c0 + nc` of a conv state (B, C, K), as the column block `c0·K .. (c0 + nc)·K`
+/// of its (B, C·K) rows.
+fn state_cols(s: &[f32], (c, k): (usize, usize), c0: usize) -> Cols<'_> {
+    Cols { data: s, stride: c * k, offset: c0 * k }
 }
 
 /// The forward on the separate kernels: gather `x | B | C` and `dt`, conv per block, scan,
@@ -424,7 +411,7 @@ fn split_forward(
         let out = ConvOut { y: &mut y, state_out: None };
         match w.conv0 {
             Some(s0) => {
-                let st = state_block(s0, (bsz, spec.conv_dim(), k), c0, nc);
+                let st = gather(state_cols(s0, (spec.conv_dim(), k), c0), nc * k, bsz);
                 conv1d_fwd_from(&dims, &args, &st, out);
                 pool::give(st);
             }
@@ -651,12 +638,12 @@ fn split_backward(
         };
         match (w.conv0, dconv0.as_deref_mut()) {
             (Some(s0), ds) => {
-                let shape = (dims.batch, spec.conv_dim(), k);
-                let st = state_block(s0, shape, c0, nc);
+                let cd = spec.conv_dim();
+                let st = gather(state_cols(s0, (cd, k), c0), nc * k, dims.batch);
                 let mut dst = ds.as_ref().map(|_| pool::take(st.len()));
                 conv1d_bwd_from(&cdims, &args, &st, &dconv_out[i], grads, dst.as_deref_mut());
                 if let (Some(ds), Some(d)) = (ds, dst) {
-                    add_state_block(ds, shape, c0, nc, &d);
+                    scatter(ColsMut { data: ds, stride: cd * k, offset: c0 * k }, &d, nc * k, false);
                     pool::give(d);
                 }
                 pool::give(st);

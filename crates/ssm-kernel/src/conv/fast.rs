@@ -148,6 +148,15 @@ pub(crate) fn first_tap(k: usize, t: usize, rb: Option<&[bool]>) -> usize {
     start + k - 1 - t
 }
 
+/// The first tap `kk` whose output row `s + K − 1 − kk` reads input row `s`: the rows at or
+/// after the first sequence start after `s` (in `rb`, within the `L` rows) do not. The backward
+/// of input row `s` sums the taps from here on.
+#[inline(always)]
+pub(crate) fn first_reader_tap(k: usize, l: usize, s: usize, rb: Option<&[bool]>) -> usize {
+    let last = (s + k - 1).min(l - 1);
+    rb.and_then(|r| (s + 1..=last).find(|&q| r[q])).map_or(0, |q| s + k - q)
+}
+
 /// No sequence start in `rb` at positions `lo ..= hi` (always true without resets).
 #[inline(always)]
 fn no_start(rb: Option<&[bool]>, lo: usize, hi: usize) -> bool {
@@ -257,12 +266,8 @@ fn bwd_row(
     let slot = t % k;
     let kmin = if t < l { first_tap(k, t, rb) } else { 0 };
     let dx_row = (t + 1 >= k + t0).then(|| t + 1 - k);
-    // dx of row s = t + 1 − K sums g of rows s ..= t (row t − kk through tap kk); rows at or after
-    // a sequence start later than s do not read x[s].
-    let dx_kmin = match (dx_row, rb) {
-        (Some(s), Some(r)) => (s + 1..=t.min(l - 1)).find(|&q| r[q]).map_or(0, |q| t - q + 1),
-        _ => 0,
-    };
+    // dx of row s = t + 1 − K sums g of rows s ..= t (row t − kk through tap kk).
+    let dx_kmin = dx_row.map_or(0, |s| first_reader_tap(k, l, s, rb));
     for j in (0..c).step_by(W) {
         let g = if t < l {
             let dyv = ld(&dyb[t * c + j..(t + 1) * c]);

@@ -35,7 +35,7 @@ use super::common::{blocks, state_out};
 use super::seq::{adjoint_block, load_x, step_state};
 use crate::Real;
 use crate::check::{check_dims, check_len, check_opt_len};
-use crate::conv::first_tap;
+use crate::conv::{first_reader_tap, first_tap};
 use crate::pool::{self, F32Buf};
 use crate::simd::{self, W, dot};
 
@@ -273,14 +273,6 @@ fn restart_at(rb: Option<&[bool]>, t: usize, steps: &mut [(f32, f32, f32)]) {
     if rb.is_some_and(|r| r[t]) {
         steps.iter_mut().for_each(|s| s.2 = 0.0);
     }
-}
-
-/// The first tap `kk` whose row `t + K − 1 − kk` reads input row `t`: rows at or after the
-/// first sequence start after `t` (in `rb`, within the `L` rows) do not.
-#[inline(always)]
-fn first_reader_tap(k: usize, l: usize, t: usize, rb: Option<&[bool]>) -> usize {
-    let last = (t + k - 1).min(l - 1);
-    rb.and_then(|r| (t + 1..=last).find(|&q| r[q])).map_or(0, |q| t + k - q)
 }
 
 /// Δ, ∂Δ/∂Δ_raw and `ā = exp(Δ·A)` of every head at projection row `row`; eight heads at a time
