@@ -82,37 +82,46 @@ fn fma_peak(threads: usize) -> f64 {
     (threads * ITERS * 16 * 8 * 2) as f64 / best
 }
 
-/// `ITERS` rounds of 16 independent 8-wide FMAs `acc = acc · m + c`.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+/// `ITERS` rounds of 16 independent 8-wide FMAs `acc = acc · m + c`: with AVX2 + FMA where the
+/// CPU has them (checked at run time; the workspace is not built for a particular CPU), else the
+/// portable loop.
 fn fma_chains(iters: usize, m: f32) -> f32 {
-    use std::arch::x86_64::*;
-    // SAFETY: the target features this function uses are enabled at compile time (cfg above).
-    unsafe {
-        let (mv, cv) = (_mm256_set1_ps(m), _mm256_set1_ps(1e-7));
-        let mut acc = [_mm256_set1_ps(0.5); 16];
-        for _ in 0..iters {
-            for a in &mut acc {
-                *a = _mm256_fmadd_ps(*a, mv, cv);
-            }
-        }
-        let mut out = [0f32; 8];
-        let mut total = _mm256_setzero_ps();
-        for a in acc {
-            total = _mm256_add_ps(total, a);
-        }
-        _mm256_storeu_ps(out.as_mut_ptr(), total);
-        out.iter().sum()
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+        // SAFETY: the CPU has the features the function is compiled for (checked just above).
+        return unsafe { fma_chains_avx2(iters, m) };
     }
+    fma_chains_portable(iters, m)
 }
 
-/// Portable form (scalar `mul_add` on arrays, vectorised where the target allows).
-#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
-fn fma_chains(iters: usize, m: f32) -> f32 {
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,avx2,fma")]
+fn fma_chains_avx2(iters: usize, m: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let (mv, cv) = (_mm256_set1_ps(m), _mm256_set1_ps(1e-7));
+    let mut acc = [_mm256_set1_ps(0.5); 16];
+    for _ in 0..iters {
+        for a in &mut acc {
+            *a = _mm256_fmadd_ps(*a, mv, cv);
+        }
+    }
+    let mut out = [0f32; 8];
+    let mut total = _mm256_setzero_ps();
+    for a in acc {
+        total = _mm256_add_ps(total, a);
+    }
+    // SAFETY: `out` holds 8 floats.
+    unsafe { _mm256_storeu_ps(out.as_mut_ptr(), total) };
+    out.iter().sum()
+}
+
+/// Portable form (scalar `a·m + c` on arrays, vectorised where the target allows).
+fn fma_chains_portable(iters: usize, m: f32) -> f32 {
     let mut acc = [[0.5f32; 8]; 16];
     for _ in 0..iters {
         for a in &mut acc {
             for x in a.iter_mut() {
-                *x = x.mul_add(m, 1e-7);
+                *x = *x * m + 1e-7;
             }
         }
     }

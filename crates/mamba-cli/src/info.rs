@@ -10,15 +10,17 @@ use mamba_nn::model::MambaLM;
 /// Arguments of `mamba info`.
 #[derive(Args, Debug)]
 pub struct InfoArgs {
-    /// Model directory (config.json + model.safetensors).
+    /// Model directory (config.json + model.safetensors). Without it, only the kernels line.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
 }
 
-/// Prints the architecture, parameter count and memory of a model directory.
+/// Prints which kernels run on this CPU, and the architecture, parameter count and memory of a
+/// model directory.
 pub fn run(a: InfoArgs) -> anyhow::Result<()> {
-    let model =
-        MambaLM::from_pretrained(&a.model).with_context(|| format!("loading {}", a.model.display()))?;
+    outln!("kernels      {}", kernels_line());
+    let Some(dir) = a.model else { return Ok(()) };
+    let model = MambaLM::from_pretrained(&dir).with_context(|| format!("loading {}", dir.display()))?;
     let c = &model.config;
     let arch = match c.arch {
         Arch::Mamba1 => "Mamba (selective scan, per-channel A)",
@@ -26,7 +28,7 @@ pub fn run(a: InfoArgs) -> anyhow::Result<()> {
         Arch::Lti => "LTI baseline (a time-invariant recurrence, no selection: h = A·h + B·x, y = C·h + D·x)",
     };
     let n = model.params.num_elements();
-    outln!("model        {}", a.model.display());
+    outln!("model        {}", dir.display());
     outln!("architecture {arch}");
     outln!("layers       {}", c.n_layer);
     outln!("d_model      {} (d_inner {})", c.d_model, c.d_inner());
@@ -54,4 +56,21 @@ pub fn run(a: InfoArgs) -> anyhow::Result<()> {
     } + if c.arch == Arch::Lti { 0 } else { c.conv_dim() * c.d_conv };
     outln!("state        {:.1} KiB per sequence for generation", (state * c.n_layer * 4) as f64 / 1024.0);
     Ok(())
+}
+
+/// The instruction set the kernels run on, what the CPU offers, and how it was chosen.
+fn kernels_line() -> String {
+    use mamba_nn::ssm_kernel::isa::{self, Isa};
+    let active = isa::active();
+    let offered: Vec<&str> = Isa::available().iter().rev().map(|l| l.name()).collect();
+    let how = if isa::from_env().ok().flatten().is_some() {
+        "set by MAMBA_SIMD"
+    } else {
+        "the fastest this CPU runs"
+    };
+    format!(
+        "{active} ({how}; this CPU runs {}; MAMBA_SIMD={} overrides)",
+        offered.join(", "),
+        offered.join("|")
+    )
 }

@@ -42,7 +42,7 @@ use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
         mamba train --data input.txt --time-budget 180\n  \
         mamba generate --model runs/run-001 --prompt \"ROMEO:\" --max-new-tokens 200\n  \
         mamba eval --model runs/run-001 --data held_out.txt\n  \
-        mamba info --model runs/run-001\n  \
+        mamba info --model runs/run-001             # and which CPU kernels run (AVX-512, AVX2 or portable)\n  \
         mamba train --from runs/run-001 --data mine.txt --lora-rank 8   # fine-tune a LoRA adapter\n  \
         mamba merge --model runs/run-001 --adapter runs/run-002 --out merged\n\n\
         A model directory is what `mamba train` writes, or any Hugging Face Mamba / Mamba-2 checkpoint\n\
@@ -63,13 +63,19 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// Measure next-token cross-entropy, perplexity and bits per byte on text or token ids.
     Eval(eval::EvalArgs),
-    /// Show a model's architecture, parameter count and memory.
+    /// Show a model's architecture, parameter count and memory, and which CPU kernels run.
     Info(info::InfoArgs),
     /// Merge a LoRA adapter into its base model's weights, writing a plain model directory.
     Merge(merge::MergeArgs),
 }
 
 fn main() -> ExitCode {
+    // An impossible MAMBA_SIMD (unknown, or an instruction set this CPU lacks) is an error here,
+    // before any kernel could run it.
+    if let Err(e) = mamba_nn::ssm_kernel::isa::init() {
+        eprintln!("error: {e}");
+        return ExitCode::FAILURE;
+    }
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // Which `train` flags were given, as opposed to defaulted: `--resume` checks them.

@@ -15,12 +15,15 @@
 //! - [`xent`]: softmax cross-entropy over rows, forward and backward.
 //! - [`lti`]: the linear time-invariant recurrence of the non-selective baseline.
 //!
-//! Smaller pieces: [`activation`] (the scalar activations), [`simd`] (their vector forms and a
-//! dot product), [`cols`] (column blocks of fused projections), [`par`] (task and row-block
+//! Smaller pieces: [`activation`] (the scalar activations), [`isa`] (the run-time choice of
+//! instruction set), [`simd`] (the vector types of each instruction set, the activations' vector
+//! forms and a dot product), [`cols`] (column blocks of fused projections), [`par`] (task and row-block
 //! scheduling), [`pool`] (reused buffers), [`gemm`], and [`rng`] (the workspace's SplitMix64).
 //!
-//! The fast kernels are SIMD (`wide::f32x16` for Mamba-1, `f32x8` elsewhere) and run independent (batch, channel-block) tasks on
-//! the current rayon pool; choose the thread count with `rayon::ThreadPool::install`. The
+//! The fast kernels are SIMD (16 lanes for Mamba-1, 8 elsewhere) on the instruction set chosen at
+//! run time ([`isa`]: AVX-512, AVX2 or a portable baseline, whatever the build flags), and run
+//! independent (batch, channel-block) tasks on the current rayon pool; choose the thread count
+//! with `rayon::ThreadPool::install`. The
 //! [`reference`] module holds naive loops with the same arguments, generic over `f32`/`f64`: they
 //! are the oracle the fast kernels are tested against.
 //!
@@ -43,6 +46,7 @@ pub mod check;
 pub mod cols;
 pub mod conv;
 pub mod gemm;
+pub mod isa;
 pub mod lti;
 pub mod mamba1;
 pub mod mamba2;

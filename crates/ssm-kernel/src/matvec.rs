@@ -27,7 +27,7 @@
 use rayon::prelude::*;
 
 use crate::gemm::gemm;
-use crate::simd::dot;
+use crate::simd::dot_with;
 
 /// At least this many weights (`n · k`) split a row's outputs over the rayon pool.
 pub const PAR_MIN_WEIGHTS: usize = 1 << 17;
@@ -61,16 +61,22 @@ pub fn matvec_rows(x: &[f32], w: &[f32], (m, k, n): (usize, usize, usize), out: 
         let xr = &x[r * k..(r + 1) * k];
         let row = &mut out[r * n..(r + 1) * n];
         if n * k >= PAR_MIN_WEIGHTS {
-            row.par_chunks_mut(OUTS_PER_TASK).enumerate().for_each(|(c, oc)| {
-                for (jj, o) in oc.iter_mut().enumerate() {
-                    let j = c * OUTS_PER_TASK + jj;
-                    *o = dot(xr, &w[j * k..(j + 1) * k]);
-                }
-            });
+            row.par_chunks_mut(OUTS_PER_TASK)
+                .enumerate()
+                .for_each(|(c, oc)| dots(xr, w, k, c * OUTS_PER_TASK, oc));
         } else {
-            for (j, o) in row.iter_mut().enumerate() {
-                *o = dot(xr, &w[j * k..(j + 1) * k]);
-            }
+            dots(xr, w, k, 0, row);
+        }
+    }
+}
+
+crate::simd_fn! {
+    /// `out[jj] = ⟨xr, W[j0 + jj, :]⟩` for the outputs `out` of one row, on the active
+    /// instruction set.
+    fn dots[V: f16](xr: &[f32], w: &[f32], k: usize, j0: usize, out: &mut [f32]) {
+        for (jj, o) in out.iter_mut().enumerate() {
+            let j = j0 + jj;
+            *o = dot_with::<V>(xr, &w[j * k..(j + 1) * k]);
         }
     }
 }

@@ -40,7 +40,7 @@
 use crate::cols::{Cols, ColsMut};
 use crate::par::{SharedMut, block_rows, for_row_blocks, for_row_blocks_strided};
 use crate::pool::{self, F32Buf};
-use crate::simd::{dot, sigmoid_slice};
+use crate::simd::{dot_with, sigmoid_slice_in};
 
 /// Sizes of a (gated) RMSNorm: `rows` rows of `d` values, normalised over groups of `group`
 /// consecutive channels (`group` divides `d`), with `eps` added to the mean square.
@@ -129,37 +129,9 @@ pub struct NormGrads<'a> {
 #[track_caller]
 pub fn norm_fwd(dims: &NormDims, args: &NormArgs, y: &mut [f32]) -> Vec<f32> {
     dims.check("norm_fwd", args);
-    let NormDims { rows, d, group: gs, eps } = *dims;
+    let NormDims { rows, d, .. } = *dims;
     assert_eq!(y.len(), rows * d, "norm_fwd: y must be (rows, d) = ({rows}, {d})");
-    let (x, z, w) = (args.x, args.z, args.w);
-    let ng = dims.groups();
-    let blocks = for_row_blocks(rows, d, [Some(y)], |range, [yb]| {
-        let yb = yb.expect("y is always written");
-        let mut rstd = Vec::with_capacity(range.len() * ng);
-        let mut sig = if z.is_some() { vec![0.0f32; d] } else { Vec::new() };
-        for (i, r) in range.enumerate() {
-            let (xr, yr) = (&x[r * d..(r + 1) * d], &mut yb[i * d..(i + 1) * d]);
-            // v = x ⊙ silu(z) (or x), written into y, then scaled in place.
-            match z {
-                Some(z) => {
-                    let zr = z.row(r, d);
-                    sigmoid_slice(zr, &mut sig);
-                    for (((o, &a), &g), &sg) in yr.iter_mut().zip(xr).zip(zr).zip(&sig) {
-                        *o = a * g * sg;
-                    }
-                }
-                None => yr.copy_from_slice(xr),
-            }
-            for (yg, wg) in yr.chunks_exact_mut(gs).zip(w.chunks_exact(gs)) {
-                let rs = 1.0 / (dot(yg, yg) / gs as f32 + eps).sqrt();
-                for (o, &wi) in yg.iter_mut().zip(wg) {
-                    *o *= rs * wi;
-                }
-                rstd.push(rs);
-            }
-        }
-        rstd
-    });
+    let blocks = for_row_blocks(rows, d, [Some(y)], |range, [yb]| fwd_block(dims, args, range, yb));
     blocks.concat()
 }
 
@@ -180,11 +152,11 @@ struct Scratch {
 #[track_caller]
 pub fn norm_bwd(dims: &NormDims, args: &NormArgs, rstd: &[f32], dy: &[f32], grads: NormGrads) {
     dims.check("norm_bwd", args);
-    let NormDims { rows, d, group: gs, .. } = *dims;
+    let NormDims { rows, d, .. } = *dims;
     let ng = dims.groups();
     assert_eq!(rstd.len(), rows * ng, "norm_bwd: rstd must be (rows, d / group) = ({rows}, {ng})");
     assert_eq!(dy.len(), rows * d, "norm_bwd: dy must be (rows, d) = ({rows}, {d})");
-    let (x, z, w) = (args.x, args.z, args.w);
+    let z = args.z;
     let NormGrads { dx, overwrite_dx, dw, dz, overwrite_dz } = grads;
     assert!(dz.is_none() || z.is_some(), "norm_bwd: dz without a gate");
     let want_dw = dw.is_some();
@@ -199,7 +171,119 @@ pub fn norm_bwd(dims: &NormDims, args: &NormArgs, rstd: &[f32], dy: &[f32], grad
     let nblocks = rows.div_ceil(per);
     let mut partials = if want_dw { pool::take(nblocks * d) } else { Vec::new() };
     let shared = SharedMut::new(&mut partials);
-    for_row_blocks_strided(rows, d, [d, dz_stride], [dx, dz], |range, [mut dxb, mut dzb]| {
+    for_row_blocks_strided(rows, d, [d, dz_stride], [dx, dz], |range, [dxb, dzb]| {
+        bwd_block(
+            dims,
+            args,
+            (rstd, dy),
+            range,
+            dxb,
+            dzb,
+            (want_dw, overwrite_dx, overwrite_dz),
+            (dz_stride, dz_off),
+            (&shared, per),
+        )
+    });
+    if let Some(dw) = dw {
+        for p in partials.chunks_exact(d) {
+            for (g, v) in dw.iter_mut().zip(p) {
+                *g += v;
+            }
+        }
+    }
+    pool::give(partials);
+}
+
+/// RMSNorm of the few rows of a decode step, on the calling thread: each row of `x` (rows, d),
+/// `d = w.len()`, is normalised over groups of `group` channels and scaled by `w` (d) into
+/// `out` (rows, d): `out = x · rsqrt(mean_group(x²) + eps) · w`. No saved state; the gated form
+/// is [`gated_rms_rows`].
+///
+/// # Panics
+/// If `group` does not divide `d`, or `x` and `out` are not whole rows of the same length.
+#[track_caller]
+pub fn rms_rows(x: &[f32], w: &[f32], group: usize, eps: f32, out: &mut [f32]) {
+    let d = w.len();
+    assert!(group >= 1 && d.is_multiple_of(group), "rms_rows: group {group} must divide d = {d}");
+    assert!(
+        x.len() == out.len() && x.len().is_multiple_of(d.max(1)),
+        "rms_rows: x ({}) and out ({}) must be whole rows of {d}",
+        x.len(),
+        out.len()
+    );
+    rms_rows_in(x, w, group, eps, out);
+}
+
+/// The gated RMSNorm of a decode step's rows (Mamba-2's output norm): `v = x · silu(z)` with
+/// `x`, `z` (rows, d), then `out = v · rsqrt(mean_group(v²) + eps) · w` over groups of `group`
+/// channels, `w` (d). `x` is overwritten with `v`.
+///
+/// # Panics
+/// If `group` does not divide `d`, or `x`, `z` and `out` are not whole rows of the same length.
+#[track_caller]
+pub fn gated_rms_rows(x: &mut [f32], z: &[f32], w: &[f32], group: usize, eps: f32, out: &mut [f32]) {
+    assert_eq!(x.len(), z.len(), "gated_rms_rows: x has {} values, the gate z {}", x.len(), z.len());
+    for (v, &g) in x.iter_mut().zip(z) {
+        *v *= crate::activation::silu(g);
+    }
+    rms_rows(x, w, group, eps, out);
+}
+
+crate::simd_fn! {
+    fn fwd_block[V: f8](
+        dims: &NormDims,
+        args: &NormArgs,
+        range: std::ops::Range<usize>,
+        yb: Option<&mut [f32]>,
+    ) -> Vec<f32> {
+        let NormDims { d, group: gs, eps, .. } = *dims;
+        let (x, z, w) = (args.x, args.z, args.w);
+        let ng = dims.groups();
+        let yb = yb.expect("y is always written");
+        let mut rstd = Vec::with_capacity(range.len() * ng);
+        let mut sig = if z.is_some() { vec![0.0f32; d] } else { Vec::new() };
+        for (i, r) in range.enumerate() {
+            let (xr, yr) = (&x[r * d..(r + 1) * d], &mut yb[i * d..(i + 1) * d]);
+            // v = x ⊙ silu(z) (or x), written into y, then scaled in place.
+            match z {
+                Some(z) => {
+                    let zr = z.row(r, d);
+                    sigmoid_slice_in::<V>(zr, &mut sig);
+                    for (((o, &a), &g), &sg) in yr.iter_mut().zip(xr).zip(zr).zip(&sig) {
+                        *o = a * g * sg;
+                    }
+                }
+                None => yr.copy_from_slice(xr),
+            }
+            for (yg, wg) in yr.chunks_exact_mut(gs).zip(w.chunks_exact(gs)) {
+                let rs = 1.0 / (dot_with::<V>(yg, yg) / gs as f32 + eps).sqrt();
+                for (o, &wi) in yg.iter_mut().zip(wg) {
+                    *o *= rs * wi;
+                }
+                rstd.push(rs);
+            }
+        }
+        rstd
+    }
+}
+
+crate::simd_fn! {
+    fn bwd_block[V: f8](
+        dims: &NormDims,
+        args: &NormArgs,
+        up: (&[f32], &[f32]),
+        range: std::ops::Range<usize>,
+        dxb: Option<&mut [f32]>,
+        dzb: Option<&mut [f32]>,
+        flags: (bool, bool, bool),
+        dz_at: (usize, usize),
+        partials: (&SharedMut<f32>, usize),
+    ) {
+        let NormDims { d, group: gs, .. } = *dims;
+        let (x, z, w) = (args.x, args.z, args.w);
+        let ng = dims.groups();
+        let ((rstd, dy), (mut dxb, mut dzb)) = (up, (dxb, dzb));
+        let ((want_dw, overwrite_dx, overwrite_dz), (dz_stride, dz_off), (shared, per)) = (flags, dz_at, partials);
         let dwp: &mut [f32] = if want_dw {
             // SAFETY: blocks start `per` rows apart, so each block owns its own d values.
             unsafe { shared.slice(range.start / per * d, d) }
@@ -218,7 +302,7 @@ pub fn norm_bwd(dims: &NormDims, args: &NormArgs, rstd: &[f32], dy: &[f32], grad
             // v = x ⊙ silu(z), with silu(z) and silu'(z) from one SIMD sigmoid per element.
             if let Some(z) = z {
                 let zr = z.row(r, d);
-                sigmoid_slice(zr, &mut sc.sg);
+                sigmoid_slice_in::<V>(zr, &mut sc.sg);
                 for ((((vi, si), gi), &a), &g) in
                     sc.v.iter_mut().zip(&mut sc.s).zip(&mut sc.sg).zip(xr).zip(zr)
                 {
@@ -238,7 +322,7 @@ pub fn norm_bwd(dims: &NormDims, args: &NormArgs, rstd: &[f32], dy: &[f32], grad
                 for ((o, &a), &b) in dvg.iter_mut().zip(gg).zip(wg) {
                     *o = a * b;
                 }
-                let k = rs * rs * rs / gs as f32 * dot(dvg, vg);
+                let k = rs * rs * rs / gs as f32 * dot_with::<V>(dvg, vg);
                 for (o, &c) in dvg.iter_mut().zip(vg) {
                     *o = rs * *o - k * c;
                 }
@@ -281,60 +365,25 @@ pub fn norm_bwd(dims: &NormDims, args: &NormArgs, rstd: &[f32], dy: &[f32], grad
                 }
             }
         }
-    });
-    if let Some(dw) = dw {
-        for p in partials.chunks_exact(d) {
-            for (g, v) in dw.iter_mut().zip(p) {
-                *g += v;
+    }
+}
+
+crate::simd_fn! {
+    /// The loops of [`rms_rows`], on the active instruction set.
+    fn rms_rows_in[S: isa](x: &[f32], w: &[f32], group: usize, eps: f32, out: &mut [f32]) {
+        let d = w.len();
+        for (xs, os) in x.chunks_exact(group).zip(out.chunks_exact_mut(group)) {
+            let ms = xs.iter().map(|v| v * v).sum::<f32>() / group as f32;
+            let r = 1.0 / (ms + eps).sqrt();
+            os.copy_from_slice(xs);
+            os.iter_mut().for_each(|o| *o *= r);
+        }
+        if d > 0 {
+            for row in out.chunks_exact_mut(d) {
+                row.iter_mut().zip(w).for_each(|(o, g)| *o *= g);
             }
         }
     }
-    pool::give(partials);
-}
-
-/// RMSNorm of the few rows of a decode step, on the calling thread: each row of `x` (rows, d),
-/// `d = w.len()`, is normalised over groups of `group` channels and scaled by `w` (d) into
-/// `out` (rows, d): `out = x · rsqrt(mean_group(x²) + eps) · w`. No saved state; the gated form
-/// is [`gated_rms_rows`].
-///
-/// # Panics
-/// If `group` does not divide `d`, or `x` and `out` are not whole rows of the same length.
-#[track_caller]
-pub fn rms_rows(x: &[f32], w: &[f32], group: usize, eps: f32, out: &mut [f32]) {
-    let d = w.len();
-    assert!(group >= 1 && d.is_multiple_of(group), "rms_rows: group {group} must divide d = {d}");
-    assert!(
-        x.len() == out.len() && x.len().is_multiple_of(d.max(1)),
-        "rms_rows: x ({}) and out ({}) must be whole rows of {d}",
-        x.len(),
-        out.len()
-    );
-    for (xs, os) in x.chunks_exact(group).zip(out.chunks_exact_mut(group)) {
-        let ms = xs.iter().map(|v| v * v).sum::<f32>() / group as f32;
-        let r = 1.0 / (ms + eps).sqrt();
-        os.copy_from_slice(xs);
-        os.iter_mut().for_each(|o| *o *= r);
-    }
-    if d > 0 {
-        for row in out.chunks_exact_mut(d) {
-            row.iter_mut().zip(w).for_each(|(o, g)| *o *= g);
-        }
-    }
-}
-
-/// The gated RMSNorm of a decode step's rows (Mamba-2's output norm): `v = x · silu(z)` with
-/// `x`, `z` (rows, d), then `out = v · rsqrt(mean_group(v²) + eps) · w` over groups of `group`
-/// channels, `w` (d). `x` is overwritten with `v`.
-///
-/// # Panics
-/// If `group` does not divide `d`, or `x`, `z` and `out` are not whole rows of the same length.
-#[track_caller]
-pub fn gated_rms_rows(x: &mut [f32], z: &[f32], w: &[f32], group: usize, eps: f32, out: &mut [f32]) {
-    assert_eq!(x.len(), z.len(), "gated_rms_rows: x has {} values, the gate z {}", x.len(), z.len());
-    for (v, &g) in x.iter_mut().zip(z) {
-        *v *= crate::activation::silu(g);
-    }
-    rms_rows(x, w, group, eps, out);
 }
 
 #[cfg(test)]

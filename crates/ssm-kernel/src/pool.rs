@@ -11,7 +11,9 @@
 use std::cell::RefCell;
 use std::thread::LocalKey;
 
-use crate::simd::x16;
+use std::marker::PhantomData;
+
+use crate::simd::V16;
 
 /// At most this many buffers, and this many floats in all, are kept per thread and element type.
 ///
@@ -38,7 +40,7 @@ impl<T> Free<T> {
 
 thread_local! {
     static FREE: RefCell<Free<f32>> = const { RefCell::new(Free::new()) };
-    static FREE_V16: RefCell<Free<x16::V>> = const { RefCell::new(Free::new()) };
+    static FREE_V16: RefCell<Free<Block16>> = const { RefCell::new(Free::new()) };
 }
 
 /// The smallest pooled buffer with room for `n` elements (and at most `2n + 1024`), removed.
@@ -150,47 +152,60 @@ impl Drop for F32Buf {
     }
 }
 
-/// [`take`] for 16-lane vectors ([`x16::V`]): `n` zero vectors, from this thread's pool of them.
-pub fn take_v16(n: usize) -> Vec<x16::V> {
+/// Storage for one 16-lane vector of any level: 16 f32 values, aligned for the widest register.
+#[derive(Clone, Copy, Debug, Default)]
+#[repr(C, align(64))]
+pub struct Block16([f32; 16]);
+
+/// [`take`] for 16-lane vectors: `n` zero blocks, from this thread's pool of them.
+fn take_v16(n: usize) -> Vec<Block16> {
+    if n == 0 {
+        return Vec::new();
+    }
     let mut v = pick(&FREE_V16, n).unwrap_or_default();
     v.clear();
-    v.resize(n, x16::V::ZERO);
+    v.resize(n, Block16::default());
     v
 }
 
-/// [`give`] for 16-lane vectors.
-pub fn give_v16(v: Vec<x16::V>) {
-    put(&FREE_V16, v, MAX_FLOATS / x16::W);
+/// `n` zero 16-lane vectors of type `V` (any level's), from this thread's pool, given back to
+/// the pool of the thread that drops them.
+#[derive(Debug, Default)]
+pub struct V16Buf<V> {
+    blocks: Vec<Block16>,
+    _v: PhantomData<V>,
 }
 
-/// `n` zero 16-lane vectors from [`take_v16`], given back to the pool of the thread that drops
-/// them.
-#[derive(Debug, Default)]
-pub struct V16Buf(Vec<x16::V>);
-
-impl V16Buf {
+impl<V: V16> V16Buf<V> {
     /// `n` zero vectors.
     pub fn zeroed(n: usize) -> Self {
-        Self(take_v16(n))
+        const {
+            assert!(std::mem::size_of::<V>() == std::mem::size_of::<Block16>());
+            assert!(std::mem::align_of::<V>() <= std::mem::align_of::<Block16>());
+        }
+        Self { blocks: take_v16(n), _v: PhantomData }
     }
 }
 
-impl std::ops::Deref for V16Buf {
-    type Target = [x16::V];
-    fn deref(&self) -> &[x16::V] {
-        &self.0
+impl<V: V16> std::ops::Deref for V16Buf<V> {
+    type Target = [V];
+    fn deref(&self) -> &[V] {
+        // SAFETY: `V` has `Block16`'s size and at most its alignment (checked in `zeroed`, the
+        // only constructor of a non-empty buffer), and is plain f32 lanes like it.
+        unsafe { std::slice::from_raw_parts(self.blocks.as_ptr().cast(), self.blocks.len()) }
     }
 }
 
-impl std::ops::DerefMut for V16Buf {
-    fn deref_mut(&mut self) -> &mut [x16::V] {
-        &mut self.0
+impl<V: V16> std::ops::DerefMut for V16Buf<V> {
+    fn deref_mut(&mut self) -> &mut [V] {
+        // SAFETY: as in `deref`.
+        unsafe { std::slice::from_raw_parts_mut(self.blocks.as_mut_ptr().cast(), self.blocks.len()) }
     }
 }
 
-impl Drop for V16Buf {
+impl<V> Drop for V16Buf<V> {
     fn drop(&mut self) {
-        give_v16(std::mem::take(&mut self.0));
+        put(&FREE_V16, std::mem::take(&mut self.blocks), MAX_FLOATS / 16);
     }
 }
 
@@ -225,12 +240,12 @@ mod tests {
 
     #[test]
     fn vector_buffers_have_their_own_pool() {
-        let mut v = super::take_v16(40);
-        v[5] = crate::simd::x16::V::splat(2.0);
-        let ptr = v.as_ptr();
-        super::give_v16(v);
-        let w = super::take_v16(33);
-        assert_eq!(w.as_ptr(), ptr, "the pooled allocation is reused");
+        let mut v = super::V16Buf::<wide::f32x16>::zeroed(40);
+        v[5] = wide::f32x16::splat(2.0);
+        let ptr = v.as_ptr() as usize;
+        drop(v);
+        let w = super::V16Buf::<wide::f32x16>::zeroed(33);
+        assert_eq!(w.as_ptr() as usize, ptr, "the pooled allocation is reused");
         assert_eq!(w.len(), 33);
         assert!(w.iter().all(|x| x.to_array() == [0.0; 16]), "and comes back zeroed");
     }

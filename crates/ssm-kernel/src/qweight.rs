@@ -480,16 +480,25 @@ impl Row for Q8Row<'_> {
     }
 }
 
-/// Which inner kernel runs: the `std::arch` AVX2+FMA one (when the build targets it) or the
-/// portable one, which is what other targets run and what the tests compare it with.
+/// Which inner kernel runs: the `std::arch` AVX2+FMA one (on x86-64 when the active
+/// [`Isa`](crate::isa::Isa) is AVX2 or above) or the portable one, which is what other targets
+/// and CPUs run and what the tests compare it with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Path {
     Simd,
     Portable,
 }
 
-/// Whether this build has the SIMD kernel.
-const HAVE_SIMD: bool = cfg!(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"));
+impl Path {
+    /// The kernel the active level runs.
+    fn best() -> Path {
+        if cfg!(target_arch = "x86_64") && crate::isa::active() >= crate::isa::Isa::Avx2 {
+            Path::Simd
+        } else {
+            Path::Portable
+        }
+    }
+}
 
 /// Sizes of one product: `x` (m, k), `W` (n, k), `out` (m, n).
 #[derive(Clone, Copy)]
@@ -500,11 +509,11 @@ struct Dims {
 }
 
 /// The row trait `run` needs: with the SIMD kernel, rows that load eight weights a vector.
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+#[cfg(target_arch = "x86_64")]
 use simd::Load8 as KernelRow;
 
 /// The row trait `run` needs: the portable kernel's.
-#[cfg(not(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma")))]
+#[cfg(not(target_arch = "x86_64"))]
 use Row as KernelRow;
 
 /// Outputs `js` of every row of `out` (through `out`, which the caller shares only with tasks
@@ -523,8 +532,9 @@ fn run<W: KernelRow>(
         // SAFETY (both writers): this task alone writes outputs `js` (the caller's contract).
         let put = |r: usize, j: usize, v: f32| unsafe { out.write((g0 + r) * d.n + j, v) };
         match path {
-            #[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
-            Path::Simd => simd::group(xg, mg, (d.k, d.n), js.clone(), &row, put),
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Path::Simd` runs only where the CPU has AVX2 (see `qmatvec_path`).
+            Path::Simd => unsafe { group_avx2(xg, mg, (d.k, d.n), js.clone(), &row, put) },
             _ => {
                 for j in js.clone() {
                     let sums = dot_rows_portable(xg, mg, d.k, row(j));
@@ -561,9 +571,24 @@ fn dot_rows_portable<W: Row>(x: &[f32], mg: usize, k: usize, row: W) -> [f32; QM
     sums
 }
 
-/// The AVX2+FMA kernel, built when the target has both (`qweight/simd.rs`).
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2", target_feature = "fma"))]
+/// The AVX2+FMA kernel (`qweight/simd.rs`), run inside [`group_avx2`].
+#[cfg(target_arch = "x86_64")]
 mod simd;
+
+/// [`simd::group`] compiled for AVX2 + FMA + F16C: its `#[inline(always)]` body and the
+/// intrinsics under it are compiled into this function.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,avx2,fma,f16c,bmi1,bmi2,lzcnt,popcnt")]
+fn group_avx2<W: simd::Load8>(
+    x: &[f32],
+    mg: usize,
+    kn: (usize, usize),
+    js: Range<usize>,
+    row: &impl Fn(usize) -> W,
+    put: impl Fn(usize, usize, f32),
+) {
+    simd::group(x, mg, kn, js, row, put)
+}
 
 #[track_caller]
 fn check(kernel: &str, x: &[f32], w: &QMatrix, m: usize, out: &[f32]) {
@@ -584,11 +609,12 @@ fn check(kernel: &str, x: &[f32], w: &QMatrix, m: usize, out: &[f32]) {
 #[track_caller]
 pub fn qmatvec(x: &[f32], w: &QMatrix, m: usize, out: &mut [f32]) {
     check("qmatvec", x, w, m, out);
-    qmatvec_path(x, w, m, out, if HAVE_SIMD { Path::Simd } else { Path::Portable });
+    qmatvec_path(x, w, m, out, Path::best());
 }
 
 /// [`qmatvec`] with a chosen inner kernel (the tests run both).
 fn qmatvec_path(x: &[f32], w: &QMatrix, m: usize, out: &mut [f32], path: Path) {
+    assert!(path == Path::Portable || crate::isa::Isa::Avx2.supported(), "qmatvec: this CPU lacks AVX2");
     let d = Dims { m, k: w.k, n: w.n };
     if m == 0 || d.n == 0 {
         return;
@@ -640,7 +666,7 @@ pub fn qmatvec_f32(x: &[f32], w: &[f32], (m, k, n): (usize, usize, usize), out: 
         return;
     }
     let d = Dims { m, k, n };
-    let path = if HAVE_SIMD { Path::Simd } else { Path::Portable };
+    let path = Path::best();
     let out = SharedMut::new(out);
     let go = |js: Range<usize>| run(x, d, js, |j| F32Row(&w[j * k..(j + 1) * k]), out, path);
     if n * k >= PAR_MIN_WEIGHTS && rayon::current_num_threads() > 1 {

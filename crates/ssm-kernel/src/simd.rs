@@ -1,219 +1,294 @@
-//! SIMD helpers: a lean vectorised `exp`, SiLU, softplus, and loads/stores of partial vectors,
-//! for 8-lane (`wide::f32x8`, re-exported at this level) and 16-lane (`x16`, `wide::f32x16`)
-//! vectors, generated from one definition.
+//! SIMD vectors for every instruction-set level, and the vector maths on them: a lean `exp`,
+//! sigmoid, SiLU, softplus, loads and stores of partial vectors, and a dot product.
 //!
-//! Build with `-C target-cpu=native` (the workspace's `.cargo/config.toml` does): without AVX2+FMA
-//! `f32x8` falls back to two SSE halves and `mul_add` is not fused.
+//! Kernels are generic over a vector type — [`V8`] (8 lanes) or [`V16`] (16 lanes) — and are
+//! instantiated per level by [`simd_fn!`](crate::simd_fn) (see [`crate::isa`]):
+//!
+//! | level | 8 lanes | 16 lanes |
+//! |---|---|---|
+//! | portable | `wide::f32x8` | `wide::f32x16` |
+//! | avx2 | [`avx::A8`] (one `__m256`) | [`avx::A16`] (two) |
+//! | avx512 | [`avx::A8`] | [`avx512::Z16`] (one `__m512`) |
+//!
+//! `wide` picks its instructions when it is compiled, so it cannot follow a choice made at run
+//! time: the AVX2 and AVX-512 types call `std::arch` intrinsics, which compile to single
+//! instructions inside the `#[target_feature]` functions the dispatcher runs. The portable
+//! level keeps `wide`, which gives SSE2 on x86-64 and NEON on aarch64.
+//!
+//! Results differ between levels only by rounding: the portable level does not fuse `a·b + c`,
+//! and the reciprocal estimate under [`sigmoid`] differs (it is refined by a Newton step on
+//! every level).
 
-/// Defines the lane-typed helpers for one vector width.
-macro_rules! lane_fns {
-    ($v:ident, $vi:ident, $w:expr) => {
-        use wide::{$v, $vi};
+use std::fmt::Debug;
+use std::ops::{Add, AddAssign, Div, Index, IndexMut, Mul, MulAssign, Neg, Sub, SubAssign};
 
-        pub use super::prefetch;
+#[cfg(target_arch = "x86_64")]
+pub mod avx;
+#[cfg(target_arch = "x86_64")]
+pub mod avx512;
+mod portable;
 
-        /// The vector type.
-        pub type V = $v;
-
-        /// Lanes in a vector.
-        pub const W: usize = $w;
-
-        /// `e^x` per lane, for finite `x`.
-        ///
-        /// Cody–Waite range reduction `x = k·ln2 + r` with `|r| ≤ ln2/2`, a degree-6 polynomial for
-        /// `e^r`, and `2^k` built in the exponent bits. Inputs are clamped to [-87.3, 88.3], so the result
-        /// never underflows to a subnormal: for `x < -87.3` it returns ≈1.2e-38 instead of the true tiny
-        /// value (an absolute error below 2e-38); above 88.3 it returns e^88.3 (the largest power of two
-        /// the exponent trick can build is 2^127). Relative error ≤ 2 ulp on the clamped range.
-        #[inline(always)]
-        pub fn exp(x: $v) -> $v {
-            exp_impl::<false>(x)
-        }
-
-        /// [`exp`] for inputs known to be ≤ 0 (such as `Δ·A` with `Δ ≥ 0`, `A ≤ 0`): skips the upper
-        /// clamp. A positive input gives a wrong result, so callers must guarantee the sign.
-        #[inline(always)]
-        pub fn exp_nonpos(x: $v) -> $v {
-            exp_impl::<true>(x)
-        }
-
-        /// Shared body of [`exp`] and [`exp_nonpos`].
-        #[inline(always)]
-        pub fn exp_impl<const NONPOS: bool>(x: $v) -> $v {
-            const LOG2E: f32 = std::f32::consts::LOG2_E;
-            const LN2_HI: f32 = 0.693_359_4;
-            const LN2_LO: f32 = -2.121_944_4e-4;
-            // 1.5·2²³: adding it rounds to an integer (to nearest) and leaves that integer in the low
-            // mantissa bits, so `k` and `2^k` come out of one FMA and integer ops, with no converts.
-            const MAGIC: f32 = 12_582_912.0;
-            let mut x = x.fast_max($v::splat(-87.3));
-            if !NONPOS {
-                x = x.fast_min($v::splat(88.3));
-            }
-            let t = x.mul_add($v::splat(LOG2E), $v::splat(MAGIC));
-            let k = t - $v::splat(MAGIC);
-            let r = k.mul_neg_add($v::splat(LN2_HI), x);
-            let r = k.mul_neg_add($v::splat(LN2_LO), r);
-            // e^r ≈ 1 + r + r²/2 + … + r⁶/720 (Horner)
-            let mut p = $v::splat(1.0 / 720.0);
-            p = p.mul_add(r, $v::splat(1.0 / 120.0));
-            p = p.mul_add(r, $v::splat(1.0 / 24.0));
-            p = p.mul_add(r, $v::splat(1.0 / 6.0));
-            p = p.mul_add(r, $v::splat(0.5));
-            p = p.mul_add(r, $v::splat(1.0));
-            p = p.mul_add(r, $v::splat(1.0));
-            // bits(t) = bits(MAGIC) + k, and (bits(MAGIC) << 23) wraps to −(127 << 23) + bits(1.0)… so
-            // (bits(t) << 23) + bits(1.0) = (k + 127) << 23, the bits of 2^k.
-            let tb: $vi = wide::bytemuck::cast(t);
-            let bits = (tb << 23) + $vi::splat(0x3f80_0000);
-            p * wide::bytemuck::cast::<$vi, $v>(bits)
-        }
-
-        /// Logistic sigmoid per lane. The reciprocal is the hardware estimate refined by one
-        /// Newton step (relative error ~1e-7), which is several times cheaper than a division.
-        #[inline(always)]
-        pub fn sigmoid(x: $v) -> $v {
-            let d = $v::splat(1.0) + exp(-x);
-            let r = d.recip();
-            r * (-d).mul_add(r, $v::splat(2.0))
-        }
-
-        /// `x · σ(x)` per lane.
-        #[inline(always)]
-        pub fn silu(x: $v) -> $v {
-            x * sigmoid(x)
-        }
-
-        /// Softplus as the reference computes it: `x` above 20, else `ln(1 + e^x)`.
-        #[inline(always)]
-        pub fn softplus(x: $v) -> $v {
-            softplus_sigmoid(x).0
-        }
-
-        /// `(softplus(x), σ(x))` from one `exp`.
-        ///
-        /// `softplus(x) = max(x, 0) + log1p(e^{−|x|})` and `log1p(e) = 2·atanh(s)` with
-        /// `s = e / (2 + e) ≤ 1/3`, summed to `s¹³` (absolute error < 1e-7). Above 20 this returns `x`
-        /// exactly, as the reference's pass-through does (the log term is below half an ulp of `x`).
-        #[inline(always)]
-        pub fn softplus_sigmoid(x: $v) -> ($v, $v) {
-            let one = $v::splat(1.0);
-            let e = exp(-x.abs());
-            let s = e / ($v::splat(2.0) + e);
-            let z = s * s;
-            let mut p = $v::splat(1.0 / 13.0);
-            p = p.mul_add(z, $v::splat(1.0 / 11.0));
-            p = p.mul_add(z, $v::splat(1.0 / 9.0));
-            p = p.mul_add(z, $v::splat(1.0 / 7.0));
-            p = p.mul_add(z, $v::splat(1.0 / 5.0));
-            p = p.mul_add(z, $v::splat(1.0 / 3.0));
-            p = p.mul_add(z, one);
-            let log1p = (s + s) * p;
-            let big = x.simd_gt($v::splat(20.0));
-            let sp = big.select(x, x.fast_max($v::ZERO) + log1p);
-            // σ(x) = 1 / (1 + e^{−x}): with e = e^{−|x|}, that is 1/(1+e) for x ≥ 0 and e/(1+e) below.
-            let r = one / (one + e);
-            let sig = x.simd_ge($v::ZERO).select(r, e * r);
-            (sp, sig)
-        }
-
-        /// Loads `src[..min(len, W)]`, zero-filling the missing lanes.
-        #[inline(always)]
-        pub fn load(src: &[f32]) -> $v {
-            if src.len() >= W { $v::from(<[f32; $w]>::try_from(&src[..W]).unwrap()) } else { $v::from(src) }
-        }
-
-        /// Loads `src[..W]`: one vector load, no partial-load path.
-        ///
-        /// # Panics
-        /// If `src` is shorter than `W`.
-        #[inline(always)]
-        pub fn load_full(src: &[f32]) -> $v {
-            $v::from(*<&[f32; $w]>::try_from(&src[..W]).unwrap())
-        }
-
-        /// Stores `v` into `dst[..W]`: one vector store.
-        ///
-        /// # Panics
-        /// If `dst` is shorter than `W`.
-        #[inline(always)]
-        pub fn store_full(dst: &mut [f32], v: $v) {
-            *<&mut [f32; $w]>::try_from(&mut dst[..W]).unwrap() = v.to_array();
-        }
-
-        /// Adds `v` into `dst[..W]`.
-        ///
-        /// # Panics
-        /// If `dst` is shorter than `W`.
-        #[inline(always)]
-        pub fn add_store_full(dst: &mut [f32], v: $v) {
-            let d = <&mut [f32; $w]>::try_from(&mut dst[..W]).unwrap();
-            *d = ($v::from(*d) + v).to_array();
-        }
-
-        /// Stores the first `dst.len().min(W)` lanes of `v` into `dst`.
-        #[inline(always)]
-        pub fn store(dst: &mut [f32], v: $v) {
-            let a = v.to_array();
-            if dst.len() >= W {
-                // A fixed-size copy: one vector store (the variable-length copy below would be a
-                // `memmove` call).
-                *<&mut [f32; $w]>::try_from(&mut dst[..W]).unwrap() = a;
-            } else {
-                let n = dst.len();
-                dst.copy_from_slice(&a[..n]);
-            }
-        }
-
-        /// Adds the first `dst.len().min(W)` lanes of `v` into `dst`.
-        #[inline(always)]
-        pub fn add_store(dst: &mut [f32], v: $v) {
-            if dst.len() >= W {
-                let d = <&mut [f32; $w]>::try_from(&mut dst[..W]).unwrap();
-                *d = ($v::from(*d) + v).to_array();
-            } else {
-                let a = v.to_array();
-                for (d, x) in dst.iter_mut().zip(a.iter()) {
-                    *d += *x;
-                }
-            }
-        }
-    };
+/// A lane mask from a comparison of two `V`s.
+pub trait Mask<V>: Copy {
+    /// Per lane: `if_true` where the mask is set, else `if_false`.
+    fn select(self, if_true: V, if_false: V) -> V;
 }
 
-/// 8-lane helpers (`wide::f32x8`, AVX2); also re-exported at the module level.
-pub mod x8 {
-    lane_fns!(f32x8, i32x8, 8);
-}
+/// A vector of `LANES` f32 values. All methods are `#[inline(always)]`, so they compile to the
+/// instructions of the function they are inlined into.
+pub trait Vf32:
+    Copy
+    + Send
+    + Sync
+    + Debug
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + SubAssign
+    + MulAssign
+{
+    /// Lanes per vector.
+    const LANES: usize;
+    /// All lanes 0.
+    const ZERO: Self;
+    /// All lanes 1.
+    const ONE: Self;
+    /// The lanes as an array (`[f32; LANES]`).
+    type Arr: Copy + Debug + AsRef<[f32]> + AsMut<[f32]> + Index<usize, Output = f32> + IndexMut<usize>;
+    /// The result of a lane comparison.
+    type Mask: Mask<Self>;
 
-/// 16-lane helpers (`wide::f32x16`: one AVX-512 register, or two AVX2 halves without it).
-pub mod x16 {
-    lane_fns!(f32x16, i32x16, 16);
-}
+    /// All lanes `x`.
+    fn splat(x: f32) -> Self;
+    /// The vector holding `a`.
+    fn from_array(a: Self::Arr) -> Self;
+    /// The lanes.
+    fn to_array(self) -> Self::Arr;
+    /// `self · m + a` (fused where the level has FMA).
+    fn mul_add(self, m: Self, a: Self) -> Self;
+    /// `a − self · m` (fused where the level has FMA).
+    fn mul_neg_add(self, m: Self, a: Self) -> Self;
+    /// Lane maximum (either operand when one is NaN).
+    fn fast_max(self, o: Self) -> Self;
+    /// Lane minimum (either operand when one is NaN).
+    fn fast_min(self, o: Self) -> Self;
+    /// `|x|`.
+    fn abs(self) -> Self;
+    /// `1/x`: an estimate (relative error ≤ 1.5·2⁻¹²) or exact, depending on the level.
+    fn recip(self) -> Self;
+    /// `√x`.
+    fn sqrt(self) -> Self;
+    /// The sum of the lanes (the order of the additions depends on the level).
+    fn reduce_add(self) -> f32;
+    /// Lanes where `self > o`.
+    fn simd_gt(self, o: Self) -> Self::Mask;
+    /// Lanes where `self ≥ o`.
+    fn simd_ge(self, o: Self) -> Self::Mask;
+    /// Reads each lane's bits as an i32 `t`, and returns the f32 whose bits are
+    /// `(t << 23) + bits(1.0)` (wrapping): the `2^k` step of [`exp`].
+    fn shl23_add_one(self) -> Self;
 
-pub use x8::*;
+    /// Loads `src[..min(len, LANES)]`, zero-filling the missing lanes.
+    fn load(src: &[f32]) -> Self;
+    /// Loads `src[..LANES]`: one vector load.
+    ///
+    /// # Panics
+    /// If `src` is shorter than `LANES`.
+    fn load_full(src: &[f32]) -> Self;
+    /// Stores the first `dst.len().min(LANES)` lanes of `v` into `dst`.
+    fn store(dst: &mut [f32], v: Self);
+    /// Stores `v` into `dst[..LANES]`: one vector store.
+    ///
+    /// # Panics
+    /// If `dst` is shorter than `LANES`.
+    fn store_full(dst: &mut [f32], v: Self);
 
-/// `Σ a·b` over the common length, with sixteen independent partial sums so it vectorises (a
-/// plain iterator sum is one serial chain of dependent adds).
-#[inline]
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; 16];
-    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
-    let tail: f32 = ac.remainder().iter().zip(bc.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ac.zip(bc) {
-        for i in 0..16 {
-            acc[i] = x[i].mul_add(y[i], acc[i]);
-        }
+    /// Adds the first `dst.len().min(LANES)` lanes of `v` into `dst`.
+    #[inline(always)]
+    fn add_store(dst: &mut [f32], v: Self) {
+        let cur = Self::load(dst);
+        Self::store(dst, cur + v);
     }
-    acc.iter().sum::<f32>() + tail
+
+    /// Adds `v` into `dst[..LANES]`.
+    ///
+    /// # Panics
+    /// If `dst` is shorter than `LANES`.
+    #[inline(always)]
+    fn add_store_full(dst: &mut [f32], v: Self) {
+        let cur = Self::load_full(dst);
+        Self::store_full(dst, cur + v);
+    }
+
+    /// The lanes of a slice of vectors, in order.
+    #[inline(always)]
+    fn as_f32s(v: &[Self]) -> &[f32] {
+        // SAFETY: every vector type is `LANES` f32 values with no padding (checked by the
+        // `layout` test), and any f32 alignment is met by a vector's.
+        unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len() * Self::LANES) }
+    }
+
+    /// [`Vf32::as_f32s`], mutable.
+    #[inline(always)]
+    fn as_f32s_mut(v: &mut [Self]) -> &mut [f32] {
+        // SAFETY: as in `as_f32s`; every bit pattern is a valid f32.
+        unsafe { std::slice::from_raw_parts_mut(v.as_mut_ptr().cast(), v.len() * Self::LANES) }
+    }
 }
 
-/// `out[j] = σ(z[j])` over the common length, eight lanes at a time (the SIMD [`sigmoid`]; the
-/// last partial vector is loaded and stored with zero padding).
-#[inline]
-pub fn sigmoid_slice(z: &[f32], out: &mut [f32]) {
-    for (zc, oc) in z.chunks(W).zip(out.chunks_mut(W)) {
-        store(oc, sigmoid(load(zc)));
+/// An 8-lane [`Vf32`].
+pub trait V8: Vf32<Arr = [f32; 8]> {}
+impl<T: Vf32<Arr = [f32; 8]>> V8 for T {}
+
+/// A 16-lane [`Vf32`].
+pub trait V16: Vf32<Arr = [f32; 16]> {}
+impl<T: Vf32<Arr = [f32; 16]>> V16 for T {}
+
+/// Lanes of an 8-lane vector (the width most kernels use).
+pub const W: usize = 8;
+
+/// `e^x` per lane, for finite `x`.
+///
+/// Cody–Waite range reduction `x = k·ln2 + r` with `|r| ≤ ln2/2`, a degree-6 polynomial for
+/// `e^r`, and `2^k` built in the exponent bits. Inputs are clamped to [-87.3, 88.3], so the result
+/// never underflows to a subnormal: for `x < -87.3` it returns ≈1.2e-38 instead of the true tiny
+/// value (an absolute error below 2e-38); above 88.3 it returns e^88.3 (the largest power of two
+/// the exponent trick can build is 2^127). Relative error ≤ 2 ulp on the clamped range.
+#[inline(always)]
+pub fn exp<V: Vf32>(x: V) -> V {
+    exp_impl::<false, V>(x)
+}
+
+/// [`exp`] for inputs known to be ≤ 0 (such as `Δ·A` with `Δ ≥ 0`, `A ≤ 0`): skips the upper
+/// clamp. A positive input gives a wrong result, so callers must guarantee the sign.
+#[inline(always)]
+pub fn exp_nonpos<V: Vf32>(x: V) -> V {
+    exp_impl::<true, V>(x)
+}
+
+/// Shared body of [`exp`] and [`exp_nonpos`].
+#[inline(always)]
+pub fn exp_impl<const NONPOS: bool, V: Vf32>(x: V) -> V {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5·2²³: adding it rounds to an integer (to nearest) and leaves that integer in the low
+    // mantissa bits, so `k` and `2^k` come out of one FMA and integer ops, with no converts.
+    const MAGIC: f32 = 12_582_912.0;
+    let mut x = x.fast_max(V::splat(-87.3));
+    if !NONPOS {
+        x = x.fast_min(V::splat(88.3));
+    }
+    let t = x.mul_add(V::splat(LOG2E), V::splat(MAGIC));
+    let k = t - V::splat(MAGIC);
+    let r = k.mul_neg_add(V::splat(LN2_HI), x);
+    let r = k.mul_neg_add(V::splat(LN2_LO), r);
+    // e^r ≈ 1 + r + r²/2 + … + r⁶/720 (Horner)
+    let mut p = V::splat(1.0 / 720.0);
+    p = p.mul_add(r, V::splat(1.0 / 120.0));
+    p = p.mul_add(r, V::splat(1.0 / 24.0));
+    p = p.mul_add(r, V::splat(1.0 / 6.0));
+    p = p.mul_add(r, V::splat(0.5));
+    p = p.mul_add(r, V::splat(1.0));
+    p = p.mul_add(r, V::splat(1.0));
+    // bits(t) = bits(MAGIC) + k, and (bits(MAGIC) << 23) wraps to −(127 << 23) + bits(1.0)… so
+    // (bits(t) << 23) + bits(1.0) = (k + 127) << 23, the bits of 2^k.
+    p * t.shl23_add_one()
+}
+
+/// Logistic sigmoid per lane. The reciprocal is the level's estimate refined by one Newton
+/// step (relative error ~1e-7), which is several times cheaper than a division.
+#[inline(always)]
+pub fn sigmoid<V: Vf32>(x: V) -> V {
+    let d = V::ONE + exp(-x);
+    let r = d.recip();
+    r * (-d).mul_add(r, V::splat(2.0))
+}
+
+/// `x · σ(x)` per lane.
+#[inline(always)]
+pub fn silu<V: Vf32>(x: V) -> V {
+    x * sigmoid(x)
+}
+
+/// Softplus as the reference computes it: `x` above 20, else `ln(1 + e^x)`.
+#[inline(always)]
+pub fn softplus<V: Vf32>(x: V) -> V {
+    softplus_sigmoid(x).0
+}
+
+/// `(softplus(x), σ(x))` from one `exp`.
+///
+/// `softplus(x) = max(x, 0) + log1p(e^{−|x|})` and `log1p(e) = 2·atanh(s)` with
+/// `s = e / (2 + e) ≤ 1/3`, summed to `s¹³` (absolute error < 1e-7). Above 20 this returns `x`
+/// exactly, as the reference's pass-through does (the log term is below half an ulp of `x`).
+#[inline(always)]
+pub fn softplus_sigmoid<V: Vf32>(x: V) -> (V, V) {
+    let one = V::ONE;
+    let e = exp(-x.abs());
+    let s = e / (V::splat(2.0) + e);
+    let z = s * s;
+    let mut p = V::splat(1.0 / 13.0);
+    p = p.mul_add(z, V::splat(1.0 / 11.0));
+    p = p.mul_add(z, V::splat(1.0 / 9.0));
+    p = p.mul_add(z, V::splat(1.0 / 7.0));
+    p = p.mul_add(z, V::splat(1.0 / 5.0));
+    p = p.mul_add(z, V::splat(1.0 / 3.0));
+    p = p.mul_add(z, one);
+    let log1p = (s + s) * p;
+    let big = x.simd_gt(V::splat(20.0));
+    let sp = big.select(x, x.fast_max(V::ZERO) + log1p);
+    // σ(x) = 1 / (1 + e^{−x}): with e = e^{−|x|}, that is 1/(1+e) for x ≥ 0 and e/(1+e) below.
+    let r = one / (one + e);
+    let sig = x.simd_ge(V::ZERO).select(r, e * r);
+    (sp, sig)
+}
+
+crate::simd_fn! {
+    /// `Σ a·b` over the common length, on the active level (two 16-lane accumulators).
+    pub fn dot[V: f16](a: &[f32], b: &[f32]) -> f32 {
+        dot_with::<V>(a, b)
+    }
+}
+
+/// [`dot`] with vector type `V`, for kernels already inside a dispatched body: two independent
+/// accumulators of `V`, so the multiply-adds of consecutive vectors overlap.
+#[inline(always)]
+pub fn dot_with<V: Vf32>(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let w = V::LANES;
+    let (mut s0, mut s1) = (V::ZERO, V::ZERO);
+    let mut i = 0;
+    while i + 2 * w <= n {
+        s0 = V::load_full(&a[i..]).mul_add(V::load_full(&b[i..]), s0);
+        s1 = V::load_full(&a[i + w..]).mul_add(V::load_full(&b[i + w..]), s1);
+        i += 2 * w;
+    }
+    while i < n {
+        s0 = V::load(&a[i..]).mul_add(V::load(&b[i..]), s0);
+        i += w;
+    }
+    (s0 + s1).reduce_add()
+}
+
+crate::simd_fn! {
+    /// `out[j] = σ(z[j])` over the common length, on the active level (8 lanes at a time; the
+    /// last partial vector is loaded and stored with zero padding).
+    pub fn sigmoid_slice[V: f8](z: &[f32], out: &mut [f32]) {
+        sigmoid_slice_in::<V>(z, out)
+    }
+}
+
+/// [`sigmoid_slice`] on vector type `V`.
+#[inline(always)]
+pub fn sigmoid_slice_in<V: Vf32>(z: &[f32], out: &mut [f32]) {
+    for (zc, oc) in z.chunks(V::LANES).zip(out.chunks_mut(V::LANES)) {
+        V::store(oc, sigmoid(V::load(zc)));
     }
 }
 
@@ -254,105 +329,170 @@ pub fn prefetch_range_l2(s: &[f32], start: usize, len: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use wide::f32x8;
+    use crate::isa::Isa;
+
+    /// Runs `$f::<V>()` for every vector type of every level this CPU supports, inside a function
+    /// compiled for the level.
+    macro_rules! each_type {
+        ($f:ident) => {{
+            $f::<wide::f32x8>();
+            $f::<wide::f32x16>();
+            #[cfg(target_arch = "x86_64")]
+            {
+                if Isa::Avx2.supported() {
+                    // SAFETY: checked just above.
+                    unsafe { crate::isa::in_avx2(|| ($f::<avx::A8>(), $f::<avx::A16>())) };
+                }
+                if Isa::Avx512.supported() {
+                    // SAFETY: checked just above.
+                    unsafe { crate::isa::in_avx512(|| $f::<avx512::Z16>()) };
+                }
+            }
+        }};
+    }
+
+    /// `V` filled with `f(lane)`.
+    fn lanes<V: Vf32>(f: impl Fn(usize) -> f32) -> V {
+        let mut a = V::ZERO.to_array();
+        for i in 0..V::LANES {
+            a[i] = f(i);
+        }
+        V::from_array(a)
+    }
+
+    #[test]
+    fn layout() {
+        fn check<V: Vf32>() {
+            assert_eq!(std::mem::size_of::<V>(), 4 * V::LANES);
+            assert_eq!(std::mem::size_of::<V::Arr>(), 4 * V::LANES);
+            assert!(std::mem::align_of::<V>() >= 4);
+            let v: Vec<V> = (0..3).map(|j| lanes::<V>(|i| (j * V::LANES + i) as f32)).collect();
+            let f = V::as_f32s(&v);
+            assert!(f.iter().enumerate().all(|(i, x)| *x == i as f32));
+        }
+        each_type!(check);
+    }
 
     #[test]
     fn exp_matches_std_within_2ulp_relative() {
-        let mut worst = 0.0f64;
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let v = f32x8::new([x, x + 0.01, x + 0.02, x + 0.03, x + 0.04, x + 0.05, x + 0.06, x + 0.07]);
-            let got = exp(v).to_array();
-            for (i, g) in got.iter().enumerate() {
-                let xi = v.to_array()[i] as f64;
-                let want = xi.exp();
-                let rel = ((*g as f64) - want).abs() / want;
-                worst = worst.max(rel);
+        fn check<V: Vf32>() {
+            let mut worst = 0.0f64;
+            let mut x = -87.0f32;
+            while x < 88.0 {
+                let v = lanes::<V>(|i| x + 0.01 * i as f32);
+                let got = exp(v).to_array();
+                for i in 0..V::LANES {
+                    let xi = v.to_array()[i] as f64;
+                    worst = worst.max(((got[i] as f64) - xi.exp()).abs() / xi.exp());
+                }
+                x += 0.173;
             }
-            x += 0.173;
+            assert!(worst < 2.5e-7, "{}: worst relative error {worst}", std::any::type_name::<V>());
         }
-        assert!(worst < 2.5e-7, "worst relative error {worst}");
+        each_type!(check);
     }
 
     #[test]
     fn exp_nonpos_matches_exp_on_nonpositive_inputs() {
-        let mut x = -87.0f32;
-        while x <= 0.0 {
-            let v = f32x8::new([x, x * 0.5, x * 0.25, x * 0.1, x * 0.01, -0.0, x * 0.7, x * 0.9]);
-            assert_eq!(exp(v).to_array(), exp_nonpos(v).to_array(), "x = {x}");
-            x += 0.37;
+        fn check<V: Vf32>() {
+            let mut x = -87.0f32;
+            while x <= 0.0 {
+                let v = lanes::<V>(|i| x * [1.0, 0.5, 0.25, 0.1, 0.01, -0.0, 0.7, 0.9][i % 8]);
+                assert_eq!(exp(v).to_array().as_ref(), exp_nonpos(v).to_array().as_ref(), "x = {x}");
+                x += 0.37;
+            }
         }
+        each_type!(check);
     }
 
     #[test]
     fn exp_clamps_instead_of_overflowing_or_nan() {
-        let got = exp(f32x8::new([-1e4, -200.0, -87.3, 0.0, 1.0, 88.0, 200.0, 1e4])).to_array();
-        assert!(got[0] >= 0.0 && got[0] < 2e-38);
-        assert!(got[1] >= 0.0 && got[1] < 2e-38);
-        assert_eq!(got[3], 1.0);
-        assert!((got[4] - std::f32::consts::E).abs() < 1e-6);
-        assert!(got.iter().all(|v| v.is_finite()));
-    }
-
-    #[test]
-    fn softplus_and_silu_match_scalar() {
-        let xs = [-30.0f32, -5.0, -0.5, 0.0, 0.7, 3.0, 19.9, 25.0];
-        let sp = softplus(f32x8::new(xs)).to_array();
-        let si = silu(f32x8::new(xs)).to_array();
-        for i in 0..8 {
-            let x = xs[i] as f64;
-            let want_sp = if x > 20.0 { x } else { x.exp().ln_1p() };
-            let want_si = x / (1.0 + (-x).exp());
-            assert!((sp[i] as f64 - want_sp).abs() <= 1e-6 * want_sp.abs().max(1.0), "softplus({x})");
-            assert!((si[i] as f64 - want_si).abs() <= 1e-6 * want_si.abs().max(1.0), "silu({x})");
+        fn check<V: Vf32>() {
+            let xs = [-1e4f32, -200.0, -87.3, 0.0, 1.0, 88.0, 200.0, 1e4];
+            let got = exp(lanes::<V>(|i| xs[i % 8])).to_array();
+            assert!(got[0] >= 0.0 && got[0] < 2e-38);
+            assert!(got[1] >= 0.0 && got[1] < 2e-38);
+            assert_eq!(got[3], 1.0);
+            assert!((got[4] - std::f32::consts::E).abs() < 1e-6);
+            assert!(got.as_ref().iter().all(|v| v.is_finite()));
         }
+        each_type!(check);
     }
 
     #[test]
-    fn softplus_sigmoid_is_accurate_everywhere() {
-        let mut x = -40.0f32;
-        let (mut worst_sp, mut worst_sig) = (0.0f64, 0.0f64);
-        while x < 40.0 {
-            let v =
-                f32x8::new([x, x + 0.011, x + 0.023, x + 0.031, x + 0.047, x + 0.053, x + 0.067, x + 0.079]);
-            let (sp, sig) = softplus_sigmoid(v);
-            for (i, xi) in v.to_array().iter().enumerate() {
-                let xi = *xi as f64;
-                let want_sp = if xi > 20.0 { xi } else { xi.exp().ln_1p() };
-                let want_sig = 1.0 / (1.0 + (-xi).exp());
-                worst_sp = worst_sp.max((sp.to_array()[i] as f64 - want_sp).abs() / want_sp);
-                worst_sig = worst_sig.max((sig.to_array()[i] as f64 - want_sig).abs() / want_sig);
+    fn softplus_silu_and_sigmoid_are_accurate_everywhere() {
+        fn check<V: Vf32>() {
+            let mut x = -40.0f32;
+            let (mut worst_sp, mut worst_sig, mut worst_silu, mut worst_sg) =
+                (0.0f64, 0.0f64, 0.0f64, 0.0f64);
+            while x < 40.0 {
+                let v = lanes::<V>(|i| x + 0.0113 * i as f32);
+                let (sp, sig) = softplus_sigmoid(v);
+                let (sp, sig, si, sg) =
+                    (sp.to_array(), sig.to_array(), silu(v).to_array(), sigmoid(v).to_array());
+                for i in 0..V::LANES {
+                    let xi = v.to_array()[i] as f64;
+                    let want_sp = if xi > 20.0 { xi } else { xi.exp().ln_1p() };
+                    let want_sig = 1.0 / (1.0 + (-xi).exp());
+                    worst_sp = worst_sp.max((sp[i] as f64 - want_sp).abs() / want_sp);
+                    worst_sig = worst_sig.max((sig[i] as f64 - want_sig).abs() / want_sig);
+                    worst_sg = worst_sg.max((sg[i] as f64 - want_sig).abs() / want_sig);
+                    worst_silu =
+                        worst_silu.max((si[i] as f64 - xi * want_sig).abs() / (xi * want_sig).abs().max(1.0));
+                }
+                x += 0.0917;
             }
-            x += 0.0917;
+            let name = std::any::type_name::<V>();
+            assert!(worst_sp < 4e-7, "{name}: softplus worst error {worst_sp}");
+            assert!(worst_sig < 4e-7, "{name}: sigmoid (softplus_sigmoid) worst relative error {worst_sig}");
+            assert!(worst_sg < 1e-6, "{name}: sigmoid worst relative error {worst_sg}");
+            assert!(worst_silu < 1e-6, "{name}: silu worst error {worst_silu}");
         }
-        assert!(worst_sp < 4e-7, "softplus worst error {worst_sp}");
-        assert!(worst_sig < 4e-7, "sigmoid worst relative error {worst_sig}");
+        each_type!(check);
     }
 
     #[test]
-    fn sixteen_lanes_match_eight() {
-        let xs: Vec<f32> = (0..16).map(|i| -30.0 + 3.7 * i as f32).collect();
-        let v16 = x16::load(&xs);
-        let (lo, hi) = (x8::load(&xs[..8]), x8::load(&xs[8..]));
-        let cat = |a: x8::V, b: x8::V| [a.to_array(), b.to_array()].concat();
-        assert_eq!(x16::exp(v16).to_array().to_vec(), cat(x8::exp(lo), x8::exp(hi)));
-        let (sp, sg) = x16::softplus_sigmoid(v16);
-        let ((sp0, sg0), (sp1, sg1)) = (x8::softplus_sigmoid(lo), x8::softplus_sigmoid(hi));
-        assert_eq!(sp.to_array().to_vec(), cat(sp0, sp1));
-        assert_eq!(sg.to_array().to_vec(), cat(sg0, sg1));
-        let mut out = [0.0f32; 11];
-        x16::store(&mut out, v16);
-        assert_eq!(&out[..], &xs[..11]);
+    fn partial_loads_stores_and_lane_ops() {
+        fn check<V: Vf32>() {
+            for n in 0..=V::LANES {
+                let src: Vec<f32> = (0..n).map(|i| i as f32 + 1.0).collect();
+                let v = V::load(&src).to_array();
+                for i in 0..V::LANES {
+                    assert_eq!(v[i], if i < n { i as f32 + 1.0 } else { 0.0 }, "n = {n}");
+                }
+                let mut d = vec![0.5f32; n];
+                V::store(&mut d, V::splat(4.0));
+                assert!(d.iter().all(|x| *x == 4.0));
+                V::add_store(&mut d, V::splat(1.0));
+                assert!(d.iter().all(|x| *x == 5.0));
+            }
+            let v = lanes::<V>(|i| i as f32 - 3.5);
+            assert_eq!(v.reduce_add(), (0..V::LANES).map(|i| i as f32 - 3.5).sum::<f32>());
+            let (a, m) = (v.abs().to_array(), v.simd_gt(V::ZERO).select(V::ONE, -V::ONE).to_array());
+            let (mx, neg) = (v.fast_max(V::splat(1.0)).to_array(), (-v).to_array());
+            let fused = v.mul_add(V::splat(2.0), V::ONE).to_array();
+            let nfused = v.mul_neg_add(V::splat(2.0), V::ONE).to_array();
+            for i in 0..V::LANES {
+                let x = i as f32 - 3.5;
+                assert_eq!(
+                    (a[i], m[i], mx[i], neg[i]),
+                    (x.abs(), if x > 0.0 { 1.0 } else { -1.0 }, x.max(1.0), -x)
+                );
+                assert_eq!((fused[i], nfused[i]), (2.0 * x + 1.0, 1.0 - 2.0 * x));
+            }
+            let r = lanes::<V>(|i| i as f32 + 0.5).recip().to_array();
+            assert!((0..V::LANES).all(|i| (r[i] * (i as f32 + 0.5) - 1.0).abs() < 4e-4));
+        }
+        each_type!(check);
     }
 
     #[test]
-    fn partial_load_and_store() {
-        let v = load(&[1.0, 2.0, 3.0]);
-        assert_eq!(v.to_array(), [1.0, 2.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
-        let mut d = [0.0f32; 3];
-        store(&mut d, f32x8::splat(4.0));
-        assert_eq!(d, [4.0; 3]);
-        add_store(&mut d, f32x8::splat(1.0));
-        assert_eq!(d, [5.0; 3]);
+    fn dot_matches_f64_at_every_length() {
+        for n in [0usize, 1, 7, 15, 16, 17, 33, 100] {
+            let a: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+            let b: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+            assert!((dot(&a, &b) as f64 - want).abs() < 1e-5 * (1.0 + n as f64), "n = {n}");
+        }
     }
 }

@@ -27,7 +27,7 @@
 //! ```
 
 use crate::par::{for_row_blocks, for_row_blocks_strided};
-use crate::simd::{self, V, W};
+use crate::simd::{self, Vf32};
 
 /// Targets equal to this are skipped (PyTorch's default `ignore_index`).
 pub const IGNORE_INDEX: i64 = -100;
@@ -94,26 +94,30 @@ pub fn xent_bwd(v: usize, logits: &[f32], targets: &[i64], lse: &[f32], g: f32, 
     });
 }
 
-/// `Σ_j exp(row[j] − m)`, SIMD over the row.
-fn sum_exp_shifted(row: &[f32], m: f32) -> f32 {
-    let mv = V::splat(m);
-    let mut acc = V::ZERO;
-    let mut chunks = row.chunks_exact(W);
-    for ch in &mut chunks {
-        acc += simd::exp(simd::load(ch) - mv);
+crate::simd_fn! {
+    /// `Σ_j exp(row[j] − m)`, SIMD over the row.
+    fn sum_exp_shifted[V: f8](row: &[f32], m: f32) -> f32 {
+        let mv = V::splat(m);
+        let mut acc = V::ZERO;
+        let mut chunks = row.chunks_exact(V::LANES);
+        for ch in &mut chunks {
+            acc += simd::exp(V::load(ch) - mv);
+        }
+        acc.reduce_add() + chunks.remainder().iter().map(|&a| (a - m).exp()).sum::<f32>()
     }
-    acc.reduce_add() + chunks.remainder().iter().map(|&a| (a - m).exp()).sum::<f32>()
 }
 
-/// `d[j] += g · exp(row[j] − l)`: adds `g · softmax(row)` when `l` is the row's log-sum-exp.
-fn add_scaled_exp_shifted(d: &mut [f32], row: &[f32], l: f32, g: f32) {
-    let (lv, gv) = (V::splat(l), V::splat(g));
-    let split = row.len() - row.len() % W;
-    for (dc, rc) in d[..split].chunks_exact_mut(W).zip(row[..split].chunks_exact(W)) {
-        simd::add_store(dc, gv * simd::exp(simd::load(rc) - lv));
-    }
-    for (dd, &a) in d[split..].iter_mut().zip(&row[split..]) {
-        *dd += g * (a - l).exp();
+crate::simd_fn! {
+    /// `d[j] += g · exp(row[j] − l)`: adds `g · softmax(row)` when `l` is the row's log-sum-exp.
+    fn add_scaled_exp_shifted[V: f8](d: &mut [f32], row: &[f32], l: f32, g: f32) {
+        let (lv, gv) = (V::splat(l), V::splat(g));
+        let split = row.len() - row.len() % V::LANES;
+        for (dc, rc) in d[..split].chunks_exact_mut(V::LANES).zip(row[..split].chunks_exact(V::LANES)) {
+            V::add_store(dc, gv * simd::exp(V::load(rc) - lv));
+        }
+        for (dd, &a) in d[split..].iter_mut().zip(&row[split..]) {
+            *dd += g * (a - l).exp();
+        }
     }
 }
 

@@ -10,13 +10,12 @@
 //! results do not depend on the thread count).
 
 use rayon::prelude::*;
-use wide::f32x8;
 
 use super::types::{ConvArgs, ConvDims, ConvGrads, ConvOut, check_step, check_upstream};
 use crate::check::check_len;
 use crate::par::SharedMut;
 use crate::pool::{self, F32Buf};
-use crate::simd::{self, W};
+use crate::simd::{self, V8, W};
 
 /// Minimum rows per (batch, time block) task: the backward recomputes `K − 1` halo rows per
 /// block, which stays cheap at this size.
@@ -58,69 +57,68 @@ impl Packed {
 
     /// Tap `kk` of channels `j..j+8`.
     #[inline(always)]
-    fn w(&self, kk: usize, j: usize) -> f32x8 {
+    fn w<V: V8>(&self, kk: usize, j: usize) -> V {
         let o = kk * self.cp + j;
         ld8(&self.wt[o..o + W])
     }
 
     /// Bias of channels `j..j+8`.
     #[inline(always)]
-    fn b(&self, j: usize) -> f32x8 {
+    fn b<V: V8>(&self, j: usize) -> V {
         ld8(&self.bias[j..j + W])
     }
 }
 
 /// Loads 8 lanes from `s` (at least 8 long): one unaligned vector load.
 #[inline(always)]
-fn ld8(s: &[f32]) -> f32x8 {
-    f32x8::from(*<&[f32; W]>::try_from(&s[..W]).unwrap())
+fn ld8<V: V8>(s: &[f32]) -> V {
+    V::load_full(s)
 }
 
 /// Loads `s[..min(len, 8)]`, zero-filling missing lanes; a plain vector load when 8 are there.
 #[inline(always)]
-fn ld(s: &[f32]) -> f32x8 {
-    if s.len() >= W { ld8(s) } else { simd::load(s) }
+fn ld<V: V8>(s: &[f32]) -> V {
+    if s.len() >= W { ld8(s) } else { V::load(s) }
 }
 
 /// Stores the first `min(len, 8)` lanes of `v` into `d`; a plain vector store when 8 fit.
 #[inline(always)]
-fn st(d: &mut [f32], v: f32x8) {
+fn st<V: V8>(d: &mut [f32], v: V) {
     if d.len() >= W {
-        *<&mut [f32; W]>::try_from(&mut d[..W]).unwrap() = v.to_array();
+        V::store_full(d, v);
     } else {
-        simd::store(d, v)
+        V::store(d, v)
     }
 }
 
 /// Adds the first `min(len, 8)` lanes of `v` into `d`.
 #[inline(always)]
-fn add_st(d: &mut [f32], v: f32x8) {
+fn add_st<V: V8>(d: &mut [f32], v: V) {
     if d.len() >= W {
-        let a = <&mut [f32; W]>::try_from(&mut d[..W]).unwrap();
-        *a = (f32x8::from(*a) + v).to_array();
+        V::add_store_full(d, v);
     } else {
-        simd::add_store(d, v)
+        V::add_store(d, v)
     }
 }
 
 /// SiLU derivative per lane: `σ(v) · (1 + v · (1 − σ(v)))`.
 #[inline(always)]
-fn silu_grad(v: f32x8) -> f32x8 {
+fn silu_grad<V: V8>(v: V) -> V {
     let s = simd::sigmoid(v);
-    let one = f32x8::splat(1.0);
+    let one = V::splat(1.0);
     s * v.mul_add(one - s, one)
 }
 
-/// Calls `$f::<K>` with `K` a constant for the common widths 1–4 (so the tap loops unroll), and
+/// Calls `$f::<V, K>` with `K` a constant for the common widths 1–4 (so the tap loops unroll), and
 /// `$f::<0>` (width read at run time) otherwise.
 macro_rules! dispatch_width {
-    ($k:expr, $f:ident($($arg:expr),* $(,)?)) => {
+    ($k:expr, $f:ident :: <$v:ty> ($($arg:expr),* $(,)?)) => {
         match $k {
-            1 => $f::<1>($($arg),*),
-            2 => $f::<2>($($arg),*),
-            3 => $f::<3>($($arg),*),
-            4 => $f::<4>($($arg),*),
-            _ => $f::<0>($($arg),*),
+            1 => $f::<$v, 1>($($arg),*),
+            2 => $f::<$v, 2>($($arg),*),
+            3 => $f::<$v, 3>($($arg),*),
+            4 => $f::<$v, 4>($($arg),*),
+            _ => $f::<$v, 0>($($arg),*),
         }
     };
 }
@@ -128,11 +126,11 @@ macro_rules! dispatch_width {
 /// Pre-activation of channels `j..j+8` at time `t` of one batch row `xb` (L, C), taps `kmin..k`
 /// (the earlier taps fall before the sequence start).
 #[inline(always)]
-fn pre_act(p: &Packed, xb: &[f32], c: usize, k: usize, kmin: usize, t: usize, j: usize) -> f32x8 {
-    let mut acc = p.b(j);
+fn pre_act<V: V8>(p: &Packed, xb: &[f32], c: usize, k: usize, kmin: usize, t: usize, j: usize) -> V {
+    let mut acc = p.b::<V>(j);
     for kk in kmin..k {
         let s = (t + kk + 1 - k) * c;
-        acc = p.w(kk, j).mul_add(ld(&xb[s + j..s + c]), acc);
+        acc = p.w::<V>(kk, j).mul_add(ld(&xb[s + j..s + c]), acc);
     }
     acc
 }
@@ -169,7 +167,7 @@ const R: usize = 4;
 /// Forward of one row `t` of one batch row: `xb` (L, C) → `yrow` (C); `rb` the row's (L)
 /// sequence starts.
 #[inline(always)]
-fn fwd_row(
+fn fwd_row<V: V8>(
     (k, c): (usize, usize),
     p: &Packed,
     silu: bool,
@@ -179,8 +177,11 @@ fn fwd_row(
 ) {
     let kmin = first_tap(k, t, rb);
     for j in (0..c).step_by(W) {
-        let mut acc =
-            if kmin == 0 { pre_act(p, xb, c, k, 0, t, j) } else { pre_act(p, xb, c, k, kmin, t, j) };
+        let mut acc = if kmin == 0 {
+            pre_act::<V>(p, xb, c, k, 0, t, j)
+        } else {
+            pre_act::<V>(p, xb, c, k, kmin, t, j)
+        };
         if silu {
             acc = simd::silu(acc);
         }
@@ -192,18 +193,18 @@ fn fwd_row(
 /// per channel block the `KS + R − 1` input rows are loaded once and the weights stay in
 /// registers. `y4` is (R, C).
 #[inline(always)]
-fn fwd_tile<const KS: usize>(c: usize, p: &Packed, silu: bool, xb: &[f32], t: usize, y4: &mut [f32]) {
+fn fwd_tile<V: V8, const KS: usize>(c: usize, p: &Packed, silu: bool, xb: &[f32], t: usize, y4: &mut [f32]) {
     let base = t + 1 - KS;
     for j in (0..c).step_by(W) {
         // xs[i] = x row base + i
-        let mut xs = [f32x8::ZERO; 4 + R - 1];
+        let mut xs = [V::ZERO; 4 + R - 1];
         for (i, xv) in xs.iter_mut().enumerate().take(KS + R - 1) {
             let s = (base + i) * c;
             *xv = ld(&xb[s + j..s + c]);
         }
-        let mut acc = [p.b(j); R];
+        let mut acc = [p.b::<V>(j); R];
         for kk in 0..KS {
-            let w = p.w(kk, j);
+            let w = p.w::<V>(kk, j);
             for r in 0..R {
                 acc[r] = w.mul_add(xs[r + kk], acc[r]);
             }
@@ -218,7 +219,7 @@ fn fwd_tile<const KS: usize>(c: usize, p: &Packed, silu: bool, xb: &[f32], t: us
 /// Forward of rows `t0..t1` of one batch row: `xb` (L, C) → `yb` (t1 − t0, C); `rb` the row's
 /// (L) sequence starts.
 #[inline(always)]
-fn fwd_rows<const KS: usize>(
+fn fwd_rows<V: V8, const KS: usize>(
     k: usize,
     c: usize,
     p: &Packed,
@@ -235,23 +236,23 @@ fn fwd_rows<const KS: usize>(
             let y = &mut yb[(t - t0) * c..(t - t0 + R) * c];
             // The tile needs every tap of its rows inside one sequence.
             if t + 1 >= k && no_start(rb, t + 2 - k, t + R - 1) {
-                fwd_tile::<KS>(c, p, silu, xb, t, y);
+                fwd_tile::<V, KS>(c, p, silu, xb, t, y);
                 t += R;
             } else {
-                fwd_row((k, c), p, silu, (xb, rb), t, y);
+                fwd_row::<V>((k, c), p, silu, (xb, rb), t, y);
                 t += 1;
             }
         }
     }
     while t < t1 {
-        fwd_row((k, c), p, silu, (xb, rb), t, &mut yb[(t - t0) * c..(t - t0 + 1) * c]);
+        fwd_row::<V>((k, c), p, silu, (xb, rb), t, &mut yb[(t - t0) * c..(t - t0 + 1) * c]);
         t += 1;
     }
 }
 
 /// Backward of the single row `t` (any `t` in `t0..t1 + K − 1`): see [`bwd_rows`].
 #[inline(always)]
-fn bwd_row(
+fn bwd_row<V: V8>(
     k: usize,
     (c, l): (usize, usize),
     p: &Packed,
@@ -270,12 +271,12 @@ fn bwd_row(
     let dx_kmin = dx_row.map_or(0, |s| first_reader_tap(k, l, s, rb));
     for j in (0..c).step_by(W) {
         let g = if t < l {
-            let dyv = ld(&dyb[t * c + j..(t + 1) * c]);
-            let g = if silu { dyv * silu_grad(pre_act(p, xb, c, k, kmin, t, j)) } else { dyv };
+            let dyv: V = ld(&dyb[t * c + j..(t + 1) * c]);
+            let g = if silu { dyv * silu_grad(pre_act::<V>(p, xb, c, k, kmin, t, j)) } else { dyv };
             if t < t1 {
                 let o = k * cp + j;
                 let db = &mut part[o..o + W];
-                st(db, ld8(db) + g);
+                st(db, ld8::<V>(db) + g);
                 for kk in kmin..k {
                     let s = (t + kk + 1 - k) * c;
                     let xv = ld(&xb[s + j..s + c]);
@@ -286,16 +287,16 @@ fn bwd_row(
             }
             g
         } else {
-            f32x8::ZERO
+            V::ZERO
         };
         st(&mut ring[slot * cp + j..slot * cp + j + W], g);
         if let Some(s) = dx_row {
-            let mut acc = f32x8::ZERO;
+            let mut acc = V::ZERO;
             for kk in dx_kmin..k {
                 // row t − kk sits in slot (slot − kk) mod K
                 let r = if slot >= kk { slot - kk } else { slot + k - kk };
                 let o = r * cp + j;
-                acc = ld8(&ring[o..o + W]).mul_add(p.w(kk, j), acc);
+                acc = ld8::<V>(&ring[o..o + W]).mul_add(p.w::<V>(kk, j), acc);
             }
             add_st(&mut dxb[(s - t0) * c + j..(s - t0 + 1) * c], acc);
         }
@@ -307,7 +308,7 @@ fn bwd_row(
 /// weights, the `R` new gradients and the `KS − 1` previous ones stay in registers. Same ring
 /// and outputs as [`bwd_row`].
 #[inline(always)]
-fn bwd_tile<const KS: usize>(
+fn bwd_tile<V: V8, const KS: usize>(
     c: usize,
     p: &Packed,
     silu: bool,
@@ -332,21 +333,21 @@ fn bwd_tile<const KS: usize>(
     // dx rows base + r, for those inside the block
     let first_dx = t0.saturating_sub(base).min(R);
     for j in (0..c).step_by(W) {
-        let mut w = [f32x8::ZERO; 4];
+        let mut w = [V::ZERO; 4];
         for (kk, wv) in w.iter_mut().enumerate().take(KS) {
-            *wv = p.w(kk, j);
+            *wv = p.w::<V>(kk, j);
         }
         // xs[i] = x row base + i
-        let mut xs = [f32x8::ZERO; 4 + R - 1];
+        let mut xs = [V::ZERO; 4 + R - 1];
         for (i, xv) in xs.iter_mut().enumerate().take(KS + R - 1) {
             let s = (base + i) * c;
             *xv = ld(&xb[s + j..s + c]);
         }
-        let mut g = [f32x8::ZERO; R];
+        let mut g = [V::ZERO; R];
         for (r, gr) in g.iter_mut().enumerate() {
             let dyv = ld(&dyb[(t + r) * c + j..(t + r + 1) * c]);
             *gr = if silu {
-                let mut pre = p.b(j);
+                let mut pre = p.b::<V>(j);
                 for kk in 0..KS {
                     pre = w[kk].mul_add(xs[r + kk], pre);
                 }
@@ -357,7 +358,7 @@ fn bwd_tile<const KS: usize>(
         }
         let o = KS * cp + j;
         let db = &mut part[o..o + W];
-        st(db, ld8(db) + ((g[0] + g[1]) + (g[2] + g[3])));
+        st(db, ld8::<V>(db) + ((g[0] + g[1]) + (g[2] + g[3])));
         for kk in 0..KS {
             let o = kk * cp + j;
             let dw = &mut part[o..o + W];
@@ -368,7 +369,7 @@ fn bwd_tile<const KS: usize>(
             st(dw, a);
         }
         // gw[i] = g row base + i: KS − 1 from the ring, then the R new ones
-        let mut gw = [f32x8::ZERO; 3 + R];
+        let mut gw = [V::ZERO; 3 + R];
         for i in 0..h {
             gw[i] = ld8(&ring[hoff[i] + j..hoff[i] + j + W]);
         }
@@ -378,7 +379,7 @@ fn bwd_tile<const KS: usize>(
         }
         for r in first_dx..R {
             // dx[base + r] = Σ_kk g[base + r + KS − 1 − kk] · w[kk]
-            let mut acc = f32x8::ZERO;
+            let mut acc = V::ZERO;
             for kk in 0..KS {
                 acc = gw[r + h - kk].mul_add(w[kk], acc);
             }
@@ -392,7 +393,7 @@ fn bwd_tile<const KS: usize>(
 /// task's partial sums into `part`: `dweight` as (K, Cp), then `dbias` as (Cp).
 /// `ring` (K, Cp) holds the pre-SiLU gradient `g` of the last `K` rows (row `t` in slot `t % K`).
 #[inline(always)]
-fn bwd_rows<const KS: usize>(
+fn bwd_rows<V: V8, const KS: usize>(
     k: usize,
     c: usize,
     l: usize,
@@ -413,10 +414,10 @@ fn bwd_rows<const KS: usize>(
     while t < t1 + k - 1 {
         // The tile needs every tap of its rows (and so every row of its dx sums) in one sequence.
         if KS > 0 && t + 1 >= k && t + R <= t1 && no_start(rb, t + 2 - k, t + R - 1) {
-            bwd_tile::<KS>(c, p, silu, (xb, dyb), (t, t0), dxb, ring, part);
+            bwd_tile::<V, KS>(c, p, silu, (xb, dyb), (t, t0), dxb, ring, part);
             t += R;
         } else {
-            bwd_row(k, (c, l), p, silu, (xb, dyb, rb), (t, t0, t1), dxb, ring, part);
+            bwd_row::<V>(k, (c, l), p, silu, (xb, dyb, rb), (t, t0, t1), dxb, ring, part);
             t += 1;
         }
     }
@@ -492,7 +493,7 @@ pub(crate) fn conv1d_fwd_tb(dims: &ConvDims, args: &ConvArgs<f32>, out: ConvOut<
         let rb = args.resets.map(|r| &r[b * l..(b + 1) * l]);
         // SAFETY: rows t0..t1 of batch row b belong to this task alone.
         let yb = unsafe { ys.slice((b * l + t0) * c, (t1 - t0) * c) };
-        dispatch_width!(k, fwd_rows(k, c, &p, args.silu, (xb, rb), t0, t1, yb));
+        fwd_task((k, c), &p, args.silu, (xb, rb), (t0, t1), yb);
     });
 }
 
@@ -583,7 +584,7 @@ pub(crate) fn conv1d_bwd_tb(
             // SAFETY: rows t0..t1 of batch row b belong to this task alone.
             let dxb = unsafe { dxs.slice((b * l + t0) * c, (t1 - t0) * c) };
             let xdy = (xb, dyb, rb);
-            dispatch_width!(k, bwd_rows(k, c, l, &p, args.silu, xdy, (t0, t1), dxb, ring, part));
+            bwd_task((k, c, l), &p, args.silu, xdy, (t0, t1), (dxb, ring, part));
         },
     );
     for part in parts.chunks_exact(plen) {
@@ -601,7 +602,8 @@ pub(crate) fn conv1d_bwd_tb(
 }
 
 /// One recurrent step of one batch row: `st` (C, K), `xb` and `yb` (C).
-fn step_row(args: &ConvArgs<f32>, c: usize, k: usize, b: usize, st: &mut [f32], yb: &mut [f32]) {
+#[inline(always)]
+fn step_row<V: V8>(args: &ConvArgs<f32>, c: usize, k: usize, b: usize, st: &mut [f32], yb: &mut [f32]) {
     let xb = &args.x[b * c..(b + 1) * c];
     for j in (0..c).step_by(W) {
         let n = (c - j).min(W);
@@ -620,11 +622,11 @@ fn step_row(args: &ConvArgs<f32>, c: usize, k: usize, b: usize, st: &mut [f32], 
             }
             *pre = acc;
         }
-        let mut v = f32x8::from(pre);
+        let mut v = V::from_array(pre);
         if args.silu {
             v = simd::silu(v);
         }
-        simd::store(&mut yb[j..j + n], v);
+        V::store(&mut yb[j..j + n], v);
     }
 }
 
@@ -645,11 +647,48 @@ pub fn conv1d_step(dims: &ConvDims, args: &ConvArgs<f32>, state: &mut [f32], y: 
             .par_chunks_exact_mut(c * k)
             .zip(y.par_chunks_exact_mut(c))
             .enumerate()
-            .for_each(|(b, (st, yb))| step_row(args, c, k, b, st, yb));
+            .for_each(|(b, (st, yb))| step_task(args, (c, k), b, st, yb));
     } else {
         let rows = state.chunks_exact_mut(c * k).zip(y.chunks_exact_mut(c));
         for (b, (st, yb)) in rows.enumerate() {
-            step_row(args, c, k, b, st, yb);
+            step_task(args, (c, k), b, st, yb);
         }
+    }
+}
+
+crate::simd_fn! {
+    /// Forward rows `t0..t1` of one batch row on the active instruction set (see [`fwd_rows`]).
+    fn fwd_task[V: f8](
+        kc: (usize, usize),
+        p: &Packed,
+        silu: bool,
+        xr: (&[f32], Option<&[bool]>),
+        tt: (usize, usize),
+        yb: &mut [f32],
+    ) {
+        let ((k, c), (t0, t1)) = (kc, tt);
+        dispatch_width!(k, fwd_rows::<V>(k, c, p, silu, xr, t0, t1, yb))
+    }
+}
+
+crate::simd_fn! {
+    /// Backward rows `t0..t1` of one batch row on the active instruction set (see [`bwd_rows`]).
+    fn bwd_task[V: f8](
+        kcl: (usize, usize, usize),
+        p: &Packed,
+        silu: bool,
+        xdy: (&[f32], &[f32], Option<&[bool]>),
+        tt: (usize, usize),
+        bufs: (&mut [f32], &mut [f32], &mut [f32]),
+    ) {
+        let ((k, c, l), (dxb, ring, part)) = (kcl, bufs);
+        dispatch_width!(k, bwd_rows::<V>(k, c, l, p, silu, xdy, tt, dxb, ring, part))
+    }
+}
+
+crate::simd_fn! {
+    /// One recurrent step of batch row `b` on the active instruction set (see [`step_row`]).
+    fn step_task[V: f8](args: &ConvArgs<f32>, ck: (usize, usize), b: usize, st: &mut [f32], yb: &mut [f32]) {
+        step_row::<V>(args, ck.0, ck.1, b, st, yb)
     }
 }

@@ -12,9 +12,9 @@
 //! [`conv1d_fwd`] can also return the conv state after the sequence (the last `K` inputs per
 //! channel), from which [`conv1d_step`] continues token by token.
 //!
-//! The kernels here are SIMD over channels (`wide::f32x8`) and run independent (batch row,
-//! time block) tasks on the current rayon pool. [`crate::reference::conv`] holds the naive
-//! loops with the same arguments.
+//! The kernels here are SIMD over channels (8 lanes, on the [`isa`](crate::isa) level chosen at
+//! run time) and run independent (batch row, time block) tasks on the current rayon pool.
+//! [`crate::reference::conv`] holds the naive loops with the same arguments.
 //!
 //! ```
 //! use ssm_kernel::conv::{conv1d_fwd, ConvArgs, ConvDims, ConvOut};

@@ -28,39 +28,40 @@ use rayon::prelude::*;
 use super::fwd::{
     Prefetch, TILES_PER_BLOCK, TIME_BLOCK, advance, block_tiles, prefetch_rows, run_steps_resetting,
 };
+use super::tile::W;
 use super::tile::{Bc, Groups, MixedBc, StateBuf, Tile, UniformBc, dispatch_n, mixed_offsets};
 use super::{Scan1Args, Scan1Dims, Scan1Grads, check_upstream};
 use crate::par::SharedMut;
 use crate::pool::V16Buf;
-use crate::simd::x16::{self as simd, V, W};
+use crate::simd::{self, V16, Vf32};
 
 /// Time steps per recomputation chunk (a multiple of the forward's time block).
 pub const CHUNK: usize = 32;
 const _: () = assert!(CHUNK.is_multiple_of(TIME_BLOCK));
 
 /// Per-tile accumulators of a task, `ntl` tiles.
-struct TileAcc {
+struct TileAcc<V> {
     /// State at each chunk start, (tiles, chunks, N).
-    ckpt: V16Buf,
+    ckpt: V16Buf<V>,
     /// Adjoint `G`, (tiles, N).
-    g: V16Buf,
+    g: V16Buf<V>,
     /// dA, (tiles, N).
-    da: V16Buf,
+    da: V16Buf<V>,
     /// dD and dΔ-bias, (tiles).
-    dd: V16Buf,
-    dbias: V16Buf,
+    dd: V16Buf<V>,
+    dbias: V16Buf<V>,
 }
 
 /// Scratch of one chunk of one tile.
-struct ChunkBuf {
-    states: V16Buf,
-    abar: V16Buf,
+struct ChunkBuf<V> {
+    states: V16Buf<V>,
+    abar: V16Buf<V>,
     /// Lane-wise dB / dC contributions, (CHUNK, N), summed over the tiles of one group before a
     /// single horizontal reduction per (t, n) (see [`flush_bc`]).
-    vdb: V16Buf,
-    vdc: V16Buf,
-    dts: V16Buf,
-    dsp: V16Buf,
+    vdb: V16Buf<V>,
+    vdc: V16Buf<V>,
+    dts: V16Buf<V>,
+    dsp: V16Buf<V>,
 }
 
 /// Prefetching for the backward's reverse walk: while the first tile of a block walks chunk `c`
@@ -176,7 +177,6 @@ fn bwd(
     let mut parts = crate::pool::take(batch * nblk * plen);
     parts.par_chunks_mut(plen).enumerate().for_each(|(task, part)| {
         let (b, blk) = (task / nblk, task % nblk);
-        let tiles = block_tiles(args, dims, blk, TILES_PER_BLOCK);
         let (pda, rest) = part.split_at_mut(maxch * n);
         let (pdd, rest) = rest.split_at_mut(maxch);
         let (pdbias, pdbc) = rest.split_at_mut(maxch);
@@ -186,19 +186,8 @@ fn bwd(
             // SAFETY: with one block per row, this task is the only one touching row b.
             unsafe { (db_sh.slice(b * lgn, lgn), dc_sh.slice(b * lgn, lgn)) }
         };
-        let acc = dispatch_n!(n, bwd_task(dims, args, &tiles, b, saved, dy, dh_last, &outs, db_row, dc_row));
-        let ch0 = tiles[0].d0;
-        for (ti, tile) in tiles.iter().enumerate() {
-            let off = tile.d0 - ch0;
-            let (ddv, dbv) = (acc.dd[ti].to_array(), acc.dbias[ti].to_array());
-            for l in 0..tile.w {
-                pdd[off + l] = ddv[l];
-                pdbias[off + l] = dbv[l];
-                for k in 0..n {
-                    pda[(off + l) * n + k] = acc.da[ti * n + k].to_array()[l];
-                }
-            }
-        }
+        let io = BlockIo { saved, dy, dh_last, outs: &outs };
+        bwd_block(dims, args, (b, blk), io, (db_row, dc_row), (pda, pdd, pdbias));
     });
 
     // Sum the partials in task order (deterministic for any thread count).
@@ -238,12 +227,54 @@ fn bwd(
     crate::pool::give(parts);
 }
 
+/// The inputs and shared outputs of every backward task.
+#[derive(Clone, Copy)]
+struct BlockIo<'a> {
+    saved: Option<&'a [f32]>,
+    dy: &'a [f32],
+    dh_last: Option<&'a [f32]>,
+    outs: &'a Outs,
+}
+
+crate::simd_fn! {
+    /// The task of batch row `b`, channel block `blk`, on the active instruction set: adds into
+    /// the per-element outputs and `db_row`/`dc_row`, and writes the block's dA (channels, N),
+    /// dD and dΔ-bias sums into `pda`, `pdd`, `pdbias`.
+    fn bwd_block[V: f16](
+        dims: &Scan1Dims,
+        args: &Scan1Args<f32>,
+        task: (usize, usize),
+        io: BlockIo,
+        dbc: (&mut [f32], &mut [f32]),
+        partials: (&mut [f32], &mut [f32], &mut [f32]),
+    ) {
+        let ((b, blk), (db_row, dc_row), (pda, pdd, pdbias)) = (task, dbc, partials);
+        let n = dims.dstate;
+        let BlockIo { saved, dy, dh_last, outs } = io;
+        let tiles = block_tiles::<V>(args, dims, blk, TILES_PER_BLOCK);
+        let acc = dispatch_n!(n, bwd_task::<V>(dims, args, &tiles, b, saved, dy, dh_last, outs, db_row, dc_row));
+        let ch0 = tiles[0].d0;
+        for (ti, tile) in tiles.iter().enumerate() {
+            let off = tile.d0 - ch0;
+            let (ddv, dbv) = (acc.dd[ti].to_array(), acc.dbias[ti].to_array());
+            for l in 0..tile.w {
+                pdd[off + l] = ddv[l];
+                pdbias[off + l] = dbv[l];
+                for k in 0..n {
+                    pda[(off + l) * n + k] = acc.da[ti * n + k].to_array()[l];
+                }
+            }
+        }
+    }
+}
+
 /// One task: batch row `b`, the block `tiles`. Adds into the per-element outputs and the row's
 /// `db_row`/`dc_row` ((L, G, N)); returns the per-tile dA, dD and dΔ-bias sums.
-fn bwd_task<const NN: usize>(
+#[inline(always)]
+fn bwd_task<V: V16, const NN: usize>(
     dims: &Scan1Dims,
     args: &Scan1Args<f32>,
-    tiles: &[Tile],
+    tiles: &[Tile<V>],
     b: usize,
     saved: Option<&[f32]>,
     dy: &[f32],
@@ -251,7 +282,7 @@ fn bwd_task<const NN: usize>(
     outs: &Outs,
     db_row: &mut [f32],
     dc_row: &mut [f32],
-) -> TileAcc {
+) -> TileAcc<V> {
     let Scan1Dims { seqlen, dim, dstate, ngroups, .. } = *dims;
     let n = if NN > 0 { NN } else { dstate };
     let gn = ngroups * n;
@@ -265,7 +296,7 @@ fn bwd_task<const NN: usize>(
         dd: V16Buf::zeroed(ntl),
         dbias: V16Buf::zeroed(ntl),
     };
-    let mut hb = StateBuf::<NN>::new(n);
+    let mut hb = StateBuf::<V, NN>::new(n);
     let h = hb.get();
 
     // Pass 1: chunk-start checkpoints, walking time blocks over all tiles of the block.
@@ -309,7 +340,7 @@ fn bwd_task<const NN: usize>(
             }
             h.copy_from_slice(hs);
             let pf = (ti == 0).then_some(&pf);
-            run_steps_resetting::<NN, false>(dims, args, &tiles[ti], b, (t0, t1), h, None, pf);
+            run_steps_resetting::<V, NN, false>(dims, args, &tiles[ti], b, (t0, t1), h, None, pf);
             hs.copy_from_slice(h);
         }
     }
@@ -343,14 +374,14 @@ fn bwd_task<const NN: usize>(
             }
             h.copy_from_slice(&acc.ckpt[(ti * nchunks + c) * n..(ti * nchunks + c + 1) * n]);
             let (g, da) = (&mut acc.g[ti * n..(ti + 1) * n], &mut acc.da[ti * n..(ti + 1) * n]);
-            let mut gb = StateBuf::<NN>::new(n);
+            let mut gb = StateBuf::<V, NN>::new(n);
             let gl = gb.get();
             gl.copy_from_slice(g);
-            let mut dab = StateBuf::<NN>::new(n);
+            let mut dab = StateBuf::<V, NN>::new(n);
             let dal = dab.get();
             dal.copy_from_slice(da);
             let pf = (ti == 0).then_some(&back);
-            let (dd, dbias) = chunk_bwd::<NN>(
+            let (dd, dbias) = chunk_bwd::<V, NN>(
                 dims, args, tile, b, t0, t1, h, gl, dal, &mut buf, dy, outs, db_row, dc_row, pf,
             );
             g.copy_from_slice(gl);
@@ -373,17 +404,17 @@ fn bwd_task<const NN: usize>(
 /// the chunk's start state, `g` the adjoint after the chunk (updated to the adjoint before it),
 /// `da` the running dA. Returns this chunk's (dD, dΔ-bias) lane sums.
 #[inline(always)]
-fn chunk_bwd<const NN: usize>(
+fn chunk_bwd<V: V16, const NN: usize>(
     dims: &Scan1Dims,
     args: &Scan1Args<f32>,
-    tile: &Tile,
+    tile: &Tile<V>,
     b: usize,
     t0: usize,
     t1: usize,
     h: &mut [V],
     g: &mut [V],
     da: &mut [V],
-    buf: &mut ChunkBuf,
+    buf: &mut ChunkBuf<V>,
     dy: &[f32],
     outs: &Outs,
     db_row: &mut [f32],
@@ -399,7 +430,7 @@ fn chunk_bwd<const NN: usize>(
                 let row = (b * seqlen + t) * gn + gi * n;
                 UniformBc { b: &args.b[row..row + n], c: &args.c[row..row + n], goff: gi * n }
             };
-            chunk_bwd_np::<NN, true, _, _>(
+            chunk_bwd_np::<V, NN, true, _, _>(
                 dims, args, tile, b, t0, t1, h, g, da, buf, dy, outs, db_row, dc_row, pf, bc_at,
             )
         }
@@ -409,7 +440,7 @@ fn chunk_bwd<const NN: usize>(
                 let row = (b * seqlen + t) * gn;
                 MixedBc { b: &args.b[row..row + gn], c: &args.c[row..row + gn], off }
             };
-            chunk_bwd_np::<NN, false, _, _>(
+            chunk_bwd_np::<V, NN, false, _, _>(
                 dims, args, tile, b, t0, t1, h, g, da, buf, dy, outs, db_row, dc_row, pf, bc_at,
             )
         }
@@ -418,8 +449,9 @@ fn chunk_bwd<const NN: usize>(
 
 /// Reduces the lane-wise dB/dC sums of `buf` into group `g`'s columns of `db_row`/`dc_row` for
 /// steps `t0..t1`, and clears them. Nothing to do when `g` is `None`.
-fn flush_bc(
-    buf: &mut ChunkBuf,
+#[inline(always)]
+fn flush_bc<V: V16>(
+    buf: &mut ChunkBuf<V>,
     g: Option<usize>,
     n: usize,
     gn: usize,
@@ -443,17 +475,17 @@ fn flush_bc(
 
 /// Dispatches [`chunk_bwd_impl`] on the tile's `nonpos` flag (which `exp` to use).
 #[inline(always)]
-fn chunk_bwd_np<const NN: usize, const VEC: bool, S: Bc, F: Fn(usize) -> S>(
+fn chunk_bwd_np<V: V16, const NN: usize, const VEC: bool, S: Bc<V>, F: Fn(usize) -> S>(
     dims: &Scan1Dims,
     args: &Scan1Args<f32>,
-    tile: &Tile,
+    tile: &Tile<V>,
     b: usize,
     t0: usize,
     t1: usize,
     h: &mut [V],
     g: &mut [V],
     da_acc: &mut [V],
-    buf: &mut ChunkBuf,
+    buf: &mut ChunkBuf<V>,
     dy: &[f32],
     outs: &Outs,
     db_row: &mut [f32],
@@ -462,11 +494,11 @@ fn chunk_bwd_np<const NN: usize, const VEC: bool, S: Bc, F: Fn(usize) -> S>(
     bc_at: F,
 ) -> (V, V) {
     if tile.nonpos {
-        chunk_bwd_impl::<NN, VEC, true, S, F>(
+        chunk_bwd_impl::<V, NN, VEC, true, S, F>(
             dims, args, tile, b, t0, t1, h, g, da_acc, buf, dy, outs, db_row, dc_row, pf, bc_at,
         )
     } else {
-        chunk_bwd_impl::<NN, VEC, false, S, F>(
+        chunk_bwd_impl::<V, NN, VEC, false, S, F>(
             dims, args, tile, b, t0, t1, h, g, da_acc, buf, dy, outs, db_row, dc_row, pf, bc_at,
         )
     }
@@ -475,17 +507,17 @@ fn chunk_bwd_np<const NN: usize, const VEC: bool, S: Bc, F: Fn(usize) -> S>(
 /// With `VEC`, dB/dC contributions go lane-wise into `buf.vdb`/`buf.vdc` (reduced later by
 /// [`flush_bc`]); otherwise they are reduced into `db_row`/`dc_row` at once per lane group.
 #[inline(always)]
-fn chunk_bwd_impl<const NN: usize, const VEC: bool, const NP: bool, S: Bc, F: Fn(usize) -> S>(
+fn chunk_bwd_impl<V: V16, const NN: usize, const VEC: bool, const NP: bool, S: Bc<V>, F: Fn(usize) -> S>(
     dims: &Scan1Dims,
     args: &Scan1Args<f32>,
-    tile: &Tile,
+    tile: &Tile<V>,
     b: usize,
     t0: usize,
     t1: usize,
     h: &mut [V],
     g: &mut [V],
     da_acc: &mut [V],
-    buf: &mut ChunkBuf,
+    buf: &mut ChunkBuf<V>,
     dy: &[f32],
     outs: &Outs,
     db_row: &mut [f32],
@@ -501,7 +533,7 @@ fn chunk_bwd_impl<const NN: usize, const VEC: bool, const NP: bool, S: Bc, F: Fn
     let a = &tile.a[..n];
     let (h, g, da_acc) = (&mut h[..n], &mut g[..n], &mut da_acc[..n]);
     let h_start = {
-        let mut s = StateBuf::<NN>::new(n);
+        let mut s = StateBuf::<V, NN>::new(n);
         s.get().copy_from_slice(h);
         s
     };
@@ -513,8 +545,8 @@ fn chunk_bwd_impl<const NN: usize, const VEC: bool, const NP: bool, S: Bc, F: Fn
     for t in t0..t1 {
         let j = t - t0;
         let i = (b * seqlen + t) * dim + d0;
-        let x = simd::load(&args.u[i..i + w]);
-        let (dt, dsp) = tile.delta(simd::load(&args.delta[i..i + w]), sp, true);
+        let x = V::load(&args.u[i..i + w]);
+        let (dt, dsp) = tile.delta(V::load(&args.delta[i..i + w]), sp, true);
         buf.dts[j] = dt;
         buf.dsp[j] = dsp;
         let reset = resets.is_some_and(|r| r[t]);
@@ -522,7 +554,7 @@ fn chunk_bwd_impl<const NN: usize, const VEC: bool, const NP: bool, S: Bc, F: Fn
             h.fill(V::ZERO);
         }
         let abar = &mut buf.abar[j * n..(j + 1) * n];
-        advance::<_, false, NP>(a, h, dt, x, &bc_at(t), Some(&mut *abar));
+        advance::<V, _, false, NP>(a, h, dt, x, &bc_at(t), Some(&mut *abar));
         if reset {
             abar.fill(V::ZERO);
         }
@@ -540,9 +572,9 @@ fn chunk_bwd_impl<const NN: usize, const VEC: bool, const NP: bool, S: Bc, F: Fn
         let bc = bc_at(t);
         let db_t = &mut db_row[t * gn..(t + 1) * gn];
         let dc_t = &mut dc_row[t * gn..(t + 1) * gn];
-        let x = simd::load(&args.u[i..i + w]);
+        let x = V::load(&args.u[i..i + w]);
         let dt = buf.dts[j];
-        let dout = simd::load(&dy[i..i + w]);
+        let dout = V::load(&dy[i..i + w]);
         let hs = &buf.states[j * n..(j + 1) * n];
         let hprev: &[V] = if j > 0 {
             &buf.states[(j - 1) * n..j * n]
@@ -553,7 +585,7 @@ fn chunk_bwd_impl<const NN: usize, const VEC: bool, const NP: bool, S: Bc, F: Fn
         let abar = &buf.abar[j * n..(j + 1) * n];
         let dyy = match args.z {
             Some(z) => {
-                let zv = simd::load(&z[i..i + w]);
+                let zv = V::load(&z[i..i + w]);
                 let s = simd::sigmoid(zv);
                 if let Some(dz) = &outs.dz {
                     let mut ypre = tile.dskip * x;
@@ -562,7 +594,7 @@ fn chunk_bwd_impl<const NN: usize, const VEC: bool, const NP: bool, S: Bc, F: Fn
                     }
                     let sg = s * (V::splat(1.0) + zv * (V::splat(1.0) - s));
                     // SAFETY: (b, t, tile) owns these elements.
-                    simd::add_store(unsafe { dz.slice(i, w) }, dout * ypre * sg);
+                    V::add_store(unsafe { dz.slice(i, w) }, dout * ypre * sg);
                 }
                 dout * zv * s
             }
@@ -592,8 +624,8 @@ fn chunk_bwd_impl<const NN: usize, const VEC: bool, const NP: bool, S: Bc, F: Fn
         dbias_acc += ddt;
         // SAFETY: (b, t, tile) owns these elements.
         unsafe {
-            simd::add_store(outs.du.slice(i, w), du);
-            simd::add_store(outs.ddelta.slice(i, w), ddt);
+            V::add_store(outs.du.slice(i, w), du);
+            V::add_store(outs.ddelta.slice(i, w), ddt);
         }
     }
     (dd_acc, dbias_acc)

@@ -9,10 +9,11 @@
 
 use rayon::prelude::*;
 
+use super::tile::W;
 use super::tile::{Bc, Groups, MixedBc, StateBuf, Tile, UniformBc, dispatch_n, mixed_offsets};
 use super::{CHUNK, Scan1Args, Scan1Dims, Scan1Out};
 use crate::par::SharedMut;
-use crate::simd::x16::{self as simd, V, W};
+use crate::simd::{self, V16};
 
 /// Time steps per block.
 pub(crate) const TIME_BLOCK: usize = 16;
@@ -50,7 +51,7 @@ pub(crate) fn prefetch_rows(
 /// `WITH_C`). `a` holds `A[·, n]` per lane, `dt` is the effective Δ and `x` the input. When
 /// `abar_out` is given, `exp(Δ·A[n])` is written to it for every `n`.
 #[inline(always)]
-pub(crate) fn advance<S: Bc, const WITH_C: bool, const NP: bool>(
+pub(crate) fn advance<V: V16, S: Bc<V>, const WITH_C: bool, const NP: bool>(
     a: &[V],
     h: &mut [V],
     dt: V,
@@ -63,7 +64,7 @@ pub(crate) fn advance<S: Bc, const WITH_C: bool, const NP: bool>(
     let dx = dt * x;
     let mut acc = V::ZERO;
     for k in 0..n {
-        let abar = simd::exp_impl::<NP>(dt * a[k]);
+        let abar = simd::exp_impl::<NP, _>(dt * a[k]);
         if let Some(o) = abar_out.as_deref_mut() {
             o[k] = abar;
         }
@@ -98,10 +99,11 @@ impl Prefetch<'_> {
 /// Advances one tile of batch row `b` over steps `t0..t1` from state `h`, writing `y` when
 /// `y_out` is given and issuing `pf`'s hints at each step; `h` ends as the state after step
 /// `t1 − 1`.
-pub(crate) fn run_steps<const NN: usize, const WITH_Y: bool>(
+#[inline(always)]
+pub(crate) fn run_steps<V: V16, const NN: usize, const WITH_Y: bool>(
     dims: &Scan1Dims,
     args: &Scan1Args<f32>,
-    tile: &Tile,
+    tile: &Tile<V>,
     b: usize,
     t0: usize,
     t1: usize,
@@ -119,9 +121,11 @@ pub(crate) fn run_steps<const NN: usize, const WITH_Y: bool>(
                 UniformBc { b: &args.b[row..row + n], c: &args.c[row..row + n], goff: g * n }
             };
             if tile.nonpos {
-                run_steps_impl::<NN, WITH_Y, true, _, _>(dims, args, tile, b, t0, t1, h, y_out, pf, bc_at);
+                run_steps_impl::<V, NN, WITH_Y, true, _, _>(dims, args, tile, b, t0, t1, h, y_out, pf, bc_at);
             } else {
-                run_steps_impl::<NN, WITH_Y, false, _, _>(dims, args, tile, b, t0, t1, h, y_out, pf, bc_at);
+                run_steps_impl::<V, NN, WITH_Y, false, _, _>(
+                    dims, args, tile, b, t0, t1, h, y_out, pf, bc_at,
+                );
             }
         }
         Groups::Mixed(gs) => {
@@ -131,9 +135,11 @@ pub(crate) fn run_steps<const NN: usize, const WITH_Y: bool>(
                 MixedBc { b: &args.b[row..row + gn], c: &args.c[row..row + gn], off }
             };
             if tile.nonpos {
-                run_steps_impl::<NN, WITH_Y, true, _, _>(dims, args, tile, b, t0, t1, h, y_out, pf, bc_at);
+                run_steps_impl::<V, NN, WITH_Y, true, _, _>(dims, args, tile, b, t0, t1, h, y_out, pf, bc_at);
             } else {
-                run_steps_impl::<NN, WITH_Y, false, _, _>(dims, args, tile, b, t0, t1, h, y_out, pf, bc_at);
+                run_steps_impl::<V, NN, WITH_Y, false, _, _>(
+                    dims, args, tile, b, t0, t1, h, y_out, pf, bc_at,
+                );
             }
         }
     }
@@ -141,38 +147,43 @@ pub(crate) fn run_steps<const NN: usize, const WITH_Y: bool>(
 
 /// [`run_steps`] honouring `args.resets`: the steps are split before every sequence start in
 /// `t0..t1`, where the state is zeroed (see [`Scan1Args`]).
-pub(crate) fn run_steps_resetting<const NN: usize, const WITH_Y: bool>(
+#[inline(always)]
+pub(crate) fn run_steps_resetting<V: V16, const NN: usize, const WITH_Y: bool>(
     dims: &Scan1Dims,
     args: &Scan1Args<f32>,
-    tile: &Tile,
+    tile: &Tile<V>,
     b: usize,
     (t0, t1): (usize, usize),
     h: &mut [V],
     y_out: Option<&SharedMut<f32>>,
     pf: Option<&Prefetch>,
 ) {
-    let Some(resets) = args.resets else {
-        return run_steps::<NN, WITH_Y>(dims, args, tile, b, t0, t1, h, y_out, pf);
-    };
-    let row = &resets[b * dims.seqlen..(b + 1) * dims.seqlen];
+    // One call site of `run_steps` (it is inlined, and large): each pass runs the steps up to
+    // the next start, zeroing the state first when the pass begins at one.
+    let row = args.resets.map(|r| &r[b * dims.seqlen..(b + 1) * dims.seqlen]);
     let mut s = t0;
-    for t in t0..t1 {
-        if row[t] {
-            if t > s {
-                run_steps::<NN, WITH_Y>(dims, args, tile, b, s, t, h, y_out, pf);
-            }
+    while s < t1 {
+        let e = row.map_or(t1, |r| (s + 1..t1).find(|&t| r[t]).unwrap_or(t1));
+        if row.is_some_and(|r| r[s]) {
             h.fill(V::ZERO);
-            s = t;
         }
+        run_steps::<V, NN, WITH_Y>(dims, args, tile, b, s, e, h, y_out, pf);
+        s = e;
     }
-    run_steps::<NN, WITH_Y>(dims, args, tile, b, s, t1, h, y_out, pf);
 }
 
 #[inline(always)]
-fn run_steps_impl<const NN: usize, const WITH_Y: bool, const NP: bool, S: Bc, F: Fn(usize) -> S>(
+fn run_steps_impl<
+    V: V16,
+    const NN: usize,
+    const WITH_Y: bool,
+    const NP: bool,
+    S: Bc<V>,
+    F: Fn(usize) -> S,
+>(
     dims: &Scan1Dims,
     args: &Scan1Args<f32>,
-    tile: &Tile,
+    tile: &Tile<V>,
     b: usize,
     t0: usize,
     t1: usize,
@@ -194,8 +205,8 @@ fn run_steps_impl<const NN: usize, const WITH_Y: bool, const NP: bool, S: Bc, F:
             pf.at(dims, b, t);
         }
         let (j, i) = (t - t0, (b * seqlen + t) * dim + d0);
-        let x = simd::load(&args.u[i..i + w]);
-        let (dt, _) = tile.delta(simd::load(&args.delta[i..i + w]), args.delta_softplus, false);
+        let x = V::load(&args.u[i..i + w]);
+        let (dt, _) = tile.delta(V::load(&args.delta[i..i + w]), args.delta_softplus, false);
         (dts[j], dxs[j], xs[j]) = (dt, dt * x, x);
     }
     // ⟨h_t, C_t⟩ per step, summed over the state slices.
@@ -208,11 +219,11 @@ fn run_steps_impl<const NN: usize, const WITH_Y: bool, const NP: bool, S: Bc, F:
         let (a, hs) = (&tile.a[k0..k0 + kn], &mut h[k0..k0 + kn]);
         let y = WITH_Y.then_some(&mut ys);
         match kn {
-            8 => walk_slice::<8, NP, S, F>(a, hs, k0, t0, t1, &dts, &dxs, y, &bc_at),
-            4 => walk_slice::<4, NP, S, F>(a, hs, k0, t0, t1, &dts, &dxs, y, &bc_at),
-            2 => walk_slice::<2, NP, S, F>(a, hs, k0, t0, t1, &dts, &dxs, y, &bc_at),
-            1 => walk_slice::<1, NP, S, F>(a, hs, k0, t0, t1, &dts, &dxs, y, &bc_at),
-            _ => walk_slice::<0, NP, S, F>(a, hs, k0, t0, t1, &dts, &dxs, y, &bc_at),
+            8 => walk_slice::<V, 8, NP, S, F>(a, hs, k0, t0, t1, &dts, &dxs, y, &bc_at),
+            4 => walk_slice::<V, 4, NP, S, F>(a, hs, k0, t0, t1, &dts, &dxs, y, &bc_at),
+            2 => walk_slice::<V, 2, NP, S, F>(a, hs, k0, t0, t1, &dts, &dxs, y, &bc_at),
+            1 => walk_slice::<V, 1, NP, S, F>(a, hs, k0, t0, t1, &dts, &dxs, y, &bc_at),
+            _ => walk_slice::<V, 0, NP, S, F>(a, hs, k0, t0, t1, &dts, &dxs, y, &bc_at),
         }
         k0 += kn;
     }
@@ -221,11 +232,11 @@ fn run_steps_impl<const NN: usize, const WITH_Y: bool, const NP: bool, S: Bc, F:
             let (j, i) = (t - t0, (b * seqlen + t) * dim + d0);
             let mut y = tile.dskip.mul_add(xs[j], ys[j]);
             if let Some(z) = args.z {
-                y *= simd::silu(simd::load(&z[i..i + w]));
+                y *= simd::silu(V::load(&z[i..i + w]));
             }
             if let Some(yo) = y_out {
                 // SAFETY: (b, t, tile) owns y[i .. i + w]; tasks own disjoint (b, tiles).
-                simd::store(unsafe { yo.slice(i, w) }, y);
+                V::store(unsafe { yo.slice(i, w) }, y);
             }
         }
     }
@@ -235,7 +246,7 @@ fn run_steps_impl<const NN: usize, const WITH_Y: bool, const NP: bool, S: Bc, F:
 /// adding `⟨h_t, C_t⟩` over them into `ys` when given. With `KN > 0` (`== h.len()`) the loop over
 /// the slice is unrolled and the slice lives in registers; `KN = 0` is the runtime-length path.
 #[inline(always)]
-fn walk_slice<const KN: usize, const NP: bool, S: Bc, F: Fn(usize) -> S>(
+fn walk_slice<V: V16, const KN: usize, const NP: bool, S: Bc<V>, F: Fn(usize) -> S>(
     a: &[V],
     h: &mut [V],
     k0: usize,
@@ -256,7 +267,7 @@ fn walk_slice<const KN: usize, const NP: bool, S: Bc, F: Fn(usize) -> S>(
         let (dt, dx) = (dts[j], dxs[j]);
         let mut acc = V::ZERO;
         for k in 0..kn {
-            let abar = simd::exp_impl::<NP>(dt * a[k]);
+            let abar = simd::exp_impl::<NP, _>(dt * a[k]);
             hl[k] = abar.mul_add(hl[k], dx * bc.b(k0 + k));
             if ys.is_some() {
                 acc = hl[k].mul_add(bc.c(k0 + k), acc);
@@ -270,10 +281,11 @@ fn walk_slice<const KN: usize, const NP: bool, S: Bc, F: Fn(usize) -> S>(
 }
 
 /// One task: batch row `b`, tiles `tiles`.
-fn fwd_task<const NN: usize>(
+#[inline(always)]
+fn fwd_task<V: V16, const NN: usize>(
     dims: &Scan1Dims,
     args: &Scan1Args<f32>,
-    tiles: &[Tile],
+    tiles: &[Tile<V>],
     b: usize,
     y: &SharedMut<f32>,
     h_last: Option<&SharedMut<f32>>,
@@ -290,7 +302,7 @@ fn fwd_task<const NN: usize>(
             tile.load_state(&h0[b * dim * n..(b + 1) * dim * n], n, &mut states[ti * n..(ti + 1) * n]);
         }
     }
-    let mut hb = StateBuf::<NN>::new(n);
+    let mut hb = StateBuf::<V, NN>::new(n);
     let h = hb.get();
     let mut arrays: Vec<&[f32]> = vec![args.u, args.delta];
     arrays.extend(args.z);
@@ -314,7 +326,7 @@ fn fwd_task<const NN: usize>(
                 }
             }
             let pf = (ti == 0).then_some(&pf);
-            run_steps_resetting::<NN, true>(dims, args, tile, b, (t0, t1), h, Some(y), pf);
+            run_steps_resetting::<V, NN, true>(dims, args, tile, b, (t0, t1), h, Some(y), pf);
             states[ti * n..(ti + 1) * n].copy_from_slice(h);
         }
     }
@@ -327,17 +339,23 @@ fn fwd_task<const NN: usize>(
 }
 
 /// The tiles of channel block `blk`.
-pub(crate) fn block_tiles(
+#[inline(always)]
+pub(crate) fn block_tiles<V: V16>(
     args: &Scan1Args<f32>,
     dims: &Scan1Dims,
     blk: usize,
     tiles_per_blk: usize,
-) -> Vec<Tile> {
+) -> Vec<Tile<V>> {
     let ntiles = dims.dim.div_ceil(W);
     let gs = dims.group_size();
-    (blk * tiles_per_blk..((blk + 1) * tiles_per_blk).min(ntiles))
-        .map(|ti| Tile::new(args, dims.dim, dims.dstate, gs, ti * W))
-        .collect()
+    // A loop, not `map(…).collect()`: the closure would be compiled for the baseline unless
+    // LLVM inlined it.
+    let range = blk * tiles_per_blk..((blk + 1) * tiles_per_blk).min(ntiles);
+    let mut tiles = Vec::with_capacity(range.len());
+    for ti in range {
+        tiles.push(Tile::new(args, dims.dim, dims.dstate, gs, ti * W));
+    }
+    tiles
 }
 
 /// Forward selective scan (see the [module docs](super) for the recurrence).
@@ -354,14 +372,29 @@ pub fn scan_fwd(dims: &Scan1Dims, args: &Scan1Args<f32>, out: Scan1Out<f32>) {
     const K: &str = "mamba1::scan_fwd";
     args.check(K, dims);
     out.check(K, dims);
-    let Scan1Dims { batch, dim, dstate: n, .. } = *dims;
+    let Scan1Dims { batch, dim, .. } = *dims;
     let nblk = dim.div_ceil(W).div_ceil(TILES_PER_BLOCK);
     let y = SharedMut::new(out.y);
     let h_last = out.h_last.map(SharedMut::new);
     let ckpt = out.checkpoints.map(SharedMut::new);
     (0..batch * nblk).into_par_iter().for_each(|task| {
         let (b, blk) = (task / nblk, task % nblk);
-        let tiles = block_tiles(args, dims, blk, TILES_PER_BLOCK);
-        dispatch_n!(n, fwd_task(dims, args, &tiles, b, &y, h_last.as_ref(), ckpt.as_ref()));
+        fwd_block(dims, args, (b, blk), &y, h_last.as_ref(), ckpt.as_ref());
     });
+}
+
+crate::simd_fn! {
+    /// The task of batch row `b`, channel block `blk`, on the active instruction set.
+    fn fwd_block[V: f16](
+        dims: &Scan1Dims,
+        args: &Scan1Args<f32>,
+        task: (usize, usize),
+        y: &SharedMut<f32>,
+        h_last: Option<&SharedMut<f32>>,
+        ckpt: Option<&SharedMut<f32>>,
+    ) {
+        let (b, blk) = task;
+        let tiles = block_tiles::<V>(args, dims, blk, TILES_PER_BLOCK);
+        dispatch_n!(dims.dstate, fwd_task::<V>(dims, args, &tiles, b, y, h_last, ckpt))
+    }
 }

@@ -2,10 +2,11 @@
 
 use rayon::prelude::*;
 
+use super::tile::W;
 use super::{Scan1Args, Scan1Dims};
 use crate::check::{check_dims, check_len};
 use crate::par::SharedMut;
-use crate::simd::x16::{self as simd, V, W};
+use crate::simd::{self, Vf32};
 
 /// Below this many state updates a step runs on the calling thread (a rayon dispatch costs more).
 const PAR_MIN: usize = 1 << 16;
@@ -25,47 +26,68 @@ pub fn scan_step(dims: &Scan1Dims, args: &Scan1Args<f32>, state: &mut [f32], y: 
     check_dims(K, dims.seqlen == 1, "a step takes seqlen 1");
     check_dims(K, args.h0.is_none(), "a step takes its state in `state`, not `h0`");
     args.check(K, dims);
-    let Scan1Dims { batch, dim, dstate: n, ngroups, .. } = *dims;
+    let Scan1Dims { batch, dim, dstate: n, .. } = *dims;
     check_len(K, "state", format_args!("(B, D, N) = ({batch}, {dim}, {n})"), state.len(), batch * dim * n);
     check_len(K, "y", format_args!("(B, D) = ({batch}, {dim})"), y.len(), batch * dim);
-    let gs = dims.group_size();
     let st = SharedMut::new(state);
     let ys = SharedMut::new(y);
-    let run = |bd: usize| {
-        let (b, d) = (bd / dim, bd % dim);
-        let g = d / gs;
-        let bc = (b * ngroups + g) * n;
-        let mut dt = args.delta[bd] + args.delta_bias.map_or(0.0, |v| v[d]);
-        if args.delta_softplus {
-            dt = if dt > 20.0 { dt } else { dt.exp().ln_1p() };
-        }
-        let x = args.u[bd];
-        let dtv = V::splat(dt);
-        let dx = V::splat(dt * x);
-        // SAFETY: channel (b, d) owns its N state elements and its output.
-        let h = unsafe { st.slice(bd * n, n) };
-        let mut acc = V::ZERO;
-        let mut k = 0;
-        while k < n {
-            let e = (k + W).min(n);
-            let a = simd::load(&args.a[d * n + k..d * n + e]);
-            let abar = simd::exp(dtv * a);
-            let hv = abar.mul_add(simd::load(&h[k..e]), dx * simd::load(&args.b[bc + k..bc + e]));
-            simd::store(&mut h[k..e], hv);
-            acc = hv.mul_add(simd::load(&args.c[bc + k..bc + e]), acc);
-            k = e;
-        }
-        let mut out = acc.reduce_add() + args.d.map_or(0.0, |v| v[d]) * x;
-        if let Some(z) = args.z {
-            let zv = z[bd];
-            out *= zv / (1.0 + (-zv).exp());
-        }
-        // SAFETY: as above.
-        unsafe { ys.write(bd, out) };
-    };
-    if batch * dim * n >= PAR_MIN {
-        (0..batch * dim).into_par_iter().with_min_len(64).for_each(run);
+    let rows = batch * dim;
+    if rows * n >= PAR_MIN {
+        (0..rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
+            let r = task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(rows);
+            step_rows(dims, args, &st, &ys, r)
+        });
     } else {
-        (0..batch * dim).for_each(run);
+        step_rows(dims, args, &st, &ys, 0..rows);
+    }
+}
+
+/// Channels per task of a threaded step.
+const ROWS_PER_TASK: usize = 64;
+
+crate::simd_fn! {
+    /// The step of channels `rows` (indices `b · D + d`), on the active instruction set.
+    fn step_rows[V: f16](
+        dims: &Scan1Dims,
+        args: &Scan1Args<f32>,
+        st: &SharedMut<f32>,
+        ys: &SharedMut<f32>,
+        rows: std::ops::Range<usize>,
+    ) {
+        let Scan1Dims { dim, dstate: n, ngroups, .. } = *dims;
+        let gs = dims.group_size();
+        for bd in rows {
+            let (b, d) = (bd / dim, bd % dim);
+            let g = d / gs;
+            let bc = (b * ngroups + g) * n;
+            let mut dt = args.delta[bd] + args.delta_bias.map_or(0.0, |v| v[d]);
+            if args.delta_softplus {
+                dt = if dt > 20.0 { dt } else { dt.exp().ln_1p() };
+            }
+            let x = args.u[bd];
+            let dtv = V::splat(dt);
+            let dx = V::splat(dt * x);
+            // SAFETY: channel (b, d) owns its N state elements and its output; tasks own disjoint
+            // channels.
+            let h = unsafe { st.slice(bd * n, n) };
+            let mut acc = V::ZERO;
+            let mut k = 0;
+            while k < n {
+                let e = (k + W).min(n);
+                let a = V::load(&args.a[d * n + k..d * n + e]);
+                let abar = simd::exp(dtv * a);
+                let hv = abar.mul_add(V::load(&h[k..e]), dx * V::load(&args.b[bc + k..bc + e]));
+                V::store(&mut h[k..e], hv);
+                acc = hv.mul_add(V::load(&args.c[bc + k..bc + e]), acc);
+                k = e;
+            }
+            let mut out = acc.reduce_add() + args.d.map_or(0.0, |v| v[d]) * x;
+            if let Some(z) = args.z {
+                let zv = z[bd];
+                out *= zv / (1.0 + (-zv).exp());
+            }
+            // SAFETY: as above.
+            unsafe { ys.write(bd, out) };
+        }
     }
 }

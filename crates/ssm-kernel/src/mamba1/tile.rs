@@ -4,7 +4,10 @@
 
 use super::Scan1Args;
 use crate::par::SharedMut;
-use crate::simd::x16::{self as simd, V, W};
+use crate::simd::{self, Mask, V16};
+
+/// Lanes of a tile: Mamba-1 kernels use 16-lane vectors.
+pub(crate) const W: usize = 16;
 
 /// How the lanes of a tile map to groups of `B`/`C`.
 #[derive(Clone, Copy)]
@@ -16,13 +19,13 @@ pub(crate) enum Groups {
 }
 
 /// Per-tile constants.
-pub(crate) struct Tile {
+pub(crate) struct Tile<V: V16> {
     /// First channel.
     pub d0: usize,
     /// Channels in the tile (1..=8).
     pub w: usize,
     /// `A[d0 + l, n]` in lane `l` of `a[n]`.
-    pub a: crate::pool::V16Buf,
+    pub a: crate::pool::V16Buf<V>,
     /// `D[d0 + l]` (zero when absent).
     pub dskip: V,
     /// Δ bias (zero when absent).
@@ -33,7 +36,8 @@ pub(crate) struct Tile {
     pub nonpos: bool,
 }
 
-impl Tile {
+impl<V: V16> Tile<V> {
+    #[inline(always)]
     pub fn new(args: &Scan1Args<f32>, dim: usize, n: usize, group_size: usize, d0: usize) -> Self {
         let w = (dim - d0).min(W);
         // From this thread's pool (given back on drop): the tiles are rebuilt every call.
@@ -43,10 +47,18 @@ impl Tile {
             for l in 0..w {
                 v[l] = args.a[(d0 + l) * n + k];
             }
-            *ak = V::from(v);
+            *ak = V::from_array(v);
         }
-        let dskip = args.d.map_or(V::ZERO, |d| simd::load(&d[d0..d0 + w]));
-        let bias = args.delta_bias.map_or(V::ZERO, |b| simd::load(&b[d0..d0 + w]));
+        // Matches, not `map_or` closures: a closure LLVM does not inline is compiled for the
+        // baseline.
+        let dskip = match args.d {
+            Some(d) => V::load(&d[d0..d0 + w]),
+            None => V::ZERO,
+        };
+        let bias = match args.delta_bias {
+            Some(b) => V::load(&b[d0..d0 + w]),
+            None => V::ZERO,
+        };
         let g0 = d0 / group_size;
         let glast = (d0 + w - 1) / group_size;
         let groups = if g0 == glast {
@@ -83,13 +95,14 @@ impl Tile {
 
     /// Reads the tile's lanes of a (…, D, N) state: `h[k]` lane `l` = `s[(d0 + l) * n + k]`
     /// where `s` starts at the batch row.
+    #[inline(always)]
     pub fn load_state(&self, s: &[f32], n: usize, h: &mut [V]) {
         for (k, hk) in h.iter_mut().enumerate() {
             let mut v = [0.0f32; W];
             for l in 0..self.w {
                 v[l] = s[(self.d0 + l) * n + k];
             }
-            *hk = V::from(v);
+            *hk = V::from_array(v);
         }
     }
 
@@ -98,6 +111,7 @@ impl Tile {
     ///
     /// # Safety
     /// No other task may touch this tile's channels of that batch row concurrently.
+    #[inline(always)]
     pub unsafe fn store_state(&self, s: &SharedMut<f32>, base: usize, n: usize, h: &[V], add: bool) {
         for (k, hk) in h.iter().enumerate() {
             let v = hk.to_array();
@@ -111,7 +125,7 @@ impl Tile {
 }
 
 /// `B`/`C` values of one time step as seen by the lanes of a tile.
-pub(crate) trait Bc {
+pub(crate) trait Bc<V: V16> {
     /// `B[·, k]` per lane.
     fn b(&self, k: usize) -> V;
     /// `C[·, k]` per lane.
@@ -131,7 +145,7 @@ pub(crate) struct UniformBc<'a> {
     pub goff: usize,
 }
 
-impl Bc for UniformBc<'_> {
+impl<V: V16> Bc<V> for UniformBc<'_> {
     #[inline(always)]
     fn b(&self, k: usize) -> V {
         V::splat(self.b[k])
@@ -153,14 +167,14 @@ pub(crate) struct MixedBc<'a> {
     pub off: [usize; W],
 }
 
-impl Bc for MixedBc<'_> {
+impl<V: V16> Bc<V> for MixedBc<'_> {
     #[inline(always)]
     fn b(&self, k: usize) -> V {
-        V::from(std::array::from_fn::<f32, W, _>(|l| self.b[self.off[l] + k]))
+        V::from_array(std::array::from_fn::<f32, W, _>(|l| self.b[self.off[l] + k]))
     }
     #[inline(always)]
     fn c(&self, k: usize) -> V {
-        V::from(std::array::from_fn::<f32, W, _>(|l| self.c[self.off[l] + k]))
+        V::from_array(std::array::from_fn::<f32, W, _>(|l| self.c[self.off[l] + k]))
     }
     #[inline(always)]
     fn accum(&self, dst: &mut [f32], k: usize, w: usize, v: V) {
@@ -179,23 +193,17 @@ pub(crate) fn mixed_offsets(gs: &[usize; W], n: usize) -> [usize; W] {
 
 /// A small state buffer: a stack array when `NN > 0` (the compile-time state size, so loops over
 /// `N` unroll and the state can live in registers), else a heap vector of the runtime size.
-pub(crate) struct StateBuf<const NN: usize> {
+pub(crate) struct StateBuf<V: V16, const NN: usize> {
     arr: [V; NN],
-    vec: Vec<V>,
+    vec: crate::pool::V16Buf<V>,
 }
 
-impl<const NN: usize> Drop for StateBuf<NN> {
-    fn drop(&mut self) {
-        crate::pool::give_v16(std::mem::take(&mut self.vec));
-    }
-}
-
-impl<const NN: usize> StateBuf<NN> {
+impl<V: V16, const NN: usize> StateBuf<V, NN> {
     /// A zeroed buffer of `n` vectors (`n == NN` when `NN > 0`).
     #[inline(always)]
     pub fn new(n: usize) -> Self {
         debug_assert!(NN == 0 || NN == n);
-        Self { arr: [V::ZERO; NN], vec: if NN == 0 { crate::pool::take_v16(n) } else { Vec::new() } }
+        Self { arr: [V::ZERO; NN], vec: crate::pool::V16Buf::zeroed(if NN == 0 { n } else { 0 }) }
     }
 
     /// The buffer as a slice.
@@ -211,19 +219,19 @@ impl<const NN: usize> StateBuf<NN> {
     }
 }
 
-/// Calls `f::<NN>()` with `NN` the compile-time state size for the common sizes (1, 2, 4, 8, 16,
+/// Calls `f::<V, NN>()` with `NN` the compile-time state size for the common sizes (1, 2, 4, 8, 16,
 /// 32, 64) and `NN = 0` (runtime size) otherwise.
 macro_rules! dispatch_n {
-    ($n:expr, $f:ident ( $($arg:expr),* $(,)? )) => {
+    ($n:expr, $f:ident :: <$v:ty> ( $($arg:expr),* $(,)? )) => {
         match $n {
-            1 => $f::<1>($($arg),*),
-            2 => $f::<2>($($arg),*),
-            4 => $f::<4>($($arg),*),
-            8 => $f::<8>($($arg),*),
-            16 => $f::<16>($($arg),*),
-            32 => $f::<32>($($arg),*),
-            64 => $f::<64>($($arg),*),
-            _ => $f::<0>($($arg),*),
+            1 => $f::<$v, 1>($($arg),*),
+            2 => $f::<$v, 2>($($arg),*),
+            4 => $f::<$v, 4>($($arg),*),
+            8 => $f::<$v, 8>($($arg),*),
+            16 => $f::<$v, 16>($($arg),*),
+            32 => $f::<$v, 32>($($arg),*),
+            64 => $f::<$v, 64>($($arg),*),
+            _ => $f::<$v, 0>($($arg),*),
         }
     };
 }

@@ -1,11 +1,10 @@
 //! Pieces shared by the sequential and chunked kernels.
 
 use rayon::prelude::*;
-use wide::f32x8;
 
 use super::{Scan2Args, Scan2Dims};
 use crate::Real;
-use crate::simd::W;
+use crate::simd::{V8, W};
 
 /// Effective Δ of flat (B, L, H) element `ih` of head `h` and `∂Δ_eff/∂Δ_raw`.
 #[inline(always)]
@@ -17,27 +16,50 @@ pub(crate) fn dt_eff(args: &Scan2Args<f32>, ih: usize, h: usize) -> (f32, f32) {
     if args.delta_softplus { (v.softplus(), v.softplus_grad()) } else { (v, 1.0) }
 }
 
-/// Splits `pv` vectors into blocks of 8, then 4, then 1, calling `f(start, len)`.
+/// Runs `$call` for `pv` vectors split into blocks of 8, then 4, then 1, with `$j0` the block's
+/// first vector and `$m` its length as a constant (so `$call` can take it as a const generic).
+/// A macro rather than a function taking a closure: a closure is compiled for the baseline
+/// unless LLVM inlines it, and the kernels need it compiled into their instruction-set copies.
+macro_rules! blocks {
+    ($pv:expr, |$j0:ident, $m:ident| $call:expr) => {{
+        let (pv, mut j) = ($pv, 0usize);
+        while pv - j >= 8 {
+            const $m: usize = 8;
+            let $j0 = j;
+            $call;
+            j += 8;
+        }
+        if pv - j >= 4 {
+            const $m: usize = 4;
+            let $j0 = j;
+            $call;
+            j += 4;
+        }
+        while j < pv {
+            const $m: usize = 1;
+            let $j0 = j;
+            $call;
+            j += 1;
+        }
+    }};
+}
+pub(crate) use blocks;
+
+/// `s[j0..j0 + M]` as an array (a plain loop: `std::array::from_fn`'s closure would be compiled
+/// for the baseline unless inlined).
 #[inline(always)]
-pub(crate) fn blocks(pv: usize, mut f: impl FnMut(usize, usize)) {
-    let mut j = 0;
-    while pv - j >= 8 {
-        f(j, 8);
-        j += 8;
+pub(crate) fn take<V: Copy, const M: usize>(s: &[V], j0: usize) -> [V; M] {
+    let mut a = [s[j0]; M];
+    for (i, v) in a.iter_mut().enumerate().skip(1) {
+        *v = s[j0 + i];
     }
-    if pv - j >= 4 {
-        f(j, 4);
-        j += 4;
-    }
-    while j < pv {
-        f(j, 1);
-        j += 1;
-    }
+    a
 }
 
 /// Copies a (P, N) state into the transposed, zero-padded (N, pv·8) vector layout.
-pub(crate) fn state_in(src: &[f32], pd: usize, n: usize, pv: usize, dst: &mut [f32x8]) {
-    let f: &mut [f32] = wide::bytemuck::cast_slice_mut(dst);
+#[inline(always)]
+pub(crate) fn state_in<V: V8>(src: &[f32], pd: usize, n: usize, pv: usize, dst: &mut [V]) {
+    let f = V::as_f32s_mut(dst);
     f.fill(0.0);
     for p in 0..pd {
         for k in 0..n {
@@ -47,8 +69,9 @@ pub(crate) fn state_in(src: &[f32], pd: usize, n: usize, pv: usize, dst: &mut [f
 }
 
 /// Writes (or adds, when `add`) the (N, pv·8) vector state into a (P, N) slice.
-pub(crate) fn state_out(src: &[f32x8], pd: usize, n: usize, pv: usize, dst: &mut [f32], add: bool) {
-    let f: &[f32] = wide::bytemuck::cast_slice(src);
+#[inline(always)]
+pub(crate) fn state_out<V: V8>(src: &[V], pd: usize, n: usize, pv: usize, dst: &mut [f32], add: bool) {
+    let f = V::as_f32s(src);
     for p in 0..pd {
         for k in 0..n {
             let v = f[k * pv * W + p];

@@ -29,15 +29,14 @@
 //! to the separate kernels otherwise.
 
 use rayon::prelude::*;
-use wide::f32x8;
 
-use super::common::{blocks, state_out};
+use super::common::{blocks, state_out, take};
 use super::seq::{adjoint_block, load_x, step_state};
 use crate::Real;
 use crate::check::{check_dims, check_len, check_opt_len};
 use crate::conv::{first_reader_tap, first_tap};
 use crate::pool::{self, F32Buf};
-use crate::simd::{self, W, dot};
+use crate::simd::{self, V8, Vf32, W, dot_with};
 
 /// The widest conv the fused kernels take (its per-tap sums live in registers).
 const MAX_K: usize = 8;
@@ -208,7 +207,7 @@ impl Conv {
     /// before the row's sequence start, see [`first_tap`]): the SiLU output into `post` (C) and,
     /// when given, the pre-activation and its sigmoid into `pre` (C each).
     #[inline(always)]
-    fn row(
+    fn row<V: V8>(
         &self,
         proj_b: &[f32],
         (dp, off): (usize, usize),
@@ -217,18 +216,18 @@ impl Conv {
         pre: Pre,
     ) {
         match self.k {
-            1 => self.row_k::<1>(proj_b, dp, off, (t, kmin), post, pre),
-            2 => self.row_k::<2>(proj_b, dp, off, (t, kmin), post, pre),
-            3 => self.row_k::<3>(proj_b, dp, off, (t, kmin), post, pre),
-            4 => self.row_k::<4>(proj_b, dp, off, (t, kmin), post, pre),
-            _ => self.row_k::<0>(proj_b, dp, off, (t, kmin), post, pre),
+            1 => self.row_k::<V, 1>(proj_b, dp, off, (t, kmin), post, pre),
+            2 => self.row_k::<V, 2>(proj_b, dp, off, (t, kmin), post, pre),
+            3 => self.row_k::<V, 3>(proj_b, dp, off, (t, kmin), post, pre),
+            4 => self.row_k::<V, 4>(proj_b, dp, off, (t, kmin), post, pre),
+            _ => self.row_k::<V, 0>(proj_b, dp, off, (t, kmin), post, pre),
         }
     }
 
     /// [`Conv::row`] with the width `KS` a constant (0: read at run time), four channel vectors
     /// at a time so the taps' multiply-adds and the SiLUs overlap.
     #[inline(always)]
-    fn row_k<const KS: usize>(
+    fn row_k<V: V8, const KS: usize>(
         &self,
         proj_b: &[f32],
         dp: usize,
@@ -242,24 +241,24 @@ impl Conv {
         let mut j = 0;
         while j < c {
             let q = ((c - j) / W).min(Q);
-            let mut acc = [f32x8::ZERO; Q];
+            let mut acc = [V::ZERO; Q];
             for (i, a) in acc.iter_mut().enumerate().take(q) {
-                *a = simd::load_full(&self.bias[j + i * W..]);
+                *a = V::load_full(&self.bias[j + i * W..]);
             }
             for kk in kmin..k {
                 let xr = &proj_b[(t + kk + 1 - k) * dp + off + j..];
                 let wr = &self.wt[kk * c + j..];
                 for (i, a) in acc.iter_mut().enumerate().take(q) {
-                    *a = simd::load_full(&wr[i * W..]).mul_add(simd::load_full(&xr[i * W..]), *a);
+                    *a = V::load_full(&wr[i * W..]).mul_add(V::load_full(&xr[i * W..]), *a);
                 }
             }
             for (i, &a) in acc.iter().enumerate().take(q) {
                 let sig = simd::sigmoid(a);
                 if let Some((pre, sg)) = pre.as_mut() {
-                    simd::store_full(&mut pre[j + i * W..], a);
-                    simd::store_full(&mut sg[j + i * W..], sig);
+                    V::store_full(&mut pre[j + i * W..], a);
+                    V::store_full(&mut sg[j + i * W..], sig);
                 }
-                simd::store_full(&mut post[j + i * W..], a * sig);
+                V::store_full(&mut post[j + i * W..], a * sig);
             }
             j += q * W;
         }
@@ -278,13 +277,13 @@ fn restart_at(rb: Option<&[bool]>, t: usize, steps: &mut [(f32, f32, f32)]) {
 /// Δ, ∂Δ/∂Δ_raw and `ā = exp(Δ·A)` of every head at projection row `row`; eight heads at a time
 /// in SIMD (`softplus` and `σ` from one `exp`), the rest scalar.
 #[inline(always)]
-fn head_steps(row: &[f32], odt: usize, p: &MixerParams, out: &mut [(f32, f32, f32)]) {
+fn head_steps<V: V8>(row: &[f32], odt: usize, p: &MixerParams, out: &mut [(f32, f32, f32)]) {
     let h = out.len();
     let mut hh = 0;
     while hh + W <= h {
-        let raw = simd::load_full(&row[odt + hh..]) + simd::load_full(&p.dt_bias[hh..]);
+        let raw = V::load_full(&row[odt + hh..]) + V::load_full(&p.dt_bias[hh..]);
         let (sp, sig) = simd::softplus_sigmoid(raw);
-        let abar = simd::exp(sp * simd::load_full(&p.a[hh..]));
+        let abar = simd::exp(sp * V::load_full(&p.a[hh..]));
         let (sp, sig, abar) = (sp.to_array(), sig.to_array(), abar.to_array());
         for i in 0..W {
             out[hh + i] = (sp[i], sig[i], abar[i]);
@@ -302,22 +301,22 @@ fn head_steps(row: &[f32], odt: usize, p: &MixerParams, out: &mut [(f32, f32, f3
 /// (that is, `dC_t[n]` of this head) into `dcn[n]` from the new state while it is in registers.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn advance_dc<const M: usize>(
-    st: &mut [f32x8],
+fn advance_dc<V: V8, const M: usize>(
+    st: &mut [V],
     pv: usize,
     j0: usize,
-    av: f32x8,
+    av: V,
     brow: &[f32],
-    dxv: &[f32x8],
-    dyy: &[f32x8],
+    dxv: &[V],
+    dyy: &[V],
     dcn: &mut [f32],
 ) {
-    let dx: [f32x8; M] = std::array::from_fn(|i| dxv[j0 + i]);
-    let dy: [f32x8; M] = std::array::from_fn(|i| dyy[j0 + i]);
+    let dx: [V; M] = take(dxv, j0);
+    let dy: [V; M] = take(dyy, j0);
     for (k, (&bk, o)) in brow.iter().zip(dcn.iter_mut()).enumerate() {
-        let bk = f32x8::splat(bk);
-        let row: &mut [f32x8; M] = (&mut st[k * pv + j0..k * pv + j0 + M]).try_into().unwrap();
-        let mut acc = f32x8::ZERO;
+        let bk = V::splat(bk);
+        let row: &mut [V; M] = (&mut st[k * pv + j0..k * pv + j0 + M]).try_into().unwrap();
+        let mut acc = V::ZERO;
         for i in 0..M {
             let v = row[i].mul_add(av, bk * dx[i]);
             row[i] = v;
@@ -340,31 +339,31 @@ const PF: usize = 2;
 /// (rows `ys` apart).
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn head_block(
+fn head_block<V: V8>(
     dims: &MixerDims,
     hh: usize,
     nt: usize,
     xbc: &[f32],
     steps: &[(f32, f32, f32)],
     d: f32,
-    st: &mut [f32x8],
+    st: &mut [V],
     (y, yoff, ys): (&mut [f32], usize, usize),
-    sc: &mut [Vec<f32x8>; 3],
+    sc: &mut [Vec<V>; 3],
 ) {
     let (pd, n, h, cd, di, gn) =
         (dims.headdim, dims.dstate, dims.nheads, dims.conv_dim(), dims.d_inner(), dims.gn());
     let (pv, g) = (pd / W, hh / (h / dims.ngroups));
     let [xv, dxv, acc] = sc;
-    let dv = f32x8::splat(d);
+    let dv = V::splat(d);
     for i in 0..nt {
         let (dt, _, abar) = steps[i * h + hh];
         let xr = &xbc[i * cd..(i + 1) * cd];
         load_x(&xr[hh * pd..(hh + 1) * pd], dt, xv, dxv);
         let (brow, crow) = (&xr[di + g * n..di + (g + 1) * n], &xr[di + gn + g * n..di + gn + (g + 1) * n]);
-        step_state::<true>(st, pv, f32x8::splat(abar), brow, crow, dxv, acc);
+        step_state::<V, true>(st, pv, V::splat(abar), brow, crow, dxv, acc);
         let yr = &mut y[yoff + i * ys..];
         for j in 0..pv {
-            simd::store_full(&mut yr[j * W..], dv.mul_add(xv[j], acc[j]));
+            V::store_full(&mut yr[j * W..], dv.mul_add(xv[j], acc[j]));
         }
     }
 }
@@ -394,7 +393,7 @@ pub fn mixer_fwd(dims: &MixerDims, proj: &[f32], p: &MixerParams, o: MixerOut) {
     dims.check(K);
     p.check(K, dims);
     let MixerDims { batch, seqlen: l, nheads: h, headdim: pd, dstate: n, ngroups: ng, .. } = *dims;
-    let (dp, di, gn, cd) = (dims.proj_dim(), dims.d_inner(), dims.gn(), dims.conv_dim());
+    let (dp, di) = (dims.proj_dim(), dims.d_inner());
     check_len(K, "proj", format_args!("(B, L, {dp})"), proj.len(), batch * l * dp);
     check_len(K, "out", format_args!("(B, L, {di})"), out.len(), batch * l * di);
     check_len(K, "rstd", "(B, L, G)", rstd.len(), batch * l * ng);
@@ -404,12 +403,10 @@ pub fn mixer_fwd(dims: &MixerDims, proj: &[f32], p: &MixerParams, o: MixerOut) {
         return;
     }
     let conv = Conv::new(dims, p);
-    let (pv, sz, gs) = (pd / W, n * pd / W, di / ng);
     let mut y_chunks: Vec<Option<&mut [f32]>> = match y {
         Some(y) => y.chunks_mut(l * di).map(Some).collect(),
         None => (0..batch).map(|_| None).collect(),
     };
-    let (ox, odt) = (di, 2 * di + 2 * gn);
     let mut hl_chunks: Vec<Option<&mut [f32]>> = match h_last {
         Some(hl) => hl.chunks_mut(h * pd * n).map(Some).collect(),
         None => (0..batch).map(|_| None).collect(),
@@ -418,72 +415,7 @@ pub fn mixer_fwd(dims: &MixerDims, proj: &[f32], p: &MixerParams, o: MixerOut) {
         .zip(rstd.par_chunks_mut(l * ng))
         .zip(hl_chunks.par_iter_mut().zip(y_chunks.par_iter_mut()))
         .enumerate()
-        .for_each(|(b, ((ob, rb), (hl, yk)))| {
-            let proj_b = &proj[b * l * dp..(b + 1) * l * dp];
-            let starts = p.resets.map(|r| &r[b * l..(b + 1) * l]);
-            let mut st = vec![f32x8::ZERO; h * sz];
-            let mut xbc = F32Buf::zeroed(TB * cd);
-            let mut steps = vec![(0.0f32, 0.0f32, 0.0f32); TB * h];
-            let mut sc = [vec![f32x8::ZERO; pv], vec![f32x8::ZERO; pv], vec![f32x8::ZERO; pv]];
-            let mut v = vec![f32x8::ZERO; di / W];
-            for t0 in (0..l).step_by(TB) {
-                let nt = TB.min(l - t0);
-                for i in 0..nt {
-                    let t = t0 + i;
-                    simd::prefetch_range_l2(proj_b, (t + PF) * dp, dp);
-                    let kmin = first_tap(conv.k, t, starts);
-                    conv.row(proj_b, (dp, ox), (t, kmin), &mut xbc[i * cd..(i + 1) * cd], None);
-                }
-                for i in 0..nt {
-                    let hs = &mut steps[i * h..(i + 1) * h];
-                    head_steps(&proj_b[(t0 + i) * dp..], odt, p, hs);
-                    restart_at(starts, t0 + i, hs);
-                }
-                // The scan output goes where the backward keeps it, if it does, else into `out`.
-                for hh in 0..h {
-                    let sth = &mut st[hh * sz..(hh + 1) * sz];
-                    let dst: &mut [f32] = match yk.as_deref_mut() {
-                        Some(yk) => yk,
-                        None => &mut *ob,
-                    };
-                    let y = (dst, t0 * di + hh * pd, di);
-                    head_block(dims, hh, nt, &xbc, &steps, p.d[hh], sth, y, &mut sc);
-                }
-                // Gated norm of the rows into `out`: v = y · silu(z), then v · r · w per group.
-                for t in t0..t0 + nt {
-                    let row = &proj_b[t * dp..(t + 1) * dp];
-                    let ysrc: &[f32] = yk.as_deref().unwrap_or(ob);
-                    let ysrc = &ysrc[t * di..(t + 1) * di];
-                    for j in 0..di / W {
-                        v[j] = simd::load_full(&ysrc[j * W..]) * simd::silu(simd::load_full(&row[j * W..]));
-                    }
-                    let yrow = &mut ob[t * di..(t + 1) * di];
-                    for g in 0..ng {
-                        let vg = &v[g * gs / W..(g + 1) * gs / W];
-                        let ss = vg.iter().fold(f32x8::ZERO, |s, &x| x.mul_add(x, s)).reduce_add();
-                        let r = 1.0 / (ss / gs as f32 + p.eps).sqrt();
-                        rb[t * ng + g] = r;
-                        let rv = f32x8::splat(r);
-                        for (j, &x) in vg.iter().enumerate() {
-                            let c = g * gs + j * W;
-                            simd::store_full(&mut yrow[c..], x * rv * simd::load_full(&p.norm_w[c..]));
-                        }
-                    }
-                }
-            }
-            if let Some(hl) = hl.as_deref_mut() {
-                for hh in 0..h {
-                    state_out(
-                        &st[hh * sz..(hh + 1) * sz],
-                        pd,
-                        n,
-                        pv,
-                        &mut hl[hh * pd * n..(hh + 1) * pd * n],
-                        false,
-                    );
-                }
-            }
-        });
+        .for_each(|(b, ((ob, rb), (hl, yk)))| fwd_row(dims, proj, p, &conv, b, ob, rb, hl, yk));
 }
 
 /// A task's parameter-gradient partials of [`mixer_bwd`], summed in batch order: d conv weight
@@ -514,7 +446,7 @@ pub fn mixer_bwd(
     const K: &str = "mamba2::mixer_bwd";
     dims.check(K);
     p.check(K, dims);
-    let MixerDims { batch, seqlen: l, nheads: h, headdim: pd, dstate: n, ngroups: ng, width: k } = *dims;
+    let MixerDims { batch, seqlen: l, nheads: h, ngroups: ng, width: k, .. } = *dims;
     let (dp, di, gn, cd) = (dims.proj_dim(), dims.d_inner(), dims.gn(), dims.conv_dim());
     check_len(K, "proj", format_args!("(B, L, {dp})"), proj.len(), batch * l * dp);
     check_len(K, "rstd", "(B, L, G)", rstd.len(), batch * l * ng);
@@ -532,8 +464,7 @@ pub fn mixer_bwd(
         return;
     }
     let conv = Conv::new(dims, p);
-    let (pv, sz, hpg, gs) = (pd / W, n * pd / W, h / ng, di / ng);
-    let (ox, odt) = (di, 2 * di + 2 * gn);
+
     // Per task: the partials (zeroed), and pass 1's dy, dC and B·C rows (written before read).
     let (plen, wlen) = (k * cd + cd + di, l * (di + gn + ng));
     let mut parts = pool::take(batch * plen);
@@ -542,233 +473,7 @@ pub fn mixer_bwd(
         .par_chunks_mut(l * dp)
         .zip(parts.par_chunks_mut(plen).zip(work.par_chunks_mut(wlen)))
         .enumerate()
-        .map(|(b, (dpb, (pb, wb)))| {
-            let proj_b = &proj[b * l * dp..(b + 1) * l * dp];
-            let starts = p.resets.map(|r| &r[b * l..(b + 1) * l]);
-            let dout_b = &dout[b * l * di..(b + 1) * l * di];
-            let y_b = &y[b * l * di..(b + 1) * l * di];
-            let (dconv_w, rest) = pb.split_at_mut(k * cd);
-            let (dconv_b, dnorm_w) = rest.split_at_mut(cd);
-            let part = Partials { dconv_w, dconv_b, dnorm_w };
-            // Per head: dA, dD, dΔ-bias.
-            let mut heads = vec![[0.0f64; 3]; h];
-            // Kept from pass 1 for pass 2: dy of the scan (L, d_inner), dC (L, G·N), B·C per
-            // (t, group) and per (t, head) the step scalars and α.
-            let (dyb, rest) = wb.split_at_mut(l * di);
-            let (dcb, bdc) = rest.split_at_mut(l * gn);
-            let mut steps = vec![(0.0f32, 0.0f32, 0.0f32); l * h];
-            let mut alpha = vec![0.0f64; l * h];
-            let mut st = vec![f32x8::ZERO; h * sz];
-            let mut xbc = F32Buf::zeroed(TB * cd);
-            let mut sc = [vec![f32x8::ZERO; pv], vec![f32x8::ZERO; pv], vec![f32x8::ZERO; pv]];
-            let (mut vv, mut sil, mut gz) =
-                (vec![f32x8::ZERO; di / W], vec![f32x8::ZERO; di / W], vec![f32x8::ZERO; di / W]);
-            let mut dyy = vec![f32x8::ZERO; pv];
-            // Pass 1: forward in time, a block of TB rows at a time.
-            for t0 in (0..l).step_by(TB) {
-                let nt = TB.min(l - t0);
-                for i in 0..nt {
-                    let t = t0 + i;
-                    simd::prefetch_range_l2(proj_b, (t + PF) * dp, dp);
-                    simd::prefetch_range_l2(dout_b, (t + TB) * di, di);
-                    let xr = &mut xbc[i * cd..(i + 1) * cd];
-                    conv.row(proj_b, (dp, ox), (t, first_tap(k, t, starts)), xr, None);
-                    let hs = &mut steps[t * h..(t + 1) * h];
-                    head_steps(&proj_b[t * dp..], odt, p, hs);
-                    restart_at(starts, t, hs);
-                    for g in 0..ng {
-                        let (bo, co) = (di + g * n, di + gn + g * n);
-                        bdc[t * ng + g] = dot(&xr[bo..bo + n], &xr[co..co + n]);
-                    }
-                }
-                // Norm backward of the rows: v = y·s with s = silu(z); per group
-                // dv = r·(dout⊙w) − (r³/gs)·v·Σ(dout⊙w⊙v); dy = dv·s; dz = dv·y·silu'(z).
-                for i in 0..nt {
-                    let t = t0 + i;
-                    let (row, yrow) = (&proj_b[t * dp..(t + 1) * dp], &y_b[t * di..(t + 1) * di]);
-                    let drow = &dout_b[t * di..(t + 1) * di];
-                    for j in 0..di / W {
-                        let z = simd::load_full(&row[j * W..]);
-                        let sg = simd::sigmoid(z);
-                        let s = z * sg;
-                        sil[j] = s;
-                        gz[j] = sg * (f32x8::ONE + z * (f32x8::ONE - sg));
-                        vv[j] = simd::load_full(&yrow[j * W..]) * s;
-                    }
-                    let dyrow = &mut dyb[t * di..(t + 1) * di];
-                    for g in 0..ng {
-                        let r = rstd[(b * l + t) * ng + g];
-                        let (rv, c0) = (f32x8::splat(r), g * gs);
-                        let mut dot = f32x8::ZERO;
-                        for j in c0 / W..(c0 + gs) / W {
-                            let gw = simd::load_full(&drow[j * W..]) * simd::load_full(&p.norm_w[j * W..]);
-                            dot = gw.mul_add(vv[j], dot);
-                        }
-                        let kk = f32x8::splat(r * r * r / gs as f32 * dot.reduce_add());
-                        for j in c0 / W..(c0 + gs) / W {
-                            let d = simd::load_full(&drow[j * W..]);
-                            let dvj = rv * d * simd::load_full(&p.norm_w[j * W..]) - kk * vv[j];
-                            simd::add_store_full(&mut part.dnorm_w[j * W..], d * vv[j] * rv);
-                            simd::store_full(&mut dyrow[j * W..], dvj * sil[j]);
-                            let dz = dvj * simd::load_full(&yrow[j * W..]) * gz[j];
-                            let o = &mut dpb[t * dp + j * W..];
-                            if ow { simd::store_full(o, dz) } else { simd::add_store_full(o, dz) }
-                        }
-                    }
-                    dcb[t * gn..(t + 1) * gn].fill(0.0);
-                }
-                // Per head, the block again from its state at t0: dC_t = h_t·dy_t and α_t.
-                for hh in 0..h {
-                    let g = hh / hpg;
-                    let sth = &mut st[hh * sz..(hh + 1) * sz];
-                    let dv = f32x8::splat(p.d[hh]);
-                    for i in 0..nt {
-                        let t = t0 + i;
-                        let (dt, _, abar) = steps[t * h + hh];
-                        let xr = &xbc[i * cd..(i + 1) * cd];
-                        let [xv, dxv, _] = &mut sc;
-                        load_x(&xr[hh * pd..(hh + 1) * pd], dt, xv, dxv);
-                        let brow = &xr[di + g * n..di + (g + 1) * n];
-                        let yr = &y_b[t * di + hh * pd..];
-                        let dyr = &dyb[t * di + hh * pd..];
-                        let (mut ydy, mut xdy) = (f32x8::ZERO, f32x8::ZERO);
-                        for j in 0..pv {
-                            let d = simd::load_full(&dyr[j * W..]);
-                            dyy[j] = d;
-                            xdy = d.mul_add(xv[j], xdy);
-                            // Σ_p (C·h)_p dy_p, with C·h = y − D·x.
-                            ydy = (simd::load_full(&yr[j * W..]) - dv * xv[j]).mul_add(d, ydy);
-                        }
-                        let dcg = &mut dcb[t * gn + g * n..t * gn + (g + 1) * n];
-                        let av = f32x8::splat(abar);
-                        blocks(pv, |j0, m| match m {
-                            8 => advance_dc::<8>(sth, pv, j0, av, brow, dxv, &dyy, dcg),
-                            4 => advance_dc::<4>(sth, pv, j0, av, brow, dxv, &dyy, dcg),
-                            _ => advance_dc::<1>(sth, pv, j0, av, brow, dxv, &dyy, dcg),
-                        });
-                        let bcd = bdc[t * ng + g];
-                        alpha[t * h + hh] = ydy.reduce_add() as f64 - (dt * bcd * xdy.reduce_add()) as f64;
-                    }
-                }
-            }
-            // Pass 2: backward in time. `gsv` holds ā_{t+1}·G_{t+1} per head; `ring` the conv's
-            // pre-activation gradients of rows t..t+K−1 (row r in slot r % K).
-            let mut gsv = vec![f32x8::ZERO; h * sz];
-            let mut m = vec![0.0f64; h];
-            // Block rows and the (K, C) ring come from this worker's pool: the ring is the conv
-            // weight's size, and this runs every step.
-            let mut pre = F32Buf::zeroed(TB * cd);
-            let mut sgm = F32Buf::zeroed(TB * cd);
-            let mut dxbc = F32Buf::zeroed(TB * cd);
-            let mut ring = F32Buf::zeroed(k * cd);
-            let mut sn = vec![0.0f32; n];
-            let nblk = l.div_ceil(TB);
-            for blk in (0..nblk).rev() {
-                let (t0, nt) = (blk * TB, TB.min(l - blk * TB));
-                for i in 0..nt {
-                    let t = t0 + i;
-                    if let Some(tp) = t0.checked_sub(TB - i) {
-                        simd::prefetch_range_l2(proj_b, tp * dp, dp);
-                    }
-                    let (xr, pr) = (&mut xbc[i * cd..(i + 1) * cd], &mut pre[i * cd..(i + 1) * cd]);
-                    let pre = Some((pr, &mut sgm[i * cd..(i + 1) * cd]));
-                    conv.row(proj_b, (dp, ox), (t, first_tap(k, t, starts)), xr, pre);
-                    let dr = &mut dxbc[i * cd..(i + 1) * cd];
-                    dr[di..di + gn].fill(0.0);
-                    dr[di + gn..].copy_from_slice(&dcb[t * gn..(t + 1) * gn]);
-                }
-                for hh in 0..h {
-                    let g = hh / hpg;
-                    let gh = &mut gsv[hh * sz..(hh + 1) * sz];
-                    let (dv, e) = (f32x8::splat(p.d[hh]), &mut heads[hh]);
-                    for i in (0..nt).rev() {
-                        let t = t0 + i;
-                        let (dt, dsp, abar) = steps[t * h + hh];
-                        let xr = &xbc[i * cd..(i + 1) * cd];
-                        let [xv, dxv, acc] = &mut sc;
-                        load_x(&xr[hh * pd..(hh + 1) * pd], dt, xv, dxv);
-                        let dyr = &dyb[t * di + hh * pd..];
-                        let mut xdy = f32x8::ZERO;
-                        for j in 0..pv {
-                            dyy[j] = simd::load_full(&dyr[j * W..]);
-                            xdy = dyy[j].mul_add(xv[j], xdy);
-                        }
-                        let xdy = xdy.reduce_add();
-                        let brow = &xr[di + g * n..di + (g + 1) * n];
-                        let crow = &xr[di + gn + g * n..di + gn + (g + 1) * n];
-                        let av = f32x8::splat(abar);
-                        sn.fill(0.0);
-                        blocks(pv, |j0, mm| match mm {
-                            8 => adjoint_block::<8>(gh, pv, j0, av, brow, crow, &dyy, xv, acc, &mut sn),
-                            4 => adjoint_block::<4>(gh, pv, j0, av, brow, crow, &dyy, xv, acc, &mut sn),
-                            _ => adjoint_block::<1>(gh, pv, j0, av, brow, crow, &dyy, xv, acc, &mut sn),
-                        });
-                        let dr = &mut dxbc[i * cd..(i + 1) * cd];
-                        for (o, &v) in dr[di + g * n..di + (g + 1) * n].iter_mut().zip(&sn) {
-                            *o += dt * v;
-                        }
-                        let (sbs, bcd) = (dot(brow, &sn), bdc[t * ng + g]);
-                        let beta = (dt * sbs) as f64 - (dt * bcd * xdy) as f64;
-                        m[hh] += alpha[t * h + hh] - beta;
-                        if starts.is_some_and(|r| r[t]) {
-                            // Nothing before a start reaches it: M(t) is exactly 0.
-                            m[hh] = 0.0;
-                        }
-                        let draw = (p.a[hh] as f64 * m[hh] + sbs as f64) as f32 * dsp;
-                        e[0] += dt as f64 * m[hh];
-                        e[1] += xdy as f64;
-                        e[2] += draw as f64;
-                        let o = &mut dpb[t * dp + odt + hh];
-                        *o = if ow { draw } else { *o + draw };
-                        let dtv = f32x8::splat(dt);
-                        for j in 0..pv {
-                            simd::store_full(&mut dr[hh * pd + j * W..], dv.mul_add(dyy[j], dtv * acc[j]));
-                        }
-                    }
-                }
-                // Conv backward of the block's rows, last first, one channel vector at a time so
-                // its d weight / d bias sums stay in registers across the block.
-                for j in (0..cd).step_by(W) {
-                    let mut dw = [f32x8::ZERO; MAX_K];
-                    let mut db = f32x8::ZERO;
-                    let wj: [f32x8; MAX_K] = std::array::from_fn(|kk| {
-                        if kk < k { simd::load_full(&conv.wt[kk * cd + j..]) } else { f32x8::ZERO }
-                    });
-                    for i in (0..nt).rev() {
-                        let t = t0 + i;
-                        let (a, sg) =
-                            (simd::load_full(&pre[i * cd + j..]), simd::load_full(&sgm[i * cd + j..]));
-                        // silu'(a) = σ(a)·(1 + a·(1 − σ(a))).
-                        let gpre = simd::load_full(&dxbc[i * cd + j..])
-                            * sg
-                            * a.mul_add(f32x8::ONE - sg, f32x8::ONE);
-                        simd::store_full(&mut ring[(t % k) * cd + j..], gpre);
-                        db += gpre;
-                        for kk in first_tap(k, t, starts)..k {
-                            let xin = simd::load_full(&proj_b[(t + kk + 1 - k) * dp + ox + j..]);
-                            dw[kk] = gpre.mul_add(xin, dw[kk]);
-                        }
-                        // d x_in[t] = Σ_kk g[t + K − 1 − kk] · w[kk], rows past the end zero and
-                        // rows from the next sequence start on not reading x_in[t].
-                        let mut dxin = f32x8::ZERO;
-                        let kk0 = first_reader_tap(k, l, t, starts);
-                        for (kk, &w) in wj.iter().enumerate().take(k).skip(kk0) {
-                            let r = t + k - 1 - kk;
-                            if r < l {
-                                dxin = simd::load_full(&ring[(r % k) * cd + j..]).mul_add(w, dxin);
-                            }
-                        }
-                        let o = &mut dpb[t * dp + ox + j..];
-                        if ow { simd::store_full(o, dxin) } else { simd::add_store_full(o, dxin) }
-                    }
-                    simd::add_store_full(&mut part.dconv_b[j..], db);
-                    for (kk, &v) in dw.iter().enumerate().take(k) {
-                        simd::add_store_full(&mut part.dconv_w[kk * cd + j..], v);
-                    }
-                }
-            }
-            heads
-        })
+        .map(|(b, (dpb, (pb, wb)))| bwd_row(dims, proj, p, &conv, (rstd, y, dout, ow), b, dpb, pb, wb))
         .collect();
     // Sum the partials in batch order (deterministic for any thread count).
     let mut dconv_b = dconv_b;
@@ -796,5 +501,330 @@ pub fn mixer_bwd(
         da[hh] += sum(0) as f32;
         dd[hh] += sum(1) as f32;
         ddt_bias[hh] += sum(2) as f32;
+    }
+}
+
+crate::simd_fn! {
+    fn fwd_row[V: f8](
+        dims: &MixerDims,
+        proj: &[f32],
+        p: &MixerParams,
+        conv: &Conv,
+        b: usize,
+        ob: &mut [f32],
+        rb: &mut [f32],
+        hl: &mut Option<&mut [f32]>,
+        yk: &mut Option<&mut [f32]>,
+    ) {
+        let MixerDims { seqlen: l, nheads: h, headdim: pd, dstate: n, ngroups: ng, .. } = *dims;
+        let (dp, di, gn, cd) = (dims.proj_dim(), dims.d_inner(), dims.gn(), dims.conv_dim());
+        let (pv, sz, gs) = (pd / W, n * pd / W, di / ng);
+        let (ox, odt) = (di, 2 * di + 2 * gn);
+        let proj_b = &proj[b * l * dp..(b + 1) * l * dp];
+        let starts = p.resets.map(|r| &r[b * l..(b + 1) * l]);
+        let mut st = vec![V::ZERO; h * sz];
+        let mut xbc = F32Buf::zeroed(TB * cd);
+        let mut steps = vec![(0.0f32, 0.0f32, 0.0f32); TB * h];
+        let mut sc = [vec![V::ZERO; pv], vec![V::ZERO; pv], vec![V::ZERO; pv]];
+        let mut v = vec![V::ZERO; di / W];
+        for t0 in (0..l).step_by(TB) {
+            let nt = TB.min(l - t0);
+            for i in 0..nt {
+                let t = t0 + i;
+                simd::prefetch_range_l2(proj_b, (t + PF) * dp, dp);
+                let kmin = first_tap(conv.k, t, starts);
+                conv.row::<V>(proj_b, (dp, ox), (t, kmin), &mut xbc[i * cd..(i + 1) * cd], None);
+            }
+            for i in 0..nt {
+                let hs = &mut steps[i * h..(i + 1) * h];
+                head_steps::<V>(&proj_b[(t0 + i) * dp..], odt, p, hs);
+                restart_at(starts, t0 + i, hs);
+            }
+            // The scan output goes where the backward keeps it, if it does, else into `out`.
+            for hh in 0..h {
+                let sth = &mut st[hh * sz..(hh + 1) * sz];
+                let dst: &mut [f32] = match yk.as_deref_mut() {
+                    Some(yk) => yk,
+                    None => &mut *ob,
+                };
+                let y = (dst, t0 * di + hh * pd, di);
+                head_block(dims, hh, nt, &xbc, &steps, p.d[hh], sth, y, &mut sc);
+            }
+            // Gated norm of the rows into `out`: v = y · silu(z), then v · r · w per group.
+            for t in t0..t0 + nt {
+                let row = &proj_b[t * dp..(t + 1) * dp];
+                let ysrc: &[f32] = yk.as_deref().unwrap_or(ob);
+                let ysrc = &ysrc[t * di..(t + 1) * di];
+                for j in 0..di / W {
+                    v[j] = V::load_full(&ysrc[j * W..]) * simd::silu(V::load_full(&row[j * W..]));
+                }
+                let yrow = &mut ob[t * di..(t + 1) * di];
+                for g in 0..ng {
+                    let vg = &v[g * gs / W..(g + 1) * gs / W];
+                    let mut ss = V::ZERO;
+                        for &x in vg {
+                            ss = x.mul_add(x, ss);
+                        }
+                        let ss = ss.reduce_add();
+                    let r = 1.0 / (ss / gs as f32 + p.eps).sqrt();
+                    rb[t * ng + g] = r;
+                    let rv = V::splat(r);
+                    for (j, &x) in vg.iter().enumerate() {
+                        let c = g * gs + j * W;
+                        V::store_full(&mut yrow[c..], x * rv * V::load_full(&p.norm_w[c..]));
+                    }
+                }
+            }
+        }
+        if let Some(hl) = hl.as_deref_mut() {
+            for hh in 0..h {
+                state_out(
+                    &st[hh * sz..(hh + 1) * sz],
+                    pd,
+                    n,
+                    pv,
+                    &mut hl[hh * pd * n..(hh + 1) * pd * n],
+                    false,
+                );
+            }
+        }
+    }
+}
+
+crate::simd_fn! {
+    fn bwd_row[V: f8](
+        dims: &MixerDims,
+        proj: &[f32],
+        p: &MixerParams,
+        conv: &Conv,
+        saved: (&[f32], &[f32], &[f32], bool),
+        b: usize,
+        dpb: &mut [f32],
+        pb: &mut [f32],
+        wb: &mut [f32],
+    ) -> Vec<[f64; 3]> {
+        let MixerDims { seqlen: l, nheads: h, headdim: pd, dstate: n, ngroups: ng, width: k, .. } = *dims;
+        let (dp, di, gn, cd) = (dims.proj_dim(), dims.d_inner(), dims.gn(), dims.conv_dim());
+        let (pv, sz, hpg, gs) = (pd / W, n * pd / W, h / ng, di / ng);
+        let (ox, odt) = (di, 2 * di + 2 * gn);
+        let (rstd, y, dout, ow) = saved;
+        let proj_b = &proj[b * l * dp..(b + 1) * l * dp];
+        let starts = p.resets.map(|r| &r[b * l..(b + 1) * l]);
+        let dout_b = &dout[b * l * di..(b + 1) * l * di];
+        let y_b = &y[b * l * di..(b + 1) * l * di];
+        let (dconv_w, rest) = pb.split_at_mut(k * cd);
+        let (dconv_b, dnorm_w) = rest.split_at_mut(cd);
+        let part = Partials { dconv_w, dconv_b, dnorm_w };
+        // Per head: dA, dD, dΔ-bias.
+        let mut heads = vec![[0.0f64; 3]; h];
+        // Kept from pass 1 for pass 2: dy of the scan (L, d_inner), dC (L, G·N), B·C per
+        // (t, group) and per (t, head) the step scalars and α.
+        let (dyb, rest) = wb.split_at_mut(l * di);
+        let (dcb, bdc) = rest.split_at_mut(l * gn);
+        let mut steps = vec![(0.0f32, 0.0f32, 0.0f32); l * h];
+        let mut alpha = vec![0.0f64; l * h];
+        let mut st = vec![V::ZERO; h * sz];
+        let mut xbc = F32Buf::zeroed(TB * cd);
+        let mut sc = [vec![V::ZERO; pv], vec![V::ZERO; pv], vec![V::ZERO; pv]];
+        let (mut vv, mut sil, mut gz) =
+            (vec![V::ZERO; di / W], vec![V::ZERO; di / W], vec![V::ZERO; di / W]);
+        let mut dyy = vec![V::ZERO; pv];
+        // Pass 1: forward in time, a block of TB rows at a time.
+        for t0 in (0..l).step_by(TB) {
+            let nt = TB.min(l - t0);
+            for i in 0..nt {
+                let t = t0 + i;
+                simd::prefetch_range_l2(proj_b, (t + PF) * dp, dp);
+                simd::prefetch_range_l2(dout_b, (t + TB) * di, di);
+                let xr = &mut xbc[i * cd..(i + 1) * cd];
+                conv.row::<V>(proj_b, (dp, ox), (t, first_tap(k, t, starts)), xr, None);
+                let hs = &mut steps[t * h..(t + 1) * h];
+                head_steps::<V>(&proj_b[t * dp..], odt, p, hs);
+                restart_at(starts, t, hs);
+                for g in 0..ng {
+                    let (bo, co) = (di + g * n, di + gn + g * n);
+                    bdc[t * ng + g] = dot_with::<V>(&xr[bo..bo + n], &xr[co..co + n]);
+                }
+            }
+            // Norm backward of the rows: v = y·s with s = silu(z); per group
+            // dv = r·(dout⊙w) − (r³/gs)·v·Σ(dout⊙w⊙v); dy = dv·s; dz = dv·y·silu'(z).
+            for i in 0..nt {
+                let t = t0 + i;
+                let (row, yrow) = (&proj_b[t * dp..(t + 1) * dp], &y_b[t * di..(t + 1) * di]);
+                let drow = &dout_b[t * di..(t + 1) * di];
+                for j in 0..di / W {
+                    let z = V::load_full(&row[j * W..]);
+                    let sg = simd::sigmoid(z);
+                    let s = z * sg;
+                    sil[j] = s;
+                    gz[j] = sg * (V::ONE + z * (V::ONE - sg));
+                    vv[j] = V::load_full(&yrow[j * W..]) * s;
+                }
+                let dyrow = &mut dyb[t * di..(t + 1) * di];
+                for g in 0..ng {
+                    let r = rstd[(b * l + t) * ng + g];
+                    let (rv, c0) = (V::splat(r), g * gs);
+                    let mut dot = V::ZERO;
+                    for j in c0 / W..(c0 + gs) / W {
+                        let gw = V::load_full(&drow[j * W..]) * V::load_full(&p.norm_w[j * W..]);
+                        dot = gw.mul_add(vv[j], dot);
+                    }
+                    let kk = V::splat(r * r * r / gs as f32 * dot.reduce_add());
+                    for j in c0 / W..(c0 + gs) / W {
+                        let d = V::load_full(&drow[j * W..]);
+                        let dvj = rv * d * V::load_full(&p.norm_w[j * W..]) - kk * vv[j];
+                        V::add_store_full(&mut part.dnorm_w[j * W..], d * vv[j] * rv);
+                        V::store_full(&mut dyrow[j * W..], dvj * sil[j]);
+                        let dz = dvj * V::load_full(&yrow[j * W..]) * gz[j];
+                        let o = &mut dpb[t * dp + j * W..];
+                        if ow { V::store_full(o, dz) } else { V::add_store_full(o, dz) }
+                    }
+                }
+                dcb[t * gn..(t + 1) * gn].fill(0.0);
+            }
+            // Per head, the block again from its state at t0: dC_t = h_t·dy_t and α_t.
+            for hh in 0..h {
+                let g = hh / hpg;
+                let sth = &mut st[hh * sz..(hh + 1) * sz];
+                let dv = V::splat(p.d[hh]);
+                for i in 0..nt {
+                    let t = t0 + i;
+                    let (dt, _, abar) = steps[t * h + hh];
+                    let xr = &xbc[i * cd..(i + 1) * cd];
+                    let [xv, dxv, _] = &mut sc;
+                    load_x(&xr[hh * pd..(hh + 1) * pd], dt, xv, dxv);
+                    let brow = &xr[di + g * n..di + (g + 1) * n];
+                    let yr = &y_b[t * di + hh * pd..];
+                    let dyr = &dyb[t * di + hh * pd..];
+                    let (mut ydy, mut xdy) = (V::ZERO, V::ZERO);
+                    for j in 0..pv {
+                        let d = V::load_full(&dyr[j * W..]);
+                        dyy[j] = d;
+                        xdy = d.mul_add(xv[j], xdy);
+                        // Σ_p (C·h)_p dy_p, with C·h = y − D·x.
+                        ydy = (V::load_full(&yr[j * W..]) - dv * xv[j]).mul_add(d, ydy);
+                    }
+                    let dcg = &mut dcb[t * gn + g * n..t * gn + (g + 1) * n];
+                    let av = V::splat(abar);
+                    blocks!(pv, |j0, M| advance_dc::<V, M>(sth, pv, j0, av, brow, dxv, &dyy, dcg));
+                    let bcd = bdc[t * ng + g];
+                    alpha[t * h + hh] = ydy.reduce_add() as f64 - (dt * bcd * xdy.reduce_add()) as f64;
+                }
+            }
+        }
+        // Pass 2: backward in time. `gsv` holds ā_{t+1}·G_{t+1} per head; `ring` the conv's
+        // pre-activation gradients of rows t..t+K−1 (row r in slot r % K).
+        let mut gsv = vec![V::ZERO; h * sz];
+        let mut m = vec![0.0f64; h];
+        // Block rows and the (K, C) ring come from this worker's pool: the ring is the conv
+        // weight's size, and this runs every step.
+        let mut pre = F32Buf::zeroed(TB * cd);
+        let mut sgm = F32Buf::zeroed(TB * cd);
+        let mut dxbc = F32Buf::zeroed(TB * cd);
+        let mut ring = F32Buf::zeroed(k * cd);
+        let mut sn = vec![0.0f32; n];
+        let nblk = l.div_ceil(TB);
+        for blk in (0..nblk).rev() {
+            let (t0, nt) = (blk * TB, TB.min(l - blk * TB));
+            for i in 0..nt {
+                let t = t0 + i;
+                if let Some(tp) = t0.checked_sub(TB - i) {
+                    simd::prefetch_range_l2(proj_b, tp * dp, dp);
+                }
+                let (xr, pr) = (&mut xbc[i * cd..(i + 1) * cd], &mut pre[i * cd..(i + 1) * cd]);
+                let pre = Some((pr, &mut sgm[i * cd..(i + 1) * cd]));
+                conv.row::<V>(proj_b, (dp, ox), (t, first_tap(k, t, starts)), xr, pre);
+                let dr = &mut dxbc[i * cd..(i + 1) * cd];
+                dr[di..di + gn].fill(0.0);
+                dr[di + gn..].copy_from_slice(&dcb[t * gn..(t + 1) * gn]);
+            }
+            for hh in 0..h {
+                let g = hh / hpg;
+                let gh = &mut gsv[hh * sz..(hh + 1) * sz];
+                let (dv, e) = (V::splat(p.d[hh]), &mut heads[hh]);
+                for i in (0..nt).rev() {
+                    let t = t0 + i;
+                    let (dt, dsp, abar) = steps[t * h + hh];
+                    let xr = &xbc[i * cd..(i + 1) * cd];
+                    let [xv, dxv, acc] = &mut sc;
+                    load_x(&xr[hh * pd..(hh + 1) * pd], dt, xv, dxv);
+                    let dyr = &dyb[t * di + hh * pd..];
+                    let mut xdy = V::ZERO;
+                    for j in 0..pv {
+                        dyy[j] = V::load_full(&dyr[j * W..]);
+                        xdy = dyy[j].mul_add(xv[j], xdy);
+                    }
+                    let xdy = xdy.reduce_add();
+                    let brow = &xr[di + g * n..di + (g + 1) * n];
+                    let crow = &xr[di + gn + g * n..di + gn + (g + 1) * n];
+                    let av = V::splat(abar);
+                    sn.fill(0.0);
+                    blocks!(pv, |j0, M| adjoint_block::<V, M>(gh, pv, j0, av, brow, crow, &dyy, xv, acc, &mut sn));
+                    let dr = &mut dxbc[i * cd..(i + 1) * cd];
+                    for (o, &v) in dr[di + g * n..di + (g + 1) * n].iter_mut().zip(&sn) {
+                        *o += dt * v;
+                    }
+                    let (sbs, bcd) = (dot_with::<V>(brow, &sn), bdc[t * ng + g]);
+                    let beta = (dt * sbs) as f64 - (dt * bcd * xdy) as f64;
+                    m[hh] += alpha[t * h + hh] - beta;
+                    if starts.is_some_and(|r| r[t]) {
+                        // Nothing before a start reaches it: M(t) is exactly 0.
+                        m[hh] = 0.0;
+                    }
+                    let draw = (p.a[hh] as f64 * m[hh] + sbs as f64) as f32 * dsp;
+                    e[0] += dt as f64 * m[hh];
+                    e[1] += xdy as f64;
+                    e[2] += draw as f64;
+                    let o = &mut dpb[t * dp + odt + hh];
+                    *o = if ow { draw } else { *o + draw };
+                    let dtv = V::splat(dt);
+                    for j in 0..pv {
+                        V::store_full(&mut dr[hh * pd + j * W..], dv.mul_add(dyy[j], dtv * acc[j]));
+                    }
+                }
+            }
+            // Conv backward of the block's rows, last first, one channel vector at a time so
+            // its d weight / d bias sums stay in registers across the block.
+            for j in (0..cd).step_by(W) {
+                let mut dw = [V::ZERO; MAX_K];
+                let mut db = V::ZERO;
+                let mut wj = [V::ZERO; MAX_K];
+                for (kk, w) in wj.iter_mut().enumerate().take(k) {
+                    *w = V::load_full(&conv.wt[kk * cd + j..]);
+                }
+                for i in (0..nt).rev() {
+                    let t = t0 + i;
+                    let (a, sg) =
+                        (V::load_full(&pre[i * cd + j..]), V::load_full(&sgm[i * cd + j..]));
+                    // silu'(a) = σ(a)·(1 + a·(1 − σ(a))).
+                    let gpre = V::load_full(&dxbc[i * cd + j..])
+                        * sg
+                        * a.mul_add(V::ONE - sg, V::ONE);
+                    V::store_full(&mut ring[(t % k) * cd + j..], gpre);
+                    db += gpre;
+                    for kk in first_tap(k, t, starts)..k {
+                        let xin = V::load_full(&proj_b[(t + kk + 1 - k) * dp + ox + j..]);
+                        dw[kk] = gpre.mul_add(xin, dw[kk]);
+                    }
+                    // d x_in[t] = Σ_kk g[t + K − 1 − kk] · w[kk], rows past the end zero and
+                    // rows from the next sequence start on not reading x_in[t].
+                    let mut dxin = V::ZERO;
+                    let kk0 = first_reader_tap(k, l, t, starts);
+                    for (kk, &w) in wj.iter().enumerate().take(k).skip(kk0) {
+                        let r = t + k - 1 - kk;
+                        if r < l {
+                            dxin = V::load_full(&ring[(r % k) * cd + j..]).mul_add(w, dxin);
+                        }
+                    }
+                    let o = &mut dpb[t * dp + ox + j..];
+                    if ow { V::store_full(o, dxin) } else { V::add_store_full(o, dxin) }
+                }
+                V::add_store_full(&mut part.dconv_b[j..], db);
+                for (kk, &v) in dw.iter().enumerate().take(k) {
+                    V::add_store_full(&mut part.dconv_w[kk * cd + j..], v);
+                }
+            }
+        }
+        heads
     }
 }

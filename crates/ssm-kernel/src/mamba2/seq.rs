@@ -13,30 +13,29 @@
 //! horizontal sums, one `exp` per (t, h), the state (`N·P` floats, 16 KB for N = P = 64) in L1.
 
 use rayon::prelude::*;
-use wide::f32x8;
 
-use super::common::{GroupPartials, TaskScalars, blocks, dt_eff, state_in, state_out};
+use super::common::{GroupPartials, TaskScalars, blocks, dt_eff, state_in, state_out, take};
 use super::{Scan2Args, Scan2Dims, Scan2Grads, Scan2Out, check_step, check_upstream};
 use crate::Real;
 use crate::par::SharedMut;
-use crate::simd::{self, W};
+use crate::simd::{self, V8, Vf32, W};
 
 /// In-place update of lanes `j0..j0+M` of the (N, pv) state; when `Y`, returns `Σ_n h·C[n]`.
 #[inline(always)]
-fn update<const M: usize, const Y: bool>(
-    st: &mut [f32x8],
+fn update<V: V8, const M: usize, const Y: bool>(
+    st: &mut [V],
     pv: usize,
     j0: usize,
-    av: f32x8,
+    av: V,
     brow: &[f32],
     crow: &[f32],
-    dx: &[f32x8],
-) -> [f32x8; M] {
-    let dxl: [f32x8; M] = std::array::from_fn(|i| dx[j0 + i]);
-    let mut acc = [f32x8::ZERO; M];
+    dx: &[V],
+) -> [V; M] {
+    let dxl: [V; M] = take(dx, j0);
+    let mut acc = [V::ZERO; M];
     for (k, (&bk, &ck)) in brow.iter().zip(crow).enumerate() {
-        let (bk, ck) = (f32x8::splat(bk), f32x8::splat(ck));
-        let row: &mut [f32x8; M] = (&mut st[k * pv + j0..k * pv + j0 + M]).try_into().unwrap();
+        let (bk, ck) = (V::splat(bk), V::splat(ck));
+        let row: &mut [V; M] = (&mut st[k * pv + j0..k * pv + j0 + M]).try_into().unwrap();
         for i in 0..M {
             let v = row[i].mul_add(av, bk * dxl[i]);
             row[i] = v;
@@ -50,36 +49,32 @@ fn update<const M: usize, const Y: bool>(
 
 /// One full step of the (N, pv) state; when `Y`, writes `Σ_n h·C[n]` into `acc` (pv vectors).
 #[inline(always)]
-pub(crate) fn step_state<const Y: bool>(
-    st: &mut [f32x8],
+pub(crate) fn step_state<V: V8, const Y: bool>(
+    st: &mut [V],
     pv: usize,
-    av: f32x8,
+    av: V,
     brow: &[f32],
     crow: &[f32],
-    dx: &[f32x8],
-    acc: &mut [f32x8],
+    dx: &[V],
+    acc: &mut [V],
 ) {
-    blocks(pv, |j0, m| match m {
-        8 => acc[j0..j0 + 8].copy_from_slice(&update::<8, Y>(st, pv, j0, av, brow, crow, dx)),
-        4 => acc[j0..j0 + 4].copy_from_slice(&update::<4, Y>(st, pv, j0, av, brow, crow, dx)),
-        _ => acc[j0..j0 + 1].copy_from_slice(&update::<1, Y>(st, pv, j0, av, brow, crow, dx)),
-    });
+    blocks!(pv, |j0, M| acc[j0..j0 + M].copy_from_slice(&update::<V, M, Y>(st, pv, j0, av, brow, crow, dx)));
 }
 
 /// Loads `Δ·x_t` (pv vectors, zero-padded) and `x_t` from the row `xrow` (P values).
 #[inline(always)]
-pub(crate) fn load_x(xrow: &[f32], dt: f32, xv: &mut [f32x8], dxv: &mut [f32x8]) {
-    let dtv = f32x8::splat(dt);
+pub(crate) fn load_x<V: V8>(xrow: &[f32], dt: f32, xv: &mut [V], dxv: &mut [V]) {
+    let dtv = V::splat(dt);
     if xrow.len() == xv.len() * W {
         // P a multiple of 8: plain vector loads.
         for (j, (x, dx)) in xv.iter_mut().zip(dxv.iter_mut()).enumerate() {
-            let v = simd::load_full(&xrow[j * W..]);
+            let v = V::load_full(&xrow[j * W..]);
             *x = v;
             *dx = v * dtv;
         }
     } else {
         for j in 0..xv.len() {
-            let v = simd::load(&xrow[j * W..]);
+            let v = V::load(&xrow[j * W..]);
             xv[j] = v;
             dxv[j] = v * dtv;
         }
@@ -100,58 +95,20 @@ pub fn scan_fwd(dims: &Scan2Dims, args: &Scan2Args<f32>, out: Scan2Out<f32>) {
     const K: &str = "mamba2::scan_fwd";
     args.check(K, dims);
     out.check(K, dims);
-    let Scan2Dims { batch, seqlen, nheads, headdim: pd, dstate: n, ngroups } = *dims;
+    let Scan2Dims { batch, nheads, .. } = *dims;
     let Scan2Out { y, h_last } = out;
     let ysh = SharedMut::new(y);
     let hlsh = h_last.map(SharedMut::new);
-    let pv = pd.div_ceil(W);
-    (0..batch * nheads).into_par_iter().for_each(|task| {
-        let (b, h) = (task / nheads, task % nheads);
-        let g = dims.group_of(h);
-        let mut st = vec![f32x8::ZERO; n * pv];
-        let mut xv = vec![f32x8::ZERO; pv];
-        let mut dxv = vec![f32x8::ZERO; pv];
-        let mut acc = vec![f32x8::ZERO; pv];
-        let s0 = task * pd * n;
-        if let Some(h0) = args.h0 {
-            state_in(&h0[s0..s0 + pd * n], pd, n, pv, &mut st);
-        }
-        let a = args.a[h];
-        let dv = f32x8::splat(args.d.map_or(0.0, |d| d[h]));
-        for t in 0..seqlen {
-            let ih = (b * seqlen + t) * nheads + h;
-            let bc = ((b * seqlen + t) * ngroups + g) * n;
-            let (dt, _) = dt_eff(args, ih, h);
-            // A sequence start zeroes the state entering the step: decay 0.
-            let reset = args.resets.is_some_and(|r| r[b * seqlen + t]);
-            let av = f32x8::splat(if reset { 0.0 } else { (dt * a).exp() });
-            load_x(&args.x[ih * pd..ih * pd + pd], dt, &mut xv, &mut dxv);
-            let (brow, crow) = (&args.b[bc..bc + n], &args.c[bc..bc + n]);
-            step_state::<true>(&mut st, pv, av, brow, crow, &dxv, &mut acc);
-            // SAFETY: row `ih` of y belongs to this (b, h) task only.
-            let yrow = unsafe { ysh.slice(ih * pd, pd) };
-            for j in 0..pv {
-                let mut v = dv.mul_add(xv[j], acc[j]);
-                if let Some(z) = args.z {
-                    v *= simd::silu(simd::load(&z[ih * pd + j * W..ih * pd + pd]));
-                }
-                simd::store(&mut yrow[j * W..], v);
-            }
-        }
-        if let Some(hl) = hlsh {
-            // SAFETY: the (b, h) state block belongs to this task only.
-            state_out(&st, pd, n, pv, unsafe { hl.slice(s0, pd * n) }, false);
-        }
-    });
+    (0..batch * nheads).into_par_iter().for_each(|task| fwd_head(dims, args, &ysh, hlsh.as_ref(), task));
 }
 
 /// Pass 1 of the backward, lanes `j0..j0+M`: adds `Σ_p h[n][p]·dy'[p]` (that is, `dC_t[n]`)
 /// into `dcn[n]` for every `n`.
 #[inline(always)]
-pub(crate) fn dc_block<const M: usize>(st: &[f32x8], pv: usize, j0: usize, dyy: &[f32x8], dcn: &mut [f32]) {
-    let dy: [f32x8; M] = std::array::from_fn(|i| dyy[j0 + i]);
+pub(crate) fn dc_block<V: V8, const M: usize>(st: &[V], pv: usize, j0: usize, dyy: &[V], dcn: &mut [f32]) {
+    let dy: [V; M] = take(dyy, j0);
     for (k, o) in dcn.iter_mut().enumerate() {
-        let row: &[f32x8; M] = st[k * pv + j0..k * pv + j0 + M].try_into().unwrap();
+        let row: &[V; M] = st[k * pv + j0..k * pv + j0 + M].try_into().unwrap();
         let mut acc = row[0] * dy[0];
         for i in 1..M {
             acc = row[i].mul_add(dy[i], acc);
@@ -165,25 +122,25 @@ pub(crate) fn dc_block<const M: usize>(st: &[f32x8], pv: usize, j0: usize, dyy: 
 /// `dxacc` and adding `Σ_p G·x` into `sn[n]`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn adjoint_block<const M: usize>(
-    gs: &mut [f32x8],
+pub(crate) fn adjoint_block<V: V8, const M: usize>(
+    gs: &mut [V],
     pv: usize,
     j0: usize,
-    av: f32x8,
+    av: V,
     brow: &[f32],
     crow: &[f32],
-    dyy: &[f32x8],
-    xv: &[f32x8],
-    dxacc: &mut [f32x8],
+    dyy: &[V],
+    xv: &[V],
+    dxacc: &mut [V],
     sn: &mut [f32],
 ) {
-    let dy: [f32x8; M] = std::array::from_fn(|i| dyy[j0 + i]);
-    let x: [f32x8; M] = std::array::from_fn(|i| xv[j0 + i]);
-    let mut dxa = [f32x8::ZERO; M];
+    let dy: [V; M] = take(dyy, j0);
+    let x: [V; M] = take(xv, j0);
+    let mut dxa = [V::ZERO; M];
     for k in 0..brow.len() {
-        let (bk, ck) = (f32x8::splat(brow[k]), f32x8::splat(crow[k]));
-        let gr: &mut [f32x8; M] = (&mut gs[k * pv + j0..k * pv + j0 + M]).try_into().unwrap();
-        let mut sa = f32x8::ZERO;
+        let (bk, ck) = (V::splat(brow[k]), V::splat(crow[k]));
+        let gr: &mut [V; M] = (&mut gs[k * pv + j0..k * pv + j0 + M]).try_into().unwrap();
+        let mut sa = V::ZERO;
         for i in 0..M {
             let gv = ck.mul_add(dy[i], gr[i]);
             sa = gv.mul_add(x[i], sa);
@@ -199,23 +156,23 @@ pub(crate) fn adjoint_block<const M: usize>(
 /// `dy`). With `ypre` (the pre-gate output, pv vectors) also adds `dz += dy·ypre·silu'(z)` into
 /// `dzrow`. Returns the lane partials of `Σ_p dy'·x`.
 #[inline(always)]
-fn gated_dy(
+fn gated_dy<V: V8>(
     dyr: &[f32],
     zr: Option<&[f32]>,
-    xv: &[f32x8],
-    ypre: Option<&[f32x8]>,
+    xv: &[V],
+    ypre: Option<&[V]>,
     mut dzrow: Option<&mut [f32]>,
-    dyy: &mut [f32x8],
-) -> f32x8 {
-    let mut xdy = f32x8::ZERO;
+    dyy: &mut [V],
+) -> V {
+    let mut xdy = V::ZERO;
     for j in 0..dyy.len() {
-        let mut d = simd::load(&dyr[j * W..]);
+        let mut d = V::load(&dyr[j * W..]);
         if let Some(zr) = zr {
-            let zv = simd::load(&zr[j * W..]);
+            let zv = V::load(&zr[j * W..]);
             let s = simd::sigmoid(zv);
             if let (Some(dz), Some(yp)) = (dzrow.as_deref_mut(), ypre) {
-                let grad = s * (f32x8::ONE + zv * (f32x8::ONE - s));
-                simd::add_store(&mut dz[j * W..], d * yp[j] * grad);
+                let grad = s * (V::ONE + zv * (V::ONE - s));
+                V::add_store(&mut dz[j * W..], d * yp[j] * grad);
             }
             d *= zv * s;
         }
@@ -262,10 +219,8 @@ pub fn scan_bwd(
     args.check(K, dims);
     check_upstream(K, dims, dy, dh_last);
     grads.check(K, dims);
-    let Scan2Dims { batch, seqlen, nheads, headdim: pd, dstate: n, ngroups } = *dims;
+    let Scan2Dims { batch, nheads, .. } = *dims;
     let Scan2Grads { dx, ddelta, da, db, dc, dd, dz, ddelta_bias, dh0 } = grads;
-    let pv = pd.div_ceil(W);
-    let sz = n * pv;
     let mut parts = GroupPartials::new(dims);
     let (dbp, dcp) = (SharedMut::new(&mut parts.db), SharedMut::new(&mut parts.dc));
     let dxsh = SharedMut::new(dx);
@@ -275,113 +230,13 @@ pub fn scan_bwd(
     let scalars: Vec<TaskScalars> = (0..batch * nheads)
         .into_par_iter()
         .map(|task| {
-            let (b, h) = (task / nheads, task % nheads);
-            let g = dims.group_of(h);
-            let a = args.a[h];
-            let dv = f32x8::splat(args.d.map_or(0.0, |d| d[h]));
-            let s0 = task * pd * n;
-            let row = |t: usize| ((b * seqlen + t) * nheads + h, ((b * seqlen + t) * ngroups + g) * n);
-            // Per step: Δ, ∂Δ/∂Δ_raw, ā and α.
-            let steps: Vec<(f32, f32, f32)> = (0..seqlen)
-                .map(|t| {
-                    let (dt, dsp) = dt_eff(args, row(t).0, h);
-                    // A sequence start: the state entering step t is zero (decay 0).
-                    let reset = args.resets.is_some_and(|r| r[b * seqlen + t]);
-                    (dt, dsp, if reset { 0.0 } else { (dt * a).exp() })
-                })
-                .collect();
-            let mut alpha = vec![0.0f64; seqlen];
-            let mut st = vec![f32x8::ZERO; sz];
-            let mut xv = vec![f32x8::ZERO; pv];
-            let mut dxv = vec![f32x8::ZERO; pv];
-            let mut acc = vec![f32x8::ZERO; pv];
-            let mut dyy = vec![f32x8::ZERO; pv];
-            let mut ypre = vec![f32x8::ZERO; pv];
-            let mut sn = vec![0.0f32; n];
-            let mut out = TaskScalars::default();
-            // SAFETY (all `slice` calls below): rows indexed by (b, ·, h) and the task's own
-            // partial-buffer region belong to this task only.
-            // Pass 1, forward: h_t, dC_t, dz and α_t.
-            if let Some(h0) = args.h0 {
-                state_in(&h0[s0..s0 + pd * n], pd, n, pv, &mut st);
-            }
-            for t in 0..seqlen {
-                let (ih, bc) = row(t);
-                let (dt, _, abar) = steps[t];
-                load_x(&args.x[ih * pd..ih * pd + pd], dt, &mut xv, &mut dxv);
-                let (brow, crow) = (&args.b[bc..bc + n], &args.c[bc..bc + n]);
-                step_state::<true>(&mut st, pv, f32x8::splat(abar), brow, crow, &dxv, &mut acc);
-                for j in 0..pv {
-                    ypre[j] = dv.mul_add(xv[j], acc[j]);
-                }
-                let zr = args.z.map(|z| &z[ih * pd..ih * pd + pd]);
-                let dzrow = dzsh.as_ref().map(|d| unsafe { d.slice(ih * pd, pd) });
-                let xdy = gated_dy(&dy[ih * pd..ih * pd + pd], zr, &xv, Some(&ypre), dzrow, &mut dyy);
-                let mut ydy = f32x8::ZERO;
-                for j in 0..pv {
-                    ydy = acc[j].mul_add(dyy[j], ydy);
-                }
-                let dcr = unsafe { dcp.slice((task * seqlen + t) * n, n) };
-                blocks(pv, |j0, m| match m {
-                    8 => dc_block::<8>(&st, pv, j0, &dyy, dcr),
-                    4 => dc_block::<4>(&st, pv, j0, &dyy, dcr),
-                    _ => dc_block::<1>(&st, pv, j0, &dyy, dcr),
-                });
-                let bcd: f32 = brow.iter().zip(crow).map(|(x, y)| x * y).sum();
-                alpha[t] = ydy.reduce_add() as f64 - (dt * bcd * xdy.reduce_add()) as f64;
-            }
-            // M(L) = ⟨h_{L−1}, dh_last⟩, and the adjoint carry starts at dh_last.
-            let mut gs = vec![f32x8::ZERO; sz];
-            let mut m = 0.0f64;
-            if let Some(dl) = dh_last {
-                state_in(&dl[s0..s0 + pd * n], pd, n, pv, &mut gs);
-                m = st.iter().zip(&gs).map(|(x, y)| (*x * *y).reduce_add() as f64).sum();
-            }
-            // Pass 2, backward: G_t, dx, dB, β_t, M(t) and dΔ.
-            for t in (0..seqlen).rev() {
-                let (ih, bc) = row(t);
-                let (dt, dsp, abar) = steps[t];
-                load_x(&args.x[ih * pd..ih * pd + pd], dt, &mut xv, &mut dxv);
-                let zr = args.z.map(|z| &z[ih * pd..ih * pd + pd]);
-                let xdy = gated_dy(&dy[ih * pd..ih * pd + pd], zr, &xv, None, None, &mut dyy).reduce_add();
-                let (brow, crow) = (&args.b[bc..bc + n], &args.c[bc..bc + n]);
-                let av = f32x8::splat(abar);
-                sn.fill(0.0);
-                blocks(pv, |j0, mm| match mm {
-                    8 => adjoint_block::<8>(&mut gs, pv, j0, av, brow, crow, &dyy, &xv, &mut acc, &mut sn),
-                    4 => adjoint_block::<4>(&mut gs, pv, j0, av, brow, crow, &dyy, &xv, &mut acc, &mut sn),
-                    _ => adjoint_block::<1>(&mut gs, pv, j0, av, brow, crow, &dyy, &xv, &mut acc, &mut sn),
-                });
-                let dbr = unsafe { dbp.slice((task * seqlen + t) * n, n) };
-                let (mut sbs, mut bcd) = (0.0f32, 0.0f32);
-                for k in 0..n {
-                    dbr[k] = dt * sn[k];
-                    sbs += brow[k] * sn[k];
-                    bcd += brow[k] * crow[k];
-                }
-                let beta = (dt * sbs) as f64 - (dt * bcd * xdy) as f64;
-                m += alpha[t] - beta;
-                if args.resets.is_some_and(|r| r[b * seqlen + t]) {
-                    // Nothing before a sequence start reaches it: M(t) is exactly 0 (the sum
-                    // above only approaches it through rounding).
-                    m = 0.0;
-                }
-                out.da += dt as f64 * m;
-                out.dd += xdy as f64;
-                let dxrow = unsafe { dxsh.slice(ih * pd, pd) };
-                let dtv = f32x8::splat(dt);
-                for j in 0..pv {
-                    simd::add_store(&mut dxrow[j * W..], dv.mul_add(dyy[j], dtv * acc[j]));
-                }
-                let draw = (a as f64 * m + sbs as f64) as f32 * dsp;
-                let dd1 = unsafe { ddsh.slice(ih, 1) };
-                dd1[0] += draw;
-                out.dbias += draw as f64;
-            }
-            if let Some(dh0) = dh0sh {
-                state_out(&gs, pd, n, pv, unsafe { dh0.slice(s0, pd * n) }, true);
-            }
-            out
+            bwd_head(
+                dims,
+                args,
+                (dy, dh_last),
+                (&dbp, &dcp, &dxsh, &ddsh, dzsh.as_ref(), dh0sh.as_ref()),
+                task,
+            )
         })
         .collect();
     TaskScalars::scatter(&scalars, dims, args, da, dd, ddelta_bias);
@@ -399,33 +254,222 @@ pub fn scan_bwd(
 pub fn scan_step(dims: &Scan2Dims, args: &Scan2Args<f32>, state: &mut [f32], y: &mut [f32]) {
     const K: &str = "mamba2::scan_step";
     check_step(K, dims, args, state, y);
-    let Scan2Dims { nheads, headdim: pd, dstate: n, ngroups, .. } = *dims;
+    let Scan2Dims { headdim: pd, dstate: n, .. } = *dims;
     let sz = pd * n;
     let min_len = (32768 / sz.max(1)).max(1);
-    state.par_chunks_mut(sz).zip(y.par_chunks_mut(pd)).enumerate().with_min_len(min_len).for_each(
-        |(task, (st, yr))| {
-            let (b, h) = (task / nheads, task % nheads);
-            let bc = (b * ngroups + dims.group_of(h)) * n;
+    state
+        .par_chunks_mut(sz)
+        .zip(y.par_chunks_mut(pd))
+        .enumerate()
+        .with_min_len(min_len)
+        .for_each(|(task, (st, yr))| step_head(dims, args, task, st, yr));
+}
+
+/// The shared outputs of the backward's tasks: dB and dC partials, dx, dΔ, dz, dh0.
+pub(crate) type BwdShared<'a> = (
+    &'a SharedMut<f32>,
+    &'a SharedMut<f32>,
+    &'a SharedMut<f32>,
+    &'a SharedMut<f32>,
+    Option<&'a SharedMut<f32>>,
+    Option<&'a SharedMut<f32>>,
+);
+
+crate::simd_fn! {
+    fn fwd_head[V: f8](
+        dims: &Scan2Dims,
+        args: &Scan2Args<f32>,
+        ysh: &SharedMut<f32>,
+        hlsh: Option<&SharedMut<f32>>,
+        task: usize,
+    ) {
+        let Scan2Dims { seqlen, nheads, headdim: pd, dstate: n, ngroups, .. } = *dims;
+        let pv = pd.div_ceil(W);
+        let (b, h) = (task / nheads, task % nheads);
+        let g = dims.group_of(h);
+        let mut st = vec![V::ZERO; n * pv];
+        let mut xv = vec![V::ZERO; pv];
+        let mut dxv = vec![V::ZERO; pv];
+        let mut acc = vec![V::ZERO; pv];
+        let s0 = task * pd * n;
+        if let Some(h0) = args.h0 {
+            state_in(&h0[s0..s0 + pd * n], pd, n, pv, &mut st);
+        }
+        let a = args.a[h];
+        let dv = V::splat(args.d.map_or(0.0, |d| d[h]));
+        for t in 0..seqlen {
+            let ih = (b * seqlen + t) * nheads + h;
+            let bc = ((b * seqlen + t) * ngroups + g) * n;
+            let (dt, _) = dt_eff(args, ih, h);
+            // A sequence start zeroes the state entering the step: decay 0.
+            let reset = args.resets.is_some_and(|r| r[b * seqlen + t]);
+            let av = V::splat(if reset { 0.0 } else { (dt * a).exp() });
+            load_x(&args.x[ih * pd..ih * pd + pd], dt, &mut xv, &mut dxv);
             let (brow, crow) = (&args.b[bc..bc + n], &args.c[bc..bc + n]);
-            let (dt, _) = dt_eff(args, task, h);
-            let av = f32x8::splat((dt * args.a[h]).exp());
-            let dmul = args.d.map_or(0.0, |d| d[h]);
-            for p in 0..pd {
-                let x = args.x[task * pd + p];
-                let dxv = f32x8::splat(dt * x);
-                let row = &mut st[p * n..(p + 1) * n];
-                let mut acc = f32x8::ZERO;
-                for k in (0..n).step_by(W) {
-                    let v = simd::load(&row[k..]).mul_add(av, dxv * simd::load(&brow[k..]));
-                    simd::store(&mut row[k..], v);
-                    acc = v.mul_add(simd::load(&crow[k..]), acc);
-                }
-                let mut v = acc.reduce_add() + dmul * x;
+            step_state::<V, true>(&mut st, pv, av, brow, crow, &dxv, &mut acc);
+            // SAFETY: row `ih` of y belongs to this (b, h) task only.
+            let yrow = unsafe { ysh.slice(ih * pd, pd) };
+            for j in 0..pv {
+                let mut v = dv.mul_add(xv[j], acc[j]);
                 if let Some(z) = args.z {
-                    v *= z[task * pd + p].silu();
+                    v *= simd::silu(V::load(&z[ih * pd + j * W..ih * pd + pd]));
                 }
-                yr[p] = v;
+                V::store(&mut yrow[j * W..], v);
             }
-        },
-    );
+        }
+        if let Some(hl) = hlsh {
+            // SAFETY: the (b, h) state block belongs to this task only.
+            state_out(&st, pd, n, pv, unsafe { hl.slice(s0, pd * n) }, false);
+        }
+    }
+}
+
+crate::simd_fn! {
+    fn bwd_head[V: f8](
+        dims: &Scan2Dims,
+        args: &Scan2Args<f32>,
+        up: (&[f32], Option<&[f32]>),
+        sh: BwdShared,
+        task: usize,
+    ) -> TaskScalars {
+        let Scan2Dims { seqlen, nheads, headdim: pd, dstate: n, ngroups, .. } = *dims;
+        let (pv, (dy, dh_last)) = (pd.div_ceil(W), up);
+        let sz = n * pv;
+        let (dbp, dcp, dxsh, ddsh, dzsh, dh0sh) = sh;
+        let (b, h) = (task / nheads, task % nheads);
+        let g = dims.group_of(h);
+        let a = args.a[h];
+        let dv = V::splat(args.d.map_or(0.0, |d| d[h]));
+        let s0 = task * pd * n;
+        let row = |t: usize| ((b * seqlen + t) * nheads + h, ((b * seqlen + t) * ngroups + g) * n);
+        // Per step: Δ, ∂Δ/∂Δ_raw, ā and α.
+        let steps: Vec<(f32, f32, f32)> = (0..seqlen)
+            .map(|t| {
+                let (dt, dsp) = dt_eff(args, row(t).0, h);
+                // A sequence start: the state entering step t is zero (decay 0).
+                let reset = args.resets.is_some_and(|r| r[b * seqlen + t]);
+                (dt, dsp, if reset { 0.0 } else { (dt * a).exp() })
+            })
+            .collect();
+        let mut alpha = vec![0.0f64; seqlen];
+        let mut st = vec![V::ZERO; sz];
+        let mut xv = vec![V::ZERO; pv];
+        let mut dxv = vec![V::ZERO; pv];
+        let mut acc = vec![V::ZERO; pv];
+        let mut dyy = vec![V::ZERO; pv];
+        let mut ypre = vec![V::ZERO; pv];
+        let mut sn = vec![0.0f32; n];
+        let mut out = TaskScalars::default();
+        // SAFETY (all `slice` calls below): rows indexed by (b, ·, h) and the task's own
+        // partial-buffer region belong to this task only.
+        // Pass 1, forward: h_t, dC_t, dz and α_t.
+        if let Some(h0) = args.h0 {
+            state_in(&h0[s0..s0 + pd * n], pd, n, pv, &mut st);
+        }
+        for t in 0..seqlen {
+            let (ih, bc) = row(t);
+            let (dt, _, abar) = steps[t];
+            load_x(&args.x[ih * pd..ih * pd + pd], dt, &mut xv, &mut dxv);
+            let (brow, crow) = (&args.b[bc..bc + n], &args.c[bc..bc + n]);
+            step_state::<V, true>(&mut st, pv, V::splat(abar), brow, crow, &dxv, &mut acc);
+            for j in 0..pv {
+                ypre[j] = dv.mul_add(xv[j], acc[j]);
+            }
+            let zr = args.z.map(|z| &z[ih * pd..ih * pd + pd]);
+            let dzrow = dzsh.as_ref().map(|d| unsafe { d.slice(ih * pd, pd) });
+            let xdy = gated_dy(&dy[ih * pd..ih * pd + pd], zr, &xv, Some(&ypre), dzrow, &mut dyy);
+            let mut ydy = V::ZERO;
+            for j in 0..pv {
+                ydy = acc[j].mul_add(dyy[j], ydy);
+            }
+            let dcr = unsafe { dcp.slice((task * seqlen + t) * n, n) };
+            blocks!(pv, |j0, M| dc_block::<V, M>(&st, pv, j0, &dyy, dcr));
+            let bcd: f32 = brow.iter().zip(crow).map(|(x, y)| x * y).sum();
+            alpha[t] = ydy.reduce_add() as f64 - (dt * bcd * xdy.reduce_add()) as f64;
+        }
+        // M(L) = ⟨h_{L−1}, dh_last⟩, and the adjoint carry starts at dh_last.
+        let mut gs = vec![V::ZERO; sz];
+        let mut m = 0.0f64;
+        if let Some(dl) = dh_last {
+            state_in(&dl[s0..s0 + pd * n], pd, n, pv, &mut gs);
+            for (x, y) in st.iter().zip(&gs) {
+                    m += (*x * *y).reduce_add() as f64;
+                }
+        }
+        // Pass 2, backward: G_t, dx, dB, β_t, M(t) and dΔ.
+        for t in (0..seqlen).rev() {
+            let (ih, bc) = row(t);
+            let (dt, dsp, abar) = steps[t];
+            load_x(&args.x[ih * pd..ih * pd + pd], dt, &mut xv, &mut dxv);
+            let zr = args.z.map(|z| &z[ih * pd..ih * pd + pd]);
+            let xdy = gated_dy(&dy[ih * pd..ih * pd + pd], zr, &xv, None, None, &mut dyy).reduce_add();
+            let (brow, crow) = (&args.b[bc..bc + n], &args.c[bc..bc + n]);
+            let av = V::splat(abar);
+            sn.fill(0.0);
+            blocks!(pv, |j0, M| adjoint_block::<V, M>(&mut gs, pv, j0, av, brow, crow, &dyy, &xv, &mut acc, &mut sn));
+            let dbr = unsafe { dbp.slice((task * seqlen + t) * n, n) };
+            let (mut sbs, mut bcd) = (0.0f32, 0.0f32);
+            for k in 0..n {
+                dbr[k] = dt * sn[k];
+                sbs += brow[k] * sn[k];
+                bcd += brow[k] * crow[k];
+            }
+            let beta = (dt * sbs) as f64 - (dt * bcd * xdy) as f64;
+            m += alpha[t] - beta;
+            if args.resets.is_some_and(|r| r[b * seqlen + t]) {
+                // Nothing before a sequence start reaches it: M(t) is exactly 0 (the sum
+                // above only approaches it through rounding).
+                m = 0.0;
+            }
+            out.da += dt as f64 * m;
+            out.dd += xdy as f64;
+            let dxrow = unsafe { dxsh.slice(ih * pd, pd) };
+            let dtv = V::splat(dt);
+            for j in 0..pv {
+                V::add_store(&mut dxrow[j * W..], dv.mul_add(dyy[j], dtv * acc[j]));
+            }
+            let draw = (a as f64 * m + sbs as f64) as f32 * dsp;
+            let dd1 = unsafe { ddsh.slice(ih, 1) };
+            dd1[0] += draw;
+            out.dbias += draw as f64;
+        }
+        if let Some(dh0) = dh0sh {
+            state_out(&gs, pd, n, pv, unsafe { dh0.slice(s0, pd * n) }, true);
+        }
+        out
+    }
+}
+
+crate::simd_fn! {
+    fn step_head[V: f8](
+        dims: &Scan2Dims,
+        args: &Scan2Args<f32>,
+        task: usize,
+        st: &mut [f32],
+        yr: &mut [f32],
+    ) {
+        let Scan2Dims { nheads, headdim: pd, dstate: n, ngroups, .. } = *dims;
+        let (b, h) = (task / nheads, task % nheads);
+        let bc = (b * ngroups + dims.group_of(h)) * n;
+        let (brow, crow) = (&args.b[bc..bc + n], &args.c[bc..bc + n]);
+        let (dt, _) = dt_eff(args, task, h);
+        let av = V::splat((dt * args.a[h]).exp());
+        let dmul = args.d.map_or(0.0, |d| d[h]);
+        for p in 0..pd {
+            let x = args.x[task * pd + p];
+            let dxv = V::splat(dt * x);
+            let row = &mut st[p * n..(p + 1) * n];
+            let mut acc = V::ZERO;
+            for k in (0..n).step_by(W) {
+                let v = V::load(&row[k..]).mul_add(av, dxv * V::load(&brow[k..]));
+                V::store(&mut row[k..], v);
+                acc = v.mul_add(V::load(&crow[k..]), acc);
+            }
+            let mut v = acc.reduce_add() + dmul * x;
+            if let Some(z) = args.z {
+                v *= z[task * pd + p].silu();
+            }
+            yr[p] = v;
+        }
+    }
 }

@@ -45,13 +45,13 @@
 
 use crate::gemm::gemm;
 use rayon::prelude::*;
-use wide::f32x8;
 
 use super::common::{GroupPartials, TaskScalars, dt_eff};
+use super::seq::BwdShared;
 use super::{Scan2Args, Scan2Dims, Scan2Grads, Scan2Out, check_upstream};
 use crate::Real;
 use crate::par::SharedMut;
-use crate::simd::{self, W};
+use crate::simd::{self, V8, W};
 
 /// Shape facts of a chunked run.
 #[derive(Clone, Copy)]
@@ -144,8 +144,8 @@ fn chunk_resets<'a>(
 /// Row `t` of the decay-weighted kernel: `m[s] = cb[s]·exp(cs_t − cs_s)·dt_s` for
 /// `lo ≤ s ≤ t`, zero elsewhere (`lo`: the first step of `t`'s sequence, see [`chunk_starts`]);
 /// when `l` is given it also receives `exp(cs_t − cs_s)` (zero outside `lo..=t`).
-#[inline]
-fn kernel_row(
+#[inline(always)]
+fn kernel_row<V: V8>(
     (t, lo): (usize, usize),
     q: usize,
     cs: &[f32],
@@ -154,15 +154,15 @@ fn kernel_row(
     m: &mut [f32],
     mut l: Option<&mut [f32]>,
 ) {
-    let ct = f32x8::splat(cs[t]);
+    let ct = V::splat(cs[t]);
     let mut s = 0;
     while s <= t {
         let e = t + 1;
-        let lv = simd::exp(ct - simd::load(&cs[s..e]));
-        let mv = simd::load(&cb[s..e]) * lv * simd::load(&dt[s..e]);
-        simd::store(&mut m[s..e], mv);
+        let lv = simd::exp(ct - V::load(&cs[s..e]));
+        let mv = V::load(&cb[s..e]) * lv * V::load(&dt[s..e]);
+        V::store(&mut m[s..e], mv);
         if let Some(l) = l.as_deref_mut() {
-            simd::store(&mut l[s..e], lv);
+            V::store(&mut l[s..e], lv);
         }
         s += W;
     }
@@ -198,14 +198,121 @@ pub fn ssd_fwd(dims: &Scan2Dims, chunk_size: usize, args: &Scan2Args<f32>, out: 
     const K: &str = "mamba2::ssd_fwd";
     args.check(K, dims);
     out.check(K, dims);
-    let Scan2Dims { batch, seqlen, nheads, headdim: pd, dstate: n, ngroups } = *dims;
+    let Scan2Dims { batch, nheads, .. } = *dims;
     let Scan2Out { y, h_last } = out;
     let ch = Chunks::new(dims, chunk_size);
     let cb = chunk_cb(dims, ch, args);
     let ysh = SharedMut::new(y);
     let hlsh = h_last.map(SharedMut::new);
-    let (qm, hp, gn) = (ch.q, nheads * pd, ngroups * n);
-    (0..batch * nheads).into_par_iter().for_each(|task| {
+    (0..batch * nheads)
+        .into_par_iter()
+        .for_each(|task| ssd_fwd_head(dims, args, (ch, &cb), &ysh, hlsh.as_ref(), task));
+}
+
+/// Chunked (SSD) backward. Same arguments, layouts and results as [`super::scan_bwd`] (adds into
+/// `grads`); `chunk_size` as in [`ssd_fwd`]. The derivation is in the module docs.
+///
+/// Memory: the shared `C Bᵀ` blocks, `⌈L/Q⌉·N·P` chunk-entry states per task, `3·Q² + 6·Q·P +
+/// 3·Q·N + 2·N·P` floats of scratch per task, and two `(B, H, L, N)` partial buffers for the
+/// per-group `dB`/`dC` (summed over the heads of each group at the end).
+#[track_caller]
+pub fn ssd_bwd(
+    dims: &Scan2Dims,
+    chunk_size: usize,
+    args: &Scan2Args<f32>,
+    dy: &[f32],
+    dh_last: Option<&[f32]>,
+    grads: Scan2Grads<f32>,
+) {
+    const K: &str = "mamba2::ssd_bwd";
+    args.check(K, dims);
+    check_upstream(K, dims, dy, dh_last);
+    grads.check(K, dims);
+    let Scan2Dims { batch, nheads, .. } = *dims;
+    let Scan2Grads { dx, ddelta, da, db, dc, dd, dz, ddelta_bias, dh0 } = grads;
+    let ch = Chunks::new(dims, chunk_size);
+    let cb = chunk_cb(dims, ch, args);
+    let mut parts = GroupPartials::new(dims);
+    let (dbp, dcp) = (SharedMut::new(&mut parts.db), SharedMut::new(&mut parts.dc));
+    let dxsh = SharedMut::new(dx);
+    let ddsh = SharedMut::new(ddelta);
+    let dzsh = dz.map(SharedMut::new);
+    let dh0sh = dh0.map(SharedMut::new);
+    let scalars: Vec<TaskScalars> = (0..batch * nheads)
+        .into_par_iter()
+        .map(|task| {
+            ssd_bwd_head(
+                dims,
+                args,
+                (ch, &cb),
+                (dy, dh_last),
+                (&dbp, &dcp, &dxsh, &ddsh, dzsh.as_ref(), dh0sh.as_ref()),
+                task,
+            )
+        })
+        .collect();
+    TaskScalars::scatter(&scalars, dims, args, da, dd, ddelta_bias);
+    parts.finish(dims, db, dc);
+}
+
+/// The default SSD chunk length `Q`: what callers without a preference (or a model config's
+/// `chunk_size`) pass to [`scan_fwd_auto`] / [`scan_bwd_auto`].
+pub const AUTO_CHUNK: usize = 32;
+
+/// Whether the `*_auto` kernels use SSD (`true`) or the sequential kernel for these dims.
+///
+/// Rule, from rough timings on the target machine (2-core Zen4, 2 threads, B8-L256-H8-P64):
+///
+/// - **forward: always sequential.** The SIMD recurrence runs at ≈ 23 G state-updates/s
+///   (2.9 ms for N = 64), while SSD needs ≈ 2× the FLOPs in small GEMMs and took 4.7 ms (Q = 32);
+///   at N = 128 it was 5.0 ms vs 7.8 ms.
+/// - **backward: SSD when `N·P > 4096` and `L ≥ 64`.** The sequential backward (two scans, one
+///   `N·P` state per pass) wins while that state fits in L1 and loses once it does not
+///   (median of 7, B8-H8-P64): L256 N16 3.7 vs 7.4 ms, N64 10.1 vs 14.0 ms, L64 N64 2.3 vs
+///   3.2 ms — sequential; L256 N128 39.9 vs 27.6 ms, L1024 N128 175 vs 119 ms — SSD.
+pub fn use_ssd(dims: &Scan2Dims, backward: bool) -> bool {
+    backward && dims.dstate * dims.headdim > 4096 && dims.seqlen >= 64
+}
+
+/// Forward scan by whichever of [`super::scan_fwd`] and [`ssd_fwd`] (chunks of `chunk_size`
+/// steps, e.g. [`AUTO_CHUNK`] or a model's `chunk_size`) is expected to be faster, by
+/// [`use_ssd`] (currently always the sequential kernel). Both give the same result up to
+/// rounding, whatever `chunk_size`.
+#[track_caller]
+pub fn scan_fwd_auto(dims: &Scan2Dims, chunk_size: usize, args: &Scan2Args<f32>, out: Scan2Out<f32>) {
+    if use_ssd(dims, false) { ssd_fwd(dims, chunk_size, args, out) } else { super::scan_fwd(dims, args, out) }
+}
+
+/// Backward scan by whichever of [`super::scan_bwd`] and [`ssd_bwd`] (chunks of `chunk_size`
+/// steps) is expected to be faster, by [`use_ssd`].
+#[track_caller]
+pub fn scan_bwd_auto(
+    dims: &Scan2Dims,
+    chunk_size: usize,
+    args: &Scan2Args<f32>,
+    dy: &[f32],
+    dh_last: Option<&[f32]>,
+    grads: Scan2Grads<f32>,
+) {
+    if use_ssd(dims, true) {
+        ssd_bwd(dims, chunk_size, args, dy, dh_last, grads)
+    } else {
+        super::scan_bwd(dims, args, dy, dh_last, grads)
+    }
+}
+
+crate::simd_fn! {
+    fn ssd_fwd_head[V: f8](
+        dims: &Scan2Dims,
+        args: &Scan2Args<f32>,
+        chcb: (Chunks, &[f32]),
+        ysh: &SharedMut<f32>,
+        hlsh: Option<&SharedMut<f32>>,
+        task: usize,
+    ) {
+        let Scan2Dims { seqlen, nheads, headdim: pd, dstate: n, ngroups, .. } = *dims;
+        let (ch, cb) = chcb;
+        let (qm, hp, gn) = (ch.q, nheads * pd, ngroups * n);
         let (b, h) = (task / nheads, task % nheads);
         let g = dims.group_of(h);
         let mut dt = vec![0.0f32; qm];
@@ -230,7 +337,7 @@ pub fn ssd_fwd(dims: &Scan2Dims, chunk_size: usize, args: &Scan2Args<f32>, out: 
             chunk_starts(chunk_resets(args, seqlen, b, t0, q), q, &cs, &mut lo, &mut e0);
             let cbb = &cb[((b * ngroups + g) * ch.nch + c) * qm * qm..][..qm * qm];
             for t in 0..q {
-                kernel_row((t, lo[t]), q, &cs, &dt, &cbb[t * qm..], &mut m[t * qm..], None);
+                kernel_row::<V>((t, lo[t]), q, &cs, &dt, &cbb[t * qm..], &mut m[t * qm..], None);
             }
             let bc = ((b * seqlen + t0) * ngroups + g) * n;
             let xo = ((b * seqlen + t0) * nheads + h) * pd;
@@ -286,288 +393,219 @@ pub fn ssd_fwd(dims: &Scan2Dims, chunk_size: usize, args: &Scan2Args<f32>, out: 
                 transpose_into(&st, n, pd, dst, false);
             }
         }
-    });
+    }
 }
 
-/// Chunked (SSD) backward. Same arguments, layouts and results as [`super::scan_bwd`] (adds into
-/// `grads`); `chunk_size` as in [`ssd_fwd`]. The derivation is in the module docs.
-///
-/// Memory: the shared `C Bᵀ` blocks, `⌈L/Q⌉·N·P` chunk-entry states per task, `3·Q² + 6·Q·P +
-/// 3·Q·N + 2·N·P` floats of scratch per task, and two `(B, H, L, N)` partial buffers for the
-/// per-group `dB`/`dC` (summed over the heads of each group at the end).
-#[track_caller]
-pub fn ssd_bwd(
-    dims: &Scan2Dims,
-    chunk_size: usize,
-    args: &Scan2Args<f32>,
-    dy: &[f32],
-    dh_last: Option<&[f32]>,
-    grads: Scan2Grads<f32>,
-) {
-    const K: &str = "mamba2::ssd_bwd";
-    args.check(K, dims);
-    check_upstream(K, dims, dy, dh_last);
-    grads.check(K, dims);
-    let Scan2Dims { batch, seqlen, nheads, headdim: pd, dstate: n, ngroups } = *dims;
-    let Scan2Grads { dx, ddelta, da, db, dc, dd, dz, ddelta_bias, dh0 } = grads;
-    let ch = Chunks::new(dims, chunk_size);
-    let cb = chunk_cb(dims, ch, args);
-    let mut parts = GroupPartials::new(dims);
-    let (dbp, dcp) = (SharedMut::new(&mut parts.db), SharedMut::new(&mut parts.dc));
-    let dxsh = SharedMut::new(dx);
-    let ddsh = SharedMut::new(ddelta);
-    let dzsh = dz.map(SharedMut::new);
-    let dh0sh = dh0.map(SharedMut::new);
-    let (qm, hp, gn, np) = (ch.q, nheads * pd, ngroups * n, n * pd);
-    let scalars: Vec<TaskScalars> = (0..batch * nheads)
-        .into_par_iter()
-        .map(|task| {
-            let (b, h) = (task / nheads, task % nheads);
-            let g = dims.group_of(h);
-            let a = args.a[h];
-            let dmul = args.d.map_or(0.0, |d| d[h]);
-            let s0i = task * np;
-            let mut out = TaskScalars::default();
-            let mut dt = vec![0.0f32; qm];
-            let mut dsp = vec![0.0f32; qm];
-            let mut cs = vec![0.0f32; qm];
-            let mut lo = vec![0usize; qm];
-            let mut e0 = vec![0.0f32; qm];
-            let mut dcs = vec![0.0f32; qm];
-            let mut ddt = vec![0.0f32; qm];
-            let mut m = vec![0.0f32; qm * qm];
-            let mut lb = vec![0.0f32; qm * qm];
-            let mut dm = vec![0.0f32; qm * qm];
-            let mut yoff = vec![0.0f32; qm * pd];
-            let mut dyb = vec![0.0f32; qm * pd];
-            let mut dys = vec![0.0f32; qm * pd];
-            let mut dxb = vec![0.0f32; qm * pd];
-            let mut ub = vec![0.0f32; qm * pd];
-            let mut ypre = vec![0.0f32; if args.z.is_some() { qm * pd } else { 0 }];
-            let mut bw = vec![0.0f32; qm * n];
-            let mut dcb = vec![0.0f32; qm * n];
-            let mut dbb = vec![0.0f32; qm * n];
-            let mut tn = vec![0.0f32; qm * n];
-            let mut states = vec![0.0f32; ch.nch.max(1) * np];
-            let mut ds = vec![0.0f32; np];
-            let mut dsprev = vec![0.0f32; np];
-            // Forward over chunks keeping the chunk-entry states.
-            if let Some(h0) = args.h0 {
-                transpose_into(&h0[s0i..s0i + np], pd, n, &mut states[..np], false);
+crate::simd_fn! {
+    fn ssd_bwd_head[V: f8](
+        dims: &Scan2Dims,
+        args: &Scan2Args<f32>,
+        chcb: (Chunks, &[f32]),
+        up: (&[f32], Option<&[f32]>),
+        sh: BwdShared,
+        task: usize,
+    ) -> TaskScalars {
+        let Scan2Dims { seqlen, nheads, headdim: pd, dstate: n, ngroups, .. } = *dims;
+        let ((ch, cb), (dy, dh_last)) = (chcb, up);
+        let (qm, hp, gn, np) = (ch.q, nheads * pd, ngroups * n, n * pd);
+        let (dbp, dcp, dxsh, ddsh, dzsh, dh0sh) = sh;
+        let (b, h) = (task / nheads, task % nheads);
+        let g = dims.group_of(h);
+        let a = args.a[h];
+        let dmul = args.d.map_or(0.0, |d| d[h]);
+        let s0i = task * np;
+        let mut out = TaskScalars::default();
+        let mut dt = vec![0.0f32; qm];
+        let mut dsp = vec![0.0f32; qm];
+        let mut cs = vec![0.0f32; qm];
+        let mut lo = vec![0usize; qm];
+        let mut e0 = vec![0.0f32; qm];
+        let mut dcs = vec![0.0f32; qm];
+        let mut ddt = vec![0.0f32; qm];
+        let mut m = vec![0.0f32; qm * qm];
+        let mut lb = vec![0.0f32; qm * qm];
+        let mut dm = vec![0.0f32; qm * qm];
+        let mut yoff = vec![0.0f32; qm * pd];
+        let mut dyb = vec![0.0f32; qm * pd];
+        let mut dys = vec![0.0f32; qm * pd];
+        let mut dxb = vec![0.0f32; qm * pd];
+        let mut ub = vec![0.0f32; qm * pd];
+        let mut ypre = vec![0.0f32; if args.z.is_some() { qm * pd } else { 0 }];
+        let mut bw = vec![0.0f32; qm * n];
+        let mut dcb = vec![0.0f32; qm * n];
+        let mut dbb = vec![0.0f32; qm * n];
+        let mut tn = vec![0.0f32; qm * n];
+        let mut states = vec![0.0f32; ch.nch.max(1) * np];
+        let mut ds = vec![0.0f32; np];
+        let mut dsprev = vec![0.0f32; np];
+        // Forward over chunks keeping the chunk-entry states.
+        if let Some(h0) = args.h0 {
+            transpose_into(&h0[s0i..s0i + np], pd, n, &mut states[..np], false);
+        }
+        for c in 0..ch.nch {
+            let (t0, q) = ch.range(c);
+            chunk_dt(dims, args, b, h, t0, q, &mut dt, &mut dsp, &mut cs);
+            chunk_starts(chunk_resets(args, seqlen, b, t0, q), q, &cs, &mut lo, &mut e0);
+            let bc = ((b * seqlen + t0) * ngroups + g) * n;
+            let xo = ((b * seqlen + t0) * nheads + h) * pd;
+            let ce = cs[q - 1];
+            for s in 0..q {
+                let w = if s < lo[q - 1] { 0.0 } else { (ce - cs[s]).exp() * dt[s] };
+                let br = &args.b[bc + s * gn..bc + s * gn + n];
+                bw[s * n..(s + 1) * n].iter_mut().zip(br).for_each(|(o, &v)| *o = v * w);
             }
-            for c in 0..ch.nch {
-                let (t0, q) = ch.range(c);
-                chunk_dt(dims, args, b, h, t0, q, &mut dt, &mut dsp, &mut cs);
-                chunk_starts(chunk_resets(args, seqlen, b, t0, q), q, &cs, &mut lo, &mut e0);
-                let bc = ((b * seqlen + t0) * ngroups + g) * n;
-                let xo = ((b * seqlen + t0) * nheads + h) * pd;
-                let ce = cs[q - 1];
-                for s in 0..q {
-                    let w = if s < lo[q - 1] { 0.0 } else { (ce - cs[s]).exp() * dt[s] };
-                    let br = &args.b[bc + s * gn..bc + s * gn + n];
-                    bw[s * n..(s + 1) * n].iter_mut().zip(br).for_each(|(o, &v)| *o = v * w);
-                }
-                if c + 1 < ch.nch {
-                    let (prev, next) = states.split_at_mut((c + 1) * np);
-                    let next = &mut next[..np];
-                    next.copy_from_slice(&prev[c * np..]);
-                    gemm((n, q, pd), 1.0, &bw, (1, n), &args.x[xo..], (hp, 1), e0[q - 1], next, (pd, 1));
-                }
+            if c + 1 < ch.nch {
+                let (prev, next) = states.split_at_mut((c + 1) * np);
+                let next = &mut next[..np];
+                next.copy_from_slice(&prev[c * np..]);
+                gemm((n, q, pd), 1.0, &bw, (1, n), &args.x[xo..], (hp, 1), e0[q - 1], next, (pd, 1));
             }
-            if let Some(dl) = dh_last {
-                transpose_into(&dl[s0i..s0i + np], pd, n, &mut ds, false);
+        }
+        if let Some(dl) = dh_last {
+            transpose_into(&dl[s0i..s0i + np], pd, n, &mut ds, false);
+        }
+        for c in (0..ch.nch).rev() {
+            let (t0, q) = ch.range(c);
+            let s0 = &states[c * np..(c + 1) * np];
+            chunk_dt(dims, args, b, h, t0, q, &mut dt, &mut dsp, &mut cs);
+            chunk_starts(chunk_resets(args, seqlen, b, t0, q), q, &cs, &mut lo, &mut e0);
+            dcs[..q].fill(0.0);
+            ddt[..q].fill(0.0);
+            let cbb = &cb[((b * ngroups + g) * ch.nch + c) * qm * qm..][..qm * qm];
+            for t in 0..q {
+                let (mr, lr) = (&mut m[t * qm..], Some(&mut lb[t * qm..]));
+                kernel_row::<V>((t, lo[t]), q, &cs, &dt, &cbb[t * qm..], mr, lr);
             }
-            for c in (0..ch.nch).rev() {
-                let (t0, q) = ch.range(c);
-                let s0 = &states[c * np..(c + 1) * np];
-                chunk_dt(dims, args, b, h, t0, q, &mut dt, &mut dsp, &mut cs);
-                chunk_starts(chunk_resets(args, seqlen, b, t0, q), q, &cs, &mut lo, &mut e0);
-                dcs[..q].fill(0.0);
-                ddt[..q].fill(0.0);
-                let cbb = &cb[((b * ngroups + g) * ch.nch + c) * qm * qm..][..qm * qm];
+            let bc = ((b * seqlen + t0) * ngroups + g) * n;
+            let xo = ((b * seqlen + t0) * nheads + h) * pd;
+            let (xs, bs, cm) = (&args.x[xo..], &args.b[bc..], &args.c[bc..]);
+            // Y_off = diag(exp(cs)) C S₀.
+            gemm((q, n, pd), 1.0, cm, (gn, 1), s0, (pd, 1), 0.0, &mut yoff, (pd, 1));
+            for t in 0..q {
+                let e = e0[t];
+                yoff[t * pd..(t + 1) * pd].iter_mut().for_each(|v| *v *= e);
+            }
+            // Upstream through the gate.
+            if let Some(z) = args.z {
+                ypre[..q * pd].copy_from_slice(&yoff[..q * pd]);
+                gemm((q, q, pd), 1.0, &m, (qm, 1), xs, (hp, 1), 1.0, &mut ypre, (pd, 1));
                 for t in 0..q {
-                    let (mr, lr) = (&mut m[t * qm..], Some(&mut lb[t * qm..]));
-                    kernel_row((t, lo[t]), q, &cs, &dt, &cbb[t * qm..], mr, lr);
-                }
-                let bc = ((b * seqlen + t0) * ngroups + g) * n;
-                let xo = ((b * seqlen + t0) * nheads + h) * pd;
-                let (xs, bs, cm) = (&args.x[xo..], &args.b[bc..], &args.c[bc..]);
-                // Y_off = diag(exp(cs)) C S₀.
-                gemm((q, n, pd), 1.0, cm, (gn, 1), s0, (pd, 1), 0.0, &mut yoff, (pd, 1));
-                for t in 0..q {
-                    let e = e0[t];
-                    yoff[t * pd..(t + 1) * pd].iter_mut().for_each(|v| *v *= e);
-                }
-                // Upstream through the gate.
-                if let Some(z) = args.z {
-                    ypre[..q * pd].copy_from_slice(&yoff[..q * pd]);
-                    gemm((q, q, pd), 1.0, &m, (qm, 1), xs, (hp, 1), 1.0, &mut ypre, (pd, 1));
-                    for t in 0..q {
-                        let ih = (b * seqlen + t0 + t) * nheads + h;
-                        let i0 = ih * pd;
-                        // SAFETY: row `ih` belongs to this (b, h) task only.
-                        let mut dzrow = dzsh.as_ref().map(|s| unsafe { s.slice(i0, pd) });
-                        for p in 0..pd {
-                            let zv = z[i0 + p];
-                            let yp = ypre[t * pd + p] + dmul * args.x[i0 + p];
-                            if let Some(dzr) = dzrow.as_deref_mut() {
-                                dzr[p] += dy[i0 + p] * yp * zv.silu_grad();
-                            }
-                            dyb[t * pd + p] = dy[i0 + p] * zv.silu();
+                    let ih = (b * seqlen + t0 + t) * nheads + h;
+                    let i0 = ih * pd;
+                    // SAFETY: row `ih` belongs to this (b, h) task only.
+                    let mut dzrow = dzsh.as_ref().map(|s| unsafe { s.slice(i0, pd) });
+                    for p in 0..pd {
+                        let zv = z[i0 + p];
+                        let yp = ypre[t * pd + p] + dmul * args.x[i0 + p];
+                        if let Some(dzr) = dzrow.as_deref_mut() {
+                            dzr[p] += dy[i0 + p] * yp * zv.silu_grad();
                         }
-                    }
-                } else {
-                    for t in 0..q {
-                        let i0 = ((b * seqlen + t0 + t) * nheads + h) * pd;
-                        dyb[t * pd..(t + 1) * pd].copy_from_slice(&dy[i0..i0 + pd]);
+                        dyb[t * pd + p] = dy[i0 + p] * zv.silu();
                     }
                 }
-                // Skip connection and the off-diagonal scalar terms.
-                let mut ddacc = 0.0f32;
+            } else {
                 for t in 0..q {
                     let i0 = ((b * seqlen + t0 + t) * nheads + h) * pd;
-                    let (dyr, xr) = (&dyb[t * pd..(t + 1) * pd], &args.x[i0..i0 + pd]);
-                    let yo = &yoff[t * pd..(t + 1) * pd];
-                    let e = e0[t];
-                    let mut s1 = 0.0f32;
-                    for p in 0..pd {
-                        ddacc += dyr[p] * xr[p];
-                        s1 += dyr[p] * yo[p];
-                        dys[t * pd + p] = e * dyr[p];
-                    }
-                    dcs[t] += s1;
+                    dyb[t * pd..(t + 1) * pd].copy_from_slice(&dy[i0..i0 + pd]);
                 }
-                out.dd += ddacc as f64;
-                // Diagonal block.
-                gemm((q, pd, q), 1.0, &dyb, (pd, 1), xs, (1, hp), 0.0, &mut dm, (qm, 1));
-                gemm((q, q, pd), 1.0, &m, (1, qm), &dyb, (pd, 1), 0.0, &mut dxb, (pd, 1));
-                for t in 0..q {
-                    let row = t * qm;
-                    let mut rs = 0.0f32;
-                    for s in 0..=t {
-                        let w = dm[row + s] * cbb[row + s] * lb[row + s];
-                        ddt[s] += w;
-                        let e = w * dt[s];
-                        rs += e;
-                        dcs[s] -= e;
-                        dm[row + s] *= lb[row + s] * dt[s];
-                    }
-                    dcs[t] += rs;
-                    dm[row + t + 1..row + q].fill(0.0);
-                }
-                gemm((q, q, n), 1.0, &dm, (qm, 1), bs, (gn, 1), 0.0, &mut dcb, (n, 1));
-                gemm((q, q, n), 1.0, &dm, (1, qm), cm, (gn, 1), 0.0, &mut dbb, (n, 1));
-                // Off-diagonal block.
-                gemm((q, pd, n), 1.0, &dys, (pd, 1), s0, (1, pd), 1.0, &mut dcb, (n, 1));
-                gemm((n, q, pd), 1.0, cm, (1, gn), &dys, (pd, 1), 0.0, &mut dsprev, (pd, 1));
-                // Chunk-end state.
-                let ce = cs[q - 1];
-                let ece = e0[q - 1];
-                let mut sds = 0.0f32;
-                for i in 0..np {
-                    dsprev[i] += ece * ds[i];
-                    sds += s0[i] * ds[i];
-                }
-                dcs[q - 1] += ece * sds;
-                gemm((q, n, pd), 1.0, bs, (gn, 1), &ds, (pd, 1), 0.0, &mut ub, (pd, 1));
-                gemm((q, pd, n), 1.0, xs, (hp, 1), &ds, (1, pd), 0.0, &mut tn, (n, 1));
-                let mut dce = 0.0f32;
-                for s in 0..q {
-                    let i0 = ((b * seqlen + t0 + s) * nheads + h) * pd;
-                    let el = if s < lo[q - 1] { 0.0 } else { (ce - cs[s]).exp() };
-                    let w = el * dt[s];
-                    let (ur, xr) = (&ub[s * pd..(s + 1) * pd], &args.x[i0..i0 + pd]);
-                    let mut dw = 0.0f32;
-                    for p in 0..pd {
-                        dw += ur[p] * xr[p];
-                        dxb[s * pd + p] += w * ur[p];
-                    }
-                    for k in 0..n {
-                        dbb[s * n + k] += w * tn[s * n + k];
-                    }
-                    ddt[s] += dw * el;
-                    dce += dw * w;
-                    dcs[s] -= dw * w;
-                }
-                dcs[q - 1] += dce;
-                // Reverse cumsum of dcs → d(dt·A); write per-step results.
-                let mut run = 0.0f32;
-                for s in (0..q).rev() {
-                    run += dcs[s];
-                    ddt[s] += a * run;
-                    out.da += (dt[s] * run) as f64;
-                }
-                for s in 0..q {
-                    let t = t0 + s;
-                    let ih = (b * seqlen + t) * nheads + h;
-                    let draw = ddt[s] * dsp[s];
-                    // SAFETY: rows (b, t, h) and the task's partial rows belong to this task.
-                    let dd1 = unsafe { ddsh.slice(ih, 1) };
-                    dd1[0] += draw;
-                    out.dbias += draw as f64;
-                    let dxr = unsafe { dxsh.slice(ih * pd, pd) };
-                    for p in 0..pd {
-                        dxr[p] += dxb[s * pd + p] + dmul * dyb[s * pd + p];
-                    }
-                    let prow = (task * seqlen + t) * n;
-                    unsafe { dbp.slice(prow, n) }.copy_from_slice(&dbb[s * n..(s + 1) * n]);
-                    unsafe { dcp.slice(prow, n) }.copy_from_slice(&dcb[s * n..(s + 1) * n]);
-                }
-                std::mem::swap(&mut ds, &mut dsprev);
             }
-            if let Some(dh0) = dh0sh {
-                // SAFETY: the (b, h) state block belongs to this task only.
-                transpose_into(&ds, n, pd, unsafe { dh0.slice(s0i, np) }, true);
+            // Skip connection and the off-diagonal scalar terms.
+            let mut ddacc = 0.0f32;
+            for t in 0..q {
+                let i0 = ((b * seqlen + t0 + t) * nheads + h) * pd;
+                let (dyr, xr) = (&dyb[t * pd..(t + 1) * pd], &args.x[i0..i0 + pd]);
+                let yo = &yoff[t * pd..(t + 1) * pd];
+                let e = e0[t];
+                let mut s1 = 0.0f32;
+                for p in 0..pd {
+                    ddacc += dyr[p] * xr[p];
+                    s1 += dyr[p] * yo[p];
+                    dys[t * pd + p] = e * dyr[p];
+                }
+                dcs[t] += s1;
             }
-            out
-        })
-        .collect();
-    TaskScalars::scatter(&scalars, dims, args, da, dd, ddelta_bias);
-    parts.finish(dims, db, dc);
-}
-
-/// The default SSD chunk length `Q`: what callers without a preference (or a model config's
-/// `chunk_size`) pass to [`scan_fwd_auto`] / [`scan_bwd_auto`].
-pub const AUTO_CHUNK: usize = 32;
-
-/// Whether the `*_auto` kernels use SSD (`true`) or the sequential kernel for these dims.
-///
-/// Rule, from rough timings on the target machine (2-core Zen4, 2 threads, B8-L256-H8-P64):
-///
-/// - **forward: always sequential.** The SIMD recurrence runs at ≈ 23 G state-updates/s
-///   (2.9 ms for N = 64), while SSD needs ≈ 2× the FLOPs in small GEMMs and took 4.7 ms (Q = 32);
-///   at N = 128 it was 5.0 ms vs 7.8 ms.
-/// - **backward: SSD when `N·P > 4096` and `L ≥ 64`.** The sequential backward (two scans, one
-///   `N·P` state per pass) wins while that state fits in L1 and loses once it does not
-///   (median of 7, B8-H8-P64): L256 N16 3.7 vs 7.4 ms, N64 10.1 vs 14.0 ms, L64 N64 2.3 vs
-///   3.2 ms — sequential; L256 N128 39.9 vs 27.6 ms, L1024 N128 175 vs 119 ms — SSD.
-pub fn use_ssd(dims: &Scan2Dims, backward: bool) -> bool {
-    backward && dims.dstate * dims.headdim > 4096 && dims.seqlen >= 64
-}
-
-/// Forward scan by whichever of [`super::scan_fwd`] and [`ssd_fwd`] (chunks of `chunk_size`
-/// steps, e.g. [`AUTO_CHUNK`] or a model's `chunk_size`) is expected to be faster, by
-/// [`use_ssd`] (currently always the sequential kernel). Both give the same result up to
-/// rounding, whatever `chunk_size`.
-#[track_caller]
-pub fn scan_fwd_auto(dims: &Scan2Dims, chunk_size: usize, args: &Scan2Args<f32>, out: Scan2Out<f32>) {
-    if use_ssd(dims, false) { ssd_fwd(dims, chunk_size, args, out) } else { super::scan_fwd(dims, args, out) }
-}
-
-/// Backward scan by whichever of [`super::scan_bwd`] and [`ssd_bwd`] (chunks of `chunk_size`
-/// steps) is expected to be faster, by [`use_ssd`].
-#[track_caller]
-pub fn scan_bwd_auto(
-    dims: &Scan2Dims,
-    chunk_size: usize,
-    args: &Scan2Args<f32>,
-    dy: &[f32],
-    dh_last: Option<&[f32]>,
-    grads: Scan2Grads<f32>,
-) {
-    if use_ssd(dims, true) {
-        ssd_bwd(dims, chunk_size, args, dy, dh_last, grads)
-    } else {
-        super::scan_bwd(dims, args, dy, dh_last, grads)
+            out.dd += ddacc as f64;
+            // Diagonal block.
+            gemm((q, pd, q), 1.0, &dyb, (pd, 1), xs, (1, hp), 0.0, &mut dm, (qm, 1));
+            gemm((q, q, pd), 1.0, &m, (1, qm), &dyb, (pd, 1), 0.0, &mut dxb, (pd, 1));
+            for t in 0..q {
+                let row = t * qm;
+                let mut rs = 0.0f32;
+                for s in 0..=t {
+                    let w = dm[row + s] * cbb[row + s] * lb[row + s];
+                    ddt[s] += w;
+                    let e = w * dt[s];
+                    rs += e;
+                    dcs[s] -= e;
+                    dm[row + s] *= lb[row + s] * dt[s];
+                }
+                dcs[t] += rs;
+                dm[row + t + 1..row + q].fill(0.0);
+            }
+            gemm((q, q, n), 1.0, &dm, (qm, 1), bs, (gn, 1), 0.0, &mut dcb, (n, 1));
+            gemm((q, q, n), 1.0, &dm, (1, qm), cm, (gn, 1), 0.0, &mut dbb, (n, 1));
+            // Off-diagonal block.
+            gemm((q, pd, n), 1.0, &dys, (pd, 1), s0, (1, pd), 1.0, &mut dcb, (n, 1));
+            gemm((n, q, pd), 1.0, cm, (1, gn), &dys, (pd, 1), 0.0, &mut dsprev, (pd, 1));
+            // Chunk-end state.
+            let ce = cs[q - 1];
+            let ece = e0[q - 1];
+            let mut sds = 0.0f32;
+            for i in 0..np {
+                dsprev[i] += ece * ds[i];
+                sds += s0[i] * ds[i];
+            }
+            dcs[q - 1] += ece * sds;
+            gemm((q, n, pd), 1.0, bs, (gn, 1), &ds, (pd, 1), 0.0, &mut ub, (pd, 1));
+            gemm((q, pd, n), 1.0, xs, (hp, 1), &ds, (1, pd), 0.0, &mut tn, (n, 1));
+            let mut dce = 0.0f32;
+            for s in 0..q {
+                let i0 = ((b * seqlen + t0 + s) * nheads + h) * pd;
+                let el = if s < lo[q - 1] { 0.0 } else { (ce - cs[s]).exp() };
+                let w = el * dt[s];
+                let (ur, xr) = (&ub[s * pd..(s + 1) * pd], &args.x[i0..i0 + pd]);
+                let mut dw = 0.0f32;
+                for p in 0..pd {
+                    dw += ur[p] * xr[p];
+                    dxb[s * pd + p] += w * ur[p];
+                }
+                for k in 0..n {
+                    dbb[s * n + k] += w * tn[s * n + k];
+                }
+                ddt[s] += dw * el;
+                dce += dw * w;
+                dcs[s] -= dw * w;
+            }
+            dcs[q - 1] += dce;
+            // Reverse cumsum of dcs → d(dt·A); write per-step results.
+            let mut run = 0.0f32;
+            for s in (0..q).rev() {
+                run += dcs[s];
+                ddt[s] += a * run;
+                out.da += (dt[s] * run) as f64;
+            }
+            for s in 0..q {
+                let t = t0 + s;
+                let ih = (b * seqlen + t) * nheads + h;
+                let draw = ddt[s] * dsp[s];
+                // SAFETY: rows (b, t, h) and the task's partial rows belong to this task.
+                let dd1 = unsafe { ddsh.slice(ih, 1) };
+                dd1[0] += draw;
+                out.dbias += draw as f64;
+                let dxr = unsafe { dxsh.slice(ih * pd, pd) };
+                for p in 0..pd {
+                    dxr[p] += dxb[s * pd + p] + dmul * dyb[s * pd + p];
+                }
+                let prow = (task * seqlen + t) * n;
+                unsafe { dbp.slice(prow, n) }.copy_from_slice(&dbb[s * n..(s + 1) * n]);
+                unsafe { dcp.slice(prow, n) }.copy_from_slice(&dcb[s * n..(s + 1) * n]);
+            }
+            std::mem::swap(&mut ds, &mut dsprev);
+        }
+        if let Some(dh0) = dh0sh {
+            // SAFETY: the (b, h) state block belongs to this task only.
+            transpose_into(&ds, n, pd, unsafe { dh0.slice(s0i, np) }, true);
+        }
+        out
     }
 }

@@ -1,6 +1,7 @@
-//! The AVX2+FMA kernel: register tiles of `R` weight rows × all `M` rows of `x`. The module
-//! is compiled only when the build enables AVX2 and FMA (the workspace builds with
-//! `-C target-cpu=native`), which every `unsafe` block here relies on besides its bounds.
+//! The AVX2+FMA kernel: register tiles of `R` weight rows × all `M` rows of `x`. Every function
+//! is `#[inline(always)]` and runs only inside [`group_avx2`](super::group_avx2) on a CPU with
+//! AVX2, FMA and F16C ([`Path::Simd`](super::Path) is chosen only there), which every `unsafe`
+//! block here relies on besides its bounds.
 
 use std::arch::x86_64::*;
 use std::ops::Range;
@@ -50,7 +51,7 @@ impl Load8 for F32Row<'_> {
     #[inline(always)]
     unsafe fn load8(self, i: usize) -> __m256 {
         debug_assert!(i + 8 <= self.0.len());
-        // SAFETY: in bounds (the caller's contract); AVX (module cfg).
+        // SAFETY: in bounds (the caller's contract); AVX (module docs).
         unsafe { _mm256_loadu_ps(self.0.as_ptr().add(i)) }
     }
 
@@ -66,7 +67,7 @@ impl Load8 for Bf16Row<'_> {
     #[inline(always)]
     unsafe fn load8(self, i: usize) -> __m256 {
         debug_assert!(i + 8 <= self.0.len());
-        // SAFETY: 16 bytes in bounds (the caller's contract); AVX2 (module cfg).
+        // SAFETY: 16 bytes in bounds (the caller's contract); AVX2 (module docs).
         unsafe {
             let h = _mm_loadu_si128(self.0.as_ptr().add(i).cast());
             _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
@@ -85,16 +86,8 @@ impl Load8 for F16Row<'_> {
     #[inline(always)]
     unsafe fn load8(self, i: usize) -> __m256 {
         debug_assert!(i + 8 <= self.0.len());
-        #[cfg(target_feature = "f16c")]
-        // SAFETY: 16 bytes in bounds (the caller's contract); F16C (cfg).
-        unsafe {
-            _mm256_cvtph_ps(_mm_loadu_si128(self.0.as_ptr().add(i).cast()))
-        }
-        #[cfg(not(target_feature = "f16c"))]
-        // SAFETY: eight floats; AVX (module cfg).
-        unsafe {
-            _mm256_loadu_ps(self.get8(i).as_ptr())
-        }
+        // SAFETY: 16 bytes in bounds (the caller's contract); F16C (module docs).
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(self.0.as_ptr().add(i).cast())) }
     }
 
     #[inline(always)]
@@ -111,7 +104,7 @@ impl Load8 for Q8Row<'_> {
         debug_assert!(i + 8 <= self.q.len());
         // Eight-aligned chunks never straddle a block.
         let s = self.s[i / Q8_BLOCK];
-        // SAFETY: 8 bytes in bounds (the caller's contract); AVX2 (module cfg).
+        // SAFETY: 8 bytes in bounds (the caller's contract); AVX2 (module docs).
         unsafe {
             let q = _mm_loadl_epi64(self.q.as_ptr().add(i).cast());
             _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)), _mm256_set1_ps(s))
@@ -134,7 +127,7 @@ impl Load8 for Q8Row<'_> {
         if ahead > 0 {
             rows.iter().for_each(|r| r.prefetch_extra(ahead));
         }
-        // SAFETY: AVX2 and FMA (module cfg); every row holds `k ≥ i + 8` weights and `x`
+        // SAFETY: AVX2 and FMA (module docs); every row holds `k ≥ i + 8` weights and `x`
         // at least `k` values (asserted above).
         let acc = unsafe {
             let mut acc = [_mm256_setzero_ps(); R];
@@ -166,13 +159,16 @@ impl Load8 for Q8Row<'_> {
             }
             acc
         };
-        std::array::from_fn(|t| {
-            let mut s = hsum(acc[t]);
+        // Loops, not `std::array::from_fn`: its closure would be compiled for the baseline
+        // unless inlined, and `hsum` needs this function's AVX.
+        let mut out = [0.0f32; R];
+        for t in 0..R {
+            out[t] = hsum(acc[t]);
             for i in k8..k {
-                s += x[i] * rows[t].get(i);
+                out[t] += x[i] * rows[t].get(i);
             }
-            s
-        })
+        }
+        out
     }
 
     #[inline(always)]
@@ -188,7 +184,7 @@ impl Load8 for Q8Row<'_> {
 /// The sum of the eight lanes.
 #[inline(always)]
 fn hsum(v: __m256) -> f32 {
-    // SAFETY: AVX and SSE3 (module cfg).
+    // SAFETY: AVX and SSE3 (module docs).
     unsafe {
         let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
         let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -221,44 +217,52 @@ fn tile<const M: usize, const R: usize, W: Load8>(
     if ahead > 0 {
         rows.iter().for_each(|r| r.prefetch_extra(ahead));
     }
-    // SAFETY: AVX and FMA (module cfg); every row holds `k ≥ i + 8` weights, and
+    // SAFETY: AVX and FMA (module docs); every row holds `k ≥ i + 8` weights, and
     // `r·k + i + 8 ≤ M·k ≤ x.len()` (asserted above).
     let acc = unsafe {
         let mut acc = [[_mm256_setzero_ps(); R]; M];
-        let mut step = |i: usize| {
-            let w: [__m256; R] = std::array::from_fn(|t| rows[t].load8(i));
-            for r in 0..M {
-                let xv = _mm256_loadu_ps(x.as_ptr().add(r * k + i));
+        // A macro, not a closure: a closure LLVM does not inline is compiled for the baseline.
+        macro_rules! step {
+            ($i:expr) => {{
+                let i = $i;
+                let mut w = [_mm256_setzero_ps(); R];
                 for t in 0..R {
-                    acc[r][t] = _mm256_fmadd_ps(xv, w[t], acc[r][t]);
+                    w[t] = rows[t].load8(i);
                 }
-            }
-        };
+                for r in 0..M {
+                    let xv = _mm256_loadu_ps(x.as_ptr().add(r * k + i));
+                    for t in 0..R {
+                        acc[r][t] = _mm256_fmadd_ps(xv, w[t], acc[r][t]);
+                    }
+                }
+            }};
+        }
         let mut i = 0;
         while i < kl {
             if ahead > 0 {
                 rows.iter().for_each(|r| r.prefetch(i, ahead));
             }
             for ii in (i..i + line).step_by(8) {
-                step(ii);
+                step!(ii);
             }
             i += line;
         }
         while i < k8 {
-            step(i);
+            step!(i);
             i += 8;
         }
         acc
     };
-    std::array::from_fn(|r| {
-        std::array::from_fn(|t| {
-            let mut s = hsum(acc[r][t]);
+    let mut out = [[0.0f32; R]; M];
+    for r in 0..M {
+        for t in 0..R {
+            out[r][t] = hsum(acc[r][t]);
             for i in k8..k {
-                s += x[r * k + i] * rows[t].get(i);
+                out[r][t] += x[r * k + i] * rows[t].get(i);
             }
-            s
-        })
-    })
+        }
+    }
+    out
 }
 
 /// Outputs `js` for `M` rows of `x` (of a matrix of `n` rows of `k`), in tiles of `R`
@@ -330,6 +334,7 @@ fn tiles_split<const M2: usize, const R: usize, W: Load8>(
 /// eight rows are split 4 + the rest ([`tiles_split`]): a tile over all eight rows has one
 /// load of `x` per FMA, and the eight rows of `x` (24 KiB at k = 768) do not stay in L1 next
 /// to the streamed weights; the split measured 10–30 % faster at m = 8 and slower at m = 5.
+#[inline(always)]
 pub(super) fn group<W: Load8>(
     x: &[f32],
     mg: usize,
