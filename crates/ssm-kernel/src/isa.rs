@@ -182,8 +182,9 @@ pub fn init() -> Result<Isa, IsaError> {
     Ok(isa)
 }
 
-/// Makes every kernel started from now on run `isa`. For tests and diagnosis; kernels already
-/// running finish on the level they started with.
+/// Makes the kernels run `isa` from now on. For tests and diagnosis: kernels choose the level
+/// per task, so one already running may run its remaining tasks on the new level (its results
+/// then differ from either level's only by rounding).
 pub fn set(isa: Isa) -> Result<(), IsaError> {
     if !isa.supported() {
         return Err(IsaError::Unsupported { wanted: isa, best: Isa::best() });
