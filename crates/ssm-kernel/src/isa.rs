@@ -196,8 +196,6 @@ pub fn set(isa: Isa) -> Result<(), IsaError> {
 /// A backend: the vector types of one [`Isa`]. Kernels are generic
 /// over it and instantiated once per level by [`simd_fn!`](crate::simd_fn).
 pub trait Simd: Copy + Send + Sync + 'static {
-    /// The level this backend is compiled for.
-    const ISA: Isa;
     /// 8 lanes of f32.
     type F8: V8;
     /// 16 lanes of f32.
@@ -209,7 +207,6 @@ pub trait Simd: Copy + Send + Sync + 'static {
 pub struct Portable;
 
 impl Simd for Portable {
-    const ISA: Isa = Isa::Portable;
     type F8 = wide::f32x8;
     type F16 = wide::f32x16;
 }
@@ -222,7 +219,6 @@ pub struct Avx2;
 
 #[cfg(target_arch = "x86_64")]
 impl Simd for Avx2 {
-    const ISA: Isa = Isa::Avx2;
     type F8 = crate::simd::avx::A8;
     type F16 = crate::simd::avx::A16;
 }
@@ -234,7 +230,6 @@ pub struct Avx512;
 
 #[cfg(target_arch = "x86_64")]
 impl Simd for Avx512 {
-    const ISA: Isa = Isa::Avx512;
     type F8 = crate::simd::avx::A8;
     type F16 = crate::simd::avx512::Z16;
 }

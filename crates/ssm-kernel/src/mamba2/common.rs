@@ -4,6 +4,7 @@ use rayon::prelude::*;
 
 use super::{Scan2Args, Scan2Dims};
 use crate::Real;
+use crate::par::SharedMut;
 use crate::simd::{V8, W};
 
 /// Effective Δ of flat (B, L, H) element `ih` of head `h` and `∂Δ_eff/∂Δ_raw`.
@@ -147,6 +148,39 @@ impl GroupPartials {
         reduce_group_partials(dims, &self.dc, dc);
         crate::pool::give(self.db);
         crate::pool::give(self.dc);
+    }
+}
+
+/// What every backward task of the sequential and SSD kernels writes into, shared: its rows of
+/// the `dB`/`dC` partials, of `dx`, `dΔ` and `dz`, and its block of `dh0` (tasks write
+/// disjoint parts).
+#[derive(Clone, Copy)]
+pub(crate) struct BwdShared {
+    pub db: SharedMut<f32>,
+    pub dc: SharedMut<f32>,
+    pub dx: SharedMut<f32>,
+    pub ddelta: SharedMut<f32>,
+    pub dz: Option<SharedMut<f32>>,
+    pub dh0: Option<SharedMut<f32>>,
+}
+
+impl BwdShared {
+    /// Views of `parts` and of the gradients the tasks write per element.
+    pub(crate) fn new(
+        parts: &mut GroupPartials,
+        dx: &mut [f32],
+        ddelta: &mut [f32],
+        dz: Option<&mut [f32]>,
+        dh0: Option<&mut [f32]>,
+    ) -> Self {
+        Self {
+            db: SharedMut::new(&mut parts.db),
+            dc: SharedMut::new(&mut parts.dc),
+            dx: SharedMut::new(dx),
+            ddelta: SharedMut::new(ddelta),
+            dz: dz.map(SharedMut::new),
+            dh0: dh0.map(SharedMut::new),
+        }
     }
 }
 

@@ -14,7 +14,7 @@
 
 use rayon::prelude::*;
 
-use super::common::{GroupPartials, TaskScalars, blocks, dt_eff, state_in, state_out, take};
+use super::common::{BwdShared, GroupPartials, TaskScalars, blocks, dt_eff, state_in, state_out, take};
 use super::{Scan2Args, Scan2Dims, Scan2Grads, Scan2Out, check_step, check_upstream};
 use crate::Real;
 use crate::par::SharedMut;
@@ -222,22 +222,10 @@ pub fn scan_bwd(
     let Scan2Dims { batch, nheads, .. } = *dims;
     let Scan2Grads { dx, ddelta, da, db, dc, dd, dz, ddelta_bias, dh0 } = grads;
     let mut parts = GroupPartials::new(dims);
-    let (dbp, dcp) = (SharedMut::new(&mut parts.db), SharedMut::new(&mut parts.dc));
-    let dxsh = SharedMut::new(dx);
-    let ddsh = SharedMut::new(ddelta);
-    let dzsh = dz.map(SharedMut::new);
-    let dh0sh = dh0.map(SharedMut::new);
+    let sh = BwdShared::new(&mut parts, dx, ddelta, dz, dh0);
     let scalars: Vec<TaskScalars> = (0..batch * nheads)
         .into_par_iter()
-        .map(|task| {
-            bwd_head(
-                dims,
-                args,
-                (dy, dh_last),
-                (&dbp, &dcp, &dxsh, &ddsh, dzsh.as_ref(), dh0sh.as_ref()),
-                task,
-            )
-        })
+        .map(|task| bwd_head(dims, args, (dy, dh_last), &sh, task))
         .collect();
     TaskScalars::scatter(&scalars, dims, args, da, dd, ddelta_bias);
     parts.finish(dims, db, dc);
@@ -264,16 +252,6 @@ pub fn scan_step(dims: &Scan2Dims, args: &Scan2Args<f32>, state: &mut [f32], y: 
         .with_min_len(min_len)
         .for_each(|(task, (st, yr))| step_head(dims, args, task, st, yr));
 }
-
-/// The shared outputs of the backward's tasks: dB and dC partials, dx, dΔ, dz, dh0.
-pub(crate) type BwdShared<'a> = (
-    &'a SharedMut<f32>,
-    &'a SharedMut<f32>,
-    &'a SharedMut<f32>,
-    &'a SharedMut<f32>,
-    Option<&'a SharedMut<f32>>,
-    Option<&'a SharedMut<f32>>,
-);
 
 crate::simd_fn! {
     fn fwd_head[V: f8](
@@ -329,13 +307,13 @@ crate::simd_fn! {
         dims: &Scan2Dims,
         args: &Scan2Args<f32>,
         up: (&[f32], Option<&[f32]>),
-        sh: BwdShared,
+        sh: &BwdShared,
         task: usize,
     ) -> TaskScalars {
         let Scan2Dims { seqlen, nheads, headdim: pd, dstate: n, ngroups, .. } = *dims;
         let (pv, (dy, dh_last)) = (pd.div_ceil(W), up);
         let sz = n * pv;
-        let (dbp, dcp, dxsh, ddsh, dzsh, dh0sh) = sh;
+        let BwdShared { db: dbp, dc: dcp, dx: dxsh, ddelta: ddsh, dz: dzsh, dh0: dh0sh } = *sh;
         let (b, h) = (task / nheads, task % nheads);
         let g = dims.group_of(h);
         let a = args.a[h];

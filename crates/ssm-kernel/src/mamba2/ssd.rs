@@ -46,8 +46,7 @@
 use crate::gemm::gemm;
 use rayon::prelude::*;
 
-use super::common::{GroupPartials, TaskScalars, dt_eff};
-use super::seq::BwdShared;
+use super::common::{BwdShared, GroupPartials, TaskScalars, dt_eff};
 use super::{Scan2Args, Scan2Dims, Scan2Grads, Scan2Out, check_upstream};
 use crate::Real;
 use crate::par::SharedMut;
@@ -233,23 +232,10 @@ pub fn ssd_bwd(
     let ch = Chunks::new(dims, chunk_size);
     let cb = chunk_cb(dims, ch, args);
     let mut parts = GroupPartials::new(dims);
-    let (dbp, dcp) = (SharedMut::new(&mut parts.db), SharedMut::new(&mut parts.dc));
-    let dxsh = SharedMut::new(dx);
-    let ddsh = SharedMut::new(ddelta);
-    let dzsh = dz.map(SharedMut::new);
-    let dh0sh = dh0.map(SharedMut::new);
+    let sh = BwdShared::new(&mut parts, dx, ddelta, dz, dh0);
     let scalars: Vec<TaskScalars> = (0..batch * nheads)
         .into_par_iter()
-        .map(|task| {
-            ssd_bwd_head(
-                dims,
-                args,
-                (ch, &cb),
-                (dy, dh_last),
-                (&dbp, &dcp, &dxsh, &ddsh, dzsh.as_ref(), dh0sh.as_ref()),
-                task,
-            )
-        })
+        .map(|task| ssd_bwd_head(dims, args, (ch, &cb), (dy, dh_last), &sh, task))
         .collect();
     TaskScalars::scatter(&scalars, dims, args, da, dd, ddelta_bias);
     parts.finish(dims, db, dc);
@@ -402,13 +388,13 @@ crate::simd_fn! {
         args: &Scan2Args<f32>,
         chcb: (Chunks, &[f32]),
         up: (&[f32], Option<&[f32]>),
-        sh: BwdShared,
+        sh: &BwdShared,
         task: usize,
     ) -> TaskScalars {
         let Scan2Dims { seqlen, nheads, headdim: pd, dstate: n, ngroups, .. } = *dims;
         let ((ch, cb), (dy, dh_last)) = (chcb, up);
         let (qm, hp, gn, np) = (ch.q, nheads * pd, ngroups * n, n * pd);
-        let (dbp, dcp, dxsh, ddsh, dzsh, dh0sh) = sh;
+        let BwdShared { db: dbp, dc: dcp, dx: dxsh, ddelta: ddsh, dz: dzsh, dh0: dh0sh } = *sh;
         let (b, h) = (task / nheads, task % nheads);
         let g = dims.group_of(h);
         let a = args.a[h];
