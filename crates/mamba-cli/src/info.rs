@@ -68,8 +68,13 @@ fn kernels_line() -> String {
     } else {
         "the fastest this CPU runs"
     };
+    let bf16 = if isa::bf16_dot() {
+        "; bf16 weights through the AVX-512 BF16 dot product, activations rounded to bf16"
+    } else {
+        ""
+    };
     format!(
-        "{active} ({how}; this CPU runs {}; MAMBA_SIMD={} overrides)",
+        "{active} ({how}; this CPU runs {}; MAMBA_SIMD={} overrides){bf16}",
         offered.join(", "),
         offered.join("|")
     )

@@ -160,6 +160,10 @@ fn task_run_writes_metrics_and_resumes() {
     assert!(metrics.lines().all(|l| l.contains("val_accuracy")));
     let info = mamba(&["info", "--model", o]);
     assert!(info.status.success() && stdout(&info).contains("parameters"), "{}", stdout(&info));
+    // The kernels line names the BF16 dot product exactly where bf16 weights go through it (the
+    // level is this process's: the same CPU and MAMBA_SIMD).
+    let says_bf16 = stdout(&info).lines().any(|l| l.starts_with("kernels") && l.contains("BF16 dot product"));
+    assert_eq!(says_bf16, mamba_nn::ssm_kernel::isa::bf16_dot(), "{}", stdout(&info));
     let _ = std::fs::remove_dir_all(&out);
 }
 

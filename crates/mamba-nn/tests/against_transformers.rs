@@ -248,8 +248,9 @@ fn max_dev(got: &[f32], want: &[f32]) -> (f32, f32) {
 #[test]
 fn reduced_precision_weights_stay_close_to_transformers() {
     use mamba_nn::model::{LoadOptions, WeightFormat};
-    // Bounds on max |Δlogit| / max |logit|. Measured worst over the four fixtures: bf16 1.06e-2,
-    // f16 1.68e-3, q8 2.88e-2 (tiny models: d_model 64, so few terms average the rounding out).
+    // Bounds on max |Δlogit| / max |logit|. Measured worst over the four fixtures: bf16 1.06e-2
+    // (1.10e-2 where the AVX-512 BF16 dot product rounds the activations to bf16 too), f16
+    // 1.68e-3, q8 2.88e-2 (tiny models: d_model 64, so few terms average the rounding out).
     let bounds = [(WeightFormat::Bf16, 2e-2f32), (WeightFormat::F16, 3e-3), (WeightFormat::Q8, 5e-2)];
     for case in ["mamba1", "mamba1-untied", "mamba2-g1", "mamba2-g2"] {
         let dir = fixture_dir(case);

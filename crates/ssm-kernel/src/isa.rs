@@ -193,6 +193,25 @@ pub fn set(isa: Isa) -> Result<(), IsaError> {
     Ok(())
 }
 
+/// Whether this CPU has the AVX-512 BF16 dot product (`vdpbf16ps`) on top of [`Isa::Avx512`].
+pub fn bf16_dot_supported() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        Isa::Avx512.supported() && std::arch::is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Whether bf16 weight matrices are multiplied with the AVX-512 BF16 dot product: the active
+/// level is [`Isa::Avx512`] and the CPU has it ([`bf16_dot_supported`]). That kernel rounds the
+/// activations to bf16 too (see [`crate::qweight`]); `MAMBA_SIMD=avx2` keeps them f32.
+pub fn bf16_dot() -> bool {
+    active() == Isa::Avx512 && bf16_dot_supported()
+}
+
 /// A backend: the vector types of one [`Isa`]. Kernels are generic
 /// over it and instantiated once per level by [`simd_fn!`](crate::simd_fn).
 pub trait Simd: Copy + Send + Sync + 'static {
