@@ -29,8 +29,12 @@ use rayon::prelude::*;
 use crate::gemm::gemm;
 use crate::simd::dot_with;
 
-/// At least this many weights (`n · k`) split a row's outputs over the rayon pool.
-pub const PAR_MIN_WEIGHTS: usize = 1 << 17;
+/// At least this many multiply-adds in one call split its outputs over the rayon pool. Below it
+/// the pool's other threads are not woken: waking one costs microseconds, as much as they save
+/// on a matrix that fits in the caches (at 1 << 17, a 2-thread batch-1 decode of a model whose
+/// largest matrix is 1 MB of f32 ran 1.25× slower than at 1 << 19, and slower than one thread;
+/// `docs/results.md`).
+pub const PAR_MIN_MACS: usize = 1 << 19;
 
 /// Rows of `x` up to which [`linear_rows`] uses [`matvec_rows`] instead of the GEMM.
 pub const MATVEC_MAX_ROWS: usize = 4;
@@ -47,7 +51,7 @@ fn check(kernel: &str, x: &[f32], w: &[f32], (m, k, n): (usize, usize, usize), o
 
 /// `out[r, j] = ⟨x[r, :], w[j, :]⟩` for every row `r < m` and output `j < n`: one SIMD dot
 /// product per output, the outputs of a row split over the current rayon pool in tasks of 64
-/// when `n · k ≥` [`PAR_MIN_WEIGHTS`]. `out` is overwritten.
+/// when `n · k ≥` [`PAR_MIN_MACS`]. `out` is overwritten.
 ///
 /// # Panics
 /// If a length disagrees with `(m, k, n)`.
@@ -60,7 +64,7 @@ pub fn matvec_rows(x: &[f32], w: &[f32], (m, k, n): (usize, usize, usize), out: 
     for r in 0..m {
         let xr = &x[r * k..(r + 1) * k];
         let row = &mut out[r * n..(r + 1) * n];
-        if n * k >= PAR_MIN_WEIGHTS {
+        if n * k >= PAR_MIN_MACS {
             row.par_chunks_mut(OUTS_PER_TASK)
                 .enumerate()
                 .for_each(|(c, oc)| dots(xr, w, k, c * OUTS_PER_TASK, oc));
@@ -125,7 +129,7 @@ mod tests {
     fn match_naive_loop() {
         let pool = rayon::ThreadPoolBuilder::new().num_threads(2).build().unwrap();
         for (m, k, n) in
-            [(1, 1, 1), (1, 7, 3), (3, 17, 5), (2, 33, 129), (1, 513, 300), (4, 64, 2100), (6, 19, 23)]
+            [(1, 1, 1), (1, 7, 3), (3, 17, 5), (2, 33, 129), (1, 513, 1030), (4, 257, 2100), (6, 19, 23)]
         {
             let mut r = Rng((m * 1000 + k * 10 + n) as u64);
             let x = to_f32(&r.vec(m * k, -1.0, 1.0));

@@ -77,7 +77,7 @@ use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 use rayon::prelude::*;
 
 use crate::gemm::gemm;
-use crate::matvec::{PAR_MIN_WEIGHTS, linear_rows};
+use crate::matvec::{PAR_MIN_MACS, linear_rows};
 use crate::par::SharedMut;
 use crate::pool;
 
@@ -671,7 +671,7 @@ fn check(kernel: &str, x: &[f32], w: &QMatrix, m: usize, out: &[f32]) {
 /// in f32. Each weight row is read once for every eight rows of `x` (decode runs `m` = 1–8
 /// sequences), decoded in registers, and multiply-added into a tile of accumulators of a few
 /// outputs × those rows, while the next tile's rows are prefetched; the outputs are split over
-/// the current rayon pool in tasks of 64 when `n · k ≥` [`PAR_MIN_WEIGHTS`]. Allocates nothing.
+/// the current rayon pool in tasks of 64 when `m · n · k ≥` [`PAR_MIN_MACS`]. Allocates nothing.
 /// `out` is overwritten.
 ///
 /// # Panics
@@ -694,7 +694,7 @@ fn qmatvec_path(x: &[f32], w: &QMatrix, m: usize, out: &mut [f32], path: Path) {
         return;
     }
     let out = SharedMut::new(out);
-    let split = d.n * d.k >= PAR_MIN_WEIGHTS && rayon::current_num_threads() > 1;
+    let split = m * d.n * d.k >= PAR_MIN_MACS && rayon::current_num_threads() > 1;
     let go = |js: Range<usize>| {
         let k = d.k;
         match &w.data {
@@ -741,7 +741,7 @@ pub fn qmatvec_f32(x: &[f32], w: &[f32], (m, k, n): (usize, usize, usize), out: 
     let path = Path::best(WeightFormat::F32);
     let out = SharedMut::new(out);
     let go = |js: Range<usize>| run(x, d, js, |j| F32Row(&w[j * k..(j + 1) * k]), out, path);
-    if n * k >= PAR_MIN_WEIGHTS && rayon::current_num_threads() > 1 {
+    if m * n * k >= PAR_MIN_MACS && rayon::current_num_threads() > 1 {
         (0..n.div_ceil(OUTS_PER_TASK))
             .into_par_iter()
             .for_each(|t| go(t * OUTS_PER_TASK..((t + 1) * OUTS_PER_TASK).min(n)));
