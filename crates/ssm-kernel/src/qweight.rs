@@ -543,21 +543,32 @@ use simd::Load8 as KernelRow;
 #[cfg(not(target_arch = "x86_64"))]
 use Row as KernelRow;
 
-/// Calls `kernel(xg, mg, put)` for each group of up to [`QMATVEC_MAX_ROWS`] rows of `x` (`xg`
-/// (mg, k)), where `put(r, j, v)` stores output `j` of the group's row `r` into `out`, which the
-/// caller shares only with tasks writing other outputs.
-#[inline(always)]
-fn for_groups(
-    x: &[f32],
-    d: Dims,
+/// The outputs of one group of rows of `x`: row `g0 + r` of `out` (m, n).
+#[derive(Clone, Copy)]
+struct GroupOut {
     out: SharedMut<f32>,
-    mut kernel: impl FnMut(&[f32], usize, &dyn Fn(usize, usize, f32)),
-) {
+    g0: usize,
+    n: usize,
+}
+
+impl GroupOut {
+    /// Stores output `j` of the group's row `r`.
+    #[inline(always)]
+    fn put(self, r: usize, j: usize, v: f32) {
+        // SAFETY: the task holding this writes only its own outputs `j`, which no other task
+        // writes (the contract of `for_groups`' caller).
+        unsafe { self.out.write((self.g0 + r) * self.n + j, v) }
+    }
+}
+
+/// Calls `kernel(xg, mg, go)` for each group of up to [`QMATVEC_MAX_ROWS`] rows of `x` (`xg`
+/// (mg, k)); `go` stores into `out`, which the caller shares only with tasks writing other
+/// outputs.
+#[inline(always)]
+fn for_groups(x: &[f32], d: Dims, out: SharedMut<f32>, mut kernel: impl FnMut(&[f32], usize, GroupOut)) {
     for g0 in (0..d.m).step_by(QMATVEC_MAX_ROWS) {
         let mg = (d.m - g0).min(QMATVEC_MAX_ROWS);
-        // SAFETY: this task alone writes the outputs it puts (the caller's contract).
-        let put = |r: usize, j: usize, v: f32| unsafe { out.write((g0 + r) * d.n + j, v) };
-        kernel(&x[g0 * d.k..(g0 + mg) * d.k], mg, &put);
+        kernel(&x[g0 * d.k..(g0 + mg) * d.k], mg, GroupOut { out, g0, n: d.n });
     }
 }
 
@@ -572,15 +583,15 @@ fn run<W: KernelRow>(
     out: SharedMut<f32>,
     path: Path,
 ) {
-    for_groups(x, d, out, |xg, mg, put| match path {
+    for_groups(x, d, out, |xg, mg, go| match path {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Path::Avx2` runs only where the CPU has AVX2 (asserted by `qmatvec_path`).
-        Path::Avx2 => unsafe { group_avx2(xg, mg, (d.k, d.n), js.clone(), &row, put) },
+        Path::Avx2 => unsafe { group_avx2(xg, mg, (d.k, d.n), js.clone(), &row, |r, j, v| go.put(r, j, v)) },
         _ => {
             for j in js.clone() {
                 let sums = dot_rows_portable(xg, mg, d.k, row(j));
                 for (r, &v) in sums[..mg].iter().enumerate() {
-                    put(r, j, v);
+                    go.put(r, j, v);
                 }
             }
         }
@@ -594,7 +605,9 @@ fn run_bf16dot(x: &[f32], d: Dims, js: Range<usize>, v: &[u16], out: SharedMut<f
     let row = |j: usize| &v[j * k..(j + 1) * k];
     // SAFETY: `Path::Bf16Dot` runs only where the CPU has AVX-512 BF16 (asserted by
     // `qmatvec_path`).
-    for_groups(x, d, out, |xg, mg, put| unsafe { group_bf16dot(xg, mg, (k, d.n), js.clone(), &row, put) });
+    for_groups(x, d, out, |xg, mg, go| unsafe {
+        group_bf16dot(xg, mg, (k, d.n), js.clone(), &row, |r, j, v| go.put(r, j, v))
+    });
 }
 
 /// The portable kernel: `⟨x[r, :], row⟩` for each of the `mg ≤ 8` rows of `x` (mg, k), the row
