@@ -46,7 +46,10 @@ pub fn scan_step(dims: &Scan1Dims, args: &Scan1Args<f32>, state: &mut [f32], y: 
 const ROWS_PER_TASK: usize = 64;
 
 crate::simd_fn! {
-    /// The step of channels `rows` (indices `b · D + d`), on the active instruction set.
+    /// The step of channels `rows` (indices `b · D + d`), on the active instruction set. The
+    /// per-channel activations (softplus of Δ, SiLU of the gate) are computed for blocks of up
+    /// to `W` channels of one batch row at a time in vectors, with the same functions as the
+    /// forward scan; then each channel's `N` states are updated.
     fn step_rows[V: f16](
         dims: &Scan1Dims,
         args: &Scan1Args<f32>,
@@ -56,38 +59,50 @@ crate::simd_fn! {
     ) {
         let Scan1Dims { dim, dstate: n, ngroups, .. } = *dims;
         let gs = dims.group_size();
-        for bd in rows {
-            let (b, d) = (bd / dim, bd % dim);
-            let g = d / gs;
-            let bc = (b * ngroups + g) * n;
-            let mut dt = args.delta[bd] + args.delta_bias.map_or(0.0, |v| v[d]);
+        let mut r0 = rows.start;
+        while r0 < rows.end {
+            // One block: up to W channels, within one batch row.
+            let r1 = (r0 + W).min(rows.end).min((r0 / dim + 1) * dim);
+            let (len, d0) = (r1 - r0, r0 % dim);
+            let mut dtv = V::load(&args.delta[r0..r1]);
+            if let Some(bias) = args.delta_bias {
+                dtv = dtv + V::load(&bias[d0..d0 + len]);
+            }
             if args.delta_softplus {
-                dt = if dt > 20.0 { dt } else { dt.exp().ln_1p() };
+                dtv = simd::softplus(dtv);
             }
-            let x = args.u[bd];
-            let dtv = V::splat(dt);
-            let dx = V::splat(dt * x);
-            // SAFETY: channel (b, d) owns its N state elements and its output; tasks own disjoint
-            // channels.
-            let h = unsafe { st.slice(bd * n, n) };
-            let mut acc = V::ZERO;
-            let mut k = 0;
-            while k < n {
-                let e = (k + W).min(n);
-                let a = V::load(&args.a[d * n + k..d * n + e]);
-                let abar = simd::exp(dtv * a);
-                let hv = abar.mul_add(V::load(&h[k..e]), dx * V::load(&args.b[bc + k..bc + e]));
-                V::store(&mut h[k..e], hv);
-                acc = hv.mul_add(V::load(&args.c[bc + k..bc + e]), acc);
-                k = e;
-            }
-            let mut out = acc.reduce_add() + args.d.map_or(0.0, |v| v[d]) * x;
+            let mut dts = [0.0f32; W];
+            V::store(&mut dts[..len], dtv);
+            let mut gates = [1.0f32; W];
             if let Some(z) = args.z {
-                let zv = z[bd];
-                out *= zv / (1.0 + (-zv).exp());
+                V::store(&mut gates[..len], simd::silu(V::load(&z[r0..r1])));
             }
-            // SAFETY: as above.
-            unsafe { ys.write(bd, out) };
+            for (i, bd) in (r0..r1).enumerate() {
+                let (b, d) = (bd / dim, d0 + i);
+                let bc = (b * ngroups + d / gs) * n;
+                let (dt, x) = (dts[i], args.u[bd]);
+                let dtv = V::splat(dt);
+                let dx = V::splat(dt * x);
+                // SAFETY: channel (b, d) owns its N state elements and its output; tasks own
+                // disjoint channels.
+                let h = unsafe { st.slice(bd * n, n) };
+                let mut acc = V::ZERO;
+                let mut k = 0;
+                while k < n {
+                    let e = (k + W).min(n);
+                    let a = V::load(&args.a[d * n + k..d * n + e]);
+                    let abar = simd::exp(dtv * a);
+                    let hv = abar.mul_add(V::load(&h[k..e]), dx * V::load(&args.b[bc + k..bc + e]));
+                    V::store(&mut h[k..e], hv);
+                    acc = hv.mul_add(V::load(&args.c[bc + k..bc + e]), acc);
+                    k = e;
+                }
+                let skip = if let Some(dv) = args.d { dv[d] * x } else { 0.0 };
+                let out = (acc.reduce_add() + skip) * gates[i];
+                // SAFETY: as above.
+                unsafe { ys.write(bd, out) };
+            }
+            r0 = r1;
         }
     }
 }

@@ -16,7 +16,6 @@ use rayon::prelude::*;
 
 use super::common::{BwdShared, GroupPartials, TaskScalars, blocks, dt_eff, state_in, state_out, take};
 use super::{Scan2Args, Scan2Dims, Scan2Grads, Scan2Out, check_step, check_upstream};
-use crate::Real;
 use crate::par::SharedMut;
 use crate::simd::{self, V8, Vf32, W};
 
@@ -432,22 +431,26 @@ crate::simd_fn! {
         let (brow, crow) = (&args.b[bc..bc + n], &args.c[bc..bc + n]);
         let (dt, _) = dt_eff(args, task, h);
         let av = V::splat((dt * args.a[h]).exp());
-        let dmul = args.d.map_or(0.0, |d| d[h]);
-        for p in 0..pd {
-            let x = args.x[task * pd + p];
-            let dxv = V::splat(dt * x);
-            let row = &mut st[p * n..(p + 1) * n];
-            let mut acc = V::ZERO;
-            for k in (0..n).step_by(W) {
-                let v = V::load(&row[k..]).mul_add(av, dxv * V::load(&brow[k..]));
-                V::store(&mut row[k..], v);
-                acc = v.mul_add(V::load(&crow[k..]), acc);
-            }
-            let mut v = acc.reduce_add() + dmul * x;
+        let dmul = if let Some(d) = args.d { d[h] } else { 0.0 };
+        // Blocks of W head channels: their gates SiLU(z) in one vector, then their states.
+        for p0 in (0..pd).step_by(W) {
+            let p1 = (p0 + W).min(pd);
+            let mut gates = [1.0f32; W];
             if let Some(z) = args.z {
-                v *= z[task * pd + p].silu();
+                V::store(&mut gates[..p1 - p0], simd::silu(V::load(&z[task * pd + p0..task * pd + p1])));
             }
-            yr[p] = v;
+            for p in p0..p1 {
+                let x = args.x[task * pd + p];
+                let dxv = V::splat(dt * x);
+                let row = &mut st[p * n..(p + 1) * n];
+                let mut acc = V::ZERO;
+                for k in (0..n).step_by(W) {
+                    let v = V::load(&row[k..]).mul_add(av, dxv * V::load(&brow[k..]));
+                    V::store(&mut row[k..], v);
+                    acc = v.mul_add(V::load(&crow[k..]), acc);
+                }
+                yr[p] = (acc.reduce_add() + dmul * x) * gates[p - p0];
+            }
         }
     }
 }
