@@ -66,7 +66,7 @@ crate::simd_fn! {
             let (len, d0) = (r1 - r0, r0 % dim);
             let mut dtv = V::load(&args.delta[r0..r1]);
             if let Some(bias) = args.delta_bias {
-                dtv = dtv + V::load(&bias[d0..d0 + len]);
+                dtv += V::load(&bias[d0..d0 + len]);
             }
             if args.delta_softplus {
                 dtv = simd::softplus(dtv);
