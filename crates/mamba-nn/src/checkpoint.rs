@@ -108,24 +108,35 @@ impl Bytes {
         }
     }
 
-    /// Lets the kernel drop the mapped pages of `range` (they are read again from the file if
-    /// touched again); a no-op for bytes in memory.
+    /// Lets the kernel drop the mapped pages of `range`, and of [`FAULT_AROUND`] bytes on either
+    /// side (they are read again from the file if touched again); a no-op for bytes in memory.
+    ///
+    /// The margin matters when a tensor is decoded a block at a time: Linux maps the pages
+    /// around a faulting one that are still in the page cache (64 KiB by default), so the
+    /// first read of each block maps the previous block's last pages again. Released without
+    /// the margin, loading the 130m shape into q8 kept 24 MB of such pages mapped until the
+    /// end (peak RSS 1.20× the packed weights instead of 1.07×).
     fn release(&self, range: &std::ops::Range<usize>) {
         #[cfg(unix)]
         if let Bytes::Mapped(m) = self
             && !range.is_empty()
         {
+            let start = range.start.saturating_sub(FAULT_AROUND);
+            let end = range.end.saturating_add(FAULT_AROUND).min(m.len());
             // SAFETY: the mapping is read-only and file-backed, so MADV_DONTNEED only drops clean
             // pages that are faulted in again from the file on the next access; no data the
             // program wrote is discarded and no reference sees changed contents.
-            let _ = unsafe {
-                m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, range.start, range.len())
-            };
+            let _ =
+                unsafe { m.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, end - start) };
         }
         #[cfg(not(unix))]
         let _ = range;
     }
 }
+
+/// Bytes released beyond each side of a range by `Bytes::release`: Linux's default
+/// fault-around window.
+const FAULT_AROUND: usize = 64 << 10;
 
 /// Largest safetensors header accepted (100 MB, the `safetensors` crate's own limit).
 pub const MAX_HEADER_BYTES: u64 = 100_000_000;
