@@ -65,6 +65,19 @@ impl Linear {
         }
     }
 
+    /// Outputs `rows` of [`Linear::forward`], (…, rows.len()), on the tape without computing
+    /// the others ([`ops::linear_rows`]). With an adapter the whole product is taken and the
+    /// block cut out of it.
+    pub fn forward_rows(&self, tape: &mut Tape, x: Var, rows: std::ops::Range<usize>) -> Var {
+        if self.lora.is_some() {
+            let y = self.forward(tape, x);
+            return ops::narrow_last(tape, y, rows.start, rows.len());
+        }
+        let w = tape.param(self.weight);
+        let b = self.bias.map(|b| tape.param(b));
+        ops::linear_rows(tape, x, w, b, rows)
+    }
+
     /// Decode: `out` (m, out) = `x` (m, in) · Wᵀ (+ b) for a few rows `m`, reading each weight
     /// once for all rows, from the f32 or the packed weight.
     pub fn step(&self, p: &ParamStore, x: &[f32], m: usize, out: &mut [f32]) {

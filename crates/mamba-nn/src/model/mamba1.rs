@@ -103,9 +103,10 @@ impl Mixer for Mamba1Mixer {
 
     fn forward(&self, tape: &mut Tape, u: Var, seq: &SeqLayout, mut state: Option<&mut LayerCache>) -> Var {
         let (di, n, r) = (self.d_inner, self.d_state, self.dt_rank);
-        let xz = self.in_proj.forward(tape, u);
-        let x = ops::narrow_last(tape, xz, 0, di);
-        let z = ops::narrow_last(tape, xz, di, di);
+        // in_proj's two halves as two products: no (…, 2·d_inner) output kept for the backward
+        // and copied apart.
+        let x = self.in_proj.forward_rows(tape, u, 0..di);
+        let z = self.in_proj.forward_rows(tape, u, di..2 * di);
         if let Some(st) = state.as_deref_mut() {
             conv_state(tape, x, self.conv1d.width, seq, &mut st.conv);
         }

@@ -47,7 +47,7 @@ pub use conv::conv1d;
 pub use cross_entropy::{IGNORE_INDEX, causal_lm_loss, cross_entropy};
 pub use elementwise::{add, add_broadcast_last, mul, scale};
 pub use embedding::embedding;
-pub use linear::linear;
+pub use linear::{linear, linear_rows};
 pub use lora::linear_lora;
 pub use lti::lti_scan;
 pub use mamba2_core::{Mamba2Params, Mamba2Spec, Mamba2State, mamba2_core, mamba2_core_with_state};
