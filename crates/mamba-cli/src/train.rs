@@ -61,12 +61,18 @@ pub struct TrainArgs {
     #[arg(long, conflicts_with = "task")]
     data: Option<PathBuf>,
     /// How several documents are packed into windows: `reset` puts an end-of-document token
-    /// before each (bytes: id 256, so the vocabulary is 257; a tokenizer.json: the model's
-    /// eos_token_id) and restarts the recurrent state there; `plain` keeps the token but lets
-    /// the state flow across; `stream` concatenates the texts. Default: reset when --data holds
-    /// more than one document, else stream.
+    /// before each (bytes: id 256, so the vocabulary is 257; a tokenizer.json: the --from model's
+    /// eos_token_id, else --eos-token, else the tokenizer's own end-of-text token) and restarts
+    /// the recurrent state there; `plain` keeps the token but lets the state flow across;
+    /// `stream` concatenates the texts. Default: reset when --data holds more than one
+    /// document, else stream.
     #[arg(long, value_enum, requires = "data")]
     packing: Option<PackingArg>,
+    /// The token of --tokenizer that ends a document when a new model packs documents (e.g.
+    /// "<|endoftext|>"); written to config.json as eos_token_id. Default: the tokenizer's
+    /// special token named <|endoftext|>, </s>, <|end_of_text|> or <eos>, the first it has.
+    #[arg(long, requires = "tokenizer")]
+    eos_token: Option<String>,
     /// Train on a synthetic task instead of text. Unless given, the model and schedule flags then
     /// take the settings that solve it (docs/results.md): --d-model 64 --n-layer 2
     /// --batch-size 32 --lr 3e-3 --eval-every 250 --time-budget 90.
@@ -343,8 +349,14 @@ fn flag_value_of(v: impl ValueEnum) -> String {
 }
 
 /// The end-of-document token packing with `--from base` (its config's eos_token_id) or into a
-/// new model (bytes: [`BYTE_EOS`]) uses.
-fn end_of_document(base: Option<&Path>, hf_tokenizer: bool, packing: PackingArg) -> anyhow::Result<u32> {
+/// new model (bytes: [`BYTE_EOS`]; a tokenizer.json: `eos_token`, else its end-of-text token)
+/// uses.
+fn end_of_document(
+    base: Option<&Path>,
+    tokenizer_json: Option<&Path>,
+    eos_token: Option<&str>,
+    packing: PackingArg,
+) -> anyhow::Result<u32> {
     let how = flag_value_of(packing);
     match base {
         Some(b) => {
@@ -353,15 +365,33 @@ fn end_of_document(base: Option<&Path>, hf_tokenizer: bool, packing: PackingArg)
             match cfg.special_tokens.eos {
                 Some(e) => Ok(u32::try_from(e).context("eos_token_id")?),
                 None => bail!(
-                    "--packing {how} separates documents by the model's end-of-document token, but {}                      names no eos_token_id; use --packing stream",
+                    "--packing {how} separates documents by the model's end-of-document token, but {} \
+                     names no eos_token_id; use --packing stream",
                     b.join("config.json").display()
                 ),
             }
         }
-        None if hf_tokenizer => bail!(
-            "--packing {how} with a new model and --tokenizer: which token ends a document is not              known; use --packing stream (or fine-tune a model whose config.json names its              eos_token_id with --from)"
-        ),
-        None => Ok(BYTE_EOS),
+        None => match tokenizer_json {
+            Some(path) => {
+                let tok = HfTokenizer::from_file(path)?;
+                match eos_token {
+                    Some(t) => tok
+                        .token_id(t)
+                        .with_context(|| format!("--eos-token {t:?}: {} has no such token", path.display())),
+                    None => match tok.end_of_text() {
+                        Some((_, id)) => Ok(id),
+                        None => bail!(
+                            "--packing {how} with a new model: {} declares none of the usual \
+                             end-of-text tokens ({}) as a special token, so which token ends a \
+                             document is not known; name it with --eos-token, or use --packing stream",
+                            path.display(),
+                            mamba_train::tokenizer::END_OF_TEXT_TOKENS.join(", ")
+                        ),
+                    },
+                }
+            }
+            None => Ok(BYTE_EOS),
+        },
     }
 }
 
@@ -553,9 +583,20 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
                     );
                 }
                 let hf_tokenizer = tokenizer_json.is_some();
+                if a.eos_token.is_some() && (base.is_some() || packing == PackingArg::Stream) {
+                    bail!(
+                        "--eos-token names the end-of-document token of a new model that packs \
+                         documents (not with --from, whose config.json names it, nor with --packing stream)"
+                    );
+                }
                 let eos = match packing {
                     PackingArg::Stream => None,
-                    _ => Some(end_of_document(base.as_deref(), hf_tokenizer, packing)?),
+                    _ => Some(end_of_document(
+                        base.as_deref(),
+                        tokenizer_json.as_deref(),
+                        a.eos_token.as_deref(),
+                        packing,
+                    )?),
                 };
                 Source::Text { path: p.clone(), hf_tokenizer, packing, eos }
             }

@@ -125,3 +125,60 @@ fn training_on_documents_packs_them_with_an_end_of_document_token() {
     assert!(!o.status.success() && e.contains("--packing plain (the run has reset)"), "{e}");
     std::fs::remove_dir_all(&d).unwrap();
 }
+
+/// A word-level tokenizer.json whose added tokens are `added` (JSON objects).
+fn wordlevel(added: &str) -> String {
+    format!(
+        r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [{added}],
+        "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}}, "post_processor": null,
+        "decoder": null, "model": {{"type": "WordLevel", "unk_token": "[UNK]",
+        "vocab": {{"[UNK]": 0, "words": 1, "and": 2, "more": 3, "speech": 4, ":": 5}}}}}}"#
+    )
+}
+
+#[test]
+fn a_new_model_with_a_tokenizer_packs_with_its_end_of_text_token() {
+    let d = tmp("tok-eos");
+    std::fs::create_dir_all(&d).unwrap();
+    let lines: Vec<String> = (0..30)
+        .map(|i| serde_json::json!({ "text": format!("speech {i}: {}", "words and more words ".repeat(2 + i % 4)) }))
+        .map(|v| v.to_string())
+        .collect();
+    let jsonl = d.join("docs.jsonl");
+    std::fs::write(&jsonl, lines.join("\n")).unwrap();
+    let endoftext = r#"{"id": 6, "content": "<|endoftext|>", "single_word": false, "lstrip": false,
+        "rstrip": false, "normalized": false, "special": true}"#;
+    let (with_eos, without) = (d.join("with.json"), d.join("without.json"));
+    std::fs::write(&with_eos, wordlevel(endoftext)).unwrap();
+    std::fs::write(&without, wordlevel("")).unwrap();
+    let train = |tok: &Path, out: &str, extra: &[&str]| {
+        let base = ["train", "--data", jsonl.to_str().unwrap(), "--tokenizer", tok.to_str().unwrap()];
+        let small =
+            ["--steps", "2", "--eval-every", "2", "--d-model", "16", "--n-layer", "1", "--seq-len", "16"];
+        let out = d.join(out);
+        let o = mamba(&[&base[..], &["--out", out.to_str().unwrap()], &small, extra].concat());
+        (o, out)
+    };
+    // The tokenizer's own <|endoftext|> (a special added token) ends each document.
+    let (o, run) = train(&with_eos, "auto", &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cfg = run_config(&run);
+    assert_eq!((cfg["vocab_size"].as_u64(), cfg["eos_token_id"].as_u64()), (Some(7), Some(6)));
+    // --eos-token names another.
+    let (o, run) = train(&without, "named", &["--eos-token", ":"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(run_config(&run)["eos_token_id"].as_u64(), Some(5));
+    // Neither: refused, naming the file and the way out, before any run directory is made.
+    let (o, run) = train(&without, "none", &[]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("without.json") && e.contains("--eos-token"), "{e}");
+    assert!(!run.exists());
+    // A token the tokenizer does not have.
+    let (o, _) = train(&with_eos, "unknown", &["--eos-token", "</s>"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("--eos-token \"</s>\"") && e.contains("no such token"), "{e}");
+    // Not with one stream, which has no separator.
+    let (o, _) = train(&with_eos, "stream", &["--eos-token", ":", "--packing", "stream"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--eos-token"));
+    std::fs::remove_dir_all(&d).unwrap();
+}

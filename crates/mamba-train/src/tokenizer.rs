@@ -146,6 +146,29 @@ impl HfTokenizer {
     }
 }
 
+/// The end-of-text tokens of widely used tokenizers, in the order [`HfTokenizer::end_of_text`]
+/// looks for them: GPT-2's and GPT-NeoX's (Mamba's and Pythia's), Llama-2's, Mistral's and T5's,
+/// Llama-3's, Gemma's.
+pub const END_OF_TEXT_TOKENS: [&str; 4] = ["<|endoftext|>", "</s>", "<|end_of_text|>", "<eos>"];
+
+impl HfTokenizer {
+    /// The id of `token` (a vocabulary entry or an added token), if the tokenizer has it.
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    /// The tokenizer's end-of-text token and its id: the first of [`END_OF_TEXT_TOKENS`] that
+    /// it declares as a special added token. `tokenizer.json` itself does not say which token
+    /// ends a document (a model's `config.json` does), so this recognises the conventional
+    /// names only.
+    pub fn end_of_text(&self) -> Option<(&'static str, u32)> {
+        let added = self.inner.get_added_tokens_decoder();
+        END_OF_TEXT_TOKENS.into_iter().find_map(|name| {
+            added.iter().find(|(_, t)| t.special && t.content == name).map(|(&id, _)| (name, id))
+        })
+    }
+}
+
 impl Tokenizer for HfTokenizer {
     /// # Panics
     /// If the `tokenizers` crate reports an encoding error (loading refuses a model that fails
@@ -193,6 +216,42 @@ mod tests {
         let d = std::env::temp_dir().join(format!("mamba-train-tok-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
         d
+    }
+
+    /// A word-level tokenizer.json with `added` as its added tokens.
+    fn wordlevel_with(added: &str) -> HfTokenizer {
+        let json = format!(
+            r#"{{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [{added}],
+            "normalizer": null, "pre_tokenizer": {{"type": "Whitespace"}}, "post_processor": null,
+            "decoder": null, "model": {{"type": "WordLevel", "unk_token": "[UNK]",
+            "vocab": {{"[UNK]": 0, "a": 1, "b": 2, "</s>": 3}}}}}}"#
+        );
+        HfTokenizer::from_bytes(Path::new("t.json"), json.as_bytes()).unwrap()
+    }
+
+    fn added(id: u32, content: &str, special: bool) -> String {
+        format!(
+            r#"{{"id": {id}, "content": "{content}", "single_word": false, "lstrip": false,
+            "rstrip": false, "normalized": false, "special": {special}}}"#
+        )
+    }
+
+    #[test]
+    fn end_of_text_is_a_special_token_of_a_conventional_name() {
+        // GPT-NeoX's <|endoftext|> as a special added token.
+        let t = wordlevel_with(&added(4, "<|endoftext|>", true));
+        assert_eq!(t.end_of_text(), Some(("<|endoftext|>", 4)));
+        assert_eq!(t.token_id("<|endoftext|>"), Some(4));
+        assert_eq!(t.token_id("b"), Some(2));
+        assert_eq!(t.token_id("zzz"), None);
+        // The first name of the list wins when there are several.
+        let both = [added(4, "<eos>", true), added(5, "<|endoftext|>", true)].join(",");
+        assert_eq!(wordlevel_with(&both).end_of_text(), Some(("<|endoftext|>", 5)));
+        // A plain vocabulary entry named </s>, or an added token not marked special, is not taken
+        // for the end of text; nor is an unconventional name.
+        assert_eq!(wordlevel_with("").end_of_text(), None);
+        assert_eq!(wordlevel_with(&added(4, "<|endoftext|>", false)).end_of_text(), None);
+        assert_eq!(wordlevel_with(&added(4, "<|end|>", true)).end_of_text(), None);
     }
 
     #[test]
