@@ -88,16 +88,16 @@ struct LinearBackward {
     rows: Range<usize>,
 }
 
-/// The rows `rows` (of `width` values each) of a gradient buffer `buf`, to write with the
-/// returned β; a buffer to be overwritten gets zeros in its other rows first.
-fn grad_rows<'a>(g: InputGrad<'a>, rows: &Range<usize>, width: usize) -> (f32, &'a mut [f32]) {
-    let (beta, over) = (g.beta(), g.overwrites());
+/// The rows `rows` (of `width` values each) of a gradient buffer, and whether they are to be
+/// overwritten (they then hold no gradient yet, and its other rows are zeroed here).
+fn grad_rows<'a>(g: InputGrad<'a>, rows: &Range<usize>, width: usize) -> (bool, &'a mut [f32]) {
+    let over = g.overwrites();
     let buf = g.into_data();
     if over {
         buf[..rows.start * width].fill(0.0);
         buf[rows.end * width..].fill(0.0);
     }
-    (beta, &mut buf[rows.start * width..rows.end * width])
+    (over, &mut buf[rows.start * width..rows.end * width])
 }
 
 impl Backward for LinearBackward {
@@ -126,17 +126,22 @@ impl Backward for LinearBackward {
         }
         // dW[rows] (n, k) (+)= dyᵀ (n, m) · x (m, k)
         if let Some(dw) = at.w.grad(grads) {
-            let (beta, dw) = grad_rows(dw, rows, k);
+            let (over, dw) = grad_rows(dw, rows, k);
             if m == 0 {
-                dw.iter_mut().for_each(|g| *g *= beta);
+                if over {
+                    dw.fill(0.0);
+                }
             } else {
-                gemm((n, m, k), 1.0, dy, (1, n), x, (k, 1), beta, dw, (k, 1));
+                // β = 0 writes every element without reading it.
+                gemm((n, m, k), 1.0, dy, (1, n), x, (k, 1), if over { 0.0 } else { 1.0 }, dw, (k, 1));
             }
         }
         // db[rows] (n) (+)= Σ_rows dy
         if let Some(db) = at.b.and_then(|b| b.grad(grads)) {
-            let (beta, db) = grad_rows(db, rows, 1);
-            db.iter_mut().for_each(|g| *g *= beta);
+            let (over, db) = grad_rows(db, rows, 1);
+            if over {
+                db.fill(0.0);
+            }
             for row in dy.chunks_exact(n.max(1)).take(m) {
                 for (g, d) in db.iter_mut().zip(row) {
                     *g += d;
