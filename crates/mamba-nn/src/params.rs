@@ -273,6 +273,60 @@ impl Grads {
         &mut self.grads[id.0]
     }
 
+    /// Total values over every gradient (frozen parameters' are empty).
+    pub fn len(&self) -> usize {
+        self.grads.iter().map(Tensor::len).sum()
+    }
+
+    /// Whether there are no gradient values at all.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Copies every gradient, in parameter order, into `flat` ([`Grads::len`] values): with
+    /// [`Grads::read_flat`], how data-parallel ranks sum their gradients in one buffer.
+    ///
+    /// # Panics
+    /// If `flat` does not hold [`Grads::len`] values.
+    #[track_caller]
+    pub fn write_flat(&self, flat: &mut [f32]) {
+        assert_eq!(
+            flat.len(),
+            self.len(),
+            "Grads::write_flat: {} values for {} gradients",
+            flat.len(),
+            self.len()
+        );
+        let mut at = 0;
+        for g in &self.grads {
+            let v = g.as_slice().expect("gradients are contiguous");
+            flat[at..at + v.len()].copy_from_slice(v);
+            at += v.len();
+        }
+    }
+
+    /// Sets every gradient from `flat`, laid out as [`Grads::write_flat`] writes it.
+    ///
+    /// # Panics
+    /// If `flat` does not hold [`Grads::len`] values.
+    #[track_caller]
+    pub fn read_flat(&mut self, flat: &[f32]) {
+        assert_eq!(
+            flat.len(),
+            self.len(),
+            "Grads::read_flat: {} values for {} gradients",
+            flat.len(),
+            self.len()
+        );
+        let mut at = 0;
+        for g in &mut self.grads {
+            let v = g.as_slice_mut().expect("gradients are contiguous");
+            let n = v.len();
+            v.copy_from_slice(&flat[at..at + n]);
+            at += n;
+        }
+    }
+
     /// Moves the gradient of `id` out (leaving an empty placeholder, no allocation); the tape
     /// puts it back with [`Grads::put`].
     pub(crate) fn take(&mut self, id: ParamId) -> Tensor {

@@ -13,9 +13,12 @@
 //!   streaming tokens to text).
 //! - [`trainer`]: the training loop with metrics, plots and exact resume; [`run_dir`]: the run
 //!   directory's lock and its atomically published checkpoints.
+//! - [`collective`]: the sums data-parallel ranks exchange (one rank by default; a group of
+//!   threads for tests).
 //!
 //! It builds on [`mamba_nn`] for the models, their parameters and gradients, and safetensors I/O.
 
+pub mod collective;
 pub mod data;
 pub mod optim;
 pub mod plot;

@@ -3,7 +3,7 @@
 //! Each generator returns `(inputs, targets)`, both row-major `(batch, seq_len)`: `inputs` are
 //! token ids, `targets[b·L + t]` is the id the model must output at position `t` of row `b`
 //! (the logits at `t` are scored directly, no shift), or [`IGNORE_INDEX`] (−100) where nothing
-//! is scored — the convention of [`mamba_nn::ops::cross_entropy`].
+//! is scored — the convention of [`mamba_nn::ops::cross_entropy()`].
 //!
 //! The paper trains on 4096-token selective copying and 256-token induction heads; the defaults
 //! here are scaled down so a 2-layer, `d_model = 64` model trains on a 2-core CPU in minutes,

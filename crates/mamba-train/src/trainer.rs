@@ -30,6 +30,7 @@ use mamba_nn::tape::Tape;
 use mamba_nn::tensor::{Tensor, data as values, from_vec};
 use serde::{Deserialize, Serialize};
 
+use crate::collective::{Collective, Solo, gather_f64, share};
 use crate::data::{DataError, Rng, TextData, sample_batch, val_batches};
 use crate::optim::{AdamW, AdamWConfig, LrSchedule, clip_grad_norm};
 use crate::plot::{Series, svg};
@@ -251,6 +252,27 @@ pub enum TrainError {
         /// What is wrong.
         reason: String,
     },
+    /// The data-parallel ranks' parameters differ (checked at every evaluation).
+    #[error(
+        "step {step}: the ranks' parameters have drifted apart (checksums by rank: {checksums:?}); \
+         training stopped. The last checkpoint in {dir} holds rank 0's parameters"
+    )]
+    Diverged {
+        /// The step.
+        step: u64,
+        /// Each rank's parameter checksum.
+        checksums: Vec<f64>,
+        /// The run directory.
+        dir: PathBuf,
+    },
+    /// This run cannot be split over the ranks given.
+    #[error("data-parallel training over {ranks} ranks: {reason}")]
+    Parallel {
+        /// The number of ranks.
+        ranks: usize,
+        /// What does not fit.
+        reason: String,
+    },
 }
 
 /// `trainer.json`.
@@ -358,6 +380,11 @@ pub struct Trainer {
     base: Option<PathBuf>,
     /// A stateful run's rows (made at its first step).
     stream: Option<Stream>,
+    /// The data-parallel group this trainer is one rank of ([`Solo`] unless
+    /// [`Trainer::with_collective`]).
+    comm: Box<dyn Collective>,
+    /// The gradients in one buffer for the ranks' sum (empty with one rank).
+    flat: Vec<f32>,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> TrainError + '_ {
@@ -396,7 +423,37 @@ impl Trainer {
             val_curve: Vec::new(),
             base: None,
             stream: None,
+            comm: Box::new(Solo),
+            flat: Vec::new(),
         }
+    }
+
+    /// Makes this trainer rank `comm.rank()` of a data-parallel group of `comm.size()` ranks.
+    ///
+    /// Every rank draws the same global batch of `--batch-size` rows from the same seeded
+    /// sampler and trains on its share ([`crate::collective::share`]); the ranks sum their gradients,
+    /// each scaled by its share of the batch's targets, so every rank applies the same clipped
+    /// AdamW step and the parameters stay identical (checked by a checksum at every evaluation).
+    /// Only rank 0 writes the run's files. A checkpoint is the same whatever the number of
+    /// ranks, so a run resumes on any number.
+    ///
+    /// # Errors
+    /// [`TrainError::Parallel`] if the batch has fewer rows than there are ranks, or the run is
+    /// stateful (its rows carry state from window to window and are not split yet).
+    pub fn with_collective(mut self, comm: Box<dyn Collective>) -> Result<Self, TrainError> {
+        let ranks = comm.size();
+        if ranks > 1 && self.config.batch_size < ranks {
+            return Err(TrainError::Parallel {
+                ranks,
+                reason: format!("--batch-size {} gives some rank no rows", self.config.batch_size),
+            });
+        }
+        if ranks > 1 && self.config.stateful {
+            return Err(TrainError::Parallel { ranks, reason: "--stateful runs on one rank only".into() });
+        }
+        self.flat = if ranks > 1 { vec![0.0; self.grads.len()] } else { Vec::new() };
+        self.comm = comm;
+        Ok(self)
     }
 
     /// Records `dir` as the pretrained model this run started from (in `trainer.json`, and as
@@ -478,7 +535,10 @@ impl Trainer {
         let accum = cfg.grad_accum.max(1);
         self.grads.zero();
         let mut total = 0.0f64;
+        // This rank's rows of each global batch, and its share of the batch's loss.
+        let rows = share(cfg.batch_size, self.comm.rank(), self.comm.size());
         for _ in 0..accum {
+            let mut frac = 1.0f64;
             let mut tape = Tape::new(&self.model.params);
             // The loss is read before the backward; nothing after it.
             tape.release_values_in_backward();
@@ -503,14 +563,23 @@ impl Trainer {
                     ops::cross_entropy(&mut tape, logits, &targets)
                 }
                 Objective::Text { data, .. } => {
-                    let ids = sample_batch(&data.train, &mut self.rng, cfg.batch_size, cfg.seq_len);
-                    let seq = layout(&ids, cfg.reset_token);
-                    self.model.forward_loss_seq(&mut tape, &ids, cfg.batch_size, cfg.seq_len + 1, &seq).1
+                    let all = sample_batch(&data.train, &mut self.rng, cfg.batch_size, cfg.seq_len);
+                    let w = cfg.seq_len + 1;
+                    let ids = &all[rows.start * w..rows.end * w];
+                    frac = rows.len() as f64 / cfg.batch_size as f64;
+                    let seq = layout(ids, cfg.reset_token);
+                    self.model.forward_loss_seq(&mut tape, ids, rows.len(), w, &seq).1
                 }
                 Objective::Task(task) => {
-                    let (ids, targets) = task.batch(&mut self.rng, cfg.batch_size);
-                    let logits = self.model.forward(&mut tape, &ids, cfg.batch_size, task.seq_len());
-                    ops::cross_entropy(&mut tape, logits, &targets)
+                    let (all_ids, all_targets) = task.batch(&mut self.rng, cfg.batch_size);
+                    let l = task.seq_len();
+                    let (ids, targets) =
+                        (&all_ids[rows.start * l..rows.end * l], &all_targets[rows.start * l..rows.end * l]);
+                    // The loss is a mean over scored targets, which rows may hold unequally.
+                    let scored = |t: &[i64]| t.iter().filter(|&&v| v >= 0).count();
+                    frac = scored(targets) as f64 / scored(&all_targets).max(1) as f64;
+                    let logits = self.model.forward(&mut tape, ids, rows.len(), l);
+                    ops::cross_entropy(&mut tape, logits, targets)
                 }
             };
             let value = values(tape.value(loss))[0] as f64;
@@ -522,9 +591,19 @@ impl Trainer {
                     dir: self.dir().to_path_buf(),
                 });
             }
-            total += value;
-            let seed = mamba_nn::tensor::from_vec(tape.value(loss).shape(), vec![1.0 / accum as f32]);
+            total += value * frac;
+            let seed =
+                mamba_nn::tensor::from_vec(tape.value(loss).shape(), vec![(frac / accum as f64) as f32]);
             tape.backward_from(loss, seed, &mut self.grads);
+        }
+        if self.comm.size() > 1 {
+            // The global batch's mean gradient and loss: the ranks' scaled shares, summed.
+            self.grads.write_flat(&mut self.flat);
+            self.comm.all_reduce_sum(&mut self.flat);
+            self.grads.read_flat(&self.flat);
+            let mut t = [total];
+            self.comm.all_reduce_sum_f64(&mut t);
+            total = t[0];
         }
         let norm = clip_grad_norm(&self.model.params, &mut self.grads, cfg.grad_clip) as f64;
         if !norm.is_finite() {
@@ -582,8 +661,40 @@ impl Trainer {
         }
     }
 
-    /// Writes the checkpoint files, `metrics.jsonl` line and plot (see the module docs).
+    /// A checksum of every parameter value (position-weighted, in f64): equal on ranks whose
+    /// parameters are bitwise equal.
+    fn param_checksum(&self) -> f64 {
+        let mut sum = 0.0f64;
+        for (_, p) in self.model.params.iter() {
+            for (i, &v) in p.value.iter().enumerate() {
+                sum += v as f64 * (1 + i % 7) as f64;
+            }
+        }
+        sum
+    }
+
+    /// Errors if the ranks' parameters differ ([`TrainError::Diverged`]).
+    fn check_ranks_agree(&self) -> Result<(), TrainError> {
+        if self.comm.size() == 1 {
+            return Ok(());
+        }
+        let sums = gather_f64(self.comm.as_ref(), self.param_checksum());
+        if sums.iter().any(|&s| s.to_bits() != sums[0].to_bits()) {
+            return Err(TrainError::Diverged {
+                step: self.step,
+                checksums: sums,
+                dir: self.dir().to_path_buf(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Writes the checkpoint files, `metrics.jsonl` line and plot (see the module docs); only
+    /// rank 0 of a data-parallel group writes.
     fn checkpoint(&self, m: &Metrics) -> Result<(), TrainError> {
+        if self.comm.rank() != 0 {
+            return Ok(());
+        }
         let st = TrainerState {
             step: self.step,
             tokens: self.tokens,
@@ -731,6 +842,7 @@ impl Trainer {
         lr: f32,
         info: &StepInfo,
     ) -> Result<Metrics, TrainError> {
+        self.check_ranks_agree()?;
         let (val_loss, val_accuracy) = self.evaluate(obj);
         let train_loss = if window.1 > 0 { window.0 / window.1 as f64 } else { f64::NAN };
         *window = (0.0, 0);
