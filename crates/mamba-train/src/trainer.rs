@@ -583,7 +583,9 @@ impl Trainer {
                 }
             };
             let value = values(tape.value(loss))[0] as f64;
-            if !value.is_finite() {
+            // With several ranks a rank's non-finite loss reaches every rank through the sums
+            // below (and is reported there), so that no rank leaves a collective the others enter.
+            if !value.is_finite() && self.comm.size() == 1 {
                 return Err(TrainError::NonFinite {
                     step: self.step + 1,
                     what: "loss",
@@ -604,6 +606,14 @@ impl Trainer {
             let mut t = [total];
             self.comm.all_reduce_sum_f64(&mut t);
             total = t[0];
+            if !total.is_finite() {
+                return Err(TrainError::NonFinite {
+                    step: self.step + 1,
+                    what: "loss",
+                    value: total,
+                    dir: self.dir().to_path_buf(),
+                });
+            }
         }
         let norm = clip_grad_norm(&self.model.params, &mut self.grads, cfg.grad_clip) as f64;
         if !norm.is_finite() {
@@ -659,6 +669,22 @@ impl Trainer {
                 (loss / batches as f64, Some(acc / batches as f64))
             }
         }
+    }
+
+    /// What every rank of a group does next, decided together: stop if any rank was asked to;
+    /// end, and plan the learning-rate schedule, as rank 0's clock says (ranks that timed their
+    /// steps apart would otherwise leave the loop, or set the learning rate, differently).
+    fn agree(&self, stop: bool, done: bool, planned: u64) -> (bool, bool, u64) {
+        if self.comm.size() == 1 {
+            return (stop, done, planned);
+        }
+        let lead = self.comm.rank() == 0;
+        let mut v = [f64::from(u8::from(stop)), if lead { f64::from(u8::from(done)) } else { 0.0 }, 0.0];
+        if lead {
+            v[2] = planned as f64;
+        }
+        self.comm.all_reduce_sum_f64(&mut v);
+        (v[0] > 0.0, v[1] > 0.0, v[2] as u64)
     }
 
     /// A checksum of every parameter value (position-weighted, in f64): equal on ranks whose
@@ -759,22 +785,13 @@ impl Trainer {
         let mut lr = 0.0f32;
         let mut stopped = false;
         loop {
-            if progress.stop_requested() {
-                stopped = true;
-                break;
-            }
+            let stop = progress.stop_requested();
             let run_s = start.elapsed().as_secs_f64();
             let spent = self.elapsed_before + run_s;
             let steps_run = self.step - start_step;
             let per_step = if steps_run > 0 { run_s / steps_run as f64 } else { 0.0 };
-            if self.config.steps.is_some_and(|s| self.step >= s) {
-                break;
-            }
-            if let Some(budget) = self.config.time_budget
-                && spent + per_step + 1.2 * eval_cost + 0.5 > budget
-            {
-                break;
-            }
+            let done = self.config.steps.is_some_and(|s| self.step >= s)
+                || self.config.time_budget.is_some_and(|b| spent + per_step + 1.2 * eval_cost + 0.5 > b);
             let planned = match (self.config.steps, self.config.time_budget) {
                 (Some(s), _) => s,
                 (None, Some(b)) if per_step > 0.0 => {
@@ -782,6 +799,14 @@ impl Trainer {
                 }
                 _ => self.step + 1000,
             };
+            let (stop, done, planned) = self.agree(stop, done, planned);
+            if stop {
+                stopped = true;
+                break;
+            }
+            if done {
+                break;
+            }
             let sched = LrSchedule {
                 max_lr: self.config.lr,
                 min_lr: self.config.min_lr,

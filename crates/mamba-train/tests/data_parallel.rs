@@ -204,3 +204,20 @@ fn ranks_whose_parameters_differ_are_stopped() {
     assert!(t.with_collective(Box::new(c)).err().expect("stateful").to_string().contains("--stateful"));
     let _ = std::fs::remove_dir_all(&root);
 }
+
+#[test]
+fn a_time_budget_ends_every_rank_at_the_same_step() {
+    // Each rank times its own steps; rank 0's clock decides when all of them stop and how long
+    // the learning-rate schedule is, so the ranks neither wait on each other forever nor drift.
+    let root = tmp("budget");
+    let make = |rank: usize| {
+        let cfg = TrainConfig { steps: None, time_budget: Some(1.5), eval_every: 1000, ..config(0, 4) };
+        Trainer::new(model(), cfg, root.join(format!("r{rank}"))).unwrap()
+    };
+    let out = train_group(2, make, &text_objective);
+    let (l0, p0) = out[0].as_ref().unwrap();
+    let (l1, p1) = out[1].as_ref().unwrap();
+    assert!(l0.len() > 2, "{} steps in 1.5 s", l0.len());
+    assert_eq!((l0, p0), (l1, p1), "both ranks took the same steps");
+    let _ = std::fs::remove_dir_all(&root);
+}
