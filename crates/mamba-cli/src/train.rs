@@ -10,6 +10,7 @@ use clap::{ArgMatches, Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
 use mamba_nn::config::{Arch, MambaConfig};
 use mamba_nn::model::{LoadOptions, LoraConfig, MambaLM, WeightFormat};
+use mamba_train::collective::{Collective, Solo};
 use mamba_train::data::TextData;
 use mamba_train::data::read_documents;
 use mamba_train::run_dir::RunDir;
@@ -520,12 +521,38 @@ fn install_stop_handler() -> anyhow::Result<()> {
 }
 
 /// Runs `mamba train`; `m` tells which flags were given.
+/// This process's place in a data-parallel run: one rank of the `mpirun` world (built with the
+/// `mpi` feature and started by `mpirun` with more than one process), else the only one.
+fn ranks() -> anyhow::Result<Box<dyn Collective>> {
+    #[cfg(feature = "mpi")]
+    {
+        let world = mamba_train::collective::Mpi::init().map_err(anyhow::Error::msg)?;
+        if world.size() > 1 {
+            return Ok(Box::new(world));
+        }
+    }
+    Ok(Box::new(Solo))
+}
+
 pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
     task_defaults(&mut a, m);
+    let comm = ranks()?;
+    // Rank 0 owns the run directory and alone writes and reports; the others follow it.
+    let lead = comm.rank() == 0;
+    if comm.size() > 1 && a.out.is_none() {
+        bail!("training on {} ranks needs --out (every rank must name the same run directory)", comm.size());
+    }
+    let claim = |dir: &Path, resume: bool| -> anyhow::Result<RunDir> {
+        Ok(match (lead, resume) {
+            (false, _) => RunDir::follow(dir),
+            (true, true) => RunDir::open(dir)?,
+            (true, false) => RunDir::create(dir)?,
+        })
+    };
     // The objective is built once: for a new run it also decides the vocabulary and length.
-    let (mut trainer, source, obj) = if a.resume {
+    let (trainer, source, obj) = if a.resume {
         let dir = a.out.clone().expect("clap requires --out with --resume");
-        let run = RunDir::open(&dir)?;
+        let run = claim(&dir, true)?;
         let source = SourceFile::read(&dir.join("source.json"))?.data;
         let mut t = Trainer::resume_run(run)?;
         let conflicts = resume_conflicts(&a, m, &t, &source);
@@ -546,7 +573,7 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
             t.config.checkpoint_layers = true;
             t.model.backbone.checkpoint_layers = true;
         }
-        if let Some((ck, skipped)) = t.resumed_from() {
+        if let Some((ck, skipped)) = t.resumed_from().filter(|_| lead) {
             for note in skipped {
                 eprintln!("skipping an incomplete checkpoint: {note}");
             }
@@ -558,7 +585,9 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
         if let Some(s) = a.steps {
             t.config.steps = Some(s);
         }
-        eprintln!("resuming {} at step {} ({} tokens)", dir.display(), t.step, t.tokens);
+        if lead {
+            eprintln!("resuming {} at step {} ({} tokens)", dir.display(), t.step, t.tokens);
+        }
         let obj = objective(&source, &dir.join("tokenizer.json"))?;
         (t, source, obj)
     } else {
@@ -616,8 +645,9 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
             None => None,
         };
         let dir = a.out.clone().unwrap_or_else(next_run_dir);
-        let run = RunDir::create(&dir)?;
+        let run = claim(&dir, false)?;
         match (&base, &a.tokenizer) {
+            _ if !lead => {}
             (Some(b), _) => crate::model_dir::copy_tokenizer_files(b, &dir)?,
             (None, Some(tj)) => {
                 std::fs::copy(tj, dir.join("tokenizer.json"))
@@ -631,8 +661,10 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
             targets: l.config.targets.clone(),
         });
         let file = SourceFile { data: source.clone(), from: base.clone().map(|dir| Base { dir, lora }) };
-        std::fs::write(dir.join("source.json"), serde_json::to_vec_pretty(&file)?)
-            .with_context(|| format!("writing {}", dir.join("source.json").display()))?;
+        if lead {
+            std::fs::write(dir.join("source.json"), serde_json::to_vec_pretty(&file)?)
+                .with_context(|| format!("writing {}", dir.join("source.json").display()))?;
+        }
         let (steps, time_budget) = match (a.steps, a.time_budget, &source) {
             (None, None, Source::Builtin) => (None, Some(100.0)),
             (None, None, _) => (Some(2000), None),
@@ -692,17 +724,23 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
             },
         };
         let trainable: usize = model.params.trainable().map(|(_, p)| p.value.len()).sum();
-        eprintln!(
-            "training {what} ({:.2} M parameters, {:.2} M trained) on {} into {}",
-            model.params.num_elements() as f64 / 1e6,
-            trainable as f64 / 1e6,
-            match &source {
-                Source::Text { path, .. } => path.display().to_string(),
-                Source::Task(t) => format!("the {t:?} task"),
-                Source::Builtin => "the built-in arithmetic corpus (generated, offline)".to_string(),
-            },
-            dir.display()
-        );
+        let ranks = match comm.size() {
+            1 => String::new(),
+            n => format!(", {n} ranks of {} rows", a.batch_size.div_ceil(n)),
+        };
+        if lead {
+            eprintln!(
+                "training {what} ({:.2} M parameters, {:.2} M trained) on {} into {}{ranks}",
+                model.params.num_elements() as f64 / 1e6,
+                trainable as f64 / 1e6,
+                match &source {
+                    Source::Text { path, .. } => path.display().to_string(),
+                    Source::Task(t) => format!("the {t:?} task"),
+                    Source::Builtin => "the built-in arithmetic corpus (generated, offline)".to_string(),
+                },
+                dir.display()
+            );
+        }
         let trainer = Trainer::with_run(model, tc, run);
         let trainer = match base {
             Some(b) => trainer.with_base(b),
@@ -710,8 +748,10 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
         };
         (trainer, source, obj)
     };
+    let mut trainer = trainer.with_collective(comm)?;
     let dir = trainer.dir().to_path_buf();
-    let bar = ProgressBar::new(trainer.config.steps.unwrap_or(1000));
+    let bar =
+        if lead { ProgressBar::new(trainer.config.steps.unwrap_or(1000)) } else { ProgressBar::hidden() };
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}  ETA {eta}")
             .expect("a valid template")
@@ -721,6 +761,9 @@ pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
     install_stop_handler()?;
     let m = trainer.run(&obj, &mut progress)?;
     progress.0.finish_and_clear();
+    if !lead {
+        return Ok(());
+    }
     outln!(
         "final validation loss {:.4} nats per token after {} steps, {} tokens, {:.0} s",
         m.val_loss,

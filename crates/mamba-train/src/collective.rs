@@ -5,7 +5,8 @@
 //! their scaled gradients with [`Collective::all_reduce_sum`], so that every rank applies the same
 //! optimizer step and the parameters stay identical. [`Solo`] is the one-rank group every
 //! [`Trainer`](crate::trainer::Trainer) has by default; [`InProcess`] runs a group as threads of
-//! one process (how the trainer's data-parallel logic is tested without MPI).
+//! one process (how the trainer's data-parallel logic is tested without MPI); `Mpi` (cargo
+//! feature `mpi`) is one process of a run started with `mpirun`.
 //!
 //! ```
 //! use mamba_train::collective::{Collective, InProcess};
@@ -26,6 +27,11 @@
 //! ```
 
 use std::sync::{Arc, Barrier, Mutex};
+
+#[cfg(feature = "mpi")]
+mod over_mpi;
+#[cfg(feature = "mpi")]
+pub use over_mpi::Mpi;
 
 /// A group of ranks that sum buffers together.
 pub trait Collective: Send + Sync {

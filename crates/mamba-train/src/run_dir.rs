@@ -106,11 +106,12 @@ pub struct Checkpoint {
 }
 
 /// A run directory owned by this process (its lock is held until this value is dropped or the
-/// process ends, however it ends).
+/// process ends, however it ends), or followed by it ([`RunDir::follow`]).
 #[derive(Debug)]
 pub struct RunDir {
     dir: PathBuf,
-    _lock: File,
+    /// The held lock; `None` for a follower, which never writes.
+    lock: Option<File>,
 }
 
 const CHECKPOINTS: &str = "checkpoints";
@@ -188,10 +189,22 @@ impl RunDir {
         let path = dir.join(LOCK);
         let file = File::options().create(true).truncate(false).write(true).open(&path).map_err(io(&path))?;
         match file.try_lock() {
-            Ok(()) => Ok(Self { dir, _lock: file }),
+            Ok(()) => Ok(Self { dir, lock: Some(file) }),
             Err(TryLockError::WouldBlock) => Err(RunDirError::Locked { dir, lock: path }),
             Err(TryLockError::Error(cause)) => Err(RunDirError::Io { path, cause }),
         }
+    }
+
+    /// The run in `dir` as seen by a data-parallel rank other than rank 0, which owns it: no
+    /// lock, nothing created or removed, and nothing ever written ([`RunDir::save`] panics); it
+    /// only reads checkpoints ([`RunDir::latest`]) to resume from.
+    pub fn follow(dir: impl Into<PathBuf>) -> Self {
+        Self { dir: dir.into(), lock: None }
+    }
+
+    /// Whether this is a [`RunDir::follow`]er, which writes nothing.
+    pub fn is_follower(&self) -> bool {
+        self.lock.is_none()
     }
 
     /// The directory.
@@ -238,6 +251,7 @@ impl RunDir {
         keep: usize,
         write: impl FnOnce(&Path) -> Result<(), E>,
     ) -> Result<Checkpoint, E> {
+        assert!(!self.is_follower(), "RunDir::save: a follower of {} never writes", self.dir.display());
         let ck = self.checkpoints();
         let tmp = ck.join(format!(".tmp-{}-{}", step_name(step), std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
@@ -478,6 +492,25 @@ mod tests {
         assert!(e.to_string().contains("adapter_model.safetensors"), "{e}");
         assert_eq!(run.latest().unwrap().0.step, 1);
         drop(run);
+        fs::remove_dir_all(&d).unwrap();
+    }
+
+    /// A follower reads a locked run and removes nothing; it never writes.
+    #[test]
+    fn a_follower_reads_a_run_it_does_not_own() {
+        let d = tmp("follow");
+        let owner = RunDir::create(&d).unwrap();
+        owner.save(3, 2, |t| write_all(t, 3, &[3; 10])).unwrap();
+        fs::create_dir_all(d.join("checkpoints/.tmp-step-00000009-1")).unwrap();
+        let f = RunDir::follow(&d);
+        assert!(f.is_follower() && !owner.is_follower());
+        assert_eq!(f.latest().unwrap().0.step, 3, "reads while the owner holds the lock");
+        assert!(d.join("checkpoints/.tmp-step-00000009-1").exists(), "a follower removes nothing");
+        let saved = std::panic::catch_unwind(|| {
+            let _ = f.save(4, 2, |_| -> Result<(), RunDirError> { Ok(()) });
+        });
+        assert!(saved.is_err(), "a follower's save is a bug, and panics");
+        drop(owner);
         fs::remove_dir_all(&d).unwrap();
     }
 

@@ -501,7 +501,9 @@ impl Trainer {
             MambaLM::from_pretrained(&ck.path)?
         };
         let opt_file = TensorFile::open(ck.path.join("optimizer.safetensors"))?;
-        drop_metrics_after(&run.path().join("metrics.jsonl"), st.step)?;
+        if !run.is_follower() {
+            drop_metrics_after(&run.path().join("metrics.jsonl"), st.step)?;
+        }
         let mut t = Self::with_run(model, st.config, run);
         t.opt.load_state(&opt_file, st.step)?;
         t.step = st.step;
