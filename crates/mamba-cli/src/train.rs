@@ -520,7 +520,6 @@ fn install_stop_handler() -> anyhow::Result<()> {
     .context("installing the Ctrl-C handler")
 }
 
-/// Runs `mamba train`; `m` tells which flags were given.
 /// This process's place in a data-parallel run: one rank of the `mpirun` world (built with the
 /// `mpi` feature and started by `mpirun` with more than one process), else the only one.
 fn ranks() -> anyhow::Result<Box<dyn Collective>> {
@@ -534,6 +533,7 @@ fn ranks() -> anyhow::Result<Box<dyn Collective>> {
     Ok(Box::new(Solo))
 }
 
+/// Runs `mamba train`; `m` tells which flags were given.
 pub fn run(mut a: TrainArgs, m: &ArgMatches) -> anyhow::Result<()> {
     task_defaults(&mut a, m);
     let comm = ranks()?;
