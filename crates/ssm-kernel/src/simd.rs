@@ -99,8 +99,18 @@ pub trait Vf32:
     /// # Panics
     /// If `src` is shorter than `LANES`.
     fn load_full(src: &[f32]) -> Self;
-    /// Stores the first `dst.len().min(LANES)` lanes of `v` into `dst`.
-    fn store(dst: &mut [f32], v: Self);
+    /// Stores the first `dst.len().min(LANES)` lanes of `v` into `dst`. By default a full
+    /// vector store, or the lanes copied through [`Vf32::to_array`] into a shorter `dst`; a
+    /// level with masked or half-width stores overrides it.
+    #[inline(always)]
+    fn store(dst: &mut [f32], v: Self) {
+        if dst.len() >= Self::LANES {
+            Self::store_full(dst, v)
+        } else {
+            let n = dst.len();
+            dst.copy_from_slice(&v.to_array().as_ref()[..n]);
+        }
+    }
     /// Stores `v` into `dst[..LANES]`: one vector store.
     ///
     /// # Panics

@@ -18,10 +18,11 @@ pub struct Mpi {
     size: usize,
 }
 
-/// The MPI handles and a reused send buffer, used under the lock only.
+/// The MPI handles and reused send buffers (no allocation per step), used under the lock only.
 struct Inner {
     world: SimpleCommunicator,
     send: Vec<f32>,
+    send64: Vec<f64>,
     /// Dropped last: finalises MPI.
     _universe: Universe,
 }
@@ -55,7 +56,8 @@ impl Mpi {
         }
         let world = universe.world();
         let (rank, size) = (world.rank() as usize, world.size() as usize);
-        Ok(Mpi { inner: Mutex::new(Inner { world, send: Vec::new(), _universe: universe }), rank, size })
+        let inner = Inner { world, send: Vec::new(), send64: Vec::new(), _universe: universe };
+        Ok(Mpi { inner: Mutex::new(inner), rank, size })
     }
 }
 
@@ -77,8 +79,10 @@ impl Collective for Mpi {
     }
 
     fn all_reduce_sum_f64(&self, buf: &mut [f64]) {
-        let g = self.inner.lock().expect("an MPI call panicked");
-        let send = buf.to_vec();
-        g.world.all_reduce_into(&send[..], buf, SystemOperation::sum());
+        let mut g = self.inner.lock().expect("an MPI call panicked");
+        let Inner { world, send64, .. } = &mut *g;
+        send64.clear();
+        send64.extend_from_slice(buf);
+        world.all_reduce_into(&send64[..], buf, SystemOperation::sum());
     }
 }

@@ -210,15 +210,6 @@ impl Vf32 for A8 {
         A8(unsafe { _mm256_loadu_ps(s.as_ptr()) })
     }
     #[inline(always)]
-    fn store(dst: &mut [f32], v: Self) {
-        if dst.len() >= 8 {
-            Self::store_full(dst, v)
-        } else {
-            let n = dst.len();
-            dst.copy_from_slice(&v.to_array()[..n]);
-        }
-    }
-    #[inline(always)]
     fn store_full(dst: &mut [f32], v: Self) {
         let d = &mut dst[..8];
         // SAFETY: `d` holds 8 values.

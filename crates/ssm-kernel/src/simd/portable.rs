@@ -86,15 +86,6 @@ macro_rules! wide_vf32 {
                 wide::$v::from(*<&[f32; $n]>::try_from(&src[..$n]).unwrap())
             }
             #[inline(always)]
-            fn store(dst: &mut [f32], v: Self) {
-                if dst.len() >= $n {
-                    Self::store_full(dst, v)
-                } else {
-                    let n = dst.len();
-                    dst.copy_from_slice(&v.to_array()[..n]);
-                }
-            }
-            #[inline(always)]
             fn store_full(dst: &mut [f32], v: Self) {
                 *<&mut [f32; $n]>::try_from(&mut dst[..$n]).unwrap() = v.to_array();
             }
