@@ -191,20 +191,30 @@ pub trait Backward {
     /// gradient (β = 0 or 1).
     fn backward(&self, inputs: &[&Tensor], out: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]);
 
+    /// Whether [`Backward::backward`] reads `out`. An op that does not (most: they keep what
+    /// they need among their inputs) lets a tape that releases values in the backward give
+    /// the output back before the op's backward runs rather than after; it then gets an empty
+    /// `out`.
+    fn reads_output(&self) -> bool {
+        true
+    }
+
     /// [`Backward::backward`] with the parameters and their gradients at hand, for an op that
     /// back-propagates through a computation of its own on a tape of its own (activation
     /// checkpointing re-runs a layer in its backward) and adds that computation's parameter
-    /// gradients straight into `params.grads`. The default ignores them.
+    /// gradients straight into `params.grads`. `dout` is the op's to keep (as the seed of its
+    /// own backward) or drop. The default ignores the parameters.
     fn backward_with(
         &self,
         params: ParamCtx<'_>,
         inputs: &[&Tensor],
         out: &Tensor,
-        dout: &Tensor,
+        dout: Tensor,
         grads: &mut [Option<InputGrad<'_>>],
     ) {
         let _ = params;
-        self.backward(inputs, out, dout, grads);
+        self.backward(inputs, out, &dout, grads);
+        recycle(dout);
     }
 }
 
@@ -220,6 +230,10 @@ pub struct ParamCtx<'a> {
 
 enum Source {
     Value(Tensor),
+    /// A value the tape reads in place and never gives back (see [`Tape::leaf_ref`]): its
+    /// index in [`Tape`]'s `borrowed` (kept out of the [`Arena`], whose `Drop` must not
+    /// extend the borrow).
+    Borrowed(usize),
     Param(ParamId),
 }
 
@@ -263,6 +277,8 @@ impl Drop for Arena {
 pub struct Tape<'p> {
     params: &'p ParamStore,
     arena: Arena,
+    /// The values read in place ([`Source::Borrowed`]).
+    borrowed: Vec<&'p Tensor>,
     record: bool,
     /// Whether a trainable parameter was read (see [`Tape::read_trainable`]).
     read_trainable: bool,
@@ -329,6 +345,7 @@ impl<'p> Tape<'p> {
         Self {
             params,
             arena: Arena::default(),
+            borrowed: Vec::new(),
             record: true,
             read_trainable: false,
             release: false,
@@ -396,6 +413,35 @@ impl<'p> Tape<'p> {
         self.add(Source::Value(t), rec, None)
     }
 
+    /// [`Tape::leaf`] of a value read in place, not copied: for a computation nested in another
+    /// tape's op (activation checkpointing) that reads that op's input.
+    pub fn leaf_ref(&mut self, t: &'p Tensor) -> Var {
+        let rec = self.record;
+        self.borrowed.push(t);
+        self.add(Source::Borrowed(self.borrowed.len() - 1), rec, None)
+    }
+
+    /// [`Tape::constant`] of a value read in place, not copied.
+    pub fn constant_ref(&mut self, t: &'p Tensor) -> Var {
+        self.borrowed.push(t);
+        self.add(Source::Borrowed(self.borrowed.len() - 1), false, None)
+    }
+
+    /// Moves the value of `v` out of the tape, leaving it empty: for a result the caller keeps
+    /// once nothing else on the tape will read `v`.
+    ///
+    /// # Panics
+    /// If `v` is a parameter or a borrowed value.
+    #[track_caller]
+    pub fn take_value(&mut self, v: Var) -> Tensor {
+        match &mut self.arena.entries[v.0].src {
+            Source::Value(t) => std::mem::replace(t, zeros(&[0])),
+            Source::Borrowed(_) | Source::Param(_) => {
+                panic!("take_value: value {} is not owned by the tape", v.0)
+            }
+        }
+    }
+
     /// Parameter `id`, read in place (no copy); its gradient goes to [`Grads`] — unless it is
     /// frozen ([`ParamStore::set_trainable`]): then it is a constant, and ops that read only
     /// constants are not recorded.
@@ -422,6 +468,7 @@ impl<'p> Tape<'p> {
     pub fn value(&self, v: Var) -> &Tensor {
         match &self.arena.entries[v.0].src {
             Source::Value(t) => t,
+            Source::Borrowed(i) => self.borrowed[*i],
             Source::Param(id) => self.params.value(*id),
         }
     }
@@ -490,15 +537,27 @@ impl<'p> Tape<'p> {
         let mut vgrads: Vec<Option<Tensor>> = (0..self.arena.entries.len()).map(|_| None).collect();
         vgrads[out.0] = Some(seed);
         for idx in (0..self.arena.entries.len()).rev() {
+            // Every consumer of value `idx` sits after it on the tape and is done; its own op
+            // may still read it.
+            let unread = self.arena.entries[idx].node.as_ref().is_some_and(|n| !n.op.reads_output());
+            if self.release && unread {
+                self.release_value(idx);
+            }
             self.backward_node(idx, &mut vgrads, grads);
-            // Every consumer of value `idx` sits after it on the tape and is done.
-            if self.release
-                && let Source::Value(t) = &mut self.arena.entries[idx].src
-            {
-                recycle(std::mem::replace(t, zeros(&[0])));
+            if self.release {
+                self.release_value(idx);
             }
         }
         self.arena.grads = vgrads;
+    }
+
+    /// Gives the value of entry `idx` back to the buffer pool, leaving it empty.
+    fn release_value(&mut self, idx: usize) {
+        if let Source::Value(t) = &mut self.arena.entries[idx].src
+            && !t.is_empty()
+        {
+            recycle(std::mem::replace(t, zeros(&[0])));
+        }
     }
 
     /// The backward of entry `idx`, if it is an op that received a gradient.
@@ -517,14 +576,11 @@ impl<'p> Tape<'p> {
                 continue;
             }
             let repeated = node.inputs[..i].contains(&v);
-            let shape = match &e.src {
-                Source::Value(t) => t.shape(),
-                Source::Param(id) => self.params.value(*id).shape(),
-            };
+            let shape = self.value(v).shape();
             dins.push(Some(match (&e.src, repeated) {
                 (_, true) => zeros(shape),
                 (Source::Param(id), false) => grads.take(*id),
-                (Source::Value(_), false) => vgrads[v.0].take().unwrap_or_else(|| {
+                (Source::Value(_) | Source::Borrowed(_), false) => vgrads[v.0].take().unwrap_or_else(|| {
                     fresh[i] = true;
                     for_overwrite(shape)
                 }),
@@ -532,14 +588,11 @@ impl<'p> Tape<'p> {
         }
         {
             let inputs: Vec<&Tensor> = node.inputs.iter().map(|&v| self.value(v)).collect();
-            let out_val = match &self.arena.entries[idx].src {
-                Source::Value(t) => t,
-                Source::Param(id) => self.params.value(*id),
-            };
+            let out_val = self.value(Var(idx));
             let mut slots: Vec<Option<InputGrad<'_>>> =
                 dins.iter_mut().zip(&fresh).map(|(d, &f)| d.as_mut().map(|t| InputGrad::new(t, f))).collect();
             let ctx = ParamCtx { params: self.params, grads: &mut *grads };
-            node.op.backward_with(ctx, &inputs, out_val, &dout, &mut slots);
+            node.op.backward_with(ctx, &inputs, out_val, dout, &mut slots);
         }
         for (i, (&v, d)) in node.inputs.iter().zip(dins).enumerate() {
             let Some(d) = d else { continue };
@@ -548,14 +601,13 @@ impl<'p> Tape<'p> {
                 // A repeated input: add into the first occurrence's buffer, which is home
                 // again only after this loop, so accumulate into where it now lives.
                 (Some(_), Source::Param(id)) => *grads.get_mut(*id) += &d,
-                (Some(_), Source::Value(_)) => {
+                (Some(_), Source::Value(_) | Source::Borrowed(_)) => {
                     *vgrads[v.0].as_mut().expect("first occurrence was put back") += &d;
                 }
                 (None, Source::Param(id)) => grads.put(*id, d),
-                (None, Source::Value(_)) => vgrads[v.0] = Some(d),
+                (None, Source::Value(_) | Source::Borrowed(_)) => vgrads[v.0] = Some(d),
             }
         }
-        recycle(dout);
         if let (Some(p), Some(t0)) = (&mut self.profile, started) {
             let e = p.entry(node.op.name());
             e.3 += t0.elapsed();

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! cargo run --release -p mamba-train --example train_window -- --seq-len 16384 --batch 1 \
-//!     [--checkpoint-layers] [--steps 3] [--n-layer 4]
+//!     [--checkpoint-layers [--checkpoint-piece TOKENS]] [--steps 3] [--n-layer 4]
 //! ```
 //!
 //! `--n-layer` deepens the model (same widths), `--mamba2` trains the Mamba-2 S model instead,
@@ -46,6 +46,7 @@ fn main() {
     let packed = args.iter().any(|a| a == "--packed");
     let mut model = MambaLM::new(cfg, 0).expect("the S config is valid");
     model.backbone.checkpoint_layers = checkpoint;
+    model.backbone.checkpoint_piece = arg(&args, "--checkpoint-piece", model.backbone.checkpoint_piece);
     let mut opt = AdamW::new(&model.params, AdamWConfig::default());
     let mut grads = Grads::new(&model.params);
     let mut rng = Rng::new(1);

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::builder::ParamBuilder;
 use super::cache::Cache;
+use super::checkpoint::DEFAULT_CHECKPOINT_PIECE;
 use super::layers::RmsNorm;
 use super::lti::LtiMixer;
 use super::mamba1::Mamba1Mixer;
@@ -84,6 +85,10 @@ pub struct Backbone {
     /// recomputed in the backward ([`super::checkpoint`]): memory of one block's activations
     /// instead of all of them, for a second forward pass. Off by default.
     pub checkpoint_layers: bool,
+    /// With `checkpoint_layers`: about how many tokens (batch rows × positions) of a window
+    /// a block is recomputed at a time, for mixers that allow it
+    /// ([`super::checkpoint::DEFAULT_CHECKPOINT_PIECE`] by default).
+    pub checkpoint_piece: usize,
 }
 
 impl Backbone {
@@ -93,7 +98,7 @@ impl Backbone {
             .map(|i| Block::new(&mut b.pp(&format!("layers.{i}")), cfg))
             .collect::<Result<Vec<_>, _>>()?;
         let norm_f = RmsNorm::new(&mut b.pp("norm_f"), cfg.d_model, cfg.norm_eps)?;
-        Ok(Self { layers, norm_f, checkpoint_layers: false })
+        Ok(Self { layers, norm_f, checkpoint_layers: false, checkpoint_piece: DEFAULT_CHECKPOINT_PIECE })
     }
 
     /// The blocks and `norm_f` on `h` (B, L, d_model), restarting at `seq`'s document starts.
@@ -117,6 +122,10 @@ impl Backbone {
         init: Option<&[LayerInit]>,
         mut cache: Option<&mut Cache>,
     ) -> Var {
+        assert!(
+            seq.final_grad.is_none(),
+            "forward_from: a final-state gradient is per layer; give it to Block::forward"
+        );
         if let Some(i) = init {
             let n = self.layers.len();
             assert_eq!(i.len(), n, "forward_from: {} initial states for {n} blocks", i.len());
@@ -126,7 +135,7 @@ impl Backbone {
             let seq = layer_seq.as_ref().unwrap_or(seq);
             let state = cache.as_deref_mut().map(|c| &mut c.layers[i]);
             h = if self.checkpoint_layers && tape.is_recording() {
-                super::checkpoint::checkpointed(tape, block, h, seq, state)
+                super::checkpoint::checkpointed(tape, block, h, seq, state, self.checkpoint_piece)
             } else {
                 block.forward(tape, h, seq, state)
             };

@@ -5,6 +5,7 @@ use ssm_kernel::conv::{ConvArgs, ConvDims, conv1d_step};
 
 use super::builder::{Init, ParamBuilder};
 use super::lora::Lora;
+use super::mixer::SeqLayout;
 use crate::checkpoint::CheckpointError;
 use crate::ops;
 use crate::params::{ParamId, ParamStore, Weight};
@@ -143,13 +144,14 @@ impl Conv1d {
         Ok(Self { weight, bias, channels, width })
     }
 
-    /// `silu(conv(x))` for `x` (B, L, C) on the tape, restarting at the document starts
-    /// `resets` (B, L) when given, and continuing from the conv state `state0` (B, C, K) when
-    /// given.
-    pub fn forward(&self, tape: &mut Tape, x: Var, resets: Option<&ops::Resets>, state0: Option<Var>) -> Var {
+    /// `silu(conv(x))` for `x` (B, L, C) on the tape, restarting at the document starts of
+    /// `seq` (B, L), continuing from its initial conv state (B, C, K) and back-propagating its
+    /// final conv state's gradient, when given.
+    pub fn forward(&self, tape: &mut Tape, x: Var, seq: &SeqLayout) -> Var {
         let w = tape.param(self.weight);
         let b = self.bias.map(|b| tape.param(b));
-        ops::conv1d(tape, x, w, b, true, resets, state0)
+        let dstate_last = seq.final_grad.as_ref().map(|g| g.conv.clone());
+        ops::conv1d(tape, x, w, b, true, seq.resets.as_ref(), seq.init.map(|i| i.conv), dstate_last)
     }
 
     /// Decode: one time step `x` (B, C) → `out` (B, C), rolling `state` (B, C, K) (the last K

@@ -66,6 +66,7 @@ impl Mixer for LtiMixer {
     }
 
     fn forward(&self, tape: &mut Tape, u: Var, seq: &SeqLayout, state: Option<&mut LayerCache>) -> Var {
+        assert!(seq.final_grad.is_none(), "this mixer does not take a final-state gradient");
         assert!(
             seq.resets.is_none() && seq.init.is_none(),
             "LtiMixer: the LTI baseline has no document resets or initial states; train it on one \

@@ -110,7 +110,7 @@ impl Mixer for Mamba1Mixer {
         if let Some(st) = state.as_deref_mut() {
             conv_state(tape, x, self.conv1d.width, seq, &mut st.conv);
         }
-        let x = self.conv1d.forward(tape, x, seq.resets.as_ref(), seq.init.map(|i| i.conv));
+        let x = self.conv1d.forward(tape, x, seq);
         let dbc = self.x_proj.forward(tape, x);
         let dt = ops::narrow_last(tape, dbc, 0, r);
         let b = ops::narrow_last(tape, dbc, r, n);
@@ -125,7 +125,8 @@ impl Mixer for Mamba1Mixer {
             .with_z(z)
             .with_delta_bias(dt_bias)
             .with_delta_softplus(true)
-            .with_resets(seq.resets.clone());
+            .with_resets(seq.resets.clone())
+            .with_dh_last(seq.final_grad.as_ref().map(|g| g.ssm.clone()));
         let scan = match seq.init {
             Some(i) => scan.with_h0(i.ssm),
             None => scan,
@@ -143,6 +144,10 @@ impl Mixer for Mamba1Mixer {
 
     fn cache_shapes(&self) -> (Vec<usize>, Vec<usize>) {
         (vec![self.d_inner, self.conv1d.width], vec![self.d_inner, self.d_state])
+    }
+
+    fn takes_final_state_grad(&self) -> bool {
+        true
     }
 
     /// `A = −exp(A_log)`, (d_inner, N).

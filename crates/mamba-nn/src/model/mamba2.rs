@@ -89,6 +89,7 @@ impl Mixer for Mamba2Mixer {
     }
 
     fn forward(&self, tape: &mut Tape, u: Var, seq: &SeqLayout, state: Option<&mut LayerCache>) -> Var {
+        assert!(seq.final_grad.is_none(), "this mixer does not take a final-state gradient");
         let proj = self.in_proj.forward(tape, u);
         let prm = Mamba2Params {
             conv_w: tape.param(self.conv1d.weight),

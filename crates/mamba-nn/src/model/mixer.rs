@@ -36,6 +36,13 @@ pub struct SeqLayout {
     /// The initial state of the layer this layout is given to (the blocks' forward sets it per
     /// layer, see [`Backbone::forward_from`](super::Backbone::forward_from)); `None`: zero.
     pub init: Option<LayerInit>,
+    /// A gradient of the layer's final recurrent state — conv (B, C, K) and SSM state in the
+    /// layouts of [`LayerCache`] with a batch axis — that the layer's backward adds to the one
+    /// from its output: the loss has a term `⟨final_grad, state_L⟩`. Activation checkpointing
+    /// recomputes a long window in pieces from their last piece back and passes each piece the
+    /// gradient of the next one's initial state here. Per layer, like `init`; only for
+    /// mixers whose [`Mixer::takes_final_state_grad`] is `true`.
+    pub final_grad: Option<Arc<LayerCache>>,
 }
 
 /// A layer's initial recurrent state as values on the tape — differentiable when they are
@@ -53,7 +60,7 @@ pub struct LayerInit {
 impl SeqLayout {
     /// Rows packed with several documents, starting where `resets` (B, L) is `true`.
     pub fn packed(resets: impl Into<Resets>) -> Self {
-        Self { resets: Some(resets.into()), init: None }
+        Self { resets: Some(resets.into()), init: None, final_grad: None }
     }
 }
 
@@ -68,6 +75,12 @@ pub trait Mixer: Send + Sync + Debug {
     /// Shapes of one sequence's conv state (C, K) and SSM state ((d_inner, N) for Mamba-1,
     /// (H, P, N) for Mamba-2).
     fn cache_shapes(&self) -> (Vec<usize>, Vec<usize>);
+
+    /// Whether [`Mixer::forward`] honours [`SeqLayout::final_grad`] (others panic when given
+    /// one). Activation checkpointing recomputes a long window in pieces only for these.
+    fn takes_final_state_grad(&self) -> bool {
+        false
+    }
 
     /// Lengths of one sequence's conv and SSM states.
     fn cache_len(&self) -> (usize, usize) {

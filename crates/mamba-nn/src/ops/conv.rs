@@ -2,7 +2,8 @@
 //! [`ssm_kernel::conv`].
 
 use ssm_kernel::conv::{
-    ConvArgs, ConvDims, ConvGrads, ConvOut, conv1d_bwd, conv1d_bwd_from, conv1d_fwd, conv1d_fwd_from,
+    ConvArgs, ConvDims, ConvGrads, ConvOut, conv_state_bwd, conv1d_bwd, conv1d_bwd_from, conv1d_fwd,
+    conv1d_fwd_from,
 };
 
 use ssm_kernel::pool::F32Buf;
@@ -19,7 +20,10 @@ use crate::tensor::{Tensor, data, data_mut, for_overwrite};
 /// (C, K); `bias` (C); `y` (B, L, C); `resets` (B, L), optional document starts (see
 /// [`Resets`]): `x` counts as zero before the start of each output's document; `state0`
 /// (B, C, K), optional and differentiable, the conv state the sequence continues from (the last
-/// `K` inputs before it, oldest first, as a decoder's cache holds them) in place of zeros.
+/// `K` inputs before it, oldest first, as a decoder's cache holds them) in place of zeros;
+/// `dstate_last` (B, C, K), optional: a gradient of the conv state after the sequence (as
+/// [`ssm_kernel::conv::conv_state_from`] takes it) that the backward adds into those of `x`
+/// and `state0` — the loss has a term `⟨dstate_last, state_L⟩`.
 ///
 /// # Panics
 /// If the shapes disagree (the message names them).
@@ -32,6 +36,7 @@ pub fn conv1d(
     silu: bool,
     resets: Option<&Resets>,
     state0: Option<Var>,
+    dstate_last: Option<Vec<f32>>,
 ) -> Var {
     let (xv, wv) = (tape.value(x), tape.value(w));
     assert_eq!(xv.ndim(), 3, "conv1d: x must be (B, L, C), got {:?}", xv.shape());
@@ -64,6 +69,14 @@ pub fn conv1d(
             sv.shape()
         );
     }
+    if let Some(d) = &dstate_last {
+        assert_eq!(
+            d.len(),
+            bsz * c * k,
+            "conv1d: dstate_last must be (B, C, K) = ({bsz}, {c}, {k}), got {} values",
+            d.len()
+        );
+    }
     let dims = ConvDims::new(bsz, l, c, k);
     let args =
         ConvArgs { x: data(xv), weight: data(wv), bias: bv.map(data), silu, resets: resets.map(|r| &r[..]) };
@@ -81,7 +94,7 @@ pub fn conv1d(
         bias: inputs.push_opt(bias),
         state0: inputs.push_opt(state0),
     };
-    tape.push(y, inputs.vars(), Conv1dBackward { at, dims, silu, resets: resets.cloned() })
+    tape.push(y, inputs.vars(), Conv1dBackward { at, dims, silu, resets: resets.cloned(), dstate_last })
 }
 
 /// Where `conv1d`'s inputs sit in its input list.
@@ -93,18 +106,23 @@ struct ConvInputs {
     state0: Option<Slot>,
 }
 
-/// Saved: the inputs' positions, the dims and the SiLU flag (the kernel recomputes the
-/// pre-activation from `x`).
+/// Saved: the inputs' positions, the dims, the SiLU flag (the kernel recomputes the
+/// pre-activation from `x`) and the final state's given gradient.
 struct Conv1dBackward {
     at: ConvInputs,
     dims: ConvDims,
     silu: bool,
     resets: Option<Resets>,
+    dstate_last: Option<Vec<f32>>,
 }
 
 impl Backward for Conv1dBackward {
     fn name(&self) -> &'static str {
         "conv1d"
+    }
+
+    fn reads_output(&self) -> bool {
+        false
     }
 
     /// `ssm_kernel::conv::conv1d_bwd`, which adds into every gradient (fresh buffers are zeroed
@@ -122,13 +140,17 @@ impl Backward for Conv1dBackward {
         let dx = grad_or_scratch(at.x.grad(grads), &mut sx, dims.n_blc());
         let dweight = grad_or_scratch(at.w.grad(grads), &mut sw, dims.n_ck());
         let dbias = at.bias.and_then(|b| b.grad(grads)).map(InputGrad::zero_if_overwrite);
-        let g = ConvGrads { dx, dweight, dbias };
+        let g = ConvGrads { dx: &mut *dx, dweight, dbias };
+        let mut dstate0 = at.state0.and_then(|s| s.grad(grads)).map(InputGrad::zero_if_overwrite);
         match at.state0 {
             Some(s) => {
-                let dstate0 = s.grad(grads).map(InputGrad::zero_if_overwrite);
-                conv1d_bwd_from(dims, &args, data(s.value(inputs)), data(dout), g, dstate0);
+                let ds0 = dstate0.as_deref_mut();
+                conv1d_bwd_from(dims, &args, data(s.value(inputs)), data(dout), g, ds0);
             }
             None => conv1d_bwd(dims, &args, data(dout), g),
+        }
+        if let Some(dst) = &self.dstate_last {
+            conv_state_bwd(dims, dst, (dims.channels, 0), args.resets, dx, dstate0);
         }
     }
 }
@@ -176,7 +198,7 @@ mod tests {
             }
             check_op(
                 inputs,
-                |t, v| conv1d(t, v[0], v[1], v.get(2).copied(), silu, None, None),
+                |t, v| conv1d(t, v[0], v[1], v.get(2).copied(), silu, None, None, None),
                 |x| reference(&x[0], &x[1], x.get(2).map(|b| b.as_slice()), (bsz, l, c, k), silu),
                 1e-4,
             );
@@ -191,7 +213,7 @@ mod tests {
         let inputs = vec![random(&[bsz, l, c], 4), random(&[c, k], 5), random(&[bsz, c, k], 6)];
         check_op(
             inputs,
-            |t, v| conv1d(t, v[0], v[1], None, true, None, Some(v[2])),
+            |t, v| conv1d(t, v[0], v[1], None, true, None, Some(v[2]), None),
             |x| {
                 let lp = l + k - 1;
                 let mut xp = vec![0.0; bsz * lp * c];
@@ -218,12 +240,12 @@ mod tests {
         let mut tape = Tape::new(&store);
         let x = tape.constant(zeros(&[1, 2, 3]));
         let w = tape.constant(zeros(&[4, 1, 4]));
-        conv1d(&mut tape, x, w, None, false, None, None);
+        conv1d(&mut tape, x, w, None, false, None, None, None);
     }
 
     #[test]
     fn fresh_and_accumulated_gradients() {
         let ins = vec![random(&[2, 7, 5], 1), random(&[5, 1, 4], 2), random(&[5], 3)];
-        check_accumulates(ins, |t, v| conv1d(t, v[0], v[1], Some(v[2]), true, None, None));
+        check_accumulates(ins, |t, v| conv1d(t, v[0], v[1], Some(v[2]), true, None, None, None));
     }
 }

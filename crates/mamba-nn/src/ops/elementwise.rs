@@ -66,6 +66,10 @@ impl Backward for AddBackward {
         "add"
     }
 
+    fn reads_output(&self) -> bool {
+        false
+    }
+
     fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {
         let g = data(dout);
         for slot in [self.a, self.b] {
@@ -120,6 +124,10 @@ impl Backward for AddBroadcastLastBackward {
         "add_broadcast_last"
     }
 
+    fn reads_output(&self) -> bool {
+        false
+    }
+
     fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {
         let dy = data(dout);
         if let Some(mut dx) = self.x.grad(grads) {
@@ -165,6 +173,10 @@ struct MulBackward {
 impl Backward for MulBackward {
     fn name(&self) -> &'static str {
         "mul"
+    }
+
+    fn reads_output(&self) -> bool {
+        false
     }
 
     fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {

@@ -51,6 +51,10 @@ impl Backward for EmbeddingBackward {
         "embedding"
     }
 
+    fn reads_output(&self) -> bool {
+        false
+    }
+
     /// `dW[id] += dy[row]` for each row; a fresh `dW` is zeroed first (rows of absent tokens
     /// get no gradient).
     fn backward(&self, _: &[&Tensor], _: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {

@@ -105,6 +105,10 @@ impl Backward for LinearBackward {
         "linear"
     }
 
+    fn reads_output(&self) -> bool {
+        false
+    }
+
     /// `dx` and `dW` are GEMMs with the slot's β (a fresh buffer is written, not zero-filled and
     /// read); `db` sums the rows of `dy`.
     fn backward(

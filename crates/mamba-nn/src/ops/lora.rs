@@ -96,6 +96,10 @@ impl Backward for LinearLoraBackward {
         "linear_lora"
     }
 
+    fn reads_output(&self) -> bool {
+        false
+    }
+
     /// With `g = dy B` (m, r): `dx = dy W + s·g A`, `dW = dyᵀ x`, `db = Σ dy`, `dB = s·dyᵀ t`,
     /// `dA = s·gᵀ x`.
     fn backward(

@@ -64,6 +64,10 @@ impl Backward for LtiBackward {
         "lti_scan"
     }
 
+    fn reads_output(&self) -> bool {
+        false
+    }
+
     /// [`lti_bwd`], which adds into every gradient (fresh buffers are zeroed first; a pooled
     /// scratch stands in for an input that needs none).
     fn backward(

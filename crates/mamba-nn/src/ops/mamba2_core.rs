@@ -489,6 +489,10 @@ impl Backward for Mamba2CoreBackward {
         "mamba2_core"
     }
 
+    fn reads_output(&self) -> bool {
+        false
+    }
+
     /// A fresh gradient of the projection is written column block by column block (every
     /// column is written exactly once), without a zero-fill; the parameters' gradients are added
     /// to (zeroed first when fresh).
@@ -768,7 +772,7 @@ mod tests {
         let z = narrow_last(t, v[0], 0, di);
         let xbc = narrow_last(t, v[0], di, cd);
         let dt = narrow_last(t, v[0], di + cd, h);
-        let xbc = conv1d(t, xbc, v[1], Some(v[6]), true, None, None);
+        let xbc = conv1d(t, xbc, v[1], Some(v[6]), true, None, None, None);
         let x = narrow_last(t, xbc, 0, di);
         let b = narrow_last(t, xbc, di, gn);
         let c = narrow_last(t, xbc, di + gn, gn);

@@ -87,6 +87,10 @@ impl Backward for RmsNormBackward {
         self.op
     }
 
+    fn reads_output(&self) -> bool {
+        false
+    }
+
     /// [`norm_bwd`]: `dx` and `dz` are written in place when fresh (no zero-fill), `dw` is
     /// added to.
     fn backward(&self, inputs: &[&Tensor], _: &Tensor, dout: &Tensor, grads: &mut [Option<InputGrad<'_>>]) {

@@ -75,13 +75,22 @@ pub struct Scan1Vars {
     pub h0: Option<Var>,
     /// Document starts, (B, L) (see [`Resets`]): the state restarts from zero at each.
     pub resets: Option<Resets>,
+    /// A gradient of the final state `h_L`, (B, D, N), that the backward adds to the one from
+    /// the output: the loss has a term `⟨dh_last, h_L⟩` (a later window's start, run after this
+    /// one's backward is built).
+    pub dh_last: Option<Vec<f32>>,
 }
 
 impl Scan1Vars {
     /// The required inputs; no `D`, gate, bias, softplus or initial state.
     pub fn new(u: Var, delta: Var, a_log: Var, b: Var, c: Var) -> Self {
-        let (d, z, delta_bias, h0, resets) = (None, None, None, None, None);
-        Self { u, delta, a_log, b, c, d, z, delta_bias, delta_softplus: false, h0, resets }
+        let (d, z, delta_bias, h0, resets, dh_last) = (None, None, None, None, None, None);
+        Self { u, delta, a_log, b, c, d, z, delta_bias, delta_softplus: false, h0, resets, dh_last }
+    }
+
+    /// With a gradient of the final state, (B, D, N) (see [`Scan1Vars::dh_last`]).
+    pub fn with_dh_last(self, dh_last: Option<Vec<f32>>) -> Self {
+        Self { dh_last, ..self }
     }
 
     /// With the skip `D` (D).
@@ -278,7 +287,7 @@ pub fn selective_scan1_with_state(tape: &mut Tape, args: Scan1Vars) -> (Var, Ten
 #[track_caller]
 fn scan1(tape: &mut Tape, v: Scan1Vars, want_state: bool) -> (Var, Option<Tensor>) {
     const OP: &str = "selective_scan1";
-    let Scan1Vars { u, delta, a_log, b, c, d, z, delta_bias, delta_softplus, h0, resets } = v;
+    let Scan1Vars { u, delta, a_log, b, c, d, z, delta_bias, delta_softplus, h0, resets, dh_last } = v;
     let uv = tape.value(u);
     assert_eq!(uv.ndim(), 3, "{OP}: u must be (B, L, D), got {:?}", uv.shape());
     let (bsz, l, dim) = (uv.shape()[0], uv.shape()[1], uv.shape()[2]);
@@ -314,6 +323,14 @@ fn scan1(tape: &mut Tape, v: Scan1Vars, want_state: bool) -> (Var, Option<Tensor
         }
     }
     check_resets(OP, resets.as_ref(), bsz, l);
+    if let Some(dh) = &dh_last {
+        assert_eq!(
+            dh.len(),
+            bsz * dim * n,
+            "{OP}: dh_last must be (B, D, N) = ({bsz}, {dim}, {n}), got {} values",
+            dh.len()
+        );
+    }
     let dims = Scan1Dims::new(bsz, l, dim, n).with_groups(g);
     let mut inputs = InputList::new();
     let at = ScanInputs::list(&mut inputs, [u, delta, a_log, b, c], [d, z, delta_bias, h0]);
@@ -344,18 +361,19 @@ fn scan1(tape: &mut Tape, v: Scan1Vars, want_state: bool) -> (Var, Option<Tensor
     mamba1::scan_fwd(&dims, &args, out);
     pool::give(a);
     let h_last = h_last.map(|h| from_vec(&[bsz, dim, n], h));
-    let node = Scan1Backward { at, dims, delta_softplus, checkpoints, resets };
+    let node = Scan1Backward { at, dims, delta_softplus, checkpoints, resets, dh_last };
     (tape.push(y, inputs.vars(), node), h_last)
 }
 
-/// Saved: the inputs' positions, dims, the softplus flag and the forward's chunk checkpoints
-/// (B, ⌈L/32⌉, D, N).
+/// Saved: the inputs' positions, dims, the softplus flag, the forward's chunk checkpoints
+/// (B, ⌈L/32⌉, D, N) and the final state's given gradient.
 struct Scan1Backward {
     at: ScanInputs,
     dims: Scan1Dims,
     delta_softplus: bool,
     checkpoints: Vec<f32>,
     resets: Option<Resets>,
+    dh_last: Option<Vec<f32>>,
 }
 
 impl Drop for Scan1Backward {
@@ -368,6 +386,10 @@ impl Drop for Scan1Backward {
 impl Backward for Scan1Backward {
     fn name(&self) -> &'static str {
         "selective_scan1"
+    }
+
+    fn reads_output(&self) -> bool {
+        false
     }
 
     /// `ssm_kernel::mamba1::scan_bwd_with_checkpoints`, which adds into every gradient (fresh
@@ -406,7 +428,8 @@ impl Backward for Scan1Backward {
         };
         let [dd, dz, ddelta_bias, dh0] = at.optional_grads(grads);
         let g = Scan1Grads { dd, dz, ddelta_bias, dh0, ..g };
-        mamba1::scan_bwd_with_checkpoints(dims, &args, &self.checkpoints, data(dout), None, g);
+        let dh_last = self.dh_last.as_deref();
+        mamba1::scan_bwd_with_checkpoints(dims, &args, &self.checkpoints, data(dout), dh_last, g);
         finish_da(da_log, da, a);
     }
 }
@@ -508,6 +531,10 @@ struct Scan2Backward {
 impl Backward for Scan2Backward {
     fn name(&self) -> &'static str {
         "selective_scan2"
+    }
+
+    fn reads_output(&self) -> bool {
+        false
     }
 
     /// `ssm_kernel::mamba2::scan_bwd_auto`, which adds into every gradient (fresh buffers are

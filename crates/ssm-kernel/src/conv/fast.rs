@@ -449,9 +449,7 @@ pub fn conv_state(
     }
     st.fill(0.0);
     for b in 0..batch {
-        // The first position the state keeps: the last start within its K positions, if any.
-        let keep_from =
-            resets.and_then(|r| (0..k).rev().find(|&kk| l + kk >= k && r[b * l + l + kk - k])).unwrap_or(0);
+        let keep_from = state_keep_from(resets.map(|r| &r[b * l..(b + 1) * l]), k);
         for kk in keep_from..k {
             let Some(t) = (l + kk).checked_sub(k) else { continue };
             let row = &x[(b * l + t) * row_stride + offset..][..ch];
@@ -460,6 +458,15 @@ pub fn conv_state(
             }
         }
     }
+}
+
+/// The first slot of a conv state (K slots, slot `kk` holding position `L − K + kk`) that
+/// comes from the sequence of one batch row with sequence starts `row` (L): the slot of the
+/// last start within the state's K positions, if any, else 0.
+pub(super) fn state_keep_from(row: Option<&[bool]>, k: usize) -> usize {
+    let Some(r) = row else { return 0 };
+    let l = r.len();
+    (0..k).rev().find(|&kk| l + kk >= k && r[l + kk - k]).unwrap_or(0)
 }
 
 /// Forward conv. Layouts: see [`ConvArgs`] and [`ConvOut`]; `y` is overwritten.

@@ -7,7 +7,7 @@
 //! Both kernels run the plain ones on the sequence with that history prepended (`L + K − 1`
 //! rows), so they are exactly as fast and as tested; the history costs one copy of the input.
 
-use super::fast::{conv_state, conv1d_bwd, conv1d_fwd};
+use super::fast::{conv_state, conv1d_bwd, conv1d_fwd, state_keep_from};
 use super::{ConvArgs, ConvDims, ConvGrads, ConvOut, check_upstream};
 use crate::check::{Layout, check_opt_len};
 use crate::pool;
@@ -168,6 +168,59 @@ pub fn conv_state_from(
         for kk in 0..k.saturating_sub(l) {
             for ch in 0..c {
                 st[(b * c + ch) * k + kk] = state0[(b * c + ch) * k + l + kk];
+            }
+        }
+    }
+}
+
+/// The backward of [`conv_state_from`] (and of [`conv_state`] when `dstate0` is `None`): adds
+/// `dst` (B, C, K), the gradient of the state after the sequence, into the gradients of the
+/// inputs it was taken from — `dx` (rows and columns as `x` in [`conv_state`]) and, where the
+/// sequence is shorter than `K`, `dstate0` (B, C, K). Entries the forward zeroed (before a
+/// sequence start in `resets`) pass nothing back.
+///
+/// # Panics
+/// If `dst` or `dstate0` is not (B, C, K), `dx` too short for the dims and strides, or
+/// `resets` not (B, L).
+#[track_caller]
+pub fn conv_state_bwd(
+    dims: &ConvDims,
+    dst: &[f32],
+    (row_stride, offset): (usize, usize),
+    resets: Option<&[bool]>,
+    dx: &mut [f32],
+    dstate0: Option<&mut [f32]>,
+) {
+    const K: &str = "conv::conv_state_bwd";
+    let ConvDims { batch, seqlen: l, channels: c, width: k } = *dims;
+    check_state(K, dims, "dst", Some(dst));
+    check_state(K, dims, "dstate0", dstate0.as_deref());
+    if let Some(r) = resets {
+        assert_eq!(r.len(), batch * l, "{K}: resets must be (B, L) = ({batch}, {l}), got {}", r.len());
+    }
+    if batch > 0 && l > 0 && c > 0 {
+        let need = (batch * l - 1) * row_stride + offset + c;
+        assert!(dx.len() >= need, "{K}: dx has {} values, the strides need {need}", dx.len());
+    }
+    let mut dstate0 = dstate0;
+    for b in 0..batch {
+        let row_resets = resets.map(|r| &r[b * l..(b + 1) * l]);
+        let keep_from = state_keep_from(row_resets, k);
+        for kk in keep_from..k {
+            let Some(t) = (l + kk).checked_sub(k) else { continue };
+            let row = &mut dx[(b * l + t) * row_stride + offset..][..c];
+            for (ch, v) in row.iter_mut().enumerate() {
+                *v += dst[(b * c + ch) * k + kk];
+            }
+        }
+        if row_resets.is_some_and(|r| r.contains(&true)) {
+            continue;
+        }
+        if let Some(ds) = dstate0.as_deref_mut() {
+            for kk in 0..k.saturating_sub(l) {
+                for ch in 0..c {
+                    ds[(b * c + ch) * k + l + kk] += dst[(b * c + ch) * k + kk];
+                }
             }
         }
     }

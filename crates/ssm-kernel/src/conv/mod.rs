@@ -32,7 +32,7 @@ mod types;
 
 pub use fast::{conv_state, conv1d_bwd, conv1d_chunk, conv1d_fwd, conv1d_step};
 pub(crate) use fast::{first_reader_tap, first_tap};
-pub use from_state::{conv_state_from, conv1d_bwd_from, conv1d_fwd_from};
+pub use from_state::{conv_state_bwd, conv_state_from, conv1d_bwd_from, conv1d_fwd_from};
 pub use types::{ConvArgs, ConvDims, ConvGrads, ConvOut};
 pub(crate) use types::{check_step, check_upstream};
 

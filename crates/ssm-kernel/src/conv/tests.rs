@@ -511,3 +511,60 @@ fn continuing_from_a_state_matches_the_chunked_forward_and_finite_differences() 
         assert!(nds.iter().any(|v| v.abs() > 1e-3), "the state must matter");
     }
 }
+
+/// `conv_state_bwd` is the adjoint of `conv_state_from` / `conv_state`:
+/// `⟨state(x, state0), g⟩ = ⟨x, dx⟩ + ⟨state0, dstate0⟩` for random `g`, on strided column
+/// blocks, sequences shorter and longer than `K`, with and without sequence starts; and `dx`
+/// stays zero outside the block.
+#[test]
+fn conv_state_bwd_is_the_adjoint_of_conv_state() {
+    for (i, &(b, l, c, k, resets)) in [
+        (2, 9, 5, 4, false),
+        (2, 9, 5, 4, true),
+        (3, 2, 3, 4, true),
+        (2, 2, 3, 4, false),
+        (1, 1, 7, 3, false),
+        (2, 6, 4, 5, true),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let dims = ConvDims::new(b, l, c, k);
+        let mut r = Rng(1300 + i as u64);
+        // x: the columns 2..2+c of rows c + 3 wide.
+        let (stride, offset) = (c + 3, 2);
+        let x = to_f32(&r.vec(b * l * stride, -1.0, 1.0));
+        let state0 = to_f32(&r.vec(dims.n_bck(), -1.0, 1.0));
+        let g = to_f32(&r.vec(dims.n_bck(), -1.0, 1.0));
+        let rs = resets.then(|| {
+            let mut v = random_resets(&mut r, b * l);
+            v[l - 1] = true; // a start inside the last K positions of row 0
+            v
+        });
+        for with_state0 in [true, false] {
+            let mut st = vec![f32::NAN; dims.n_bck()];
+            if with_state0 {
+                conv_state_from(&dims, &x, (stride, offset), rs.as_deref(), &state0, &mut st);
+            } else {
+                conv_state(&dims, &x, (stride, offset), rs.as_deref(), &mut st);
+            }
+            let mut dx = vec![0.0f32; x.len()];
+            let mut ds = vec![0.0f32; dims.n_bck()];
+            let dstate0 = with_state0.then_some(&mut ds[..]);
+            conv_state_bwd(&dims, &g, (stride, offset), rs.as_deref(), &mut dx, dstate0);
+            let lhs = dot(&to_f64(&st), &to_f64(&g));
+            let rhs = dot(&to_f64(&x), &to_f64(&dx)) + dot(&to_f64(&state0), &to_f64(&ds));
+            assert!(
+                (lhs - rhs).abs() <= 1e-9 * (1.0 + lhs.abs()),
+                "case {i}, state0 {with_state0}: {lhs} vs {rhs}"
+            );
+            assert!(lhs.abs() > 1e-3, "case {i}: the state must not be all zero");
+            for (j, v) in dx.iter().enumerate() {
+                let col = j % stride;
+                if !(offset..offset + c).contains(&col) {
+                    assert_eq!(*v, 0.0, "case {i}: dx outside the column block at {j}");
+                }
+            }
+        }
+    }
+}
