@@ -59,6 +59,7 @@ pub mod real;
 pub mod reference;
 pub mod rng;
 pub mod simd;
+pub mod team;
 #[doc(hidden)]
 pub mod testing;
 pub mod xent;

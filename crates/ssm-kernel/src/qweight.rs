@@ -80,6 +80,7 @@ use crate::gemm::gemm;
 use crate::matvec::{PAR_MIN_MACS, linear_rows};
 use crate::par::SharedMut;
 use crate::pool;
+use crate::team;
 
 /// Inputs per Q8 block: one f32 scale per 32 consecutive weights of a row.
 pub const Q8_BLOCK: usize = 32;
@@ -723,6 +724,9 @@ fn qmatvec_path(x: &[f32], w: &QMatrix, m: usize, out: &mut [f32], path: Path) {
             }
         }
     };
+    if team::try_run(m * d.n * d.k, &|part, parts| go(team::part_range(d.n, part, parts, 16))) {
+        return;
+    }
     if split {
         (0..d.n.div_ceil(OUTS_PER_TASK))
             .into_par_iter()
@@ -754,6 +758,9 @@ pub fn qmatvec_f32(x: &[f32], w: &[f32], (m, k, n): (usize, usize, usize), out: 
     let path = Path::best(WeightFormat::F32);
     let out = SharedMut::new(out);
     let go = |js: Range<usize>| run(x, d, js, |j| F32Row(&w[j * k..(j + 1) * k]), out, path);
+    if team::try_run(m * n * k, &|part, parts| go(team::part_range(n, part, parts, 16))) {
+        return;
+    }
     if m * n * k >= PAR_MIN_MACS && rayon::current_num_threads() > 1 {
         (0..n.div_ceil(OUTS_PER_TASK))
             .into_par_iter()

@@ -3,6 +3,10 @@
 //! parallel forward ([`Decoder::prefill`]) or one token at a time ([`Decoder::step`]) against a
 //! [`Cache`].
 
+use std::sync::Arc;
+
+use ssm_kernel::team::Team;
+
 use super::MambaLM;
 use super::block::StepBufs;
 use super::cache::Cache;
@@ -47,6 +51,10 @@ pub struct Decoder<'m> {
     head_logits: Vec<f32>,
     head_lse: Vec<f32>,
     head_targets: Vec<i64>,
+    /// The threads [`Decoder::step`]'s kernels split over ([`ssm_kernel::team`]): as many as
+    /// the rayon pool the decoder was made in has, kept spinning between a step's many small
+    /// kernels instead of woken for each; `None` on one thread.
+    team: Option<Arc<Team>>,
 }
 
 /// Default [`Decoder::prefill_chunk`].
@@ -81,6 +89,8 @@ impl<'m> Decoder<'m> {
             head_logits: Vec::new(),
             head_lse: Vec::new(),
             head_targets: Vec::new(),
+            team: (rayon::current_num_threads() > 1)
+                .then(|| Arc::new(Team::new(rayon::current_num_threads()))),
         }
     }
 
@@ -252,6 +262,15 @@ impl<'m> Decoder<'m> {
     /// vocabulary.
     #[track_caller]
     pub fn step(&mut self, ids: &[usize], cache: &mut Cache, logits: &mut [f32]) {
+        match self.team.clone() {
+            Some(team) => team.install(|| self.step_on_team(ids, cache, logits)),
+            None => self.step_on_team(ids, cache, logits),
+        }
+    }
+
+    /// [`Decoder::step`] with the team (if any) installed.
+    #[track_caller]
+    fn step_on_team(&mut self, ids: &[usize], cache: &mut Cache, logits: &mut [f32]) {
         let bsz = self.check("step", cache, logits);
         assert_eq!(ids.len(), bsz, "step: {} ids for a cache of batch {bsz}", ids.len());
         let m = self.model;

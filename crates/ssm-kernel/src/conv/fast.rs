@@ -9,6 +9,8 @@
 //! partial buffer per task, summed in task order (the task split depends only on the dims, so
 //! results do not depend on the thread count).
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::types::{ConvArgs, ConvDims, ConvGrads, ConvOut, check_step, check_upstream};
@@ -16,6 +18,7 @@ use crate::check::check_len;
 use crate::par::SharedMut;
 use crate::pool::{self, F32Buf};
 use crate::simd::{self, V8, W};
+use crate::team;
 
 /// Minimum rows per (batch, time block) task: the backward recomputes `K − 1` halo rows per
 /// block, which stays cheap at this size.
@@ -608,19 +611,41 @@ pub(crate) fn conv1d_bwd_tb(
     }
 }
 
-/// One recurrent step of one batch row: `st` (C, K), `xb` and `yb` (C).
+/// One recurrent step of channels `chans` of batch row `b`: `st` (|chans|, K) and `yb`
+/// (|chans|) are those channels' state and outputs.
 #[inline(always)]
-fn step_row<V: V8>(args: &ConvArgs<f32>, c: usize, k: usize, b: usize, st: &mut [f32], yb: &mut [f32]) {
+fn step_row<V: V8>(
+    args: &ConvArgs<f32>,
+    (c, k): (usize, usize),
+    b: usize,
+    chans: Range<usize>,
+    st: &mut [f32],
+    yb: &mut [f32],
+) {
+    // The usual width as a constant, so the shift and the dot product unroll.
+    match k {
+        4 => step_chans::<V>(args, (c, 4), b, chans, st, yb),
+        _ => step_chans::<V>(args, (c, k), b, chans, st, yb),
+    }
+}
+
+#[inline(always)]
+fn step_chans<V: V8>(
+    args: &ConvArgs<f32>,
+    (c, k): (usize, usize),
+    b: usize,
+    chans: Range<usize>,
+    st: &mut [f32],
+    yb: &mut [f32],
+) {
     let xb = &args.x[b * c..(b + 1) * c];
-    for j in (0..c).step_by(W) {
-        let n = (c - j).min(W);
+    for j in chans.clone().step_by(W) {
+        let n = (chans.end - j).min(W);
         let mut pre = [0.0f32; W];
         for (jj, pre) in pre.iter_mut().enumerate().take(n) {
-            let ch = j + jj;
-            let s = &mut st[ch * k..(ch + 1) * k];
-            for kk in 1..k {
-                s[kk - 1] = s[kk];
-            }
+            let (ch, local) = (j + jj, j + jj - chans.start);
+            let s = &mut st[local * k..(local + 1) * k];
+            s.copy_within(1.., 0);
             s[k - 1] = xb[ch];
             let w = &args.weight[ch * k..(ch + 1) * k];
             let mut acc = args.bias.map_or(0.0, |bias| bias[ch]);
@@ -633,7 +658,8 @@ fn step_row<V: V8>(args: &ConvArgs<f32>, c: usize, k: usize, b: usize, st: &mut 
         if args.silu {
             v = simd::silu(v);
         }
-        V::store(&mut yb[j..j + n], v);
+        let o = j - chans.start;
+        V::store(&mut yb[o..o + n], v);
     }
 }
 
@@ -649,17 +675,31 @@ pub fn conv1d_step(dims: &ConvDims, args: &ConvArgs<f32>, state: &mut [f32], y: 
     if dims.batch == 0 || c == 0 {
         return;
     }
-    if dims.n_bck() >= STEP_PAR_MIN && dims.batch > 1 {
-        state
-            .par_chunks_exact_mut(c * k)
-            .zip(y.par_chunks_exact_mut(c))
-            .enumerate()
-            .for_each(|(b, (st, yb))| step_task(args, (c, k), b, st, yb));
-    } else {
-        let rows = state.chunks_exact_mut(c * k).zip(y.chunks_exact_mut(c));
-        for (b, (st, yb)) in rows.enumerate() {
-            step_task(args, (c, k), b, st, yb);
+    let (sts, ys) = (SharedMut::new(state), SharedMut::new(y));
+    // Part `p` of `parts`: a contiguous run of (row, channel-block) units of W channels.
+    let part = |p: usize, parts: usize| {
+        let blocks = c.div_ceil(W);
+        for unit in team::part_range(dims.batch * blocks, p, parts, 1) {
+            let (b, j0) = (unit / blocks, unit % blocks * W);
+            let j1 = (j0 + W).min(c);
+            // SAFETY: the state and outputs of channels j0..j1 of row b belong to this unit alone.
+            let st = unsafe { sts.slice((b * c + j0) * k, (j1 - j0) * k) };
+            let yb = unsafe { ys.slice(b * c + j0, j1 - j0) };
+            step_task(args, (c, k), b, j0..j1, st, yb);
         }
+    };
+    // A tap (a shift, a load and a multiply-add, done one channel at a time) counts as 4.
+    if team::try_run(4 * dims.n_bck(), &part) {
+        return;
+    }
+    if dims.n_bck() >= STEP_PAR_MIN && dims.batch > 1 {
+        (0..dims.batch).into_par_iter().for_each(|b| {
+            // SAFETY: one task per batch row.
+            let (st, yb) = unsafe { (sts.slice(b * c * k, c * k), ys.slice(b * c, c)) };
+            step_task(args, (c, k), b, 0..c, st, yb);
+        });
+    } else {
+        part(0, 1);
     }
 }
 
@@ -695,7 +735,7 @@ crate::simd_fn! {
 
 crate::simd_fn! {
     /// One recurrent step of batch row `b` on the active instruction set (see [`step_row`]).
-    fn step_task[V: f8](args: &ConvArgs<f32>, ck: (usize, usize), b: usize, st: &mut [f32], yb: &mut [f32]) {
-        step_row::<V>(args, ck.0, ck.1, b, st, yb)
+    fn step_task[V: f8](args: &ConvArgs<f32>, ck: (usize, usize), b: usize, chans: Range<usize>, st: &mut [f32], yb: &mut [f32]) {
+        step_row::<V>(args, ck, b, chans, st, yb)
     }
 }

@@ -155,13 +155,20 @@ fn check_step_matches_forward(cs: &Case) {
     let mut st64 = vec![0.0f64; dims.n_bck()];
     let (mut xt, mut yt) = (vec![0.0f32; b * c], vec![0.0f32; b * c]);
     let (mut xt64, mut yt64) = (vec![0.0f64; b * c], vec![0.0f64; b * c]);
+    let team = crate::team::Team::new(3);
     for t in 0..l {
         for bb in 0..b {
             let src = (bb * l + t) * c;
             xt[bb * c..(bb + 1) * c].copy_from_slice(&d.x[src..src + c]);
             xt64[bb * c..(bb + 1) * c].copy_from_slice(&a64.x[src..src + c]);
         }
+        // Split over a decode team (however small): the same state and outputs.
+        let (mut st_t, mut yt_t) = (st.clone(), vec![f32::NAN; b * c]);
+        team.install_splitting_from(0, || {
+            conv1d_step(&d1, &ConvArgs { x: &xt, ..args }, &mut st_t, &mut yt_t)
+        });
         conv1d_step(&d1, &ConvArgs { x: &xt, ..args }, &mut st, &mut yt);
+        assert_eq!((&st_t, &yt_t), (&st, &yt), "conv1d_step over a team");
         reference::conv1d_step(&d1, &ConvArgs { x: &xt64, ..a64.args() }, &mut st64, &mut yt64);
         assert_close("step y vs reference step", &yt, &yt64, 1e-5, 1e-5);
         for bb in 0..b {

@@ -7,6 +7,7 @@ use super::{Scan1Args, Scan1Dims};
 use crate::check::{check_dims, check_len};
 use crate::par::SharedMut;
 use crate::simd::{self, Vf32};
+use crate::team;
 
 /// Below this many state updates a step runs on the calling thread (a rayon dispatch costs more).
 const PAR_MIN: usize = 1 << 16;
@@ -32,6 +33,11 @@ pub fn scan_step(dims: &Scan1Dims, args: &Scan1Args<f32>, state: &mut [f32], y: 
     let st = SharedMut::new(state);
     let ys = SharedMut::new(y);
     let rows = batch * dim;
+    let part = |p: usize, parts: usize| step_rows(dims, args, &st, &ys, team::part_range(rows, p, parts, W));
+    // A state update (an exp and three multiply-adds) counts as 4 multiply-adds.
+    if team::try_run(4 * rows * n, &part) {
+        return;
+    }
     if rows * n >= PAR_MIN {
         (0..rows.div_ceil(ROWS_PER_TASK)).into_par_iter().for_each(|task| {
             let r = task * ROWS_PER_TASK..((task + 1) * ROWS_PER_TASK).min(rows);

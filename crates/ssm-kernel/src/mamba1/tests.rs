@@ -336,7 +336,11 @@ proptest! {
             let args = Scan1Args { u: &u, delta: &dl, a: &c32.a, b: &bb, c: &cc, d: c32.d.as_deref(), z: zz.as_deref(),
                 delta_bias: c32.bias.as_deref(), delta_softplus: case.softplus, h0: None, resets: None };
             let mut y = vec![0.0f32; batch * dim];
+            // Split over a decode team (however small): the same state and outputs.
+            let (mut state_t, mut y_t) = (state.clone(), vec![f32::NAN; batch * dim]);
+            TEAM.with(|team| team.install_splitting_from(0, || scan_step(&sd, &args, &mut state_t, &mut y_t)));
             scan_step(&sd, &args, &mut state, &mut y);
+            assert_eq!((&state_t, &y_t), (&state, &y), "scan_step over a team");
             // The reference step agrees too.
             let (u64_, dl64, bb64, cc64) = (to_f64(&u), to_f64(&dl), to_f64(&bb), to_f64(&cc));
             let zz64 = zz.as_deref().map(to_f64);
@@ -561,4 +565,9 @@ fn groups_must_divide_channels() {
     let v = vec![0.0f32; 4];
     let mut y = vec![0.0f32; 4];
     scan_fwd(&dims, &Scan1Args::new(&v, &v, &v, &v[..3], &v[..3]), Scan1Out::new(&mut y));
+}
+
+thread_local! {
+    /// A decode team for the step tests (3 threads, so parts are uneven).
+    static TEAM: crate::team::Team = crate::team::Team::new(3);
 }

@@ -18,6 +18,7 @@ use super::common::{BwdShared, GroupPartials, TaskScalars, blocks, dt_eff, state
 use super::{Scan2Args, Scan2Dims, Scan2Grads, Scan2Out, check_step, check_upstream};
 use crate::par::SharedMut;
 use crate::simd::{self, V8, Vf32, W};
+use crate::team;
 
 /// In-place update of lanes `j0..j0+M` of the (N, pv) state; when `Y`, returns `Σ_n h·C[n]`.
 #[inline(always)]
@@ -243,6 +244,21 @@ pub fn scan_step(dims: &Scan2Dims, args: &Scan2Args<f32>, state: &mut [f32], y: 
     check_step(K, dims, args, state, y);
     let Scan2Dims { headdim: pd, dstate: n, .. } = *dims;
     let sz = pd * n;
+    let tasks = state.len().checked_div(sz).unwrap_or(0);
+    {
+        let (sts, ys) = (SharedMut::new(state), SharedMut::new(y));
+        let part = |p: usize, parts: usize| {
+            for task in team::part_range(tasks, p, parts, 1) {
+                // SAFETY: the (b, h) state block and output row belong to this task only.
+                let (st, yr) = unsafe { (sts.slice(task * sz, sz), ys.slice(task * pd, pd)) };
+                step_head(dims, args, task, st, yr);
+            }
+        };
+        // A state element (a multiply-add into it, one out of it) counts as 2 multiply-adds.
+        if team::try_run(2 * tasks * sz, &part) {
+            return;
+        }
+    }
     let min_len = (32768 / sz.max(1)).max(1);
     state
         .par_chunks_mut(sz)

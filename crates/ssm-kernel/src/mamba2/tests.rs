@@ -299,13 +299,18 @@ proptest! {
         let mut st64 = d.h0.clone().unwrap_or_else(|| vec![0.0; dims.n_bhpn()]);
         let mut st32 = to_f32(&st64);
         let hp = dims.nheads * dims.headdim;
+        let team = crate::team::Team::new(3);
         for t in 0..dims.seqlen {
             let mut y64 = vec![0.0f64; one.n_blhp()];
             let mut y32 = vec![f32::NAN; one.n_blhp()];
             let s64 = d.at(&dims, t);
             ref2::scan_step(&one, &s64.args(), &mut st64, &mut y64);
             let s32 = d32.at(&dims, t);
+            // Split over a decode team (however small): the same state and outputs.
+            let (mut st_t, mut y_t) = (st32.clone(), vec![f32::NAN; one.n_blhp()]);
+            team.install_splitting_from(0, || scan_step(&one, &s32.args(), &mut st_t, &mut y_t));
             scan_step(&one, &s32.args(), &mut st32, &mut y32);
+            assert_eq!((&st_t, &y_t), (&st32, &y32), "scan_step over a team");
             let want: Vec<f64> = (0..dims.batch)
                 .flat_map(|b| y[(b * dims.seqlen + t) * hp..][..hp].to_vec())
                 .collect();

@@ -216,6 +216,7 @@ fn from_storage_and_from_f32_keep_the_data() {
 #[test]
 fn qmatvec_matches_naive_every_format() {
     let pool = pool(2);
+    let team = crate::team::Team::new(3);
     let mut shapes = vec![];
     for k in [1, 7, 31, 32, 33, 64, 95, 257] {
         for n in [1, 5, 67] {
@@ -246,6 +247,15 @@ fn qmatvec_matches_naive_every_format() {
             pool.install(|| qmatvec(&x, &q, m, &mut out));
             let best = paths(format).iter().position(|p| *p == Path::best(format)).unwrap();
             assert_eq!(out, outs[best], "qmatvec runs the active level's kernel");
+            // Split over a decode team (3 parts, however small), the same outputs.
+            let mut out = vec![f32::NAN; m * n];
+            team.install_splitting_from(0, || qmatvec(&x, &q, m, &mut out));
+            assert_eq!(out, outs[best], "qmatvec {format} ({m}, {k}, {n}) over a team");
+            if format == WeightFormat::F32 {
+                let mut out = vec![f32::NAN; m * n];
+                team.install_splitting_from(0, || qmatvec_f32(&x, &w, (m, k, n), &mut out));
+                assert_eq!(out, outs[best], "qmatvec_f32 ({m}, {k}, {n}) over a team");
+            }
         }
     }
 }
