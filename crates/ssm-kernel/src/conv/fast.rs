@@ -679,13 +679,18 @@ pub fn conv1d_step(dims: &ConvDims, args: &ConvArgs<f32>, state: &mut [f32], y: 
     // Part `p` of `parts`: a contiguous run of (row, channel-block) units of W channels.
     let part = |p: usize, parts: usize| {
         let blocks = c.div_ceil(W);
-        for unit in team::part_range(dims.batch * blocks, p, parts, 1) {
-            let (b, j0) = (unit / blocks, unit % blocks * W);
-            let j1 = (j0 + W).min(c);
-            // SAFETY: the state and outputs of channels j0..j1 of row b belong to this unit alone.
+        let units = team::part_range(dims.batch * blocks, p, parts, 1);
+        // One call per batch row the part's units cover.
+        let mut unit = units.start;
+        while unit < units.end {
+            let b = unit / blocks;
+            let last = units.end.min((b + 1) * blocks);
+            let (j0, j1) = (unit % blocks * W, ((last - 1) % blocks * W + W).min(c));
+            // SAFETY: the state and outputs of channels j0..j1 of row b belong to this part alone.
             let st = unsafe { sts.slice((b * c + j0) * k, (j1 - j0) * k) };
             let yb = unsafe { ys.slice(b * c + j0, j1 - j0) };
             step_task(args, (c, k), b, j0..j1, st, yb);
+            unit = last;
         }
     };
     // A tap (a shift, a load and a multiply-add, done one channel at a time) counts as 4.
