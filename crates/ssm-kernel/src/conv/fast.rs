@@ -629,6 +629,7 @@ fn step_row<V: V8>(
     }
 }
 
+/// [`step_row`] for a width `k` the caller may have made a constant.
 #[inline(always)]
 fn step_chans<V: V8>(
     args: &ConvArgs<f32>,
