@@ -3,8 +3,6 @@
 //! parallel forward ([`Decoder::prefill`]) or one token at a time ([`Decoder::step`]) against a
 //! [`Cache`].
 
-use std::sync::Arc;
-
 use ssm_kernel::team::Team;
 
 use super::MambaLM;
@@ -51,10 +49,12 @@ pub struct Decoder<'m> {
     head_logits: Vec<f32>,
     head_lse: Vec<f32>,
     head_targets: Vec<i64>,
-    /// The threads [`Decoder::step`]'s kernels split over ([`ssm_kernel::team`]): as many as
-    /// the rayon pool the decoder was made in has, kept spinning between a step's many small
-    /// kernels instead of woken for each; `None` on one thread.
-    team: Option<Arc<Team>>,
+    /// The threads [`Decoder::step`]'s kernels split over ([`ssm_kernel::team`]), kept
+    /// spinning between a step's many small kernels instead of woken for each: made by the
+    /// first step (a decoder that only prefills or scores never starts them).
+    team: Option<Team>,
+    /// The team's size: the threads of the rayon pool the decoder was made in (1: no team).
+    team_threads: usize,
 }
 
 /// Default [`Decoder::prefill_chunk`].
@@ -89,8 +89,8 @@ impl<'m> Decoder<'m> {
             head_logits: Vec::new(),
             head_lse: Vec::new(),
             head_targets: Vec::new(),
-            team: (rayon::current_num_threads() > 1)
-                .then(|| Arc::new(Team::new(rayon::current_num_threads()))),
+            team: None,
+            team_threads: rayon::current_num_threads(),
         }
     }
 
@@ -262,10 +262,14 @@ impl<'m> Decoder<'m> {
     /// vocabulary.
     #[track_caller]
     pub fn step(&mut self, ids: &[usize], cache: &mut Cache, logits: &mut [f32]) {
-        match self.team.clone() {
-            Some(team) => team.install(|| self.step_on_team(ids, cache, logits)),
-            None => self.step_on_team(ids, cache, logits),
+        if self.team_threads <= 1 {
+            return self.step_on_team(ids, cache, logits);
         }
+        // Out of `self` while the step borrows it; back after (a panicking step drops it, and
+        // the next step makes a new one).
+        let team = self.team.take().unwrap_or_else(|| Team::new(self.team_threads));
+        team.install(|| self.step_on_team(ids, cache, logits));
+        self.team = Some(team);
     }
 
     /// [`Decoder::step`] with the team (if any) installed.

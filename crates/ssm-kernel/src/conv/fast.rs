@@ -622,23 +622,6 @@ fn step_row<V: V8>(
     st: &mut [f32],
     yb: &mut [f32],
 ) {
-    // The usual width as a constant, so the shift and the dot product unroll.
-    match k {
-        4 => step_chans::<V>(args, (c, 4), b, chans, st, yb),
-        _ => step_chans::<V>(args, (c, k), b, chans, st, yb),
-    }
-}
-
-/// [`step_row`] for a width `k` the caller may have made a constant.
-#[inline(always)]
-fn step_chans<V: V8>(
-    args: &ConvArgs<f32>,
-    (c, k): (usize, usize),
-    b: usize,
-    chans: Range<usize>,
-    st: &mut [f32],
-    yb: &mut [f32],
-) {
     let xb = &args.x[b * c..(b + 1) * c];
     for j in chans.clone().step_by(W) {
         let n = (chans.end - j).min(W);
@@ -740,8 +723,13 @@ crate::simd_fn! {
 }
 
 crate::simd_fn! {
-    /// One recurrent step of batch row `b` on the active instruction set (see [`step_row`]).
+    /// One recurrent step of channels `chans` of batch row `b` on the active instruction set
+    /// (see [`step_row`]).
     fn step_task[V: f8](args: &ConvArgs<f32>, ck: (usize, usize), b: usize, chans: Range<usize>, st: &mut [f32], yb: &mut [f32]) {
-        step_row::<V>(args, ck, b, chans, st, yb)
+        // The usual width as a constant, so the shift and the dot product unroll.
+        match ck.1 {
+            4 => step_row::<V>(args, (ck.0, 4), b, chans, st, yb),
+            _ => step_row::<V>(args, ck, b, chans, st, yb),
+        }
     }
 }
