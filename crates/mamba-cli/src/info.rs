@@ -69,7 +69,7 @@ fn kernels_line() -> String {
         "the fastest this CPU runs"
     };
     let bf16 = if isa::bf16_dot() {
-        "; bf16 weights through the AVX-512 BF16 dot product, activations rounded to bf16"
+        "; bf16 weights through the AVX-512 BF16 dot product for 2-8 sequences at a time, activations rounded to bf16"
     } else {
         ""
     };

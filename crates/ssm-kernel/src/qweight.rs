@@ -36,7 +36,8 @@
 //! vector across eight FMAs, and it adds the error of an 8-bit `x`.
 //!
 //! **The one exception: bf16 weights on a CPU with AVX-512 BF16** (when
-//! [`isa::bf16_dot`](crate::isa::bf16_dot) holds). There [`qmatvec`] multiplies with `vdpbf16ps`,
+//! [`isa::bf16_dot`](crate::isa::bf16_dot) holds), for two to eight rows of `x` at a time. There
+//! [`qmatvec`] multiplies with `vdpbf16ps`,
 //! which takes both operands in bf16: `x` is rounded to bf16 (nearest, ties to even) and the
 //! products of the bf16 pairs are summed in f32. Each product then moves by at most 2⁻⁹ of
 //! itself, so `|out − x·deq(W)ᵀ| ≤ 2⁻⁹ · Σᵢ |xᵢ·wᵢ|` per output (the unit tests check that bound,
@@ -44,7 +45,8 @@
 //! rounding of the weights themselves, and what bf16 inference does elsewhere (PyTorch's bf16
 //! matmuls, llama.cpp's BF16 type). It is 1.3× faster than widening the weights to f32 at
 //! eight rows of `x`, where the product is bound by instructions rather than memory; at one row
-//! it runs at the same memory-bound speed. The instruction treats subnormal inputs as zero.
+//! it streams the weights slower than widening them, so one row (a single sequence's decode
+//! step) keeps `x` in f32. The instruction treats subnormal inputs as zero.
 //! `MAMBA_SIMD=avx2` keeps `x` in f32. [`qlinear`]'s GEMM path (more than
 //! [`QLINEAR_MATVEC_MAX_ROWS`] rows) always multiplies in f32.
 //!
@@ -507,9 +509,12 @@ enum Path {
 }
 
 impl Path {
-    /// The kernel the active level runs for weights in `format`.
-    fn best(format: WeightFormat) -> Path {
-        if format == WeightFormat::Bf16 && crate::isa::bf16_dot() {
+    /// The kernel the active level runs for weights in `format` and `m` rows of `x`. The BF16
+    /// dot product only from two rows: at one row, widening the weights to f32 (the AVX2
+    /// kernel) streams them faster — on 24 (3072, 768) matrices, 2 threads (`decode_timing`),
+    /// 24–32 GB/s against 15–19 — and keeps `x` in f32.
+    fn best(format: WeightFormat, m: usize) -> Path {
+        if format == WeightFormat::Bf16 && m > 1 && crate::isa::bf16_dot() {
             Path::Bf16Dot
         } else if cfg!(target_arch = "x86_64") && crate::isa::active() >= crate::isa::Isa::Avx2 {
             Path::Avx2
@@ -694,7 +699,7 @@ fn check(kernel: &str, x: &[f32], w: &QMatrix, m: usize, out: &[f32]) {
 #[track_caller]
 pub fn qmatvec(x: &[f32], w: &QMatrix, m: usize, out: &mut [f32]) {
     check("qmatvec", x, w, m, out);
-    qmatvec_path(x, w, m, out, Path::best(w.format()));
+    qmatvec_path(x, w, m, out, Path::best(w.format(), m));
 }
 
 /// [`qmatvec`] with a chosen inner kernel (the tests run both).
@@ -756,7 +761,7 @@ pub fn qmatvec_f32(x: &[f32], w: &[f32], (m, k, n): (usize, usize, usize), out: 
         return;
     }
     let d = Dims { m, k, n };
-    let path = Path::best(WeightFormat::F32);
+    let path = Path::best(WeightFormat::F32, m);
     let out = SharedMut::new(out);
     let go = |js: Range<usize>| run(x, d, js, |j| F32Row(&w[j * k..(j + 1) * k]), out, path);
     if team::try_run(m * n * k, &|part, parts| go(team::part_range(n, part, parts, 16))) {

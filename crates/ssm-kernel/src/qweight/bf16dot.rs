@@ -114,8 +114,9 @@ fn tile<const M: usize, const R: usize>(
     }
 }
 
-/// Outputs `js` for the `M` rows of `x`, in tiles of `R` outputs (then single ones), each
-/// prefetching the next tile's rows while they are in the matrix of `n` rows.
+/// Outputs `js` for the `M` rows of `x`, in tiles of `R` outputs (then single ones); tiles of
+/// several rows prefetch the next tile's rows while they are in the matrix of `n` rows, tiles
+/// of one stream it (as the AVX2 kernel's `tiles`).
 #[inline(always)]
 fn tiles<'w, const M: usize, const R: usize>(
     x: &[f32],
@@ -126,7 +127,7 @@ fn tiles<'w, const M: usize, const R: usize>(
 ) {
     let mut j = js.start;
     while j + R <= js.end {
-        let ahead = if j + (PF_TILES + 1) * R <= n { PF_TILES * R } else { 0 };
+        let ahead = if R > 1 && j + (PF_TILES + 1) * R <= n { PF_TILES * R } else { 0 };
         let mut rows = [&[][..]; R];
         for (t, r) in rows.iter_mut().enumerate() {
             *r = row(j + t);
@@ -147,7 +148,8 @@ fn tiles<'w, const M: usize, const R: usize>(
     }
 }
 
-/// Outputs `js` for the `mg ≤ 8` rows of `x` (mg, k): tiles of `mg` rows × `R` outputs, whose
+/// Outputs `js` for the `mg ≤ 8` rows of `x` (mg, k): one row of `x` takes tiles of one weight
+/// row ([`R1`](super::simd::R1), read as one stream); more take tiles of `mg` rows × `R` outputs, whose
 /// `mg·R` accumulators, `mg` converted rows of `x` and `R` weight vectors fit in the 32
 /// registers.
 #[inline(always)]
@@ -160,7 +162,7 @@ pub(super) fn group<'w>(
     put: impl Fn(usize, usize, f32),
 ) {
     match mg {
-        1 => tiles::<1, 4>(x, (k, n), js, row, put),
+        1 => tiles::<1, { super::simd::R1 }>(x, (k, n), js, row, put),
         2 => tiles::<2, 4>(x, (k, n), js, row, put),
         3 => tiles::<3, 4>(x, (k, n), js, row, put),
         4 => tiles::<4, 4>(x, (k, n), js, row, put),

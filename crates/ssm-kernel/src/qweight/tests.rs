@@ -24,7 +24,7 @@ fn x_seen(x: &[f32], path: Path) -> Vec<f32> {
 /// `x` as [`qlinear`] multiplies it for `m` rows of `x` and weights in `format` on the active
 /// level: the BF16 dot product runs where [`qmatvec`] does.
 fn x_seen_by_qlinear(x: &[f32], format: WeightFormat, m: usize) -> Vec<f32> {
-    let path = if m <= QLINEAR_MATVEC_MAX_ROWS { Path::best(format) } else { Path::Portable };
+    let path = if m <= QLINEAR_MATVEC_MAX_ROWS { Path::best(format, m) } else { Path::Portable };
     x_seen(x, path)
 }
 
@@ -245,7 +245,7 @@ fn qmatvec_matches_naive_every_format() {
             }
             let mut out = vec![f32::NAN; m * n];
             pool.install(|| qmatvec(&x, &q, m, &mut out));
-            let best = paths(format).iter().position(|p| *p == Path::best(format)).unwrap();
+            let best = paths(format).iter().position(|p| *p == Path::best(format, m)).unwrap();
             assert_eq!(out, outs[best], "qmatvec runs the active level's kernel");
             // Split over a decode team (3 parts, however small), the same outputs.
             let mut out = vec![f32::NAN; m * n];
@@ -441,7 +441,7 @@ proptest! {
         let d = q.dequantize();
         let mut out = vec![f32::NAN; m * n];
         qmatvec(&x, &q, m, &mut out);
-        let xs = x_seen(&x, Path::best(format));
+        let xs = x_seen(&x, Path::best(format, m));
         assert_rel_max("qmatvec", &out, &naive(&xs, &d, None, (m, k, n)), 1e-5, 1.0);
         qlinear(&x, &q, Some(&b), m, &mut out);
         let xs = x_seen_by_qlinear(&x, format, m);
