@@ -689,7 +689,8 @@ fn check(kernel: &str, x: &[f32], w: &QMatrix, m: usize, out: &[f32]) {
 /// `out[r, j] = ⟨x[r, :], deq(W)[j, :]⟩` for every row `r < m` and output `j < n`, accumulated
 /// in f32. Each weight row is read once for every eight rows of `x` (decode runs `m` = 1–8
 /// sequences), decoded in registers, and multiply-added into a tile of accumulators of a few
-/// outputs × those rows, while the next tile's rows are prefetched; the outputs are split over
+/// outputs × those rows, while the next tile's rows are prefetched (at one row of `x`, one
+/// weight row at a time, read in order for the hardware prefetchers); the outputs are split over
 /// the current rayon pool in tasks of 64 when `m · n · k ≥` [`PAR_MIN_MACS`], or over the
 /// decode team when one is installed ([`crate::team`]). Allocates nothing.
 /// `out` is overwritten.
