@@ -114,9 +114,9 @@ fn tile<const M: usize, const R: usize>(
     }
 }
 
-/// Outputs `js` for the `M` rows of `x`, in tiles of `R` outputs (then single ones); tiles of
-/// several rows prefetch the next tile's rows while they are in the matrix of `n` rows, tiles
-/// of one stream it (as the AVX2 kernel's `tiles`).
+/// Outputs `js` for the `M` rows of `x`, in tiles of `R` outputs (then single ones). A tile of
+/// several weight rows prefetches the next tile's rows while they are in the matrix of `n`
+/// rows; a tile of one reads its row as one stream (as the AVX2 kernel's `tiles`).
 #[inline(always)]
 fn tiles<'w, const M: usize, const R: usize>(
     x: &[f32],
@@ -148,10 +148,10 @@ fn tiles<'w, const M: usize, const R: usize>(
     }
 }
 
-/// Outputs `js` for the `mg ≤ 8` rows of `x` (mg, k): one row of `x` takes tiles of one weight
-/// row ([`R1`](super::simd::R1), read as one stream); more take tiles of `mg` rows × `R` outputs, whose
-/// `mg·R` accumulators, `mg` converted rows of `x` and `R` weight vectors fit in the 32
-/// registers.
+/// Outputs `js` for the `mg ≤ 8` rows of `x` (mg, k). One row of `x` takes tiles of one
+/// weight row ([`R1`](super::simd::R1), read as one stream); more take tiles of `mg` rows ×
+/// `R` outputs, whose `mg·R` accumulators, `mg` converted rows of `x` and `R` weight vectors
+/// fit in the 32 registers.
 #[inline(always)]
 pub(super) fn group<'w>(
     x: &[f32],
