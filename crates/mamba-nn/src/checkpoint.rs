@@ -484,21 +484,15 @@ impl TensorFile {
         let k: usize = shape.iter().skip(1).product();
         // About 1 MB of f32 per block.
         let block = ((1 << 18) / k.max(1)).clamp(1, n.max(1));
-        // The storage is allocated once at its final size and filled block by block.
+        // The storage is allocated once at its final size (in huge pages) and filled block by
+        // block.
         let nb = k.div_ceil(Q8_BLOCK);
         let mut storage = match format {
-            WeightFormat::F32 => QStorage::F32(Vec::with_capacity(n * k)),
-            WeightFormat::Bf16 => QStorage::Bf16(Vec::with_capacity(n * k)),
-            WeightFormat::F16 => QStorage::F16(Vec::with_capacity(n * k)),
-            WeightFormat::Q8 => {
-                QStorage::Q8 { q: Vec::with_capacity(n * k), scales: Vec::with_capacity(n * nb) }
-            }
+            WeightFormat::F32 => QStorage::F32(huge_page_vec(n * k)),
+            WeightFormat::Bf16 => QStorage::Bf16(huge_page_vec(n * k)),
+            WeightFormat::F16 => QStorage::F16(huge_page_vec(n * k)),
+            WeightFormat::Q8 => QStorage::Q8 { q: huge_page_vec(n * k), scales: Vec::with_capacity(n * nb) },
         };
-        match &storage {
-            QStorage::F32(v) => advise_huge_pages(v),
-            QStorage::Bf16(v) | QStorage::F16(v) => advise_huge_pages(v),
-            QStorage::Q8 { q, .. } => advise_huge_pages(q),
-        }
         for r0 in (0..n).step_by(block) {
             let rows = block.min(n - r0);
             let vals = self.f32_rows(found, r0..r0 + rows)?;
@@ -579,16 +573,17 @@ impl Shard {
     }
 }
 
-/// Asks Linux to back the not-yet-touched allocation of `v` (its capacity) with 2 MiB
-/// transparent huge pages where whole aligned 2 MiB spans of it allow; a no-op elsewhere and
-/// when the system has them off.
+/// An empty vector with room for `len` values, whose not-yet-touched allocation Linux is asked
+/// to back with 2 MiB transparent huge pages where whole aligned 2 MiB spans of it allow (a
+/// no-op elsewhere and when the system has them off; pages take effect as they are first
+/// written, so the caller fills it afterwards).
 ///
 /// Decode streams every packed weight once per token, and with 4 KiB pages each page of a
 /// matrix is a TLB miss and a stop for the hardware prefetchers. On this project's benchmark
 /// machine (`transparent_hugepage/enabled = madvise`, the common default), packing the 130m
 /// shape with huge pages decoded 1.10× faster in q8 and bf16 (A/B over three alternating runs).
-/// Must be called before the memory is first written: pages already faulted in stay 4 KiB.
-fn advise_huge_pages<T>(v: &Vec<T>) {
+fn huge_page_vec<T>(len: usize) -> Vec<T> {
+    let v = Vec::with_capacity(len);
     #[cfg(target_os = "linux")]
     {
         const HUGE: usize = 2 << 20;
@@ -602,8 +597,7 @@ fn advise_huge_pages<T>(v: &Vec<T>) {
             let _ = unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE) };
         }
     }
-    #[cfg(not(target_os = "linux"))]
-    let _ = v;
+    v
 }
 
 /// Little-endian `raw` values of a float `dtype` as f32 (`None` for other dtypes).

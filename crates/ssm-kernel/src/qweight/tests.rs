@@ -294,6 +294,29 @@ fn bf16_dot_error_is_bounded_by_the_rounding_of_x() {
     }
 }
 
+/// A single row of `x` (one sequence's decode step) is multiplied in f32 with bf16 weights on
+/// every CPU — the BF16 dot product, which rounds `x`, runs only from two rows — so the result
+/// is the f32 product to f32 rounding, far inside the 2⁻⁹ that rounding `x` to bf16 would cost
+/// (the inputs below are chosen so it would show: most are not bf16 values).
+#[test]
+fn bf16_one_row_keeps_x_f32() {
+    let (k, n) = (1000, 37);
+    let mut r = Rng(5);
+    let x = to_f32(&r.vec(k, -3.0, 3.0));
+    assert!(x.iter().filter(|&&v| bf16_to_f32(bf16_from_f32(v)) != v).count() > k / 2);
+    let q = QMatrix::quantize(&weights(&mut r, n, k), n, k, WeightFormat::Bf16);
+    let d = q.dequantize();
+    let mut out = vec![f32::NAN; n];
+    qmatvec(&x, &q, 1, &mut out);
+    for j in 0..n {
+        let wr = &d[j * k..(j + 1) * k];
+        let exact: f64 = x.iter().zip(wr).map(|(&a, &b)| a as f64 * b as f64).sum();
+        let mass: f64 = x.iter().zip(wr).map(|(&a, &b)| (a as f64 * b as f64).abs()).sum();
+        let err = (out[j] as f64 - exact).abs();
+        assert!(err <= mass * 1e-6, "out[{j}]: error {err:.3e} > 1e-6 · {mass:.3e}: x rounded?");
+    }
+}
+
 /// Each row of `x` gets its own outputs (a mixed-up row or output index shows here even where
 /// sums of random values are close).
 #[test]
